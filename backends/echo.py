@@ -1,0 +1,237 @@
+"""Echo backend: answers every request frame with the same payload.
+
+It is the router's stand-in for an inference server in tests, benchmarks and chaos runs, so
+it can also misbehave on request: answer late (``--delay-ms``), drop a connection instead of
+answering (``--fail-rate``), close after N answers (``--close-after``), and log the payloads
+it answered (``--record-ids``) so a chaos test can tell which requests reached it.
+
+One ``asyncio.Protocol`` per connection under uvloop; replies go out in request order. The
+replies produced by one ``data_received`` are joined into one write (each frame is written
+whole, header and payload together), which halves the syscalls under pipelined load.
+Fail-rate and close-after apply to every frame, the zero-length health probe included, so a
+flaky backend looks flaky to the router's health checks too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import uvloop
+
+from router.errors import FrameTooLarge, TruncatedFrame
+from router.wire import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+
+BACKLOG = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class EchoConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    delay_s: float = 0.0
+    fail_rate: float = 0.0
+    close_after: int = 0  # 0: never
+    record_ids: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay_s < 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay_s}")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError(f"fail_rate must be in [0, 1], got {self.fail_rate}")
+        if self.close_after < 0:
+            raise ValueError(f"close_after must be >= 0, got {self.close_after}")
+
+
+class IdRecorder:
+    """Appends answered payloads, one per line, to a file.
+
+    Lines are written (``os.write``, no user-space buffer) before the reply that carries them,
+    so every reply a client received is on disk even if this process is SIGKILLed; that is at
+    most one extra syscall per batch of replies, and only when recording is on.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.lines = 0
+
+    def write(self, payloads: list[bytes]) -> None:
+        text = "".join(
+            p.decode("utf-8", errors="replace").replace("\n", "\\n") + "\n" for p in payloads
+        )
+        os.write(self._fd, text.encode())
+        self.lines += len(payloads)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class EchoProtocol(asyncio.Protocol):
+    """One client connection: decode frames, answer each in order."""
+
+    def __init__(
+        self, config: EchoConfig, rng: random.Random, recorder: IdRecorder | None,
+        connections: set[EchoProtocol],
+    ) -> None:
+        self._config = config
+        self._rng = rng
+        self._recorder = recorder
+        self._connections = connections
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES)
+        self._transport: asyncio.Transport | None = None
+        self._pending: deque[bytes] = deque()  # delayed requests, oldest first
+        self._answered = 0
+        self._closing = False
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._pending.clear()
+        self._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameTooLarge:
+            self.abort()
+            return
+        if self._config.delay_s > 0:
+            loop = asyncio.get_running_loop()
+            for payload in frames:
+                self._pending.append(payload)
+                # Every timer answers the oldest pending request, whichever timer fires first,
+                # so replies stay in request order even if equal deadlines fire out of order.
+                loop.call_later(self._config.delay_s, self._answer_oldest)
+        else:
+            self._answer(frames)
+
+    def eof_received(self) -> bool:
+        try:
+            self._decoder.close()
+        except TruncatedFrame:
+            self.abort()
+            return False
+        # Half-closed by the client: finish the delayed replies, then close.
+        self._eof = True
+        return bool(self._pending)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _answer_oldest(self) -> None:
+        if self._closing:
+            return
+        if self._pending:
+            self._answer([self._pending.popleft()])
+        if self._eof and not self._pending and not self._closing:
+            self._close()
+
+    def _answer(self, frames: list[bytes]) -> None:
+        """Answer ``frames`` in order with one write, honouring fail-rate and close-after."""
+        replies: list[bytes] = []
+        action: Callable[[], None] | None = None
+        fail_rate, close_after = self._config.fail_rate, self._config.close_after
+        for payload in frames:
+            if fail_rate and self._rng.random() < fail_rate:
+                action = self.abort
+                break
+            replies.append(payload)
+            self._answered += 1
+            if close_after and self._answered >= close_after:
+                action = self._close
+                break
+        if replies and self._transport is not None:
+            if self._recorder is not None:
+                self._recorder.write([p for p in replies if p])
+            self._transport.write(b"".join([encode_frame(p) for p in replies]))
+        if action is not None:
+            action()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
+    """Listen, print ``READY <port>``, serve until ``stop`` is set, then close everything."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(config.seed)
+    recorder = IdRecorder(config.record_ids) if config.record_ids else None
+    connections: set[EchoProtocol] = set()
+    server = await loop.create_server(
+        lambda: EchoProtocol(config, rng, recorder, connections),
+        config.host, config.port, backlog=BACKLOG, reuse_address=True,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        print(f"READY {port}", flush=True)
+        await stop.wait()
+    finally:
+        server.close()
+        for conn in list(connections):
+            conn.abort()
+        await server.wait_closed()
+        if recorder is not None:
+            recorder.close()
+
+
+async def _main_async(config: EchoConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def parse_args(argv: list[str] | None = None) -> EchoConfig:
+    parser = argparse.ArgumentParser(prog="python -m backends.echo", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--fail-rate", type=float, default=0.0,
+                        help="probability of aborting the connection instead of answering")
+    parser.add_argument("--close-after", type=int, default=0,
+                        help="close a connection after answering N requests (0: never)")
+    parser.add_argument("--record-ids", default=None, metavar="FILE",
+                        help="append each answered non-empty payload to FILE, one per line")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        return EchoConfig(
+            host=args.host, port=args.port, delay_s=args.delay_ms / 1000.0,
+            fail_rate=args.fail_rate, close_after=args.close_after,
+            record_ids=args.record_ids, seed=args.seed,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    uvloop.run(_main_async(config))
+
+
+if __name__ == "__main__":
+    main()

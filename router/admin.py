@@ -1,0 +1,83 @@
+"""The admin HTTP API on aiohttp, in the router's own event loop.
+
+GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 only while not draining
+and some backend is healthy; 503 from the first moment of a drain), /backends (JSON from each
+backend's ``statistics()``), /stats (the data plane's counters).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from router.registry import Registry
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
+        status=status,
+        content_type="application/json",
+    )
+
+
+class AdminServer:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: CollectorRegistry,
+        is_draining: Callable[[], bool],
+        stats: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._is_draining = is_draining
+        self._stats = stats
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/metrics", self._get_metrics)
+        app.router.add_get("/healthz", self._get_healthz)
+        app.router.add_get("/readyz", self._get_readyz)
+        app.router.add_get("/backends", self._get_backends)
+        app.router.add_get("/stats", self._get_stats)
+        self._app = app
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        # Bind the socket ourselves so port 0 works and the bound port is known.
+        sock = socket.create_server((host, port), reuse_port=False)
+        await web.SockSite(self._runner, sock).start()
+        sockname = sock.getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._metrics), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _get_healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def _get_readyz(self, request: web.Request) -> web.Response:
+        if self._is_draining():
+            return _json({"ready": False, "reason": "draining"}, status=503)
+        if not self._registry.any_healthy():
+            return _json({"ready": False, "reason": "no healthy backend"}, status=503)
+        return _json({"ready": True})
+
+    async def _get_backends(self, request: web.Request) -> web.Response:
+        return _json(self._registry.statistics())
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json(self._stats())

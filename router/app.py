@@ -1,0 +1,141 @@
+"""The composition root: builds every part from a ``RouterConfig`` and owns their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.registry import CollectorRegistry
+
+from router.acceptor import ListenerSettings, TcpFrontDoor
+from router.admin import AdminServer
+from router.balance import make_policy
+from router.clock import Clock, MonotonicClock
+from router.config import BackendConfig, RouterConfig, parse_host_port, substitute
+from router.dispatch import Dispatcher, DispatchSettings
+from router.drain import DrainCoordinator, DrainReport
+from router.health import HealthChecker, ProbeSettings
+from router.metrics import DataPlaneStats, RouterCollector
+from router.pool import Pool, PoolLimits
+from router.registry import Backend, Registry
+from router.spawner import Spawner
+from router.upstream import make_dialer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAddresses:
+    listen: tuple[str, int]
+    admin: tuple[str, int]
+
+
+class RouterApp:
+    def __init__(
+        self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None
+    ) -> None:
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.stats = DataPlaneStats()
+        self.registry = Registry()
+        self.spawner = Spawner(log_dir=log_dir)
+        d = config.dispatch
+        self.dispatcher = Dispatcher(
+            self.registry,
+            make_policy(d.policy),
+            DispatchSettings(d.workers, d.queue_size, d.queue_timeout_s, d.request_timeout_s,
+                             d.max_retries),
+            self.clock,
+            self.stats,
+        )
+        lst = config.listener
+        self.front_door = TcpFrontDoor(
+            self.dispatcher,
+            ListenerSettings(lst.max_frame_bytes, lst.read_timeout_s, lst.idle_timeout_s,
+                             lst.max_pipelined, config.drain.linger_s),
+            self.clock,
+        )
+        p = config.pool
+        self.health = HealthChecker(
+            self.registry, ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
+        )
+        self.drain = DrainCoordinator(
+            [self.front_door], self.dispatcher, config.drain.shutdown_grace_s, self.clock
+        )
+        self.metrics = CollectorRegistry()
+        self.metrics.register(
+            RouterCollector(self.stats, self.registry, lambda: len(self.dispatcher.queue))
+        )
+        self.admin = AdminServer(
+            self.registry, self.metrics, lambda: self.drain.draining, self.statistics
+        )
+        self.bound: BoundAddresses | None = None
+
+    async def _add_backend(self, spec: BackendConfig) -> Backend:
+        host, port = parse_host_port(spec.address)
+        if spec.command:
+            spawned = await self.spawner.spawn(substitute(spec.command, port))
+            port = spawned.port
+        p = self.config.pool
+        address = f"{host}:{port}"
+        pool = Pool(
+            make_dialer(host, port, self.config.listener.max_frame_bytes),
+            PoolLimits(p.max_connections, p.connect_timeout_s, p.idle_timeout_s, p.max_lifetime_s),
+            self.clock,
+            name=address,
+        )
+        backend = Backend(host, port, pool, weight=spec.weight, models=spec.models,
+                          failure_threshold=p.failure_threshold)
+        self.registry.add(backend)
+        return backend
+
+    async def start(self) -> BoundAddresses:
+        for spec in self.config.backends:
+            await self._add_backend(spec)
+        lst = self.config.listener
+        host, port = parse_host_port(lst.listen)
+        listen = await self.front_door.start(
+            host, port, backlog=lst.backlog, reuse_port=lst.reuse_port
+        )
+        admin = await self.admin.start(*parse_host_port(self.config.admin.listen))
+        self.bound = BoundAddresses(listen, admin)
+        return self.bound
+
+    async def run(self, stop: Awaitable[object]) -> DrainReport:
+        """Start, serve until ``stop`` resolves, drain, and release everything."""
+        try:
+            await self.start()
+            return await self.serve(stop)
+        finally:
+            await self.close()
+
+    async def serve(self, stop: Awaitable[object]) -> DrainReport:
+        async with asyncio.TaskGroup() as group:
+            workers = group.create_task(self.dispatcher.run(), name="workers")
+            health = group.create_task(self.health.run(), name="health")
+            report = await self.drain.wait_and_drain(stop)
+            workers.cancel()
+            health.cancel()
+        return report
+
+    async def close(self) -> None:
+        self.front_door.stop_accepting()
+        self.registry.close()
+        await self.admin.close()
+        await self.spawner.stop_all()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "dispatch": self.dispatcher.statistics(),
+            "listener": self.front_door.statistics(),
+            "health": self.health.statistics(),
+            "draining": self.drain.draining,
+            "spawned": self.spawner.statistics(),
+        }
+
+    def __repr__(self) -> str:
+        return f"RouterApp(bound={self.bound}, backends={len(self.registry)})"

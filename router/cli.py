@@ -1,0 +1,146 @@
+"""``inference-router``: serve, check-config, call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from router import config as config_mod
+from router.errors import ConfigError
+
+
+def _backend_flag(value: str) -> dict[str, Any]:
+    """HOST:PORT[:WEIGHT] -> a backends table entry."""
+    parts = value.rsplit(":", 2)
+    if len(parts) == 3 and parts[2].isdigit() and parts[1].isdigit():
+        return {"address": f"{parts[0]}:{parts[1]}", "weight": int(parts[2])}
+    return {"address": value}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inference-router", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the router")
+    serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument("--listen", help="HOST:PORT for the length-prefixed protocol")
+    serve.add_argument("--backend", action="append", default=[], metavar="HOST:PORT[:WEIGHT]",
+                       help="a backend (repeatable); replaces the file's backends")
+    serve.add_argument("--admin", help="HOST:PORT for the admin HTTP API")
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--queue-size", type=int)
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
+    serve.add_argument("--log-level", default="INFO")
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", type=Path)
+    call = sub.add_parser("call", help="send one request and print the answer")
+    call.add_argument("--to", default="127.0.0.1:7070", metavar="HOST:PORT")
+    call.add_argument("payload")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
+    """File (or the embedded default), then flags on top; validated once."""
+    if args.config is not None:
+        base: dict[str, Any] = config_mod.read_toml(args.config)
+        source = str(args.config)
+    elif args.backend:
+        base, source = {}, "<command line>"
+    else:
+        base, source = config_mod.EMBEDDED_DEFAULT, "<embedded default>"
+    overrides: dict[str, Any] = {}
+    flag_keys = {
+        ("listener", "listen"): args.listen,
+        ("admin", "listen"): args.admin,
+        ("dispatch", "workers"): args.workers,
+        ("dispatch", "queue_size"): args.queue_size,
+        ("drain", "shutdown_grace_s"): args.shutdown_grace,
+    }
+    for (section, key), value in flag_keys.items():
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if args.backend:
+        overrides["backends"] = [_backend_flag(b) for b in args.backend]
+    return config_mod.from_mapping(config_mod.merge(base, overrides), source)
+
+
+async def _serve(cfg: config_mod.RouterConfig) -> int:
+    from router.app import RouterApp  # imported here: check-config needs no event loop parts
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    app = RouterApp(cfg, log_dir=Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs")))
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logging.getLogger("router").warning("second signal: exiting now")
+            for spawned in app.spawner.statistics():
+                if spawned["returncode"] is None:
+                    os.kill(spawned["pid"], signal.SIGKILL)
+            os._exit(1)
+        logging.getLogger("router").info("signal %d: draining", signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        bound = await app.start()
+        lh, lp = bound.listen
+        ah, ap = bound.admin
+        backends = ", ".join(b.address for b in app.registry)
+        print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
+        print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
+        print(f"  backends: {backends}", flush=True)
+        print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)
+        report = await app.serve(stop.wait())
+    finally:
+        await app.close()
+    return 0 if report.dropped == 0 else 1
+
+
+async def _call(address: str, payload: str) -> int:
+    from router.client import ErrorReply, FrameClient
+
+    host, port = config_mod.parse_host_port(address)
+    client = await FrameClient.connect(host, port)
+    try:
+        answer = await client.request(payload.encode())
+    except ErrorReply as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    sys.stdout.buffer.write(answer + b"\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            config_mod.load(args.file)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            sys.exit(2)
+        print(f"{args.file}: ok")
+        return
+    if args.command == "call":
+        sys.exit(uvloop.run(_call(args.to, args.payload)))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = build_config(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(uvloop.run(_serve(cfg)))

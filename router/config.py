@@ -1,0 +1,175 @@
+"""One frozen, validated configuration tree.
+
+Every option is declared once, here, with its unit in its name and its default. The TOML file,
+the CLI flags (which override the file) and the embedded default all go through ``load``/
+``from_mapping``, so validation happens in one place. Unknown keys are errors, and every
+error names its key path and file; ``check-config`` prints all of them, not just the first.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from router.errors import ConfigError
+
+Seconds = Annotated[float, Field(gt=0)]
+Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices"]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(_Section):
+    """The length-prefixed TCP front door."""
+
+    listen: str = "127.0.0.1:7070"
+    backlog: int = Field(4096, ge=1)
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1, le=0x7FFF_FFFF)
+    read_timeout_s: Seconds = 10.0  # a partial frame may sit this long
+    idle_timeout_s: Seconds = 300.0  # a connection with nothing in flight may sit this long
+    max_pipelined: int = Field(128, ge=1)  # per connection; reading pauses beyond it
+    reuse_port: bool = False  # SO_REUSEPORT, for rolling restarts
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class AdminConfig(_Section):
+    listen: str = "127.0.0.1:7072"
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class DispatchConfig(_Section):
+    workers: int = Field(256, ge=1)
+    queue_size: int = Field(4096, ge=1)
+    queue_timeout_s: Seconds = 5.0
+    request_timeout_s: Seconds = 30.0
+    max_retries: int = Field(2, ge=0)
+    policy: Policy = "least_connections"
+
+
+class PoolConfig(_Section):
+    max_connections: int = Field(64, ge=1)
+    connect_timeout_s: Seconds = 2.0
+    idle_timeout_s: Seconds = 60.0
+    max_lifetime_s: Seconds = 600.0
+    probe: Literal["frame", "connect"] = "frame"
+    probe_interval_s: Seconds = 2.0
+    probe_timeout_s: Seconds = 1.0
+    failure_threshold: int = Field(3, ge=1)  # consecutive failures that mark a backend down
+
+
+class DrainConfig(_Section):
+    shutdown_grace_s: Seconds = 30.0
+    linger_s: Seconds = 2.0  # after our FIN, how long to wait for the client's
+
+
+class BackendConfig(_Section):
+    address: str
+    weight: int = Field(1, ge=1, le=1000)
+    models: tuple[str, ...] = ()
+    # When set, the router starts this process itself; "{port}" and "{python}" are substituted
+    # and the process must print "READY <port>" once listening.
+    command: tuple[str, ...] = ()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class RouterConfig(_Section):
+    listener: ListenerConfig = ListenerConfig()
+    admin: AdminConfig = AdminConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    pool: PoolConfig = PoolConfig()
+    drain: DrainConfig = DrainConfig()
+    backends: tuple[BackendConfig, ...] = ()
+
+
+ECHO_COMMAND = ("{python}", "-m", "backends.echo", "--port", "{port}")
+
+# The embedded default: `inference-router serve` with no config and no --backend.
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "backends": [
+        {"address": "127.0.0.1:0", "command": list(ECHO_COMMAND)},
+        {"address": "127.0.0.1:0", "command": list(ECHO_COMMAND)},
+    ]
+}
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(f".{item}" if parts else item)
+    return "".join(parts) or "(top level)"
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> RouterConfig:
+    """Validate a mapping; raise ``ConfigError`` listing every problem as ``source: key: why``."""
+    try:
+        return RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{source}: {_format_location(err['loc'])}: {msg}")
+        raise ConfigError(problems) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def load(path: Path) -> RouterConfig:
+    return from_mapping(read_toml(path), str(path))
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into ``base`` (tables merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            merged[key] = merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def substitute(command: tuple[str, ...], port: int) -> list[str]:
+    return [arg.replace("{python}", sys.executable).replace("{port}", str(port)) for arg in command]

@@ -1,0 +1,147 @@
+"""Length-prefixed framing, sans-IO.
+
+A frame is a 4-byte big-endian unsigned length followed by that many payload bytes. The
+router never interprets payload bytes. A length word with bit 31 set marks an error frame
+produced by the router itself; its payload is JSON ``{"code": ..., "message": ...}``. Lengths
+are capped far below 2**31 (``max_frame_bytes``), so the bit is free.
+
+``FrameDecoder`` follows the h11 shape: ``feed(data)`` buffers bytes and returns the complete
+payloads found so far; it raises ``FrameTooLarge`` as soon as a length word exceeds the cap
+(before buffering the body), and ``close()`` raises ``TruncatedFrame`` when bytes of an
+unfinished frame are left at end of stream. It holds no socket, no clock and no event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import orjson
+
+from router.errors import FrameTooLarge, RouterError, TruncatedFrame
+
+HEADER_BYTES = 4
+ERROR_FLAG = 0x8000_0000
+LENGTH_MASK = 0x7FFF_FFFF
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+# Below this size joining header and payload (one copy) is cheaper than a writev of two buffers.
+_JOIN_BELOW = 64 * 1024
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Header and payload as one buffer, so the frame goes out in one write."""
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def frame_parts(payload: bytes) -> list[bytes]:
+    """The buffers of one frame for ``transport.writelines`` (a single writev under uvloop).
+
+    Small payloads are joined; large ones are not copied.
+    """
+    header = len(payload).to_bytes(4, "big")
+    if len(payload) < _JOIN_BELOW:
+        return [header + payload]
+    return [header, payload]
+
+
+def encode_error(code: str, message: str) -> bytes:
+    body = orjson.dumps({"code": code, "message": message})
+    return (len(body) | ERROR_FLAG).to_bytes(4, "big") + body
+
+
+def encode_router_error(error: RouterError) -> bytes:
+    return encode_error(error.code, error.message)
+
+
+def parse_header(header: bytes) -> tuple[int, bool]:
+    """(length, is_error) of a 4-byte length word."""
+    word = int.from_bytes(header, "big")
+    return word & LENGTH_MASK, bool(word & ERROR_FLAG)
+
+
+def decode_error(payload: bytes) -> tuple[str, str]:
+    """(code, message) of an error frame's payload."""
+    body = orjson.loads(payload)
+    return str(body["code"]), str(body["message"])
+
+
+class FrameDecoder:
+    """Incremental decoder: bytes in, complete frame payloads out.
+
+    ``accept_error_flag`` lets a client-side decoder receive router error frames (it returns
+    them through ``feed`` as ``ErrorFrame``); the router's own decoders reject the flag, since
+    neither a client request nor a backend response may carry it.
+    """
+
+    __slots__ = ("_accept_error_flag", "_buffer", "_max_frame_bytes", "_need")
+
+    def __init__(
+        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, accept_error_flag: bool = False
+    ) -> None:
+        if not 0 < max_frame_bytes <= LENGTH_MASK:
+            raise ValueError(f"max_frame_bytes must be in 1..{LENGTH_MASK}")
+        self._buffer = bytearray()
+        self._max_frame_bytes = max_frame_bytes
+        self._accept_error_flag = accept_error_flag
+        # Length of the frame body being waited for, or -1 while the header is incomplete.
+        self._need = -1
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished frame (0 at a frame boundary)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return every payload completed by it, in order."""
+        buf = self._buffer
+        buf += data
+        frames: list[bytes] = []
+        while True:
+            if self._need < 0:
+                if len(buf) < HEADER_BYTES:
+                    return frames
+                word = int.from_bytes(buf[:4], "big")
+                length = word & LENGTH_MASK
+                if word & ERROR_FLAG:
+                    if not self._accept_error_flag:
+                        raise FrameTooLarge(
+                            f"length word 0x{word:08x} exceeds max_frame_bytes="
+                            f"{self._max_frame_bytes}"
+                        )
+                    length = word  # ErrorFrame sentinel: keep the flag in _need
+                elif length > self._max_frame_bytes:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
+                    )
+                self._need = length
+            length = self._need & LENGTH_MASK
+            end = HEADER_BYTES + length
+            if len(buf) < end:
+                return frames
+            payload = bytes(buf[HEADER_BYTES:end])
+            frames.append(ErrorFrame(payload) if self._need & ERROR_FLAG else payload)
+            del buf[:end]
+            self._need = -1
+
+    def close(self) -> None:
+        """End of stream: raise ``TruncatedFrame`` if an unfinished frame is buffered."""
+        if self._buffer:
+            raise TruncatedFrame(
+                f"connection closed with {len(self._buffer)} bytes of an unfinished frame"
+            )
+
+    def __repr__(self) -> str:
+        return f"FrameDecoder(buffered={len(self._buffer)}, max={self._max_frame_bytes})"
+
+
+class ErrorFrame(bytes):
+    """A payload that arrived with the error flag set (client-side decoders only)."""
+
+    __slots__ = ()
+
+    @property
+    def code_and_message(self) -> tuple[str, str]:
+        return decode_error(self)
+
+
+def encode_frames(payloads: Iterable[bytes]) -> bytes:
+    return b"".join(encode_frame(p) for p in payloads)
