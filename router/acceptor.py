@@ -28,7 +28,7 @@ from typing import Any, cast
 from router.clock import Clock
 from router.dispatch import Dispatcher, Request
 from router.errors import ClientProtocolError, ReadTimeout
-from router.wire import FrameDecoder, encode_router_error, frame_parts
+from router.wire import FrameDecoder, encode_frame, encode_router_error, frame_parts
 
 # Reasons reading is paused, as bits.
 _PIPELINE_FULL = 1
@@ -131,6 +131,14 @@ class ClientConnection(asyncio.Protocol):
         pending = self._pending
         if not pending or pending[0] is not request:
             return  # an earlier request is still unanswered; this one is written after it
+        response = request.response
+        if len(pending) == 1 and response is not None and len(response) < 65536 and not self._lost:
+            # The common case (no pipelining): one frame, one write, no list.
+            pending.popleft()
+            assert self._transport is not None
+            self._transport.write(encode_frame(response))
+            self._after_flush()
+            return
         out: list[bytes] = []
         while pending and pending[0].done:
             done = pending.popleft()
@@ -140,6 +148,10 @@ class ClientConnection(asyncio.Protocol):
                 out.append(encode_router_error(done.error))
         if not self._lost and self._transport is not None:
             self._transport.writelines(out)
+        self._after_flush()
+
+    def _after_flush(self) -> None:
+        pending = self._pending
         if self._paused & _PIPELINE_FULL and len(pending) <= self._settings.max_pipelined // 2:
             self._resume(_PIPELINE_FULL)
         if not pending:

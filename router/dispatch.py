@@ -249,11 +249,13 @@ class Dispatcher:
 
     async def _serve(self, request: Request) -> None:
         tried: tuple[Backend, ...] = ()
-        last_error: RouterError = NoBackend("no healthy backend")
+        last_error: RouterError | None = None  # built only on failure: this is the hot path
         for attempt in range(self._settings.max_retries + 1):
             candidates = self._registry.candidates(tried)
             if not candidates:
                 break
+            if attempt:
+                self.stats.retried += 1
             backend = candidates[self._policy.choose(candidates, self._rng)]
             try:
                 response = await self._attempt(backend, request.payload)
@@ -261,8 +263,6 @@ class Dispatcher:
                 backend.record_failure()
                 tried += (backend,)
                 last_error = exc
-                if attempt < self._settings.max_retries:
-                    self.stats.retried += 1
                 continue
             except BackendError as exc:
                 backend.record_failure()
@@ -271,7 +271,7 @@ class Dispatcher:
             backend.record_success()
             self.finish(request, response, None)
             return
-        self.finish(request, None, last_error)
+        self.finish(request, None, last_error or NoBackend("no healthy backend"))
 
     async def _attempt(self, backend: Backend, payload: bytes) -> bytes:
         pool = backend.pool

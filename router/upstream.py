@@ -50,7 +50,7 @@ class BackendConnection(asyncio.Protocol):
         self._waiter = waiter
         self._received_any = False
         self._timer = self._loop.call_later(timeout_s, self._on_timeout, timeout_s)
-        self._transport.writelines(frame_parts(payload))
+        self._transport.writelines(frame_parts(payload))  # one writev
         return waiter
 
     def close(self) -> None:
