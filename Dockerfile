@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# inference-router image: wheels built in one stage, installed without build tools in the next.
+#   docker build -t inference-router .
+#   docker run --rm -p 7070:7070 -p 7072:7072 inference-router
+# The default command runs the embedded default (two spawned echo backends) listening on all
+# interfaces. For real backends, pass flags or a config file instead of the default CMD:
+#   docker run --rm -p 7070:7070 -p 7072:7072 -v $PWD/router.toml:/etc/inference-router/router.toml:ro \
+#     inference-router --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 --admin 0.0.0.0:7072
+
+FROM python:3.11-slim AS builder
+WORKDIR /src
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY pyproject.toml README.md ./
+COPY router ./router
+COPY backends ./backends
+# The project's own wheel, then the wheels of its runtime dependencies.
+RUN pip wheel --no-deps -w /wheels . \
+ && pip wheel -w /wheels .
+
+FROM python:3.11-slim
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-index --find-links /wheels inference-router \
+ && useradd --system --create-home --home-dir /home/router --shell /usr/sbin/nologin router
+# A reference config with every option at its default (it listens on 127.0.0.1 and names
+# example backends: mount your own over it, or override --listen/--admin/--backend).
+COPY examples/router.toml /etc/inference-router/router.toml
+USER router
+# Spawned backends' logs go to $ROUTER_LOG_DIR (default .router-logs in the working directory).
+WORKDIR /home/router
+EXPOSE 7070 7072
+ENTRYPOINT ["inference-router", "serve"]
+CMD ["--listen", "0.0.0.0:7070", "--admin", "0.0.0.0:7072"]

@@ -1,0 +1,472 @@
+"""Benchmark: the router against direct connections and HAProxy, same backends, same load.
+
+``python -m bench.run [--clients 50,200] [--requests N] [--name NAME] [--update-readme]``
+
+Starts two echo backends, the router (a subprocess, ``--backend`` flags, no config file) and,
+when ``haproxy`` is on PATH, an HAProxy in TCP mode (``balance leastconn``) in front of the
+same two backends. For each client count it runs ``bench.load`` in persistent mode (64-byte
+payloads, no pipelining, ``N`` requests per connection) against:
+
+- ``direct``: half the clients to each backend (lane k goes to backend k mod 2), started
+  together and merged into one report, so latencies are exact percentiles over all requests;
+- ``router``: every client to the router;
+- ``haproxy``: every client to HAProxy.
+
+It prints a table and the ratios router/direct and router/haproxy, and writes
+``bench/results/<name>.json`` with every figure, the machine and a timestamp. Every wait is
+bounded, and every process it started is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, Any
+
+from bench.load import (
+    WORKER_READY_TIMEOUT_S,
+    WORKER_REPORT_GRACE_S,
+    LoadReport,
+    LoadSpec,
+    _collect,
+    _stop_processes,
+    _worker_entry,
+    raise_nofile_limit,
+    run_load,
+    summarize,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+PAYLOAD_BYTES = 64
+# A Python process (router or echo) starts in well under a second; allow a loaded machine 20 s.
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+ROUTER_GRACE_S = 5.0
+DIRECT_SPLIT = "half the clients to each backend (lane k -> backend k mod 2), merged"
+ROUTER_LINE = re.compile(r"inference-router listening on (\S+):(\d+) ")
+ADMIN_LINE = re.compile(r"admin: http://(\S+):(\d+)/")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One process this script started, its output lines, and where it listens."""
+
+    name: str
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    port: int = 0
+    stderr_path: Path | None = None
+
+    def start_reader(self) -> None:
+        """Read stdout on a thread so the child never blocks on a full pipe."""
+        stream = self.process.stdout
+        if stream is None:
+            return
+
+        def pump(out: IO[str]) -> None:
+            for line in out:
+                self.lines.put(line.rstrip("\n"))
+            self.lines.put(None)
+
+        threading.Thread(target=pump, args=(stream,), name=f"{self.name}-stdout",
+                         daemon=True).start()
+
+    def wait_line(self, pattern: re.Pattern[str], timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                raise RuntimeError(f"{self.name} exited (rc={self.process.wait(STOP_TIMEOUT_S)}) "
+                                   f"before ready: {self.stderr_tail()}")
+            if match := pattern.search(line):
+                return match
+        raise RuntimeError(f"{self.name} printed no line matching {pattern.pattern!r} "
+                           f"within {timeout_s}s")
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT_S)
+
+
+def _spawn(name: str, argv: list[str], log_dir: Path) -> Service:
+    stderr = (log_dir / f"{name}.stderr.log").open("w")  # a temp dir: gone after the run
+    try:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            text=True, start_new_session=True,  # a Ctrl-C here is this script's to handle
+        )
+    finally:
+        stderr.close()  # the child holds its own copy
+    service = Service(name, process, stderr_path=log_dir / f"{name}.stderr.log")
+    service.start_reader()
+    return service
+
+
+def start_echo(name: str, log_dir: Path) -> Service:
+    service = _spawn(name, [sys.executable, "-m", "backends.echo", "--port", "0"], log_dir)
+    service.port = int(service.wait_line(re.compile(r"^READY (\d+)$"), READY_TIMEOUT_S)[1])
+    return service
+
+
+def start_router(backends: list[int], log_dir: Path) -> tuple[Service, int]:
+    """The router on free ports; returns it and its admin port."""
+    argv = [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
+            "--admin", "127.0.0.1:0", "--log-level", "WARNING",
+            "--shutdown-grace", str(ROUTER_GRACE_S)]
+    for port in backends:
+        argv += ["--backend", f"127.0.0.1:{port}"]
+    service = _spawn("router", argv, log_dir)
+    service.port = int(service.wait_line(ROUTER_LINE, READY_TIMEOUT_S)[2])
+    admin_port = int(service.wait_line(ADMIN_LINE, READY_TIMEOUT_S)[2])
+    return service, admin_port
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def haproxy_config(port: int, backends: list[int]) -> str:
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
+    return f"""\
+global
+    # Each connection costs HAProxy two fds; 4096 fits a 20,000-fd hard limit with room.
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+listen bench
+    bind 127.0.0.1:{port}
+    balance leastconn
+{servers}
+"""
+
+
+def wait_accepting(service: Service, timeout_s: float) -> None:
+    """Until the port takes a connection; HAProxy prints no readiness line."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with rc={service.process.returncode}: "
+                               f"{service.stderr_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", service.port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{service.name} did not accept on port {service.port} in {timeout_s}s")
+
+
+def start_haproxy(binary: str, backends: list[int], log_dir: Path) -> Service:
+    port = free_port()
+    cfg = log_dir / "haproxy.cfg"
+    cfg.write_text(haproxy_config(port, backends))
+    service = _spawn("haproxy", [binary, "-f", str(cfg), "-db"], log_dir)
+    service.port = port
+    wait_accepting(service, READY_TIMEOUT_S)
+    return service
+
+
+def haproxy_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0].split(" - ")[0] if out else "unknown"  # drop the URL
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def run_split(ports: list[int], connections: int, requests: int, processes: int,
+              duration_s: float | None) -> LoadReport:
+    """Like ``run_load``, but lane k connects to ``ports[k % len(ports)]``; one merged report.
+
+    Built from ``bench.load``'s own worker and summary so the counting rules are the same and
+    the percentiles are exact over all requests; all workers start on one signal.
+    """
+    # A multiple of len(ports), so every process serves the lanes of one backend only.
+    nproc = len(ports) * max(1, min(processes, connections) // len(ports))
+    specs = [LoadSpec(host="127.0.0.1", port=ports[k % len(ports)], connections=connections,
+                      requests=requests, duration_s=duration_s, payload_bytes=PAYLOAD_BYTES)
+             for k in range(nproc)]
+    raise_nofile_limit()
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    conns: list[Connection] = []
+    procs = []
+    for index, spec in enumerate(specs):
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker_entry,
+                           args=(spec, index, range(index, connections, nproc), sender, go),
+                           name=f"bench-split-{index}", daemon=True)
+        proc.start()
+        sender.close()
+        conns.append(receiver)
+        procs.append(proc)
+    deadline = (time.monotonic() + WORKER_READY_TIMEOUT_S + specs[0].effective_hard_timeout_s
+                + WORKER_REPORT_GRACE_S)
+    try:
+        collected = _collect(conns, go, deadline)
+    finally:
+        _stop_processes(procs)
+        for conn in conns:
+            conn.close()
+    return summarize(specs[0], nproc, collected.results, collected.errors, collected.lost)
+
+
+def admin_stats(port: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}/stats"
+    with urllib.request.urlopen(url, timeout=5.0) as response:
+        body: dict[str, Any] = json.load(response)
+    return body
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _ms(us: int | None) -> str:
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def _ratio(a: float | int | None, b: float | int | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_key = {(r["target"], r["clients"]): r["report"] for r in runs}
+    out = []
+    for clients in sorted({r["clients"] for r in runs}):
+        router = by_key.get(("router", clients))
+        if router is None:
+            continue
+        for other in ("direct", "haproxy"):
+            base = by_key.get((other, clients))
+            if base is None:
+                continue
+            out.append({
+                "clients": clients, "ratio": f"router/{other}",
+                "requests_per_s": _ratio(router["requests_per_s"], base["requests_per_s"]),
+                "p50": _ratio(router["p50_us"], base["p50_us"]),
+                "p99": _ratio(router["p99_us"], base["p99_us"]),
+            })
+    return out
+
+
+def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        r = run["report"]
+        rows.append([run["target"], str(run["clients"]), f"{r['requests_per_s']:.0f}",
+                     _ms(r["p50_us"]), _ms(r["p99_us"]), str(r["error_total"])])
+    return rows
+
+
+HEADER = ["target", "clients", "req/s", "p50 ms", "p99 ms", "errors"]
+RATIO_HEADER = ["clients", "ratio", "req/s", "p50", "p99"]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ratio_rows(items: list[dict[str, Any]]) -> list[list[str]]:
+    return [[str(i["clients"]), i["ratio"], _fmt(i["requests_per_s"]), _fmt(i["p50"]),
+             _fmt(i["p99"])] for i in items]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(row, widths, strict=True))) for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def readme_block(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    haproxy = f"; {m['haproxy']}" if m.get("haproxy") else "; HAProxy not installed"
+    return "\n".join([
+        f"Measured {result['timestamp']} on {m['nproc']} CPUs, {m['platform']}, "
+        f"Python {m['python']}{haproxy}. Persistent connections, no pipelining, "
+        f"{s['payload_bytes']}-byte payloads, {s['requests_per_connection']} requests per "
+        f"connection; direct = {s['direct']}. Load generator, router, HAProxy and both echo "
+        "backends share the same CPUs.",
+        "",
+        markdown_table(HEADER, table_rows(result["runs"])),
+        "",
+        markdown_table(RATIO_HEADER, ratio_rows(result["ratios"])),
+    ])
+
+
+def update_readme(result: dict[str, Any], path: Path = README) -> bool:
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    head = text[: start + len(README_START)]
+    path.write_text(f"{head}\n{readme_block(result)}\n{text[end:]}")
+    return True
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="50,200",
+                        help="comma-separated client (connection) counts (default: 50,200)")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="requests per connection (default: 2000)")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="stop sending after this long in one run (default: 30)")
+    parser.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
+                        help="load generator processes (default: min(2, nproc))")
+    parser.add_argument("--name", default="latest", help="bench/results/<name>.json")
+    parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
+    parser.add_argument("--update-readme", action="store_true",
+                        help=f"replace the text between {README_START} and {README_END}")
+    args = parser.parse_args(argv)
+    try:
+        args.client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--clients: expected comma-separated integers, got {args.clients!r}")
+    if not args.client_counts or min(args.client_counts) < 1 or args.requests < 1:
+        parser.error("client counts and --requests must be >= 1")
+    if not re.fullmatch(r"[\w.-]+", args.name):
+        parser.error("--name: letters, digits, '.', '_' and '-' only")
+    return args
+
+
+def _one_run(target: str, clients: int, port: int, backends: list[int],
+             args: argparse.Namespace) -> LoadReport:
+    if target == "direct":
+        return run_split(backends, clients, args.requests, args.processes, args.max_seconds)
+    return run_load("127.0.0.1", port, connections=clients, requests=args.requests,
+                    duration_s=args.max_seconds, payload_bytes=PAYLOAD_BYTES,
+                    mode="persistent", processes=args.processes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    binary = None if args.no_haproxy else shutil.which("haproxy")
+    services: list[Service] = []
+    runs: list[dict[str, Any]] = []
+    router_stats: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        log_dir = Path(tmp)
+        try:
+            backends = []
+            for index in (1, 2):
+                echo = start_echo(f"echo{index}", log_dir)
+                services.append(echo)
+                backends.append(echo.port)
+            router, admin_port = start_router(backends, log_dir)
+            services.append(router)
+            targets = {"direct": 0, "router": router.port}
+            if binary is not None:
+                haproxy = start_haproxy(binary, backends, log_dir)
+                services.append(haproxy)
+                targets["haproxy"] = haproxy.port
+            else:
+                print("haproxy not found (or --no-haproxy): skipping it", file=sys.stderr)
+            for clients in args.client_counts:
+                for target, port in targets.items():
+                    print(f"running {target} with {clients} clients ...", file=sys.stderr,
+                          flush=True)
+                    report = _one_run(target, clients, port, backends, args)
+                    runs.append({"target": target, "clients": clients, "report": report})
+            router_stats = admin_stats(admin_port)
+        finally:
+            for service in reversed(services):
+                service.stop()
+    result: dict[str, Any] = {
+        "name": args.name,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "nproc": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "haproxy": haproxy_version(binary) if binary else None,
+        },
+        "settings": {
+            "mode": "persistent", "pipeline": 1, "payload_bytes": PAYLOAD_BYTES,
+            "requests_per_connection": args.requests, "max_seconds": args.max_seconds,
+            "load_processes": args.processes, "clients": args.client_counts,
+            "direct": DIRECT_SPLIT, "haproxy": "mode tcp, balance leastconn, no health checks",
+        },
+        "runs": runs,
+        "ratios": ratios(runs),
+        "router_stats": router_stats,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{args.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(text_table(HEADER, table_rows(runs)))
+    print()
+    print(text_table(RATIO_HEADER, ratio_rows(result["ratios"])))
+    print(f"\ndirect = {DIRECT_SPLIT}; results: {out.relative_to(ROOT)}")
+    if args.update_readme:
+        done = update_readme(result)
+        print("README.md updated" if done else f"README.md has no {README_START} markers")
+    if any(r["report"]["worker_errors"] or r["report"]["workers_lost"] for r in runs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
