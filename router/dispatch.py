@@ -104,17 +104,18 @@ class RequestQueue:
             getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._getters.append(getter)
             await getter
-        request = self._items.popleft()
-        if self.saturated and len(self._items) <= self.capacity // 2:
-            self.saturated = False
-            self._on_pressure(False)
-        return request
+        return self.pop_head()
 
     def head(self) -> Request | None:
         return self._items[0] if self._items else None
 
     def pop_head(self) -> Request:
-        return self._items.popleft()
+        """Remove the oldest request (taken by a worker, or expired)."""
+        request = self._items.popleft()
+        if self.saturated and len(self._items) <= self.capacity // 2:
+            self.saturated = False
+            self._on_pressure(False)
+        return request
 
 
 class Dispatcher:

@@ -101,18 +101,15 @@ class FrameDecoder:
                     return frames
                 word = int.from_bytes(buf[:4], "big")
                 length = word & LENGTH_MASK
-                if word & ERROR_FLAG:
-                    if not self._accept_error_flag:
-                        raise FrameTooLarge(
-                            f"length word 0x{word:08x} exceeds max_frame_bytes="
-                            f"{self._max_frame_bytes}"
-                        )
-                    length = word  # ErrorFrame sentinel: keep the flag in _need
-                elif length > self._max_frame_bytes:
+                if word & ERROR_FLAG and not self._accept_error_flag:
+                    raise FrameTooLarge(
+                        f"length word 0x{word:08x} exceeds max_frame_bytes={self._max_frame_bytes}"
+                    )
+                if length > self._max_frame_bytes:
                     raise FrameTooLarge(
                         f"frame of {length} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
                     )
-                self._need = length
+                self._need = word  # keeps the error flag, if any, for the frame's type
             length = self._need & LENGTH_MASK
             end = HEADER_BYTES + length
             if len(buf) < end:
@@ -140,7 +137,7 @@ class ErrorFrame(bytes):
 
     @property
     def code_and_message(self) -> tuple[str, str]:
-        return decode_error(self)
+        return decode_error(bytes(self))  # orjson refuses bytes subclasses
 
 
 def encode_frames(payloads: Iterable[bytes]) -> bytes:

@@ -1,0 +1,359 @@
+"""router.dispatch.Dispatcher over in-process fake backends and a manual clock: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from router.balance import make_policy
+from router.clock import ManualClock
+from router.dispatch import Dispatcher, DispatchSettings, Request
+from router.errors import BackendTimeout, BackendUnavailable
+from router.metrics import DataPlaneStats
+from router.pool import Pool, PoolLimits
+from router.registry import Backend, Registry
+
+WAIT_S = 2.0  # bound on every await of the dispatcher; nothing here takes real time
+
+
+class FakeService:
+    """One fake backend process. ``mode``:
+
+    * ``"live"``: answers with the payload reversed;
+    * ``"dead"``: every request fails with BackendUnavailable (reset before any byte);
+    * ``"slow"``: every request fails with BackendTimeout (not retryable);
+    * ``"gated"``: requests wait until the test calls ``answer_all``.
+    """
+
+    def __init__(self, mode: str = "live") -> None:
+        self.mode = mode
+        self.dials = 0
+        self.requests = 0
+        self.pending: list[tuple[bytes, asyncio.Future[bytes]]] = []
+        self._pending_changed = asyncio.Event()
+
+    async def dial(self) -> FakeConnection:
+        self.dials += 1
+        return FakeConnection(self)
+
+    def answer_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for payload, future in pending:
+            future.set_result(payload[::-1])
+
+    async def wait_pending(self, count: int) -> None:
+        while len(self.pending) < count:
+            self._pending_changed.clear()
+            await self._pending_changed.wait()
+
+    def add_pending(self, payload: bytes, future: asyncio.Future[bytes]) -> None:
+        self.pending.append((payload, future))
+        self._pending_changed.set()
+
+
+class FakeConnection:
+    def __init__(self, service: FakeService) -> None:
+        self._service = service
+        self.is_closed = False
+
+    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+        service = self._service
+        service.requests += 1
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if service.mode == "dead":
+            future.set_exception(BackendUnavailable("connection reset before any response byte"))
+        elif service.mode == "slow":
+            future.set_exception(BackendTimeout(f"no answer within {timeout_s}s"))
+        elif service.mode == "gated":
+            service.add_pending(payload, future)
+        else:
+            future.set_result(payload[::-1])
+        return future
+
+    def close(self) -> None:
+        self.is_closed = True
+
+
+class Collector:
+    """The origin: records each answered request, once."""
+
+    def __init__(self) -> None:
+        self.done: list[Request] = []
+
+    def request_done(self, request: Request) -> None:
+        assert request not in self.done, "answered twice"
+        self.done.append(request)
+
+
+class Harness:
+    def __init__(
+        self, services: list[FakeService], settings: DispatchSettings, policy: str
+    ) -> None:
+        self.clock = ManualClock()
+        self.registry = Registry()
+        self.backends: list[Backend] = []
+        for index, service in enumerate(services):
+            pool = Pool(service.dial, PoolLimits(max_connections=8), self.clock, f"b{index}")
+            backend = Backend(f"10.0.0.{index + 1}", 9000, pool, failure_threshold=3)
+            self.registry.add(backend)
+            self.backends.append(backend)
+        self.stats = DataPlaneStats()
+        self.dispatcher = Dispatcher(
+            self.registry, make_policy(policy), settings, self.clock, self.stats,
+            rng=random.Random(1234),
+        )
+        self.origin = Collector()
+
+    def submit(self, payload: bytes) -> Request:
+        request = Request(payload, self.origin, self.clock.now())
+        self.dispatcher.submit(request)
+        return request
+
+    async def wait_idle(self) -> None:
+        async with asyncio.timeout(WAIT_S):
+            await self.dispatcher.wait_idle()
+
+
+class Harnesses:
+    """Builds harnesses; owns the ``dispatcher.run()`` tasks it starts."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __call__(
+        self,
+        services: list[FakeService],
+        *,
+        start_workers: bool = True,
+        policy: str = "least_connections",
+        **settings: Any,
+    ) -> Harness:
+        base = DispatchSettings(workers=4, queue_timeout_s=5.0, max_retries=2)
+        harness = Harness(services, dataclasses.replace(base, **settings), policy)
+        if start_workers:
+            self.start(harness)
+        return harness
+
+    def start(self, harness: Harness) -> None:
+        self._tasks.append(asyncio.create_task(harness.dispatcher.run(), name="dispatcher"))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.fixture
+async def make_harness() -> AsyncIterator[Harnesses]:
+    harnesses = Harnesses()
+    yield harnesses
+    await harnesses.aclose()
+
+
+def error_code(request: Request) -> str | None:
+    return None if request.error is None else request.error.code
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+
+async def test_request_is_answered_with_the_backend_response(make_harness: Harnesses) -> None:
+    h = make_harness([FakeService()])
+    request = h.submit(b"hello")
+    assert (h.stats.accepted, h.stats.inflight) == (1, 1)
+
+    await h.wait_idle()
+
+    assert h.origin.done == [request]
+    assert request.response == b"olleh"
+    assert request.error is None
+    assert h.stats.statistics() == {
+        "accepted": 1, "completed": 1, "errored": {}, "dropped": 0, "retried": 0, "inflight": 0,
+    }  # fmt: skip
+    assert h.backends[0].requests_total == 1
+
+
+async def test_many_requests_reuse_pooled_connections(make_harness: Harnesses) -> None:
+    service = FakeService()
+    h = make_harness([service])
+    requests = [h.submit(f"r{i}".encode()) for i in range(50)]
+    await h.wait_idle()
+
+    assert [r.response for r in requests] == [f"r{i}".encode()[::-1] for i in range(50)]
+    assert h.stats.completed == 50
+    assert service.dials <= 4  # at most one connection per worker
+
+
+# -- retries and passive health ---------------------------------------------------------------
+
+
+async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Harnesses) -> None:
+    dead_service, live_service = FakeService("dead"), FakeService("live")
+    h = make_harness([dead_service, live_service], max_retries=2)
+    dead, live = h.backends
+
+    first = [h.submit(f"a{i}".encode()) for i in range(30)]
+    await h.wait_idle()
+
+    assert all(r.error is None for r in first), [r.error for r in first if r.error]
+    assert [r.response for r in first] == [f"a{i}".encode()[::-1] for i in range(30)]
+    assert h.stats.retried > 0
+    assert h.stats.completed == 30
+    assert h.stats.errored == {}
+    assert not dead.healthy
+    assert dead.failures_total >= dead.failure_threshold
+    assert live.healthy
+
+    dead_attempts, retried = dead.requests_total, h.stats.retried
+    later = [h.submit(f"b{i}".encode()) for i in range(20)]
+    await h.wait_idle()
+
+    assert all(r.response == r.payload[::-1] for r in later)
+    assert dead.requests_total == dead_attempts  # straight to the live one
+    assert h.stats.retried == retried
+
+
+async def test_no_retry_when_max_retries_is_zero(make_harness: Harnesses) -> None:
+    services = [FakeService("dead"), FakeService("live")]
+    h = make_harness(services, max_retries=0, policy="round_robin")
+    to_dead = h.submit(b"x")  # round robin: the first goes to the first backend
+    await h.wait_idle()
+    assert error_code(to_dead) == "BACKEND_UNAVAILABLE"
+    assert h.stats.retried == 0
+
+
+async def test_timeout_is_not_retried(make_harness: Harnesses) -> None:
+    slow, live = FakeService("slow"), FakeService("live")
+    h = make_harness([slow, live], max_retries=2, policy="round_robin")
+    request = h.submit(b"x")
+    await h.wait_idle()
+    assert error_code(request) == "BACKEND_TIMEOUT"
+    assert live.requests == 0  # the slow backend may have acted on it
+    assert h.stats.retried == 0
+    assert h.stats.errored == {"BACKEND_TIMEOUT": 1}
+
+
+async def test_all_backends_dead(make_harness: Harnesses) -> None:
+    h = make_harness([FakeService("dead"), FakeService("dead")], max_retries=2)
+    requests = [h.submit(f"{i}".encode()) for i in range(10)]
+    await h.wait_idle()
+
+    assert {error_code(r) for r in requests} <= {"BACKEND_UNAVAILABLE", "NO_BACKEND"}
+    assert error_code(requests[0]) == "BACKEND_UNAVAILABLE"  # tried both before any was down
+    assert error_code(requests[-1]) == "NO_BACKEND"  # by now both are marked down
+    assert sum(h.stats.errored.values()) == 10
+    assert h.stats.completed == 0
+    assert h.stats.inflight == 0
+    assert not h.registry.any_healthy()
+
+
+async def test_no_backends_is_no_backend(make_harness: Harnesses) -> None:
+    h = make_harness([])
+    request = h.submit(b"x")
+    await h.wait_idle()
+    assert error_code(request) == "NO_BACKEND"
+    assert h.stats.errored == {"NO_BACKEND": 1}
+    assert h.origin.done == [request]
+
+
+# -- the queue --------------------------------------------------------------------------------
+
+
+async def test_queue_timeout_answers_overloaded(make_harness: Harnesses) -> None:
+    h = make_harness([FakeService()], start_workers=False, queue_timeout_s=5.0)
+    old = [h.submit(b"old1"), h.submit(b"old2")]
+    h.clock.advance(3.0)
+    young = h.submit(b"young")
+    h.clock.advance(2.5)  # old ones waited 5.5 s, the young one 2.5 s
+
+    assert h.dispatcher.expire_queued() == 2
+
+    assert [error_code(r) for r in old] == ["OVERLOADED", "OVERLOADED"]
+    assert h.origin.done == old
+    assert not young.done
+    assert h.stats.errored == {"OVERLOADED": 2}
+    assert h.stats.inflight == 1
+    assert h.dispatcher.statistics()["queue_depth"] == 1
+
+    make_harness.start(h)
+    await h.wait_idle()
+    assert young.response == b"gnuoy"
+
+
+async def test_saturation_is_signalled_and_cleared(make_harness: Harnesses) -> None:
+    h = make_harness([FakeService()], start_workers=False, queue_size=2)
+    pressure: list[bool] = []
+    h.dispatcher.add_pressure_listener(pressure.append)
+
+    h.submit(b"1")
+    assert pressure == []
+    h.submit(b"2")
+    assert pressure == [True]
+    assert h.dispatcher.saturated
+    h.submit(b"3")  # past the soft bound: still queued, never discarded
+    assert pressure == [True]
+
+    make_harness.start(h)
+    await h.wait_idle()
+
+    assert pressure == [True, False]
+    assert not h.dispatcher.saturated
+    assert h.stats.completed == 3
+
+
+async def test_saturation_clears_when_queued_requests_expire(make_harness: Harnesses) -> None:
+    # Workers all busy, queue full -> front doors stop reading. If the queued requests then time
+    # out, the queue is empty: reading must resume, or no request ever arrives again.
+    h = make_harness([FakeService()], start_workers=False, queue_size=2, queue_timeout_s=5.0)
+    pressure: list[bool] = []
+    h.dispatcher.add_pressure_listener(pressure.append)
+    h.submit(b"1")
+    h.submit(b"2")
+    assert pressure == [True]
+    h.clock.advance(6.0)
+
+    assert h.dispatcher.expire_queued() == 2
+
+    assert h.dispatcher.statistics()["queue_depth"] == 0
+    assert not h.dispatcher.saturated
+    assert pressure == [True, False]
+
+
+async def test_wait_idle_returns_once_inflight_is_zero(make_harness: Harnesses) -> None:
+    service = FakeService("gated")
+    h = make_harness([service])
+    async with asyncio.timeout(WAIT_S):
+        await h.dispatcher.wait_idle()  # nothing accepted: returns at once
+
+    a, b = h.submit(b"a"), h.submit(b"b")
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(2)
+    idle = asyncio.create_task(h.dispatcher.wait_idle())
+    await asyncio.sleep(0)  # let it start waiting (a yield, not a timed wait)
+    assert not idle.done()
+    assert h.stats.inflight == 2
+    assert h.backends[0].inflight == 2
+
+    service.answer_all()
+    async with asyncio.timeout(WAIT_S):
+        await idle
+    assert (a.response, b.response) == (b"a", b"b")
+    assert h.stats.inflight == 0
+    assert h.backends[0].inflight == 0
+
+
+def test_statistics_and_repr() -> None:
+    h = Harness([FakeService()], DispatchSettings(workers=3), "round_robin")
+    stats = h.dispatcher.statistics()
+    assert stats["workers"] == 3
+    assert stats["policy"] == "round_robin"
+    assert (stats["queue_depth"], stats["queue_saturated"], stats["inflight"]) == (0, False, 0)
+    assert "round_robin" in repr(h.dispatcher)

@@ -1,0 +1,511 @@
+"""router.pool and router.health against fake connections and a manual clock: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from router.clock import ManualClock
+from router.errors import BackendUnavailable
+from router.health import HealthChecker, ProbeSettings
+from router.pool import Dialer, Pool, PoolLimits, Slot
+from router.registry import Backend, Registry
+
+LIMITS = PoolLimits(
+    max_connections=4, connect_timeout_s=1.0, idle_timeout_s=10.0, max_lifetime_s=100.0
+)
+
+
+class FakeConnection:
+    """Answers every request at once: ``b""`` (a good probe reply) or ``fail``'s error."""
+
+    def __init__(self, name: str, *, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.closed = 0
+        self.requests: list[bytes] = []
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed > 0
+
+    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+        self.requests.append(payload)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if self.fail:
+            future.set_exception(BackendUnavailable(f"{self.name} reset"))
+        else:
+            future.set_result(b"")
+        return future
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def __repr__(self) -> str:
+        return f"FakeConnection({self.name}, closed={self.closed})"
+
+
+class FakeDialer:
+    """Counts dials; hands out fresh FakeConnections, or raises ``error`` when set."""
+
+    def __init__(self, *, fail_requests: bool = False) -> None:
+        self.dials = 0
+        self.error: BaseException | None = None
+        self.fail_requests = fail_requests
+        self.connections: list[FakeConnection] = []
+
+    async def __call__(self) -> FakeConnection:
+        self.dials += 1
+        if self.error is not None:
+            raise self.error
+        conn = FakeConnection(f"c{self.dials}", fail=self.fail_requests)
+        self.connections.append(conn)
+        return conn
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def dialer() -> FakeDialer:
+    return FakeDialer()
+
+
+@pytest.fixture
+def pool(dialer: FakeDialer, clock: ManualClock) -> Pool:
+    return Pool(dialer, LIMITS, clock, name="b1")
+
+
+def make_pool(dialer: Dialer, clock: ManualClock, **limits: Any) -> Pool:
+    return Pool(dialer, dataclasses.replace(LIMITS, **limits), clock, name="b1")
+
+
+async def yield_to_loop() -> None:
+    """Let ready tasks run up to their next await (a yield, not a timed wait)."""
+    await asyncio.sleep(0)
+
+
+def conn(slot: Slot) -> FakeConnection:
+    assert isinstance(slot.connection, FakeConnection)
+    return slot.connection
+
+
+# -- borrowing and returning ----------------------------------------------------------------
+
+
+async def test_acquire_dials_when_empty(pool: Pool, dialer: FakeDialer) -> None:
+    slot = await pool.acquire()
+    assert dialer.dials == 1
+    stats = pool.statistics()
+    assert (stats["open"], stats["idle"], stats["borrowed"], stats["dialed"]) == (1, 0, 1, 1)
+    assert slot.uses == 1
+
+
+async def test_acquire_nowait_on_empty_pool_returns_none(pool: Pool, dialer: FakeDialer) -> None:
+    assert pool.acquire_nowait() is None
+    assert dialer.dials == 0
+
+
+async def test_release_then_reuse_is_lifo(pool: Pool, dialer: FakeDialer) -> None:
+    a = await pool.acquire()
+    b = await pool.acquire()
+    pool.release(a)
+    pool.release(b)
+    assert pool.statistics()["idle"] == 2
+
+    assert pool.acquire_nowait() is b  # most recently released first
+    assert pool.acquire_nowait() is a
+    assert pool.acquire_nowait() is None
+    assert dialer.dials == 2
+    assert a.uses == 2
+
+
+async def test_idle_slot_past_idle_timeout_is_closed_on_acquire_nowait(
+    pool: Pool, clock: ManualClock
+) -> None:
+    slot = await pool.acquire()
+    pool.release(slot)
+    clock.advance(9.9)
+    assert pool.acquire_nowait() is slot  # not yet idle for 10 s
+    pool.release(slot)  # idle_since restarts here
+    clock.advance(10.0)
+
+    assert pool.acquire_nowait() is None
+    assert conn(slot).closed == 1
+    stats = pool.statistics()
+    assert (stats["open"], stats["idle"], stats["closed_idle_timeout"]) == (0, 0, 1)
+
+
+async def test_expire_closes_idle_slots_past_idle_timeout(pool: Pool, clock: ManualClock) -> None:
+    old, fresh = await pool.acquire(), await pool.acquire()
+    pool.release(old)
+    clock.advance(6.0)
+    pool.release(fresh)
+    assert pool.expire() == 0
+    clock.advance(4.0)  # old idle for 10 s, fresh for 4 s
+
+    assert pool.expire() == 1
+    assert conn(old).closed == 1
+    assert conn(fresh).closed == 0
+    assert pool.statistics()["open"] == 1
+    assert pool.acquire_nowait() is fresh
+
+
+async def test_probes_do_not_refresh_idle_since(pool: Pool, clock: ManualClock) -> None:
+    """The C++ router reset the idle stamp on every probe, so idle connections never closed."""
+    slot = await pool.acquire()
+    pool.release(slot)
+    for _ in range(4):  # probed every 2 s, up to 8 s idle
+        clock.advance(2.0)
+        assert pool.expire() == 0
+        [probed] = pool.take_idle_for_probe()
+        assert probed is slot
+        pool.return_probed(probed, healthy=True)
+    assert conn(slot).closed == 0
+    clock.advance(2.0)  # 10 s since the last real release
+
+    assert pool.expire() == 1
+    assert conn(slot).closed == 1
+    assert pool.statistics()["closed_idle_timeout"] == 1
+
+
+async def test_unhealthy_probe_closes_the_connection(pool: Pool) -> None:
+    slot = await pool.acquire()
+    pool.release(slot)
+    [probed] = pool.take_idle_for_probe()
+    pool.return_probed(probed, healthy=False)
+    assert conn(slot).closed == 1
+    assert pool.statistics()["open"] == 0
+
+
+async def test_connection_past_max_lifetime_is_retired_on_release(
+    pool: Pool, clock: ManualClock, dialer: FakeDialer
+) -> None:
+    slot = await pool.acquire()
+    clock.advance(100.0)  # ages while carrying a request
+    assert conn(slot).closed == 0  # the request in flight is not cut off
+
+    pool.release(slot)
+
+    assert conn(slot).closed == 1
+    assert pool.acquire_nowait() is None
+    stats = pool.statistics()
+    assert (stats["open"], stats["closed_max_lifetime"]) == (0, 1)
+    assert await pool.acquire() is not slot
+    assert dialer.dials == 2
+
+
+async def test_idle_connection_past_max_lifetime_is_expired(
+    pool: Pool, clock: ManualClock
+) -> None:
+    slot = await pool.acquire()
+    for _ in range(11):  # busy every 9 s, so never idle for 10 s, but 99 s old
+        clock.advance(9.0)
+        pool.release(slot)
+        assert pool.acquire_nowait() is slot
+    pool.release(slot)
+    clock.advance(1.0)  # 100 s old, 1 s idle
+    assert pool.expire() == 1
+    assert pool.statistics()["closed_max_lifetime"] == 1
+
+
+async def test_release_not_reusable_closes(pool: Pool) -> None:
+    slot = await pool.acquire()
+    pool.release(slot, reusable=False)
+    assert conn(slot).closed == 1
+    stats = pool.statistics()
+    assert (stats["open"], stats["idle"], stats["closed_broken"]) == (0, 0, 1)
+
+
+async def test_release_of_a_closed_connection_does_not_reuse_it(pool: Pool) -> None:
+    slot = await pool.acquire()
+    conn(slot).close()  # the peer reset it while borrowed
+    pool.release(slot)
+    assert pool.acquire_nowait() is None
+    assert pool.statistics()["open"] == 0
+
+
+# -- the connection limit ---------------------------------------------------------------------
+
+
+async def test_never_exceeds_max_connections_and_hands_slot_to_waiter(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=2)
+    seen_open: list[int] = []
+
+    def record() -> None:
+        seen_open.append(pool.statistics()["open"])
+
+    a = await pool.acquire()
+    record()
+    b = await pool.acquire()
+    record()
+    third = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+    record()
+    assert not third.done()
+    assert pool.statistics()["waiters"] == 1
+
+    pool.release(a)
+    record()
+    async with asyncio.timeout(1):
+        handed = await third
+    record()
+
+    assert handed is a
+    assert dialer.dials == 2
+    assert max(seen_open) <= 2
+    assert pool.statistics()["waiters"] == 0
+    pool.release(b)
+    pool.release(handed)
+    assert pool.statistics()["open"] == 2
+
+
+async def test_waiter_dials_when_a_borrowed_connection_is_retired(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1)
+    a = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+
+    pool.release(a, reusable=False)
+    async with asyncio.timeout(1):
+        fresh = await waiter
+
+    assert fresh is not a
+    assert dialer.dials == 2
+    assert pool.statistics()["open"] == 1
+
+
+async def test_cancelled_waiter_does_not_leak_capacity(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1)
+    a = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+    pool.release(a)
+    assert pool.acquire_nowait() is a
+    assert pool.statistics()["open"] == 1
+
+
+# -- dial failures ---------------------------------------------------------------------------
+
+
+async def test_failed_dial_raises_backend_unavailable_and_frees_capacity(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1)
+    dialer.error = ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(BackendUnavailable):
+        await pool.acquire()
+    stats = pool.statistics()
+    assert (stats["open"], stats["dialing"], stats["dial_failed"]) == (0, 0, 1)
+
+    dialer.error = None
+    slot = await pool.acquire()  # the one allowed connection is available again
+    assert pool.statistics()["open"] == 1
+    assert conn(slot).closed == 0
+
+
+async def test_failed_dial_wakes_a_waiter_to_dial_itself(clock: ManualClock) -> None:
+    gate = asyncio.Event()
+
+    async def slow_then_refuse() -> FakeConnection:
+        await gate.wait()
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    pool = Pool(slow_then_refuse, PoolLimits(max_connections=1), clock, name="b1")
+    first = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+    second = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+    assert pool.statistics()["waiters"] == 1
+
+    gate.set()
+    async with asyncio.timeout(1):
+        results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    assert pool.statistics()["open"] == 0
+
+
+async def test_connect_timeout_is_backend_unavailable(clock: ManualClock) -> None:
+    never = asyncio.Event()
+
+    async def hang() -> FakeConnection:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    pool = Pool(hang, PoolLimits(connect_timeout_s=0.05), clock, name="b1")
+    async with asyncio.timeout(2):
+        with pytest.raises(BackendUnavailable, match="timed out"):
+            await pool.acquire()
+    stats = pool.statistics()
+    assert (stats["open"], stats["dialing"], stats["dial_failed"]) == (0, 0, 1)
+
+
+# -- expire_all and close --------------------------------------------------------------------
+
+
+async def test_expire_all_retires_idle_now_and_borrowed_on_release(pool: Pool) -> None:
+    idle, borrowed = await pool.acquire(), await pool.acquire()
+    pool.release(idle)
+
+    pool.expire_all()
+
+    assert conn(idle).closed == 1
+    assert conn(borrowed).closed == 0  # its request finishes
+    assert pool.statistics()["open"] == 1
+    pool.release(borrowed)
+    assert conn(borrowed).closed == 1
+    assert pool.statistics()["open"] == 0
+    fresh = await pool.acquire()
+    pool.release(fresh)
+    assert pool.acquire_nowait() is fresh  # new generation is reused normally
+
+
+async def test_close_wakes_waiters_with_backend_unavailable(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1)
+    slot = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+
+    pool.close()
+    async with asyncio.timeout(1):
+        with pytest.raises(BackendUnavailable):
+            await waiter
+    pool.release(slot)
+    assert conn(slot).closed == 1
+    assert pool.statistics()["open"] == 0
+    with pytest.raises(BackendUnavailable):
+        await pool.acquire()
+
+
+def test_repr_and_statistics_do_not_need_a_loop(dialer: FakeDialer, clock: ManualClock) -> None:
+    pool = make_pool(dialer, clock)
+    assert "b1" in repr(pool)
+    assert pool.statistics()["max_connections"] == LIMITS.max_connections
+
+
+# -- health checks ---------------------------------------------------------------------------
+
+PROBE = ProbeSettings(mode="frame", interval_s=2.0, timeout_s=1.0)
+
+
+def make_backend(dialer: FakeDialer, clock: ManualClock, **limits: float) -> Backend:
+    return Backend("10.0.0.1", 9000, make_pool(dialer, clock, **limits), failure_threshold=3)
+
+
+async def borrow_and_return(backend: Backend, count: int = 1) -> list[Slot]:
+    slots = [await backend.pool.acquire() for _ in range(count)]
+    for slot in slots:
+        backend.pool.release(slot)
+    return slots
+
+
+async def test_check_backend_probes_idle_connections(clock: ManualClock) -> None:
+    dialer = FakeDialer()
+    backend = make_backend(dialer, clock)
+    [slot] = await borrow_and_return(backend)
+    checker = HealthChecker(Registry(), PROBE)
+
+    await checker.check_backend(backend)
+
+    assert conn(slot).requests == [b""]
+    assert conn(slot).closed == 0
+    assert checker.statistics() == {"probes_sent": 1, "probes_failed": 0, "marked_up": 0}
+    assert backend.pool.acquire_nowait() is slot
+
+
+async def test_failed_probe_closes_the_connection(clock: ManualClock) -> None:
+    dialer = FakeDialer(fail_requests=True)
+    backend = make_backend(dialer, clock)
+    [slot] = await borrow_and_return(backend)
+    checker = HealthChecker(Registry(), PROBE)
+
+    await checker.check_backend(backend)
+
+    assert conn(slot).closed == 1
+    assert backend.pool.statistics()["open"] == 0
+    assert checker.statistics()["probes_failed"] == 1
+
+
+async def test_probed_connection_still_times_out_through_the_checker(clock: ManualClock) -> None:
+    backend = make_backend(FakeDialer(), clock, idle_timeout_s=10.0)
+    [slot] = await borrow_and_return(backend)
+    checker = HealthChecker(Registry(), PROBE)
+    for _ in range(4):
+        clock.advance(PROBE.interval_s)
+        await checker.check_backend(backend)
+    assert conn(slot).closed == 0
+    clock.advance(PROBE.interval_s)
+
+    await checker.check_backend(backend)
+
+    assert conn(slot).closed == 1
+    assert checker.statistics()["probes_sent"] == 4
+    assert backend.pool.statistics()["closed_idle_timeout"] == 1
+
+
+def mark_down(backend: Backend) -> None:
+    for _ in range(3):
+        backend.record_failure()
+    assert not backend.healthy
+
+
+async def test_check_backend_brings_a_down_backend_back(clock: ManualClock) -> None:
+    dialer = FakeDialer()
+    backend = make_backend(dialer, clock)
+    mark_down(backend)
+    checker = HealthChecker(Registry(), PROBE)
+
+    await checker.check_backend(backend)
+
+    assert backend.healthy
+    assert backend.consecutive_failures == 0
+    assert checker.statistics()["marked_up"] == 1
+    assert dialer.dials == 1
+    assert backend.pool.statistics()["idle"] == 1  # the probed connection is kept for use
+
+
+async def test_check_backend_keeps_a_backend_down_while_dialing_fails(clock: ManualClock) -> None:
+    dialer = FakeDialer()
+    dialer.error = ConnectionRefusedError(111, "Connection refused")
+    backend = make_backend(dialer, clock)
+    mark_down(backend)
+    checker = HealthChecker(Registry(), PROBE)
+
+    await checker.check_backend(backend)
+
+    assert not backend.healthy
+    assert checker.statistics()["marked_up"] == 0
+    assert backend.pool.statistics()["open"] == 0
+
+
+async def test_check_backend_keeps_a_backend_down_when_its_probe_fails(
+    clock: ManualClock,
+) -> None:
+    dialer = FakeDialer(fail_requests=True)
+    backend = make_backend(dialer, clock)
+    mark_down(backend)
+    checker = HealthChecker(Registry(), PROBE)
+
+    await checker.check_backend(backend)
+
+    assert not backend.healthy
+    assert dialer.connections[0].closed == 1
+    assert backend.pool.statistics()["open"] == 0
