@@ -68,6 +68,9 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
             overrides.setdefault(section, {})[key] = value
     if args.backend:
         overrides["backends"] = [_backend_flag(b) for b in args.backend]
+    if overrides and args.config is not None:
+        # A bad value may come from a flag rather than the file: name both.
+        source = f"{source} + command-line flags"
     return config_mod.from_mapping(config_mod.merge(base, overrides), source)
 
 
