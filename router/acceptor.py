@@ -92,6 +92,9 @@ class ClientConnection(asyncio.Protocol):
             request = Request(payload, self, now)
             pending.append(request)
             dispatcher.submit(request)
+        if self._decoder.error is not None:
+            self._fail(self._decoder.error)  # after the whole frames before it were accepted
+            return
         if self._decoder.buffered:
             if self._partial_since is None or payloads:
                 self._partial_since = now
@@ -246,12 +249,16 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._arm_timer(self._settings.read_timeout_s - waited)
             return
+        if self._pending:
+            # Busy, not idle: look again one idle period from now (an answer restamps activity).
+            self._arm_timer(self._settings.idle_timeout_s)
+            return
         idle = now - self._last_activity
-        if not self._pending and idle >= self._settings.idle_timeout_s:
+        if idle >= self._settings.idle_timeout_s:
             self._input_done = True
             self._close_at_boundary()
             return
-        self._arm_timer(max(self._settings.idle_timeout_s - idle, 0.001))
+        self._arm_timer(self._settings.idle_timeout_s - idle)
 
     def abort(self) -> None:
         if self._transport is not None and not self._lost:

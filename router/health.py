@@ -56,8 +56,16 @@ class HealthChecker:
         pool = backend.pool
         pool.expire()
         if self._settings.mode == "frame":
-            for slot in pool.take_idle_for_probe():
-                pool.return_probed(slot, healthy=await self._probe(slot.connection))
+            slots = pool.take_idle_for_probe()
+            try:
+                while slots:
+                    healthy = await self._probe(slots[-1].connection)
+                    pool.return_probed(slots.pop(), healthy=healthy)
+            except BaseException:
+                # Cancelled mid-probe (shutdown): the slots taken out must not leak.
+                for slot in slots:
+                    pool.return_probed(slot, healthy=False)
+                raise
         if not backend.healthy and await self._revive(backend):
             backend.mark_up()
             self.marked_up += 1
@@ -68,7 +76,11 @@ class HealthChecker:
             slot = await backend.pool.acquire()
         except BackendError:
             return False
-        healthy = self._settings.mode == "connect" or await self._probe(slot.connection)
+        try:
+            healthy = self._settings.mode == "connect" or await self._probe(slot.connection)
+        except BaseException:
+            backend.pool.release(slot, reusable=False)
+            raise
         backend.pool.release(slot, reusable=healthy)
         return healthy
 

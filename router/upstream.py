@@ -76,7 +76,7 @@ class BackendConnection(asyncio.Protocol):
             return
         if not frames:
             return
-        if self._waiter is None or len(frames) > 1 or self._decoder.buffered:
+        if self._waiter is None or len(frames) > 1 or self._decoder.buffered or self._decoder.error:
             self._fail(BackendProtocolError(f"{self._address} sent a frame nobody asked for"))
             return
         waiter, self._waiter = self._waiter, None

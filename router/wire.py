@@ -7,8 +7,9 @@ are capped far below 2**31 (``max_frame_bytes``), so the bit is free.
 
 ``FrameDecoder`` follows the h11 shape: ``feed(data)`` buffers bytes and returns the complete
 payloads found so far; it raises ``FrameTooLarge`` as soon as a length word exceeds the cap
-(before buffering the body), and ``close()`` raises ``TruncatedFrame`` when bytes of an
-unfinished frame are left at end of stream. It holds no socket, no clock and no event loop.
+(before buffering the body), or, when whole frames came before the bad length word in the same
+data, returns those and keeps the error in ``error``; ``close()`` raises ``TruncatedFrame``
+when bytes of an unfinished frame are left at end of stream. No socket, clock or event loop.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class FrameDecoder:
     neither a client request nor a backend response may carry it.
     """
 
-    __slots__ = ("_accept_error_flag", "_buffer", "_max_frame_bytes", "_need")
+    __slots__ = ("_accept_error_flag", "_buffer", "_max_frame_bytes", "_need", "error")
 
     def __init__(
         self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, accept_error_flag: bool = False
@@ -84,6 +85,10 @@ class FrameDecoder:
         self._accept_error_flag = accept_error_flag
         # Length of the frame body being waited for, or -1 while the header is incomplete.
         self._need = -1
+        # Set when bad input follows whole frames in one ``feed``: those frames are returned
+        # first (they were read whole and must be answered), the error is kept here and raised
+        # by any later ``feed``.
+        self.error: FrameTooLarge | None = None
 
     @property
     def buffered(self) -> int:
@@ -92,6 +97,8 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Append ``data``; return every payload completed by it, in order."""
+        if self.error is not None:
+            raise self.error
         buf = self._buffer
         buf += data
         frames: list[bytes] = []
@@ -100,15 +107,12 @@ class FrameDecoder:
                 if len(buf) < HEADER_BYTES:
                     return frames
                 word = int.from_bytes(buf[:4], "big")
-                length = word & LENGTH_MASK
-                if word & ERROR_FLAG and not self._accept_error_flag:
-                    raise FrameTooLarge(
-                        f"length word 0x{word:08x} exceeds max_frame_bytes={self._max_frame_bytes}"
-                    )
-                if length > self._max_frame_bytes:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
-                    )
+                problem = self._check_header(word)
+                if problem is not None:
+                    if not frames:
+                        raise problem
+                    self.error = problem
+                    return frames
                 self._need = word  # keeps the error flag, if any, for the frame's type
             length = self._need & LENGTH_MASK
             end = HEADER_BYTES + length
@@ -118,6 +122,18 @@ class FrameDecoder:
             frames.append(ErrorFrame(payload) if self._need & ERROR_FLAG else payload)
             del buf[:end]
             self._need = -1
+
+    def _check_header(self, word: int) -> FrameTooLarge | None:
+        length = word & LENGTH_MASK
+        if word & ERROR_FLAG and not self._accept_error_flag:
+            return FrameTooLarge(
+                f"length word 0x{word:08x} exceeds max_frame_bytes={self._max_frame_bytes}"
+            )
+        if length > self._max_frame_bytes:
+            return FrameTooLarge(
+                f"frame of {length} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
+            )
+        return None
 
     def close(self) -> None:
         """End of stream: raise ``TruncatedFrame`` if an unfinished frame is buffered."""

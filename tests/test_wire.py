@@ -110,9 +110,13 @@ def test_length_at_the_cap_is_accepted() -> None:
 
 
 def test_oversize_frame_after_good_ones_in_the_same_chunk() -> None:
+    # The whole frame before the bad length word was read, so it is returned (and will be
+    # answered); the error is kept and raised by the next feed.
     decoder = FrameDecoder(max_frame_bytes=10)
+    assert decoder.feed(encode_frame(b"ok") + (11).to_bytes(4, "big")) == [b"ok"]
+    assert isinstance(decoder.error, FrameTooLarge)
     with pytest.raises(FrameTooLarge):
-        decoder.feed(encode_frame(b"ok") + (11).to_bytes(4, "big"))
+        decoder.feed(b"more")
 
 
 def test_error_flag_is_rejected_by_a_router_decoder() -> None:

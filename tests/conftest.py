@@ -1,0 +1,199 @@
+"""Shared fixtures: echo backend processes and an in-process router.
+
+Every wait is bounded: backends are awaited on their ``READY <port>`` line, the router on the
+addresses ``RouterApp.start`` returns, and shutdown on the serve task with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from router import config as config_mod
+from router.app import RouterApp
+from router.client import FrameClient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 15.0
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run the integration tests on uvloop, as the router runs in production; leave every
+    other test module on the stdlib loop."""
+    if item.path.name == "test_router_integration.py":
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+# -- echo backends -------------------------------------------------------------------------------
+
+
+@dataclass
+class EchoBackend:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it (bounded)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=READY_TIMEOUT_S)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=READY_TIMEOUT_S):
+            raise TimeoutError(f"echo backend not READY within {READY_TIMEOUT_S} s")
+    line = proc.stdout.readline().decode()
+    parts = line.split()
+    if len(parts) != 2 or parts[0] != "READY":
+        raise RuntimeError(f"echo backend printed {line!r} instead of READY <port>")
+    return int(parts[1])
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[Callable[..., EchoBackend]]:
+    """Factory: ``echo_backend(*args)`` starts ``python -m backends.echo --port 0 ARGS``."""
+    started: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def start(*args: str) -> EchoBackend:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backends.echo", "--port", "0", *args],
+            stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
+        )
+        started.append(proc)
+        return EchoBackend(proc, _wait_ready(proc))
+
+    yield start
+    for proc in started:
+        _stop_process(proc)
+
+
+# -- the router, in process ----------------------------------------------------------------------
+
+
+@dataclass
+class RunningRouter:
+    app: RouterApp
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+    _stop_event: asyncio.Event
+    _serve_task: asyncio.Task[Any]
+    _clients: list[FrameClient] = field(default_factory=list)
+    _stopped: bool = False
+
+    async def client(self) -> FrameClient:
+        async with asyncio.timeout(10):
+            client = await FrameClient.connect(self.host, self.port)
+        self._clients.append(client)
+        return client
+
+    async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(10):
+            return await asyncio.open_connection(self.host, self.port)
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin_host}:{self.admin_port}"
+
+    def backend_stats(self) -> dict[str, dict[str, Any]]:
+        return {b["address"]: b for b in self.app.registry.statistics()}
+
+    async def stop(self) -> None:
+        """Close our clients, trigger the drain, await the serve task, close the app."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for client in self._clients:
+            try:
+                async with asyncio.timeout(5):
+                    await client.close()
+            except TimeoutError:
+                pass
+        self._stop_event.set()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await self._serve_task
+        finally:
+            if not self._serve_task.done():
+                self._serve_task.cancel()
+            await self.app.close()
+
+
+RouterFactory = Callable[..., Awaitable[RunningRouter]]
+
+BASE_CONFIG: dict[str, Any] = {
+    "listener": {"listen": "127.0.0.1:0"},
+    "admin": {"listen": "127.0.0.1:0"},
+    "dispatch": {"request_timeout_s": 5.0},
+    "pool": {"connect_timeout_s": 1.0, "probe_interval_s": 0.5, "probe_timeout_s": 1.0},
+    "drain": {"shutdown_grace_s": 5.0, "linger_s": 0.5},
+}
+
+
+@pytest.fixture
+async def router_factory() -> AsyncIterator[RouterFactory]:
+    """Factory: ``await router_factory([addresses], overrides)`` -> a started, serving router."""
+    running: list[RunningRouter] = []
+
+    async def start(
+        addresses: list[str], overrides: dict[str, Any] | None = None
+    ) -> RunningRouter:
+        data = config_mod.merge(BASE_CONFIG, overrides or {})
+        data["backends"] = [{"address": a} for a in addresses]
+        app = RouterApp(config_mod.from_mapping(data, "<test>"))
+        async with asyncio.timeout(10):
+            bound = await app.start()
+        stop_event = asyncio.Event()
+        task = asyncio.create_task(app.serve(stop_event.wait()), name="router-serve")
+        router = RunningRouter(app, *bound.listen, *bound.admin, stop_event, task)
+        running.append(router)
+        return router
+
+    yield start
+    for router in running:
+        await router.stop()
+
+
+@pytest.fixture
+def dead_port() -> int:
+    """A port nothing listens on (bound a moment ago, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

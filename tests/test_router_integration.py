@@ -1,0 +1,627 @@
+"""The router end to end: real echo backend processes, the router in process, real sockets.
+
+Every wait is bounded by ``asyncio.timeout``; no test sleeps to wait for a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import REPO_ROOT, EchoBackend, RouterFactory, RunningRouter
+
+from router.client import ErrorReply, FrameClient
+from router.wire import ERROR_FLAG, LENGTH_MASK, encode_frame
+
+WAIT_S = 10.0
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[bool, bytes] | None:
+    """(is_error, payload) of the next frame, or None at a clean EOF on a frame boundary."""
+    async with asyncio.timeout(WAIT_S):
+        try:
+            header = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise AssertionError(f"EOF inside a frame header: {exc.partial!r}") from None
+            return None
+        word = int.from_bytes(header, "big")
+        payload = await reader.readexactly(word & LENGTH_MASK)
+    return bool(word & ERROR_FLAG), payload
+
+
+async def read_error(reader: asyncio.StreamReader) -> str:
+    """The code of the next frame, which must be a router error frame."""
+    frame = await read_frame(reader)
+    assert frame is not None, "expected an error frame, got EOF"
+    is_error, payload = frame
+    assert is_error, f"expected an error frame (bit 31 set), got payload {payload[:80]!r}"
+    body = json.loads(payload)
+    assert set(body) >= {"code", "message"}
+    return str(body["code"])
+
+
+async def expect_eof(reader: asyncio.StreamReader) -> None:
+    async with asyncio.timeout(WAIT_S):
+        rest = await reader.read()
+    assert rest == b"", f"expected EOF, got {rest[:80]!r}"
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(5):
+            await writer.wait_closed()
+    except (ConnectionError, TimeoutError):
+        pass
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll an in-process condition (bounded in time and count)."""
+    async with asyncio.timeout(timeout_s):
+        for _ in range(100_000):
+            if predicate():
+                return
+            await asyncio.sleep(0.005)
+    raise AssertionError(f"never became true: {what}")
+
+
+class NormalTraffic:
+    """A well-behaved client requesting on its own connection until stopped (bounded)."""
+
+    def __init__(self, router: RunningRouter, limit: int = 20_000) -> None:
+        self._router = router
+        self._limit = limit
+        self._stop = asyncio.Event()
+        self.ok = 0
+        self.errors: list[BaseException] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NormalTraffic:
+        client = await self._router.client()
+        self._task = asyncio.create_task(self._run(client))
+        # Make sure traffic is flowing before the bad input starts.
+        await wait_for(lambda: self.ok > 0 or bool(self.errors), "normal traffic started")
+        return self
+
+    async def _run(self, client: FrameClient) -> None:
+        for i in range(self._limit):
+            if self._stop.is_set():
+                return
+            payload = f"normal-{i}".encode()
+            try:
+                async with asyncio.timeout(WAIT_S):
+                    answer = await client.request(payload)
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
+            if answer != payload:
+                self.errors.append(AssertionError(f"{payload!r} answered {answer!r}"))
+                return
+            self.ok += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        async with asyncio.timeout(WAIT_S):
+            await self._task
+        assert self.errors == []
+        assert self.ok > 0
+
+
+# -- the data path -------------------------------------------------------------------------------
+
+
+async def test_many_concurrent_clients_get_their_own_payloads(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    backends = [echo_backend(), echo_backend()]
+    router = await router_factory([b.address for b in backends])
+    clients = [await router.client() for _ in range(20)]
+
+    async def run(index: int, client: FrameClient) -> int:
+        ok = 0
+        for i in range(50):
+            payload = f"client-{index}-req-{i}".encode()
+            assert await client.request(payload) == payload
+            ok += 1
+        return ok
+
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*(run(n, c) for n, c in enumerate(clients)))
+    assert sum(results) == 1000
+    stats = router.app.stats
+    assert stats.accepted == 1000
+    assert stats.completed == 1000
+    assert stats.inflight == 0
+    assert stats.errored == {}
+
+
+async def test_pipelined_answers_come_back_in_request_order_across_backends(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    fast, slow = echo_backend("--delay-ms", "0"), echo_backend("--delay-ms", "50")
+    router = await router_factory(
+        [fast.address, slow.address], {"dispatch": {"policy": "round_robin"}}
+    )
+    client = await router.client()
+    payloads = [f"pipelined-{i}".encode() for i in range(20)]
+    futures = [client.send(p) for p in payloads]  # all written before any answer
+    async with asyncio.timeout(WAIT_S):
+        answers = await asyncio.gather(*futures)
+    # The client resolves futures strictly in arrival order, so equality is the order check.
+    assert answers == payloads
+    by_address = router.backend_stats()
+    assert by_address[fast.address]["requests_total"] > 0
+    assert by_address[slow.address]["requests_total"] > 0
+
+
+async def test_connection_per_request_with_half_close(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address])
+    for i in range(10):
+        reader, writer = await router.open_raw()
+        payload = f"one-shot-{i}".encode()
+        writer.write(encode_frame(payload))
+        writer.write_eof()  # half-close: no more requests, answer still expected
+        assert await read_frame(reader) == (False, payload)
+        await expect_eof(reader)
+        await close_writer(writer)
+    assert router.app.stats.completed == 10
+
+
+# -- backends failing ----------------------------------------------------------------------------
+
+
+async def test_backend_killed_mid_run_loses_no_request(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    backends = [echo_backend() for _ in range(3)]
+    router = await router_factory([b.address for b in backends])
+    victim = backends[0]
+    clients = [await router.client() for _ in range(10)]
+    per_client = 150
+    errors: list[BaseException] = []
+    done = 0
+    killed = asyncio.Event()
+
+    async def run(index: int, client: FrameClient) -> None:
+        nonlocal done
+        for i in range(per_client):
+            payload = f"c{index}-r{i}".encode()
+            try:
+                answer = await client.request(payload)
+            except (ErrorReply, ConnectionError, Exception) as exc:
+                errors.append(exc)
+                continue
+            if answer != payload:
+                errors.append(AssertionError(f"{payload!r} answered {answer!r}"))
+            done += 1
+            if done == 300 and not killed.is_set():
+                # The victim has been carrying traffic: SIGKILL it mid-run.
+                assert router.backend_stats()[victim.address]["requests_total"] > 0
+                victim.kill()
+                killed.set()
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(run(n, c) for n, c in enumerate(clients)))
+    assert killed.is_set()
+    assert errors == []
+    assert done == 10 * per_client
+    stats = router.app.stats
+    assert stats.completed == stats.accepted == 10 * per_client
+    assert stats.retried > 0
+    victim_stats = router.backend_stats()[victim.address]
+    assert victim_stats["healthy"] is False
+    for backend in backends[1:]:
+        assert router.backend_stats()[backend.address]["healthy"] is True
+
+
+async def test_dead_backend_from_the_start_is_taken_out_of_rotation(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, dead_port: int
+) -> None:
+    live = echo_backend()
+    dead_address = f"127.0.0.1:{dead_port}"
+    failure_threshold = 3
+    concurrency = 4
+    router = await router_factory(
+        [live.address, dead_address], {"pool": {"failure_threshold": failure_threshold}}
+    )
+    clients = [await router.client() for _ in range(concurrency)]
+
+    async def run(index: int, client: FrameClient) -> None:
+        for i in range(200 // concurrency):
+            payload = f"c{index}-r{i}".encode()
+            assert await client.request(payload) == payload
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(run(n, c) for n, c in enumerate(clients)))
+    assert router.app.stats.completed == 200
+    dead = router.backend_stats()[dead_address]
+    assert dead["healthy"] is False
+    # Concurrent requests may each have picked the dead backend before it was marked down.
+    assert dead["requests_total"] <= failure_threshold + concurrency, dead
+    assert router.backend_stats()[live.address]["requests_total"] >= 200
+
+
+async def test_backend_timeout(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    slow = echo_backend("--delay-ms", "2000")
+    router = await router_factory([slow.address], {"dispatch": {"request_timeout_s": 0.3}})
+    client = await router.client()
+    async with asyncio.timeout(WAIT_S):
+        with pytest.raises(ErrorReply) as caught:
+            await client.request(b"too slow")
+    assert caught.value.code == "BACKEND_TIMEOUT"
+    assert router.app.stats.errored == {"BACKEND_TIMEOUT": 1}
+
+
+async def _raw_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+                       ) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param((0x7FFF_FFFF).to_bytes(4, "big"), id="oversize-length-word"),
+        pytest.param((0xFFFF_FFFF).to_bytes(4, "big"), id="error-flag-length-word"),
+        pytest.param(encode_frame(b"a") + encode_frame(b"b"), id="unrequested-second-frame"),
+    ],
+)
+async def test_backend_sending_garbage_is_a_protocol_error(
+    router_factory: RouterFactory, reply: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(100):  # answer every request (and probe) with the bad reply
+                header = await reader.readexactly(4)
+                await reader.readexactly(int.from_bytes(header, "big"))
+                writer.write(reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, address = await _raw_backend(handler)
+    async with server:
+        router = await router_factory([address], {"dispatch": {"max_retries": 0}})
+        client = await router.client()
+        async with asyncio.timeout(WAIT_S):
+            with pytest.raises(ErrorReply) as caught:
+                await client.request(b"hello")
+        assert caught.value.code == "BACKEND_PROTOCOL_ERROR"
+        await router.stop()
+
+
+async def test_overload_answers_every_request(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    slow = echo_backend("--delay-ms", "500")
+    router = await router_factory(
+        [slow.address],
+        {"dispatch": {"queue_size": 2, "workers": 1, "queue_timeout_s": 0.2}},
+    )
+    clients = [await router.client() for _ in range(4)]
+    futures: list[tuple[bytes, asyncio.Future[bytes]]] = []
+    for n, client in enumerate(clients):
+        for i in range(3):
+            payload = f"c{n}-r{i}".encode()
+            futures.append((payload, client.send(payload)))
+    async with asyncio.timeout(WAIT_S):
+        results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+    ok = overloaded = 0
+    for (payload, _), result in zip(futures, results, strict=True):
+        if isinstance(result, ErrorReply):
+            assert result.code == "OVERLOADED", result
+            overloaded += 1
+        else:
+            assert result == payload, result
+            ok += 1
+    assert overloaded > 0
+    assert ok > 0
+    assert ok + overloaded == len(futures)
+    stats = router.app.stats
+    assert stats.accepted == len(futures)
+    assert stats.completed == ok
+    assert stats.errored == {"OVERLOADED": overloaded}
+    assert stats.inflight == 0 and stats.dropped == 0
+
+
+# -- bad client input ----------------------------------------------------------------------------
+
+BAD_INPUT_OVERRIDES = {"listener": {"read_timeout_s": 0.3}}
+
+
+async def test_oversize_length_gets_error_frame_then_eof(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address], BAD_INPUT_OVERRIDES)
+    async with NormalTraffic(router):
+        reader, writer = await router.open_raw()
+        writer.write((0x7FFF_FFF0).to_bytes(4, "big"))
+        async with asyncio.timeout(WAIT_S):
+            header = await reader.readexactly(4)
+            word = int.from_bytes(header, "big")
+            assert word & ERROR_FLAG, f"length word 0x{word:08x} lacks the error flag"
+            body = json.loads(await reader.readexactly(word & LENGTH_MASK))
+        assert body["code"] == "FRAME_TOO_LARGE"
+        await expect_eof(reader)
+        await close_writer(writer)
+
+
+async def test_truncated_frame_at_eof(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address], BAD_INPUT_OVERRIDES)
+    async with NormalTraffic(router):
+        reader, writer = await router.open_raw()
+        writer.write((100).to_bytes(4, "big") + b"x" * 10)
+        writer.write_eof()
+        assert await read_error(reader) == "TRUNCATED_FRAME"
+        await expect_eof(reader)
+        await close_writer(writer)
+
+
+async def test_partial_frame_past_read_timeout(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address], BAD_INPUT_OVERRIDES)
+    async with NormalTraffic(router):
+        reader, writer = await router.open_raw()
+        writer.write((100).to_bytes(4, "big") + b"x" * 10)  # and then nothing more
+        await writer.drain()
+        assert await read_error(reader) == "READ_TIMEOUT"
+        await expect_eof(reader)
+        await close_writer(writer)
+
+
+async def test_random_garbage_does_not_take_the_router_down(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address], BAD_INPUT_OVERRIDES)
+    rng = random.Random(20261123)
+    async with NormalTraffic(router):
+        for _ in range(5):
+            reader, writer = await router.open_raw()
+            writer.write(rng.randbytes(rng.randrange(1, 8192)))
+            await writer.drain()
+            # Whatever it made of the bytes, the router ends the connection (bounded wait)
+            # and every frame it sent before that is well formed.
+            for _ in range(10_000):
+                frame = await read_frame(reader)
+                if frame is None:
+                    break
+            else:
+                raise AssertionError("the router kept answering garbage")
+            await close_writer(writer)
+        client = await router.client()
+        async with asyncio.timeout(WAIT_S):
+            assert await client.request(b"still up") == b"still up"
+
+
+async def test_abrupt_reset_mid_request_does_not_take_the_router_down(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    slow = echo_backend("--delay-ms", "100")
+    router = await router_factory([slow.address], BAD_INPUT_OVERRIDES)
+    loop = asyncio.get_running_loop()
+    async with NormalTraffic(router):
+        for i in range(5):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(WAIT_S):
+                    await loop.sock_connect(sock, (router.host, router.port))
+                    # One whole request (answered later) and half of the next one.
+                    await loop.sock_sendall(
+                        sock, encode_frame(f"reset-{i}".encode()) + (50).to_bytes(4, "big") + b"ab"
+                    )
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                sock.close()  # linger 0: RST instead of FIN
+        # The abandoned requests are still answered (into the void) and nothing stays open.
+        await wait_for(lambda: router.app.stats.inflight == 0, "abandoned requests finished")
+    await wait_for(
+        lambda: router.app.front_door.statistics()["open_connections"] == 1,
+        "reset connections forgotten",
+    )
+
+
+async def test_request_accepted_before_bad_bytes_is_answered_first(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    slow = echo_backend("--delay-ms", "200")
+    router = await router_factory([slow.address], BAD_INPUT_OVERRIDES)
+    async with NormalTraffic(router):
+        before = router.app.stats.accepted
+        reader, writer = await router.open_raw()
+        writer.write(encode_frame(b"first"))
+        await writer.drain()
+        await wait_for(lambda: router.app.stats.accepted > before, "first request accepted")
+        writer.write((0x7FFF_FFF0).to_bytes(4, "big"))  # while "first" is still in flight
+        await writer.drain()
+        assert await read_frame(reader) == (False, b"first")
+        assert await read_error(reader) == "FRAME_TOO_LARGE"
+        await expect_eof(reader)
+        await close_writer(writer)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param((0x7FFF_FFF0).to_bytes(4, "big"), id="oversize"),
+        pytest.param((0x8000_0010).to_bytes(4, "big"), id="error-flag"),
+    ],
+)
+async def test_request_in_the_same_packet_as_bad_bytes_is_answered_first(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, bad: bytes
+) -> None:
+    """A whole frame followed by a bad length word in the same segment: the whole frame was
+    read by the router, so it is accepted and must be answered before the error frame."""
+    router = await router_factory([echo_backend().address], BAD_INPUT_OVERRIDES)
+    reader, writer = await router.open_raw()
+    writer.write(encode_frame(b"first") + encode_frame(b"second") + bad)
+    await writer.drain()
+    assert await read_frame(reader) == (False, b"first")
+    assert await read_frame(reader) == (False, b"second")
+    assert await read_error(reader) == "FRAME_TOO_LARGE"
+    await expect_eof(reader)
+    await close_writer(writer)
+
+
+async def test_idle_connection_is_closed(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend().address], {"listener": {"idle_timeout_s": 0.3}})
+    reader, writer = await router.open_raw()
+    await expect_eof(reader)  # nothing ever sent
+    await close_writer(writer)
+    # A connection that did some work is closed once it falls idle, without an error frame.
+    reader, writer = await router.open_raw()
+    writer.write(encode_frame(b"once"))
+    assert await read_frame(reader) == (False, b"once")
+    await expect_eof(reader)
+    await close_writer(writer)
+
+
+# -- admin ---------------------------------------------------------------------------------------
+
+
+async def test_admin_endpoints(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    backends = [echo_backend(), echo_backend()]
+    router = await router_factory([b.address for b in backends])
+    client = await router.client()
+    async with asyncio.timeout(WAIT_S):
+        assert await client.request(b"count me") == b"count me"
+    timeout = aiohttp.ClientTimeout(total=WAIT_S)
+    async with aiohttp.ClientSession(router.admin_url, timeout=timeout) as session:
+        async with session.get("/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert "router_requests_accepted_total 1.0" in text
+        assert "router_backend_pool_open_connections" in text
+        for backend in backends:
+            assert f'backend="{backend.address}"' in text
+        async with session.get("/healthz") as resp:
+            assert resp.status == 200
+        async with session.get("/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["ready"] is True
+        async with session.get("/backends") as resp:
+            assert resp.status == 200
+            listed = await resp.json()
+        assert sorted(b["address"] for b in listed) == sorted(b.address for b in backends)
+        assert all(b["healthy"] is True for b in listed)
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_no_leaked_connections_or_tasks_after_shutdown(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    backends = [echo_backend(), echo_backend()]
+    router = await router_factory([b.address for b in backends])
+    clients = [await router.client() for _ in range(5)]
+    async with asyncio.timeout(WAIT_S):
+        for n, client in enumerate(clients):
+            futures = [client.send(f"{n}-{i}".encode()) for i in range(10)]
+            assert await asyncio.gather(*futures) == [f"{n}-{i}".encode() for i in range(10)]
+    # A raw connection left open at shutdown is closed by the drain too.
+    reader, writer = await router.open_raw()
+    assert any(b.pool.statistics()["open"] > 0 for b in router.app.registry)
+
+    await router.stop()
+
+    await expect_eof(reader)
+    await close_writer(writer)
+    me = asyncio.current_task()
+    leftover = [
+        t for t in asyncio.all_tasks()
+        if t is not me and "pytest_asyncio" not in repr(t.get_coro())
+    ]
+    assert leftover == []
+    assert router.app.front_door.statistics()["open_connections"] == 0
+    for backend in router.app.registry:
+        assert backend.pool.statistics()["open"] == 0, backend.statistics()
+    assert router.app.stats.dropped == 0
+    assert router.app.stats.inflight == 0
+
+
+# -- the CLI as a real process -------------------------------------------------------------------
+
+
+async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    backend = echo_backend()
+    stderr_path = tmp_path / "router.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "serve",
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--backend", backend.address,
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
+            env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
+                 "PATH": "/usr/bin:/bin"},
+        )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(WAIT_S):
+            first = (await proc.stdout.readline()).decode()
+        assert first.startswith("inference-router listening on "), (
+            first, stderr_path.read_text()
+        )
+        host, port = first.split()[3].rsplit(":", 1)
+        client = await FrameClient.connect(host, int(port))
+        try:
+            async with asyncio.timeout(WAIT_S):
+                assert await client.request(b"via the cli") == b"via the cli"
+        finally:
+            await client.close()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            returncode = await proc.wait()
+        assert returncode == 0, stderr_path.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            async with asyncio.timeout(5):
+                await proc.wait()
+
+
+async def test_no_leaked_backend_connection_when_shutdown_lands_during_a_health_probe(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    # A probe takes 300 ms on this backend, so the stop below lands while one is in flight.
+    slow = echo_backend("--delay-ms", "300")
+    router = await router_factory([slow.address], {"pool": {"probe_interval_s": 0.1}})
+    client = await router.client()
+    async with asyncio.timeout(WAIT_S):
+        assert await client.request(b"leaves an idle connection") == b"leaves an idle connection"
+    health = router.app.health
+    sent = health.probes_sent
+    await wait_for(lambda: health.probes_sent > sent, "a probe of the idle connection started")
+    await router.stop()
+    for backend in router.app.registry:
+        assert backend.pool.statistics()["open"] == 0, backend.statistics()
