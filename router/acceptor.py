@@ -61,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         self._input_done = False  # EOF, bad input or drain: accept nothing more
         self._final_error: ClientProtocolError | None = None  # written after pending answers
         self._shutting_down = False
+        self._peer_eof = False
         self._lost = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -107,6 +108,9 @@ class ClientConnection(asyncio.Protocol):
             self._close_at_boundary()
 
     def eof_received(self) -> bool:
+        self._peer_eof = True
+        if self._shutting_down:
+            return False  # both sides have sent FIN: close now, the linger is over
         if self._input_done:
             return True
         self._input_done = True
@@ -195,6 +199,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._shutting_down = True
         self._input_done = True
+        if self._peer_eof:
+            transport.close()  # the client already sent its FIN: nothing left to linger for
+            return
         self._paused = 0
         transport.resume_reading()
         if transport.can_write_eof():

@@ -625,3 +625,22 @@ async def test_no_leaked_backend_connection_when_shutdown_lands_during_a_health_
     await router.stop()
     for backend in router.app.registry:
         assert backend.pool.statistics()["open"] == 0, backend.statistics()
+
+
+async def test_drain_does_not_linger_on_a_connection_the_client_already_closed(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    # linger_s is long; once both sides have sent FIN there is nothing to linger for, so the
+    # drain ends as soon as the last answer is out, not linger_s later.
+    router = await router_factory(
+        [echo_backend().address], {"drain": {"linger_s": 60.0, "shutdown_grace_s": 120.0}}
+    )
+    client = await router.client()
+    assert await client.request(b"last") == b"last"
+    await client.close()
+    await router.stop()
+    report = router.app.drain.report
+    assert report is not None
+    assert report.dropped == 0
+    assert not report.timed_out
+    assert report.duration_s < 30.0  # far below linger_s: the closed connection did not wait
