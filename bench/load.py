@@ -457,13 +457,24 @@ def run_load(
         payload_bytes=payload_bytes, pipeline=pipeline, mode=mode, timeout_s=timeout_s,
         hard_timeout_s=hard_timeout_s, prefix=prefix,
     )
-    raise_nofile_limit()
     nproc = max(1, min(processes or min(2, os.cpu_count() or 1), connections))
+    return run_specs([spec] * nproc)
+
+
+
+def run_specs(specs: Sequence[LoadSpec]) -> LoadReport:
+    """One worker process per spec, lane k in worker k mod len(specs); one merged report.
+
+    All workers start on one signal; percentiles are exact over every request.
+    """
+    raise_nofile_limit()
+    nproc = len(specs)
+    connections = specs[0].connections
     ctx = mp.get_context("spawn")
     go = ctx.Event()
     conns: list[Connection] = []
     procs = []
-    for index in range(nproc):
+    for index, spec in enumerate(specs):
         receiver, sender = ctx.Pipe(duplex=False)
         lanes = range(index, connections, nproc)
         proc = ctx.Process(target=_worker_entry, args=(spec, index, lanes, sender, go),
@@ -472,7 +483,7 @@ def run_load(
         sender.close()
         conns.append(receiver)
         procs.append(proc)
-    deadline = (time.monotonic() + WORKER_READY_TIMEOUT_S + spec.effective_hard_timeout_s
+    deadline = (time.monotonic() + WORKER_READY_TIMEOUT_S + specs[0].effective_hard_timeout_s
                 + WORKER_REPORT_GRACE_S)
     try:
         collected = _collect(conns, go, deadline)
@@ -480,8 +491,7 @@ def run_load(
         _stop_processes(procs)
         for conn in conns:
             conn.close()
-    return summarize(spec, nproc, collected.results, collected.errors, collected.lost)
-
+    return summarize(specs[0], nproc, collected.results, collected.errors, collected.lost)
 
 def _stop_processes(procs: Sequence[mp.process.BaseProcess]) -> None:
     for proc in procs:

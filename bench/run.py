@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import platform
 import queue
@@ -38,21 +37,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
 
 from bench.load import (
-    WORKER_READY_TIMEOUT_S,
-    WORKER_REPORT_GRACE_S,
     LoadReport,
     LoadSpec,
-    _collect,
-    _stop_processes,
-    _worker_entry,
-    raise_nofile_limit,
     run_load,
-    summarize,
+    run_specs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,29 +230,7 @@ def run_split(ports: list[int], connections: int, requests: int, processes: int,
     specs = [LoadSpec(host="127.0.0.1", port=ports[k % len(ports)], connections=connections,
                       requests=requests, duration_s=duration_s, payload_bytes=PAYLOAD_BYTES)
              for k in range(nproc)]
-    raise_nofile_limit()
-    ctx = mp.get_context("spawn")
-    go = ctx.Event()
-    conns: list[Connection] = []
-    procs = []
-    for index, spec in enumerate(specs):
-        receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker_entry,
-                           args=(spec, index, range(index, connections, nproc), sender, go),
-                           name=f"bench-split-{index}", daemon=True)
-        proc.start()
-        sender.close()
-        conns.append(receiver)
-        procs.append(proc)
-    deadline = (time.monotonic() + WORKER_READY_TIMEOUT_S + specs[0].effective_hard_timeout_s
-                + WORKER_REPORT_GRACE_S)
-    try:
-        collected = _collect(conns, go, deadline)
-    finally:
-        _stop_processes(procs)
-        for conn in conns:
-            conn.close()
-    return summarize(specs[0], nproc, collected.results, collected.errors, collected.lost)
+    return run_specs(specs)
 
 
 def admin_stats(port: int) -> dict[str, Any]:

@@ -34,6 +34,19 @@ def _load(candidate: Candidate) -> float:
     return (candidate.inflight + 1) / candidate.weight
 
 
+def _total_weight(candidates: Sequence[Candidate]) -> int:
+    return sum(c.weight for c in candidates)
+
+
+def _index_at(candidates: Sequence[Candidate], point: int) -> int:
+    """The candidate whose share of [0, total weight) contains ``point``."""
+    for index, candidate in enumerate(candidates):
+        if point < candidate.weight:
+            return index
+        point -= candidate.weight
+    raise ValueError(f"point {point} is beyond the total weight")
+
+
 class LeastConnections:
     """Weighted least-connections: lowest (in-flight + 1) / weight, random among ties."""
 
@@ -67,27 +80,16 @@ class RoundRobin:
         self._cursor = 0
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
-        total = sum(c.weight for c in candidates)
-        slot = self._cursor % total
+        slot = self._cursor % _total_weight(candidates)
         self._cursor += 1
-        for index, candidate in enumerate(candidates):
-            if slot < candidate.weight:
-                return index
-            slot -= candidate.weight
-        raise AssertionError("unreachable: slot < total weight")
+        return _index_at(candidates, slot)
 
 
 class WeightedRandom:
     name = "random"
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
-        total = sum(c.weight for c in candidates)
-        point = rng.randrange(total)
-        for index, candidate in enumerate(candidates):
-            if point < candidate.weight:
-                return index
-            point -= candidate.weight
-        raise AssertionError("unreachable: point < total weight")
+        return _index_at(candidates, rng.randrange(_total_weight(candidates)))
 
 
 class PowerOfTwoChoices:

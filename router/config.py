@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from router.errors import ConfigError
 
@@ -29,6 +29,14 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _check_address(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]  # HOST:PORT
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,7 +44,7 @@ class _Section(BaseModel):
 class ListenerConfig(_Section):
     """The length-prefixed TCP front door."""
 
-    listen: str = "127.0.0.1:7070"
+    listen: Address = "127.0.0.1:7070"
     backlog: int = Field(4096, ge=1)
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1, le=0x7FFF_FFFF)
     read_timeout_s: Seconds = 10.0  # a partial frame may sit this long
@@ -44,21 +52,9 @@ class ListenerConfig(_Section):
     max_pipelined: int = Field(128, ge=1)  # per connection; reading pauses beyond it
     reuse_port: bool = False  # SO_REUSEPORT, for rolling restarts
 
-    @field_validator("listen")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
-
 
 class AdminConfig(_Section):
-    listen: str = "127.0.0.1:7072"
-
-    @field_validator("listen")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
+    listen: Address = "127.0.0.1:7072"
 
 
 class DispatchConfig(_Section):
@@ -87,18 +83,12 @@ class DrainConfig(_Section):
 
 
 class BackendConfig(_Section):
-    address: str
+    address: Address
     weight: int = Field(1, ge=1, le=1000)
     models: tuple[str, ...] = ()
     # When set, the router starts this process itself; "{port}" and "{python}" are substituted
     # and the process must print "READY <port>" once listening.
     command: tuple[str, ...] = ()
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
 
 
 class RouterConfig(_Section):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,9 +21,9 @@ import uvloop
 from router import config as config_mod
 from router.app import RouterApp
 from router.client import FrameClient
+from tests.support import READY_TIMEOUT_S, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 15.0
 
 
@@ -57,19 +56,6 @@ class EchoBackend:
         self.proc.wait(timeout=READY_TIMEOUT_S)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=READY_TIMEOUT_S):
-            raise TimeoutError(f"echo backend not READY within {READY_TIMEOUT_S} s")
-    line = proc.stdout.readline().decode()
-    parts = line.split()
-    if len(parts) != 2 or parts[0] != "READY":
-        raise RuntimeError(f"echo backend printed {line!r} instead of READY <port>")
-    return int(parts[1])
-
-
 def _stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -94,7 +80,7 @@ def echo_backend() -> Iterator[Callable[..., EchoBackend]]:
             stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
         )
         started.append(proc)
-        return EchoBackend(proc, _wait_ready(proc))
+        return EchoBackend(proc, wait_ready(proc))
 
     yield start
     for proc in started:

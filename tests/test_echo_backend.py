@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -16,9 +15,9 @@ import pytest
 
 from bench.load import run_load
 from router.wire import FrameDecoder, encode_frame
+from tests.support import wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 5.0
 
 
@@ -31,7 +30,7 @@ def echo_backend(*args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
     )
     try:
-        yield proc, _wait_ready(proc)
+        yield proc, wait_ready(proc)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -42,18 +41,6 @@ def echo_backend(*args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
             proc.wait(timeout=IO_TIMEOUT_S)
         assert proc.stdout is not None
         proc.stdout.close()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=READY_TIMEOUT_S):
-            raise TimeoutError(f"echo backend not READY within {READY_TIMEOUT_S} s")
-    line = proc.stdout.readline().decode()
-    word, port = line.split()
-    assert word == "READY", line
-    return int(port)
 
 
 def connect(port: int) -> socket.socket:
