@@ -31,6 +31,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.decoder = FrameDecoder(max_frame_bytes, accept_error_flag=True)
         self.waiters: deque[asyncio.Future[bytes]] = deque()
         self.transport: asyncio.Transport | None = None
+        self.eof = False
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,6 +49,7 @@ class _ClientProtocol(asyncio.Protocol):
                 waiter.set_result(frame)
 
     def eof_received(self) -> bool:
+        self.eof = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -77,11 +79,12 @@ class FrameClient:
         """Send one request now; the future resolves to its answer (pipelining allowed)."""
         protocol = self._protocol
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        if protocol.transport is None or protocol.transport.is_closing():
+        transport = protocol.transport
+        if transport is None or self.is_closing:
             waiter.set_exception(ConnectionLost("connection is closed"))
             return waiter
         protocol.waiters.append(waiter)
-        protocol.transport.write(encode_frame(payload))
+        transport.write(encode_frame(payload))
         return waiter
 
     async def request(self, payload: bytes) -> bytes:
@@ -91,7 +94,78 @@ class FrameClient:
     def is_closed(self) -> bool:
         return self._protocol.closed.done()
 
+    @property
+    def is_closing(self) -> bool:
+        """Closed, or the router has shut its side (a drain): send nothing more here."""
+        transport = self._protocol.transport
+        return self.is_closed or transport is None or transport.is_closing() or self._protocol.eof
+
+
+
     async def close(self) -> None:
         if self._protocol.transport is not None:
             self._protocol.transport.close()
         await self._protocol.closed
+
+
+class RetryingClient:
+    """A client that keeps the router's retry contract.
+
+    The router never closes a connection while a request it accepted there is unanswered (short
+    of its drain deadline). So a request whose connection closes before its answer was never
+    processed, and this client resends exactly those requests on a fresh connection, trying the
+    addresses in turn (for a rolling restart or a second router). Answered errors (OVERLOADED,
+    NO_BACKEND, ...) are answers, raised as ``ErrorReply`` and not resent.
+    """
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        *,
+        max_attempts: int = 5,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        if not addresses:
+            raise ValueError("RetryingClient needs at least one address")
+        self._addresses = addresses
+        self._next_address = 0
+        self._max_attempts = max_attempts
+        self._connect_timeout_s = connect_timeout_s
+        self._client: FrameClient | None = None
+        self._connecting: asyncio.Lock | None = None
+        self.resent = 0
+        self.reconnects = 0
+
+    async def request(self, payload: bytes) -> bytes:
+        for attempt in range(self._max_attempts):
+            client = await self._connected()
+            try:
+                return await client.send(payload)
+            except ConnectionLost:
+                if attempt + 1 < self._max_attempts:
+                    self.resent += 1
+        raise ConnectionLost(f"no answer after {self._max_attempts} attempts")
+
+    async def _connected(self) -> FrameClient:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one reconnect shared by every request that needs it
+            if self._client is not None and not self._client.is_closing:
+                return self._client
+            last_error: OSError | TimeoutError | None = None
+            for _ in range(len(self._addresses)):
+                host, port = self._addresses[self._next_address]
+                try:
+                    async with asyncio.timeout(self._connect_timeout_s):
+                        self._client = await FrameClient.connect(host, port)
+                except (OSError, TimeoutError) as exc:
+                    last_error = exc
+                    self._next_address = (self._next_address + 1) % len(self._addresses)
+                    continue
+                self.reconnects += 1
+                return self._client
+            raise ConnectionLost(f"cannot connect to any of {self._addresses}: {last_error}")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()

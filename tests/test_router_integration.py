@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from conftest import REPO_ROOT, EchoBackend, RouterFactory, RunningRouter
 
-from router.client import ErrorReply, FrameClient
+from router.client import ErrorReply, FrameClient, RetryingClient
 from router.wire import ERROR_FLAG, LENGTH_MASK, encode_frame
 
 WAIT_S = 10.0
@@ -644,3 +644,40 @@ async def test_drain_does_not_linger_on_a_connection_the_client_already_closed(
     assert report.dropped == 0
     assert not report.timed_out
     assert report.duration_s < 30.0  # far below linger_s: the closed connection did not wait
+
+
+# -- the retry contract ---------------------------------------------------------------------------
+
+
+async def test_retrying_client_moves_to_a_second_router_across_a_drain_without_loss(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    # Two routers in front of the same backend; the first drains while pipelined requests are
+    # in flight. Every request must be answered exactly once between the two routers, and the
+    # client must see no error: unanswered ones were never processed, so they are resent.
+    backend = echo_backend("--delay-ms", "5")
+    first = await router_factory([backend.address])
+    second = await router_factory([backend.address])
+    client = RetryingClient([(first.host, first.port), (second.host, second.port)])
+    total = 300
+    try:
+        async with asyncio.timeout(30):
+            tasks = [
+                asyncio.ensure_future(client.request(f"handover-{i}".encode()))
+                for i in range(total // 2)
+            ]
+            await asyncio.sleep(0)  # let the first batch go out on the first router
+            stopping = asyncio.ensure_future(first.stop())
+            tasks += [
+                asyncio.ensure_future(client.request(f"handover-{i}".encode()))
+                for i in range(total // 2, total)
+            ]
+            answers = await asyncio.gather(*tasks)
+            await stopping
+    finally:
+        await client.close()
+    assert answers == [f"handover-{i}".encode() for i in range(total)]
+    served = first.app.stats.completed + second.app.stats.completed
+    assert served == total  # nothing answered twice, nothing lost
+    assert first.app.drain.report is not None and first.app.drain.report.dropped == 0
+    assert second.app.stats.completed > 0  # the handover really happened
