@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
+    serve.add_argument("--reuse-port", action="store_true", default=None,
+                       help="SO_REUSEPORT: share the port with another router (rolling restart)")
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path)
@@ -62,6 +64,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("dispatch", "workers"): args.workers,
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
+        ("listener", "reuse_port"): args.reuse_port,
     }
     for (section, key), value in flag_keys.items():
         if value is not None:

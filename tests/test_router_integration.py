@@ -681,3 +681,40 @@ async def test_retrying_client_moves_to_a_second_router_across_a_drain_without_l
     assert served == total  # nothing answered twice, nothing lost
     assert first.app.drain.report is not None and first.app.drain.report.dropped == 0
     assert second.app.stats.completed > 0  # the handover really happened
+
+
+async def test_rolling_restart_on_one_port_with_so_reuseport(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    # The old router and its replacement share one port (SO_REUSEPORT); the old one drains.
+    # A client that keeps the retry contract, knowing only that one address, sees no error.
+    backend = echo_backend("--delay-ms", "2")
+    old = await router_factory([backend.address], {"listener": {"reuse_port": True}})
+    new = await router_factory(
+        [backend.address], {"listener": {"listen": f"127.0.0.1:{old.port}", "reuse_port": True}}
+    )
+    assert new.port == old.port
+    clients = [RetryingClient([(old.host, old.port)]) for _ in range(8)]
+    per_client = 60
+
+    async def drive(index: int, client: RetryingClient) -> list[bytes]:
+        answers = []
+        for i in range(per_client):
+            answers.append(await client.request(f"roll-{index}-{i}".encode()))
+            if index == 0 and i == per_client // 3:
+                stopping.append(asyncio.ensure_future(old.stop()))
+        return answers
+
+    stopping: list[asyncio.Future[None]] = []
+    try:
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*(drive(n, c) for n, c in enumerate(clients)))
+            await asyncio.gather(*stopping)
+    finally:
+        for client in clients:
+            await client.close()
+    for index, answers in enumerate(results):
+        assert answers == [f"roll-{index}-{i}".encode() for i in range(per_client)]
+    assert old.app.drain.report is not None and old.app.drain.report.dropped == 0
+    assert old.app.stats.completed + new.app.stats.completed == 8 * per_client
+    assert new.app.stats.completed > 0
