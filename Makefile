@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run --update-readme
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench.regress
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
