@@ -1,0 +1,438 @@
+"""Chaos scenario: SIGTERM the router under load and check that the drain drops nothing.
+
+Two echo backends (``--record-ids``) sit behind one router. N plain ``FrameClient`` clients
+(no retries: this scenario counts refusals) each send R requests one at a time, with unique
+payloads ``c{client}-r{i}``. Once a seeded-random fraction (20 % .. 60 %) of all requests has
+been answered, the router's ``/metrics`` is scraped once and the router gets SIGTERM.
+
+Each request ends as one of:
+
+* ``ok``        the echo matched;
+* ``error:X``   the router answered with an error frame (code X);
+* ``lost``      the connection closed with it unanswered (``ConnectionLost``);
+* ``refused``   a reconnect failed, so this and the client's remaining requests were never sent;
+* ``mismatch`` / ``timeout``  anomalies (wrong echo, or no answer within the bound).
+
+After the run the backends are stopped and their id files read. The invariants (all must
+hold, else exit status 1): the router logged ``dropped 0`` and exited 0; every ``ok`` id was
+processed by a backend and every processed id was seen ``ok`` (nothing processed but lost);
+no ``lost``/``refused`` id was processed; no error frames and no anomalies; and exactly
+``clients * requests`` outcomes.
+
+Run: ``python -m chaos.drain [--clients 50] [--requests 100] [--seed S] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from router.client import ConnectionLost, ErrorReply, FrameClient
+from tests.support import wait_ready
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "drain.json"
+
+BACKEND_DELAY_MS = 2
+SHUTDOWN_GRACE_S = 20
+STARTUP_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 30.0  # must exceed the drain grace: an accepted request is answered by then
+CLIENTS_TIMEOUT_S = 60.0
+ROUTER_EXIT_TIMEOUT_S = 30.0
+BACKEND_EXIT_TIMEOUT_S = 10.0
+SCRAPE_INTERVAL_S = 0.05
+SCRAPE_HTTP_TIMEOUT_S = 1.0
+SCRAPE_MAX_S = CLIENTS_TIMEOUT_S + ROUTER_EXIT_TIMEOUT_S
+TRIGGER_FRACTION = (0.2, 0.6)
+
+ROUTER_LISTEN_RE = re.compile(r"listening on (\S+):(\d+) ")
+ROUTER_ADMIN_RE = re.compile(r"admin: (http://\S+?)/metrics")
+DRAIN_LOG_RE = re.compile(r"drain finished in ([0-9.]+)\s*s, dropped (\d+)")
+METRICS = {
+    "accepted": "router_requests_accepted_total",
+    "completed": "router_requests_completed_total",
+    "dropped": "router_requests_dropped_total",
+    "errored": "router_requests_errored_total",
+}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _read_line(stream: Any, timeout_s: float) -> str:
+    """One line from a subprocess pipe, waiting at most ``timeout_s`` for it to start."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout=timeout_s):
+            raise TimeoutError(f"no output line within {timeout_s} s")
+    line: bytes = stream.readline()
+    return line.decode(errors="replace")
+
+
+def _start_backend(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.echo", "--port", "0",
+         "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    )
+    return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+
+
+def _start_router(
+    backend_ports: list[int], stderr_file: Any
+) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
+    cmd = [sys.executable, "-m", "router", "serve",
+           "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    for port in backend_ports:
+        cmd += ["--backend", f"127.0.0.1:{port}"]
+    cmd += ["--shutdown-grace", str(SHUTDOWN_GRACE_S), "--log-level", "INFO"]
+    # unbuffered: a buffered reader could swallow the second line while reading the first,
+    # and the selector would then wait for data already read
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
+    assert proc.stdout is not None
+    first = _read_line(proc.stdout, STARTUP_TIMEOUT_S)
+    second = _read_line(proc.stdout, STARTUP_TIMEOUT_S)
+    listen = ROUTER_LISTEN_RE.search(first)
+    admin = ROUTER_ADMIN_RE.search(second)
+    if listen is None or admin is None:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise RuntimeError(f"unexpected router banner: {first!r} {second!r}")
+    return proc, (listen.group(1), int(listen.group(2))), admin.group(1)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        return None
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum each counter we care about over all its label sets."""
+    out = dict.fromkeys(METRICS, 0.0)
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition(" ")
+        base = name.split("{", 1)[0]
+        for key, metric in METRICS.items():
+            if base == metric:
+                with contextlib.suppress(ValueError):
+                    out[key] += float(rest.split()[0])
+    return out
+
+
+def scrape(admin_base: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{admin_base}/metrics", timeout=SCRAPE_HTTP_TIMEOUT_S) as resp:
+        body: bytes = resp.read()
+    return parse_metrics(body.decode())
+
+
+class MetricsPoller(threading.Thread):
+    """Scrape /metrics every 50 ms (bounded) and keep the last successful scrape."""
+
+    def __init__(self, admin_base: str) -> None:
+        super().__init__(name="metrics-poller", daemon=True)
+        self._admin = admin_base
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.last: dict[str, float] | None = None
+        self.scrapes = 0
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """Keep the latest scrape; counters only grow, so the latest is the largest."""
+        with self._lock:
+            self.scrapes += 1
+            key = (metrics["accepted"], metrics["completed"], metrics["errored"])
+            if self.last is None or key >= (
+                self.last["accepted"], self.last["completed"], self.last["errored"]
+            ):
+                self.last = metrics
+
+    def run(self) -> None:
+        deadline = time.monotonic() + SCRAPE_MAX_S
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            # the admin endpoint goes away when the router exits
+            with contextlib.suppress(OSError):
+                self.record(scrape(self._admin))
+            self._stop_event.wait(SCRAPE_INTERVAL_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=SCRAPE_HTTP_TIMEOUT_S + 1)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class LoadState:
+    total: int
+    trigger_at: int
+    done: int = 0
+    reconnects: int = 0
+    outcomes: dict[str, str] = field(default_factory=dict)
+    triggered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, request_id: str, outcome: str) -> None:
+        self.outcomes[request_id] = outcome
+        self.done += 1
+        if self.done >= self.trigger_at:
+            self.triggered.set()
+
+
+async def _client(index: int, requests: int, addr: tuple[str, int], state: LoadState) -> None:
+    conn: FrameClient | None = None
+    try:
+        for i in range(requests):
+            request_id = f"c{index}-r{i}"
+            if conn is None or conn.is_closing:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+                    state.reconnects += 1
+                try:
+                    conn = await asyncio.wait_for(
+                        FrameClient.connect(*addr), CONNECT_TIMEOUT_S)
+                except (OSError, TimeoutError):
+                    for j in range(i, requests):
+                        state.record(f"c{index}-r{j}", "refused")
+                    conn = None
+                    return
+            try:
+                answer = await asyncio.wait_for(
+                    conn.request(request_id.encode()), REQUEST_TIMEOUT_S)
+            except ErrorReply as exc:
+                state.record(request_id, f"error:{exc.code}")
+            except ConnectionLost:
+                state.record(request_id, "lost")
+            except TimeoutError:
+                state.record(request_id, "timeout")
+            else:
+                state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+
+
+async def _load(
+    clients: int, requests: int, addr: tuple[str, int], admin: str,
+    router: subprocess.Popen[bytes], rng: random.Random, poller: MetricsPoller,
+) -> tuple[LoadState, dict[str, Any]]:
+    total = clients * requests
+    fraction = rng.uniform(*TRIGGER_FRACTION)
+    state = LoadState(total=total, trigger_at=max(1, int(total * fraction)))
+    info: dict[str, Any] = {"trigger_fraction": round(fraction, 3)}
+    started = time.monotonic()
+    tasks = [asyncio.create_task(_client(c, requests, addr, state)) for c in range(clients)]
+    all_done = asyncio.gather(*tasks)
+
+    async def sigterm_when_triggered() -> None:
+        await state.triggered.wait()
+        metrics = await asyncio.to_thread(scrape, admin)
+        poller.record(metrics)
+        info["pre_sigterm_metrics"] = metrics
+        info["sigterm_at_s"] = round(time.monotonic() - started, 3)
+        info["sigterm_after_outcomes"] = state.done
+        router.send_signal(signal.SIGTERM)
+
+    trigger = asyncio.create_task(sigterm_when_triggered())
+    try:
+        await asyncio.wait_for(all_done, CLIENTS_TIMEOUT_S)
+    except TimeoutError:
+        info["clients_timed_out"] = True
+    info["load_duration_s"] = round(time.monotonic() - started, 3)
+    if not trigger.done():
+        trigger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trigger
+    if trigger.done() and not trigger.cancelled() and trigger.exception() is not None:
+        info["sigterm_error"] = repr(trigger.exception())
+    return state, info
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+def _read_ids(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="chaos-drain-") as tmp:
+        record_paths = [os.path.join(tmp, f"backend{i}.ids") for i in range(2)]
+        stderr_path = os.path.join(tmp, "router.stderr")
+        poller: MetricsPoller | None = None
+        try:
+            backends = []
+            for path in record_paths:
+                proc, port = _start_backend(path)
+                procs.append(proc)
+                backends.append((proc, port))
+            with open(stderr_path, "wb") as stderr_file:
+                router, addr, admin = _start_router([p for _, p in backends], stderr_file)
+            procs.append(router)
+            scrape(admin)  # the router is up and its admin endpoint answers
+            poller = MetricsPoller(admin)
+            poller.start()
+
+            state, info = uvloop.run(
+                _load(clients, requests, addr, admin, router, rng, poller))
+
+            if router.poll() is None and "sigterm_at_s" not in info:
+                router.send_signal(signal.SIGTERM)  # the load finished before the trigger
+            try:
+                router_exit: int | None = router.wait(timeout=ROUTER_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                router_exit = None
+                router.kill()
+                router.wait(timeout=5)
+            poller.stop()
+            for proc, _ in backends:
+                _stop(proc, BACKEND_EXIT_TIMEOUT_S)
+        finally:
+            if poller is not None:
+                poller.stop()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=5)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+        stderr_text = Path(stderr_path).read_text(errors="replace")
+        processed_list = [i for path in record_paths for i in _read_ids(path)]
+
+    drain = DRAIN_LOG_RE.search(stderr_text)
+    dropped = int(drain.group(2)) if drain else None
+    drain_duration = float(drain.group(1)) if drain else None
+
+    outcomes = state.outcomes
+    counts = Counter(o if not o.startswith("error:") else "error" for o in outcomes.values())
+    error_codes = Counter(o[6:] for o in outcomes.values() if o.startswith("error:"))
+    ok_ids = {i for i, o in outcomes.items() if o == "ok"}
+    unanswered_ids = {i for i, o in outcomes.items() if o in ("lost", "refused")}
+    processed_counts = Counter(processed_list)
+    processed = set(processed_counts)
+    last = poller.last if poller is not None else None
+
+    invariants = {
+        "dropped_zero": dropped == 0,
+        "router_exit_zero": router_exit == 0,
+        "ok_ids_processed": ok_ids <= processed,
+        "processed_ids_seen_ok": processed <= ok_ids,
+        "lost_refused_never_processed": not (unanswered_ids & processed),
+        "no_error_replies": counts["error"] == 0,
+        "no_mismatch_or_timeout": counts["mismatch"] + counts["timeout"] == 0,
+        "all_outcomes_counted": len(outcomes) == clients * requests == state.done,
+    }
+    result: dict[str, Any] = {
+        "clients": clients,
+        "requests": requests,
+        "seed": seed,
+        "accepted": int(last["accepted"]) if last else None,
+        "completed": int(last["completed"]) if last else None,
+        "ok": counts["ok"],
+        "lost": counts["lost"],
+        "refused": counts["refused"],
+        "errors": counts["error"],
+        "error_codes": dict(error_codes),
+        "mismatch": counts["mismatch"],
+        "timeout": counts["timeout"],
+        "dropped": dropped,
+        "drain_duration_s": drain_duration,
+        "router_exit_code": router_exit,
+        "processed": len(processed_list),
+        "processed_duplicates": sum(n - 1 for n in processed_counts.values() if n > 1),
+        "processed_not_ok": sorted(processed - ok_ids)[:20],
+        "ok_not_processed": sorted(ok_ids - processed)[:20],
+        "reconnects": state.reconnects,
+        "last_metrics": last,
+        "metrics_scrapes": poller.scrapes if poller is not None else 0,
+        "drain_log_line": drain.group(0) if drain else None,
+        **info,
+        "invariants": invariants,
+        "passed": all(invariants.values()),
+    }
+    if not drain:
+        result["router_stderr_tail"] = stderr_text[-2000:]
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    rows = [
+        ("clients x requests", f"{result['clients']} x {result['requests']}"),
+        ("sigterm at", f"{result.get('sigterm_at_s')} s after "
+                       f"{result.get('sigterm_after_outcomes')} outcomes"),
+        ("accepted (last scrape)", result["accepted"]),
+        ("completed (last scrape)", result["completed"]),
+        ("ok / lost / refused", f"{result['ok']} / {result['lost']} / {result['refused']}"),
+        ("errors / mismatch / timeout",
+         f"{result['errors']} / {result['mismatch']} / {result['timeout']}"),
+        ("processed by backends", result["processed"]),
+        ("dropped (router log)", result["dropped"]),
+        ("drain duration", f"{result['drain_duration_s']} s"),
+        ("router exit code", result["router_exit_code"]),
+    ]
+    rows += [(f"  {name}", "ok" if ok else "FAIL") for name, ok in result["invariants"].items()]
+    rows.append(("PASSED" if result["passed"] else "FAILED", ""))
+    width = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos.drain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.requests < 1:
+        parser.error("--clients and --requests must be >= 1")
+    result = run(args.clients, args.requests, args.seed)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    print(summary(result))
+    print(f"wrote {args.json}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
