@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-smoke clean
+.PHONY: run test lint bench bench-smoke chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(PY) -m bench.regress
+
+# Full-size chaos scenarios; each prints its summary and exits 1 on a broken invariant.
+chaos: $(STAMP)
+	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7
+	$(PY) -m chaos.backend_crash
+	$(PY) -m chaos.hung_backend
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

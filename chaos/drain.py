@@ -31,7 +31,6 @@ import json
 import os
 import random
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -40,20 +39,21 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from router.client import ConnectionLost, ErrorReply, FrameClient
+from chaos.common import LoadState
+from chaos.common import run_client as _client
+from chaos.common import start_router as _start_router
+from chaos.common import stop as _stop
 from tests.support import wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "drain.json"
 
 BACKEND_DELAY_MS = 2
-SHUTDOWN_GRACE_S = 20
 STARTUP_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 30.0  # must exceed the drain grace: an accepted request is answered by then
@@ -65,8 +65,6 @@ SCRAPE_HTTP_TIMEOUT_S = 1.0
 SCRAPE_MAX_S = CLIENTS_TIMEOUT_S + ROUTER_EXIT_TIMEOUT_S
 TRIGGER_FRACTION = (0.2, 0.6)
 
-ROUTER_LISTEN_RE = re.compile(r"listening on (\S+):(\d+) ")
-ROUTER_ADMIN_RE = re.compile(r"admin: (http://\S+?)/metrics")
 DRAIN_LOG_RE = re.compile(r"drain finished in ([0-9.]+)\s*s, dropped (\d+)")
 METRICS = {
     "accepted": "router_requests_accepted_total",
@@ -79,16 +77,6 @@ METRICS = {
 # --------------------------------------------------------------------------- processes
 
 
-def _read_line(stream: Any, timeout_s: float) -> str:
-    """One line from a subprocess pipe, waiting at most ``timeout_s`` for it to start."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        if not sel.select(timeout=timeout_s):
-            raise TimeoutError(f"no output line within {timeout_s} s")
-    line: bytes = stream.readline()
-    return line.decode(errors="replace")
-
-
 def _start_backend(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.echo", "--port", "0",
@@ -96,42 +84,6 @@ def _start_backend(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
         cwd=REPO_ROOT, stdout=subprocess.PIPE,
     )
     return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
-
-
-def _start_router(
-    backend_ports: list[int], stderr_file: Any
-) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
-    cmd = [sys.executable, "-m", "router", "serve",
-           "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
-    for port in backend_ports:
-        cmd += ["--backend", f"127.0.0.1:{port}"]
-    cmd += ["--shutdown-grace", str(SHUTDOWN_GRACE_S), "--log-level", "INFO"]
-    # unbuffered: a buffered reader could swallow the second line while reading the first,
-    # and the selector would then wait for data already read
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
-    assert proc.stdout is not None
-    first = _read_line(proc.stdout, STARTUP_TIMEOUT_S)
-    second = _read_line(proc.stdout, STARTUP_TIMEOUT_S)
-    listen = ROUTER_LISTEN_RE.search(first)
-    admin = ROUTER_ADMIN_RE.search(second)
-    if listen is None or admin is None:
-        proc.kill()
-        proc.wait(timeout=5)
-        raise RuntimeError(f"unexpected router banner: {first!r} {second!r}")
-    return proc, (listen.group(1), int(listen.group(2))), admin.group(1)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
-    """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-        return None
 
 
 # --------------------------------------------------------------------------- metrics
@@ -193,57 +145,6 @@ class MetricsPoller(threading.Thread):
 
 
 # --------------------------------------------------------------------------- clients
-
-
-@dataclass
-class LoadState:
-    total: int
-    trigger_at: int
-    done: int = 0
-    reconnects: int = 0
-    outcomes: dict[str, str] = field(default_factory=dict)
-    triggered: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def record(self, request_id: str, outcome: str) -> None:
-        self.outcomes[request_id] = outcome
-        self.done += 1
-        if self.done >= self.trigger_at:
-            self.triggered.set()
-
-
-async def _client(index: int, requests: int, addr: tuple[str, int], state: LoadState) -> None:
-    conn: FrameClient | None = None
-    try:
-        for i in range(requests):
-            request_id = f"c{index}-r{i}"
-            if conn is None or conn.is_closing:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
-                    state.reconnects += 1
-                try:
-                    conn = await asyncio.wait_for(
-                        FrameClient.connect(*addr), CONNECT_TIMEOUT_S)
-                except (OSError, TimeoutError):
-                    for j in range(i, requests):
-                        state.record(f"c{index}-r{j}", "refused")
-                    conn = None
-                    return
-            try:
-                answer = await asyncio.wait_for(
-                    conn.request(request_id.encode()), REQUEST_TIMEOUT_S)
-            except ErrorReply as exc:
-                state.record(request_id, f"error:{exc.code}")
-            except ConnectionLost:
-                state.record(request_id, "lost")
-            except TimeoutError:
-                state.record(request_id, "timeout")
-            else:
-                state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
-    finally:
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
 
 
 async def _load(

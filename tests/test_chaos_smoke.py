@@ -14,3 +14,27 @@ def test_drain_chaos_smoke() -> None:
     assert result["dropped"] == 0
     assert result["lost"] + result["refused"] + result["ok"] == 300
     assert time.monotonic() - started < 20
+
+
+def test_backend_crash_chaos_smoke() -> None:
+    """kill -9 two of three backends under load: retries hide it, health marks down and up."""
+    from chaos.backend_crash import run as run_backend_crash
+
+    started = time.monotonic()
+    result = run_backend_crash(clients=8, requests=100, seed=1)
+    assert result["passed"], result
+    assert result["errors"] == 0
+    assert all(b["time_to_mark_down_ms"] is not None for b in result["backends"] if b["killed"])
+    assert time.monotonic() - started < 20
+
+
+def test_hung_backend_chaos_smoke() -> None:
+    """A hung backend: BACKEND_TIMEOUT within the bound, then marked down and avoided."""
+    from chaos.hung_backend import run as run_hung_backend
+
+    started = time.monotonic()
+    result = run_hung_backend(clients=8, requests=60, seed=1)
+    assert result["passed"], result
+    assert set(result["error_codes"]) <= {"BACKEND_TIMEOUT"}
+    assert result["last_third"]["ok_fraction"] == 1.0
+    assert time.monotonic() - started < 20

@@ -1,0 +1,268 @@
+"""Helpers shared by the chaos scenarios (moved here from ``chaos.drain``).
+
+Starting the router (and reading its banner), starting echo backends on a chosen port,
+stopping a subprocess within a bound, and the plain sequential load client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.client import ConnectionLost, ErrorReply, FrameClient
+from tests.support import wait_ready
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+STARTUP_TIMEOUT_S = 10.0
+SHUTDOWN_GRACE_S = 20
+
+ROUTER_LISTEN_RE = re.compile(r"listening on (\S+):(\d+) ")
+ROUTER_ADMIN_RE = re.compile(r"admin: (http://\S+?)/metrics")
+
+
+def read_line(stream: Any, timeout_s: float) -> str:
+    """One line from a subprocess pipe, waiting at most ``timeout_s`` for it to start."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout=timeout_s):
+            raise TimeoutError(f"no output line within {timeout_s} s")
+    line: bytes = stream.readline()
+    return line.decode(errors="replace")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (so a backend can be restarted on it later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_echo(
+    port: int = 0, *, delay_ms: float = 0.0, record_path: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``backends.echo`` on ``port`` (0: any); wait for READY and return (proc, port)."""
+    cmd = [sys.executable, "-m", "backends.echo", "--port", str(port),
+           "--delay-ms", str(delay_ms)]
+    if record_path is not None:
+        cmd += ["--record-ids", record_path]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    try:
+        return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise
+
+
+def start_router(
+    backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
+    """Start the router on free ports; return (proc, listen address, admin base URL).
+
+    ``backend_ports`` become ``--backend`` flags (which replace a config file's backends);
+    pass none to use the backends of ``config_path``.
+    """
+    cmd = [sys.executable, "-m", "router", "serve"]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    cmd += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    for port in backend_ports:
+        cmd += ["--backend", f"127.0.0.1:{port}"]
+    cmd += ["--shutdown-grace", str(shutdown_grace_s), "--log-level", "INFO"]
+    # unbuffered: a buffered reader could swallow the second line while reading the first,
+    # and the selector would then wait for data already read
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
+    assert proc.stdout is not None
+    first = read_line(proc.stdout, STARTUP_TIMEOUT_S)
+    second = read_line(proc.stdout, STARTUP_TIMEOUT_S)
+    listen = ROUTER_LISTEN_RE.search(first)
+    admin = ROUTER_ADMIN_RE.search(second)
+    if listen is None or admin is None:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise RuntimeError(f"unexpected router banner: {first!r} {second!r}")
+    return proc, (listen.group(1), int(listen.group(2))), admin.group(1)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        return None
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class LoadState:
+    """Outcomes of a client load, one per request id, in the order they were recorded."""
+
+    total: int
+    trigger_at: int
+    done: int = 0
+    reconnects: int = 0
+    outcomes: dict[str, str] = field(default_factory=dict)
+    latencies_s: dict[str, float] = field(default_factory=dict)  # answered requests only
+    triggered: asyncio.Event = field(default_factory=asyncio.Event)
+    on_record: Callable[[int], None] | None = None  # called with ``done`` after each outcome
+
+    def record(self, request_id: str, outcome: str) -> None:
+        self.outcomes[request_id] = outcome
+        self.done += 1
+        if self.done >= self.trigger_at:
+            self.triggered.set()
+        if self.on_record is not None:
+            self.on_record(self.done)
+
+
+async def run_client(
+    index: int, requests: int, addr: tuple[str, int], state: LoadState, *,
+    connect_timeout_s: float = 2.0, request_timeout_s: float = 30.0,
+) -> None:
+    """One plain ``FrameClient`` (no retries) sending ``c{index}-r{i}`` one at a time."""
+    conn: FrameClient | None = None
+    try:
+        for i in range(requests):
+            request_id = f"c{index}-r{i}"
+            if conn is None or conn.is_closing:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), connect_timeout_s)
+                    state.reconnects += 1
+                try:
+                    conn = await asyncio.wait_for(
+                        FrameClient.connect(*addr), connect_timeout_s)
+                except (OSError, TimeoutError):
+                    for j in range(i, requests):
+                        state.record(f"c{index}-r{j}", "refused")
+                    conn = None
+                    return
+            sent_at = time.monotonic()
+            try:
+                answer = await asyncio.wait_for(
+                    conn.request(request_id.encode()), request_timeout_s)
+            except ErrorReply as exc:
+                state.latencies_s[request_id] = time.monotonic() - sent_at
+                state.record(request_id, f"error:{exc.code}")
+            except ConnectionLost:
+                state.record(request_id, "lost")
+            except TimeoutError:
+                state.record(request_id, "timeout")
+            else:
+                state.latencies_s[request_id] = time.monotonic() - sent_at
+                state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), connect_timeout_s)
+
+
+# --------------------------------------------------------------------------- admin /backends
+
+
+def get_backends(admin_base: str, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{admin_base}/backends", timeout=timeout_s) as resp:
+        body: bytes = resp.read()
+    data: list[dict[str, Any]] = json.loads(body)
+    return data
+
+
+class BackendsPoller(threading.Thread):
+    """GET /backends every ``interval_s`` (bounded in time and count); keep every sample.
+
+    A sample is ``(monotonic time the answer arrived, {address: backend stats})``.
+    """
+
+    def __init__(
+        self, admin_base: str, *, interval_s: float = 0.02, max_s: float = 120.0,
+        max_samples: int = 20_000,
+    ) -> None:
+        super().__init__(name="backends-poller", daemon=True)
+        self._admin = admin_base
+        self._interval_s = interval_s
+        self._max_s = max_s
+        self._max_samples = max_samples
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._samples: list[tuple[float, dict[str, dict[str, Any]]]] = []
+        self.errors = 0
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self._max_s
+        while (not self._stop_event.is_set() and time.monotonic() < deadline
+               and len(self._samples) < self._max_samples):
+            try:
+                backends = get_backends(self._admin)
+            except (OSError, ValueError):
+                self.errors += 1  # the admin endpoint goes away when the router exits
+            else:
+                sample = (time.monotonic(), {b["address"]: b for b in backends})
+                with self._lock:
+                    self._samples.append(sample)
+            self._stop_event.wait(self._interval_s)
+
+    def samples(self) -> list[tuple[float, dict[str, dict[str, Any]]]]:
+        with self._lock:
+            return list(self._samples)
+
+    def latest(self) -> dict[str, dict[str, Any]] | None:
+        with self._lock:
+            return self._samples[-1][1] if self._samples else None
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2.0)
+
+
+def first_sample_after(
+    samples: list[tuple[float, dict[str, dict[str, Any]]]], after: float, address: str,
+    healthy: bool,
+) -> tuple[float, dict[str, Any]] | None:
+    """The first sample taken after ``after`` showing ``address`` with that health."""
+    for at, backends in samples:
+        stats = backends.get(address)
+        if at >= after and stats is not None and stats["healthy"] is healthy:
+            return at, stats
+    return None
+
+
+def last_sample_before(
+    samples: list[tuple[float, dict[str, dict[str, Any]]]], before: float, address: str,
+) -> dict[str, Any] | None:
+    found = None
+    for at, backends in samples:
+        if at > before:
+            break
+        found = backends.get(address, found)
+    return found
+
+
+def format_summary(rows: list[tuple[str, Any]], invariants: dict[str, bool], passed: bool) -> str:
+    rows = rows + [(f"  {name}", "ok" if ok else "FAIL") for name, ok in invariants.items()]
+    rows.append(("PASSED" if passed else "FAILED", ""))
+    width = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
