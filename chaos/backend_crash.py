@@ -25,9 +25,7 @@ Run: ``python -m chaos.backend_crash [--clients 20] [--requests 300] [--seed S] 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -40,6 +38,7 @@ from typing import Any
 
 import uvloop
 
+from chaos.cli import scenario_main
 from chaos.common import (
     BackendsPoller,
     LoadState,
@@ -367,21 +366,8 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.backend_crash", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be >= 1")
-    result = run(args.clients, args.requests, args.seed)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
-    print(f"wrote {args.json}")
-    return 0 if result["passed"] else 1
+    return scenario_main("python -m chaos.backend_crash", __doc__, run, summary, DEFAULT_JSON, argv,
+                         clients=20, requests=300)
 
 
 if __name__ == "__main__":

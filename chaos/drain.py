@@ -24,10 +24,8 @@ Run: ``python -m chaos.drain [--clients 50] [--requests 100] [--seed S] [--json 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
@@ -44,6 +42,7 @@ from typing import Any
 
 import uvloop
 
+from chaos.cli import scenario_main
 from chaos.common import LoadState
 from chaos.common import run_client as _client
 from chaos.common import start_router as _start_router
@@ -318,21 +317,8 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.drain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be >= 1")
-    result = run(args.clients, args.requests, args.seed)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-    print(summary(result))
-    print(f"wrote {args.json}")
-    return 0 if result["passed"] else 1
+    return scenario_main("python -m chaos.drain", __doc__, run, summary, DEFAULT_JSON, argv,
+                         clients=50, requests=100)
 
 
 if __name__ == "__main__":
