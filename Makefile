@@ -34,6 +34,8 @@ chaos: $(STAMP)
 	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7
 	$(PY) -m chaos.backend_crash
 	$(PY) -m chaos.hung_backend
+	$(PY) -m chaos.rolling_restart
+	$(PY) -m chaos.hostile_clients
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -72,17 +72,21 @@ def start_echo(
 
 def start_router(
     backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
-    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S, listen_address: str = "127.0.0.1:0",
+    reuse_port: bool = False,
 ) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
     """Start the router on free ports; return (proc, listen address, admin base URL).
 
     ``backend_ports`` become ``--backend`` flags (which replace a config file's backends);
-    pass none to use the backends of ``config_path``.
+    pass none to use the backends of ``config_path``. ``listen_address`` (default: any port)
+    and ``reuse_port`` (``--reuse-port``) let several routers share one address.
     """
     cmd = [sys.executable, "-m", "router", "serve"]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
-    cmd += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    cmd += ["--listen", listen_address, "--admin", "127.0.0.1:0"]
+    if reuse_port:
+        cmd.append("--reuse-port")
     for port in backend_ports:
         cmd += ["--backend", f"127.0.0.1:{port}"]
     cmd += ["--shutdown-grace", str(shutdown_grace_s), "--log-level", "INFO"]
@@ -112,6 +116,20 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
         proc.kill()
         proc.wait(timeout=5)
         return None
+
+
+def wait_readyz(admin_base: str, timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll ``GET /readyz`` until it answers 200 (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{admin_base}/readyz", timeout=1.0) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass  # not up yet, or 503 (HTTPError is an OSError)
+        time.sleep(interval_s)
+    return False
 
 
 # --------------------------------------------------------------------------- clients
@@ -266,3 +284,50 @@ def format_summary(rows: list[tuple[str, Any]], invariants: dict[str, bool], pas
     rows.append(("PASSED" if passed else "FAILED", ""))
     width = max(len(str(k)) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------- process memory
+
+
+class RssSampler(threading.Thread):
+    """Sample the RSS of process ``pid`` every ``interval_s`` (bounded in time and count).
+
+    ``peak`` is the largest sample seen; a process that went away stops the sampling.
+    """
+
+    def __init__(
+        self, pid: int, *, interval_s: float = 0.05, max_s: float = 120.0,
+        max_samples: int = 10_000,
+    ) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        import psutil
+
+        self._proc = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._max_s = max_s
+        self._max_samples = max_samples
+        self._stop_event = threading.Event()
+        self.samples = 0
+        self.peak = 0
+
+    def rss(self) -> int:
+        rss: int = self._proc.memory_info().rss
+        return rss
+
+    def run(self) -> None:
+        import psutil
+
+        deadline = time.monotonic() + self._max_s
+        while (not self._stop_event.is_set() and time.monotonic() < deadline
+               and self.samples < self._max_samples):
+            try:
+                rss = self.rss()
+            except psutil.Error:
+                return
+            self.samples += 1
+            self.peak = max(self.peak, rss)
+            self._stop_event.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2.0)

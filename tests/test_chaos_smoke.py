@@ -38,3 +38,28 @@ def test_hung_backend_chaos_smoke() -> None:
     assert set(result["error_codes"]) <= {"BACKEND_TIMEOUT"}
     assert result["last_third"]["ok_fraction"] == 1.0
     assert time.monotonic() - started < 20
+
+
+def test_hostile_clients_chaos_smoke() -> None:
+    """Slow, oversize, garbage, reset and idle connections: normal clients see no errors."""
+    from chaos.hostile_clients import run as run_hostile_clients
+
+    started = time.monotonic()
+    result = run_hostile_clients(clients=4, requests=60, hostiles=30, seed=1)
+    assert result["passed"], result
+    assert result["errors"] == 0
+    assert result["ok"] == 240
+    assert time.monotonic() - started < 20
+
+
+def test_rolling_restart_chaos_smoke() -> None:
+    """Router B takes over router A's port (SO_REUSEPORT) under load: nothing lost or repeated."""
+    from chaos.rolling_restart import run as run_rolling_restart
+
+    started = time.monotonic()
+    result = run_rolling_restart(clients=6, requests=60, seed=1)
+    assert result["passed"], result
+    assert result["ok"] == 360
+    assert result["processed_duplicates"] == 0
+    assert result["a_dropped"] == 0 and result["b_dropped"] == 0
+    assert time.monotonic() - started < 20
