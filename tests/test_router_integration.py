@@ -718,3 +718,56 @@ async def test_rolling_restart_on_one_port_with_so_reuseport(
     assert old.app.drain.report is not None and old.app.drain.report.dropped == 0
     assert old.app.stats.completed + new.app.stats.completed == 8 * per_client
     assert new.app.stats.completed > 0
+
+
+# -- drain ----------------------------------------------------------------------------------------
+
+
+async def test_readyz_is_503_from_the_first_moment_of_a_drain_while_requests_finish(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory([echo_backend("--delay-ms", "800").address])
+    # Not router.client(): the fixture's stop() closes those before draining.
+    client = await FrameClient.connect(router.host, router.port)
+    answer = client.send(b"slow")  # accepted now, answered ~0.8 s later
+    async with asyncio.timeout(10):
+        # Acceptance has no public event (the hot path counts plain ints): bounded re-check.
+        while router.app.stats.accepted < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(router.stop())
+    async with asyncio.timeout(10):
+        while not router.app.drain.draining:  # noqa: ASYNC110 (see above)
+            await asyncio.sleep(0.01)
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(router.admin_url, timeout=timeout) as session,
+        session.get("/readyz") as response,
+    ):
+        assert response.status == 503
+        assert (await response.json())["reason"] == "draining"
+    assert await asyncio.wait_for(answer, 10) == b"slow"  # the accepted request still finishes
+    await asyncio.wait_for(stopping, 15)
+    report = router.app.drain.report
+    assert report is not None and report.dropped == 0
+    await client.close()
+
+
+async def test_requests_unanswered_at_the_grace_deadline_are_counted_dropped(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    router = await router_factory(
+        [echo_backend("--delay-ms", "5000").address],
+        {"drain": {"shutdown_grace_s": 0.3}, "dispatch": {"request_timeout_s": 30.0}},
+    )
+    client = await FrameClient.connect(router.host, router.port)
+    pending = [client.send(f"stuck-{i}".encode()) for i in range(3)]
+    async with asyncio.timeout(10):
+        while router.app.stats.accepted < 3:  # noqa: ASYNC110 (see above)
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(router.stop(), 15)
+    report = router.app.drain.report
+    assert report is not None and report.timed_out
+    assert report.dropped == 3
+    assert router.app.stats.dropped == 3
+    for future in pending:
+        assert future.done()  # the client saw its connection reset, not silence
