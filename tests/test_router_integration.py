@@ -6,13 +6,14 @@ Every wait is bounded by ``asyncio.timeout``; no test sleeps to wait for a serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 from conftest import REPO_ROOT, EchoBackend, RouterFactory, RunningRouter
 
-from router.client import ErrorReply, FrameClient, RetryingClient
+from router.client import ConnectionLost, ErrorReply, FrameClient, RetryingClient
 from router.wire import ERROR_FLAG, LENGTH_MASK, encode_frame
 
 WAIT_S = 10.0
@@ -571,16 +572,17 @@ async def test_no_leaked_connections_or_tasks_after_shutdown(
 # -- the CLI as a real process -------------------------------------------------------------------
 
 
-async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
-    echo_backend: Callable[..., EchoBackend], tmp_path: Path
-) -> None:
-    backend = echo_backend()
+@contextlib.asynccontextmanager
+async def cli_router(
+    backend: EchoBackend, tmp_path: Path, *flags: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, int, Path]]:
+    """``inference-router serve`` as a real process: (process, host, port, stderr file)."""
     stderr_path = tmp_path / "router.stderr"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "router", "serve",
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--backend", backend.address,
+            "--backend", backend.address, *flags,
             stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
             env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
                  "PATH": "/usr/bin:/bin"},
@@ -593,7 +595,19 @@ async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
             first, stderr_path.read_text()
         )
         host, port = first.split()[3].rsplit(":", 1)
-        client = await FrameClient.connect(host, int(port))
+        yield proc, host, int(port), stderr_path
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            async with asyncio.timeout(5):
+                await proc.wait()
+
+
+async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    async with cli_router(echo_backend(), tmp_path) as (proc, host, port, stderr_path):
+        client = await FrameClient.connect(host, port)
         try:
             async with asyncio.timeout(WAIT_S):
                 assert await client.request(b"via the cli") == b"via the cli"
@@ -603,11 +617,32 @@ async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
         async with asyncio.timeout(10):
             returncode = await proc.wait()
         assert returncode == 0, stderr_path.read_text()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            async with asyncio.timeout(5):
-                await proc.wait()
+
+
+async def test_cli_second_signal_forces_exit_during_a_drain(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    # A request that takes 60 s keeps the first SIGTERM's drain (grace 60 s) busy; the second
+    # signal must end the process at once, with status 1.
+    backend = echo_backend("--delay-ms", "60000")
+    flags = ("--shutdown-grace", "60")
+    async with cli_router(backend, tmp_path, *flags) as (proc, host, port, stderr_path):
+        client = await FrameClient.connect(host, port)
+        stuck = client.send(b"stuck")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT_S):
+            # The drain has begun once the router logs it; then the second signal.
+            while "drain started" not in stderr_path.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert proc.returncode is None  # still draining: the first signal did not end it
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            returncode = await proc.wait()
+        assert returncode == 1, stderr_path.read_text()
+        assert "second signal" in stderr_path.read_text()
+        with contextlib.suppress(ConnectionLost):
+            await asyncio.wait_for(stuck, 5)
+        await client.close()
 
 
 async def test_no_leaked_backend_connection_when_shutdown_lands_during_a_health_probe(
