@@ -47,6 +47,7 @@ from chaos.common import (
     free_port,
     get_backends,
     last_sample_before,
+    reap,
     run_client,
     start_echo,
     start_router,
@@ -112,12 +113,7 @@ class Chaos:
     def cleanup(self) -> None:
         for proc in self.procs:
             stop(proc, BACKEND_EXIT_TIMEOUT_S)
-        for proc in self.procs + self.retired:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        reap(self.procs + self.retired)
 
 
 async def _main_load(

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,16 @@ def start_router(
     return proc, (listen.group(1), int(listen.group(2))), admin.group(1)
 
 
+def reap(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Kill whatever is still running and close its stdout pipe (the last step of every run)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
     """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
     if proc.poll() is None:
@@ -157,6 +167,28 @@ class LoadState:
             self.on_record(self.done)
 
 
+async def timed_request(
+    state: LoadState,
+    request_id: str,
+    send: Callable[[bytes], Awaitable[bytes]],
+    timeout_s: float,
+) -> None:
+    """Send one request (its id is the payload) and record its outcome and latency."""
+    sent_at = time.monotonic()
+    try:
+        answer = await asyncio.wait_for(send(request_id.encode()), timeout_s)
+    except ErrorReply as exc:
+        state.latencies_s[request_id] = time.monotonic() - sent_at
+        state.record(request_id, f"error:{exc.code}")
+    except ConnectionLost:
+        state.record(request_id, "lost")
+    except TimeoutError:
+        state.record(request_id, "timeout")
+    else:
+        state.latencies_s[request_id] = time.monotonic() - sent_at
+        state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
+
+
 async def run_client(
     index: int, requests: int, addr: tuple[str, int], state: LoadState, *,
     connect_timeout_s: float = 2.0, request_timeout_s: float = 30.0,
@@ -179,20 +211,7 @@ async def run_client(
                         state.record(f"c{index}-r{j}", "refused")
                     conn = None
                     return
-            sent_at = time.monotonic()
-            try:
-                answer = await asyncio.wait_for(
-                    conn.request(request_id.encode()), request_timeout_s)
-            except ErrorReply as exc:
-                state.latencies_s[request_id] = time.monotonic() - sent_at
-                state.record(request_id, f"error:{exc.code}")
-            except ConnectionLost:
-                state.record(request_id, "lost")
-            except TimeoutError:
-                state.record(request_id, "timeout")
-            else:
-                state.latencies_s[request_id] = time.monotonic() - sent_at
-                state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
+            await timed_request(state, request_id, conn.request, request_timeout_s)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):

@@ -43,7 +43,7 @@ from typing import Any
 import uvloop
 
 from chaos.cli import scenario_main
-from chaos.common import LoadState
+from chaos.common import LoadState, reap
 from chaos.common import run_client as _client
 from chaos.common import start_router as _start_router
 from chaos.common import stop as _stop
@@ -229,12 +229,7 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict
         finally:
             if poller is not None:
                 poller.stop()
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
+            reap(procs)
 
         stderr_text = Path(stderr_path).read_text(errors="replace")
         processed_list = [i for path in record_paths for i in _read_ids(path)]

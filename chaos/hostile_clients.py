@@ -50,6 +50,7 @@ from chaos.common import (
     RssSampler,
     format_summary,
     get_backends,
+    reap,
     run_client,
     start_echo,
     start_router,
@@ -275,12 +276,7 @@ def run(
         finally:
             if sampler is not None:
                 sampler.stop()
-            for proc in [*procs, *([router] if router is not None else [])]:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
+            reap([*procs, *([router] if router is not None else [])])
         stderr_text = Path(stderr_path).read_text(errors="replace")
 
     drain = DRAIN_LOG_RE.search(stderr_text)

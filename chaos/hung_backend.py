@@ -43,6 +43,7 @@ from chaos.common import (
     first_sample_after,
     format_summary,
     get_backends,
+    reap,
     run_client,
     start_echo,
     start_router,
@@ -133,12 +134,7 @@ def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict
         finally:
             if poller is not None:
                 poller.stop()
-            for proc in [*procs, *([router] if router is not None else [])]:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
+            reap([*procs, *([router] if router is not None else [])])
         stderr_text = Path(stderr_path).read_text(errors="replace")
 
     hung_address = f"127.0.0.1:{hung_port}"

@@ -40,13 +40,15 @@ from chaos.common import (
     LoadState,
     format_summary,
     free_port,
+    reap,
     start_echo,
     start_router,
     stop,
+    timed_request,
     wait_readyz,
 )
 from chaos.drain import DRAIN_LOG_RE, scrape
-from router.client import ConnectionLost, ErrorReply, RetryingClient
+from router.client import RetryingClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "rolling_restart.json"
@@ -81,19 +83,7 @@ async def _client(
             if i == gate_at:
                 await restarted.wait()
             request_id = f"c{index}-r{i}"
-            sent_at = time.monotonic()
-            try:
-                answer = await asyncio.wait_for(
-                    client.request(request_id.encode()), REQUEST_TIMEOUT_S)
-            except ErrorReply as exc:
-                state.record(request_id, f"error:{exc.code}")
-            except ConnectionLost:
-                state.record(request_id, "lost")
-            except TimeoutError:
-                state.record(request_id, "timeout")
-            else:
-                state.latencies_s[request_id] = time.monotonic() - sent_at
-                state.record(request_id, "ok" if answer == request_id.encode() else "mismatch")
+            await timed_request(state, request_id, client.request, REQUEST_TIMEOUT_S)
     finally:
         stats["resent"] += client.resent
         stats["connects"] += client.reconnects
@@ -222,12 +212,7 @@ def run(clients: int = 20, requests: int = 200, seed: int | None = None) -> dict
             for proc, _ in backends:
                 stop(proc, BACKEND_EXIT_TIMEOUT_S)
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
+            reap(procs)
 
         stderr_a = Path(stderr_paths["a"]).read_text(errors="replace")
         stderr_b = (Path(stderr_paths["b"]).read_text(errors="replace")
