@@ -84,7 +84,8 @@ class RouterApp:
         address = f"{host}:{port}"
         pool = Pool(
             make_dialer(host, port, self.config.listener.max_frame_bytes),
-            PoolLimits(p.max_connections, p.connect_timeout_s, p.idle_timeout_s, p.max_lifetime_s),
+            PoolLimits(p.max_connections, p.connect_timeout_s, p.idle_timeout_s, p.max_lifetime_s,
+                       p.pipeline_depth),
             self.clock,
             name=address,
         )

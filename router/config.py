@@ -37,6 +37,16 @@ def _check_address(value: str) -> str:
 Address = Annotated[str, AfterValidator(_check_address)]  # HOST:PORT
 
 
+def _check_model(value: str) -> str:
+    name, sep, version = value.partition(":")
+    if not name or (sep and not version) or value != value.strip() or ":" in version:
+        raise ValueError(f'expected "name" or "name:version", got {value!r}')
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_check_model)]  # "name" or "name:version"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,6 +61,18 @@ class ListenerConfig(_Section):
     idle_timeout_s: Seconds = 300.0  # a connection with nothing in flight may sit this long
     max_pipelined: int = Field(128, ge=1)  # per connection; reading pauses beyond it
     reuse_port: bool = False  # SO_REUSEPORT, for rolling restarts
+
+
+class GrpcConfig(_Section):
+    """The gRPC front door (off unless ``listen`` is set)."""
+
+    listen: Address | None = None
+    # Largest message accepted from a client or a backend, each way (gRPC's default is 4 MiB,
+    # too small for image batches).
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1, le=0x7FFF_FFFF)
+    # Unary calls in flight to one gRPC backend; beyond it they wait in the dispatch queue
+    # (queue_size, queue_timeout_s apply), as TCP requests wait for a pooled connection.
+    max_calls_per_backend: int = Field(256, ge=1)
 
 
 class AdminConfig(_Section):
@@ -68,6 +90,8 @@ class DispatchConfig(_Section):
 
 class PoolConfig(_Section):
     max_connections: int = Field(64, ge=1)
+    # Requests in flight per backend connection (answers return in order); 1 = exclusive.
+    pipeline_depth: int = Field(8, ge=1, le=1024)
     connect_timeout_s: Seconds = 2.0
     idle_timeout_s: Seconds = 60.0
     max_lifetime_s: Seconds = 600.0
@@ -85,7 +109,11 @@ class DrainConfig(_Section):
 class BackendConfig(_Section):
     address: Address
     weight: int = Field(1, ge=1, le=1000)
-    models: tuple[str, ...] = ()
+    # "name" (every version) or "name:version"; gRPC calls are routed by these.
+    models: tuple[ModelName, ...] = ()
+    # "tcp": length-prefixed frames; "grpc": gRPC (KServe v2 or any service). A backend
+    # only ever gets traffic of its own protocol.
+    protocol: Literal["tcp", "grpc"] = "tcp"
     # When set, the router starts this process itself; "{port}" and "{python}" are substituted
     # and the process must print "READY <port>" once listening.
     command: tuple[str, ...] = ()
@@ -93,6 +121,7 @@ class BackendConfig(_Section):
 
 class RouterConfig(_Section):
     listener: ListenerConfig = ListenerConfig()
+    grpc: GrpcConfig = GrpcConfig()
     admin: AdminConfig = AdminConfig()
     dispatch: DispatchConfig = DispatchConfig()
     pool: PoolConfig = PoolConfig()

@@ -1,9 +1,17 @@
-"""The bounded request queue and the worker coroutines that serve it.
+"""The bounded request queue, the worker coroutines that serve it, and request completion.
 
 A front door (TCP acceptor, later gRPC) turns each whole request it reads into a ``Request`` and
 ``submit``s it; from that moment the request is *accepted* and will be answered exactly once,
-through its origin's ``request_done``. Workers take requests in FIFO order, pick a backend with
-the policy, borrow a pooled connection, forward the payload and wait for the answer.
+through its origin's ``request_done``.
+
+Decide synchronously, then do I/O (httpcore's rule). ``submit`` picks a backend with the policy
+and, when that backend's pool can lend a connection without waiting and nothing is queued ahead,
+sends the request at once from the caller's callback: no task switch, no future. Everything
+else goes to the FIFO queue, whose worker coroutines do the waiting: dialling a connection,
+waiting for pool capacity, or a retry that found no free connection. Either way the answer
+arrives through ``_on_reply``, a callback from the backend connection, which completes the
+request or retries it. Workers therefore bound the connects and waits in progress, while the
+pools (``max_connections`` x ``pipeline_depth``) bound what is in flight to each backend.
 
 Overload: the queue has a soft bound. Reaching it tells the front doors to stop reading
 (backpressure through TCP); requests already read still get queued, never discarded. A request
@@ -18,6 +26,7 @@ timeout or a malformed response is not retried: the backend may have acted on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
@@ -36,6 +45,7 @@ from router.errors import (
     RouterError,
 )
 from router.metrics import DataPlaneStats
+from router.pool import Slot
 from router.registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -47,15 +57,37 @@ class Origin(Protocol):
     def request_done(self, request: Request) -> None: ...
 
 
-class Request:
-    __slots__ = ("accepted_at", "error", "origin", "payload", "response")
+# Starts one attempt of a request on a backend by other means than a pooled TCP connection
+# (the gRPC front door's calls); the outcome comes back through ``Dispatcher.forward_done``.
+Forward = Callable[["Request", Backend], None]
 
-    def __init__(self, payload: bytes, origin: Origin, accepted_at: float) -> None:
+
+class Request:
+    __slots__ = (
+        "accepted_at", "attempts", "backend", "error", "forward", "kind", "last_error", "model",
+        "origin", "payload", "queued_at", "response", "slot", "tried",
+    )
+
+    def __init__(
+        self, payload: bytes, origin: Origin, accepted_at: float, *, kind: str = "tcp",
+        model: str | None = None, forward: Forward | None = None,
+    ) -> None:
         self.payload = payload
         self.origin = origin
         self.accepted_at = accepted_at
+        # Which backends may take it: their protocol, and the model they must serve (if any).
+        self.kind = kind
+        self.model = model
+        self.forward = forward
+        self.queued_at = accepted_at
         self.response: bytes | None = None
         self.error: RouterError | None = None
+        # The attempt in progress, and the backends tried so far (a retry avoids them).
+        self.backend: Backend | None = None
+        self.slot: Slot | None = None
+        self.tried: tuple[Backend, ...] = ()
+        self.attempts = 0
+        self.last_error: BackendError | None = None
 
     @property
     def done(self) -> bool:
@@ -138,6 +170,8 @@ class Dispatcher:
         self.queue = RequestQueue(settings.queue_size, self._notify_pressure)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
+        # Workers waiting for a forwarded request to finish (a backend at its call_limit).
+        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
 
     # -- front-door side ----------------------------------------------------------------------
 
@@ -160,9 +194,14 @@ class Dispatcher:
         """Accept a request: it will be answered exactly once through its origin."""
         self.stats.accepted += 1
         self.stats.inflight += 1
+        if self.queue or not self._send_nowait(request):
+            self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        request.queued_at = self._clock.now()
         self.queue.put(request)
         if self._expiry_timer is None:
-            self._arm_expiry(request.accepted_at)
+            self._arm_expiry(request.queued_at)
 
     def finish(self, request: Request, response: bytes | None, error: RouterError | None) -> None:
         if request.done:
@@ -197,8 +236,8 @@ class Dispatcher:
 
     # -- queue deadline ---------------------------------------------------------------------
 
-    def _arm_expiry(self, accepted_at: float) -> None:
-        delay = accepted_at + self._settings.queue_timeout_s - self._clock.now()
+    def _arm_expiry(self, queued_at: float) -> None:
+        delay = queued_at + self._settings.queue_timeout_s - self._clock.now()
         loop = asyncio.get_running_loop()
         self._expiry_timer = loop.call_later(max(delay, 0.0), self._on_expiry_timer)
 
@@ -207,13 +246,13 @@ class Dispatcher:
         self.expire_queued()
         head = self.queue.head()
         if head is not None:
-            self._arm_expiry(head.accepted_at)
+            self._arm_expiry(head.queued_at)
 
     def expire_queued(self) -> int:
         """Answer OVERLOADED to queued requests past ``queue_timeout_s``; return how many."""
         deadline = self._clock.now() - self._settings.queue_timeout_s
         expired = 0
-        while (head := self.queue.head()) is not None and head.accepted_at <= deadline:
+        while (head := self.queue.head()) is not None and head.queued_at <= deadline:
             self.queue.pop_head()
             expired += 1
             self.finish(
@@ -241,62 +280,188 @@ class Dispatcher:
         while True:
             request = await queue.get()
             try:
-                await self._serve(request)
+                await self._send_when_possible(request)
             except RouterError as exc:
                 self.finish(request, None, exc)
             except Exception as exc:  # a bug: answer the client, keep the worker alive
                 log.exception("worker failed on %r", request)
                 self.finish(request, None, RouterError(f"internal error: {type(exc).__name__}"))
 
-    async def _serve(self, request: Request) -> None:
-        tried: tuple[Backend, ...] = ()
-        last_error: RouterError | None = None  # built only on failure: this is the hot path
-        for attempt in range(self._settings.max_retries + 1):
-            candidates = self._registry.candidates(tried)
-            if not candidates:
-                break
-            if attempt:
-                self.stats.retried += 1
-            backend = candidates[self._policy.choose(candidates, self._rng)]
-            try:
-                response = await self._attempt(backend, request.payload)
-            except BackendUnavailable as exc:
-                backend.record_failure()
-                tried += (backend,)
-                last_error = exc
-                continue
-            except BackendError as exc:
-                backend.record_failure()
-                self.finish(request, None, exc)
+    # -- attempts -----------------------------------------------------------------------------
+
+    def _choose(self, request: Request) -> Backend | None:
+        """The policy's pick among healthy backends the request has not tried; None (and the
+        request answered) when there is none left."""
+        candidates = self._registry.candidates(request.tried, request.kind, request.model)
+        if not candidates:
+            self.finish(request, None, request.last_error or NoBackend("no healthy backend"))
+            return None
+        return candidates[self._policy.choose(candidates, self._rng)]
+
+    def _send_nowait(self, request: Request) -> bool:
+        """Send on a connection the chosen backend can lend at once. False if it has none:
+        the choice stays on the request for the worker, so the policy decides once."""
+        backend = self._choose(request)
+        if backend is None:
+            return True  # answered
+        if request.forward is not None:
+            return self._forward_nowait(request, backend)
+        slot = backend.pool.acquire_nowait()
+        if slot is None:
+            request.backend = backend
+            return False
+        self._send(request, backend, slot)
+        return True
+
+    async def _send_when_possible(self, request: Request) -> None:
+        """The worker's part: wait for (or dial) a connection, retrying failed connects."""
+        if request.forward is not None:
+            await self._forward_when_possible(request)
+            return
+        backend, request.backend = request.backend, None
+        if backend is None:
+            backend = self._choose(request)
+        while backend is not None:
+            slot = backend.pool.acquire_nowait() or await self._wait_for_slot(backend, request)
+            if slot is not None:
+                self._send(request, backend, slot)
                 return
+            if request.done:
+                return  # the failed connect used up its retries
+            backend = self._choose(request)
+
+    async def _wait_for_slot(self, backend: Backend, request: Request) -> Slot | None:
+        """A connection from ``backend``'s pool, or None after a failed connect (the request
+        is then answered if it has no retries left)."""
+        backend.inflight += 1  # waiting for its connection counts as load on it
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_s):
+                return await backend.pool.acquire()
+        except TimeoutError:
+            backend.record_failure()
+            raise BackendTimeout(
+                f"no connection to {backend.address} within {self._settings.request_timeout_s}s"
+            ) from None
+        except BackendUnavailable as exc:
+            backend.record_failure()
+            self._may_retry(request, backend, exc)
+            return None
+        finally:
+            backend.inflight -= 1
+
+    def _send(self, request: Request, backend: Backend, slot: Slot) -> None:
+        backend.inflight += 1
+        request.backend = backend
+        request.slot = slot
+        slot.connection.send(
+            request.payload, self._on_reply, request, self._settings.request_timeout_s
+        )
+
+    def _on_reply(self, request: Request, response: bytes | None,
+                  error: BackendError | None) -> None:
+        """The backend connection's answer (or failure) for ``request``."""
+        backend, slot = request.backend, request.slot
+        assert backend is not None and slot is not None
+        request.backend = request.slot = None
+        backend.inflight -= 1
+        backend.pool.release(slot, reusable=error is None)
+        if error is None:
             backend.record_success()
             self.finish(request, response, None)
             return
-        self.finish(request, None, last_error or NoBackend("no healthy backend"))
+        backend.record_failure()
+        if not isinstance(error, BackendUnavailable):
+            self.finish(request, None, error)  # the backend may have acted on it: no retry
+        elif self._may_retry(request, backend, error) and not self._send_nowait(request):
+            self._enqueue(request)
 
-    async def _attempt(self, backend: Backend, payload: bytes) -> bytes:
-        pool = backend.pool
+    def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:
+        """Record a retryable failure; True if the request has retries left (else it is
+        answered with ``error``)."""
+        request.tried += (backend,)
+        request.last_error = error
+        request.attempts += 1
+        if request.attempts > self._settings.max_retries:
+            self.finish(request, None, error)
+            return False
+        self.stats.retried += 1
+        return True
+
+    # -- forwarded requests (gRPC) -----------------------------------------------------------
+    #
+    # Same choice, retry budget and counters as pooled TCP requests; what differs is that the
+    # attempt is started by ``request.forward`` and a backend's own ``call_limit`` (not a pool)
+    # bounds what it carries. A request whose chosen backend is at its limit waits in the
+    # queue like one waiting for a pooled connection, then in a worker until a forwarded
+    # request finishes, at most until ``queue_timeout_s`` after it was queued.
+
+    def _forward_nowait(self, request: Request, backend: Backend) -> bool:
+        if backend.call_limit and backend.inflight >= backend.call_limit:
+            return False
+        self._start_forward(request, backend)
+        return True
+
+    async def _forward_when_possible(self, request: Request) -> None:
+        deadline = request.queued_at + self._settings.queue_timeout_s
+        loop = asyncio.get_running_loop()
+        while (backend := self._choose(request)) is not None:
+            if not backend.call_limit or backend.inflight < backend.call_limit:
+                self._start_forward(request, backend)
+                return
+            remaining = deadline - self._clock.now()
+            if remaining <= 0:
+                limit = self._settings.queue_timeout_s
+                self.finish(request, None, Overloaded(f"waited over queue_timeout_s={limit}s"))
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._capacity_waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await waiter
+
+    def _start_forward(self, request: Request, backend: Backend) -> None:
+        assert request.forward is not None
         backend.inflight += 1
-        try:
-            slot = pool.acquire_nowait()
-            if slot is None:
-                try:
-                    async with asyncio.timeout(self._settings.request_timeout_s):
-                        slot = await pool.acquire()
-                except TimeoutError:
-                    raise BackendTimeout(
-                        f"no connection to {backend.address} within "
-                        f"{self._settings.request_timeout_s}s"
-                    ) from None
-            try:
-                response = await slot.connection.request(payload, self._settings.request_timeout_s)
-            except BaseException:
-                pool.release(slot, reusable=False)
-                raise
-            pool.release(slot)
-            return response
-        finally:
-            backend.inflight -= 1
+        request.backend = backend
+        request.forward(request, backend)
+
+    def forward_done(
+        self, request: Request, response: bytes | None, error: RouterError | None
+    ) -> None:
+        """The outcome of the attempt ``request.forward`` started. A ``BackendUnavailable``
+        is retried on another backend while the budget lasts; a ``BackendError`` counts
+        against the backend; any other error (the client's deadline, a cancel) does not."""
+        backend, request.backend = request.backend, None
+        assert backend is not None
+        backend.inflight -= 1
+        while self._capacity_waiters:
+            waiter = self._capacity_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if error is None:
+            backend.record_success()
+            self.finish(request, response, None)
+            return
+        if isinstance(error, BackendError):
+            backend.record_failure()
+        if not isinstance(error, BackendUnavailable):
+            self.finish(request, None, error)
+        elif self._may_retry(request, backend, error) and not self._send_nowait(request):
+            self._enqueue(request)
+
+    def admit(self, request: Request) -> None:
+        """Count a request that is served outside the queue (a gRPC stream, which holds its
+        backend for its whole life) as accepted; ``finish`` answers it as usual."""
+        self.stats.accepted += 1
+        self.stats.inflight += 1
+
+    def pick(self, kind: str, model: str | None, exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        """The policy's choice among healthy backends of ``kind`` serving ``model``."""
+        candidates = self._registry.candidates(exclude, kind, model)
+        if not candidates:
+            return None
+        return candidates[self._policy.choose(candidates, self._rng)]
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -60,6 +60,24 @@ class UnknownModel(RouterError):
 # -- the client's fault ------------------------------------------------------------------------
 
 
+class DeadlineExceeded(RouterError):
+    """The client's own deadline passed before an answer (gRPC calls carry one)."""
+
+    code = "DEADLINE_EXCEEDED"
+    fault = "client"
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(RouterError):
+    """The client cancelled the call before an answer."""
+
+    code = "CANCELLED"
+    fault = "client"
+    http_status = 499
+    grpc_status = "CANCELLED"
+
+
 class ClientProtocolError(RouterError):
     """Malformed input from a client; the connection is answered with an error and closed."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from router.errors import BackendError
-from router.pool import Connection
+from router.pool import Connection, request
 from router.registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class HealthChecker:
     async def _probe(self, connection: Connection) -> bool:
         self.probes_sent += 1
         try:
-            reply = await connection.request(b"", self._settings.timeout_s)
+            reply = await request(connection, b"", self._settings.timeout_s)
         except BackendError:
             self.probes_failed += 1
             return False

@@ -83,6 +83,38 @@ class DataPlaneStats:
         return f"DataPlaneStats({self.statistics()})"
 
 
+class GrpcStats:
+    """gRPC calls by method and status code, and their durations, as plain counters.
+
+    The method label comes from the client (the front door proxies any method name), so the
+    number of distinct methods is capped: beyond ``max_methods`` new names count as "other",
+    and a client cannot grow /metrics without bound.
+    """
+
+    __slots__ = ("calls", "latency", "max_methods")
+
+    def __init__(self, max_methods: int = 256) -> None:
+        self.calls: dict[str, dict[str, int]] = {}  # method -> code -> count
+        self.latency = LatencyHistogram()
+        self.max_methods = max_methods
+
+    def count(self, method: str, code: str, seconds: float) -> None:
+        codes = self.calls.get(method)
+        if codes is None:
+            if len(self.calls) >= self.max_methods:
+                method = "other"
+            codes = self.calls.setdefault(method, {})
+        codes[code] = codes.get(code, 0) + 1
+        self.latency.observe(seconds)
+
+    def statistics(self) -> dict[str, dict[str, int]]:
+        return {method: dict(codes) for method, codes in self.calls.items()}
+
+    def __repr__(self) -> str:
+        total = sum(sum(codes.values()) for codes in self.calls.values())
+        return f"GrpcStats(methods={len(self.calls)}, calls={total})"
+
+
 class RouterCollector(Collector):
     """Reads the plain counters at scrape time."""
 
@@ -92,8 +124,10 @@ class RouterCollector(Collector):
         registry: Registry,
         queue_depth: Callable[[], int],
         extra: Callable[[], dict[str, float]] | None = None,
+        grpc: GrpcStats | None = None,
     ) -> None:
         self._stats = stats
+        self._grpc = grpc
         self._registry = registry
         self._queue_depth = queue_depth
         self._extra = extra
@@ -130,9 +164,27 @@ class RouterCollector(Collector):
         hist.add_metric([], s.latency.cumulative(), sum_value=s.latency.total_s)
         yield hist
         yield from self._backend_metrics()
+        if self._grpc is not None:
+            yield from self._grpc_metrics(self._grpc)
         if self._extra is not None:
             for name, value in self._extra().items():
                 yield GaugeMetricFamily(name, name.replace("_", " "), value=value)
+
+    @staticmethod
+    def _grpc_metrics(grpc: GrpcStats) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "router_grpc_requests", "gRPC calls by method and status code.",
+            labels=["method", "code"],
+        )
+        for method, codes in sorted(grpc.calls.items()):
+            for code, count in sorted(codes.items()):
+                calls.add_metric([method, code], count)
+        yield calls
+        hist = HistogramMetricFamily(
+            "router_grpc_request_duration_seconds", "gRPC call durations, start to status."
+        )
+        hist.add_metric([], grpc.latency.cumulative(), sum_value=grpc.latency.total_s)
+        yield hist
 
     def _backend_metrics(self) -> Iterator[Metric]:
         labels = ["backend"]

@@ -14,6 +14,13 @@ The shape follows asyncpg's pool and httpcore's "decide synchronously, then do I
 * ``open`` counts idle, borrowed and being-dialled connections together and never exceeds
   ``max_connections``; when it is reached, borrowers queue as waiters and are handed a slot
   (or the right to dial) when one comes back.
+* Pipelining: a connection carries up to ``pipeline_depth`` requests at once (answers come back
+  in order, so the connection matches them FIFO). A borrower is lent a connection that already
+  carries requests and has room before an idle one, so requests arriving together share a
+  connection and go out in one write; on loopback that halves the router's syscalls per request
+  (measured: 14.6k -> 25.6k requests/s for a minimal proxy, bench notes in the README).
+  ``pipeline_depth = 1`` lends each connection exclusively, for backends that serve one request
+  per connection at a time.
 
 The network is injected as ``dial``, so the pool is tested against fake connections.
 """
@@ -27,24 +34,45 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from router.clock import Clock
-from router.errors import BackendUnavailable
+from router.errors import BackendError, BackendUnavailable
+
+# Told once per request: (token, response, None) or (token, None, error).
+ReplySink = Callable[[Any, "bytes | None", "BackendError | None"], None]
 
 
 class Connection(Protocol):
-    """What a dialer returns: one exclusive request/response exchange at a time."""
+    """What a dialer returns: requests go out in order and their answers come back in order."""
 
     @property
     def is_closed(self) -> bool: ...
 
-    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
-        """Send one frame; the future resolves to the response payload or fails with a
-        ``BackendError``."""
+    def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
+        """Send one frame; ``sink(token, ...)`` is called exactly once with its answer or a
+        ``BackendError``, possibly before ``send`` returns (connection already closed)."""
         ...
 
     def close(self) -> None: ...
 
 
 Dialer = Callable[[], Awaitable[Connection]]
+
+
+def request(connection: Connection, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+    """``send`` as a future, for callers off the hot path (health probes, tests)."""
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    connection.send(payload, _settle, future, timeout_s)
+    return future
+
+
+def _settle(future: asyncio.Future[bytes], response: bytes | None,
+            error: BackendError | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert response is not None
+        future.set_result(response)
 
 
 @dataclass(eq=False, slots=True)
@@ -54,6 +82,8 @@ class Slot:
     idle_since: float
     generation: int
     uses: int = 0
+    active: int = 0  # requests in flight on this connection
+    retiring: bool = False  # takes no new requests; closed once ``active`` reaches 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +92,18 @@ class PoolLimits:
     connect_timeout_s: float = 2.0
     idle_timeout_s: float = 60.0
     max_lifetime_s: float = 600.0
+    pipeline_depth: int = 1  # requests in flight per connection; 1 = exclusive
 
 
 class Pool:
     def __init__(self, dial: Dialer, limits: PoolLimits, clock: Clock, name: str = "") -> None:
         self._dial = dial
         self._limits = limits
+        self._depth = limits.pipeline_depth
         self._clock = clock
         self._name = name
-        self._idle: list[Slot] = []
+        self._idle: list[Slot] = []  # active == 0, most recently used last
+        self._sharing: list[Slot] = []  # 0 < active < depth, most recently lent last
         self._open = 0
         self._dialing = 0
         # A waiter resolves to a Slot handed over directly, or None: "capacity freed, dial".
@@ -88,19 +121,33 @@ class Pool:
     # -- borrowing --------------------------------------------------------------------------
 
     def acquire_nowait(self) -> Slot | None:
-        """The most recently used live idle slot, or None. Never awaits."""
+        """A live slot with room (one already carrying requests first, then the most recently
+        used idle one), or None. Never awaits."""
         now = self._clock.now()
+        sharing = self._sharing
+        while sharing:
+            slot = sharing[-1]
+            reason = self._expiry_reason(slot, now, idle_check=False)
+            if reason is not None:
+                sharing.pop()
+                self._start_retiring(slot, reason)
+                continue
+            slot.active += 1
+            slot.uses += 1
+            if slot.active >= self._depth:
+                sharing.pop()
+            return slot
         while self._idle:
             slot = self._idle.pop()
             reason = self._expiry_reason(slot, now)
             if reason is None:
-                slot.uses += 1
+                self._lend(slot)
                 return slot
             self._retire(slot, reason)
         return None
 
     async def acquire(self) -> Slot:
-        """A slot: idle, newly dialled, or handed back by another borrower.
+        """A slot: one with room, newly dialled, or handed back by another borrower.
 
         Raises ``BackendUnavailable`` if dialling fails or times out. Waiting for a free slot
         is bounded by the caller (the dispatcher's request deadline cancels it).
@@ -119,10 +166,13 @@ class Pool:
                 handed = await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
-                    self._pass_on(waiter.result())
+                    handed = waiter.result()
+                    if handed is None:
+                        self._pass_on(None)
+                    else:
+                        self.release(handed)
                 raise
             if handed is not None:
-                handed.uses += 1
                 return handed
 
     async def _dial_slot(self) -> Slot:
@@ -146,35 +196,74 @@ class Pool:
             self._dialing -= 1
         self._counts["dialed"] += 1
         now = self._clock.now()
-        return Slot(connection, created_at=now, idle_since=now, generation=self._generation, uses=1)
+        slot = Slot(connection, created_at=now, idle_since=now, generation=self._generation)
+        self._lend(slot)
+        return slot
+
+    def _lend(self, slot: Slot) -> None:
+        """``slot`` had no requests in flight; it now carries one."""
+        slot.active = 1
+        slot.uses += 1
+        if self._depth > 1:
+            self._sharing.append(slot)
 
     # -- returning --------------------------------------------------------------------------
 
     def release(self, slot: Slot, *, reusable: bool = True) -> None:
-        """Return a borrowed slot. A broken, stale or non-reusable connection is closed."""
-        now = self._clock.now()
-        if not reusable or slot.connection.is_closed:
-            self._retire(slot, "closed_broken")
+        """Give back one request's share of a slot. A broken, stale or non-reusable connection
+        takes no new requests and is closed once the requests still on it are answered."""
+        slot.active -= 1
+        if slot.retiring:
+            if slot.active == 0:
+                self._retire(slot, None)
             return
+        if not reusable or slot.connection.is_closed:
+            self._unshare(slot)
+            self._start_retiring(slot, "closed_broken")
+            if slot.active:
+                slot.connection.close()  # fails whatever else it carries: they retry elsewhere
+            return
+        now = self._clock.now()
         reason = self._expiry_reason(slot, now, idle_check=False)
         if reason is not None:
-            self._retire(slot, reason)
+            self._unshare(slot)
+            self._start_retiring(slot, reason)
             return
-        slot.idle_since = now
-        self._pass_on(slot)
+        if slot.active == 0:
+            self._unshare(slot)
+            slot.idle_since = now
+            self._pass_on(slot)
+        elif slot.active == self._depth - 1:
+            self._offer_room(slot)  # it was full and has room again
 
     def return_probed(self, slot: Slot, *, healthy: bool) -> None:
         """Put back a slot taken by ``take_idle_for_probe``, keeping its idle stamp."""
         if not healthy or slot.connection.is_closed:
             self._retire(slot, "closed_broken")
             return
-        self._pass_on(slot, restamp=False)
+        self._pass_on(slot)
 
-    def _pass_on(self, slot: Slot | None, *, restamp: bool = True) -> None:
-        """Hand a slot (or, with None, freed capacity) to the first live waiter, else keep it."""
+    def _offer_room(self, slot: Slot) -> None:
+        """A slot carrying requests has room: to the first live waiter, else to the sharers."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                slot.active += 1
+                slot.uses += 1
+                waiter.set_result(slot)
+                if slot.active < self._depth:
+                    self._sharing.append(slot)
+                return
+        self._sharing.append(slot)
+
+    def _pass_on(self, slot: Slot | None) -> None:
+        """Hand an idle slot (or, with None, freed capacity) to the first live waiter, else
+        keep it idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                if slot is not None:
+                    self._lend(slot)
                 waiter.set_result(slot)
                 return
         if slot is not None:
@@ -183,9 +272,22 @@ class Pool:
             else:
                 self._idle.append(slot)
 
-    def _retire(self, slot: Slot, reason: str) -> None:
-        self._open -= 1
+    def _unshare(self, slot: Slot) -> None:
+        if self._depth > 1 and slot in self._sharing:
+            self._sharing.remove(slot)
+
+    def _start_retiring(self, slot: Slot, reason: str) -> None:
+        """No new requests on ``slot``; close it now if it carries none."""
+        slot.retiring = True
         self._counts[reason] = self._counts.get(reason, 0) + 1
+        if slot.active == 0:
+            self._retire(slot, None)
+
+    def _retire(self, slot: Slot, reason: str | None) -> None:
+        """Close an unused slot and free its capacity (``reason`` None: already counted)."""
+        self._open -= 1
+        if reason is not None:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
         slot.connection.close()
         self._pass_on(None)
 
@@ -201,7 +303,8 @@ class Pool:
     # -- maintenance ------------------------------------------------------------------------
 
     def expire(self) -> int:
-        """Close idle slots past their idle timeout or lifetime; return how many."""
+        """Close idle slots past their idle timeout or lifetime, and stop lending busy ones past
+        their lifetime; return how many idle slots were closed."""
         now = self._clock.now()
         keep: list[Slot] = []
         expired = 0
@@ -215,6 +318,11 @@ class Pool:
                 self._counts[reason] += 1
                 slot.connection.close()
         self._idle = keep
+        for slot in list(self._sharing):
+            reason = self._expiry_reason(slot, now, idle_check=False)
+            if reason is not None:
+                self._sharing.remove(slot)
+                self._start_retiring(slot, reason)
         for _ in range(expired):
             self._pass_on(None)
         return expired
@@ -226,7 +334,7 @@ class Pool:
         return taken
 
     def expire_all(self) -> None:
-        """Retire every connection: idle ones now, borrowed ones when they come back."""
+        """Retire every connection: idle ones now, busy ones once their requests are answered."""
         self._generation += 1
         self.expire()
 
@@ -245,14 +353,16 @@ class Pool:
             "open": self._open,
             "idle": len(self._idle),
             "borrowed": self._open - len(self._idle) - self._dialing,
+            "sharing": len(self._sharing),
             "dialing": self._dialing,
             "waiters": sum(1 for w in self._waiters if not w.done()),
             "max_connections": self._limits.max_connections,
+            "pipeline_depth": self._depth,
             **self._counts,
         }
 
     def __repr__(self) -> str:
         return (
             f"Pool({self._name!r}, open={self._open}, idle={len(self._idle)}, "
-            f"max={self._limits.max_connections})"
+            f"max={self._limits.max_connections}, depth={self._depth})"
         )

@@ -6,11 +6,16 @@ how many requests it is carrying, and whether it is healthy. Passive health live
 the balancer stops choosing it; the health checker's active probes bring it back. (The C++
 router had no such rule and sent 1,010 of 1,020 requests to a dead backend, because a backend
 that fails fast always has the fewest connections in flight.)
+
+Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
+"grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
+models it serves ("name" for every version, or "name:version"); a request that names a model
+(``key`` "name" or "name:version") goes only to backends that serve it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from router.pool import Pool
@@ -19,13 +24,18 @@ from router.pool import Pool
 class Backend:
     __slots__ = (
         "address",
+        "call_limit",
         "consecutive_failures",
         "failure_threshold",
         "failures_total",
         "healthy",
         "host",
         "inflight",
+        "kind",
+        "model_keys",
         "models",
+        "on_change",
+        "plain_models",
         "pool",
         "port",
         "requests_total",
@@ -41,6 +51,8 @@ class Backend:
         weight: int = 1,
         models: tuple[str, ...] = (),
         failure_threshold: int = 3,
+        kind: str = "tcp",
+        call_limit: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -48,6 +60,14 @@ class Backend:
         self.pool = pool
         self.weight = weight
         self.models = models
+        self.kind = kind
+        # In-flight calls this backend may carry (0: no limit; the TCP pool bounds its own).
+        self.call_limit = call_limit
+        # "sum:2" serves key "sum:2" and key "sum" (a request for the default version);
+        # plain "sum" serves "sum" and every "sum:<version>".
+        self.plain_models = frozenset(m for m in models if ":" not in m)
+        self.model_keys = frozenset(models) | {m.partition(":")[0] for m in models}
+        self.on_change: Callable[[Backend], None] | None = None  # told when healthy flips
         self.failure_threshold = failure_threshold
         self.inflight = 0
         self.requests_total = 0
@@ -65,18 +85,34 @@ class Backend:
         self.failures_total += 1
         self.consecutive_failures += 1
         if self.healthy and self.consecutive_failures >= self.failure_threshold:
-            self.healthy = False
-            self.pool.expire_all()
+            self.mark_down()
             return True
         return False
 
+    def mark_down(self) -> None:
+        """Out of rotation until a probe succeeds (failures, or the backend said so)."""
+        was_healthy, self.healthy = self.healthy, False
+        self.pool.expire_all()
+        if was_healthy and self.on_change is not None:
+            self.on_change(self)
+
     def mark_up(self) -> None:
-        self.healthy = True
+        was_healthy, self.healthy = self.healthy, True
         self.consecutive_failures = 0
+        if not was_healthy and self.on_change is not None:
+            self.on_change(self)
+
+    def serves(self, model: str) -> bool:
+        """Whether this backend serves model key ``model`` ("name" or "name:version")."""
+        if model in self.model_keys:
+            return True
+        name, sep, _ = model.partition(":")
+        return bool(sep) and name in self.plain_models
 
     def statistics(self) -> dict[str, Any]:
         return {
             "address": self.address,
+            "kind": self.kind,
             "weight": self.weight,
             "models": list(self.models),
             "healthy": self.healthy,
@@ -93,44 +129,89 @@ class Backend:
 
 
 class Registry:
-    """The set of known backends, in a stable order."""
+    """The set of known backends, in a stable order.
+
+    ``view(kind)`` is a live view of the backends of one kind over the same set (the TCP
+    health checker gets ``view("tcp")``: it probes with frames, which a gRPC backend would
+    not answer). ``add_listener`` registers a callback told whenever a backend goes in or
+    out of rotation (the gRPC health service pushes that to its watchers).
+    """
 
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
+        self._kind: str | None = None
+        self._listeners: list[Callable[[Backend], None]] = []
+
+    def view(self, kind: str) -> Registry:
+        view = Registry()
+        view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
+        return view
+
+    def _members(self) -> list[Backend]:
+        if self._kind is None:
+            return list(self._backends.values())
+        return [b for b in self._backends.values() if b.kind == self._kind]
 
     def add(self, backend: Backend) -> None:
         if backend.address in self._backends:
             raise ValueError(f"backend {backend.address} is already registered")
         self._backends[backend.address] = backend
+        backend.on_change = self._changed
 
     def remove(self, address: str) -> Backend:
         backend = self._backends.pop(address)
+        backend.on_change = None
         backend.pool.close()
         return backend
+
+    def add_listener(self, listener: Callable[[Backend], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, backend: Backend) -> None:
+        for listener in list(self._listeners):
+            listener(backend)
 
     def get(self, address: str) -> Backend | None:
         return self._backends.get(address)
 
     def __iter__(self) -> Iterator[Backend]:
-        return iter(list(self._backends.values()))
+        return iter(self._members())
 
     def __len__(self) -> int:
-        return len(self._backends)
+        return len(self._members())
 
-    def any_healthy(self) -> bool:
-        return any(b.healthy for b in self._backends.values())
+    def any_healthy(self, kind: str | None = None) -> bool:
+        return any(b.healthy and kind in (None, b.kind) for b in self._members())
 
-    def candidates(self, exclude: tuple[Backend, ...] = ()) -> list[Backend]:
-        """Healthy backends not in ``exclude`` (the ones a request already tried)."""
-        return [b for b in self._backends.values() if b.healthy and b not in exclude]
+    def candidates(
+        self, exclude: tuple[Backend, ...] = (), kind: str = "tcp", model: str | None = None
+    ) -> list[Backend]:
+        """Healthy backends of ``kind`` serving ``model`` (any, if None), not in ``exclude``
+        (the ones a request already tried)."""
+        if model is None:
+            return [
+                b for b in self._backends.values()
+                if b.healthy and b.kind == kind and b not in exclude
+            ]
+        return [
+            b for b in self._backends.values()
+            if b.healthy and b.kind == kind and b.serves(model) and b not in exclude
+        ]
+
+    def knows_model(self, model: str, kind: str) -> bool:
+        """Whether any backend of ``kind``, healthy or not, serves ``model``: if none does, a
+        request for it is refused without touching a backend."""
+        return any(b.kind == kind and b.serves(model) for b in self._backends.values())
 
     def close(self) -> None:
-        for backend in self._backends.values():
+        for backend in self._members():
             backend.pool.close()
 
     def statistics(self) -> list[dict[str, Any]]:
-        return [b.statistics() for b in self._backends.values()]
+        return [b.statistics() for b in self._members()]
 
     def __repr__(self) -> str:
-        healthy = sum(1 for b in self._backends.values() if b.healthy)
-        return f"Registry(backends={len(self._backends)}, healthy={healthy})"
+        members = self._members()
+        healthy = sum(1 for b in members if b.healthy)
+        kind = f"{self._kind}, " if self._kind else ""
+        return f"Registry({kind}backends={len(members)}, healthy={healthy})"

@@ -1,16 +1,26 @@
 """Connections to backends: a uvloop Protocol per connection, handed to the pool by a dialer.
 
-One request at a time per connection (the pool lends it exclusively). The response is the next
-frame; a frame nobody asked for, an oversize one, or bytes after the response are protocol
-errors and the connection is discarded. Whether any response byte arrived decides whether a
-lost connection is safe to retry (``BackendUnavailable``) or not (``BackendProtocolError``).
+A connection carries up to the pool's ``pipeline_depth`` requests at once. Requests sent in the
+same loop iteration are written together (one writev, flushed by one ``call_soon``), and
+answers are matched to requests in order, which the protocol guarantees. A frame nobody asked
+for, or an oversize one, is a protocol error and the connection is discarded.
+
+When a connection fails, whether any byte of the oldest request's answer arrived decides what
+that request gets: none means the backend may be gone and it is safe to retry elsewhere
+(``BackendUnavailable``); some means the backend broke mid-answer (``BackendProtocolError``).
+The requests queued behind it received nothing and get ``BackendUnavailable``.
+
+Timeouts cost one timer per connection, not one per request: the timer is armed for the oldest
+request's deadline and, when it fires, re-armed for the then-oldest one. A request that times
+out poisons the answers behind it, so the whole connection is discarded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import cast
+from collections import deque
+from typing import Any, cast
 
 from router.errors import (
     BackendError,
@@ -19,8 +29,22 @@ from router.errors import (
     BackendUnavailable,
     FrameTooLarge,
 )
-from router.pool import Connection, Dialer
-from router.wire import FrameDecoder, frame_parts
+from router.pool import Connection, Dialer, ReplySink
+from router.wire import FrameDecoder, encode_frame
+
+# Frames up to this size are joined with their header (one small copy); larger ones go out
+# as header + payload in the writev, without copying the payload.
+_JOIN_BELOW = 16 * 1024
+
+
+class _Outstanding:
+    __slots__ = ("deadline", "sink", "timeout_s", "token")
+
+    def __init__(self, sink: ReplySink, token: Any, deadline: float, timeout_s: float) -> None:
+        self.sink = sink
+        self.token = token
+        self.deadline = deadline
+        self.timeout_s = timeout_s
 
 
 class BackendConnection(asyncio.Protocol):
@@ -29,34 +53,39 @@ class BackendConnection(asyncio.Protocol):
         self._decoder = FrameDecoder(max_frame_bytes)
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[bytes] | None = None
+        self._outstanding: deque[_Outstanding] = deque()
+        self._out: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._received_any = False
+        self._timer_at = 0.0
         self._closed = False
 
-    # -- Connection interface used by the pool ------------------------------------------------
+    # -- Connection interface used by the pool and the dispatcher -----------------------------
 
     @property
     def is_closed(self) -> bool:
         return self._closed
 
-    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
-        waiter: asyncio.Future[bytes] = self._loop.create_future()
+    def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
         if self._closed or self._transport is None:
-            waiter.set_exception(BackendUnavailable(f"connection to {self._address} is closed"))
-            return waiter
-        if self._waiter is not None:
-            raise RuntimeError("BackendConnection carries one request at a time")
-        self._waiter = waiter
-        self._received_any = False
-        self._timer = self._loop.call_later(timeout_s, self._on_timeout, timeout_s)
-        self._transport.writelines(frame_parts(payload))  # one writev
-        return waiter
+            sink(token, None, BackendUnavailable(f"connection to {self._address} is closed"))
+            return
+        deadline = self._loop.time() + timeout_s
+        self._outstanding.append(_Outstanding(sink, token, deadline, timeout_s))
+        out = self._out
+        if not out:
+            self._loop.call_soon(self._flush)
+        if len(payload) < _JOIN_BELOW:
+            out.append(encode_frame(payload))
+        else:
+            out.append(len(payload).to_bytes(4, "big"))
+            out.append(payload)
+        if self._timer is None or deadline < self._timer_at:
+            self._arm_timer(deadline)
 
     def close(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._closed = True
-            self._transport.close()
+        """Close now; requests still on the connection get ``BackendUnavailable``."""
+        if not self._closed:
+            self._discard(None)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -68,51 +97,83 @@ class BackendConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self._received_any = True
         try:
             frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
-            self._fail(BackendProtocolError(f"{self._address}: {exc.message}"))
+            self._discard(BackendProtocolError(f"{self._address}: {exc.message}"))
             return
-        if not frames:
-            return
-        if self._waiter is None or len(frames) > 1 or self._decoder.buffered or self._decoder.error:
-            self._fail(BackendProtocolError(f"{self._address} sent a frame nobody asked for"))
-            return
-        waiter, self._waiter = self._waiter, None
-        self._cancel_timer()
-        if not waiter.done():
-            waiter.set_result(frames[0])
+        outstanding = self._outstanding
+        for frame in frames:
+            if not outstanding:
+                unasked = f"{self._address} sent a frame nobody asked for"
+                self._discard(BackendProtocolError(unasked))
+                return
+            entry = outstanding.popleft()
+            entry.sink(entry.token, frame, None)
+        if self._decoder.error is not None:
+            self._discard(BackendProtocolError(f"{self._address}: {self._decoder.error.message}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        if self._received_any:
-            self._fail(BackendProtocolError(f"{self._address} closed mid-response"))
+        if self._closed:
+            return
+        if self._decoder.buffered:
+            self._discard(BackendProtocolError(f"{self._address} closed mid-response"))
         else:
-            self._fail(BackendUnavailable(f"{self._address} closed before responding"))
+            self._discard(BackendUnavailable(f"{self._address} closed before responding"))
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _on_timeout(self, timeout_s: float) -> None:
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._closed or self._transport is None or not out:
+            return
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)  # one writev
+
+    def _arm_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
         self._timer = None
-        self._fail(BackendTimeout(f"{self._address} did not answer within {timeout_s}s"))
+        if self._closed or not self._outstanding:
+            return
+        head = self._outstanding[0]
+        if self._loop.time() >= head.deadline:
+            self._discard(
+                BackendTimeout(f"{self._address} did not answer within {head.timeout_s}s")
+            )
+        else:
+            self._arm_timer(head.deadline)
 
-    def _fail(self, error: BackendError) -> None:
-        self._cancel_timer()
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
-        if not self._closed and self._transport is not None:
-            self._closed = True
-            self._transport.abort()
-
-    def _cancel_timer(self) -> None:
+    def _discard(self, head_error: BackendError | None) -> None:
+        """Close the connection and fail every request on it: the oldest with ``head_error``,
+        the rest (and all of them when ``head_error`` is None) with ``BackendUnavailable``."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._out = []
+        if self._transport is not None:
+            if head_error is None:
+                self._transport.close()  # an orderly close: FIN, not a reset
+            else:
+                self._transport.abort()
+        entries = list(self._outstanding)
+        self._outstanding.clear()
+        for index, entry in enumerate(entries):
+            if index == 0 and head_error is not None:
+                error: BackendError = head_error
+            else:
+                error = BackendUnavailable(f"{self._address}: connection closed before answering")
+            entry.sink(entry.token, None, error)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("busy" if self._waiter else "idle")
+        state = "closed" if self._closed else f"{len(self._outstanding)} in flight"
         return f"BackendConnection({self._address}, {state})"
 
 

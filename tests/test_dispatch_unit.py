@@ -14,9 +14,9 @@ import pytest
 from router.balance import make_policy
 from router.clock import ManualClock
 from router.dispatch import Dispatcher, DispatchSettings, Request
-from router.errors import BackendTimeout, BackendUnavailable
+from router.errors import BackendError, BackendTimeout, BackendUnavailable
 from router.metrics import DataPlaneStats
-from router.pool import Pool, PoolLimits
+from router.pool import Pool, PoolLimits, ReplySink
 from router.registry import Backend, Registry
 
 WAIT_S = 2.0  # bound on every await of the dispatcher; nothing here takes real time
@@ -28,7 +28,8 @@ class FakeService:
     * ``"live"``: answers with the payload reversed;
     * ``"dead"``: every request fails with BackendUnavailable (reset before any byte);
     * ``"slow"``: every request fails with BackendTimeout (not retryable);
-    * ``"gated"``: requests wait until the test calls ``answer_all``.
+    * ``"gated"``: requests wait until the test calls ``answer_all``;
+    * ``"refused"``: every connect fails.
     """
 
     def __init__(self, mode: str = "live") -> None:
@@ -40,6 +41,8 @@ class FakeService:
 
     async def dial(self) -> FakeConnection:
         self.dials += 1
+        if self.mode == "refused":
+            raise ConnectionRefusedError("connection refused")
         return FakeConnection(self)
 
     def answer_all(self) -> None:
@@ -62,7 +65,7 @@ class FakeConnection:
         self._service = service
         self.is_closed = False
 
-    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+    def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
         service = self._service
         service.requests += 1
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -74,10 +77,19 @@ class FakeConnection:
             service.add_pending(payload, future)
         else:
             future.set_result(payload[::-1])
-        return future
+        # Answer from the loop, as a real connection does (never from inside ``send``).
+        future.add_done_callback(lambda f: sink(token, *_outcome(f)))
 
     def close(self) -> None:
         self.is_closed = True
+
+
+def _outcome(future: asyncio.Future[bytes]) -> tuple[bytes | None, BackendError | None]:
+    error = future.exception()
+    if error is not None:
+        assert isinstance(error, BackendError)
+        return None, error
+    return future.result(), None
 
 
 class Collector:
@@ -98,6 +110,7 @@ class Harness:
         self.clock = ManualClock()
         self.registry = Registry()
         self.backends: list[Backend] = []
+        self.services = services
         for index, service in enumerate(services):
             pool = Pool(service.dial, PoolLimits(max_connections=8), self.clock, f"b{index}")
             backend = Backend(f"10.0.0.{index + 1}", 9000, pool, failure_threshold=3)
@@ -189,7 +202,7 @@ async def test_many_requests_reuse_pooled_connections(make_harness: Harnesses) -
 
     assert [r.response for r in requests] == [f"r{i}".encode()[::-1] for i in range(50)]
     assert h.stats.completed == 50
-    assert service.dials <= 4  # at most one connection per worker
+    assert service.dials <= 8  # bounded by the pool's max_connections
 
 
 # -- retries and passive health ---------------------------------------------------------------
@@ -221,6 +234,21 @@ async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Har
     assert h.stats.retried == retried
 
 
+async def test_refused_connects_are_retried_and_leave_no_load_behind(
+    make_harness: Harnesses,
+) -> None:
+    refused, live = FakeService("refused"), FakeService("live")
+    h = make_harness([refused, live], policy="round_robin")
+    requests = [h.submit(f"c{i}".encode()) for i in range(12)]
+    await h.wait_idle()
+
+    assert all(r.response == r.payload[::-1] for r in requests)
+    assert refused.dials == 3  # failure_threshold, then it is marked down
+    assert not h.backends[0].healthy
+    # Least-connections reads ``inflight``: a leak here would starve a backend forever.
+    assert [b.inflight for b in h.backends] == [0, 0]
+
+
 async def test_no_retry_when_max_retries_is_zero(make_harness: Harnesses) -> None:
     services = [FakeService("dead"), FakeService("live")]
     h = make_harness(services, max_retries=0, policy="round_robin")
@@ -248,9 +276,15 @@ async def test_all_backends_dead(make_harness: Harnesses) -> None:
 
     assert {error_code(r) for r in requests} <= {"BACKEND_UNAVAILABLE", "NO_BACKEND"}
     assert error_code(requests[0]) == "BACKEND_UNAVAILABLE"  # tried both before any was down
-    assert error_code(requests[-1]) == "NO_BACKEND"  # by now both are marked down
     assert sum(h.stats.errored.values()) == 10
     assert h.stats.completed == 0
+    assert not any(b.healthy for b in h.backends)
+
+    attempts = sum(s.requests for s in h.services)
+    late = h.submit(b"late")
+    await h.wait_idle()
+    assert error_code(late) == "NO_BACKEND"  # both are marked down: nothing is tried
+    assert sum(s.requests for s in h.services) == attempts
     assert h.stats.inflight == 0
     assert not h.registry.any_healthy()
 

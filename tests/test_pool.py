@@ -11,7 +11,7 @@ import pytest
 from router.clock import ManualClock
 from router.errors import BackendUnavailable
 from router.health import HealthChecker, ProbeSettings
-from router.pool import Dialer, Pool, PoolLimits, Slot
+from router.pool import Dialer, Pool, PoolLimits, ReplySink, Slot
 from router.registry import Backend, Registry
 
 LIMITS = PoolLimits(
@@ -32,14 +32,12 @@ class FakeConnection:
     def is_closed(self) -> bool:
         return self.closed > 0
 
-    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+    def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
         self.requests.append(payload)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         if self.fail:
-            future.set_exception(BackendUnavailable(f"{self.name} reset"))
+            sink(token, None, BackendUnavailable(f"{self.name} reset"))
         else:
-            future.set_result(b"")
-        return future
+            sink(token, b"", None)
 
     def close(self) -> None:
         self.closed += 1

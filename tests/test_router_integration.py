@@ -283,7 +283,6 @@ async def _raw_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWr
     [
         pytest.param((0x7FFF_FFFF).to_bytes(4, "big"), id="oversize-length-word"),
         pytest.param((0xFFFF_FFFF).to_bytes(4, "big"), id="error-flag-length-word"),
-        pytest.param(encode_frame(b"a") + encode_frame(b"b"), id="unrequested-second-frame"),
     ],
 )
 async def test_backend_sending_garbage_is_a_protocol_error(
@@ -312,13 +311,47 @@ async def test_backend_sending_garbage_is_a_protocol_error(
         await router.stop()
 
 
+async def test_backend_sending_an_unrequested_frame_loses_its_connection(
+    router_factory: RouterFactory,
+) -> None:
+    """Answers are matched to requests in order, so a frame beyond the requests outstanding
+    means the stream can no longer be trusted: the request it follows keeps its answer and the
+    connection is discarded rather than reused."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(100):
+                header = await reader.readexactly(4)
+                await reader.readexactly(int.from_bytes(header, "big"))
+                writer.write(encode_frame(b"a") + encode_frame(b"b"))  # one segment
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, address = await _raw_backend(handler)
+    async with server:
+        router = await router_factory([address], {"dispatch": {"max_retries": 0}})
+        client = await router.client()
+        async with asyncio.timeout(WAIT_S):
+            assert await client.request(b"first") == b"a"
+            assert await client.request(b"second") == b"a"  # on a fresh connection, not "b"
+        pool = router.backend_stats()[address]["pool"]
+        assert pool["dialed"] == 2
+        assert pool["closed_broken"] >= 1
+        await router.stop()
+
+
 async def test_overload_answers_every_request(
     echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
 ) -> None:
     slow = echo_backend("--delay-ms", "500")
     router = await router_factory(
         [slow.address],
-        {"dispatch": {"queue_size": 2, "workers": 1, "queue_timeout_s": 0.2}},
+        # One connection carrying one request at a time: the pools bound what is in flight.
+        {"dispatch": {"queue_size": 2, "workers": 1, "queue_timeout_s": 0.2},
+         "pool": {"max_connections": 1, "pipeline_depth": 1}},
     )
     clients = [await router.client() for _ in range(4)]
     futures: list[tuple[bytes, asyncio.Future[bytes]]] = []
