@@ -507,3 +507,94 @@ async def test_check_backend_keeps_a_backend_down_when_its_probe_fails(
     assert not backend.healthy
     assert dialer.connections[0].closed == 1
     assert backend.pool.statistics()["open"] == 0
+
+
+# -- pipelining (pipeline_depth > 1) ----------------------------------------------------------
+
+
+async def test_pipelining_lends_a_busy_connection_with_room_before_an_idle_one(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, pipeline_depth=3)
+    first = await pool.acquire()
+    second = await pool.acquire()
+    assert second is first  # shared, not a second dial
+    pool.release(first)
+    pool.release(second)  # idle again
+    busy = await pool.acquire()
+    spare = await pool.acquire()
+    assert (busy is spare, dialer.dials) == (True, 1)
+
+    third = pool.acquire_nowait()
+    assert third is busy and busy.active == 3
+    assert pool.acquire_nowait() is None  # full at the depth: the next request needs a dial
+    fourth = await pool.acquire()
+    assert fourth is not busy and dialer.dials == 2
+    stats = pool.statistics()
+    assert (stats["open"], stats["sharing"], stats["pipeline_depth"]) == (2, 1, 3)
+
+
+async def test_pipelined_connection_gets_room_back_and_goes_idle_when_all_are_answered(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, pipeline_depth=2)
+    slot = await pool.acquire()
+    assert pool.acquire_nowait() is slot
+    assert pool.acquire_nowait() is None  # full
+    pool.release(slot)
+    assert slot.active == 1
+    assert pool.acquire_nowait() is slot  # room again
+    pool.release(slot)
+    clock.advance(3.0)
+    pool.release(slot)
+    assert (slot.active, slot.idle_since, pool.statistics()["idle"]) == (0, clock.now(), 1)
+
+
+async def test_pipelined_connection_past_max_lifetime_finishes_its_requests_then_closes(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, pipeline_depth=4)
+    slot = await pool.acquire()
+    assert pool.acquire_nowait() is slot
+    clock.advance(100.0)
+    assert pool.acquire_nowait() is None  # too old to take new requests
+    assert conn(slot).closed == 0  # ... but the two in flight are not cut off
+    pool.release(slot)
+    assert conn(slot).closed == 0
+    pool.release(slot)
+    assert conn(slot).closed == 1
+    stats = pool.statistics()
+    assert (stats["open"], stats["closed_max_lifetime"]) == (0, 1)
+
+
+async def test_broken_pipelined_connection_is_closed_at_once_and_counted_once(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, pipeline_depth=4)
+    slot = await pool.acquire()
+    assert pool.acquire_nowait() is slot
+    assert pool.acquire_nowait() is slot
+    pool.release(slot, reusable=False)  # the others on it fail too: closed now
+    assert conn(slot).closed >= 1
+    assert pool.acquire_nowait() is None
+    pool.release(slot, reusable=False)
+    pool.release(slot, reusable=False)
+    stats = pool.statistics()
+    assert (stats["open"], stats["closed_broken"], stats["sharing"]) == (0, 1, 0)
+
+
+async def test_pipelined_pool_never_exceeds_depth_or_max_connections(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=2, pipeline_depth=3)
+    slots = [await pool.acquire() for _ in range(6)]
+    assert dialer.dials == 2
+    assert sorted(s.active for s in {id(s): s for s in slots}.values()) == [3, 3]
+    waiter = asyncio.create_task(pool.acquire())
+    await yield_to_loop()
+    assert not waiter.done()  # 2 connections x 3 requests: the seventh waits
+    pool.release(slots[0])
+    async with asyncio.timeout(1.0):
+        handed = await waiter
+    assert handed is slots[0] and handed.active == 3
+    assert dialer.dials == 2
