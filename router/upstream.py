@@ -30,11 +30,7 @@ from router.errors import (
     FrameTooLarge,
 )
 from router.pool import Connection, Dialer, ReplySink
-from router.wire import FrameDecoder, encode_frame
-
-# Frames up to this size are joined with their header (one small copy); larger ones go out
-# as header + payload in the writev, without copying the payload.
-_JOIN_BELOW = 16 * 1024
+from router.wire import FrameDecoder, frame_parts
 
 
 class _Outstanding:
@@ -74,11 +70,7 @@ class BackendConnection(asyncio.Protocol):
         out = self._out
         if not out:
             self._loop.call_soon(self._flush)
-        if len(payload) < _JOIN_BELOW:
-            out.append(encode_frame(payload))
-        else:
-            out.append(len(payload).to_bytes(4, "big"))
-            out.append(payload)
+        out += frame_parts(payload)
         if self._timer is None or deadline < self._timer_at:
             self._arm_timer(deadline)
 

@@ -14,6 +14,7 @@ when bytes of an unfinished frame are left at end of stream. No socket, clock or
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 import orjson
@@ -24,6 +25,7 @@ HEADER_BYTES = 4
 ERROR_FLAG = 0x8000_0000
 LENGTH_MASK = 0x7FFF_FFFF
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+_unpack_header = struct.Struct(">I").unpack_from
 # Below this size joining header and payload (one copy) is cheaper than a writev of two buffers.
 _JOIN_BELOW = 64 * 1024
 
@@ -100,6 +102,12 @@ class FrameDecoder:
         if self.error is not None:
             raise self.error
         buf = self._buffer
+        if not buf and len(data) > HEADER_BYTES and not self._accept_error_flag:
+            # The common case, one whole frame in one read: no buffering, one copy. (A word
+            # with the error flag set exceeds any max_frame_bytes, so it takes the slow path.)
+            word = _unpack_header(data)[0]
+            if len(data) == HEADER_BYTES + word and word <= self._max_frame_bytes:
+                return [data[HEADER_BYTES:]]
         buf += data
         frames: list[bytes] = []
         while True:
