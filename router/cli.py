@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--reuse-port", action="store_true", default=None,
                        help="SO_REUSEPORT: share the port with another router (rolling restart)")
+    serve.add_argument("--processes", type=int, metavar="N",
+                       help="router processes sharing the listen port (listener.processes)")
+    # Set by the supervisor for its children: announce "READY <admin port>" on stdout.
+    serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path)
@@ -65,6 +70,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
         ("listener", "reuse_port"): args.reuse_port,
+        ("listener", "processes"): args.processes,
     }
     for (section, key), value in flag_keys.items():
         if value is not None:
@@ -77,7 +83,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     return config_mod.from_mapping(config_mod.merge(base, overrides), source)
 
 
-async def _serve(cfg: config_mod.RouterConfig) -> int:
+async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
     from router.app import RouterApp  # imported here: check-config needs no event loop parts
 
     loop = asyncio.get_running_loop()
@@ -100,6 +106,9 @@ async def _serve(cfg: config_mod.RouterConfig) -> int:
         bound = await app.start()
         lh, lp = bound.listen
         ah, ap = bound.admin
+        if supervised:
+            _die_with_parent()
+            print(f"READY {ap}", flush=True)
         backends = ", ".join(b.address for b in app.registry)
         print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
         print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
@@ -109,6 +118,48 @@ async def _serve(cfg: config_mod.RouterConfig) -> int:
     finally:
         await app.close()
     return 0 if report.dropped == 0 else 1
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM (a drain) when the supervisor dies, so a supervisor that is killed
+    outright leaves no router process behind."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _supervise(cfg: config_mod.RouterConfig) -> int:
+    from router.supervisor import Supervisor
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    supervisor = Supervisor(cfg, Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs")))
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logging.getLogger("router").warning("second signal: exiting now")
+            supervisor.force_exit()
+            os._exit(1)
+        logging.getLogger("router").info("signal %d: draining", signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        bound = await supervisor.start()
+        lh, lp = bound.listen
+        ah, ap = bound.admin
+        count = cfg.listener.processes
+        print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
+        print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
+        print(f"  processes: {count} sharing the port (SO_REUSEPORT)", flush=True)
+        print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)
+        return await supervisor.serve(stop.wait())
+    finally:
+        await supervisor.close()
 
 
 async def _call(address: str, payload: str) -> int:
@@ -149,4 +200,6 @@ def main(argv: list[str] | None = None) -> None:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         sys.exit(2)
-    sys.exit(uvloop.run(_serve(cfg)))
+    if cfg.listener.processes > 1 and not args.supervised:
+        sys.exit(uvloop.run(_supervise(cfg)))
+    sys.exit(uvloop.run(_serve(cfg, supervised=args.supervised)))

@@ -61,6 +61,8 @@ class ListenerConfig(_Section):
     idle_timeout_s: Seconds = 300.0  # a connection with nothing in flight may sit this long
     max_pipelined: int = Field(128, ge=1)  # per connection; reading pauses beyond it
     reuse_port: bool = False  # SO_REUSEPORT, for rolling restarts
+    # Router processes sharing the port (SO_REUSEPORT), run by a supervisor: see README.
+    processes: int = Field(1, ge=1, le=64)
 
 
 class GrpcConfig(_Section):

@@ -37,9 +37,11 @@ LAYERS: dict[str, int] = {
     "admin": 3,
     "spawner": 3,
     "client": 3,
+    "federation": 3,
     # L4: composition root and entry points
     "app": 4,
     "cli": 4,
+    "supervisor": 4,
     "__main__": 4,
 }
 PURE_LAYERS = {0, 1}

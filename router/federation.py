@@ -1,0 +1,178 @@
+"""The admin API of a multi-process router: one address that speaks for every router process.
+
+The supervisor serves the configured admin address; each router process it runs serves its own
+admin API on a loopback port. Requests here fan out to the processes concurrently:
+
+- ``/metrics``: every process's metrics in one exposition, each sample labelled
+  ``process="<index>"`` (sum over the label for the router as a whole), plus the supervisor's own
+  ``router_processes`` and ``router_process_restarts_total``.
+- ``/healthz``: 200 while the supervisor runs, listing each process and whether it is alive.
+- ``/readyz``: 200 only while not draining and every process answers ready.
+- ``/backends``: each process's backend list, every entry tagged with its ``process``.
+- ``/stats``: each process's ``/stats`` under its index.
+
+A process that does not answer within ``timeout_s`` is reported as such, never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    index: int
+    pid: int | None
+    alive: bool
+    restarts: int
+    admin_url: str | None  # None while (re)starting
+
+
+def merge_metrics(expositions: Iterable[tuple[str, str]]) -> list[Metric]:
+    """Families from several Prometheus text expositions, each sample labelled with the
+    ``process`` it came from; families of the same name are merged."""
+    families: dict[str, Metric] = {}
+    for process, text in expositions:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            merged.samples.extend(
+                Sample(s.name, {**s.labels, "process": process}, s.value, s.timestamp, s.exemplar)
+                for s in family.samples
+            )
+    return list(families.values())
+
+
+class _Fixed(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_INDENT_2), status=status,
+        content_type="application/json",
+    )
+
+
+class FederatedAdmin:
+    def __init__(
+        self,
+        processes: Callable[[], list[ProcessInfo]],
+        is_draining: Callable[[], bool],
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._processes = processes
+        self._is_draining = is_draining
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/metrics", self._get_metrics)
+        app.router.add_get("/healthz", self._get_healthz)
+        app.router.add_get("/readyz", self._get_readyz)
+        app.router.add_get("/backends", self._get_backends)
+        app.router.add_get("/stats", self._get_stats)
+        self._app = app
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        sock = socket.create_server((host, port), reuse_port=False)
+        await web.SockSite(self._runner, sock).start()
+        sockname = sock.getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _fetch(self, info: ProcessInfo, path: str) -> tuple[int, bytes] | None:
+        """(status, body) from one process, or None if it is down or did not answer."""
+        if self._session is None or info.admin_url is None or not info.alive:
+            return None
+        try:
+            async with self._session.get(info.admin_url + path) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _fan_out(self, path: str) -> list[tuple[ProcessInfo, tuple[int, bytes] | None]]:
+        infos = self._processes()
+        answers = await asyncio.gather(*(self._fetch(info, path) for info in infos))
+        return list(zip(infos, answers, strict=True))
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        answers = await self._fan_out("/metrics")
+        texts = [(str(info.index), body.decode()) for info, got in answers if got is not None
+                 for status, body in [got] if status == 200]
+        metrics = merge_metrics(texts)
+        metrics.extend(self._own_metrics())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(metrics))
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _own_metrics(self) -> list[Metric]:
+        infos = self._processes()
+        alive = Metric("router_processes", "Router processes by state", "gauge")
+        alive.add_sample("router_processes", {"state": "alive"},
+                         float(sum(1 for i in infos if i.alive)))
+        alive.add_sample("router_processes", {"state": "configured"}, float(len(infos)))
+        restarts = Metric("router_process_restarts", "Router processes restarted after an "
+                          "unexpected exit", "counter")
+        restarts.add_sample("router_process_restarts_total", {},
+                            float(sum(i.restarts for i in infos)))
+        return [alive, restarts]
+
+    async def _get_healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok", "processes": [
+            {"index": i.index, "pid": i.pid, "alive": i.alive, "restarts": i.restarts}
+            for i in self._processes()
+        ]})
+
+    async def _get_readyz(self, request: web.Request) -> web.Response:
+        if self._is_draining():
+            return _json({"ready": False, "reason": "draining"}, status=503)
+        answers = await self._fan_out("/readyz")
+        not_ready = [info.index for info, got in answers if got is None or got[0] != 200]
+        if not_ready:
+            return _json({"ready": False, "reason": f"processes not ready: {not_ready}"},
+                         status=503)
+        return _json({"ready": True, "processes": len(answers)})
+
+    async def _get_backends(self, request: web.Request) -> web.Response:
+        merged: list[dict[str, Any]] = []
+        for info, got in await self._fan_out("/backends"):
+            if got is not None and got[0] == 200:
+                merged.extend({**entry, "process": info.index} for entry in orjson.loads(got[1]))
+        return _json(merged)
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        processes = []
+        for info, got in await self._fan_out("/stats"):
+            stats = orjson.loads(got[1]) if got is not None and got[0] == 200 else None
+            processes.append({"index": info.index, "pid": info.pid, "alive": info.alive,
+                              "restarts": info.restarts, "stats": stats})
+        return _json({"draining": self._is_draining(), "processes": processes})

@@ -1,0 +1,209 @@
+"""Several router processes on one port (``listener.processes = N``), started and drained as one.
+
+Why: a router process is one Python thread on one core. At 10,000 client connections a single
+process was the bottleneck (94 % of a core while the load generator idled); several processes
+share the load the way HAProxy's threads do.
+
+How:
+
+- **One port, many listeners.** The supervisor binds each listen address once with SO_REUSEPORT
+  and never listens on that socket: it only reserves the port (so ``:0`` works). Every child
+  binds the same port with SO_REUSEPORT and the kernel spreads new connections across the
+  children by 4-tuple hash. (One shared accept socket would let whichever child wakes first
+  take a whole burst of connections, and persistent connections would stay lopsided.)
+- **Backends the config spawns** (``command``) are started once, here; the children are given
+  their addresses.
+- **Children** are ordinary routers (``serve --supervised``): same config, admin on a loopback
+  port they announce with ``READY <admin port>``. The supervisor serves the configured admin
+  address and federates theirs (``router.federation``).
+- **Drain.** SIGTERM/SIGINT: ``/readyz`` turns 503, every child gets SIGTERM and drains exactly
+  as a single router does (close its listener, finish what it accepted, FIN at request
+  boundaries). The supervisor waits for all of them, then stops the backends it spawned. It
+  exits 0 only if every child did (a child exits 1 if it dropped a request). A second signal is
+  forwarded: the children exit at once.
+- **A child that exits while not draining** is restarted, after 1 s doubling to 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from router.config import RouterConfig, parse_host_port, substitute
+from router.federation import FederatedAdmin, ProcessInfo
+from router.spawner import SpawnedProcess, Spawner
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap
+STOP_MARGIN_S = 10.0  # beyond shutdown_grace_s + linger_s before a child is killed
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisedAddresses:
+    listen: tuple[str, int]
+    admin: tuple[str, int]
+    grpc: tuple[str, int] | None
+
+
+@dataclass(eq=False)
+class _Child:
+    index: int
+    spawned: SpawnedProcess | None = None
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+    def info(self) -> ProcessInfo:
+        spawned = self.spawned
+        alive = spawned is not None and spawned.process.returncode is None
+        return ProcessInfo(
+            index=self.index,
+            pid=spawned.process.pid if spawned is not None else None,
+            alive=alive,
+            restarts=self.restarts,
+            admin_url=f"http://127.0.0.1:{spawned.port}" if spawned is not None else None,
+        )
+
+
+def reserve_port(address: str) -> tuple[socket.socket, str, int]:
+    """Bind (never listen) with SO_REUSEPORT: the port is ours, the children can share it."""
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock, host, int(sock.getsockname()[1])
+
+
+class Supervisor:
+    def __init__(self, config: RouterConfig, log_dir: Path) -> None:
+        self.config = config
+        self._log_dir = log_dir
+        self._backends = Spawner(log_dir=log_dir)
+        self._routers = Spawner(log_dir=log_dir, ready_timeout_s=60.0)
+        self._children = [_Child(i) for i in range(config.listener.processes)]
+        self._reserved: list[socket.socket] = []
+        self._child_config: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.draining = False
+        self.admin = FederatedAdmin(self.processes, lambda: self.draining)
+
+    def processes(self) -> list[ProcessInfo]:
+        return [child.info() for child in self._children]
+
+    async def start(self) -> SupervisedAddresses:
+        data = self.config.model_dump(mode="json", exclude_none=True)
+        data["backends"] = [await self._resolve_backend(b) for b in data["backends"]]
+        listen_sock, host, port = reserve_port(self.config.listener.listen)
+        self._reserved.append(listen_sock)
+        data["listener"].update(listen=f"{host}:{port}", reuse_port=True, processes=1)
+        grpc: tuple[str, int] | None = None
+        grpc_listen = data.get("grpc", {}).get("listen")
+        if grpc_listen:
+            grpc_sock, ghost, gport = reserve_port(grpc_listen)  # gRPC sets SO_REUSEPORT too
+            self._reserved.append(grpc_sock)
+            data["grpc"]["listen"] = f"{ghost}:{gport}"
+            grpc = (ghost, gport)
+        data["admin"]["listen"] = "127.0.0.1:0"
+        self._tmp = tempfile.TemporaryDirectory(prefix="inference-router-")
+        self._child_config = Path(self._tmp.name) / "process.toml"
+        self._child_config.write_bytes(tomli_w.dumps(data).encode())
+        await asyncio.gather(*(self._start_child(child) for child in self._children))
+        admin = await self.admin.start(*parse_host_port(self.config.admin.listen))
+        return SupervisedAddresses((host, port), admin, grpc)
+
+    async def _resolve_backend(self, backend: dict[str, Any]) -> dict[str, Any]:
+        if not backend.get("command"):
+            return backend
+        host, port = parse_host_port(backend["address"])
+        spawned = await self._backends.spawn(substitute(tuple(backend["command"]), port))
+        return {**backend, "address": f"{host}:{spawned.port}", "command": []}
+
+    async def _start_child(self, child: _Child) -> None:
+        assert self._child_config is not None
+        argv = [sys.executable, "-m", "router", "serve", "--supervised",
+                "--config", str(self._child_config)]
+        child.spawned = await self._routers.spawn(argv)
+
+    async def serve(self, stop: Awaitable[object]) -> int:
+        """Keep the children running until ``stop``; drain them; 0 if none dropped anything."""
+        async with asyncio.TaskGroup() as group:
+            watchers = [group.create_task(self._watch(child)) for child in self._children]
+            await stop
+            self.draining = True
+            log.info("draining %d router processes", len(self._children))
+            self._signal_children(signal.SIGTERM)
+            limit = (self.config.drain.shutdown_grace_s + self.config.drain.linger_s
+                     + STOP_MARGIN_S)
+            try:
+                async with asyncio.timeout(limit):
+                    await asyncio.gather(*watchers)
+            except TimeoutError:
+                log.error("router processes still running %.0fs after SIGTERM: killing", limit)
+                self._signal_children(signal.SIGKILL)
+                await asyncio.gather(*watchers)
+        return 0 if all(c.exit_codes and c.exit_codes[-1] == 0 for c in self._children) else 1
+
+    async def _watch(self, child: _Child) -> None:
+        """Wait for the child to exit; restart it unless we are draining."""
+        delay = RESTART_BACKOFF_S[0]
+        while True:
+            assert child.spawned is not None
+            code = await child.spawned.process.wait()
+            child.exit_codes.append(code)
+            if self.draining:
+                return
+            log.error("router process %d (pid %d) exited with %d; restarting in %.0fs",
+                      child.index, child.spawned.process.pid, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_BACKOFF_S[1])
+            if self.draining:
+                return
+            child.restarts += 1
+            await self._start_child(child)
+
+    def _signal_children(self, signum: int) -> None:
+        for child in self._children:
+            if child.spawned is not None and child.spawned.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.spawned.process.send_signal(signum)
+
+    def force_exit(self) -> None:
+        """Second signal: the children exit at once (their own second-signal rule)."""
+        self._signal_children(signal.SIGTERM)
+        for spawned in self._backends.statistics():
+            if spawned["returncode"] is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(spawned["pid"], signal.SIGKILL)
+
+    async def close(self) -> None:
+        await self.admin.close()
+        limit = self.config.drain.shutdown_grace_s + self.config.drain.linger_s + STOP_MARGIN_S
+        await self._routers.stop_all(timeout_s=limit)
+        await self._backends.stop_all()
+        for sock in self._reserved:
+            sock.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"draining": self.draining,
+                "processes": [c.info() for c in self._children],
+                "backends_spawned": self._backends.statistics()}
+
+    def __repr__(self) -> str:
+        alive = sum(1 for c in self._children if c.info().alive)
+        return f"Supervisor(processes={len(self._children)}, alive={alive})"

@@ -1,0 +1,180 @@
+"""``listener.processes = N``: several router processes on one port, as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.client import FrameClient
+from router.federation import merge_metrics
+from tests.conftest import REPO_ROOT, EchoBackend
+
+WAIT_S = 20.0  # bound on every wait; a router process starts in well under a second
+
+
+@dataclass
+class Supervised:
+    proc: asyncio.subprocess.Process
+    host: str
+    port: int
+    admin: str
+    stderr_path: Path
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session, session.get(self.admin + path) as resp:
+            body = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, orjson.loads(body)
+            return resp.status, body.decode()
+
+
+@contextlib.asynccontextmanager
+async def supervised_router(
+    backend: EchoBackend, tmp_path: Path, processes: int = 2
+) -> AsyncIterator[Supervised]:
+    stderr_path = tmp_path / "router.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "serve", "--processes", str(processes),
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", backend.address,
+            "--shutdown-grace", "10",
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
+            env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
+                 "PATH": "/usr/bin:/bin"},
+        )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(WAIT_S):
+            first = (await proc.stdout.readline()).decode()
+            admin_line = (await proc.stdout.readline()).decode()
+        assert first.startswith("inference-router listening on "), (
+            first, stderr_path.read_text()
+        )
+        host, port = first.split()[3].rsplit(":", 1)
+        admin = admin_line.split()[1].removesuffix("/metrics")
+        yield Supervised(proc, host, int(port), admin, stderr_path)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(WAIT_S):
+                await proc.wait()
+
+
+def per_process(metrics_text: str, sample_name: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == sample_name:
+                found[sample.labels["process"]] = sample.value
+    return found
+
+
+async def test_processes_share_the_port_and_the_admin_api_speaks_for_all(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    async with supervised_router(echo_backend(), tmp_path) as router:
+        clients = [await FrameClient.connect(router.host, router.port) for _ in range(16)]
+        async with asyncio.timeout(WAIT_S):
+            answers = await asyncio.gather(
+                *(c.request(f"c{i}".encode()) for i, c in enumerate(clients))
+            )
+        assert answers == [f"c{i}".encode() for i in range(16)]
+
+        status, text = await router.get("/metrics")
+        assert status == 200
+        completed = per_process(text, "router_requests_completed_total")
+        # The kernel spreads 16 connections over both (all on one: p = 2 * 2**-16).
+        assert set(completed) == {"0", "1"} and all(v > 0 for v in completed.values())
+        assert sum(completed.values()) == 16
+        assert 'router_processes{state="alive"} 2.0' in text  # the supervisor's own
+
+        status, ready = await router.get("/readyz")
+        assert (status, ready["ready"]) == (200, True)
+        status, backends = await router.get("/backends")
+        assert status == 200 and sorted(b["process"] for b in backends) == [0, 1]
+        status, health = await router.get("/healthz")
+        assert [p["alive"] for p in health["processes"]] == [True, True]
+        for client in clients:
+            await client.close()
+
+
+async def test_sigterm_drains_every_process_with_nothing_dropped(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    async with supervised_router(echo_backend("--delay-ms", "300"), tmp_path) as router:
+        clients = [await FrameClient.connect(router.host, router.port) for _ in range(8)]
+        pending = [c.send(f"in flight {i}".encode()) for i, c in enumerate(clients)]
+        async with asyncio.timeout(WAIT_S):
+            # Every request is accepted (read whole) before the signal: wait for the counters.
+            while True:
+                _, text = await router.get("/metrics")
+                if sum(per_process(text, "router_requests_accepted_total").values()) == 8:
+                    break
+                await asyncio.sleep(0.02)  # another process: no event to await
+        router.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT_S):
+            answers = await asyncio.gather(*pending)
+            returncode = await router.proc.wait()
+        assert answers == [f"in flight {i}".encode() for i in range(8)]
+        assert returncode == 0, router.stderr_path.read_text()
+        for client in clients:
+            await client.close()
+
+
+async def test_a_killed_process_is_restarted(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    async with supervised_router(echo_backend(), tmp_path) as router:
+        _, health = await router.get("/healthz")
+        victim = health["processes"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        async with asyncio.timeout(WAIT_S):
+            while True:  # the restart waits 1 s (backoff), then a fresh process starts
+                _, health = await router.get("/healthz")
+                first = health["processes"][0]
+                if first["restarts"] == 1 and first["alive"] and first["pid"] != victim:
+                    break
+                await asyncio.sleep(0.05)  # another process: no event to await
+            status, _ = await router.get("/readyz")
+            while status != 200:
+                await asyncio.sleep(0.05)
+                status, _ = await router.get("/readyz")
+        _, text = await router.get("/metrics")
+        assert "router_process_restarts_total 1.0" in text
+        client = await FrameClient.connect(router.host, router.port)
+        async with asyncio.timeout(WAIT_S):
+            assert await client.request(b"still served") == b"still served"
+        await client.close()
+
+
+def test_merge_metrics_labels_each_process_and_keeps_families_whole() -> None:
+    one = (
+        "# HELP router_requests_completed_total Requests answered\n"
+        "# TYPE router_requests_completed_total counter\n"
+        "router_requests_completed_total 3.0\n"
+        "# HELP lat Latency\n# TYPE lat histogram\n"
+        'lat_bucket{le="0.1"} 1.0\nlat_bucket{le="+Inf"} 3.0\nlat_count 3.0\nlat_sum 0.5\n'
+    )
+    two = one.replace(" 3.0\n", " 4.0\n", 1)
+    merged = {m.name: m for m in merge_metrics([("0", one), ("1", two)])}
+
+    completed = merged["router_requests_completed"]
+    assert completed.type == "counter"
+    assert [(s.labels, s.value) for s in completed.samples] == [
+        ({"process": "0"}, 3.0), ({"process": "1"}, 4.0)
+    ]
+    latency = merged["lat"]
+    assert latency.type == "histogram"
+    assert {s.labels["process"] for s in latency.samples} == {"0", "1"}
+    assert len(latency.samples) == 8
