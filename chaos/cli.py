@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Runner = Callable[[int, int, int | None], dict[str, Any]]
+Runner = Callable[..., dict[str, Any]]  # (clients, requests, seed[, processes=N])
 
 
 def scenario_main(
@@ -24,6 +24,7 @@ def scenario_main(
     *,
     clients: int,
     requests: int,
+    supports_processes: bool = False,
 ) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -32,10 +33,14 @@ def scenario_main(
     parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, default=default_json)
+    if supports_processes:
+        parser.add_argument("--processes", type=int, default=1,
+                            help="router processes under one supervisor (listener.processes)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.requests < 1:
         parser.error("--clients and --requests must be >= 1")
-    result = run(args.clients, args.requests, args.seed)
+    extra = {"processes": args.processes} if supports_processes else {}
+    result = run(args.clients, args.requests, args.seed, **extra)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))

@@ -73,13 +73,14 @@ def start_echo(
 def start_router(
     backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
     shutdown_grace_s: float = SHUTDOWN_GRACE_S, listen_address: str = "127.0.0.1:0",
-    reuse_port: bool = False,
+    reuse_port: bool = False, processes: int = 1,
 ) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
     """Start the router on free ports; return (proc, listen address, admin base URL).
 
     ``backend_ports`` become ``--backend`` flags (which replace a config file's backends);
     pass none to use the backends of ``config_path``. ``listen_address`` (default: any port)
-    and ``reuse_port`` (``--reuse-port``) let several routers share one address.
+    and ``reuse_port`` (``--reuse-port``) let several routers share one address;
+    ``processes`` > 1 runs that many router processes under one supervisor (``--processes``).
     """
     cmd = [sys.executable, "-m", "router", "serve"]
     if config_path is not None:
@@ -87,6 +88,8 @@ def start_router(
     cmd += ["--listen", listen_address, "--admin", "127.0.0.1:0"]
     if reuse_port:
         cmd.append("--reuse-port")
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
     for port in backend_ports:
         cmd += ["--backend", f"127.0.0.1:{port}"]
     cmd += ["--shutdown-grace", str(shutdown_grace_s), "--log-level", "INFO"]

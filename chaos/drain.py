@@ -192,7 +192,8 @@ def _read_ids(path: str) -> list[str]:
         return []
 
 
-def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict[str, Any]:
+def run(clients: int = 50, requests: int = 100, seed: int | None = None,
+        processes: int = 1) -> dict[str, Any]:
     rng = random.Random(seed)
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="chaos-drain-") as tmp:
@@ -206,7 +207,8 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict
                 procs.append(proc)
                 backends.append((proc, port))
             with open(stderr_path, "wb") as stderr_file:
-                router, addr, admin = _start_router([p for _, p in backends], stderr_file)
+                router, addr, admin = _start_router([p for _, p in backends], stderr_file,
+                                                    processes=processes)
             procs.append(router)
             scrape(admin)  # the router is up and its admin endpoint answers
             poller = MetricsPoller(admin)
@@ -234,9 +236,11 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict
         stderr_text = Path(stderr_path).read_text(errors="replace")
         processed_list = [i for path in record_paths for i in _read_ids(path)]
 
-    drain = DRAIN_LOG_RE.search(stderr_text)
-    dropped = int(drain.group(2)) if drain else None
-    drain_duration = float(drain.group(1)) if drain else None
+    # One drain line per router process; all of them must have drained.
+    drains = DRAIN_LOG_RE.findall(stderr_text)
+    drain = len(drains) == processes
+    dropped = sum(int(d) for _, d in drains) if drain else None
+    drain_duration = max(float(s) for s, _ in drains) if drain else None
 
     outcomes = state.outcomes
     counts = Counter(o if not o.startswith("error:") else "error" for o in outcomes.values())
@@ -280,7 +284,8 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None) -> dict
         "reconnects": state.reconnects,
         "last_metrics": last,
         "metrics_scrapes": poller.scrapes if poller is not None else 0,
-        "drain_log_line": drain.group(0) if drain else None,
+        "processes": processes,
+        "drain_log_lines": len(drains),
         **info,
         "invariants": invariants,
         "passed": all(invariants.values()),
@@ -313,7 +318,7 @@ def summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return scenario_main("python -m chaos.drain", __doc__, run, summary, DEFAULT_JSON, argv,
-                         clients=50, requests=100)
+                         clients=50, requests=100, supports_processes=True)
 
 
 if __name__ == "__main__":

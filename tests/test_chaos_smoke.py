@@ -16,6 +16,14 @@ def test_drain_chaos_smoke() -> None:
     assert time.monotonic() - started < 20
 
 
+def test_drain_chaos_smoke_with_two_router_processes() -> None:
+    """The drain contract holds when several router processes share the port."""
+    result = run(clients=10, requests=30, seed=2, processes=2)
+    assert result["passed"], result
+    assert (result["dropped"], result["drain_log_lines"]) == (0, 2)
+    assert result["lost"] + result["refused"] + result["ok"] == 300
+
+
 def test_backend_crash_chaos_smoke() -> None:
     """kill -9 two of three backends under load: retries hide it, health marks down and up."""
     from chaos.backend_crash import run as run_backend_crash
