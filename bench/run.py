@@ -143,14 +143,23 @@ def start_echo(name: str, log_dir: Path) -> Service:
     return service
 
 
-def start_router(backends: list[int], log_dir: Path) -> tuple[Service, int]:
-    """The router on free ports; returns it and its admin port."""
+def start_router(backends: list[int], log_dir: Path, config: Path | None = None,
+                 processes: int = 1) -> tuple[Service, int]:
+    """The router on free ports; returns it and its admin port.
+
+    ``config``: a TOML file for the settings the flags do not cover (the flags still win).
+    ``processes`` > 1: that many router processes on the port, under one supervisor.
+    """
     argv = [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
             "--admin", "127.0.0.1:0", "--log-level", "WARNING",
             "--shutdown-grace", str(ROUTER_GRACE_S)]
+    if config is not None:
+        argv += ["--config", str(config)]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
     for port in backends:
         argv += ["--backend", f"127.0.0.1:{port}"]
-    service = _spawn("router", argv, log_dir)
+    service = _spawn("router" if processes == 1 else f"router-{processes}p", argv, log_dir)
     service.port = int(service.wait_line(ROUTER_LINE, READY_TIMEOUT_S)[2])
     admin_port = int(service.wait_line(ADMIN_LINE, READY_TIMEOUT_S)[2])
     return service, admin_port
@@ -252,23 +261,32 @@ def _ratio(a: float | int | None, b: float | int | None) -> float | None:
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each router variant ("router", "router-2p", ...) against direct and HAProxy."""
     by_key = {(r["target"], r["clients"]): r["report"] for r in runs}
+    variants = sorted({r["target"] for r in runs if r["target"].startswith("router")})
     out = []
     for clients in sorted({r["clients"] for r in runs}):
-        router = by_key.get(("router", clients))
-        if router is None:
-            continue
-        for other in ("direct", "haproxy"):
-            base = by_key.get((other, clients))
-            if base is None:
+        for variant in variants:
+            router = by_key.get((variant, clients))
+            if router is None:
                 continue
-            out.append({
-                "clients": clients, "ratio": f"router/{other}",
-                "requests_per_s": _ratio(router["requests_per_s"], base["requests_per_s"]),
-                "p50": _ratio(router["p50_us"], base["p50_us"]),
-                "p99": _ratio(router["p99_us"], base["p99_us"]),
-            })
+            for other in ("direct", "haproxy"):
+                base = by_key.get((other, clients))
+                if base is None:
+                    continue
+                out.append({
+                    "clients": clients, "ratio": f"{variant}/{other}",
+                    "requests_per_s": _ratio(router["requests_per_s"], base["requests_per_s"]),
+                    "p50": _ratio(router["p50_us"], base["p50_us"]),
+                    "p99": _ratio(router["p99_us"], base["p99_us"]),
+                })
     return out
+
+
+def median_run(reports: list[LoadReport]) -> LoadReport:
+    """The round with the median throughput (the lower middle for an even count)."""
+    ranked = sorted(reports, key=lambda r: r["requests_per_s"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
@@ -315,8 +333,10 @@ def readme_block(result: dict[str, Any]) -> str:
         f"Measured {result['timestamp']} on {m['nproc']} CPUs, {m['platform']}, "
         f"Python {m['python']}{haproxy}. Persistent connections, no pipelining, "
         f"{s['payload_bytes']}-byte payloads, {s['requests_per_connection']} requests per "
-        f"connection; direct = {s['direct']}. Load generator, router, HAProxy and both echo "
-        "backends share the same CPUs.",
+        f"connection; direct = {s['direct']}; router-Np = N router processes on one port "
+        f"(`listener.processes`); each figure is the median of {s.get('rounds', 1)} "
+        "interleaved rounds. Load generator, router, HAProxy and both echo backends share the "
+        "same CPUs.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
         "",
@@ -350,6 +370,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="load generator processes (default: min(2, nproc))")
     parser.add_argument("--name", default="latest", help="bench/results/<name>.json")
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
+    parser.add_argument("--router-processes", default="1,2",
+                        help="comma-separated router process counts, one router each "
+                             "(default: 1,2; 'router' is 1, 'router-Np' is N)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure every target this many times, interleaved, and keep "
+                             "the median round (default: 2)")
     parser.add_argument("--update-readme", action="store_true",
                         help=f"replace the text between {README_START} and {README_END}")
     args = parser.parse_args(argv)
@@ -359,6 +385,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--clients: expected comma-separated integers, got {args.clients!r}")
     if not args.client_counts or min(args.client_counts) < 1 or args.requests < 1:
         parser.error("client counts and --requests must be >= 1")
+    try:
+        args.process_counts = [int(p) for p in args.router_processes.split(",") if p.strip()]
+    except ValueError:
+        parser.error(f"--router-processes: expected integers, got {args.router_processes!r}")
+    if not args.process_counts or min(args.process_counts) < 1 or args.rounds < 1:
+        parser.error("--router-processes and --rounds must be >= 1")
     if not re.fullmatch(r"[\w.-]+", args.name):
         parser.error("--name: letters, digits, '.', '_' and '-' only")
     return args
@@ -387,9 +419,13 @@ def main(argv: list[str] | None = None) -> None:
                 echo = start_echo(f"echo{index}", log_dir)
                 services.append(echo)
                 backends.append(echo.port)
-            router, admin_port = start_router(backends, log_dir)
-            services.append(router)
-            targets = {"direct": 0, "router": router.port}
+            targets = {"direct": 0}
+            admin_port = 0
+            for count in args.process_counts:
+                router, admin = start_router(backends, log_dir, processes=count)
+                services.append(router)
+                targets["router" if count == 1 else f"router-{count}p"] = router.port
+                admin_port = admin_port or admin
             if binary is not None:
                 haproxy = start_haproxy(binary, backends, log_dir)
                 services.append(haproxy)
@@ -397,12 +433,19 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print("haproxy not found (or --no-haproxy): skipping it", file=sys.stderr)
             for clients in args.client_counts:
-                for target, port in targets.items():
-                    print(f"running {target} with {clients} clients ...", file=sys.stderr,
-                          flush=True)
-                    report = _one_run(target, clients, port, backends, args)
-                    runs.append({"target": target, "clients": clients, "report": report})
-            router_stats = admin_stats(admin_port)
+                rounds: dict[str, list[LoadReport]] = {target: [] for target in targets}
+                for round_no in range(args.rounds):  # interleaved: drift hits every target
+                    for target, port in targets.items():
+                        print(f"running {target} with {clients} clients "
+                              f"(round {round_no + 1}/{args.rounds}) ...", file=sys.stderr,
+                              flush=True)
+                        rounds[target].append(_one_run(target, clients, port, backends, args))
+                for target, reports in rounds.items():
+                    runs.append({"target": target, "clients": clients,
+                                 "report": median_run(reports),
+                                 "rounds_requests_per_s": [r["requests_per_s"] for r in reports]})
+            if admin_port:
+                router_stats = admin_stats(admin_port)
         finally:
             for service in reversed(services):
                 service.stop()
@@ -418,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             "mode": "persistent", "pipeline": 1, "payload_bytes": PAYLOAD_BYTES,
             "requests_per_connection": args.requests, "max_seconds": args.max_seconds,
             "load_processes": args.processes, "clients": args.client_counts,
+            "router_processes": args.process_counts, "rounds": args.rounds,
             "direct": DIRECT_SPLIT, "haproxy": "mode tcp, balance leastconn, no health checks",
         },
         "runs": runs,
