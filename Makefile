@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-smoke chaos clean
+.PHONY: run test lint bench bench-smoke bench-10k bench-grpc locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,36 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m bench.regress
 
+# 10,000 concurrent connections x 50 requests, twice (fresh router each time), plus the idle
+# RSS probe; writes bench/results/tenk.json and the README's 10k table.
+bench-10k: $(STAMP)
+	$(PY) -m bench.tenk --repeat 2 --update-readme
+
+# gRPC: unary ModelInfer through the router vs directly to the backend, 1 and 64 callers;
+# writes bench/results/grpc.json and the README's gRPC table.
+bench-grpc: $(STAMP)
+	$(PY) -m bench.grpc_bench --update-readme
+
+# Locust, headless and bounded, against a router it starts; CSV stats in bench/results/locust_*.
+locust: $(STAMP)
+	$(PY) -m bench.locust_run --users 50 --spawn-rate 50 --run-time 30 --csv bench/results/locust
+
 # Full-size chaos scenarios; each prints its summary and exits 1 on a broken invariant.
 chaos: $(STAMP)
-	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7
+	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7 --grpc-clients 10
+	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7 --processes 2
 	$(PY) -m chaos.backend_crash
 	$(PY) -m chaos.hung_backend
 	$(PY) -m chaos.rolling_restart
 	$(PY) -m chaos.hostile_clients
+
+# Regenerate backends/proto/*_pb2*.py from the .proto files there (grpcio-tools, the protos
+# extra), then check that the result imports with the pinned protobuf runtime.
+protos: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[protos]'
+	$(PY) -m backends.proto.generate
+	$(PY) -c 'import backends.proto.grpc_predict_v2_pb2_grpc, backends.proto.model_stream_infer_pb2'
+	$(PY) -m pip check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

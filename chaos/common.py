@@ -33,6 +33,8 @@ SHUTDOWN_GRACE_S = 20
 
 ROUTER_LISTEN_RE = re.compile(r"listening on (\S+):(\d+) ")
 ROUTER_ADMIN_RE = re.compile(r"admin: (http://\S+?)/metrics")
+ROUTER_GRPC_RE = re.compile(r"grpc: (\S+):(\d+) ")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def read_line(stream: Any, timeout_s: float) -> str:
@@ -76,6 +78,21 @@ def start_router(
     reuse_port: bool = False, processes: int = 1,
 ) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
     """Start the router on free ports; return (proc, listen address, admin base URL).
+    ``launch_router`` takes the same arguments and returns the whole ``Banner``.
+    """
+    proc, banner = launch_router(
+        backend_ports, stderr_file, config_path=config_path, shutdown_grace_s=shutdown_grace_s,
+        listen_address=listen_address, reuse_port=reuse_port, processes=processes,
+    )
+    return proc, banner.listen, banner.admin
+
+
+def launch_router(
+    backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S, listen_address: str = "127.0.0.1:0",
+    reuse_port: bool = False, processes: int = 1,
+) -> tuple[subprocess.Popen[bytes], Banner]:
+    """Start the router on free ports; return (proc, what its banner says).
 
     ``backend_ports`` become ``--backend`` flags (which replace a config file's backends);
     pass none to use the backends of ``config_path``. ``listen_address`` (default: any port)
@@ -97,16 +114,34 @@ def start_router(
     # and the selector would then wait for data already read
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
+    return proc, read_banner(proc)
+
+
+@dataclass(frozen=True)
+class Banner:
+    """What the router's first lines of stdout say: where it listens."""
+
+    listen: tuple[str, int]
+    admin: str  # base URL
+    grpc: tuple[str, int] | None  # the gRPC front door, if on
+
+
+def read_banner(proc: subprocess.Popen[bytes]) -> Banner:
+    """Read ``listening on``, the optional ``grpc:`` line and ``admin:`` (bounded: 3 lines)."""
     assert proc.stdout is not None
-    first = read_line(proc.stdout, STARTUP_TIMEOUT_S)
-    second = read_line(proc.stdout, STARTUP_TIMEOUT_S)
-    listen = ROUTER_LISTEN_RE.search(first)
-    admin = ROUTER_ADMIN_RE.search(second)
+    lines = [read_line(proc.stdout, STARTUP_TIMEOUT_S)]
+    listen = ROUTER_LISTEN_RE.search(lines[0])
+    grpc_match = admin = None
+    while admin is None and listen is not None and len(lines) < 3:
+        lines.append(read_line(proc.stdout, STARTUP_TIMEOUT_S))
+        grpc_match = grpc_match or ROUTER_GRPC_RE.search(lines[-1])
+        admin = ROUTER_ADMIN_RE.search(lines[-1])
     if listen is None or admin is None:
         proc.kill()
         proc.wait(timeout=5)
-        raise RuntimeError(f"unexpected router banner: {first!r} {second!r}")
-    return proc, (listen.group(1), int(listen.group(2))), admin.group(1)
+        raise RuntimeError(f"unexpected router banner: {lines!r}")
+    grpc_addr = (grpc_match.group(1), int(grpc_match.group(2))) if grpc_match else None
+    return Banner((listen.group(1), int(listen.group(2))), admin.group(1), grpc_addr)
 
 
 def reap(procs: Iterable[subprocess.Popen[bytes]]) -> None:
@@ -219,6 +254,61 @@ async def run_client(
         if conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), connect_timeout_s)
+
+
+def _router_error(exc: Any) -> str | None:
+    """The router's own error code on a gRPC status (``x-router-error``), if it set one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "x-router-error":
+            return str(value)
+    return None
+
+
+async def run_grpc_client(
+    index: int, requests: int, target: str, state: LoadState, *,
+    request_timeout_s: float = 30.0, model: str = "identity",
+) -> None:
+    """One grpc.aio channel (no retries) sending ModelInfer with id ``g{index}-r{i}``, one at a
+    time. Outcomes: ``ok`` (the answer carries the id), ``refused`` (the router said DRAINING,
+    or gRPC ended the call without the router's code: this and the remaining ids),
+    ``lost`` (the router gave up on an accepted call: DROPPED), ``error:CODE`` (any other
+    router error code or status), ``mismatch``, ``timeout``."""
+    import grpc
+
+    from backends.proto import grpc_predict_v2_pb2 as pb
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i in range(requests):
+            request_id = f"g{index}-r{i}"
+            request = pb.ModelInferRequest(model_name=model, id=request_id)
+            request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
+            request.raw_input_contents.append(b"\x00\x00\x80\x3f")  # 1.0
+            sent_at = time.monotonic()
+            try:
+                answer = await infer(request.SerializeToString(), timeout=request_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code, status = _router_error(exc), exc.code()
+                if status == grpc.StatusCode.DEADLINE_EXCEEDED and code is None:
+                    state.record(request_id, "timeout")
+                    continue
+                unreached = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                if code == "DRAINING" or (code is None and status in unreached):
+                    # Refused; or gRPC itself ended it without the router's code: the server
+                    # had stopped (UNAVAILABLE) or was stopping and cancelled calls no handler
+                    # had taken yet (CANCELLED). A real client moves to another router; the
+                    # invariants check that none of these ids was processed.
+                    for j in range(i, requests):
+                        state.record(f"g{index}-r{j}", "refused")
+                    return
+                if code == "DROPPED":
+                    state.record(request_id, "lost")
+                    continue
+                state.record(request_id, f"error:{code or status.name}")
+                continue
+            state.latencies_s[request_id] = time.monotonic() - sent_at
+            answered = pb.ModelInferResponse.FromString(answer).id
+            state.record(request_id, "ok" if answered == request_id else "mismatch")
 
 
 # --------------------------------------------------------------------------- admin /backends

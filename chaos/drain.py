@@ -13,19 +13,29 @@ Each request ends as one of:
 * ``refused``   a reconnect failed, so this and the client's remaining requests were never sent;
 * ``mismatch`` / ``timeout``  anomalies (wrong echo, or no answer within the bound).
 
+With ``--grpc-clients G`` (``make chaos`` uses 10), the router also runs its gRPC front door
+with a ``backends.kserve`` backend (``--record-ids``) behind it, and G grpc.aio clients send R
+ModelInfer calls each, one at a time, with ids ``g{client}-r{i}``: ``ok`` when the answer
+carries the id, ``refused`` when the router said DRAINING or could not be reached (this and the
+client's remaining calls), ``lost`` when the router gave up on an accepted call (DROPPED), and
+``error:X`` for any other status. The same invariants cover them.
+
 After the run the backends are stopped and their id files read. The invariants (all must
 hold, else exit status 1): the router logged ``dropped 0`` and exited 0; every ``ok`` id was
 processed by a backend and every processed id was seen ``ok`` (nothing processed but lost);
 no ``lost``/``refused`` id was processed; no error frames and no anomalies; and exactly
 ``clients * requests`` outcomes.
 
-Run: ``python -m chaos.drain [--clients 50] [--requests 100] [--seed S] [--json PATH]``.
+Run: ``python -m chaos.drain [--clients 50] [--requests 100] [--grpc-clients 0] [--seed S]
+[--json PATH]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import re
@@ -43,7 +53,7 @@ from typing import Any
 import uvloop
 
 from chaos.cli import scenario_main
-from chaos.common import LoadState, reap
+from chaos.common import LoadState, launch_router, reap, run_grpc_client
 from chaos.common import run_client as _client
 from chaos.common import start_router as _start_router
 from chaos.common import stop as _stop
@@ -83,6 +93,25 @@ def _start_backend(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
         cwd=REPO_ROOT, stdout=subprocess.PIPE,
     )
     return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+
+
+def _start_kserve(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.kserve", "--port", "0", "--models", "identity",
+         "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    )
+    return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+
+
+def _config_with_grpc(path: Path, echo_ports: list[int], kserve_port: int) -> Path:
+    """The router's config when gRPC clients take part: the echo backends, the KServe
+    backend, and the gRPC front door on a free port."""
+    tables = [f'[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in echo_ports]
+    tables.append(f'[[backends]]\naddress = "127.0.0.1:{kserve_port}"\nprotocol = "grpc"\n'
+                  'models = ["identity"]\n')
+    path.write_text('[grpc]\nlisten = "127.0.0.1:0"\n\n' + "\n".join(tables))
+    return path
 
 
 # --------------------------------------------------------------------------- metrics
@@ -149,13 +178,21 @@ class MetricsPoller(threading.Thread):
 async def _load(
     clients: int, requests: int, addr: tuple[str, int], admin: str,
     router: subprocess.Popen[bytes], rng: random.Random, poller: MetricsPoller,
+    grpc_clients: int = 0, grpc_target: str | None = None,
 ) -> tuple[LoadState, dict[str, Any]]:
-    total = clients * requests
+    total = (clients + grpc_clients) * requests
     fraction = rng.uniform(*TRIGGER_FRACTION)
     state = LoadState(total=total, trigger_at=max(1, int(total * fraction)))
     info: dict[str, Any] = {"trigger_fraction": round(fraction, 3)}
     started = time.monotonic()
     tasks = [asyncio.create_task(_client(c, requests, addr, state)) for c in range(clients)]
+    if grpc_clients:
+        assert grpc_target is not None
+        tasks += [
+            asyncio.create_task(run_grpc_client(
+                c, requests, grpc_target, state, request_timeout_s=REQUEST_TIMEOUT_S))
+            for c in range(grpc_clients)
+        ]
     all_done = asyncio.gather(*tasks)
 
     async def sigterm_when_triggered() -> None:
@@ -193,13 +230,14 @@ def _read_ids(path: str) -> list[str]:
 
 
 def run(clients: int = 50, requests: int = 100, seed: int | None = None,
-        processes: int = 1) -> dict[str, Any]:
+        processes: int = 1, grpc_clients: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="chaos-drain-") as tmp:
         record_paths = [os.path.join(tmp, f"backend{i}.ids") for i in range(2)]
         stderr_path = os.path.join(tmp, "router.stderr")
         poller: MetricsPoller | None = None
+        grpc_target: str | None = None
         try:
             backends = []
             for path in record_paths:
@@ -207,15 +245,28 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None,
                 procs.append(proc)
                 backends.append((proc, port))
             with open(stderr_path, "wb") as stderr_file:
-                router, addr, admin = _start_router([p for _, p in backends], stderr_file,
-                                                    processes=processes)
+                if grpc_clients:
+                    record_paths.append(os.path.join(tmp, "kserve.ids"))
+                    kserve, kserve_port = _start_kserve(record_paths[-1])
+                    procs.append(kserve)
+                    backends.append((kserve, kserve_port))
+                    config = _config_with_grpc(Path(tmp) / "router.toml",
+                                               [p for _, p in backends[:2]], kserve_port)
+                    router, banner = launch_router([], stderr_file, config_path=config,
+                                                   processes=processes)
+                    addr, admin = banner.listen, banner.admin
+                    assert banner.grpc is not None, "the router printed no gRPC address"
+                    grpc_target = f"{banner.grpc[0]}:{banner.grpc[1]}"
+                else:
+                    router, addr, admin = _start_router([p for _, p in backends], stderr_file,
+                                                        processes=processes)
             procs.append(router)
             scrape(admin)  # the router is up and its admin endpoint answers
             poller = MetricsPoller(admin)
             poller.start()
 
-            state, info = uvloop.run(
-                _load(clients, requests, addr, admin, router, rng, poller))
+            state, info = uvloop.run(_load(
+                clients, requests, addr, admin, router, rng, poller, grpc_clients, grpc_target))
 
             if router.poll() is None and "sigterm_at_s" not in info:
                 router.send_signal(signal.SIGTERM)  # the load finished before the trigger
@@ -259,10 +310,13 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None,
         "lost_refused_never_processed": not (unanswered_ids & processed),
         "no_error_replies": counts["error"] == 0,
         "no_mismatch_or_timeout": counts["mismatch"] + counts["timeout"] == 0,
-        "all_outcomes_counted": len(outcomes) == clients * requests == state.done,
+        "all_outcomes_counted": len(outcomes) == (clients + grpc_clients) * requests
+        == state.done,
     }
     result: dict[str, Any] = {
         "clients": clients,
+        "grpc_clients": grpc_clients,
+        "grpc_ok": sum(1 for i, o in outcomes.items() if i.startswith("g") and o == "ok"),
         "requests": requests,
         "seed": seed,
         "accepted": int(last["accepted"]) if last else None,
@@ -298,6 +352,7 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None,
 def summary(result: dict[str, Any]) -> str:
     rows = [
         ("clients x requests", f"{result['clients']} x {result['requests']}"),
+        ("gRPC clients (ok)", f"{result.get('grpc_clients', 0)} ({result.get('grpc_ok', 0)})"),
         ("sigterm at", f"{result.get('sigterm_at_s')} s after "
                        f"{result.get('sigterm_after_outcomes')} outcomes"),
         ("accepted (last scrape)", result["accepted"]),
@@ -317,8 +372,15 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return scenario_main("python -m chaos.drain", __doc__, run, summary, DEFAULT_JSON, argv,
-                         clients=50, requests=100, supports_processes=True)
+    # --grpc-clients is this scenario's own flag; the shared command line takes the rest.
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--grpc-clients", type=int, default=0)
+    known, rest = extra.parse_known_args(argv)
+    if known.grpc_clients < 0:
+        extra.error("--grpc-clients must be >= 0")
+    return scenario_main("python -m chaos.drain", __doc__,
+                         functools.partial(run, grpc_clients=known.grpc_clients), summary,
+                         DEFAULT_JSON, rest, clients=50, requests=100, supports_processes=True)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ from router.balance import make_policy
 from router.clock import Clock, MonotonicClock
 from router.config import BackendConfig, RouterConfig, parse_host_port, substitute
 from router.dispatch import Dispatcher, DispatchSettings
-from router.drain import DrainCoordinator, DrainReport
+from router.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
+from router.grpc_front import GrpcFrontDoor, GrpcSettings
+from router.grpc_upstream import GrpcChannels, GrpcHealthChecker
 from router.health import HealthChecker, ProbeSettings
-from router.metrics import DataPlaneStats, RouterCollector
+from router.metrics import DataPlaneStats, GrpcStats, RouterCollector
 from router.pool import Pool, PoolLimits
 from router.registry import Backend, Registry
 from router.spawner import Spawner
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 class BoundAddresses:
     listen: tuple[str, int]
     admin: tuple[str, int]
+    grpc: tuple[str, int] | None = None
 
 
 class RouterApp:
@@ -60,15 +63,34 @@ class RouterApp:
             self.clock,
         )
         p = config.pool
-        self.health = HealthChecker(
-            self.registry, ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
+        probes = ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
+        # Each checker probes its own kind: frames for TCP backends, grpc.health for gRPC.
+        self.health = HealthChecker(self.registry.view("tcp"), probes)
+        g = config.grpc
+        self.grpc_stats = GrpcStats()
+        self.grpc_channels = GrpcChannels(
+            self.clock, max_message_bytes=g.max_message_bytes, idle_timeout_s=p.idle_timeout_s,
+            reconnect_max_s=p.probe_interval_s,
         )
+        self.grpc_health = GrpcHealthChecker(self.registry.view("grpc"), self.grpc_channels, probes)
+        self.grpc_front: GrpcFrontDoor | None = None
+        front_doors: list[DrainableFrontDoor] = [self.front_door]
+        if g.listen is not None:
+            self.grpc_front = GrpcFrontDoor(
+                self.dispatcher, self.registry, self.grpc_channels, self.clock,
+                GrpcSettings(g.max_message_bytes, d.request_timeout_s, config.drain.linger_s),
+                self.grpc_stats,
+            )
+            front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
-            [self.front_door], self.dispatcher, config.drain.shutdown_grace_s, self.clock
+            front_doors, self.dispatcher, config.drain.shutdown_grace_s, self.clock
         )
         self.metrics = CollectorRegistry()
         self.metrics.register(
-            RouterCollector(self.stats, self.registry, lambda: len(self.dispatcher.queue))
+            RouterCollector(
+                self.stats, self.registry, lambda: len(self.dispatcher.queue),
+                grpc=self.grpc_stats if self.grpc_front is not None else None,
+            )
         )
         self.admin = AdminServer(
             self.registry, self.metrics, lambda: self.drain.draining, self.statistics
@@ -89,8 +111,10 @@ class RouterApp:
             self.clock,
             name=address,
         )
+        grpc = spec.protocol == "grpc"
         backend = Backend(host, port, pool, weight=spec.weight, models=spec.models,
-                          failure_threshold=p.failure_threshold)
+                          failure_threshold=p.failure_threshold, kind=spec.protocol,
+                          call_limit=self.config.grpc.max_calls_per_backend if grpc else 0)
         self.registry.add(backend)
         return backend
 
@@ -102,8 +126,14 @@ class RouterApp:
         listen = await self.front_door.start(
             host, port, backlog=lst.backlog, reuse_port=lst.reuse_port
         )
+        grpc_bound = None
+        if self.grpc_front is not None and self.config.grpc.listen is not None:
+            grpc_host, grpc_port = parse_host_port(self.config.grpc.listen)
+            grpc_bound = await self.grpc_front.start(
+                grpc_host, grpc_port, reuse_port=lst.reuse_port
+            )
         admin = await self.admin.start(*parse_host_port(self.config.admin.listen))
-        self.bound = BoundAddresses(listen, admin)
+        self.bound = BoundAddresses(listen, admin, grpc_bound)
         return self.bound
 
     async def run(self, stop: Awaitable[object]) -> DrainReport:
@@ -118,13 +148,18 @@ class RouterApp:
         async with asyncio.TaskGroup() as group:
             workers = group.create_task(self.dispatcher.run(), name="workers")
             health = group.create_task(self.health.run(), name="health")
+            grpc_health = group.create_task(self.grpc_health.run(), name="grpc-health")
             report = await self.drain.wait_and_drain(stop)
             workers.cancel()
             health.cancel()
+            grpc_health.cancel()
         return report
 
     async def close(self) -> None:
         self.front_door.stop_accepting()
+        if self.grpc_front is not None:
+            await self.grpc_front.close()
+        await self.grpc_channels.close_all()
         self.registry.close()
         await self.admin.close()
         await self.spawner.stop_all()
@@ -133,6 +168,8 @@ class RouterApp:
         return {
             "dispatch": self.dispatcher.statistics(),
             "listener": self.front_door.statistics(),
+            "grpc": self.grpc_front.statistics() if self.grpc_front is not None else None,
+            "grpc_health": self.grpc_health.statistics(),
             "health": self.health.statistics(),
             "draining": self.drain.draining,
             "spawned": self.spawner.statistics(),

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT for the length-prefixed protocol")
     serve.add_argument("--backend", action="append", default=[], metavar="HOST:PORT[:WEIGHT]",
                        help="a backend (repeatable); replaces the file's backends")
+    serve.add_argument("--grpc-listen", metavar="HOST:PORT",
+                       help="HOST:PORT for the gRPC front door (grpc.listen; off by default)")
     serve.add_argument("--admin", help="HOST:PORT for the admin HTTP API")
     serve.add_argument("--workers", type=int)
     serve.add_argument("--queue-size", type=int)
@@ -66,6 +68,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     flag_keys = {
         ("listener", "listen"): args.listen,
         ("admin", "listen"): args.admin,
+        ("grpc", "listen"): args.grpc_listen,
         ("dispatch", "workers"): args.workers,
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
@@ -111,6 +114,9 @@ async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
             print(f"READY {ap}", flush=True)
         backends = ", ".join(b.address for b in app.registry)
         print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
+        if bound.grpc is not None:
+            gh, gp = bound.grpc
+            print(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)", flush=True)
         print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
         print(f"  backends: {backends}", flush=True)
         print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)
@@ -154,6 +160,9 @@ async def _supervise(cfg: config_mod.RouterConfig) -> int:
         ah, ap = bound.admin
         count = cfg.listener.processes
         print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
+        if bound.grpc is not None:
+            gh, gp = bound.grpc
+            print(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)", flush=True)
         print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
         print(f"  processes: {count} sharing the port (SO_REUSEPORT)", flush=True)
         print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)

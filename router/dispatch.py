@@ -456,7 +456,9 @@ class Dispatcher:
         self.stats.accepted += 1
         self.stats.inflight += 1
 
-    def pick(self, kind: str, model: str | None, exclude: tuple[Backend, ...] = ()) -> Backend | None:
+    def pick(
+        self, kind: str, model: str | None, exclude: tuple[Backend, ...] = ()
+    ) -> Backend | None:
         """The policy's choice among healthy backends of ``kind`` serving ``model``."""
         candidates = self._registry.candidates(exclude, kind, model)
         if not candidates:

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     # L1: pure functions and sans-IO state machines
     "wire": 1,
     "balance": 1,
+    "kserve": 1,
     # L2: asyncio machinery, no sockets except through injected dialers
     "registry": 2,
     "pool": 2,
@@ -38,6 +39,10 @@ LAYERS: dict[str, int] = {
     "spawner": 3,
     "client": 3,
     "federation": 3,
+    "grpc_upstream": 3,
+    "grpc_proxy": 3,
+    "grpc_kserve": 3,
+    "grpc_front": 3,
     # L4: composition root and entry points
     "app": 4,
     "cli": 4,

@@ -1,0 +1,288 @@
+"""A KServe v2 (Open Inference Protocol) gRPC backend on grpc.aio, serving small test models.
+
+Models (``--models``, default both):
+
+* ``identity``: every input comes back as an output of the same datatype and shape
+  (``INPUTn`` -> ``OUTPUTn``), bytes for bytes;
+* ``sum``: FP32 input ``INPUT0`` of any shape -> FP32 ``OUTPUT0`` of shape [1], the sum.
+
+Inputs are read from ``raw_input_contents`` (what tritonclient sends) or, for FP32, from
+``contents.fp32_contents``; outputs always go out in ``raw_output_contents``.
+
+It answers the whole ``inference.GRPCInferenceService`` of the KServe proto plus Triton's
+``ModelStreamInfer`` (one ``ModelStreamInferResponse`` per request; a failed request becomes
+``error_message`` and the stream goes on), ``grpc.health.v1.Health`` (NOT_SERVING from
+SIGTERM on), and ``routertest.Echo`` (``backends.grpc_echo``) for transparent-proxy tests.
+
+Misbehaviour on request, as ``backends.echo`` offers for TCP: ``--delay-ms`` answers late,
+``--fail-rate`` fails that fraction of inferences with UNAVAILABLE, ``--crash-on-infer``
+exits the process (status 3) as soon as an inference arrives, before answering it, and
+``--record-ids FILE`` appends the ``id`` of every answered inference to FILE.
+
+Prints ``READY <port>`` once listening; SIGTERM stops it after a short grace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+from array import array
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from backends.grpc_echo import EchoService
+from backends.proto import grpc_predict_v2_pb2 as pb
+from backends.proto.model_stream_infer_pb2 import ModelStreamInferResponse
+
+SERVICE = "inference.GRPCInferenceService"
+PLATFORM = "inference-router-test"
+VERSION = "1"
+STOP_GRACE_S = 1.0
+Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
+
+
+class InferError(Exception):
+    """A request this backend refuses; becomes a gRPC status (or a stream's error_message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class KServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    models: tuple[str, ...] = ("identity", "sum")
+    delay_s: float = 0.0
+    fail_rate: float = 0.0
+    crash_on_infer: bool = False
+    record_ids: str | None = None
+    seed: int | None = None
+
+
+def _input_bytes(request: pb.ModelInferRequest, index: int) -> bytes:
+    if index < len(request.raw_input_contents):
+        return request.raw_input_contents[index]
+    tensor = request.inputs[index]
+    if tensor.datatype == "FP32":
+        return array("f", tensor.contents.fp32_contents).tobytes()
+    raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name}: send raw contents")
+
+
+def identity(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse()
+    for index, tensor in enumerate(request.inputs):
+        output = response.outputs.add()
+        output.name = tensor.name.replace("INPUT", "OUTPUT", 1)
+        output.datatype = tensor.datatype
+        output.shape.extend(tensor.shape)
+        response.raw_output_contents.append(_input_bytes(request, index))
+    return response
+
+
+def vector_sum(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    if len(request.inputs) != 1 or request.inputs[0].datatype != "FP32":
+        raise InferError(grpc.StatusCode.INVALID_ARGUMENT, "sum takes one FP32 input, INPUT0")
+    values = array("f")
+    raw = _input_bytes(request, 0)
+    if len(raw) % values.itemsize:
+        raise InferError(grpc.StatusCode.INVALID_ARGUMENT, "INPUT0 is not a whole FP32 tensor")
+    values.frombytes(raw)
+    response = pb.ModelInferResponse()
+    output = response.outputs.add()
+    output.name, output.datatype = "OUTPUT0", "FP32"
+    output.shape.append(1)
+    response.raw_output_contents.append(array("f", [sum(values)]).tobytes())
+    return response
+
+
+MODELS: dict[str, Callable[[pb.ModelInferRequest], pb.ModelInferResponse]] = {
+    "identity": identity,
+    "sum": vector_sum,
+}
+TENSORS = {  # (inputs, outputs) as (name, datatype, shape) for ModelMetadata
+    "identity": ([("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [-1])]),
+    "sum": ([("INPUT0", "FP32", [-1])], [("OUTPUT0", "FP32", [1])]),
+}
+
+
+class KServeBackend:
+    def __init__(self, config: KServeConfig, port: int) -> None:
+        self._config = config
+        self._rng = random.Random(config.seed)
+        self._record = (
+            os.open(config.record_ids, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if config.record_ids else None
+        )
+        self.port = port
+        self.inferences = 0
+
+    def close(self) -> None:
+        if self._record is not None:
+            os.close(self._record)
+
+    def _model(self, name: str) -> Callable[[pb.ModelInferRequest], pb.ModelInferResponse]:
+        if name not in self._config.models:
+            raise InferError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
+        return MODELS[name]
+
+    async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self._config.crash_on_infer:
+            os._exit(3)  # die before answering: what a retry must hide
+        model = self._model(request.model_name)
+        if self._config.delay_s:
+            await asyncio.sleep(self._config.delay_s)
+        if self._config.fail_rate and self._rng.random() < self._config.fail_rate:
+            raise InferError(grpc.StatusCode.UNAVAILABLE, "injected failure")
+        response = model(request)
+        response.model_name, response.model_version, response.id = (
+            request.model_name, VERSION, request.id
+        )
+        if self._record is not None and request.id:
+            os.write(self._record, request.id.encode() + b"\n")  # before the answer leaves
+        self.inferences += 1
+        return response
+
+    # -- inference.GRPCInferenceService -------------------------------------------------------
+
+    async def model_infer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        try:
+            return await self.infer_one(request)
+        except InferError as exc:
+            await context.abort(exc.code, str(exc))
+            raise  # not reached: abort raises
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[ModelStreamInferResponse]:
+        async for request in requests:
+            try:
+                yield ModelStreamInferResponse(infer_response=await self.infer_one(request))
+            except InferError as exc:
+                yield ModelStreamInferResponse(error_message=str(exc))
+
+    async def server_live(self, request: pb.ServerLiveRequest, context: Context) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context: Context) -> Any:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        return pb.ModelReadyResponse(ready=request.name in self._config.models)
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
+        return pb.ServerMetadataResponse(name="kserve-test-backend", version=VERSION)
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
+        if request.name not in self._config.models:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
+        response = pb.ModelMetadataResponse(
+            name=request.name, versions=[VERSION], platform=PLATFORM
+        )
+        inputs, outputs = TENSORS[request.name]
+        for target, tensors in ((response.inputs, inputs), (response.outputs, outputs)):
+            for name, datatype, shape in tensors:
+                target.add(name=name, datatype=datatype, shape=shape)
+        return response
+
+    def handler(self) -> Any:
+        def unary(fn: Any, req: Any, resp: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": unary(
+                self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": unary(
+                self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.model_stream_infer,
+                request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=ModelStreamInferResponse.SerializeToString,
+            ),
+        })
+
+
+async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
+    """Listen, print ``READY <port>``, serve until ``stop`` is set, then stop gracefully."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {config.host}:{config.port}")
+    backend = KServeBackend(config, port)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server.add_generic_rpc_handlers([backend.handler(), EchoService(port).handler()])
+    await server.start()
+    try:
+        print(f"READY {port}", flush=True)
+        await stop.wait()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(STOP_GRACE_S)
+    finally:
+        await server.stop(None)
+        backend.close()
+
+
+async def _main_async(config: KServeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def parse_args(argv: list[str] | None = None) -> KServeConfig:
+    parser = argparse.ArgumentParser(prog="python -m backends.kserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    parser.add_argument("--models", default="identity,sum",
+                        help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--fail-rate", type=float, default=0.0,
+                        help="fraction of inferences failed with UNAVAILABLE")
+    parser.add_argument("--crash-on-infer", action="store_true",
+                        help="exit as soon as an inference arrives, before answering")
+    parser.add_argument("--record-ids", default=None, metavar="FILE",
+                        help="append the id of every answered inference to FILE")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    if args.delay_ms < 0 or not 0.0 <= args.fail_rate <= 1.0:
+        parser.error("--delay-ms must be >= 0 and --fail-rate in [0, 1]")
+    return KServeConfig(
+        host=args.host, port=args.port, models=models, delay_s=args.delay_ms / 1000.0,
+        fail_rate=args.fail_rate, crash_on_infer=args.crash_on_infer,
+        record_ids=args.record_ids, seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    uvloop.run(_main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

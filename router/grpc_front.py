@@ -1,0 +1,318 @@
+"""The gRPC front door: a grpc.aio server that proxies any service, KServe v2 aware.
+
+Methods, in the order gRPC looks them up:
+
+1. registered: ``grpc.health.v1.Health`` (answered by the router, see ``RouterHealth``) and the
+   KServe methods of ``grpc_kserve`` (answered by the router, or routed by model);
+2. everything else, any service and method name, through one generic handler: proxied as a
+   bidirectional stream of raw messages, which carries unary and every streaming kind alike
+   (the wire does not say which kind a method is). A call may pick its model group with the
+   ``x-route-model`` header ("name" or "name:version"); without it any gRPC backend serves.
+
+Every handler runs inside ``_observed``, which counts the call by method and status code
+(``GrpcStats``) and turns errors into statuses: a ``RouterError`` into its ``grpc_status`` hint
+(NO_BACKEND -> UNAVAILABLE, OVERLOADED -> RESOURCE_EXHAUSTED, UNKNOWN_MODEL -> NOT_FOUND,
+MALFORMED_MESSAGE -> INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...), with the error's code in the
+``x-router-error`` trailer, and a relayed backend status into itself, with its details and
+trailing metadata.
+
+Admission, for calls that reach a backend: refused with UNAVAILABLE while draining, and with
+RESOURCE_EXHAUSTED while the dispatch queue is at its bound (gRPC has no read to pause).
+
+Drain: ``start_drain`` turns health and ServerReady to not serving and refuses new proxied
+calls, while calls in flight go on; ``wait_all_closed`` returns once none is left, after
+stopping the server (GOAWAY to every connection, ``linger_s`` for the last answers to go out);
+``abort_all`` cancels what is still running at the drain deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeAlias
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from router.clock import Clock
+from router.dispatch import Dispatcher
+from router.errors import Draining, Overloaded, RouterError, UnknownModel
+from router.grpc_kserve import SERVICE as KSERVE_SERVICE
+from router.grpc_kserve import KServeRouting
+from router.grpc_proxy import GrpcForwarder, GrpcStatus, ended_by
+from router.grpc_upstream import GrpcChannels
+from router.metrics import GrpcStats
+from router.registry import Backend, Registry
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+ROUTE_MODEL_HEADER = "x-route-model"
+# Trailing metadata on every status the router itself chose: its stable error code (OVERLOADED,
+# NO_BACKEND, DRAINING, ...), so clients match on codes, not on details text. A backend's
+# relayed status never carries it.
+ROUTER_ERROR_HEADER = "x-router-error"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+Context: TypeAlias = grpc.aio.ServicerContext
+Handler = Callable[[Any, Context], Awaitable[Any]]  # (request or request stream, context)
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcSettings:
+    max_message_bytes: int = 16 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    linger_s: float = 2.0
+
+
+class RouterHealth:
+    """``grpc.health.v1.Health`` for the router itself: SERVING for "" and the KServe service
+    while ``is_ready()``; NOT_FOUND (Check) / SERVICE_UNKNOWN (Watch) for other names. Watchers
+    get a new message whenever readiness may have changed (``changed``: a backend in or out of
+    rotation, the drain), and only if it did."""
+
+    SERVICES = frozenset({"", KSERVE_SERVICE})
+
+    def __init__(self, is_ready: Callable[[], bool]) -> None:
+        self._is_ready = is_ready
+        self._change = asyncio.Event()
+        self.watchers = 0
+
+    def changed(self, backend: Backend | None = None) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    def status(self, service: str) -> int:
+        if service not in self.SERVICES:
+            return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return int(_SERVING if self._is_ready() else _NOT_SERVING)
+
+    async def check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in self.SERVICES:
+            raise GrpcStatus(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self.status(request.service))
+
+    async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        self.watchers += 1
+        try:
+            last = None
+            while True:  # until the client goes away or the server stops
+                change = self._change
+                status = self.status(request.service)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                await change.wait()
+        finally:
+            self.watchers -= 1
+
+
+class _ProxyAll(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
+    """Any method not registered: a raw bidirectional stream to a backend."""
+
+    def __init__(self, front_door: GrpcFrontDoor) -> None:
+        self._front_door = front_door
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method
+        if method.startswith(f"/{HEALTH_SERVICE}/"):
+            return None  # an unknown Health method: UNIMPLEMENTED, never proxied
+        return self._front_door.proxy_handler(method)
+
+
+class GrpcFrontDoor:
+    def __init__(
+        self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
+        settings: GrpcSettings, stats: GrpcStats,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._registry = registry
+        self._channels = channels
+        self._clock = clock
+        self._settings = settings
+        self.stats = stats
+        self.forwarder = GrpcForwarder(dispatcher, channels, clock, settings.request_timeout_s)
+        self.kserve = KServeRouting(self.forwarder, registry, lambda: self.draining)
+        self.health = RouterHealth(self.kserve.ready)
+        registry.add_listener(self.health.changed)
+        self.draining = False
+        self._server: grpc.aio.Server | None = None
+        self._stopped = False
+        self._calls: set[asyncio.Task[Any]] = set()  # proxied calls in progress
+        self._all_done: asyncio.Event | None = None
+        self.calls_total = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        size = self._settings.max_message_bytes
+        server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_receive_message_length", size),
+            # gRPC sets SO_REUSEPORT unless told not to: two routers must not share a port
+            # by accident, only when asked (--reuse-port, for rolling restarts).
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ])
+        server.add_registered_method_handlers(HEALTH_SERVICE, self._health_handlers())
+        server.add_registered_method_handlers(KSERVE_SERVICE, self._kserve_handlers())
+        server.add_generic_rpc_handlers([_ProxyAll(self)])
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {host}:{port}")
+        await server.start()
+        self._server = server
+        return host, bound
+
+    def start_drain(self) -> None:
+        self.draining = True
+        self.health.changed()
+
+    async def wait_all_closed(self) -> None:
+        if self._calls:
+            self._all_done = asyncio.Event()
+            await self._all_done.wait()
+        await self._stop(self._settings.linger_s)
+
+    def abort_all(self) -> int:
+        """Cancel every proxied call still running; the drain counted them dropped."""
+        self.forwarder.dropped_all = True
+        calls = list(self._calls)
+        for task in calls:
+            task.cancel()
+        return len(calls)
+
+    async def close(self) -> None:
+        await self._stop(None)
+        await self._channels.close_all()
+
+    async def _stop(self, grace: float | None) -> None:
+        if self._server is not None and not self._stopped:
+            self._stopped = True
+            await self._server.stop(grace)
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def _health_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        request = health_pb2.HealthCheckRequest.FromString
+        response = health_pb2.HealthCheckResponse.SerializeToString
+        return {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                partial(self._handle, f"/{HEALTH_SERVICE}/Check", self.health.check, False),
+                request_deserializer=request, response_serializer=response,
+            ),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                partial(self._handle, f"/{HEALTH_SERVICE}/Watch", self.health.watch, False),
+                request_deserializer=request, response_serializer=response,
+            ),
+        }
+
+    def _kserve_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        k = self.kserve
+        unary: dict[str, tuple[Handler, bool]] = {  # name: (handler, routed to a backend)
+            "ServerLive": (k.server_live, False), "ServerReady": (k.server_ready, False),
+            "ModelReady": (k.model_ready, False), "ServerMetadata": (k.server_metadata, False),
+            "ModelMetadata": (k.model_metadata, True), "ModelInfer": (k.model_infer, True),
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                partial(self._handle, f"/{KSERVE_SERVICE}/{name}", fn, routed)
+            )
+            for name, (fn, routed) in unary.items()
+        }
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(partial(
+            self._handle, f"/{KSERVE_SERVICE}/ModelStreamInfer", k.model_stream_infer, True
+        ))
+        return handlers
+
+    def proxy_handler(self, method: str) -> grpc.RpcMethodHandler:
+        """The generic handler: any method, as a stream, to the ``x-route-model`` group."""
+        return grpc.stream_stream_rpc_method_handler(
+            partial(self._handle, method, partial(self._relay, method), True)
+        )
+
+    async def _relay(self, method: str, requests: Any, context: Context) -> None:
+        model = _route_model(context)
+        if model is not None and not self._registry.knows_model(model, "grpc"):
+            raise UnknownModel(f"no backend serves model {model!r}")
+        await self.forwarder.relay_stream(method, context, model)
+
+    # -- every call ---------------------------------------------------------------------------
+
+    async def _handle(
+        self, method: str, fn: Handler, routed: bool, request: Any, context: Context
+    ) -> Any:
+        """Run one call's handler ``fn``: count it by method and status, turn errors into
+        statuses. A ``routed`` call (one that reaches a backend) must pass admission and is
+        tracked for the drain. One coroutine for all of it: on a unary call every await
+        resumes through each frame, so nesting costs on the hot path."""
+        started = self._clock.now()
+        code = "OK"
+        task = asyncio.current_task() if routed else None
+        try:
+            if task is not None:
+                self._calls.add(task)
+                self.calls_total += 1
+                if self.draining:
+                    raise Draining("the router is draining; retry on another router")
+                if self._dispatcher.saturated:
+                    raise Overloaded("the dispatch queue is full")
+            return await fn(request, context)
+        except GrpcStatus as status:
+            code = status.code.name
+            await context.abort(status.code, status.details, status.trailing)
+        except RouterError as error:
+            code = error.grpc_status
+            await context.abort(
+                grpc.StatusCode[error.grpc_status], error.message,
+                ((ROUTER_ERROR_HEADER, error.code),),
+            )
+        except asyncio.CancelledError:
+            if not self.forwarder.dropped_all:
+                code = ended_by(context).grpc_status
+                raise
+            # Cancelled by abort_all: the drain gave up on this call. Tell the client now
+            # rather than leave it waiting for its deadline.
+            if task is not None:
+                task.uncancel()
+            code = "UNAVAILABLE"
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the router stopped before answering",
+                ((ROUTER_ERROR_HEADER, "DROPPED"),),
+            )
+        except Exception:
+            code = "INTERNAL"
+            log.exception("gRPC handler for %s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router")
+        finally:
+            self.stats.count(method, code, self._clock.now() - started)
+            if task is not None:
+                self._calls.discard(task)
+                if not self._calls and self._all_done is not None:
+                    self._all_done.set()
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "calls_in_flight": len(self._calls),
+            "calls_total": self.calls_total,
+            "health_watchers": self.health.watchers,
+            "draining": self.draining,
+            "channels": self._channels.statistics(),
+            "calls": self.stats.statistics(),
+        }
+
+    def __repr__(self) -> str:
+        return f"GrpcFrontDoor(calls={len(self._calls)}, draining={self.draining})"
+
+
+def _route_model(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_MODEL_HEADER:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None

@@ -1,0 +1,164 @@
+"""Fixtures for the gRPC tests: ``backends.kserve`` processes and an in-process router with
+its gRPC front door. Test modules import the fixtures by name (``from tests.grpc_support
+import kserve_backend, grpc_router``).
+
+Every wait is bounded: backends are awaited on their ``READY <port>`` line, the router on the
+addresses ``RouterApp.start`` returns, and shutdown on the serve task with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from backends.proto import grpc_predict_v2_pb2 as pb
+from router import config as config_mod
+from router.app import RouterApp
+from router.drain import DrainReport
+from tests.conftest import BASE_CONFIG, REPO_ROOT
+from tests.support import wait_ready
+
+STOP_TIMEOUT_S = 15.0
+CALL_TIMEOUT_S = 10.0
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass
+class KServeBackend:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def kserve_backend() -> Iterator[Callable[..., KServeBackend]]:
+    """Factory: ``kserve_backend(*args)`` starts ``python -m backends.kserve --port 0 ARGS``."""
+    started: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def start(*args: str) -> KServeBackend:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backends.kserve", "--port", "0", *args],
+            stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
+        )
+        started.append(proc)
+        return KServeBackend(proc, wait_ready(proc))
+
+    yield start
+    for proc in started:
+        _stop(proc)
+
+
+@dataclass
+class GrpcRouter:
+    app: RouterApp
+    target: str  # the gRPC front door, HOST:PORT
+    admin_url: str
+    _stop_event: asyncio.Event
+    _serve_task: asyncio.Task[DrainReport]
+    _stopped: bool = False
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target)
+
+    def backend(self, address: str) -> dict[str, Any]:
+        return next(b for b in self.app.registry.statistics() if b["address"] == address)
+
+    def start_drain(self) -> None:
+        self._stop_event.set()
+
+    async def wait_report(self) -> DrainReport:
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            return await asyncio.shield(self._serve_task)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_event.set()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await self._serve_task
+        finally:
+            if not self._serve_task.done():
+                self._serve_task.cancel()
+            await self.app.close()
+
+
+GrpcRouterFactory = Callable[..., Awaitable[GrpcRouter]]
+
+
+def grpc_backend(address: str, *models: str, **extra: Any) -> dict[str, Any]:
+    return {"address": address, "protocol": "grpc", "models": list(models), **extra}
+
+
+@pytest.fixture
+async def grpc_router() -> AsyncIterator[GrpcRouterFactory]:
+    """Factory: ``await grpc_router([backend tables], overrides)`` -> a serving router."""
+    running: list[GrpcRouter] = []
+
+    async def start(
+        backends: list[dict[str, Any]], overrides: dict[str, Any] | None = None
+    ) -> GrpcRouter:
+        data = config_mod.merge(BASE_CONFIG, {"grpc": {"listen": "127.0.0.1:0"}})
+        data = config_mod.merge(data, overrides or {})
+        data["backends"] = backends
+        app = RouterApp(config_mod.from_mapping(data, "<test>"))
+        async with asyncio.timeout(10):
+            bound = await app.start()
+        assert bound.grpc is not None
+        stop_event = asyncio.Event()
+        task = asyncio.create_task(app.serve(stop_event.wait()), name="router-serve")
+        admin_host, admin_port = bound.admin
+        router = GrpcRouter(
+            app, f"{bound.grpc[0]}:{bound.grpc[1]}", f"http://{admin_host}:{admin_port}",
+            stop_event, task,
+        )
+        running.append(router)
+        return router
+
+    yield start
+    for router in running:
+        await router.stop()
+
+
+def infer_request(model: str, values: list[float], *, version: str = "", id: str = "") -> bytes:
+    """A serialised ModelInferRequest with one FP32 input, INPUT0, in raw_input_contents."""
+    from array import array
+
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=id)
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32")
+    tensor.shape.append(len(values))
+    request.raw_input_contents.append(array("f", values).tobytes())
+    return request.SerializeToString()
+
+
+def output_values(response: bytes) -> list[float]:
+    from array import array
+
+    values = array("f")
+    values.frombytes(pb.ModelInferResponse.FromString(response).raw_output_contents[0])
+    return list(values)

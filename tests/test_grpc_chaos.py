@@ -1,0 +1,13 @@
+"""Smoke run of the drain chaos scenario with gRPC clients beside the TCP ones."""
+
+from __future__ import annotations
+
+from chaos.drain import run
+
+
+def test_drain_chaos_smoke_with_grpc_clients() -> None:
+    result = run(clients=5, requests=30, seed=4, grpc_clients=5)
+    assert result["passed"], result
+    assert result["dropped"] == 0
+    assert result["grpc_ok"] > 0
+    assert result["lost"] + result["refused"] + result["ok"] == 300

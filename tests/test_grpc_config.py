@@ -1,0 +1,91 @@
+"""Configuration of the gRPC front door and of gRPC backends, and the CLI flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from router import config as config_mod
+from router.cli import _parser, build_config
+from router.clock import ManualClock
+from router.errors import ConfigError
+from router.pool import Pool, PoolLimits
+from router.registry import Backend, Registry
+from router.upstream import make_dialer
+
+
+def test_grpc_is_off_by_default_and_backends_default_to_tcp() -> None:
+    cfg = config_mod.from_mapping({"backends": [{"address": "127.0.0.1:1"}]})
+    assert cfg.grpc.listen is None
+    assert cfg.backends[0].protocol == "tcp"
+
+
+def test_grpc_section_and_backend_protocol_and_models() -> None:
+    cfg = config_mod.from_mapping({
+        "grpc": {"listen": "127.0.0.1:0", "max_calls_per_backend": 8},
+        "backends": [{"address": "127.0.0.1:1", "protocol": "grpc", "models": ["a", "b:2"]}],
+    })
+    assert cfg.grpc.max_calls_per_backend == 8
+    assert (cfg.backends[0].protocol, cfg.backends[0].models) == ("grpc", ("a", "b:2"))
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"grpc": {"listen": "nope"}}, "<t>: grpc.listen: Value error, expected HOST:PORT"),
+        ({"grpc": {"colour": 1}}, "<t>: grpc.colour: unknown key"),
+        ({"grpc": {"max_calls_per_backend": 0}}, "<t>: grpc.max_calls_per_backend: Input"),
+        ({"backends": [{"address": "h:1", "protocol": "http"}]}, "<t>: backends[0].protocol:"),
+        ({"backends": [{"address": "h:1", "models": ["sum:"]}]}, "<t>: backends[0].models[0]:"),
+        ({"backends": [{"address": "h:1", "models": [":1"]}]}, "<t>: backends[0].models[0]:"),
+    ],
+)
+def test_bad_grpc_settings_name_their_key(data: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.from_mapping(data, "<t>")
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_grpc_listen_flag() -> None:
+    args = _parser().parse_args(
+        ["serve", "--backend", "127.0.0.1:1", "--grpc-listen", "127.0.0.1:7071"]
+    )
+    assert build_config(args).grpc.listen == "127.0.0.1:7071"
+
+
+def _backend(port: int, kind: str, models: tuple[str, ...] = ()) -> Backend:
+    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), ManualClock())
+    return Backend("127.0.0.1", port, pool, models=models, kind=kind)
+
+
+def test_candidates_are_of_one_kind_and_serve_the_model() -> None:
+    registry = Registry()
+    tcp = _backend(1, "tcp")
+    plain = _backend(2, "grpc", ("sum", "identity"))
+    versioned = _backend(3, "grpc", ("sum:2",))
+    for backend in (tcp, plain, versioned):
+        registry.add(backend)
+    assert registry.candidates() == [tcp]
+    assert registry.candidates(kind="grpc") == [plain, versioned]
+    assert registry.candidates(kind="grpc", model="sum") == [plain, versioned]
+    assert registry.candidates(kind="grpc", model="sum:2") == [plain, versioned]
+    assert registry.candidates(kind="grpc", model="sum:1") == [plain]
+    assert registry.candidates(kind="grpc", model="identity:7") == [plain]
+    assert registry.candidates((plain,), kind="grpc", model="sum") == [versioned]
+    assert not registry.knows_model("sum", "tcp")
+    assert registry.knows_model("sum:9", "grpc") and not registry.knows_model("other", "grpc")
+    assert list(registry.view("grpc")) == [plain, versioned]
+    assert list(registry.view("tcp")) == [tcp]
+
+
+def test_listeners_hear_every_flip_in_and_out_of_rotation() -> None:
+    registry = Registry()
+    backend = _backend(1, "grpc")
+    registry.add(backend)
+    heard: list[bool] = []
+    registry.add_listener(lambda b: heard.append(b.healthy))
+    backend.mark_up()  # already up: no flip
+    for _ in range(3):
+        backend.record_failure()  # the third marks it down
+    backend.mark_down()  # already down: no flip
+    backend.mark_up()
+    assert heard == [False, True]

@@ -1,0 +1,165 @@
+"""The dispatcher's forwarded requests (what the gRPC front door submits), without a network.
+
+A forward function stands in for the gRPC call: it records which backend the dispatcher chose
+and the test reports the outcome with ``forward_done``, as ``grpc_proxy.UnaryCall`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from router.balance import make_policy
+from router.clock import MonotonicClock
+from router.dispatch import Dispatcher, DispatchSettings, Request
+from router.errors import BackendTimeout, BackendUnavailable, Cancelled, NoBackend, Overloaded
+from router.metrics import DataPlaneStats
+from router.pool import Pool, PoolLimits
+from router.registry import Backend, Registry
+from router.upstream import make_dialer
+
+WAIT_S = 2.0
+
+
+class Origin:
+    def __init__(self) -> None:
+        self.done: list[Request] = []
+        self.changed = asyncio.Event()
+
+    def request_done(self, request: Request) -> None:
+        self.done.append(request)
+        self.changed.set()
+
+
+class Forwards:
+    """The forward function: remembers (request, backend) per attempt."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Request, Backend]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, request: Request, backend: Backend) -> None:
+        self.attempts.append((request, backend))
+        self.changed.set()
+
+    async def wait(self, count: int) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while len(self.attempts) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def _backend(port: int, kind: str = "grpc", models: tuple[str, ...] = ("m",),
+             call_limit: int = 0) -> Backend:
+    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), MonotonicClock())
+    return Backend("127.0.0.1", port, pool, models=models, kind=kind, call_limit=call_limit)
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[tuple[Dispatcher, Registry]]:
+    registry = Registry()
+    dispatcher = Dispatcher(
+        registry, make_policy("round_robin"),
+        DispatchSettings(workers=4, queue_size=8, queue_timeout_s=0.2, max_retries=1),
+        MonotonicClock(), DataPlaneStats(), random.Random(1),
+    )
+    task = asyncio.create_task(dispatcher.run())
+    yield dispatcher, registry
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _request(origin: Origin, forwards: Forwards, model: str | None = "m") -> Request:
+    return Request(b"x", origin, MonotonicClock().now(), kind="grpc", model=model,
+                   forward=forwards)
+
+
+async def test_forwarded_request_goes_to_a_backend_of_its_kind_serving_its_model(
+    setup: tuple[Dispatcher, Registry],
+) -> None:
+    dispatcher, registry = setup
+    for backend in (_backend(1, kind="tcp"), _backend(2, models=("other",)), _backend(3)):
+        registry.add(backend)
+    origin, forwards = Origin(), Forwards()
+    request = _request(origin, forwards)
+    dispatcher.submit(request)
+    await forwards.wait(1)
+    assert forwards.attempts[0][1].port == 3
+    assert forwards.attempts[0][1].inflight == 1
+    dispatcher.forward_done(request, b"answer", None)
+    assert origin.done == [request] and request.response == b"answer"
+    stats = dispatcher.stats
+    assert (stats.accepted, stats.completed, stats.inflight) == (1, 1, 0)
+    assert registry.get("127.0.0.1:3").inflight == 0  # type: ignore[union-attr]
+
+
+async def test_unavailable_is_retried_on_another_backend_within_the_budget(
+    setup: tuple[Dispatcher, Registry],
+) -> None:
+    dispatcher, registry = setup
+    registry.add(_backend(1))
+    registry.add(_backend(2))
+    origin, forwards = Origin(), Forwards()
+    request = _request(origin, forwards)
+    dispatcher.submit(request)
+    await forwards.wait(1)
+    dispatcher.forward_done(request, None, BackendUnavailable("reset"))
+    await forwards.wait(2)
+    first, second = forwards.attempts[0][1], forwards.attempts[1][1]
+    assert first is not second
+    dispatcher.forward_done(request, None, BackendUnavailable("reset again"))  # budget: 1 retry
+    assert isinstance(request.error, BackendUnavailable)
+    assert (dispatcher.stats.retried, first.failures_total, second.failures_total) == (1, 1, 1)
+
+
+async def test_timeouts_count_against_the_backend_but_a_cancel_does_not(
+    setup: tuple[Dispatcher, Registry],
+) -> None:
+    dispatcher, registry = setup
+    backend = _backend(1)
+    registry.add(backend)
+    origin, forwards = Origin(), Forwards()
+    for error in (BackendTimeout("slow"), Cancelled("gone")):
+        request = _request(origin, forwards)
+        dispatcher.submit(request)
+        await forwards.wait(len(origin.done) + 1)
+        dispatcher.forward_done(request, None, error)
+        assert request.error is error  # not retried
+    assert backend.failures_total == 1
+    assert dispatcher.stats.errored == {"BACKEND_TIMEOUT": 1, "CANCELLED": 1}
+
+
+async def test_no_backend_for_the_model(setup: tuple[Dispatcher, Registry]) -> None:
+    dispatcher, registry = setup
+    registry.add(_backend(1, models=("other",)))
+    origin = Origin()
+    request = _request(origin, Forwards())
+    dispatcher.submit(request)
+    assert isinstance(request.error, NoBackend)
+
+
+async def test_a_backend_at_its_call_limit_makes_requests_wait_then_overload(
+    setup: tuple[Dispatcher, Registry],
+) -> None:
+    dispatcher, registry = setup
+    registry.add(_backend(1, call_limit=1))
+    origin, forwards = Origin(), Forwards()
+    first, second, third = (_request(origin, forwards) for _ in range(3))
+    for request in (first, second):
+        dispatcher.submit(request)
+    await forwards.wait(1)
+    assert len(forwards.attempts) == 1  # the second waits for capacity
+    dispatcher.forward_done(first, b"1", None)
+    await forwards.wait(2)  # ... and gets it as soon as the first is done
+    assert forwards.attempts[1][0] is second
+    dispatcher.submit(third)  # the backend is busy with the second past queue_timeout_s
+    async with asyncio.timeout(WAIT_S):
+        while third.error is None:
+            origin.changed.clear()
+            await origin.changed.wait()
+    assert isinstance(third.error, Overloaded)
+    dispatcher.forward_done(second, b"2", None)
+    assert dispatcher.stats.statistics()["inflight"] == 0
