@@ -660,8 +660,19 @@ async def test_cli_second_signal_forces_exit_during_a_drain(
     backend = echo_backend("--delay-ms", "60000")
     flags = ("--shutdown-grace", "60")
     async with cli_router(backend, tmp_path, *flags) as (proc, host, port, stderr_path):
+        assert proc.stdout is not None
+        admin = (await proc.stdout.readline()).decode().split()[1].removesuffix("/metrics")
         client = await FrameClient.connect(host, port)
         stuck = client.send(b"stuck")
+        async with asyncio.timeout(WAIT_S), aiohttp.ClientSession() as session:
+            # Accepted before the first signal, or that drain has nothing to wait for and the
+            # second signal would land on a process already exiting.
+            while True:
+                async with session.get(f"{admin}/stats") as response:
+                    stats = await response.json()
+                if stats["dispatch"]["accepted"] == 1:
+                    break
+                await asyncio.sleep(0.02)  # another process: no event to await
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(WAIT_S):
             # The drain has begun once the router logs it; then the second signal.
