@@ -373,9 +373,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--router-processes", default="1,2",
                         help="comma-separated router process counts, one router each "
                              "(default: 1,2; 'router' is 1, 'router-Np' is N)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="measure every target this many times, interleaved, and keep "
-                             "the median round (default: 2)")
+                             "the median round (default: 3)")
     parser.add_argument("--update-readme", action="store_true",
                         help=f"replace the text between {README_START} and {README_END}")
     args = parser.parse_args(argv)
