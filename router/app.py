@@ -88,7 +88,7 @@ class RouterApp:
         self.metrics = CollectorRegistry()
         self.metrics.register(
             RouterCollector(
-                self.stats, self.registry, lambda: len(self.dispatcher.queue),
+                self.stats, self.registry, lambda: self.dispatcher.queue.waiting,
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
             )
         )

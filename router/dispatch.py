@@ -6,12 +6,14 @@ through its origin's ``request_done``.
 
 Decide synchronously, then do I/O (httpcore's rule). ``submit`` picks a backend with the policy
 and, when that backend's pool can lend a connection without waiting and nothing is queued ahead,
-sends the request at once from the caller's callback: no task switch, no future. Everything
-else goes to the FIFO queue, whose worker coroutines do the waiting: dialling a connection,
-waiting for pool capacity, or a retry that found no free connection. Either way the answer
-arrives through ``_on_reply``, a callback from the backend connection, which completes the
-request or retries it. Workers therefore bound the connects and waits in progress, while the
-pools (``max_connections`` x ``pipeline_depth``) bound what is in flight to each backend.
+sends the request at once from the caller's callback: no task switch, no future. A backend whose
+pool is full (``max_connections`` x ``pipeline_depth`` in flight) *parks* the request: it waits
+in that backend's FIFO, and each answer from the backend, which frees room, sends the next
+parked request from the same callback. Everything else goes to the FIFO queue, whose worker
+coroutines do the waiting that needs a task: dialling a connection, or a retry that found no
+free connection. Either way the answer arrives through ``_on_reply``, a callback from the
+backend connection, which completes the request or retries it. (With 10,000 clients, waking a
+worker per request to wait for room cost a quarter of the router's time.)
 
 Overload: the queue has a soft bound. Reaching it tells the front doors to stop reading
 (backpressure through TCP); requests already read still get queued, never discarded. A request
@@ -108,17 +110,44 @@ class DispatchSettings:
 
 
 class RequestQueue:
-    """FIFO with a soft bound; ``saturated`` flips at the bound and back at half of it."""
+    """FIFO with a soft bound; ``saturated`` flips at the bound and back at half of it.
+
+    The bound covers the requests held elsewhere while they wait (``hold``/``release_held``:
+    those parked on a full pool), so waiting requests stay bounded wherever they wait.
+    """
 
     def __init__(self, capacity: int, on_pressure: Callable[[bool], None]) -> None:
         self.capacity = capacity
         self._items: deque[Request] = deque()
+        self._held = 0
         self._getters: deque[asyncio.Future[None]] = deque()
         self._on_pressure = on_pressure
         self.saturated = False
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def waiting(self) -> int:
+        """Queued plus held: every accepted request not yet sent to a backend."""
+        return len(self._items) + self._held
+
+    def hold(self) -> None:
+        self._held += 1
+        self._check_bound()
+
+    def release_held(self) -> None:
+        self._held -= 1
+        self._check_bound()
+
+    def _check_bound(self) -> None:
+        waiting = len(self._items) + self._held
+        if not self.saturated and waiting >= self.capacity:
+            self.saturated = True
+            self._on_pressure(True)
+        elif self.saturated and waiting <= self.capacity // 2:
+            self.saturated = False
+            self._on_pressure(False)
 
     def put(self, request: Request) -> None:
         self._items.append(request)
@@ -127,9 +156,7 @@ class RequestQueue:
             if not getter.done():
                 getter.set_result(None)
                 break
-        if not self.saturated and len(self._items) >= self.capacity:
-            self.saturated = True
-            self._on_pressure(True)
+        self._check_bound()
 
     async def get(self) -> Request:
         while not self._items:
@@ -144,9 +171,7 @@ class RequestQueue:
     def pop_head(self) -> Request:
         """Remove the oldest request (taken by a worker, or expired)."""
         request = self._items.popleft()
-        if self.saturated and len(self._items) <= self.capacity // 2:
-            self.saturated = False
-            self._on_pressure(False)
+        self._check_bound()
         return request
 
 
@@ -170,6 +195,7 @@ class Dispatcher:
         self.queue = RequestQueue(settings.queue_size, self._notify_pressure)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._parked: dict[Backend, deque[Request]] = {}  # waiting for room on a full pool
         # Workers waiting for a forwarded request to finish (a backend at its call_limit).
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
 
@@ -308,6 +334,9 @@ class Dispatcher:
             return self._forward_nowait(request, backend)
         slot = backend.pool.acquire_nowait()
         if slot is None:
+            if not backend.pool.can_dial():
+                self._park(request, backend)
+                return True
             request.backend = backend
             return False
         self._send(request, backend, slot)
@@ -319,10 +348,14 @@ class Dispatcher:
             await self._forward_when_possible(request)
             return
         backend, request.backend = request.backend, None
-        if backend is None:
+        if backend is None or not backend.healthy:  # the choice was made before it went down
             backend = self._choose(request)
         while backend is not None:
-            slot = backend.pool.acquire_nowait() or await self._wait_for_slot(backend, request)
+            slot = backend.pool.acquire_nowait()
+            if slot is None and not backend.pool.can_dial():
+                self._park(request, backend)
+                return
+            slot = slot or await self._wait_for_slot(backend, request)
             if slot is not None:
                 self._send(request, backend, slot)
                 return
@@ -365,6 +398,8 @@ class Dispatcher:
         request.backend = request.slot = None
         backend.inflight -= 1
         backend.pool.release(slot, reusable=error is None)
+        if backend in self._parked:
+            self._unpark(backend)
         if error is None:
             backend.record_success()
             self.finish(request, response, None)
@@ -374,6 +409,46 @@ class Dispatcher:
             self.finish(request, None, error)  # the backend may have acted on it: no retry
         elif self._may_retry(request, backend, error) and not self._send_nowait(request):
             self._enqueue(request)
+
+    def _park(self, request: Request, backend: Backend) -> None:
+        backend.inflight += 1  # load on it, for the policy
+        self.queue.hold()  # counts toward queue_size, like a queued request
+        request.queued_at = self._clock.now()
+        parked = self._parked.get(backend)
+        if parked is None:
+            parked = self._parked[backend] = deque()
+        parked.append(request)
+
+    def _unpark(self, backend: Backend) -> None:
+        """Send parked requests while ``backend``'s pool has room; answer OVERLOADED those
+        parked past ``queue_timeout_s``. If room will not come back by itself (the backend is
+        down, or it lost connections the pool may now re-dial), hand the rest to the workers."""
+        parked = self._parked[backend]
+        pool = backend.pool
+        deadline = self._clock.now() - self._settings.queue_timeout_s
+        while parked:
+            if parked[0].queued_at <= deadline:
+                expired = parked.popleft()
+                backend.inflight -= 1
+                self.queue.release_held()
+                self.finish(expired, None, Overloaded(
+                    f"waited over queue_timeout_s={self._settings.queue_timeout_s}s"))
+                continue
+            slot = pool.acquire_nowait()
+            if slot is None:
+                break
+            backend.inflight -= 1
+            self.queue.release_held()
+            self._send(parked.popleft(), backend, slot)
+        if parked and (not backend.healthy or pool.can_dial()):
+            while parked:
+                request = parked.popleft()
+                backend.inflight -= 1
+                self.queue.release_held()
+                request.backend = backend if backend.healthy else None
+                self._enqueue(request)
+        if not parked:
+            del self._parked[backend]
 
     def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:
         """Record a retryable failure; True if the request has retries left (else it is
@@ -469,6 +544,7 @@ class Dispatcher:
         return {
             **self.stats.statistics(),
             "queue_depth": len(self.queue),
+            "parked": self.queue.waiting - len(self.queue),
             "queue_saturated": self.queue.saturated,
             "workers": self._settings.workers,
             "policy": self._policy.name,

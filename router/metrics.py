@@ -156,7 +156,8 @@ class RouterCollector(Collector):
             "router_inflight_requests", "Accepted, not yet answered.", value=s.inflight
         )
         yield GaugeMetricFamily(
-            "router_queue_depth", "Requests waiting for a worker.", value=self._queue_depth()
+            "router_queue_depth", "Accepted requests waiting for a backend connection.",
+            value=self._queue_depth()
         )
         hist = HistogramMetricFamily(
             "router_request_duration_seconds", "Accept-to-answer latency.", unit=""

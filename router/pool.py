@@ -200,6 +200,10 @@ class Pool:
         self._lend(slot)
         return slot
 
+    def can_dial(self) -> bool:
+        """Whether a new connection may be opened now (``open`` below ``max_connections``)."""
+        return not self._closed and self._open < self._limits.max_connections
+
     def _lend(self, slot: Slot) -> None:
         """``slot`` had no requests in flight; it now carries one."""
         slot.active = 1

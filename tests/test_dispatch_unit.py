@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -49,6 +49,12 @@ class FakeService:
         pending, self.pending = self.pending, []
         for payload, future in pending:
             future.set_result(payload[::-1])
+
+    def fail_all(self) -> None:
+        """Every pending request is reset before any response byte."""
+        pending, self.pending = self.pending, []
+        for _, future in pending:
+            future.set_exception(BackendUnavailable("reset before any response byte"))
 
     async def wait_pending(self, count: int) -> None:
         while len(self.pending) < count:
@@ -391,3 +397,127 @@ def test_statistics_and_repr() -> None:
     assert stats["policy"] == "round_robin"
     assert (stats["queue_depth"], stats["queue_saturated"], stats["inflight"]) == (0, False, 0)
     assert "round_robin" in repr(h.dispatcher)
+
+
+# -- parking on a full pool ------------------------------------------------------------------
+
+
+async def yield_until(condition: Callable[[], bool], tries: int = 1000) -> None:
+    """Yield to the loop (the fakes answer from it; no timed waits) until ``condition``."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def parked_count(h: Harness, count: int) -> None:
+    """Yield to the loop (no timed waits) until ``count`` requests are parked."""
+    for _ in range(200):
+        if h.dispatcher.statistics()["parked"] == count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"parked {h.dispatcher.statistics()['parked']}, expected {count}")
+
+
+async def test_full_pool_parks_requests_and_each_answer_sends_the_next(
+    make_harness: Harnesses,
+) -> None:
+    service = FakeService("gated")
+    h = make_harness([service])  # 8 connections, one request each
+    requests = [h.submit(f"p{i}".encode()) for i in range(12)]
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+        await parked_count(h, 4)
+    assert h.backends[0].inflight == 12  # parked requests count as load for the policy
+    assert h.dispatcher.queue.waiting == 4
+
+    service.answer_all()  # each answer frees room: a parked request goes out at once
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(4)
+    assert h.dispatcher.statistics()["parked"] == 0
+    service.answer_all()
+    await h.wait_idle()
+
+    assert [r.response for r in requests] == [f"p{i}".encode()[::-1] for i in range(12)]
+    assert service.dials == 8
+    assert h.backends[0].inflight == 0
+    assert h.dispatcher.queue.waiting == 0
+
+
+async def test_parked_requests_count_toward_queue_size(make_harness: Harnesses) -> None:
+    service = FakeService("gated")
+    h = make_harness([service], queue_size=4)
+    signals: list[bool] = []
+    h.dispatcher.add_pressure_listener(signals.append)
+    for i in range(12):
+        h.submit(f"q{i}".encode())
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+        await parked_count(h, 4)
+    assert h.dispatcher.saturated and signals[-1] is True  # 4 waiting: stop reading
+
+    service.answer_all()
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(4)
+    assert not h.dispatcher.saturated and signals[-1] is False
+    service.answer_all()
+    await h.wait_idle()
+
+
+async def test_parked_request_past_queue_timeout_is_overloaded(make_harness: Harnesses) -> None:
+    service = FakeService("gated")
+    h = make_harness([service], queue_timeout_s=5.0)
+    requests = [h.submit(f"t{i}".encode()) for i in range(10)]
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+        await parked_count(h, 2)
+    h.clock.advance(6.0)
+    service.answer_all()
+    await h.wait_idle()
+
+    assert [error_code(r) for r in requests[8:]] == ["OVERLOADED", "OVERLOADED"]
+    assert all(r.response is not None for r in requests[:8])
+    assert h.backends[0].inflight == 0
+
+
+async def test_parked_requests_move_to_another_backend_when_theirs_goes_down(
+    make_harness: Harnesses,
+) -> None:
+    failing, live = FakeService("gated"), FakeService("live")
+    h = make_harness([failing, live], policy="round_robin")
+    h.backends[1].healthy = False  # everything goes to the first until it fails
+    requests = [h.submit(f"m{i}".encode()) for i in range(10)]
+    async with asyncio.timeout(WAIT_S):
+        await failing.wait_pending(8)
+        await parked_count(h, 2)
+    h.backends[1].mark_up()
+    failing.fail_all()  # 8 resets: retried elsewhere, the first backend is marked down
+    await h.wait_idle()
+
+    assert all(r.response == r.payload[::-1] for r in requests)
+    assert not h.backends[0].healthy
+    assert [b.inflight for b in h.backends] == [0, 0]
+    assert h.dispatcher.queue.waiting == 0
+
+
+async def test_a_full_backend_does_not_hold_up_requests_for_another(
+    make_harness: Harnesses,
+) -> None:
+    """Parked requests wait on their backend, not in a worker: with round robin, half the
+    traffic goes to a backend whose pool is full, and the other half must still flow."""
+    stuck, live = FakeService("gated"), FakeService("live")
+    h = make_harness([stuck, live], policy="round_robin", workers=2)
+    requests = [h.submit(f"r{i}".encode()) for i in range(40)]
+    to_live = [r for r in requests if r.payload[1:].isdigit() and int(r.payload[1:]) % 2 == 1]
+    await yield_until(lambda: all(r.done for r in to_live))
+    assert all(r.response == r.payload[::-1] for r in to_live)
+    assert h.dispatcher.statistics()["parked"] == 12  # 20 for the stuck one: 8 sent, 12 wait
+
+    def answer_and_check() -> bool:  # each answer frees room for a parked request
+        stuck.answer_all()
+        return all(r.done for r in requests)
+
+    await yield_until(answer_and_check)
+    assert all(r.response == r.payload[::-1] for r in requests)
+    assert stuck.dials == 8 and h.dispatcher.queue.waiting == 0
