@@ -7,12 +7,8 @@ addresses ``RouterApp.start`` returns, and shutdown on the serve task with a tim
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +17,8 @@ import uvloop
 from router import config as config_mod
 from router.app import RouterApp
 from router.client import FrameClient
-from tests.support import READY_TIMEOUT_S, wait_ready
+from tests.support import BackendProcess, backend_processes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STOP_TIMEOUT_S = 15.0
 
 
@@ -40,51 +35,14 @@ def pytest_asyncio_loop_factories(
 # -- echo backends -------------------------------------------------------------------------------
 
 
-@dataclass
-class EchoBackend:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        """SIGKILL, and reap it (bounded)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=READY_TIMEOUT_S)
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    if proc.stdout is not None:
-        proc.stdout.close()
+EchoBackend = BackendProcess
 
 
 @pytest.fixture
 def echo_backend() -> Iterator[Callable[..., EchoBackend]]:
     """Factory: ``echo_backend(*args)`` starts ``python -m backends.echo --port 0 ARGS``."""
-    started: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-    def start(*args: str) -> EchoBackend:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backends.echo", "--port", "0", *args],
-            stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
-        )
-        started.append(proc)
-        return EchoBackend(proc, wait_ready(proc))
-
-    yield start
-    for proc in started:
-        _stop_process(proc)
+    with backend_processes("backends.echo") as start:
+        yield start
 
 
 # -- the router, in process ----------------------------------------------------------------------

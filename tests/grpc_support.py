@@ -9,9 +9,6 @@ addresses ``RouterApp.start`` returns, and shutdown on the serve task with a tim
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,53 +20,22 @@ from backends.proto import grpc_predict_v2_pb2 as pb
 from router import config as config_mod
 from router.app import RouterApp
 from router.drain import DrainReport
-from tests.conftest import BASE_CONFIG, REPO_ROOT
-from tests.support import wait_ready
+from tests.conftest import BASE_CONFIG
+from tests.support import BackendProcess, backend_processes
 
 STOP_TIMEOUT_S = 15.0
 CALL_TIMEOUT_S = 10.0
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-@dataclass
-class KServeBackend:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    if proc.stdout is not None:
-        proc.stdout.close()
+KServeBackend = BackendProcess
 
 
 @pytest.fixture
 def kserve_backend() -> Iterator[Callable[..., KServeBackend]]:
     """Factory: ``kserve_backend(*args)`` starts ``python -m backends.kserve --port 0 ARGS``."""
-    started: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-    def start(*args: str) -> KServeBackend:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backends.kserve", "--port", "0", *args],
-            stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
-        )
-        started.append(proc)
-        return KServeBackend(proc, wait_ready(proc))
-
-    yield start
-    for proc in started:
-        _stop(proc)
+    with backend_processes("backends.kserve") as start:
+        yield start
 
 
 @dataclass

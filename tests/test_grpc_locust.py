@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
 from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
@@ -20,6 +19,7 @@ from tests.grpc_support import (
     grpc_router,
     kserve_backend,
 )
+from tests.support import REPO_ROOT
 
 __all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 

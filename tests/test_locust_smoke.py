@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.locust_run import Totals, locust_argv, read_totals, run_timeout_s
-from tests.conftest import REPO_ROOT, EchoBackend, RouterFactory
+from tests.conftest import EchoBackend, RouterFactory
+from tests.support import REPO_ROOT
 
 # 3 s of load with 4 closed-loop users (all started within the first second) gives
 # thousands of requests and at least two of Locust's once-a-second CSV writes after the first

@@ -19,7 +19,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import REPO_ROOT, EchoBackend, RouterFactory, RunningRouter
+from conftest import EchoBackend, RouterFactory, RunningRouter
+from support import REPO_ROOT
 
 from router.client import ConnectionLost, ErrorReply, FrameClient, RetryingClient
 from router.wire import ERROR_FLAG, LENGTH_MASK, encode_frame

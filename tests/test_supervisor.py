@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import FrameClient
 from router.federation import merge_metrics
-from tests.conftest import REPO_ROOT, EchoBackend
+from tests.conftest import EchoBackend
+from tests.support import REPO_ROOT
 
 WAIT_S = 20.0  # bound on every wait; a router process starts in well under a second
 
