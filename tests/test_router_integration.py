@@ -279,6 +279,24 @@ async def _raw_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWr
     return server, f"127.0.0.1:{port}"
 
 
+async def _replying_backend(reply: bytes) -> tuple[asyncio.Server, str]:
+    """A backend that answers every frame it reads (requests and probes) with ``reply``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(100):
+                header = await reader.readexactly(4)
+                await reader.readexactly(int.from_bytes(header, "big"))
+                writer.write(reply)  # one write: one segment on loopback
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await _raw_backend(handler)
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -289,19 +307,7 @@ async def _raw_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWr
 async def test_backend_sending_garbage_is_a_protocol_error(
     router_factory: RouterFactory, reply: bytes
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            for _ in range(100):  # answer every request (and probe) with the bad reply
-                header = await reader.readexactly(4)
-                await reader.readexactly(int.from_bytes(header, "big"))
-                writer.write(reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server, address = await _raw_backend(handler)
+    server, address = await _replying_backend(reply)
     async with server:
         router = await router_factory([address], {"dispatch": {"max_retries": 0}})
         client = await router.client()
@@ -318,20 +324,7 @@ async def test_backend_sending_an_unrequested_frame_loses_its_connection(
     """Answers are matched to requests in order, so a frame beyond the requests outstanding
     means the stream can no longer be trusted: the request it follows keeps its answer and the
     connection is discarded rather than reused."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            for _ in range(100):
-                header = await reader.readexactly(4)
-                await reader.readexactly(int.from_bytes(header, "big"))
-                writer.write(encode_frame(b"a") + encode_frame(b"b"))  # one segment
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server, address = await _raw_backend(handler)
+    server, address = await _replying_backend(encode_frame(b"a") + encode_frame(b"b"))
     async with server:
         router = await router_factory([address], {"dispatch": {"max_retries": 0}})
         client = await router.client()
