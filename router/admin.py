@@ -19,12 +19,24 @@ from prometheus_client.registry import CollectorRegistry
 from router.registry import Registry
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
         status=status,
         content_type="application/json",
     )
+
+
+async def start_app(app: web.Application, host: str, port: int
+                    ) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve ``app`` in this event loop; return its runner and the bound address."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    # Bind the socket ourselves so port 0 works and the bound port is known.
+    sock = socket.create_server((host, port), reuse_port=False)
+    await web.SockSite(runner, sock).start()
+    sockname = sock.getsockname()
+    return runner, (str(sockname[0]), int(sockname[1]))
 
 
 class AdminServer:
@@ -49,13 +61,8 @@ class AdminServer:
         self._app = app
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        # Bind the socket ourselves so port 0 works and the bound port is known.
-        sock = socket.create_server((host, port), reuse_port=False)
-        await web.SockSite(self._runner, sock).start()
-        sockname = sock.getsockname()
-        return str(sockname[0]), int(sockname[1])
+        self._runner, bound = await start_app(self._app, host, port)
+        return bound
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -67,17 +74,17 @@ class AdminServer:
         )
 
     async def _get_healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def _get_readyz(self, request: web.Request) -> web.Response:
         if self._is_draining():
-            return _json({"ready": False, "reason": "draining"}, status=503)
+            return json_response({"ready": False, "reason": "draining"}, status=503)
         if not self._registry.any_healthy():
-            return _json({"ready": False, "reason": "no healthy backend"}, status=503)
-        return _json({"ready": True})
+            return json_response({"ready": False, "reason": "no healthy backend"}, status=503)
+        return json_response({"ready": True})
 
     async def _get_backends(self, request: web.Request) -> web.Response:
-        return _json(self._registry.statistics())
+        return json_response(self._registry.statistics())
 
     async def _get_stats(self, request: web.Request) -> web.Response:
-        return _json(self._stats())
+        return json_response(self._stats())

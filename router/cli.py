@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,40 +87,53 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     return config_mod.from_mapping(config_mod.merge(base, overrides), source)
 
 
-async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
-    from router.app import RouterApp  # imported here: check-config needs no event loop parts
-
-    loop = asyncio.get_running_loop()
+def _stop_on_signals(force: Callable[[], None]) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event (a drain); a second one calls ``force`` and
+    exits with status 1 at once."""
     stop = asyncio.Event()
-    app = RouterApp(cfg, log_dir=Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs")))
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
             logging.getLogger("router").warning("second signal: exiting now")
-            for spawned in app.spawner.statistics():
-                if spawned["returncode"] is None:
-                    os.kill(spawned["pid"], signal.SIGKILL)
+            force()
             os._exit(1)
         logging.getLogger("router").info("signal %d: draining", signum)
         stop.set()
 
+    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    return stop
+
+
+def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
+                  admin: tuple[str, int], extra: str) -> None:
+    """What it listens on and how to try it; the first line is what scripts wait for."""
+    (lh, lp), (ah, ap) = listen, admin
+    lines = [f"inference-router listening on {lh}:{lp} (length-prefixed TCP)"]
+    if grpc is not None:
+        lines.append(f"  grpc: {grpc[0]}:{grpc[1]} (any service; KServe v2 routed by model)")
+    lines += [f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", f"  {extra}",
+              f"  try it: inference-router call --to {lh}:{lp} hello"]
+    print("\n".join(lines), flush=True)
+
+
+def _log_dir() -> Path:
+    return Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs"))
+
+
+async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
+    from router.app import RouterApp  # imported here: check-config needs no event loop parts
+
+    app = RouterApp(cfg, log_dir=_log_dir())
+    stop = _stop_on_signals(app.spawner.kill_now)
     try:
         bound = await app.start()
-        lh, lp = bound.listen
-        ah, ap = bound.admin
         if supervised:
             _die_with_parent()
-            print(f"READY {ap}", flush=True)
+            print(f"READY {bound.admin[1]}", flush=True)
         backends = ", ".join(b.address for b in app.registry)
-        print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
-        if bound.grpc is not None:
-            gh, gp = bound.grpc
-            print(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)", flush=True)
-        print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
-        print(f"  backends: {backends}", flush=True)
-        print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)
+        _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
         report = await app.serve(stop.wait())
     finally:
         await app.close()
@@ -140,32 +154,13 @@ def _die_with_parent() -> None:
 async def _supervise(cfg: config_mod.RouterConfig) -> int:
     from router.supervisor import Supervisor
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    supervisor = Supervisor(cfg, Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs")))
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logging.getLogger("router").warning("second signal: exiting now")
-            supervisor.force_exit()
-            os._exit(1)
-        logging.getLogger("router").info("signal %d: draining", signum)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    supervisor = Supervisor(cfg, _log_dir())
+    stop = _stop_on_signals(supervisor.force_exit)
     try:
         bound = await supervisor.start()
-        lh, lp = bound.listen
-        ah, ap = bound.admin
         count = cfg.listener.processes
-        print(f"inference-router listening on {lh}:{lp} (length-prefixed TCP)", flush=True)
-        if bound.grpc is not None:
-            gh, gp = bound.grpc
-            print(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)", flush=True)
-        print(f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", flush=True)
-        print(f"  processes: {count} sharing the port (SO_REUSEPORT)", flush=True)
-        print(f"  try it: inference-router call --to {lh}:{lp} hello", flush=True)
+        _print_banner(bound.listen, bound.grpc, bound.admin,
+                      f"processes: {count} sharing the port (SO_REUSEPORT)")
         return await supervisor.serve(stop.wait())
     finally:
         await supervisor.close()

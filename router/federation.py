@@ -17,7 +17,6 @@ A process that does not answer within ``timeout_s`` is reported as such, never w
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
+
+from router.admin import json_response, start_app
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +67,6 @@ class _Fixed(Collector):
         return self._metrics
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body, option=orjson.OPT_INDENT_2), status=status,
-        content_type="application/json",
-    )
-
-
 class FederatedAdmin:
     def __init__(
         self,
@@ -95,12 +89,8 @@ class FederatedAdmin:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        sock = socket.create_server((host, port), reuse_port=False)
-        await web.SockSite(self._runner, sock).start()
-        sockname = sock.getsockname()
-        return str(sockname[0]), int(sockname[1])
+        self._runner, bound = await start_app(self._app, host, port)
+        return bound
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -147,27 +137,27 @@ class FederatedAdmin:
         return [alive, restarts]
 
     async def _get_healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok", "processes": [
+        return json_response({"status": "ok", "processes": [
             {"index": i.index, "pid": i.pid, "alive": i.alive, "restarts": i.restarts}
             for i in self._processes()
         ]})
 
     async def _get_readyz(self, request: web.Request) -> web.Response:
         if self._is_draining():
-            return _json({"ready": False, "reason": "draining"}, status=503)
+            return json_response({"ready": False, "reason": "draining"}, status=503)
         answers = await self._fan_out("/readyz")
         not_ready = [info.index for info, got in answers if got is None or got[0] != 200]
         if not_ready:
-            return _json({"ready": False, "reason": f"processes not ready: {not_ready}"},
+            return json_response({"ready": False, "reason": f"processes not ready: {not_ready}"},
                          status=503)
-        return _json({"ready": True, "processes": len(answers)})
+        return json_response({"ready": True, "processes": len(answers)})
 
     async def _get_backends(self, request: web.Request) -> web.Response:
         merged: list[dict[str, Any]] = []
         for info, got in await self._fan_out("/backends"):
             if got is not None and got[0] == 200:
                 merged.extend({**entry, "process": info.index} for entry in orjson.loads(got[1]))
-        return _json(merged)
+        return json_response(merged)
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         processes = []
@@ -175,4 +165,4 @@ class FederatedAdmin:
             stats = orjson.loads(got[1]) if got is not None and got[0] == 200 else None
             processes.append({"index": info.index, "pid": info.pid, "alive": info.alive,
                               "restarts": info.restarts, "stats": stats})
-        return _json({"draining": self._is_draining(), "processes": processes})
+        return json_response({"draining": self._is_draining(), "processes": processes})

@@ -103,6 +103,13 @@ class Spawner:
         await asyncio.gather(*self._relays, return_exceptions=True)
         self._processes.clear()
 
+    def kill_now(self) -> None:
+        """SIGKILL every process still running, without waiting (a forced exit)."""
+        for spawned in self._processes:
+            if spawned.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    spawned.process.kill()
+
     def statistics(self) -> list[dict[str, Any]]:
         return [p.statistics() for p in self._processes]
 

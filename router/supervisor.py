@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -184,10 +183,7 @@ class Supervisor:
     def force_exit(self) -> None:
         """Second signal: the children exit at once (their own second-signal rule)."""
         self._signal_children(signal.SIGTERM)
-        for spawned in self._backends.statistics():
-            if spawned["returncode"] is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(spawned["pid"], signal.SIGKILL)
+        self._backends.kill_now()
 
     async def close(self) -> None:
         await self.admin.close()
