@@ -41,6 +41,7 @@ import grpc
 import uvloop
 
 from backends.proto import grpc_predict_v2_pb2 as pb
+from bench.readme import replace_block
 from chaos.common import read_line, stop
 from tests.support import wait_ready
 
@@ -249,9 +250,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def update_readme(block: str) -> None:
-    text = README.read_text()
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    README.write_text(text[:start] + "\n" + block + "\n" + text[end:])
+    if not replace_block(MARK_START, MARK_END, block, README):
+        raise SystemExit(f"README.md has no {MARK_START} ... {MARK_END} markers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import LoadReport, format_report, raise_nofile_limit, run_load
+from bench.readme import replace_block
 from bench.run import (
     PAYLOAD_BYTES,
     README,
@@ -527,13 +528,7 @@ def readme_block(result: dict[str, Any]) -> str:
 
 
 def update_readme(result: dict[str, Any], path: Path = README) -> bool:
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return False
-    head = text[: start + len(README_START)]
-    path.write_text(f"{head}\n{readme_block(result)}\n{text[end:]}")
-    return True
+    return replace_block(README_START, README_END, readme_block(result), path)
 
 
 # -- main --------------------------------------------------------------------------------------
