@@ -40,6 +40,7 @@ import uvloop
 
 from chaos.cli import scenario_main
 from chaos.common import (
+    REPO_ROOT,
     BackendsPoller,
     LoadState,
     first_sample_after,
@@ -54,7 +55,6 @@ from chaos.common import (
     stop,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "backend_crash.json"
 
 BACKENDS = 3

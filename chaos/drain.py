@@ -53,13 +53,12 @@ from typing import Any
 import uvloop
 
 from chaos.cli import scenario_main
-from chaos.common import LoadState, launch_router, reap, run_grpc_client
+from chaos.common import REPO_ROOT, LoadState, launch_router, reap, run_grpc_client
 from chaos.common import run_client as _client
 from chaos.common import start_router as _start_router
 from chaos.common import stop as _stop
 from tests.support import wait_ready
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "drain.json"
 
 BACKEND_DELAY_MS = 2

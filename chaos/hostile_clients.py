@@ -46,6 +46,7 @@ from typing import Any
 import uvloop
 
 from chaos.common import (
+    REPO_ROOT,
     LoadState,
     RssSampler,
     format_summary,
@@ -60,7 +61,6 @@ from chaos.drain import DRAIN_LOG_RE
 from router.client import ErrorReply, FrameClient
 from router.wire import decode_error, encode_frame, parse_header
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "hostile_clients.json"
 
 READ_TIMEOUT_S = 0.5  # the router's [listener] read_timeout_s

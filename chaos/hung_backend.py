@@ -38,6 +38,7 @@ import uvloop
 
 from chaos.cli import scenario_main
 from chaos.common import (
+    REPO_ROOT,
     BackendsPoller,
     LoadState,
     first_sample_after,
@@ -50,7 +51,6 @@ from chaos.common import (
     stop,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "hung_backend.json"
 
 NORMAL_DELAY_MS = 2

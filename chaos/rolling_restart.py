@@ -37,6 +37,7 @@ import uvloop
 
 from chaos.cli import scenario_main
 from chaos.common import (
+    REPO_ROOT,
     LoadState,
     format_summary,
     free_port,
@@ -50,7 +51,6 @@ from chaos.common import (
 from chaos.drain import DRAIN_LOG_RE, scrape
 from router.client import RetryingClient
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "rolling_restart.json"
 
 BACKEND_DELAY_MS = 2
