@@ -20,15 +20,17 @@ from typing import Any
 
 from router.pool import Pool
 
+_MAX_CACHED_KEYS = 1024
+
 
 class Backend:
     __slots__ = (
+        "_healthy",
         "address",
         "call_limit",
         "consecutive_failures",
         "failure_threshold",
         "failures_total",
-        "healthy",
         "host",
         "inflight",
         "kind",
@@ -73,7 +75,19 @@ class Backend:
         self.requests_total = 0
         self.failures_total = 0
         self.consecutive_failures = 0
-        self.healthy = True
+        self._healthy = True
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        # Every flip is announced: the registry caches who is in rotation.
+        if value != self._healthy:
+            self._healthy = value
+            if self.on_change is not None:
+                self.on_change(self)
 
     def record_success(self) -> None:
         self.requests_total += 1
@@ -91,16 +105,12 @@ class Backend:
 
     def mark_down(self) -> None:
         """Out of rotation until a probe succeeds (failures, or the backend said so)."""
-        was_healthy, self.healthy = self.healthy, False
+        self.healthy = False
         self.pool.expire_all()
-        if was_healthy and self.on_change is not None:
-            self.on_change(self)
 
     def mark_up(self) -> None:
-        was_healthy, self.healthy = self.healthy, True
         self.consecutive_failures = 0
-        if not was_healthy and self.on_change is not None:
-            self.on_change(self)
+        self.healthy = True
 
     def serves(self, model: str) -> bool:
         """Whether this backend serves model key ``model`` ("name" or "name:version")."""
@@ -141,10 +151,14 @@ class Registry:
         self._backends: dict[str, Backend] = {}
         self._kind: str | None = None
         self._listeners: list[Callable[[Backend], None]] = []
+        # (kind, model) -> the healthy backends for it, in registry order; built on first use
+        # and dropped whenever a backend joins, leaves or flips health (``_invalidate``).
+        self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
         view = Registry()
         view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
+        view._in_rotation = self._in_rotation
         return view
 
     def _members(self) -> list[Backend]:
@@ -157,10 +171,12 @@ class Registry:
             raise ValueError(f"backend {backend.address} is already registered")
         self._backends[backend.address] = backend
         backend.on_change = self._changed
+        self._in_rotation.clear()
 
     def remove(self, address: str) -> Backend:
         backend = self._backends.pop(address)
         backend.on_change = None
+        self._in_rotation.clear()
         backend.pool.close()
         return backend
 
@@ -168,6 +184,7 @@ class Registry:
         self._listeners.append(listener)
 
     def _changed(self, backend: Backend) -> None:
+        self._in_rotation.clear()
         for listener in list(self._listeners):
             listener(backend)
 
@@ -187,16 +204,18 @@ class Registry:
         self, exclude: tuple[Backend, ...] = (), kind: str = "tcp", model: str | None = None
     ) -> list[Backend]:
         """Healthy backends of ``kind`` serving ``model`` (any, if None), not in ``exclude``
-        (the ones a request already tried)."""
-        if model is None:
-            return [
+        (the ones a request already tried). The list may be shared: do not modify it."""
+        healthy = self._in_rotation.get((kind, model))
+        if healthy is None:
+            if len(self._in_rotation) >= _MAX_CACHED_KEYS:
+                self._in_rotation.clear()  # model keys come from clients: stay bounded
+            healthy = self._in_rotation[(kind, model)] = [
                 b for b in self._backends.values()
-                if b.healthy and b.kind == kind and b not in exclude
+                if b.healthy and b.kind == kind and (model is None or b.serves(model))
             ]
-        return [
-            b for b in self._backends.values()
-            if b.healthy and b.kind == kind and b.serves(model) and b not in exclude
-        ]
+        if exclude:
+            return [b for b in healthy if b not in exclude]
+        return healthy
 
     def knows_model(self, model: str, kind: str) -> bool:
         """Whether any backend of ``kind``, healthy or not, serves ``model``: if none does, a

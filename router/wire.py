@@ -102,34 +102,46 @@ class FrameDecoder:
         if self.error is not None:
             raise self.error
         buf = self._buffer
-        if not buf and len(data) > HEADER_BYTES and not self._accept_error_flag:
+        if buf:
+            buf += data
+            need = self._need
+            if need >= 0 and len(buf) < HEADER_BYTES + (need & LENGTH_MASK):
+                return []  # still inside one frame's body: keep buffering, parse nothing
+            data = bytes(buf)
+            buf.clear()
+        elif len(data) > HEADER_BYTES and not self._accept_error_flag:
             # The common case, one whole frame in one read: no buffering, one copy. (A word
             # with the error flag set exceeds any max_frame_bytes, so it takes the slow path.)
             word = _unpack_header(data)[0]
             if len(data) == HEADER_BYTES + word and word <= self._max_frame_bytes:
                 return [data[HEADER_BYTES:]]
-        buf += data
+        # Walk the frames by offset (no copy of the bytes behind each one); what is left of an
+        # unfinished frame, header included, goes back to the buffer.
         frames: list[bytes] = []
+        pos, size, need = 0, len(data), self._need
         while True:
-            if self._need < 0:
-                if len(buf) < HEADER_BYTES:
-                    return frames
-                word = int.from_bytes(buf[:4], "big")
+            if need < 0:
+                if size - pos < HEADER_BYTES:
+                    break
+                word = _unpack_header(data, pos)[0]
                 problem = self._check_header(word)
                 if problem is not None:
+                    buf += data[pos:]
                     if not frames:
                         raise problem
                     self.error = problem
                     return frames
-                self._need = word  # keeps the error flag, if any, for the frame's type
-            length = self._need & LENGTH_MASK
-            end = HEADER_BYTES + length
-            if len(buf) < end:
-                return frames
-            payload = bytes(buf[HEADER_BYTES:end])
-            frames.append(ErrorFrame(payload) if self._need & ERROR_FLAG else payload)
-            del buf[:end]
-            self._need = -1
+                need = word  # keeps the error flag, if any, for the frame's type
+            end = pos + HEADER_BYTES + (need & LENGTH_MASK)
+            if end > size:
+                break
+            payload = data[pos + HEADER_BYTES:end]
+            frames.append(ErrorFrame(payload) if need & ERROR_FLAG else payload)
+            pos, need = end, -1
+        self._need = need
+        if pos < size:
+            buf += data[pos:] if pos else data
+        return frames
 
     def _check_header(self, word: int) -> FrameTooLarge | None:
         length = word & LENGTH_MASK

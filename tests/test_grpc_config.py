@@ -89,3 +89,26 @@ def test_listeners_hear_every_flip_in_and_out_of_rotation() -> None:
     backend.mark_down()  # already down: no flip
     backend.mark_up()
     assert heard == [False, True]
+
+
+def test_candidates_follow_every_change_of_who_is_in_rotation() -> None:
+    """The healthy lists are cached per (kind, model); every way in or out of rotation must
+    show up in the next answer, through the registry and through its views alike."""
+    registry = Registry()
+    first, second = _backend(1, "tcp"), _backend(2, "tcp", ("m",))
+    registry.add(first)
+    view = registry.view("tcp")
+    assert registry.candidates() == [first] and view.candidates(model="m") == []
+    registry.add(second)
+    assert view.candidates() == [first, second] and view.candidates(model="m") == [second]
+    for _ in range(3):
+        second.record_failure()  # passive health marks it down
+    assert registry.candidates() == [first] and view.candidates(model="m") == []
+    second.mark_up()
+    first.healthy = False  # set directly, not through mark_down
+    assert registry.candidates() == [second] and view.candidates(model="m") == [second]
+    registry.remove(second.address)
+    assert registry.candidates() == [] and view.candidates(model="m") == []
+    first.healthy = True
+    assert view.candidates() == [first]
+    assert registry.candidates((first,)) == []  # a request that already tried it
