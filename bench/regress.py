@@ -23,7 +23,7 @@ from bench import run as bench_run
 BASELINE = bench_run.RESULTS_DIR / "baseline.json"
 SMOKE_NAME = "smoke"
 SMOKE_ARGS = ["--clients", "50", "--requests", "500", "--no-haproxy", "--router-processes", "1",
-              "--rounds", "3", "--name", SMOKE_NAME]
+              "--processes", "2", "--rounds", "3", "--name", SMOKE_NAME]
 
 
 def router_direct_ratios(result: dict[str, Any]) -> dict[int, float]:

@@ -12,6 +12,12 @@ payloads, no pipelining, ``N`` requests per connection) against:
 - ``router``: every client to the router;
 - ``haproxy``: every client to HAProxy.
 
+Every target is measured at each load-generator process count in ``--processes`` (default
+1 and 2) and keeps the count that served it best. On two shared cores the load generator's
+split moves CPU between it and the target: one load process leaves a whole core to the router,
+while HAProxy, cheaper per request, is held back by one load process and does best with two.
+``direct`` always runs one load process per backend.
+
 It prints a table and the ratios router/direct and router/haproxy, and writes
 ``bench/results/<name>.json`` with every figure, the machine and a timestamp. Every wait is
 bounded, and every process it started is stopped in ``finally``.
@@ -294,12 +300,13 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for run in runs:
         r = run["report"]
-        rows.append([run["target"], str(run["clients"]), f"{r['requests_per_s']:.0f}",
+        rows.append([run["target"], str(run["clients"]), str(run.get("load_processes", "-")),
+                     f"{r['requests_per_s']:.0f}",
                      _ms(r["p50_us"]), _ms(r["p99_us"]), str(r["error_total"])])
     return rows
 
 
-HEADER = ["target", "clients", "req/s", "p50 ms", "p99 ms", "errors"]
+HEADER = ["target", "clients", "load procs", "req/s", "p50 ms", "p99 ms", "errors"]
 RATIO_HEADER = ["clients", "ratio", "req/s", "p50", "p99"]
 
 
@@ -336,8 +343,9 @@ def readme_block(result: dict[str, Any]) -> str:
         f"{s['payload_bytes']}-byte payloads, {s['requests_per_connection']} requests per "
         f"connection; direct = {s['direct']}; router-Np = N router processes on one port "
         f"(`listener.processes`); each figure is the median of {s.get('rounds', 1)} "
-        "interleaved rounds. Load generator, router, HAProxy and both echo backends share the "
-        "same CPUs.",
+        "interleaved rounds, at the load generator process count (of "
+        f"{s.get('load_processes')}) that served that target best. Load generator, router, "
+        "HAProxy and both echo backends share the same CPUs.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
         "",
@@ -361,8 +369,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests per connection (default: 2000)")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="stop sending after this long in one run (default: 30)")
-    parser.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
-                        help="load generator processes (default: min(2, nproc))")
+    parser.add_argument("--processes", default="1,2",
+                        help="comma-separated load generator process counts; each target "
+                             "keeps its best (default: 1,2)")
     parser.add_argument("--name", default="latest", help="bench/results/<name>.json")
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
     parser.add_argument("--router-processes", default="1,2",
@@ -386,18 +395,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--router-processes: expected integers, got {args.router_processes!r}")
     if not args.process_counts or min(args.process_counts) < 1 or args.rounds < 1:
         parser.error("--router-processes and --rounds must be >= 1")
+    try:
+        args.load_counts = sorted({int(p) for p in args.processes.split(",") if p.strip()})
+    except ValueError:
+        parser.error(f"--processes: expected integers, got {args.processes!r}")
+    if not args.load_counts or min(args.load_counts) < 1:
+        parser.error("--processes must be >= 1")
     if not re.fullmatch(r"[\w.-]+", args.name):
         parser.error("--name: letters, digits, '.', '_' and '-' only")
     return args
 
 
-def _one_run(target: str, clients: int, port: int, backends: list[int],
+def load_counts_for(target: str, counts: list[int], backends: int) -> list[int]:
+    """The load process counts to measure ``target`` at (direct: one per backend)."""
+    return [backends] if target == "direct" else counts
+
+
+def _one_run(target: str, clients: int, port: int, backends: list[int], processes: int,
              args: argparse.Namespace) -> LoadReport:
     if target == "direct":
-        return run_split(backends, clients, args.requests, args.processes, args.max_seconds)
+        return run_split(backends, clients, args.requests, processes, args.max_seconds)
     return run_load("127.0.0.1", port, connections=clients, requests=args.requests,
                     duration_s=args.max_seconds, payload_bytes=PAYLOAD_BYTES,
-                    mode="persistent", processes=args.processes)
+                    mode="persistent", processes=processes)
+
+
+def best_split(rounds: dict[int, list[LoadReport]]) -> tuple[int, LoadReport]:
+    """(load processes, median report) of the process count whose median round was fastest."""
+    medians = {count: median_run(reports) for count, reports in rounds.items()}
+    best = max(medians, key=lambda count: medians[count]["requests_per_s"])
+    return best, medians[best]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -428,17 +455,28 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print("haproxy not found (or --no-haproxy): skipping it", file=sys.stderr)
             for clients in args.client_counts:
-                rounds: dict[str, list[LoadReport]] = {target: [] for target in targets}
+                rounds: dict[str, dict[int, list[LoadReport]]] = {
+                    target: {n: [] for n in load_counts_for(target, args.load_counts,
+                                                            len(backends))}
+                    for target in targets
+                }
                 for round_no in range(args.rounds):  # interleaved: drift hits every target
                     for target, port in targets.items():
-                        print(f"running {target} with {clients} clients "
-                              f"(round {round_no + 1}/{args.rounds}) ...", file=sys.stderr,
-                              flush=True)
-                        rounds[target].append(_one_run(target, clients, port, backends, args))
-                for target, reports in rounds.items():
-                    runs.append({"target": target, "clients": clients,
-                                 "report": median_run(reports),
-                                 "rounds_requests_per_s": [r["requests_per_s"] for r in reports]})
+                        for procs, reports in rounds[target].items():
+                            print(f"running {target} with {clients} clients, {procs} load "
+                                  f"processes (round {round_no + 1}/{args.rounds}) ...",
+                                  file=sys.stderr, flush=True)
+                            reports.append(_one_run(target, clients, port, backends, procs, args))
+                for target, by_count in rounds.items():
+                    procs, report = best_split(by_count)
+                    runs.append({
+                        "target": target, "clients": clients, "load_processes": procs,
+                        "report": report,
+                        "rounds_requests_per_s": {
+                            str(n): [r["requests_per_s"] for r in reports]
+                            for n, reports in by_count.items()
+                        },
+                    })
             if admin_port:
                 router_stats = admin_stats(admin_port)
         finally:
@@ -455,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "mode": "persistent", "pipeline": 1, "payload_bytes": PAYLOAD_BYTES,
             "requests_per_connection": args.requests, "max_seconds": args.max_seconds,
-            "load_processes": args.processes, "clients": args.client_counts,
+            "load_processes": args.load_counts, "clients": args.client_counts,
             "router_processes": args.process_counts, "rounds": args.rounds,
             "direct": DIRECT_SPLIT, "haproxy": "mode tcp, balance leastconn, no health checks",
         },
