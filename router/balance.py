@@ -54,10 +54,12 @@ class LeastConnections:
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
         best = 0
-        best_load = _load(candidates[0])
+        first = candidates[0]
+        best_load = (first.inflight + 1) / first.weight  # _load, inlined: runs per request
         ties = 1
         for index in range(1, len(candidates)):
-            load = _load(candidates[index])
+            candidate = candidates[index]
+            load = (candidate.inflight + 1) / candidate.weight
             if load < best_load:
                 best, best_load, ties = index, load, 1
             elif load == best_load:

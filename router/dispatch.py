@@ -118,19 +118,19 @@ class RequestQueue:
 
     def __init__(self, capacity: int, on_pressure: Callable[[bool], None]) -> None:
         self.capacity = capacity
-        self._items: deque[Request] = deque()
+        self.items: deque[Request] = deque()  # read-only outside: use put / pop_head
         self._held = 0
         self._getters: deque[asyncio.Future[None]] = deque()
         self._on_pressure = on_pressure
         self.saturated = False
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     @property
     def waiting(self) -> int:
         """Queued plus held: every accepted request not yet sent to a backend."""
-        return len(self._items) + self._held
+        return len(self.items) + self._held
 
     def hold(self) -> None:
         self._held += 1
@@ -141,7 +141,7 @@ class RequestQueue:
         self._check_bound()
 
     def _check_bound(self) -> None:
-        waiting = len(self._items) + self._held
+        waiting = len(self.items) + self._held
         if not self.saturated and waiting >= self.capacity:
             self.saturated = True
             self._on_pressure(True)
@@ -150,7 +150,7 @@ class RequestQueue:
             self._on_pressure(False)
 
     def put(self, request: Request) -> None:
-        self._items.append(request)
+        self.items.append(request)
         while self._getters:
             getter = self._getters.popleft()
             if not getter.done():
@@ -159,18 +159,18 @@ class RequestQueue:
         self._check_bound()
 
     async def get(self) -> Request:
-        while not self._items:
+        while not self.items:
             getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._getters.append(getter)
             await getter
         return self.pop_head()
 
     def head(self) -> Request | None:
-        return self._items[0] if self._items else None
+        return self.items[0] if self.items else None
 
     def pop_head(self) -> Request:
         """Remove the oldest request (taken by a worker, or expired)."""
-        request = self._items.popleft()
+        request = self.items.popleft()
         self._check_bound()
         return request
 
@@ -220,7 +220,7 @@ class Dispatcher:
         """Accept a request: it will be answered exactly once through its origin."""
         self.stats.accepted += 1
         self.stats.inflight += 1
-        if self.queue or not self._send_nowait(request):
+        if self.queue.items or not self._send_nowait(request):
             self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:
@@ -230,8 +230,8 @@ class Dispatcher:
             self._arm_expiry(request.queued_at)
 
     def finish(self, request: Request, response: bytes | None, error: RouterError | None) -> None:
-        if request.done:
-            return
+        if request.response is not None or request.error is not None:
+            return  # already answered (``request.done``, spelled out: this runs per request)
         stats = self.stats
         if error is None:
             request.response = response

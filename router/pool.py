@@ -43,8 +43,7 @@ ReplySink = Callable[[Any, "bytes | None", "BackendError | None"], None]
 class Connection(Protocol):
     """What a dialer returns: requests go out in order and their answers come back in order."""
 
-    @property
-    def is_closed(self) -> bool: ...
+    is_closed: bool  # read twice per request by the pool: an attribute, not a property
 
     def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
         """Send one frame; ``sink(token, ...)`` is called exactly once with its answer or a

@@ -53,16 +53,12 @@ class BackendConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._closed = False
+        self.is_closed = False
 
     # -- Connection interface used by the pool and the dispatcher -----------------------------
 
-    @property
-    def is_closed(self) -> bool:
-        return self._closed
-
     def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
-        if self._closed or self._transport is None:
+        if self.is_closed or self._transport is None:
             sink(token, None, BackendUnavailable(f"connection to {self._address} is closed"))
             return
         deadline = self._loop.time() + timeout_s
@@ -76,7 +72,7 @@ class BackendConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close now; requests still on the connection get ``BackendUnavailable``."""
-        if not self._closed:
+        if not self.is_closed:
             self._discard(None)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -106,7 +102,7 @@ class BackendConnection(asyncio.Protocol):
             self._discard(BackendProtocolError(f"{self._address}: {self._decoder.error.message}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed:
+        if self.is_closed:
             return
         if self._decoder.buffered:
             self._discard(BackendProtocolError(f"{self._address} closed mid-response"))
@@ -117,7 +113,7 @@ class BackendConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self._closed or self._transport is None or not out:
+        if self.is_closed or self._transport is None or not out:
             return
         if len(out) == 1:
             self._transport.write(out[0])
@@ -132,7 +128,7 @@ class BackendConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._closed or not self._outstanding:
+        if self.is_closed or not self._outstanding:
             return
         head = self._outstanding[0]
         if self._loop.time() >= head.deadline:
@@ -145,7 +141,7 @@ class BackendConnection(asyncio.Protocol):
     def _discard(self, head_error: BackendError | None) -> None:
         """Close the connection and fail every request on it: the oldest with ``head_error``,
         the rest (and all of them when ``head_error`` is None) with ``BackendUnavailable``."""
-        self._closed = True
+        self.is_closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -165,7 +161,7 @@ class BackendConnection(asyncio.Protocol):
             entry.sink(entry.token, None, error)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._outstanding)} in flight"
+        state = "closed" if self.is_closed else f"{len(self._outstanding)} in flight"
         return f"BackendConnection({self._address}, {state})"
 
 
