@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections import deque
@@ -196,6 +197,7 @@ class Dispatcher:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._parked: dict[Backend, deque[Request]] = {}  # waiting for room on a full pool
+        self._unpark_scheduled: set[Backend] = set()
         # Workers waiting for a forwarded request to finish (a backend at its call_limit).
         self._capacity_waiters: deque[asyncio.Future[None]] = deque()
 
@@ -417,12 +419,30 @@ class Dispatcher:
         parked = self._parked.get(backend)
         if parked is None:
             parked = self._parked[backend] = deque()
+            if backend.pool.on_room is None:
+                backend.pool.on_room = functools.partial(self._schedule_unpark, backend)
         parked.append(request)
+
+    def _schedule_unpark(self, backend: Backend) -> None:
+        """The pool says room may have appeared other than by an answer (probed connections
+        came back, a dial finished, a connection closed): look at ``backend``'s parked
+        requests from the loop, outside the pool's own bookkeeping. Without this, requests
+        parked while every connection was out for a probe waited for an answer that no
+        request in flight would ever bring."""
+        if backend in self._parked and backend not in self._unpark_scheduled:
+            self._unpark_scheduled.add(backend)
+            asyncio.get_running_loop().call_soon(self._scheduled_unpark, backend)
+
+    def _scheduled_unpark(self, backend: Backend) -> None:
+        self._unpark_scheduled.discard(backend)
+        if backend in self._parked:
+            self._unpark(backend)
 
     def _unpark(self, backend: Backend) -> None:
         """Send parked requests while ``backend``'s pool has room; answer OVERLOADED those
         parked past ``queue_timeout_s``. If room will not come back by itself (the backend is
-        down, or it lost connections the pool may now re-dial), hand the rest to the workers."""
+        down or gone, or it lost connections the pool may now re-dial), hand the rest to the
+        workers."""
         parked = self._parked[backend]
         pool = backend.pool
         deadline = self._clock.now() - self._settings.queue_timeout_s
@@ -440,12 +460,13 @@ class Dispatcher:
             backend.inflight -= 1
             self.queue.release_held()
             self._send(parked.popleft(), backend, slot)
-        if parked and (not backend.healthy or pool.can_dial()):
+        if parked and (not backend.healthy or pool.closed or pool.can_dial()):
+            keep = backend.healthy and not pool.closed
             while parked:
                 request = parked.popleft()
                 backend.inflight -= 1
                 self.queue.release_held()
-                request.backend = backend if backend.healthy else None
+                request.backend = backend if keep else None
                 self._enqueue(request)
         if not parked:
             del self._parked[backend]

@@ -109,6 +109,10 @@ class Pool:
         self._waiters: deque[asyncio.Future[Slot | None]] = deque()
         self._generation = 0
         self._closed = False
+        # Told when room may have appeared other than by a request's answer (the dispatcher,
+        # which parks requests on a full pool and otherwise looks again only on answers):
+        # probed connections came back, a dial finished, a connection closed.
+        self.on_room: Callable[[], None] | None = None
         self._counts = {
             "dialed": 0,
             "dial_failed": 0,
@@ -184,6 +188,7 @@ class Pool:
             self._open -= 1
             self._counts["dial_failed"] += 1
             self._pass_on(None)
+            self._room_appeared()  # capacity to dial again
             if isinstance(exc, TimeoutError):
                 raise BackendUnavailable(
                     f"connect to {self._name} timed out after {self._limits.connect_timeout_s}s"
@@ -197,11 +202,20 @@ class Pool:
         now = self._clock.now()
         slot = Slot(connection, created_at=now, idle_since=now, generation=self._generation)
         self._lend(slot)
+        self._room_appeared()  # the new connection has room beyond the dialler's request
         return slot
 
     def can_dial(self) -> bool:
         """Whether a new connection may be opened now (``open`` below ``max_connections``)."""
         return not self._closed and self._open < self._limits.max_connections
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _room_appeared(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
 
     def _lend(self, slot: Slot) -> None:
         """``slot`` had no requests in flight; it now carries one."""
@@ -245,6 +259,7 @@ class Pool:
             self._retire(slot, "closed_broken")
             return
         self._pass_on(slot)
+        self._room_appeared()
 
     def _offer_room(self, slot: Slot) -> None:
         """A slot carrying requests has room: to the first live waiter, else to the sharers."""
@@ -293,6 +308,7 @@ class Pool:
             self._counts[reason] = self._counts.get(reason, 0) + 1
         slot.connection.close()
         self._pass_on(None)
+        self._room_appeared()  # capacity to dial
 
     def _expiry_reason(self, slot: Slot, now: float, *, idle_check: bool = True) -> str | None:
         if slot.connection.is_closed or slot.generation != self._generation:

@@ -501,6 +501,37 @@ async def test_parked_requests_move_to_another_backend_when_theirs_goes_down(
     assert h.dispatcher.queue.waiting == 0
 
 
+@pytest.mark.parametrize("probe_ok", [True, False])
+async def test_request_parked_while_every_connection_is_probed_goes_out_afterwards(
+    make_harness: Harnesses, probe_ok: bool
+) -> None:
+    """With every connection out for a health probe, the pool lends none and may dial no more,
+    so a request parks with nothing in flight whose answer would send it. The probes coming
+    back (healthy: the connections are lent again; broken: they close and the pool may dial)
+    must send it. (The 10,000-client run once ended with 21 requests parked for good.)"""
+    service = FakeService("gated")
+    h = make_harness([service])
+    warm = [h.submit(f"w{i}".encode()) for i in range(8)]
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+    service.answer_all()
+    await yield_until(lambda: all(r.done for r in warm))
+    service.mode = "live"
+    pool = h.backends[0].pool
+    probed = pool.take_idle_for_probe()
+    assert len(probed) == 8 and not pool.can_dial()
+
+    late = h.submit(b"late")
+    await parked_count(h, 1)
+    for slot in probed:
+        pool.return_probed(slot, healthy=probe_ok)
+    await h.wait_idle()
+
+    assert late.response == b"etal"
+    assert service.dials == (8 if probe_ok else 9)
+    assert h.backends[0].inflight == 0 and h.dispatcher.queue.waiting == 0
+
+
 async def test_a_full_backend_does_not_hold_up_requests_for_another(
     make_harness: Harnesses,
 ) -> None:
