@@ -64,9 +64,10 @@ DEFAULT_TIMEOUT_S = 30.0
 HARD_TIMEOUT_MARGIN_S = 60.0
 # Without --duration the run is bounded by count; the hard timeout still needs a bound.
 UNTIMED_RUN_BOUND_S = 300.0
-# Connects in progress per process: 10,000 simultaneous SYNs would overflow a 4096 backlog and
-# cost 1 s SYN retransmits; 512 at a time keeps the ramp-up fast and loss-free.
-CONNECT_CONCURRENCY = 512
+# Connects in progress, shared out over the load processes: 10,000 simultaneous SYNs would
+# overflow a 4096 backlog and cost 1 s SYN retransmits; 1,024 at a time keeps the ramp-up fast
+# and loss-free, however many processes the load runs in.
+CONNECT_CONCURRENCY = 1024
 MAX_CONSECUTIVE_CONNECT_FAILURES = 3
 CONNECT_BACKOFF_S = 0.05
 # Spawning a worker (interpreter + imports) takes ~0.3 s; allow a loaded machine 30 s.
@@ -235,8 +236,11 @@ class _Client(asyncio.Protocol):
 class _Worker:
     """One process's share of the lanes, and its counters."""
 
-    def __init__(self, spec: LoadSpec, index: int, lanes: Sequence[int]) -> None:
+    def __init__(
+        self, spec: LoadSpec, index: int, lanes: Sequence[int], connect_slots: int
+    ) -> None:
         self.spec = spec
+        self.connect_slots = connect_slots  # connects in progress at once, in this process
         self.lanes = [_Lane(f"{index}.{lane}", spec.requests) for lane in lanes]
         self.pad = spec.payload_bytes
         self.ok = 0
@@ -280,7 +284,7 @@ class _Worker:
         self.stop_sending_ns = (
             start_ns + int(spec.duration_s * 1e9) if spec.duration_s is not None else 2**63
         )
-        slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        slots = asyncio.Semaphore(self.connect_slots)
         sweep_s = min(1.0, spec.timeout_s / 4)
         sweeper = loop.call_later(sweep_s, self._sweep, sweep_s)
         try:
@@ -368,11 +372,12 @@ def raise_nofile_limit() -> None:
 
 
 def _worker_entry(
-    spec: LoadSpec, index: int, lanes: Sequence[int], conn: Connection, go: Event
+    spec: LoadSpec, index: int, lanes: Sequence[int], connect_slots: int, conn: Connection,
+    go: Event,
 ) -> None:
     try:
         raise_nofile_limit()
-        worker = _Worker(spec, index, lanes)
+        worker = _Worker(spec, index, lanes, connect_slots)
         conn.send(("ready", None))
         if not go.wait(WORKER_READY_TIMEOUT_S + WORKER_REPORT_GRACE_S):
             return
@@ -477,7 +482,9 @@ def run_specs(specs: Sequence[LoadSpec]) -> LoadReport:
     for index, spec in enumerate(specs):
         receiver, sender = ctx.Pipe(duplex=False)
         lanes = range(index, connections, nproc)
-        proc = ctx.Process(target=_worker_entry, args=(spec, index, lanes, sender, go),
+        connect_slots = max(1, CONNECT_CONCURRENCY // nproc)
+        proc = ctx.Process(target=_worker_entry,
+                           args=(spec, index, lanes, connect_slots, sender, go),
                            name=f"bench-load-{index}", daemon=True)
         proc.start()
         sender.close()
