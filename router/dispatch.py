@@ -272,22 +272,40 @@ class Dispatcher:
     def _on_expiry_timer(self) -> None:
         self._expiry_timer = None
         self.expire_queued()
-        head = self.queue.head()
-        if head is not None:
-            self._arm_expiry(head.queued_at)
+        heads = [parked[0].queued_at for parked in self._parked.values()]
+        if (head := self.queue.head()) is not None:
+            heads.append(head.queued_at)
+        if heads:
+            self._arm_expiry(min(heads))
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(f"waited over queue_timeout_s={self._settings.queue_timeout_s}s")
 
     def expire_queued(self) -> int:
-        """Answer OVERLOADED to queued requests past ``queue_timeout_s``; return how many."""
+        """Answer OVERLOADED to requests queued or parked past ``queue_timeout_s``; return how
+        many."""
         deadline = self._clock.now() - self._settings.queue_timeout_s
         expired = 0
         while (head := self.queue.head()) is not None and head.queued_at <= deadline:
             self.queue.pop_head()
             expired += 1
-            self.finish(
-                head,
-                None,
-                Overloaded(f"waited over queue_timeout_s={self._settings.queue_timeout_s}s"),
-            )
+            self.finish(head, None, self._overloaded())
+        for backend in list(self._parked):
+            expired += self._expire_parked(backend, deadline)
+        return expired
+
+    def _expire_parked(self, backend: Backend, deadline: float) -> int:
+        """OVERLOADED to ``backend``'s requests parked since before ``deadline``."""
+        parked = self._parked[backend]
+        expired = 0
+        while parked and parked[0].queued_at <= deadline:
+            request = parked.popleft()
+            backend.inflight -= 1
+            self.queue.release_held()
+            self.finish(request, None, self._overloaded())
+            expired += 1
+        if not parked:
+            del self._parked[backend]
         return expired
 
     # -- workers ----------------------------------------------------------------------------
@@ -422,6 +440,8 @@ class Dispatcher:
             if backend.pool.on_room is None:
                 backend.pool.on_room = functools.partial(self._schedule_unpark, backend)
         parked.append(request)
+        if self._expiry_timer is None:  # answers may not come (a hung backend): time it out
+            self._arm_expiry(request.queued_at)
 
     def _schedule_unpark(self, backend: Backend) -> None:
         """The pool says room may have appeared other than by an answer (probed connections
@@ -443,17 +463,12 @@ class Dispatcher:
         parked past ``queue_timeout_s``. If room will not come back by itself (the backend is
         down or gone, or it lost connections the pool may now re-dial), hand the rest to the
         workers."""
-        parked = self._parked[backend]
+        self._expire_parked(backend, self._clock.now() - self._settings.queue_timeout_s)
+        parked = self._parked.get(backend)
+        if parked is None:
+            return
         pool = backend.pool
-        deadline = self._clock.now() - self._settings.queue_timeout_s
         while parked:
-            if parked[0].queued_at <= deadline:
-                expired = parked.popleft()
-                backend.inflight -= 1
-                self.queue.release_held()
-                self.finish(expired, None, Overloaded(
-                    f"waited over queue_timeout_s={self._settings.queue_timeout_s}s"))
-                continue
             slot = pool.acquire_nowait()
             if slot is None:
                 break
@@ -506,8 +521,7 @@ class Dispatcher:
                 return
             remaining = deadline - self._clock.now()
             if remaining <= 0:
-                limit = self._settings.queue_timeout_s
-                self.finish(request, None, Overloaded(f"waited over queue_timeout_s={limit}s"))
+                self.finish(request, None, self._overloaded())
                 return
             waiter: asyncio.Future[None] = loop.create_future()
             self._capacity_waiters.append(waiter)

@@ -481,6 +481,54 @@ async def test_parked_request_past_queue_timeout_is_overloaded(make_harness: Har
     assert h.backends[0].inflight == 0
 
 
+async def test_requests_parked_on_a_hung_backend_time_out_without_an_answer(
+    make_harness: Harnesses,
+) -> None:
+    """No answer comes back from a hung backend, so nothing unparks: the queue deadline must
+    still answer OVERLOADED after ``queue_timeout_s``, as for a queued request."""
+    service = FakeService("gated")
+    h = make_harness([service], queue_timeout_s=5.0)
+    requests = [h.submit(f"h{i}".encode()) for i in range(10)]
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+        await parked_count(h, 2)
+    h.clock.advance(4.0)
+    assert h.dispatcher.expire_queued() == 0
+    h.clock.advance(2.0)
+    assert h.dispatcher.expire_queued() == 2
+
+    assert [error_code(r) for r in requests[8:]] == ["OVERLOADED", "OVERLOADED"]
+    assert not any(r.done for r in requests[:8])
+    assert h.backends[0].inflight == 8 and h.dispatcher.queue.waiting == 0
+    assert h.dispatcher.statistics()["parked"] == 0
+    service.answer_all()
+    await h.wait_idle()
+
+
+async def test_the_queue_deadline_timer_covers_parked_requests(make_harness: Harnesses) -> None:
+    """The same through the dispatcher's own timer (50 ms of real time), not a direct call."""
+    service = FakeService("gated")
+    h = make_harness([service], queue_timeout_s=0.05)
+    for i in range(8):
+        h.submit(f"d{i}".encode())
+    answered = asyncio.Event()
+
+    class Waiting:
+        def request_done(self, request: Request) -> None:
+            answered.set()
+
+    late = Request(b"late", Waiting(), h.clock.now())
+    h.dispatcher.submit(late)
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(8)
+        await parked_count(h, 1)
+        h.clock.advance(1.0)
+        await answered.wait()
+    assert error_code(late) == "OVERLOADED"
+    service.answer_all()
+    await h.wait_idle()
+
+
 async def test_parked_requests_move_to_another_backend_when_theirs_goes_down(
     make_harness: Harnesses,
 ) -> None:
