@@ -22,6 +22,10 @@ The shape follows asyncpg's pool and httpcore's "decide synchronously, then do I
   ``pipeline_depth = 1`` lends each connection exclusively, for backends that serve one request
   per connection at a time.
 
+* ``on_room`` tells the owner (the dispatcher, which parks requests on a full pool and
+  otherwise looks again only when an answer frees room) that room may have appeared another
+  way: probed connections came back, a dial finished or failed, a connection closed.
+
 The network is injected as ``dial``, so the pool is tested against fake connections.
 """
 
