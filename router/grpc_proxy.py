@@ -91,10 +91,16 @@ def _time_left(deadline: float | None, clock: Clock) -> float | None:
     return None if deadline is None else deadline - clock.now()
 
 
+# The server learns the deadline from the grpc-timeout header, after the client set it, so the
+# client's own deadline (which cancels the call) fires slightly before the server's.
+DEADLINE_SLACK_S = 0.05
+
+
 def ended_by(context: grpc.aio.ServicerContext) -> RouterError:
-    """Why a handler was cancelled: its deadline passed, or the client went away."""
+    """Why a handler was cancelled: its deadline passed (give or take the slack), or the
+    client went away."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return DeadlineExceeded("the client's deadline passed")
     return Cancelled("the client cancelled the call")
 

@@ -15,6 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.client import FrameClient
+from router.errors import Cancelled, DeadlineExceeded
+from router.grpc_proxy import DEADLINE_SLACK_S, ended_by
 from tests.conftest import EchoBackend, echo_backend
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
@@ -262,3 +264,26 @@ async def test_grpc_backend_revived_by_health_probe(
         await changed.wait()
     assert router.backend(backend.address)["healthy"]
     assert router.app.grpc_health.statistics()["marked_up"] == 1
+
+
+class _Context:
+    def __init__(self, remaining: float | None) -> None:
+        self._remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+
+@pytest.mark.parametrize(
+    ("remaining", "expected"),
+    [
+        (-0.1, DeadlineExceeded),
+        (0.0, DeadlineExceeded),
+        # The client's deadline fired and cancelled the call a moment before the server's.
+        (DEADLINE_SLACK_S / 2, DeadlineExceeded),
+        (1.0, Cancelled),
+        (None, Cancelled),  # no deadline: the client went away
+    ],
+)
+def test_a_cancelled_handler_is_told_why(remaining: float | None, expected: type) -> None:
+    assert type(ended_by(_Context(remaining))) is expected  # type: ignore[arg-type]
