@@ -113,10 +113,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[Slot | None]] = deque()
         self._generation = 0
         self._closed = False
-        # Told when room may have appeared other than by a request's answer (the dispatcher,
-        # which parks requests on a full pool and otherwise looks again only on answers):
-        # probed connections came back, a dial finished, a connection closed.
-        self.on_room: Callable[[], None] | None = None
+        self.on_room: Callable[[], None] | None = None  # see the module docstring
         self._counts = {
             "dialed": 0,
             "dial_failed": 0,

@@ -152,7 +152,7 @@ class Registry:
         self._kind: str | None = None
         self._listeners: list[Callable[[Backend], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
-        # and dropped whenever a backend joins, leaves or flips health (``_invalidate``).
+        # and cleared whenever a backend joins, leaves or flips health (add, remove, _changed).
         self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
