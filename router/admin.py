@@ -8,7 +8,7 @@ backend's ``statistics()``), /stats (the data plane's counters).
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -39,6 +39,20 @@ async def start_app(app: web.Application, host: str, port: int
     return runner, (str(sockname[0]), int(sockname[1]))
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
+              stats: Handler) -> web.Application:
+    """The admin API's routes: one router process and the federation over several serve the
+    same paths."""
+    app = web.Application()
+    for path, handler in (("/metrics", metrics), ("/healthz", healthz), ("/readyz", readyz),
+                          ("/backends", backends), ("/stats", stats)):
+        app.router.add_get(path, handler)
+    return app
+
+
 class AdminServer:
     def __init__(
         self,
@@ -52,13 +66,10 @@ class AdminServer:
         self._is_draining = is_draining
         self._stats = stats
         self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_get("/metrics", self._get_metrics)
-        app.router.add_get("/healthz", self._get_healthz)
-        app.router.add_get("/readyz", self._get_readyz)
-        app.router.add_get("/backends", self._get_backends)
-        app.router.add_get("/stats", self._get_stats)
-        self._app = app
+        self._app = admin_app(
+            metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
+            backends=self._get_backends, stats=self._get_stats,
+        )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._runner, bound = await start_app(self._app, host, port)

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.admin import json_response, start_app
+from router.admin import admin_app, json_response, start_app
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +79,10 @@ class FederatedAdmin:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_get("/metrics", self._get_metrics)
-        app.router.add_get("/healthz", self._get_healthz)
-        app.router.add_get("/readyz", self._get_readyz)
-        app.router.add_get("/backends", self._get_backends)
-        app.router.add_get("/stats", self._get_stats)
-        self._app = app
+        self._app = admin_app(
+            metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
+            backends=self._get_backends, stats=self._get_stats,
+        )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
