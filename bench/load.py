@@ -55,8 +55,8 @@ from typing import Literal, TypedDict, cast
 
 import uvloop
 
-from router.errors import FrameTooLarge
-from router.wire import ErrorFrame, FrameDecoder, encode_frame
+from router.core.errors import FrameTooLarge
+from router.protocol.frames import ErrorFrame, FrameDecoder, encode_frame
 
 Mode = Literal["persistent", "per-request"]
 

@@ -10,11 +10,11 @@ size), with no wait between requests, and checks that the echo comes back byte f
 
 The client is a plain blocking socket: Locust monkeypatches the standard library with gevent
 before it imports this file, so a blocking ``recv`` yields to the other users' greenlets.
-(``router.client.FrameClient`` is asyncio and cannot run under gevent; the framing itself,
-``router.wire``, is sans-IO and is reused here.) Every request fires one Locust request event
-(``request_type="frame"``, ``name="echo"``) with its time in ms, the answer's length and, on
-failure, one of the exceptions below; the connect counts in the time of the first request on a
-connection, as Locust's HTTP clients count theirs. After a transport failure the connection is
+(``router.client.frames.FrameClient`` is asyncio and cannot run under gevent; the framing
+itself, ``router.protocol.frames``, is sans-IO and is reused here.) Every request fires one
+Locust request event (``request_type="frame"``, ``name="echo"``) with its time in ms, the
+answer's length and, on failure, one of the exceptions below; the connect counts in the time of
+the first request on a connection, as Locust's HTTP clients count theirs. After a transport failure the connection is
 dropped and the next request reconnects.
 
 Run it only through Locust (``bench.locust_run``, or the ``locust`` command): importing it
@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 from locust import User, constant, task
 
-from router.errors import RouterError
-from router.wire import ErrorFrame, FrameDecoder, encode_frame
+from router.core.errors import RouterError
+from router.protocol.frames import ErrorFrame, FrameDecoder, encode_frame
 
 DEFAULT_TARGET = ("127.0.0.1", 7070)
 PAYLOAD_BYTES = int(os.environ.get("FRAME_PAYLOAD_BYTES", "64"))

@@ -63,7 +63,7 @@ from bench.run import (
     start_router,
     text_table,
 )
-from router.wire import encode_frame
+from router.protocol.frames import encode_frame
 
 README_START = "<!-- tenk:start -->"
 README_END = "<!-- tenk:end -->"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.client import ConnectionLost, ErrorReply, FrameClient
+from router.client.frames import ConnectionLost, ErrorReply, FrameClient
 from tests.support import wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

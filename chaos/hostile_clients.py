@@ -58,8 +58,8 @@ from chaos.common import (
     stop,
 )
 from chaos.drain import DRAIN_LOG_RE
-from router.client import ErrorReply, FrameClient
-from router.wire import decode_error, encode_frame, parse_header
+from router.client.frames import ErrorReply, FrameClient
+from router.protocol.frames import decode_error, encode_frame, parse_header
 
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "hostile_clients.json"
 

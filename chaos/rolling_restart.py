@@ -49,7 +49,7 @@ from chaos.common import (
     wait_readyz,
 )
 from chaos.drain import DRAIN_LOG_RE, scrape
-from router.client import RetryingClient
+from router.client.frames import RetryingClient
 
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "rolling_restart.json"
 

@@ -11,21 +11,23 @@ from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
 
-from router.acceptor import ListenerSettings, TcpFrontDoor
-from router.admin import AdminServer
-from router.balance import make_policy
-from router.clock import Clock, MonotonicClock
-from router.config import BackendConfig, RouterConfig, parse_host_port, substitute
-from router.dispatch import Dispatcher, DispatchSettings
-from router.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
-from router.grpc_front import GrpcFrontDoor, GrpcSettings
-from router.grpc_upstream import GrpcChannels, GrpcHealthChecker
-from router.health import HealthChecker, ProbeSettings
-from router.metrics import DataPlaneStats, GrpcStats, RouterCollector
-from router.pool import Pool, PoolLimits
-from router.registry import Backend, Registry
-from router.spawner import Spawner
-from router.upstream import make_dialer
+from router.balance.policies import make_policy
+from router.control.admin import AdminServer
+from router.control.metrics import RouterCollector
+from router.control.spawner import Spawner
+from router.core.clock import Clock, MonotonicClock
+from router.core.config import BackendConfig, RouterConfig, parse_host_port, substitute
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.scheduler import Dispatcher, DispatchSettings
+from router.dispatch.stats import DataPlaneStats, GrpcStats
+from router.frontdoor.grpc.server import GrpcFrontDoor, GrpcSettings
+from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
+from router.health.grpc import GrpcHealthChecker
+from router.health.monitor import HealthChecker, ProbeSettings
+from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
+from router.upstream.frame_connection import make_dialer
+from router.upstream.grpc_channels import GrpcChannels
+from router.upstream.pool import Pool, PoolLimits
 
 log = logging.getLogger(__name__)
 

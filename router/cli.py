@@ -16,8 +16,8 @@ from typing import Any
 
 import uvloop
 
-from router import config as config_mod
-from router.errors import ConfigError
+from router.core import config as config_mod
+from router.core.errors import ConfigError
 
 
 def _backend_flag(value: str) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def _die_with_parent() -> None:
 
 
 async def _supervise(cfg: config_mod.RouterConfig) -> int:
-    from router.supervisor import Supervisor
+    from router.control.supervisor import Supervisor
 
     supervisor = Supervisor(cfg, _log_dir())
     stop = _stop_on_signals(supervisor.force_exit)
@@ -186,7 +186,7 @@ async def _supervise(cfg: config_mod.RouterConfig) -> int:
 
 
 async def _call(address: str, payload: str) -> int:
-    from router.client import ErrorReply, FrameClient
+    from router.client.frames import ErrorReply, FrameClient
 
     host, port = config_mod.parse_host_port(address)
     client = await FrameClient.connect(host, port)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from router import config as config_mod
 from router.app import RouterApp
-from router.client import FrameClient
+from router.client.frames import FrameClient
+from router.core import config as config_mod
 from tests.support import BackendProcess, backend_processes
 
 STOP_TIMEOUT_S = 15.0

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from backends.proto import grpc_predict_v2_pb2 as pb
-from router import config as config_mod
 from router.app import RouterApp
-from router.drain import DrainReport
+from router.core import config as config_mod
+from router.lifecycle.drain import DrainReport
 from tests.conftest import BASE_CONFIG
 from tests.support import BackendProcess, backend_processes
 

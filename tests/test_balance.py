@@ -1,4 +1,4 @@
-"""router.balance: pure policies over a snapshot of candidates and an injected RNG."""
+"""router.balance.policies: pure policies over a snapshot of candidates and an injected RNG."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from router.balance import (
+from router.balance.policies import (
     LeastConnections,
     Policy,
     PowerOfTwoChoices,

@@ -1,4 +1,4 @@
-"""router.config and the config side of router.cli: validation, error reporting, overrides."""
+"""router.core.config and the config side of router.cli: validation, error reporting, overrides."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from router import cli
-from router import config as config_mod
-from router.config import ECHO_COMMAND, RouterConfig, from_mapping, load
-from router.errors import ConfigError
+from router.core import config as config_mod
+from router.core.config import ECHO_COMMAND, RouterConfig, from_mapping, load
+from router.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

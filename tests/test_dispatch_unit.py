@@ -1,4 +1,4 @@
-"""router.dispatch.Dispatcher over in-process fake backends and a manual clock: no sockets."""
+"""The dispatcher over in-process fake backends and a manual clock: no sockets."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from router.balance import make_policy
-from router.clock import ManualClock
-from router.dispatch import Dispatcher, DispatchSettings, Request
-from router.errors import BackendError, BackendTimeout, BackendUnavailable
-from router.metrics import DataPlaneStats
-from router.pool import Pool, PoolLimits, ReplySink
-from router.registry import Backend, Registry
+from router.balance.policies import make_policy
+from router.core.clock import ManualClock
+from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.scheduler import Dispatcher, DispatchSettings, Request
+from router.dispatch.stats import DataPlaneStats
+from router.upstream.pool import Pool, PoolLimits, ReplySink
 
 WAIT_S = 2.0  # bound on every await of the dispatcher; nothing here takes real time
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import run_load
-from router.wire import FrameDecoder, encode_frame
+from router.protocol.frames import FrameDecoder, encode_frame
 from tests.support import wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from router import config as config_mod
 from router.cli import _parser, build_config
-from router.clock import ManualClock
-from router.errors import ConfigError
-from router.pool import Pool, PoolLimits
-from router.registry import Backend, Registry
-from router.upstream import make_dialer
+from router.core import config as config_mod
+from router.core.clock import ManualClock
+from router.core.errors import ConfigError
+from router.dispatch.backends import Backend, Registry
+from router.upstream.frame_connection import make_dialer
+from router.upstream.pool import Pool, PoolLimits
 
 
 def test_grpc_is_off_by_default_and_backends_default_to_tcp() -> None:

@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from router.balance import make_policy
-from router.clock import MonotonicClock
-from router.dispatch import Dispatcher, DispatchSettings, Request
-from router.errors import BackendTimeout, BackendUnavailable, Cancelled, NoBackend, Overloaded
-from router.metrics import DataPlaneStats
-from router.pool import Pool, PoolLimits
-from router.registry import Backend, Registry
-from router.upstream import make_dialer
+from router.balance.policies import make_policy
+from router.core.clock import MonotonicClock
+from router.core.errors import BackendTimeout, BackendUnavailable, Cancelled, NoBackend, Overloaded
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.scheduler import Dispatcher, DispatchSettings, Request
+from router.dispatch.stats import DataPlaneStats
+from router.upstream.frame_connection import make_dialer
+from router.upstream.pool import Pool, PoolLimits
 
 WAIT_S = 2.0
 

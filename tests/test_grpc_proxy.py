@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router.client import FrameClient
-from router.errors import Cancelled, DeadlineExceeded
-from router.grpc_proxy import DEADLINE_SLACK_S, ended_by
+from router.client.frames import FrameClient
+from router.core.errors import Cancelled, DeadlineExceeded
+from router.frontdoor.grpc.forward import DEADLINE_SLACK_S, ended_by
 from tests.conftest import EchoBackend, echo_backend
 from tests.grpc_support import (
     CALL_TIMEOUT_S,

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.proto import grpc_predict_v2_pb2 as pb
-from router.errors import ClientProtocolError
-from router.kserve import (
+from router.core.errors import ClientProtocolError
+from router.protocol.kserve import (
     MalformedMessage,
     ModelRef,
     encode_bool_reply,

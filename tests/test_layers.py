@@ -1,9 +1,10 @@
-"""The layer table of DESIGN.md, enforced over router/*.py with ast.
+"""The package import rule of docs/architecture.md, enforced over router/ with ast.
 
-A module may import router modules from its own layer or lower ones, never higher; L0 and L1
-(pure code) never import asyncio. Every module must be placed in the table: a new module fails
-this test until it is given a layer. Imports inside functions count too (a lazy import is still
-a dependency).
+Every top-level package of ``router`` has a rank. A module may import its own package and
+packages of a lower rank, never one of the same or a higher rank; ``core``, ``protocol`` and
+``balance`` (pure code) never import asyncio. So ``frontdoor`` and ``control`` (same rank) never
+import each other. A new package fails this test until it is given a rank. Imports inside
+functions count too (a lazy import is still a dependency).
 """
 
 from __future__ import annotations
@@ -15,59 +16,45 @@ import pytest
 
 ROUTER = Path(__file__).resolve().parent.parent / "router"
 
-LAYERS: dict[str, int] = {
-    # L0: error tree, injectable clock, frozen config. The empty package marker sits here too.
-    "__init__": 0,
-    "errors": 0,
-    "clock": 0,
-    "config": 0,
-    # L1: pure functions and sans-IO state machines
-    "wire": 1,
-    "balance": 1,
-    "kserve": 1,
-    # L2: asyncio machinery, no sockets except through injected dialers
-    "registry": 2,
-    "pool": 2,
-    "health": 2,
-    "dispatch": 2,
-    "drain": 2,
-    "metrics": 2,
-    # L3: network and processes
-    "acceptor": 3,
-    "upstream": 3,
-    "admin": 3,
-    "spawner": 3,
-    "client": 3,
-    "federation": 3,
-    "grpc_upstream": 3,
-    "grpc_proxy": 3,
-    "grpc_kserve": 3,
-    "grpc_front": 3,
-    # L4: composition root and entry points
-    "app": 4,
-    "cli": 4,
-    "supervisor": 4,
-    "__main__": 4,
+RANKS: dict[str, int] = {
+    "core": 0,  # errors, clock, config: imported by everything
+    "protocol": 1,  # sans-IO codecs and state machines
+    "balance": 1,  # pure policies
+    "upstream": 2,  # what a backend lends capacity through: frame pool, gRPC channels
+    "dispatch": 3,  # requests, queue, the scheduler, per-backend runtime state
+    "health": 4,  # probes and ejection, acting on dispatch's backends
+    "lifecycle": 4,  # serving / draining / abandoned, in-flight accounting
+    "frontdoor": 5,  # where clients connect
+    "control": 5,  # registry, spawner, admin API, metrics exposition
+    "client": 5,  # clients of the frame protocol
+    "app": 6,  # the composition root
+    "cli": 7,  # entry point
+    "__main__": 8,
+    "__init__": 0,  # the empty package marker
 }
-PURE_LAYERS = {0, 1}
+PURE = {"core", "protocol", "balance"}
 
-MODULES = sorted(path.stem for path in ROUTER.glob("*.py"))
-
-
-def _tree(module: str) -> ast.Module:
-    path = ROUTER / f"{module}.py"
-    return ast.parse(path.read_text(), filename=str(path))
+MODULES = sorted(ROUTER.rglob("*.py"))
 
 
-def _imports(module: str) -> list[tuple[int, str]]:
+def _package(path: Path) -> str:
+    """The top-level package (or root module) of ``router`` that ``path`` belongs to."""
+    parts = path.relative_to(ROUTER).parts
+    return parts[0] if len(parts) > 1 else path.stem
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, fully qualified name) of every import in the module, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package_parts = ("router", *path.relative_to(ROUTER).parent.parts)
     found: list[tuple[int, str]] = []
-    for node in ast.walk(_tree(module)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from . import x / from .x import y
-                base = "router" + (f".{node.module}" if node.module else "")
+            if node.level:  # relative: from . import x / from ..x import y
+                base_parts = package_parts[: len(package_parts) - node.level + 1]
+                base = ".".join(base_parts) + (f".{node.module}" if node.module else "")
             else:
                 base = node.module or ""
             found.append((node.lineno, base))
@@ -75,53 +62,52 @@ def _imports(module: str) -> list[tuple[int, str]]:
     return found
 
 
-def _router_modules_imported(module: str) -> set[tuple[int, str]]:
-    """Router modules a module depends on. ``from router import x`` names module ``x`` when
-    router/x.py exists, else it is a name from the package (``__init__``)."""
+def _router_packages_imported(path: Path) -> set[tuple[int, str]]:
     deps: set[tuple[int, str]] = set()
-    for line, name in _imports(module):
+    for line, name in _imports(path):
         parts = name.split(".")
         if parts[0] != "router":
             continue
-        if len(parts) == 1:
-            deps.add((line, "__init__"))
-        elif (ROUTER / f"{parts[1]}.py").exists():
-            deps.add((line, parts[1]))
+        deps.add((line, parts[1] if len(parts) > 1 else "__init__"))
     return deps
 
 
-def test_every_module_is_in_the_layer_table() -> None:
-    unplaced = [m for m in MODULES if m not in LAYERS]
-    assert not unplaced, f"give these modules a layer in DESIGN.md and here: {unplaced}"
+def _name(path: Path) -> str:
+    return str(path.relative_to(ROUTER.parent))
 
 
-def test_the_table_names_no_missing_module() -> None:
-    assert sorted(set(LAYERS) - set(MODULES)) == []
+def test_every_package_has_a_rank() -> None:
+    unranked = sorted({_package(p) for p in MODULES} - set(RANKS))
+    assert not unranked, f"give these packages a rank in docs/architecture.md and here: {unranked}"
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_imports_only_from_the_same_or_lower_layers(module: str) -> None:
-    if module not in LAYERS:
-        pytest.fail(f"router/{module}.py is not in the layer table")
-    layer = LAYERS[module]
-    upward = sorted(
-        f"router/{module}.py:{line} (L{layer}) imports router.{dep} (L{LAYERS[dep]})"
-        for line, dep in _router_modules_imported(module)
-        if dep in LAYERS and LAYERS[dep] > layer
-    )
-    unknown = sorted(
-        f"router/{module}.py:{line} imports unplaced router.{dep}"
-        for line, dep in _router_modules_imported(module)
-        if dep not in LAYERS
-    )
-    assert not upward + unknown, "\n".join(upward + unknown)
+def test_the_table_names_no_missing_package() -> None:
+    assert sorted(set(RANKS) - {_package(p) for p in MODULES}) == []
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if LAYERS.get(m) in PURE_LAYERS])
-def test_pure_layers_do_not_import_asyncio(module: str) -> None:
+def _violations(own: str, deps: set[tuple[int, str]], where: str) -> list[str]:
+    rank = RANKS[own]
+    bad = [
+        f"{where}:{line} ({own}, rank {rank}) imports router.{dep} (rank {RANKS[dep]})"
+        for line, dep in deps
+        if dep not in (own, "__init__") and dep in RANKS and RANKS[dep] >= rank
+    ]
+    unknown = [f"{where}:{line} imports unranked router.{dep}" for line, dep in deps
+               if dep not in RANKS]
+    return sorted(bad + unknown)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_imports_only_lower_ranked_packages(path: Path) -> None:
+    problems = _violations(_package(path), _router_packages_imported(path), _name(path))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if _package(p) in PURE], ids=_name)
+def test_pure_packages_do_not_import_asyncio(path: Path) -> None:
     offending = [
-        f"router/{module}.py:{line} imports {name}"
-        for line, name in _imports(module)
+        f"{_name(path)}:{line} imports {name}"
+        for line, name in _imports(path)
         if name == "asyncio" or name.startswith("asyncio.")
     ]
     assert not offending, "\n".join(offending)
@@ -130,7 +116,13 @@ def test_pure_layers_do_not_import_asyncio(module: str) -> None:
 # -- the checker itself -------------------------------------------------------------------------
 
 
-def test_checker_sees_lazy_and_package_imports() -> None:
-    # cli imports router.app inside a function and router.config as "from router import config".
-    deps = {dep for _, dep in _router_modules_imported("cli")}
-    assert {"app", "config", "errors", "client"} <= deps
+def test_checker_sees_lazy_imports() -> None:
+    # cli imports router.app inside a function.
+    deps = {dep for _, dep in _router_packages_imported(ROUTER / "cli.py")}
+    assert {"app", "core", "client"} <= deps
+
+
+def test_checker_flags_sideways_upward_and_unranked_imports() -> None:
+    deps = {(1, "control"), (2, "app"), (3, "core"), (4, "frontdoor"), (5, "nowhere")}
+    problems = _violations("frontdoor", deps, "x.py")
+    assert [p.split(" ")[0] for p in problems] == ["x.py:1", "x.py:2", "x.py:5"]

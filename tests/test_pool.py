@@ -1,4 +1,4 @@
-"""router.pool and router.health against fake connections and a manual clock: no sockets."""
+"""The pool and the health monitor against fake connections and a manual clock: no sockets."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from router.clock import ManualClock
-from router.errors import BackendUnavailable
-from router.health import HealthChecker, ProbeSettings
-from router.pool import Dialer, Pool, PoolLimits, ReplySink, Slot
-from router.registry import Backend, Registry
+from router.core.clock import ManualClock
+from router.core.errors import BackendUnavailable
+from router.dispatch.backends import Backend, Registry
+from router.health.monitor import HealthChecker, ProbeSettings
+from router.upstream.pool import Dialer, Pool, PoolLimits, ReplySink, Slot
 
 LIMITS = PoolLimits(
     max_connections=4, connect_timeout_s=1.0, idle_timeout_s=10.0, max_lifetime_s=100.0

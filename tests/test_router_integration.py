@@ -22,8 +22,8 @@ import pytest
 from conftest import EchoBackend, RouterFactory, RunningRouter
 from support import REPO_ROOT
 
-from router.client import ConnectionLost, ErrorReply, FrameClient, RetryingClient
-from router.wire import ERROR_FLAG, LENGTH_MASK, encode_frame
+from router.client.frames import ConnectionLost, ErrorReply, FrameClient, RetryingClient
+from router.protocol.frames import ERROR_FLAG, LENGTH_MASK, encode_frame
 
 WAIT_S = 10.0
 

@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.client import FrameClient
-from router.federation import merge_metrics
+from router.client.frames import FrameClient
+from router.control.federation import merge_metrics
 from tests.conftest import EchoBackend
 from tests.support import REPO_ROOT
 

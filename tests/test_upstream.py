@@ -1,4 +1,4 @@
-"""router.upstream.BackendConnection against scripted backends over loopback sockets."""
+"""BackendConnection (router.upstream) against scripted backends over loopback sockets."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from router.errors import (
+from router.core.errors import (
     BackendError,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
 )
-from router.pool import Connection, request
-from router.upstream import make_dialer
-from router.wire import FrameDecoder, encode_frame
+from router.protocol.frames import FrameDecoder, encode_frame
+from router.upstream.frame_connection import make_dialer
+from router.upstream.pool import Connection, request
 
 WAIT_S = 5.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

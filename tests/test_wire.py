@@ -1,4 +1,4 @@
-"""router.wire: the sans-IO framing decoder, checked over every way to split a byte stream."""
+"""The sans-IO framing decoder, checked over every way to split a byte stream."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.errors import FrameTooLarge, TruncatedFrame
-from router.wire import (
+from router.core.errors import FrameTooLarge, TruncatedFrame
+from router.protocol.frames import (
     ErrorFrame,
     FrameDecoder,
     encode_error,

@@ -15,7 +15,7 @@ How:
   their addresses.
 - **Children** are ordinary routers (``serve --supervised``): same config, admin on a loopback
   port they announce with ``READY <admin port>``. The supervisor serves the configured admin
-  address and federates theirs (``router.federation``).
+  address and federates theirs (``router.control.federation``).
 - **Drain.** SIGTERM/SIGINT: ``/readyz`` turns 503, every child gets SIGTERM and drains exactly
   as a single router does (close its listener, finish what it accepted, FIN at request
   boundaries). The supervisor waits for all of them, then stops the backends it spawned. It
@@ -40,9 +40,9 @@ from typing import Any
 
 import tomli_w
 
-from router.config import RouterConfig, parse_host_port, substitute
-from router.federation import FederatedAdmin, ProcessInfo
-from router.spawner import SpawnedProcess, Spawner
+from router.control.federation import FederatedAdmin, ProcessInfo
+from router.control.spawner import SpawnedProcess, Spawner
+from router.core.config import RouterConfig, parse_host_port, substitute
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from router.errors import ClientProtocolError
+from router.core.errors import ClientProtocolError
 
 # Wire types (protobuf encoding spec).
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import orjson
 
-from router.errors import FrameTooLarge, RouterError, TruncatedFrame
+from router.core.errors import FrameTooLarge, RouterError, TruncatedFrame
 
 HEADER_BYTES = 4
 ERROR_FLAG = 0x8000_0000

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from router.errors import ConfigError
+from router.core.errors import ConfigError
 
 Seconds = Annotated[float, Field(gt=0)]
 Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices"]

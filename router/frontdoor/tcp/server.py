@@ -32,10 +32,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, cast
 
-from router.clock import Clock
-from router.dispatch import Dispatcher, Request
-from router.errors import ClientProtocolError, ReadTimeout
-from router.wire import FrameDecoder, encode_frame, encode_router_error, frame_parts
+from router.core.clock import Clock
+from router.core.errors import ClientProtocolError, ReadTimeout
+from router.dispatch.scheduler import Dispatcher, Request
+from router.protocol.frames import FrameDecoder, encode_frame, encode_router_error, frame_parts
 
 log = logging.getLogger(__name__)
 

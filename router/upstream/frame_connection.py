@@ -22,15 +22,15 @@ import socket
 from collections import deque
 from typing import Any, cast
 
-from router.errors import (
+from router.core.errors import (
     BackendError,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     FrameTooLarge,
 )
-from router.pool import Connection, Dialer, ReplySink
-from router.wire import FrameDecoder, frame_parts
+from router.protocol.frames import FrameDecoder, frame_parts
+from router.upstream.pool import Connection, Dialer, ReplySink
 
 
 class _Outstanding:

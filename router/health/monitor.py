@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from router.errors import BackendError
-from router.pool import Connection, request
-from router.registry import Backend, Registry
+from router.core.errors import BackendError
+from router.dispatch.backends import Backend, Registry
+from router.upstream.pool import Connection, request
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import asyncio
 from collections import deque
 from typing import cast
 
-from router.wire import DEFAULT_MAX_FRAME_BYTES, ErrorFrame, FrameDecoder, encode_frame
+from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, ErrorFrame, FrameDecoder, encode_frame
 
 
 class ErrorReply(Exception):

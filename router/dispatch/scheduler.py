@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from router.balance import Policy
-from router.clock import Clock
-from router.errors import (
+from router.balance.policies import Policy
+from router.core.clock import Clock
+from router.core.errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -47,9 +47,9 @@ from router.errors import (
     Overloaded,
     RouterError,
 )
-from router.metrics import DataPlaneStats
-from router.pool import Slot
-from router.registry import Backend, Registry
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.stats import DataPlaneStats
+from router.upstream.pool import Slot
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.clock import Clock
-from router.dispatch import Dispatcher
+from router.core.clock import Clock
+from router.dispatch.scheduler import Dispatcher
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,15 @@ from typing import Any
 
 import grpc
 
-from router.errors import UnknownModel
-from router.grpc_proxy import GrpcForwarder
-from router.kserve import MalformedMessage, encode_bool_reply, encode_server_metadata, read_model
-from router.registry import Registry
+from router.core.errors import UnknownModel
+from router.dispatch.backends import Registry
+from router.frontdoor.grpc.forward import GrpcForwarder
+from router.protocol.kserve import (
+    MalformedMessage,
+    encode_bool_reply,
+    encode_server_metadata,
+    read_model,
+)
 
 SERVICE = "inference.GRPCInferenceService"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"

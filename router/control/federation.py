@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.admin import admin_app, json_response, start_app
+from router.control.admin import admin_app, json_response, start_app
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,9 +36,8 @@ from typing import Union
 
 import grpc
 
-from router.clock import Clock
-from router.dispatch import Dispatcher, Request
-from router.errors import (
+from router.core.clock import Clock
+from router.core.errors import (
     BackendTimeout,
     BackendUnavailable,
     Cancelled,
@@ -46,8 +45,9 @@ from router.errors import (
     NoBackend,
     RouterError,
 )
-from router.grpc_upstream import GrpcChannels
-from router.registry import Backend
+from router.dispatch.backends import Backend
+from router.dispatch.scheduler import Dispatcher, Request
+from router.upstream.grpc_channels import GrpcChannels
 
 MetadataValue = Union[str, bytes]  # noqa: UP007 (grpc's own alias spells it this way)
 Metadata = tuple[tuple[str, MetadataValue], ...]

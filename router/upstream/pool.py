@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from router.clock import Clock
-from router.errors import BackendError, BackendUnavailable
+from router.core.clock import Clock
+from router.core.errors import BackendError, BackendUnavailable
 
 # Told once per request: (token, response, None) or (token, None, error).
 ReplySink = Callable[[Any, "bytes | None", "BackendError | None"], None]

@@ -37,15 +37,15 @@ from typing import Any, TypeAlias
 import grpc
 from grpc_health.v1 import health_pb2
 
-from router.clock import Clock
-from router.dispatch import Dispatcher
-from router.errors import Draining, Overloaded, RouterError, UnknownModel
-from router.grpc_kserve import SERVICE as KSERVE_SERVICE
-from router.grpc_kserve import KServeRouting
-from router.grpc_proxy import GrpcForwarder, GrpcStatus, ended_by
-from router.grpc_upstream import GrpcChannels
-from router.metrics import GrpcStats
-from router.registry import Backend, Registry
+from router.core.clock import Clock
+from router.core.errors import Draining, Overloaded, RouterError, UnknownModel
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.scheduler import Dispatcher
+from router.dispatch.stats import GrpcStats
+from router.frontdoor.grpc.forward import GrpcForwarder, GrpcStatus, ended_by
+from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
+from router.frontdoor.grpc.kserve import KServeRouting
+from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
 

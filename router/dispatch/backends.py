@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from router.pool import Pool
+from router.upstream.pool import Pool
 
 _MAX_CACHED_KEYS = 1024
 

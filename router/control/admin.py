@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from router.registry import Registry
+from router.dispatch.backends import Registry
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:

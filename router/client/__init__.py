@@ -1,0 +1,1 @@
+"""Clients of the length-prefixed protocol (FrameClient, RetryingClient)."""

@@ -1,0 +1,1 @@
+"""The front doors clients connect to: tcp/ (length-prefixed frames) and grpc/."""

@@ -1,0 +1,1 @@
+"""One health monitor with probers (frame, connect, grpc.health) and passive outlier ejection."""

@@ -1,0 +1,3 @@
+"""The router's lifecycle (serving, draining, abandoned), in-flight accounting, drain and
+readiness.
+"""

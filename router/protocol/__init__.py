@@ -1,0 +1,1 @@
+"""The length-prefixed frame codec, the TCP session state machine, the KServe field reader."""

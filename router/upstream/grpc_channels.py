@@ -1,0 +1,121 @@
+"""Channels to gRPC backends.
+
+``GrpcChannels`` keeps one ``grpc.aio`` channel per gRPC backend address: created on first use,
+shared by every call to that backend (HTTP/2 multiplexes them over one connection), and closed
+by ``close_idle`` once the backend has carried nothing for ``idle_timeout_s``. Unary callables
+are cached per method, since building one costs about as much as a small call's Python
+overhead. Probes do not count as use, so a channel that only carries probes still goes idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from router.core.clock import Clock
+
+
+class Backend(Protocol):
+    """What a channel needs to know of its backend."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+
+def channel_options(max_message_bytes: int, reconnect_max_s: float) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # The router retries on another backend itself, within its own budget.
+        ("grpc.enable_retries", 0),
+        # Its own subchannel per channel, so closing one never touches another's connection.
+        ("grpc.use_local_subchannel_pool", 1),
+        # gRPC's default backoff grows to 120 s; a restarted backend should be found by the
+        # next probe (probe_interval_s), not minutes later.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
+    ]
+
+
+@dataclass(eq=False)
+class _Entry:
+    channel: grpc.aio.Channel
+    last_used: float
+    unary: dict[str, grpc.aio.UnaryUnaryMultiCallable] = field(default_factory=dict)
+
+
+class GrpcChannels:
+    def __init__(
+        self, clock: Clock, *, max_message_bytes: int, idle_timeout_s: float,
+        reconnect_max_s: float = 2.0,
+    ) -> None:
+        self._clock = clock
+        self._options = channel_options(max_message_bytes, reconnect_max_s)
+        self._idle_timeout_s = idle_timeout_s
+        self._entries: dict[str, _Entry] = {}
+        self.opened = 0
+        self.closed = 0
+
+    def _entry(self, backend: Backend, *, use: bool = True) -> _Entry:
+        entry = self._entries.get(backend.address)
+        now = self._clock.now()
+        if entry is None:
+            channel = grpc.aio.insecure_channel(backend.address, options=self._options)
+            entry = self._entries[backend.address] = _Entry(channel, now)
+            self.opened += 1
+        elif use:
+            entry.last_used = now
+        return entry
+
+    def channel(self, backend: Backend) -> grpc.aio.Channel:
+        return self._entry(backend).channel
+
+    def unary(self, backend: Backend, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A raw-bytes unary callable for ``method`` on ``backend``'s channel."""
+        entry = self._entry(backend)
+        callable_ = entry.unary.get(method)
+        if callable_ is None:
+            callable_ = entry.unary[method] = entry.channel.unary_unary(method)
+        return callable_
+
+    def probe_channel(self, backend: Backend) -> grpc.aio.Channel:
+        """The backend's channel, opened if need be, without counting as use."""
+        return self._entry(backend, use=False).channel
+
+    def has_channel(self, backend: Backend) -> bool:
+        return backend.address in self._entries
+
+    async def close_idle(self, backends: Sequence[Backend]) -> int:
+        """Close the channels of backends with nothing in flight for ``idle_timeout_s``."""
+        deadline = self._clock.now() - self._idle_timeout_s
+        idle = [
+            b for b in backends
+            if (e := self._entries.get(b.address)) and b.inflight == 0 and e.last_used <= deadline
+        ]
+        for backend in idle:
+            await self._close(backend.address)
+        return len(idle)
+
+    async def _close(self, address: str) -> None:
+        entry = self._entries.pop(address, None)
+        if entry is not None:
+            self.closed += 1
+            await entry.channel.close()
+
+    async def close_all(self) -> None:
+        for address in list(self._entries):
+            await self._close(address)
+
+    def statistics(self) -> dict[str, int]:
+        return {"open": len(self._entries), "opened": self.opened, "closed": self.closed}
+
+    def __repr__(self) -> str:
+        return f"GrpcChannels(open={len(self._entries)})"
+
