@@ -17,17 +17,20 @@ from router.control.metrics import RouterCollector
 from router.control.spawner import Spawner
 from router.core.clock import Clock, MonotonicClock
 from router.core.config import BackendConfig, RouterConfig, parse_host_port, substitute
+from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
-from router.dispatch.scheduler import Dispatcher, DispatchSettings
+from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
-from router.frontdoor.grpc.server import GrpcFrontDoor, GrpcSettings
+from router.frontdoor.grpc.server import GrpcFrontDoor
 from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
 from router.health.grpc import GrpcHealthChecker
 from router.health.monitor import HealthChecker, ProbeSettings
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
+from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
 from router.upstream.grpc_channels import GrpcChannels
-from router.upstream.pool import Pool, PoolLimits
+from router.upstream.grpc_limiter import GrpcCallLimiter
+from router.upstream.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,13 @@ class RouterApp:
         self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None
     ) -> None:
         self.config = config
-        self.clock = clock or MonotonicClock()
+        self.clock = clock or MonotonicClock(asyncio.get_running_loop())
         self.stats = DataPlaneStats()
         self.registry = Registry()
         self.spawner = Spawner(log_dir=log_dir)
         d = config.dispatch
         self.dispatcher = Dispatcher(
-            self.registry,
-            make_policy(d.policy),
-            DispatchSettings(d.workers, d.queue_size, d.queue_timeout_s, d.request_timeout_s,
-                             d.max_retries),
-            self.clock,
-            self.stats,
+            self.registry, make_policy(d.policy), d, self.clock, self.stats
         )
         lst = config.listener
         self.front_door = TcpFrontDoor(
@@ -80,8 +78,7 @@ class RouterApp:
         if g.listen is not None:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
-                GrpcSettings(g.max_message_bytes, d.request_timeout_s, config.drain.linger_s),
-                self.grpc_stats,
+                g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
             )
             front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
@@ -99,24 +96,23 @@ class RouterApp:
         )
         self.bound: BoundAddresses | None = None
 
-    async def _add_backend(self, spec: BackendConfig) -> Backend:
-        host, port = parse_host_port(spec.address)
-        if spec.command:
-            spawned = await self.spawner.spawn(substitute(spec.command, port))
+    async def _add_backend(self, entry: BackendConfig) -> Backend:
+        host, port = parse_host_port(entry.address)
+        if entry.command:
+            spawned = await self.spawner.spawn(substitute(entry.command, port))
             port = spawned.port
-        p = self.config.pool
         address = f"{host}:{port}"
-        pool = Pool(
-            make_dialer(host, port, self.config.listener.max_frame_bytes),
-            PoolLimits(p.max_connections, p.connect_timeout_s, p.idle_timeout_s, p.max_lifetime_s,
-                       p.pipeline_depth),
-            self.clock,
-            name=address,
+        spec = BackendSpec(
+            id=address, address=address, protocol=entry.protocol, models=entry.models,
+            weight=entry.weight, source="static",
         )
-        grpc = spec.protocol == "grpc"
-        backend = Backend(host, port, pool, weight=spec.weight, models=spec.models,
-                          failure_threshold=p.failure_threshold, kind=spec.protocol,
-                          call_limit=self.config.grpc.max_calls_per_backend if grpc else 0)
+        upstream: Upstream
+        if spec.protocol == "grpc":
+            upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, address)
+        else:
+            dial = make_dialer(host, port, self.config.listener.max_frame_bytes)
+            upstream = Pool(dial, self.config.pool, self.clock, name=address)
+        backend = Backend(spec, upstream, failure_threshold=self.config.pool.failure_threshold)
         self.registry.add(backend)
         return backend
 
@@ -148,11 +144,9 @@ class RouterApp:
 
     async def serve(self, stop: Awaitable[object]) -> DrainReport:
         async with asyncio.TaskGroup() as group:
-            workers = group.create_task(self.dispatcher.run(), name="workers")
             health = group.create_task(self.health.run(), name="health")
             grpc_health = group.create_task(self.grpc_health.run(), name="grpc-health")
             report = await self.drain.wait_and_drain(stop)
-            workers.cancel()
             health.cancel()
             grpc_health.cancel()
         return report
@@ -163,6 +157,7 @@ class RouterApp:
             await self.grpc_front.close()
         await self.grpc_channels.close_all()
         self.registry.close()
+        self.dispatcher.close()
         await self.admin.close()
         await self.spawner.stop_all()
 

@@ -39,7 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-listen", metavar="HOST:PORT",
                        help="HOST:PORT for the gRPC front door (grpc.listen; off by default)")
     serve.add_argument("--admin", help="HOST:PORT for the admin HTTP API")
-    serve.add_argument("--workers", type=int)
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--reuse-port", action="store_true", default=None,
@@ -71,7 +70,6 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("listener", "listen"): args.listen,
         ("admin", "listen"): args.admin,
         ("grpc", "listen"): args.grpc_listen,
-        ("dispatch", "workers"): args.workers,
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
         ("listener", "reuse_port"): args.reuse_port,

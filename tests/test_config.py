@@ -21,7 +21,7 @@ GOOD_TOML = """\
 listen = "127.0.0.1:7070"
 
 [dispatch]
-workers = 4
+queue_size = 4
 policy = "round_robin"
 
 [pool]
@@ -76,12 +76,12 @@ def test_defaults_are_valid() -> None:
 def test_config_is_frozen() -> None:
     cfg = from_mapping({})
     with pytest.raises(ValueError):
-        cfg.dispatch.workers = 1  # type: ignore[misc]
+        cfg.dispatch.queue_size = 1  # type: ignore[misc]
 
 
 def test_good_file_loads(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, GOOD_TOML))
-    assert cfg.dispatch.workers == 4
+    assert cfg.dispatch.queue_size == 4
     assert cfg.dispatch.policy == "round_robin"
     assert cfg.pool.idle_timeout_s == 30.0
     assert [(b.address, b.weight, b.models) for b in cfg.backends] == [
@@ -161,7 +161,7 @@ def test_policy_must_be_a_known_one() -> None:
     [
         ("pool", "idle_timeout_s", 0),
         ("pool", "connect_timeout_s", -1.0),
-        ("dispatch", "workers", 0),
+        ("dispatch", "queue_size", 0),
         ("dispatch", "max_retries", -1),
         ("listener", "max_frame_bytes", 0x8000_0000),
         ("pool", "probe", "http"),
@@ -227,8 +227,8 @@ def build(*argv: str) -> RouterConfig:
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD_TOML)
-    cfg = build("--config", str(path), "--workers", "9", "--listen", "0.0.0.0:8080")
-    assert cfg.dispatch.workers == 9
+    cfg = build("--config", str(path), "--queue-size", "9", "--listen", "0.0.0.0:8080")
+    assert cfg.dispatch.queue_size == 9
     assert cfg.listener.listen == "0.0.0.0:8080"
     assert cfg.dispatch.policy == "round_robin"  # the rest of the section is kept
     assert [b.address for b in cfg.backends] == ["127.0.0.1:9001", "[::1]:9002"]
@@ -255,8 +255,8 @@ def test_no_file_and_no_backend_gives_the_embedded_default() -> None:
 
 
 def test_flags_apply_on_top_of_the_embedded_default() -> None:
-    cfg = build("--workers", "2", "--queue-size", "10", "--shutdown-grace", "1.5")
-    assert (cfg.dispatch.workers, cfg.dispatch.queue_size) == (2, 10)
+    cfg = build("--queue-size", "10", "--shutdown-grace", "1.5")
+    assert cfg.dispatch.queue_size == 10
     assert cfg.drain.shutdown_grace_s == 1.5
     assert len(cfg.backends) == 2
     assert "dispatch" not in config_mod.EMBEDDED_DEFAULT  # the default itself is untouched
@@ -264,8 +264,8 @@ def test_flags_apply_on_top_of_the_embedded_default() -> None:
 
 def test_bad_flag_value_is_a_config_error_naming_the_command_line() -> None:
     with pytest.raises(ConfigError) as info:
-        build("--backend", "h:1", "--workers", "0")
-    assert info.value.problems[0].startswith("<command line>: dispatch.workers: ")
+        build("--backend", "h:1", "--queue-size", "0")
+    assert info.value.problems[0].startswith("<command line>: dispatch.queue_size: ")
 
 
 def test_bad_flag_over_a_file_reports_the_key_path(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,11 +11,15 @@ import pytest
 
 from router.balance.policies import make_policy
 from router.core.clock import ManualClock
+from router.core.config import DispatchConfig, PoolConfig
 from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
+from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
-from router.dispatch.scheduler import Dispatcher, DispatchSettings, Request
+from router.dispatch.request import Request
+from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats
-from router.upstream.pool import Pool, PoolLimits, ReplySink
+from router.upstream.base import ReplySink
+from router.upstream.pool import Pool
 
 WAIT_S = 2.0  # bound on every await of the dispatcher; nothing here takes real time
 
@@ -111,15 +113,19 @@ class Collector:
 
 class Harness:
     def __init__(
-        self, services: list[FakeService], settings: DispatchSettings, policy: str
+        self, services: list[FakeService], settings: DispatchConfig, policy: str,
+        max_connections: int = 8,
     ) -> None:
         self.clock = ManualClock()
         self.registry = Registry()
         self.backends: list[Backend] = []
         self.services = services
+        limits = PoolConfig(max_connections=max_connections, pipeline_depth=1)
         for index, service in enumerate(services):
-            pool = Pool(service.dial, PoolLimits(max_connections=8), self.clock, f"b{index}")
-            backend = Backend(f"10.0.0.{index + 1}", 9000, pool, failure_threshold=3)
+            pool = Pool(service.dial, limits, self.clock, f"b{index}")
+            address = f"10.0.0.{index + 1}:9000"
+            spec = BackendSpec(id=address, address=address)
+            backend = Backend(spec, pool, failure_threshold=3)
             self.registry.add(backend)
             self.backends.append(backend)
         self.stats = DataPlaneStats()
@@ -140,34 +146,27 @@ class Harness:
 
 
 class Harnesses:
-    """Builds harnesses; owns the ``dispatcher.run()`` tasks it starts."""
+    """Builds harnesses; closes their dispatchers (the queue's timer) at the end."""
 
     def __init__(self) -> None:
-        self._tasks: list[asyncio.Task[None]] = []
+        self._built: list[Harness] = []
 
     def __call__(
         self,
         services: list[FakeService],
         *,
-        start_workers: bool = True,
         policy: str = "least_connections",
+        max_connections: int = 8,
         **settings: Any,
     ) -> Harness:
-        base = DispatchSettings(workers=4, queue_timeout_s=5.0, max_retries=2)
-        harness = Harness(services, dataclasses.replace(base, **settings), policy)
-        if start_workers:
-            self.start(harness)
+        config = DispatchConfig(**{"queue_timeout_s": 5.0, "max_retries": 2, **settings})
+        harness = Harness(services, config, policy, max_connections)
+        self._built.append(harness)
         return harness
 
-    def start(self, harness: Harness) -> None:
-        self._tasks.append(asyncio.create_task(harness.dispatcher.run(), name="dispatcher"))
-
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for harness in self._built:
+            harness.dispatcher.close()
 
 
 @pytest.fixture
@@ -245,13 +244,32 @@ async def test_refused_connects_are_retried_and_leave_no_load_behind(
 ) -> None:
     refused, live = FakeService("refused"), FakeService("live")
     h = make_harness([refused, live], policy="round_robin")
-    requests = [h.submit(f"c{i}".encode()) for i in range(12)]
-    await h.wait_idle()
+    requests = []
+    for i in range(12):  # one at a time: each request to the refused one makes its own dial
+        requests.append(h.submit(f"c{i}".encode()))
+        await h.wait_idle()
 
     assert all(r.response == r.payload[::-1] for r in requests)
     assert refused.dials == 3  # failure_threshold, then it is marked down
     assert not h.backends[0].healthy
     # Least-connections reads ``inflight``: a leak here would starve a backend forever.
+    assert [b.inflight for b in h.backends] == [0, 0]
+
+
+async def test_one_refused_dial_moves_every_request_waiting_for_it(
+    make_harness: Harnesses,
+) -> None:
+    """Requests waiting on a cold pool share its first dial; when it is refused they all go
+    to another backend at once (each spends one retry), and the failure counts once."""
+    refused, live = FakeService("refused"), FakeService("live")
+    h = make_harness([refused, live], policy="round_robin")
+    requests = [h.submit(f"c{i}".encode()) for i in range(12)]
+    await h.wait_idle()
+
+    assert all(r.response == r.payload[::-1] for r in requests)
+    assert refused.dials == 1
+    assert h.backends[0].consecutive_failures == 1
+    assert h.stats.retried == 6
     assert [b.inflight for b in h.backends] == [0, 0]
 
 
@@ -308,63 +326,105 @@ async def test_no_backends_is_no_backend(make_harness: Harnesses) -> None:
 
 
 async def test_queue_timeout_answers_overloaded(make_harness: Harnesses) -> None:
-    h = make_harness([FakeService()], start_workers=False, queue_timeout_s=5.0)
+    service = FakeService("gated")
+    h = make_harness([service], max_connections=1, queue_timeout_s=5.0)
+    busy = h.submit(b"busy")  # holds the only connection: the rest wait
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(1)
     old = [h.submit(b"old1"), h.submit(b"old2")]
     h.clock.advance(3.0)
     young = h.submit(b"young")
-    h.clock.advance(2.5)  # old ones waited 5.5 s, the young one 2.5 s
-
-    assert h.dispatcher.expire_queued() == 2
+    h.clock.advance(2.5)  # old ones waited 5.5 s, the young one 2.5 s: the timer fired once
 
     assert [error_code(r) for r in old] == ["OVERLOADED", "OVERLOADED"]
     assert h.origin.done == old
     assert not young.done
     assert h.stats.errored == {"OVERLOADED": 2}
-    assert h.stats.inflight == 1
-    assert h.dispatcher.statistics()["queue_depth"] == 1
+    assert h.stats.inflight == 2  # busy and young
+    assert h.dispatcher.statistics()["waiting"] == 1
 
-    make_harness.start(h)
+    service.answer_all()  # busy answered: young goes out on the freed connection
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(1)
+    service.answer_all()
     await h.wait_idle()
-    assert young.response == b"gnuoy"
+    assert (busy.response, young.response) == (b"ysub", b"gnuoy")
+
+
+async def test_the_queue_deadline_is_stamped_once_at_acceptance(make_harness: Harnesses) -> None:
+    """A request that moves while it waits (its backend went out of rotation, so it was placed
+    again on another) keeps the deadline of its acceptance: with queue_timeout_s 5, requests
+    accepted at t=0 are OVERLOADED at t=5, not 5 s after their last move."""
+    a, b = FakeService("gated"), FakeService("gated")
+    h = make_harness([a, b], policy="round_robin", max_connections=1, queue_timeout_s=5.0)
+    busy = [h.submit(b"a0"), h.submit(b"b0")]
+    async with asyncio.timeout(WAIT_S):
+        await a.wait_pending(1)
+        await b.wait_pending(1)
+    waiting = [h.submit(b"a1"), h.submit(b"b1")]  # one waits on each backend
+    h.clock.advance(4.0)
+    h.backends[0].mark_down()  # a1 moves to the second backend's waiting list
+    await yield_until(lambda: len(h.backends[1].waiting) == 2)
+    assert not waiting[0].done
+    h.clock.advance(1.5)  # t = 5.5: past the deadline stamped at t = 0
+
+    assert [error_code(r) for r in waiting] == ["OVERLOADED", "OVERLOADED"]
+    a.answer_all()
+    b.answer_all()
+    await h.wait_idle()
+    assert [r.response for r in busy] == [b"0a", b"0b"]
 
 
 async def test_saturation_is_signalled_and_cleared(make_harness: Harnesses) -> None:
-    h = make_harness([FakeService()], start_workers=False, queue_size=2)
+    service = FakeService("gated")
+    h = make_harness([service], max_connections=1, queue_size=2)
     pressure: list[bool] = []
     h.dispatcher.add_pressure_listener(pressure.append)
 
+    h.submit(b"0")  # on the connection
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(1)
     h.submit(b"1")
     assert pressure == []
     h.submit(b"2")
     assert pressure == [True]
     assert h.dispatcher.saturated
-    h.submit(b"3")  # past the soft bound: still queued, never discarded
+    h.submit(b"3")  # past the soft bound: still kept, never discarded
     assert pressure == [True]
 
-    make_harness.start(h)
+    for _ in range(4):
+        async with asyncio.timeout(WAIT_S):
+            await service.wait_pending(1)
+        service.answer_all()
+        await asyncio.sleep(0)  # the answer arrives from the loop
     await h.wait_idle()
 
     assert pressure == [True, False]
     assert not h.dispatcher.saturated
-    assert h.stats.completed == 3
+    assert h.stats.completed == 4
 
 
 async def test_saturation_clears_when_queued_requests_expire(make_harness: Harnesses) -> None:
-    # Workers all busy, queue full -> front doors stop reading. If the queued requests then time
-    # out, the queue is empty: reading must resume, or no request ever arrives again.
-    h = make_harness([FakeService()], start_workers=False, queue_size=2, queue_timeout_s=5.0)
+    # Queue full -> front doors stop reading. If the waiting requests then time out, nothing
+    # waits: reading must resume, or no request ever arrives again.
+    service = FakeService("gated")
+    h = make_harness([service], max_connections=1, queue_size=2, queue_timeout_s=5.0)
     pressure: list[bool] = []
     h.dispatcher.add_pressure_listener(pressure.append)
+    h.submit(b"0")
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(1)
     h.submit(b"1")
     h.submit(b"2")
     assert pressure == [True]
     h.clock.advance(6.0)
 
-    assert h.dispatcher.expire_queued() == 2
-
-    assert h.dispatcher.statistics()["queue_depth"] == 0
+    assert h.stats.errored == {"OVERLOADED": 2}
+    assert h.dispatcher.statistics()["waiting"] == 0
     assert not h.dispatcher.saturated
     assert pressure == [True, False]
+    service.answer_all()
+    await h.wait_idle()
 
 
 async def test_wait_idle_returns_once_inflight_is_zero(make_harness: Harnesses) -> None:
@@ -391,11 +451,10 @@ async def test_wait_idle_returns_once_inflight_is_zero(make_harness: Harnesses) 
 
 
 def test_statistics_and_repr() -> None:
-    h = Harness([FakeService()], DispatchSettings(workers=3), "round_robin")
+    h = Harness([FakeService()], DispatchConfig(queue_size=3), "round_robin")
     stats = h.dispatcher.statistics()
-    assert stats["workers"] == 3
     assert stats["policy"] == "round_robin"
-    assert (stats["queue_depth"], stats["queue_saturated"], stats["inflight"]) == (0, False, 0)
+    assert (stats["waiting"], stats["queue_saturated"], stats["inflight"]) == (0, False, 0)
     assert "round_robin" in repr(h.dispatcher)
 
 
@@ -414,10 +473,10 @@ async def yield_until(condition: Callable[[], bool], tries: int = 1000) -> None:
 async def parked_count(h: Harness, count: int) -> None:
     """Yield to the loop (no timed waits) until ``count`` requests are parked."""
     for _ in range(200):
-        if h.dispatcher.statistics()["parked"] == count:
+        if h.dispatcher.statistics()["waiting"] == count:
             return
         await asyncio.sleep(0)
-    raise AssertionError(f"parked {h.dispatcher.statistics()['parked']}, expected {count}")
+    raise AssertionError(f"waiting {h.dispatcher.statistics()['waiting']}, expected {count}")
 
 
 async def test_full_pool_parks_requests_and_each_answer_sends_the_next(
@@ -435,7 +494,7 @@ async def test_full_pool_parks_requests_and_each_answer_sends_the_next(
     service.answer_all()  # each answer frees room: a parked request goes out at once
     async with asyncio.timeout(WAIT_S):
         await service.wait_pending(4)
-    assert h.dispatcher.statistics()["parked"] == 0
+    assert h.dispatcher.statistics()["waiting"] == 0
     service.answer_all()
     await h.wait_idle()
 
@@ -493,14 +552,14 @@ async def test_requests_parked_on_a_hung_backend_time_out_without_an_answer(
         await service.wait_pending(8)
         await parked_count(h, 2)
     h.clock.advance(4.0)
-    assert h.dispatcher.expire_queued() == 0
+    assert h.stats.errored == {}
     h.clock.advance(2.0)
-    assert h.dispatcher.expire_queued() == 2
+    assert h.stats.errored == {"OVERLOADED": 2}
 
     assert [error_code(r) for r in requests[8:]] == ["OVERLOADED", "OVERLOADED"]
     assert not any(r.done for r in requests[:8])
     assert h.backends[0].inflight == 8 and h.dispatcher.queue.waiting == 0
-    assert h.dispatcher.statistics()["parked"] == 0
+    assert h.dispatcher.statistics()["waiting"] == 0
     service.answer_all()
     await h.wait_idle()
 
@@ -586,12 +645,12 @@ async def test_a_full_backend_does_not_hold_up_requests_for_another(
     """Parked requests wait on their backend, not in a worker: with round robin, half the
     traffic goes to a backend whose pool is full, and the other half must still flow."""
     stuck, live = FakeService("gated"), FakeService("live")
-    h = make_harness([stuck, live], policy="round_robin", workers=2)
+    h = make_harness([stuck, live], policy="round_robin")
     requests = [h.submit(f"r{i}".encode()) for i in range(40)]
     to_live = [r for r in requests if r.payload[1:].isdigit() and int(r.payload[1:]) % 2 == 1]
     await yield_until(lambda: all(r.done for r in to_live))
     assert all(r.response == r.payload[::-1] for r in to_live)
-    assert h.dispatcher.statistics()["parked"] == 12  # 20 for the stuck one: 8 sent, 12 wait
+    assert h.dispatcher.statistics()["waiting"] == 12  # 20 for the stuck one: 8 sent, 12 wait
 
     def answer_and_check() -> bool:  # each answer frees room for a parked request
         stuck.answer_all()

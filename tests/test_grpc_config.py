@@ -7,10 +7,14 @@ import pytest
 from router.cli import _parser, build_config
 from router.core import config as config_mod
 from router.core.clock import ManualClock
+from router.core.config import PoolConfig
 from router.core.errors import ConfigError
+from router.core.types import BackendSpec, Protocol
 from router.dispatch.backends import Backend, Registry
+from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
-from router.upstream.pool import Pool, PoolLimits
+from router.upstream.grpc_limiter import GrpcCallLimiter
+from router.upstream.pool import Pool
 
 
 def test_grpc_is_off_by_default_and_backends_default_to_tcp() -> None:
@@ -52,9 +56,15 @@ def test_grpc_listen_flag() -> None:
     assert build_config(args).grpc.listen == "127.0.0.1:7071"
 
 
-def _backend(port: int, kind: str, models: tuple[str, ...] = ()) -> Backend:
-    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), ManualClock())
-    return Backend("127.0.0.1", port, pool, models=models, kind=kind)
+def _backend(port: int, kind: Protocol, models: tuple[str, ...] = ()) -> Backend:
+    address = f"127.0.0.1:{port}"
+    spec = BackendSpec(id=address, address=address, protocol=kind, models=models)
+    upstream: Upstream
+    if kind == "grpc":
+        upstream = GrpcCallLimiter(8, address)
+    else:
+        upstream = Pool(make_dialer("127.0.0.1", port, 1024), PoolConfig(), ManualClock())
+    return Backend(spec, upstream)
 
 
 def test_candidates_are_of_one_kind_and_serve_the_model() -> None:

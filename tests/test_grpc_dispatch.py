@@ -1,7 +1,7 @@
 """The dispatcher's forwarded requests (what the gRPC front door submits), without a network.
 
 A forward function stands in for the gRPC call: it records which backend the dispatcher chose
-and the test reports the outcome with ``forward_done``, as ``grpc_proxy.UnaryCall`` does.
+and the test reports the outcome with ``attempt_done``, as ``forward.Call`` does.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import pytest
 
 from router.balance.policies import make_policy
 from router.core.clock import MonotonicClock
+from router.core.config import DispatchConfig, PoolConfig
 from router.core.errors import BackendTimeout, BackendUnavailable, Cancelled, NoBackend, Overloaded
+from router.core.types import BackendSpec, Protocol
 from router.dispatch.backends import Backend, Registry
-from router.dispatch.scheduler import Dispatcher, DispatchSettings, Request
+from router.dispatch.request import Request
+from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats
+from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
-from router.upstream.pool import Pool, PoolLimits
+from router.upstream.grpc_limiter import GrpcCallLimiter
+from router.upstream.pool import Pool
 
 WAIT_S = 2.0
 
@@ -41,8 +46,9 @@ class Forwards:
         self.attempts: list[tuple[Request, Backend]] = []
         self.changed = asyncio.Event()
 
-    def __call__(self, request: Request, backend: Backend) -> None:
-        self.attempts.append((request, backend))
+    def __call__(self, request: Request) -> None:
+        assert request.backend is not None
+        self.attempts.append((request, request.backend))
         self.changed.set()
 
     async def wait(self, count: int) -> None:
@@ -52,10 +58,17 @@ class Forwards:
                 await self.changed.wait()
 
 
-def _backend(port: int, kind: str = "grpc", models: tuple[str, ...] = ("m",),
-             call_limit: int = 0) -> Backend:
-    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), MonotonicClock())
-    return Backend("127.0.0.1", port, pool, models=models, kind=kind, call_limit=call_limit)
+def _backend(port: int, kind: Protocol = "grpc", models: tuple[str, ...] = ("m",),
+             call_limit: int = 256) -> Backend:
+    address = f"127.0.0.1:{port}"
+    upstream: Upstream
+    if kind == "grpc":
+        upstream = GrpcCallLimiter(call_limit, address)
+    else:
+        clock = MonotonicClock(asyncio.get_running_loop())
+        upstream = Pool(make_dialer("127.0.0.1", port, 1024), PoolConfig(), clock)
+    spec = BackendSpec(id=address, address=address, protocol=kind, models=models)
+    return Backend(spec, upstream)
 
 
 @pytest.fixture
@@ -63,17 +76,15 @@ async def setup() -> AsyncIterator[tuple[Dispatcher, Registry]]:
     registry = Registry()
     dispatcher = Dispatcher(
         registry, make_policy("round_robin"),
-        DispatchSettings(workers=4, queue_size=8, queue_timeout_s=0.2, max_retries=1),
-        MonotonicClock(), DataPlaneStats(), random.Random(1),
+        DispatchConfig(queue_size=8, queue_timeout_s=0.2, max_retries=1),
+        MonotonicClock(asyncio.get_running_loop()), DataPlaneStats(), random.Random(1),
     )
-    task = asyncio.create_task(dispatcher.run())
     yield dispatcher, registry
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    dispatcher.close()
 
 
 def _request(origin: Origin, forwards: Forwards, model: str | None = "m") -> Request:
-    return Request(b"x", origin, MonotonicClock().now(), kind="grpc", model=model,
+    return Request(b"x", origin, MonotonicClock.now(), kind="grpc", model=model,
                    forward=forwards)
 
 
@@ -87,9 +98,9 @@ async def test_forwarded_request_goes_to_a_backend_of_its_kind_serving_its_model
     request = _request(origin, forwards)
     dispatcher.submit(request)
     await forwards.wait(1)
-    assert forwards.attempts[0][1].port == 3
+    assert forwards.attempts[0][1].spec.port == 3
     assert forwards.attempts[0][1].inflight == 1
-    dispatcher.forward_done(request, b"answer", None)
+    dispatcher.attempt_done(request, b"answer", None)
     assert origin.done == [request] and request.response == b"answer"
     stats = dispatcher.stats
     assert (stats.accepted, stats.completed, stats.inflight) == (1, 1, 0)
@@ -106,11 +117,11 @@ async def test_unavailable_is_retried_on_another_backend_within_the_budget(
     request = _request(origin, forwards)
     dispatcher.submit(request)
     await forwards.wait(1)
-    dispatcher.forward_done(request, None, BackendUnavailable("reset"))
+    dispatcher.attempt_done(request, None, BackendUnavailable("reset"))
     await forwards.wait(2)
     first, second = forwards.attempts[0][1], forwards.attempts[1][1]
     assert first is not second
-    dispatcher.forward_done(request, None, BackendUnavailable("reset again"))  # budget: 1 retry
+    dispatcher.attempt_done(request, None, BackendUnavailable("reset again"))  # budget: 1 retry
     assert isinstance(request.error, BackendUnavailable)
     assert (dispatcher.stats.retried, first.failures_total, second.failures_total) == (1, 1, 1)
 
@@ -126,7 +137,7 @@ async def test_timeouts_count_against_the_backend_but_a_cancel_does_not(
         request = _request(origin, forwards)
         dispatcher.submit(request)
         await forwards.wait(len(origin.done) + 1)
-        dispatcher.forward_done(request, None, error)
+        dispatcher.attempt_done(request, None, error)
         assert request.error is error  # not retried
     assert backend.failures_total == 1
     assert dispatcher.stats.errored == {"BACKEND_TIMEOUT": 1, "CANCELLED": 1}
@@ -152,7 +163,7 @@ async def test_a_backend_at_its_call_limit_makes_requests_wait_then_overload(
         dispatcher.submit(request)
     await forwards.wait(1)
     assert len(forwards.attempts) == 1  # the second waits for capacity
-    dispatcher.forward_done(first, b"1", None)
+    dispatcher.attempt_done(first, b"1", None)
     await forwards.wait(2)  # ... and gets it as soon as the first is done
     assert forwards.attempts[1][0] is second
     dispatcher.submit(third)  # the backend is busy with the second past queue_timeout_s
@@ -161,5 +172,5 @@ async def test_a_backend_at_its_call_limit_makes_requests_wait_then_overload(
             origin.changed.clear()
             await origin.changed.wait()
     assert isinstance(third.error, Overloaded)
-    dispatcher.forward_done(second, b"2", None)
+    dispatcher.attempt_done(second, b"2", None)
     assert dispatcher.stats.statistics()["inflight"] == 0

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 import pytest
 
 from router.core.clock import ManualClock
-from router.core.errors import BackendUnavailable
+from router.core.config import PoolConfig
+from router.core.errors import BackendError, BackendUnavailable
+from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.health.monitor import HealthChecker, ProbeSettings
-from router.upstream.pool import Dialer, Pool, PoolLimits, ReplySink, Slot
+from router.upstream.base import ReplySink
+from router.upstream.pool import Dialer, Pool, Slot
 
-LIMITS = PoolLimits(
-    max_connections=4, connect_timeout_s=1.0, idle_timeout_s=10.0, max_lifetime_s=100.0
+LIMITS = PoolConfig(
+    max_connections=4, connect_timeout_s=1.0, idle_timeout_s=10.0, max_lifetime_s=100.0,
+    pipeline_depth=1,
 )
 
 
@@ -80,7 +83,26 @@ def pool(dialer: FakeDialer, clock: ManualClock) -> Pool:
 
 
 def make_pool(dialer: Dialer, clock: ManualClock, **limits: Any) -> Pool:
-    return Pool(dialer, dataclasses.replace(LIMITS, **limits), clock, name="b1")
+    return Pool(dialer, LIMITS.model_copy(update=limits), clock, name="b1")
+
+
+class RoomEvents:
+    """Records a pool's ``on_room`` reports."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.events: list[BackendError | None] = []
+        self._changed = asyncio.Event()
+        pool.on_room = self._record
+
+    def _record(self, error: BackendError | None) -> None:
+        self.events.append(error)
+        self._changed.set()
+
+    async def wait(self, count: int) -> None:
+        async with asyncio.timeout(1):
+            while len(self.events) < count:
+                self._changed.clear()
+                await self._changed.wait()
 
 
 async def yield_to_loop() -> None:
@@ -104,8 +126,8 @@ async def test_acquire_dials_when_empty(pool: Pool, dialer: FakeDialer) -> None:
     assert slot.uses == 1
 
 
-async def test_acquire_nowait_on_empty_pool_returns_none(pool: Pool, dialer: FakeDialer) -> None:
-    assert pool.acquire_nowait() is None
+async def test_try_acquire_on_empty_pool_returns_none(pool: Pool, dialer: FakeDialer) -> None:
+    assert pool.try_acquire() is None
     assert dialer.dials == 0
 
 
@@ -116,24 +138,24 @@ async def test_release_then_reuse_is_lifo(pool: Pool, dialer: FakeDialer) -> Non
     pool.release(b)
     assert pool.statistics()["idle"] == 2
 
-    assert pool.acquire_nowait() is b  # most recently released first
-    assert pool.acquire_nowait() is a
-    assert pool.acquire_nowait() is None
+    assert pool.try_acquire() is b  # most recently released first
+    assert pool.try_acquire() is a
+    assert pool.try_acquire() is None
     assert dialer.dials == 2
     assert a.uses == 2
 
 
-async def test_idle_slot_past_idle_timeout_is_closed_on_acquire_nowait(
+async def test_idle_slot_past_idle_timeout_is_closed_on_try_acquire(
     pool: Pool, clock: ManualClock
 ) -> None:
     slot = await pool.acquire()
     pool.release(slot)
     clock.advance(9.9)
-    assert pool.acquire_nowait() is slot  # not yet idle for 10 s
+    assert pool.try_acquire() is slot  # not yet idle for 10 s
     pool.release(slot)  # idle_since restarts here
     clock.advance(10.0)
 
-    assert pool.acquire_nowait() is None
+    assert pool.try_acquire() is None
     assert conn(slot).closed == 1
     stats = pool.statistics()
     assert (stats["open"], stats["idle"], stats["closed_idle_timeout"]) == (0, 0, 1)
@@ -151,7 +173,7 @@ async def test_expire_closes_idle_slots_past_idle_timeout(pool: Pool, clock: Man
     assert conn(old).closed == 1
     assert conn(fresh).closed == 0
     assert pool.statistics()["open"] == 1
-    assert pool.acquire_nowait() is fresh
+    assert pool.try_acquire() is fresh
 
 
 async def test_probes_do_not_refresh_idle_since(pool: Pool, clock: ManualClock) -> None:
@@ -191,7 +213,7 @@ async def test_connection_past_max_lifetime_is_retired_on_release(
     pool.release(slot)
 
     assert conn(slot).closed == 1
-    assert pool.acquire_nowait() is None
+    assert pool.try_acquire() is None
     stats = pool.statistics()
     assert (stats["open"], stats["closed_max_lifetime"]) == (0, 1)
     assert await pool.acquire() is not slot
@@ -205,7 +227,7 @@ async def test_idle_connection_past_max_lifetime_is_expired(
     for _ in range(11):  # busy every 9 s, so never idle for 10 s, but 99 s old
         clock.advance(9.0)
         pool.release(slot)
-        assert pool.acquire_nowait() is slot
+        assert pool.try_acquire() is slot
     pool.release(slot)
     clock.advance(1.0)  # 100 s old, 1 s idle
     assert pool.expire() == 1
@@ -224,78 +246,100 @@ async def test_release_of_a_closed_connection_does_not_reuse_it(pool: Pool) -> N
     slot = await pool.acquire()
     conn(slot).close()  # the peer reset it while borrowed
     pool.release(slot)
-    assert pool.acquire_nowait() is None
+    assert pool.try_acquire() is None
     assert pool.statistics()["open"] == 0
 
 
 # -- the connection limit ---------------------------------------------------------------------
 
 
-async def test_never_exceeds_max_connections_and_hands_slot_to_waiter(
-    dialer: FakeDialer, clock: ManualClock
-) -> None:
+async def test_never_exceeds_max_connections(dialer: FakeDialer, clock: ManualClock) -> None:
     pool = make_pool(dialer, clock, max_connections=2)
-    seen_open: list[int] = []
-
-    def record() -> None:
-        seen_open.append(pool.statistics()["open"])
-
     a = await pool.acquire()
-    record()
     b = await pool.acquire()
-    record()
-    third = asyncio.create_task(pool.acquire())
+    assert pool.try_acquire() is None
+    pool.grow(5)  # five waiting: no room to dial
     await yield_to_loop()
-    record()
-    assert not third.done()
-    assert pool.statistics()["waiters"] == 1
+    assert dialer.dials == 2
+    with pytest.raises(BackendUnavailable, match="no room"):
+        await pool.acquire()
 
     pool.release(a)
-    record()
-    async with asyncio.timeout(1):
-        handed = await third
-    record()
-
-    assert handed is a
-    assert dialer.dials == 2
-    assert max(seen_open) <= 2
-    assert pool.statistics()["waiters"] == 0
-    pool.release(b)
-    pool.release(handed)
+    assert pool.try_acquire() is a
     assert pool.statistics()["open"] == 2
+    pool.release(a)
+    pool.release(b)
 
 
-async def test_waiter_dials_when_a_borrowed_connection_is_retired(
+async def test_grow_dials_one_first_then_for_every_waiting_request(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=3)
+    room = RoomEvents(pool)
+    pool.grow(5)  # cold: one dial goes first
+    assert pool.statistics()["dialing"] == 1
+    await room.wait(1)
+    assert room.events == [None] and dialer.dials == 1
+
+    pool.grow(5)  # warm now: up to max_connections
+    await room.wait(3)
+    assert dialer.dials == 3
+    assert pool.statistics()["open"] == 3
+    slots = [pool.try_acquire() for _ in range(3)]
+    assert all(slot is not None for slot in slots)
+    assert pool.try_acquire() is None
+
+
+async def test_grow_counts_dials_in_progress_and_pipeline_depth(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=8, pipeline_depth=4)
+    room = RoomEvents(pool)
+    pool.grow(1)
+    await room.wait(1)
+    pool.grow(9)  # nine waiting at four per connection: three connections
+    pool.grow(9)  # asked again before they finish: nothing more
+    await room.wait(4)
+    assert dialer.dials == 4
+
+
+async def test_a_retired_connection_frees_capacity_to_grow(
     dialer: FakeDialer, clock: ManualClock
 ) -> None:
     pool = make_pool(dialer, clock, max_connections=1)
+    room = RoomEvents(pool)
     a = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
+    pool.grow(1)
+    assert dialer.dials == 1  # full
 
     pool.release(a, reusable=False)
-    async with asyncio.timeout(1):
-        fresh = await waiter
-
-    assert fresh is not a
+    assert pool.can_dial()
+    pool.grow(1)
+    await room.wait(1)
+    fresh = pool.try_acquire()
+    assert fresh is not None and fresh is not a
     assert dialer.dials == 2
     assert pool.statistics()["open"] == 1
 
 
-async def test_cancelled_waiter_does_not_leak_capacity(
-    dialer: FakeDialer, clock: ManualClock
+async def test_close_cancels_dials_without_counting_a_failure_or_leaking_capacity(
+    clock: ManualClock,
 ) -> None:
-    pool = make_pool(dialer, clock, max_connections=1)
-    a = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
+    never = asyncio.Event()
 
-    pool.release(a)
-    assert pool.acquire_nowait() is a
-    assert pool.statistics()["open"] == 1
+    async def hang() -> FakeConnection:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    pool = Pool(hang, LIMITS, clock, name="b1")
+    room = RoomEvents(pool)
+    pool.grow(1)
+    await yield_to_loop()
+    pool.close()
+    await room.wait(1)  # the closing itself: waiting requests must move elsewhere
+    await yield_to_loop()
+    stats = pool.statistics()
+    assert (stats["open"], stats["dialing"], stats["dial_failed"]) == (0, 0, 0)
 
 
 # -- dial failures ---------------------------------------------------------------------------
@@ -318,25 +362,20 @@ async def test_failed_dial_raises_backend_unavailable_and_frees_capacity(
     assert conn(slot).closed == 0
 
 
-async def test_failed_dial_wakes_a_waiter_to_dial_itself(clock: ManualClock) -> None:
-    gate = asyncio.Event()
+async def test_failed_background_dial_reports_its_error_and_frees_capacity(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1)
+    room = RoomEvents(pool)
+    dialer.error = ConnectionRefusedError(111, "Connection refused")
+    pool.grow(3)
+    await room.wait(1)
 
-    async def slow_then_refuse() -> FakeConnection:
-        await gate.wait()
-        raise ConnectionRefusedError(111, "Connection refused")
-
-    pool = Pool(slow_then_refuse, PoolLimits(max_connections=1), clock, name="b1")
-    first = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
-    second = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
-    assert pool.statistics()["waiters"] == 1
-
-    gate.set()
-    async with asyncio.timeout(1):
-        results = await asyncio.gather(first, second, return_exceptions=True)
-    assert all(isinstance(r, BackendUnavailable) for r in results), results
-    assert pool.statistics()["open"] == 0
+    assert isinstance(room.events[0], BackendUnavailable)
+    assert "refused" in room.events[0].message
+    assert pool.stalled and pool.can_dial()
+    stats = pool.statistics()
+    assert (stats["open"], stats["dialing"], stats["dial_failed"]) == (0, 0, 1)
 
 
 async def test_connect_timeout_is_backend_unavailable(clock: ManualClock) -> None:
@@ -346,7 +385,7 @@ async def test_connect_timeout_is_backend_unavailable(clock: ManualClock) -> Non
         await never.wait()
         raise AssertionError("unreachable")
 
-    pool = Pool(hang, PoolLimits(connect_timeout_s=0.05), clock, name="b1")
+    pool = Pool(hang, LIMITS.model_copy(update={"connect_timeout_s": 0.05}), clock, name="b1")
     async with asyncio.timeout(2):
         with pytest.raises(BackendUnavailable, match="timed out"):
             await pool.acquire()
@@ -371,26 +410,26 @@ async def test_expire_all_retires_idle_now_and_borrowed_on_release(pool: Pool) -
     assert pool.statistics()["open"] == 0
     fresh = await pool.acquire()
     pool.release(fresh)
-    assert pool.acquire_nowait() is fresh  # new generation is reused normally
+    assert pool.try_acquire() is fresh  # new generation is reused normally
 
 
-async def test_close_wakes_waiters_with_backend_unavailable(
+async def test_close_reports_room_and_lends_nothing_more(
     dialer: FakeDialer, clock: ManualClock
 ) -> None:
     pool = make_pool(dialer, clock, max_connections=1)
+    room = RoomEvents(pool)
     slot = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
 
     pool.close()
-    async with asyncio.timeout(1):
-        with pytest.raises(BackendUnavailable):
-            await waiter
+    assert room.events == [None]  # requests waiting on it must move elsewhere
+    assert pool.closed and pool.try_acquire() is None
     pool.release(slot)
     assert conn(slot).closed == 1
     assert pool.statistics()["open"] == 0
     with pytest.raises(BackendUnavailable):
         await pool.acquire()
+    pool.grow(1)
+    assert dialer.dials == 1
 
 
 def test_repr_and_statistics_do_not_need_a_loop(dialer: FakeDialer, clock: ManualClock) -> None:
@@ -405,7 +444,8 @@ PROBE = ProbeSettings(mode="frame", interval_s=2.0, timeout_s=1.0)
 
 
 def make_backend(dialer: FakeDialer, clock: ManualClock, **limits: float) -> Backend:
-    return Backend("10.0.0.1", 9000, make_pool(dialer, clock, **limits), failure_threshold=3)
+    spec = BackendSpec(id="10.0.0.1:9000", address="10.0.0.1:9000")
+    return Backend(spec, make_pool(dialer, clock, **limits), failure_threshold=3)
 
 
 async def borrow_and_return(backend: Backend, count: int = 1) -> list[Slot]:
@@ -426,7 +466,7 @@ async def test_check_backend_probes_idle_connections(clock: ManualClock) -> None
     assert conn(slot).requests == [b""]
     assert conn(slot).closed == 0
     assert checker.statistics() == {"probes_sent": 1, "probes_failed": 0, "marked_up": 0}
-    assert backend.pool.acquire_nowait() is slot
+    assert backend.pool.try_acquire() is slot
 
 
 async def test_failed_probe_closes_the_connection(clock: ManualClock) -> None:
@@ -525,9 +565,9 @@ async def test_pipelining_lends_a_busy_connection_with_room_before_an_idle_one(
     spare = await pool.acquire()
     assert (busy is spare, dialer.dials) == (True, 1)
 
-    third = pool.acquire_nowait()
+    third = pool.try_acquire()
     assert third is busy and busy.active == 3
-    assert pool.acquire_nowait() is None  # full at the depth: the next request needs a dial
+    assert pool.try_acquire() is None  # full at the depth: the next request needs a dial
     fourth = await pool.acquire()
     assert fourth is not busy and dialer.dials == 2
     stats = pool.statistics()
@@ -539,11 +579,11 @@ async def test_pipelined_connection_gets_room_back_and_goes_idle_when_all_are_an
 ) -> None:
     pool = make_pool(dialer, clock, pipeline_depth=2)
     slot = await pool.acquire()
-    assert pool.acquire_nowait() is slot
-    assert pool.acquire_nowait() is None  # full
+    assert pool.try_acquire() is slot
+    assert pool.try_acquire() is None  # full
     pool.release(slot)
     assert slot.active == 1
-    assert pool.acquire_nowait() is slot  # room again
+    assert pool.try_acquire() is slot  # room again
     pool.release(slot)
     clock.advance(3.0)
     pool.release(slot)
@@ -555,9 +595,9 @@ async def test_pipelined_connection_past_max_lifetime_finishes_its_requests_then
 ) -> None:
     pool = make_pool(dialer, clock, pipeline_depth=4)
     slot = await pool.acquire()
-    assert pool.acquire_nowait() is slot
+    assert pool.try_acquire() is slot
     clock.advance(100.0)
-    assert pool.acquire_nowait() is None  # too old to take new requests
+    assert pool.try_acquire() is None  # too old to take new requests
     assert conn(slot).closed == 0  # ... but the two in flight are not cut off
     pool.release(slot)
     assert conn(slot).closed == 0
@@ -572,11 +612,11 @@ async def test_broken_pipelined_connection_is_closed_at_once_and_counted_once(
 ) -> None:
     pool = make_pool(dialer, clock, pipeline_depth=4)
     slot = await pool.acquire()
-    assert pool.acquire_nowait() is slot
-    assert pool.acquire_nowait() is slot
+    assert pool.try_acquire() is slot
+    assert pool.try_acquire() is slot
     pool.release(slot, reusable=False)  # the others on it fail too: closed now
     assert conn(slot).closed >= 1
-    assert pool.acquire_nowait() is None
+    assert pool.try_acquire() is None
     pool.release(slot, reusable=False)
     pool.release(slot, reusable=False)
     stats = pool.statistics()
@@ -590,11 +630,10 @@ async def test_pipelined_pool_never_exceeds_depth_or_max_connections(
     slots = [await pool.acquire() for _ in range(6)]
     assert dialer.dials == 2
     assert sorted(s.active for s in {id(s): s for s in slots}.values()) == [3, 3]
-    waiter = asyncio.create_task(pool.acquire())
-    await yield_to_loop()
-    assert not waiter.done()  # 2 connections x 3 requests: the seventh waits
+    assert pool.try_acquire() is None  # 2 connections x 3 requests: the seventh has no room
+    pool.grow(1)
+    assert pool.statistics()["dialing"] == 0
     pool.release(slots[0])
-    async with asyncio.timeout(1.0):
-        handed = await waiter
+    handed = pool.try_acquire()
     assert handed is slots[0] and handed.active == 3
     assert dialer.dials == 2

@@ -344,7 +344,7 @@ async def test_overload_answers_every_request(
     router = await router_factory(
         [slow.address],
         # One connection carrying one request at a time: the pools bound what is in flight.
-        {"dispatch": {"queue_size": 2, "workers": 1, "queue_timeout_s": 0.2},
+        {"dispatch": {"queue_size": 2, "queue_timeout_s": 0.2},
          "pool": {"max_connections": 1, "pipeline_depth": 1}},
     )
     clients = [await router.client() for _ in range(4)]

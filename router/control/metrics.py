@@ -111,12 +111,13 @@ class RouterCollector(Collector):
             ),
         }
         for backend in self._registry:
-            pool = backend.pool.statistics()
             label = [backend.address]
             families["inflight"].add_metric(label, backend.inflight)
             families["requests"].add_metric(label, backend.requests_total)
             families["failures"].add_metric(label, backend.failures_total)
             families["healthy"].add_metric(label, 1.0 if backend.healthy else 0.0)
-            families["open"].add_metric(label, pool["open"])
-            families["idle"].add_metric(label, pool["idle"])
+            if backend.pool is not None:  # frame backends; gRPC ones multiplex one channel
+                pool = backend.pool.statistics()
+                families["open"].add_metric(label, pool["open"])
+                families["idle"].add_metric(label, pool["idle"])
         yield from families.values()

@@ -82,7 +82,6 @@ class AdminConfig(_Section):
 
 
 class DispatchConfig(_Section):
-    workers: int = Field(256, ge=1)
     queue_size: int = Field(4096, ge=1)
     queue_timeout_s: Seconds = 5.0
     request_timeout_s: Seconds = 30.0

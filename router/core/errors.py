@@ -60,6 +60,15 @@ class UnknownModel(RouterError):
 # -- the client's fault ------------------------------------------------------------------------
 
 
+class UnknownService(RouterError):
+    """A gRPC health check for a service the router does not answer for."""
+
+    code = "UNKNOWN_SERVICE"
+    fault = "client"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
 class DeadlineExceeded(RouterError):
     """The client's own deadline passed before an answer (gRPC calls carry one)."""
 

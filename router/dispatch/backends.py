@@ -1,11 +1,11 @@
-"""Backends and the models they serve.
+"""The data plane's backends: their runtime state, and the set of them in rotation.
 
-A ``Backend`` is the router's view of one backend process: its address and weight, its pool,
-how many requests it is carrying, and whether it is healthy. Passive health lives here:
-``failure_threshold`` consecutive failures (refused connects, resets, timeouts) mark it down so
-the balancer stops choosing it; the health checker's active probes bring it back. (The C++
-router had no such rule and sent 1,010 of 1,020 requests to a dead backend, because a backend
-that fails fast always has the fewest connections in flight.)
+A ``Backend`` pairs a ``BackendSpec`` (who it is: address, protocol, models, weight; owned by
+the control plane) with what dispatch learns while serving: its ``Upstream``, the requests
+waiting on it, its load, and whether it is healthy. Passive health counts here:
+``failure_threshold`` consecutive failures (refused connects, resets, timeouts) take it out of
+rotation, since a backend that fails fast always has the fewest requests in flight and would
+otherwise attract most of the traffic; active probes bring it back.
 
 Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
 "grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
@@ -15,67 +15,72 @@ models it serves ("name" for every version, or "name:version"); a request that n
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from router.core.types import BackendSpec
+from router.upstream.base import Upstream
 from router.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from router.dispatch.request import Request
 
 _MAX_CACHED_KEYS = 1024
 
 
 class Backend:
+    """The data plane's runtime record of one backend: its ``spec`` (identity, owned by the
+    control plane), its ``upstream``, the requests waiting on it, its load and health."""
+
     __slots__ = (
         "_healthy",
         "address",
-        "call_limit",
         "consecutive_failures",
         "failure_threshold",
         "failures_total",
-        "host",
         "inflight",
         "kind",
         "model_keys",
         "models",
         "on_change",
         "plain_models",
-        "pool",
-        "port",
         "requests_total",
+        "spec",
+        "upstream",
+        "waiting",
         "weight",
     )
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        pool: Pool,
-        *,
-        weight: int = 1,
-        models: tuple[str, ...] = (),
-        failure_threshold: int = 3,
-        kind: str = "tcp",
-        call_limit: int = 0,
+        self, spec: BackendSpec, upstream: Upstream, *, failure_threshold: int = 3
     ) -> None:
-        self.host = host
-        self.port = port
-        self.address = f"{host}:{port}"
-        self.pool = pool
-        self.weight = weight
-        self.models = models
-        self.kind = kind
-        # In-flight calls this backend may carry (0: no limit; the TCP pool bounds its own).
-        self.call_limit = call_limit
+        self.spec = spec
+        self.upstream = upstream
+        # Copied from the spec: the policy and the candidate filter read them per request.
+        self.address = spec.address
+        self.weight = spec.weight
+        self.models = spec.models
+        self.kind = spec.protocol
         # "sum:2" serves key "sum:2" and key "sum" (a request for the default version);
         # plain "sum" serves "sum" and every "sum:<version>".
-        self.plain_models = frozenset(m for m in models if ":" not in m)
-        self.model_keys = frozenset(models) | {m.partition(":")[0] for m in models}
+        self.plain_models = frozenset(m for m in spec.models if ":" not in m)
+        self.model_keys = frozenset(spec.models) | {m.partition(":")[0] for m in spec.models}
         self.on_change: Callable[[Backend], None] | None = None  # told when healthy flips
         self.failure_threshold = failure_threshold
+        # Attempts in progress plus requests waiting here: the load the policy sees.
         self.inflight = 0
+        self.waiting: deque[Request] = deque()  # owned by dispatch.queue.WaitQueue
         self.requests_total = 0
         self.failures_total = 0
         self.consecutive_failures = 0
         self._healthy = True
+
+    @property
+    def pool(self) -> Pool | None:
+        """The frame pool, for a length-prefixed backend (a gRPC backend has none)."""
+        upstream = self.upstream
+        return upstream if isinstance(upstream, Pool) else None
 
     @property
     def healthy(self) -> bool:
@@ -106,7 +111,8 @@ class Backend:
     def mark_down(self) -> None:
         """Out of rotation until a probe succeeds (failures, or the backend said so)."""
         self.healthy = False
-        self.pool.expire_all()
+        if (pool := self.pool) is not None:
+            pool.expire_all()
 
     def mark_up(self) -> None:
         self.consecutive_failures = 0
@@ -121,16 +127,19 @@ class Backend:
 
     def statistics(self) -> dict[str, Any]:
         return {
+            "id": self.spec.id,
             "address": self.address,
             "kind": self.kind,
+            "source": self.spec.source,
             "weight": self.weight,
             "models": list(self.models),
             "healthy": self.healthy,
             "inflight": self.inflight,
+            "waiting": len(self.waiting),
             "requests_total": self.requests_total,
             "failures_total": self.failures_total,
             "consecutive_failures": self.consecutive_failures,
-            "pool": self.pool.statistics(),
+            ("pool" if self.kind == "tcp" else "calls"): self.upstream.statistics(),
         }
 
     def __repr__(self) -> str:
@@ -171,13 +180,13 @@ class Registry:
             raise ValueError(f"backend {backend.address} is already registered")
         self._backends[backend.address] = backend
         backend.on_change = self._changed
-        self._in_rotation.clear()
+        self._changed(backend)
 
     def remove(self, address: str) -> Backend:
         backend = self._backends.pop(address)
         backend.on_change = None
         self._in_rotation.clear()
-        backend.pool.close()
+        backend.upstream.close()
         return backend
 
     def add_listener(self, listener: Callable[[Backend], None]) -> None:
@@ -224,7 +233,7 @@ class Registry:
 
     def close(self) -> None:
         for backend in self._members():
-            backend.pool.close()
+            backend.upstream.close()
 
     def statistics(self) -> list[dict[str, Any]]:
         return [b.statistics() for b in self._members()]

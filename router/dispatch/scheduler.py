@@ -1,179 +1,65 @@
-"""The bounded request queue, the worker coroutines that serve it, and request completion.
+"""The one scheduler: every front door's requests are admitted, placed, retried and completed here.
 
-A front door (TCP acceptor, later gRPC) turns each whole request it reads into a ``Request`` and
-``submit``s it; from that moment the request is *accepted* and will be answered exactly once,
-through its origin's ``request_done``.
+A front door turns each whole request it reads into a ``Request`` and ``submit``s it; from that
+moment the request is *accepted* and will be answered exactly once, through its origin's
+``request_done``. A TCP frame, a unary gRPC call and a gRPC stream take the same path:
 
-Decide synchronously, then do I/O (httpcore's rule). ``submit`` picks a backend with the policy
-and, when that backend's pool can lend a connection without waiting and nothing is queued ahead,
-sends the request at once from the caller's callback: no task switch, no future. A backend whose
-pool is full (``max_connections`` x ``pipeline_depth`` in flight) *parks* the request: it waits
-in that backend's FIFO, and each answer from the backend, which frees room, sends the next
-parked request from the same callback. Everything else goes to the FIFO queue, whose worker
-coroutines do the waiting that needs a task: dialling a connection, or a retry that found no
-free connection. Either way the answer arrives through ``_on_reply``, a callback from the
-backend connection, which completes the request or retries it. (With 10,000 clients, waking a
-worker per request to wait for room cost a quarter of the router's time.)
+* admission (``submit``): count it, stamp its queue deadline once, place it;
+* placement (``_place``): the policy picks among the healthy backends of the request's kind
+  and model that it has not tried; when the backend's ``Upstream`` lends a lease at once and
+  nobody waits there before it, the attempt starts from the caller's own callback (no task
+  switch, no future); otherwise the request waits on that backend (``WaitQueue``) and the
+  upstream is asked to grow;
+* assignment (``_assign``): the one synchronous step run on every capacity event of a
+  backend — a lease released (an answer came back), a dial finished or failed, probed
+  connections came back, a connection closed, the backend went out of rotation. It hands
+  leases to waiting requests in deadline order, and moves them to other backends when room
+  will not come back on theirs;
+* completion (``attempt_done``): the answer (or failure) of an attempt, from a pooled
+  connection or from a gRPC call's handler; it releases the lease, runs the assignment step,
+  then finishes or retries the request.
 
-Overload: the queue has a soft bound. Reaching it tells the front doors to stop reading
-(backpressure through TCP); requests already read still get queued, never discarded. A request
-that waits longer than ``queue_timeout_s`` is answered OVERLOADED. One timer, armed for the
-deadline of the request at the head of the queue, enforces that without a timer per request.
+httpcore's rule: decide synchronously, then do I/O. Nothing here awaits: dials are the pool's
+own tasks, gRPC attempts run in their call's handler. Events the upstream raises from inside
+its own bookkeeping (``on_room``) are handled on the next loop iteration, so that bookkeeping
+never runs twice at once.
 
-Retry: an attempt that fails before any response byte arrived (``BackendUnavailable``: refused,
-reset, closed) is retried on a backend the request has not tried, up to ``max_retries``. A
-timeout or a malformed response is not retried: the backend may have acted on the request.
+Overload: a request that waits past its deadline (``queue_timeout_s`` after acceptance, however
+often it moved) is answered OVERLOADED; waiting requests count toward ``queue_size``, at which
+the front doors stop reading.
+
+Retry: an attempt that fails before any response byte (``BackendUnavailable``: refused, reset,
+closed) is placed again on a backend the request has not tried, up to ``max_retries``. A
+timeout, a malformed response, or any failure of a stream is not retried: the backend may have
+acted on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import random
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from router.balance.policies import Policy
 from router.core.clock import Clock
+from router.core.config import DispatchConfig
 from router.core.errors import (
     BackendError,
-    BackendTimeout,
     BackendUnavailable,
     NoBackend,
     Overloaded,
     RouterError,
 )
 from router.dispatch.backends import Backend, Registry
+from router.dispatch.queue import WaitQueue
+from router.dispatch.request import Origin, Request
 from router.dispatch.stats import DataPlaneStats
-from router.upstream.pool import Slot
+
+__all__ = ["Dispatcher", "Origin", "Request"]
 
 log = logging.getLogger(__name__)
-
-
-class Origin(Protocol):
-    """Where a request came from; told once when its answer is ready."""
-
-    def request_done(self, request: Request) -> None: ...
-
-
-# Starts one attempt of a request on a backend by other means than a pooled TCP connection
-# (the gRPC front door's calls); the outcome comes back through ``Dispatcher.forward_done``.
-Forward = Callable[["Request", Backend], None]
-
-
-class Request:
-    __slots__ = (
-        "accepted_at", "attempts", "backend", "error", "forward", "kind", "last_error", "model",
-        "origin", "payload", "queued_at", "response", "slot", "tried",
-    )
-
-    def __init__(
-        self, payload: bytes, origin: Origin, accepted_at: float, *, kind: str = "tcp",
-        model: str | None = None, forward: Forward | None = None,
-    ) -> None:
-        self.payload = payload
-        self.origin = origin
-        self.accepted_at = accepted_at
-        # Which backends may take it: their protocol, and the model they must serve (if any).
-        self.kind = kind
-        self.model = model
-        self.forward = forward
-        self.queued_at = accepted_at
-        self.response: bytes | None = None
-        self.error: RouterError | None = None
-        # The attempt in progress, and the backends tried so far (a retry avoids them).
-        self.backend: Backend | None = None
-        self.slot: Slot | None = None
-        self.tried: tuple[Backend, ...] = ()
-        self.attempts = 0
-        self.last_error: BackendError | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.response is not None or self.error is not None
-
-    def __repr__(self) -> str:
-        state = "done" if self.done else "pending"
-        return f"Request({len(self.payload)} bytes, {state})"
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchSettings:
-    workers: int = 256
-    queue_size: int = 4096
-    queue_timeout_s: float = 5.0
-    request_timeout_s: float = 30.0
-    max_retries: int = 2
-
-
-class RequestQueue:
-    """FIFO with a soft bound; ``saturated`` flips at the bound and back at half of it.
-
-    The bound covers the requests held elsewhere while they wait (``hold``/``release_held``:
-    those parked on a full pool), so waiting requests stay bounded wherever they wait.
-    """
-
-    def __init__(self, capacity: int, on_pressure: Callable[[bool], None]) -> None:
-        self.capacity = capacity
-        self.items: deque[Request] = deque()  # read-only outside: use put / pop_head
-        self._held = 0
-        self._getters: deque[asyncio.Future[None]] = deque()
-        self._on_pressure = on_pressure
-        self.saturated = False
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def waiting(self) -> int:
-        """Queued plus held: every accepted request not yet sent to a backend."""
-        return len(self.items) + self._held
-
-    def hold(self) -> None:
-        self._held += 1
-        self._check_bound()
-
-    def release_held(self) -> None:
-        self._held -= 1
-        self._check_bound()
-
-    def _check_bound(self) -> None:
-        waiting = len(self.items) + self._held
-        if not self.saturated and waiting >= self.capacity:
-            self.saturated = True
-            self._on_pressure(True)
-        elif self.saturated and waiting <= self.capacity // 2:
-            self.saturated = False
-            self._on_pressure(False)
-
-    def put(self, request: Request) -> None:
-        self.items.append(request)
-        while self._getters:
-            getter = self._getters.popleft()
-            if not getter.done():
-                getter.set_result(None)
-                break
-        self._check_bound()
-
-    async def get(self) -> Request:
-        while not self.items:
-            getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._getters.append(getter)
-            await getter
-        return self.pop_head()
-
-    def head(self) -> Request | None:
-        return self.items[0] if self.items else None
-
-    def pop_head(self) -> Request:
-        """Remove the oldest request (taken by a worker, or expired)."""
-        request = self.items.popleft()
-        self._check_bound()
-        return request
 
 
 class Dispatcher:
@@ -181,25 +67,28 @@ class Dispatcher:
         self,
         registry: Registry,
         policy: Policy,
-        settings: DispatchSettings,
+        config: DispatchConfig,
         clock: Clock,
         stats: DataPlaneStats,
         rng: random.Random | None = None,
     ) -> None:
         self._registry = registry
         self._policy = policy
-        self._settings = settings
+        self._config = config
+        self._timeout_s = config.request_timeout_s
         self._clock = clock
         self.stats = stats
         self._rng = rng or random.Random()
         self._pressure_listeners: list[Callable[[bool], None]] = []
-        self.queue = RequestQueue(settings.queue_size, self._notify_pressure)
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        self.queue = WaitQueue(config.queue_size, clock, self._notify_pressure, self._expired)
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._parked: dict[Backend, deque[Request]] = {}  # waiting for room on a full pool
-        self._unpark_scheduled: set[Backend] = set()
-        # Workers waiting for a forwarded request to finish (a backend at its call_limit).
-        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
+        self._room_events: dict[Backend, BackendError | None] = {}
+        # Bumped when the drain abandons what is left: answers to requests of an older epoch
+        # no longer count (they were counted dropped).
+        self._epoch = 0
+        registry.add_listener(self._on_backend_change)
+        for backend in registry:
+            self._on_backend_change(backend)
 
     # -- front-door side ----------------------------------------------------------------------
 
@@ -220,39 +109,161 @@ class Dispatcher:
 
     def submit(self, request: Request) -> None:
         """Accept a request: it will be answered exactly once through its origin."""
-        self.stats.accepted += 1
-        self.stats.inflight += 1
-        if self.queue.items or not self._send_nowait(request):
-            self._enqueue(request)
+        stats = self.stats
+        stats.accepted += 1
+        stats.inflight += 1
+        request.deadline = request.accepted_at + self._config.queue_timeout_s
+        request.epoch = self._epoch
+        self._place(request)
 
-    def _enqueue(self, request: Request) -> None:
-        request.queued_at = self._clock.now()
-        self.queue.put(request)
-        if self._expiry_timer is None:
-            self._arm_expiry(request.queued_at)
+    # -- placement ----------------------------------------------------------------------------
+
+    def _place(self, request: Request) -> None:
+        candidates = self._registry.candidates(request.tried, request.kind, request.model)
+        if not candidates:
+            self.finish(request, None, request.last_error or NoBackend(_no_backend(request)))
+            return
+        if len(candidates) == 1:
+            backend = candidates[0]
+        else:
+            backend = candidates[self._policy.choose(candidates, self._rng)]
+        upstream = backend.upstream
+        if not backend.waiting:
+            lease = upstream.try_acquire()
+            if lease is not None:
+                self._start(request, backend, lease)
+                return
+        self.queue.put(request, backend)
+        upstream.grow(len(backend.waiting))
+
+    def _start(self, request: Request, backend: Backend, lease: Any) -> None:
+        backend.inflight += 1
+        request.backend = backend
+        request.lease = lease
+        backend.upstream.start(lease, request, self.attempt_done, self._timeout_s)
+
+    def _assign(self, backend: Backend) -> None:
+        """Hand ``backend``'s room to the requests waiting on it; move them elsewhere when room
+        will not come back there."""
+        waiting = backend.waiting
+        upstream = backend.upstream
+        queue = self.queue
+        while waiting:
+            lease = upstream.try_acquire()
+            if lease is None:
+                break
+            self._start(queue.pop(backend), backend, lease)
+        if not waiting:
+            return
+        if backend.healthy and not upstream.closed:
+            upstream.grow(len(waiting))
+            return
+        for request in queue.take_all(backend):
+            self._place(request)  # out of rotation: it is no candidate any more
+
+    # -- capacity events ----------------------------------------------------------------------
+
+    def room_changed(self, backend: Backend, error: BackendError | None = None) -> None:
+        """An upstream's ``on_room``: handled on the next loop iteration (outside the
+        upstream's bookkeeping). ``error``: why a dial failed."""
+        events = self._room_events
+        if not events:
+            asyncio.get_running_loop().call_soon(self._handle_room_events)
+        if error is not None or backend not in events:
+            events[backend] = error
+
+    def _handle_room_events(self) -> None:
+        events, self._room_events = self._room_events, {}
+        for backend, error in events.items():
+            if error is not None:
+                self._dial_failed(backend, error)
+            if backend.waiting:
+                self._assign(backend)
+
+    def _dial_failed(self, backend: Backend, error: BackendError) -> None:
+        backend.record_failure()
+        if not backend.upstream.stalled:
+            return  # connections it has will serve the waiting requests
+        for request in self.queue.take_all(backend):
+            if self._may_retry(request, backend, error):
+                self._place(request)
+
+    def _on_backend_change(self, backend: Backend) -> None:
+        """A backend joined (listen to its upstream) or flipped health (out of rotation: move
+        the requests waiting on it)."""
+        upstream = backend.upstream
+        if upstream.on_room is None:
+            upstream.on_room = lambda error: self.room_changed(backend, error)
+        if backend.waiting and not backend.healthy:
+            self.room_changed(backend)
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def attempt_done(
+        self, request: Request, response: bytes | None, error: RouterError | None
+    ) -> None:
+        """The outcome of the attempt in progress on ``request``: its answer, or why it failed.
+        A ``BackendError`` counts against the backend; any other error (the client's deadline
+        or cancel, on gRPC) does not."""
+        backend = request.backend
+        assert backend is not None
+        request.backend = None
+        backend.inflight -= 1
+        backend.upstream.release(request.lease, reusable=error is None)
+        request.lease = None
+        if backend.waiting:
+            self._assign(backend)
+        if error is None:
+            backend.record_success()
+            self.finish(request, response, None)
+            return
+        if isinstance(error, BackendError):
+            backend.record_failure()
+            if (isinstance(error, BackendUnavailable) and request.replayable
+                    and self._may_retry(request, backend, error)):
+                self._place(request)
+                return
+        self.finish(request, None, error)
+
+    def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:
+        """Record a retryable failure; True if the request has retries left (else it is
+        answered with ``error``)."""
+        request.tried += (backend,)
+        request.last_error = error
+        request.attempts += 1
+        if request.attempts > self._config.max_retries:
+            self.finish(request, None, error)
+            return False
+        self.stats.retried += 1
+        return True
+
+    def _expired(self, request: Request) -> None:
+        timeout = self._config.queue_timeout_s
+        self.finish(request, None, Overloaded(f"waited over queue_timeout_s={timeout}s"))
 
     def finish(self, request: Request, response: bytes | None, error: RouterError | None) -> None:
         if request.response is not None or request.error is not None:
             return  # already answered (``request.done``, spelled out: this runs per request)
-        stats = self.stats
         if error is None:
             request.response = response
-            stats.completed += 1
         else:
             request.error = error
-            stats.count_error(error.code)
-        stats.inflight -= 1
-        stats.latency.observe(self._clock.now() - request.accepted_at)
+        if request.epoch == self._epoch:
+            stats = self.stats
+            if error is None:
+                stats.completed += 1
+            else:
+                stats.count_error(error.code)
+            stats.inflight -= 1
+            stats.latency.observe(self._clock.now() - request.accepted_at)
         request.origin.request_done(request)
-        if stats.inflight == 0 and self._idle_waiters:
+        if self._idle_waiters and self.stats.inflight == 0:
             for waiter in self._idle_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
 
-    def count_dropped(self, count: int) -> None:
-        self.stats.dropped += count
-        self.stats.inflight -= count
+    # -- lifecycle ----------------------------------------------------------------------------
 
     async def wait_idle(self) -> None:
         """Return once no accepted request is unanswered."""
@@ -262,331 +273,33 @@ class Dispatcher:
         self._idle_waiters.append(waiter)
         await waiter
 
-    # -- queue deadline ---------------------------------------------------------------------
+    def abandon(self) -> int:
+        """Give up on every unanswered request (the drain's deadline passed): count them
+        dropped, and from now on ignore their late answers or failures. Returns how many."""
+        dropped = self.stats.inflight
+        self.stats.dropped += dropped
+        self.stats.inflight = 0
+        self._epoch += 1
+        return dropped
 
-    def _arm_expiry(self, queued_at: float) -> None:
-        delay = queued_at + self._settings.queue_timeout_s - self._clock.now()
-        loop = asyncio.get_running_loop()
-        self._expiry_timer = loop.call_later(max(delay, 0.0), self._on_expiry_timer)
-
-    def _on_expiry_timer(self) -> None:
-        self._expiry_timer = None
-        self.expire_queued()
-        heads = [parked[0].queued_at for parked in self._parked.values()]
-        if (head := self.queue.head()) is not None:
-            heads.append(head.queued_at)
-        if heads:
-            self._arm_expiry(min(heads))
-
-    def _overloaded(self) -> Overloaded:
-        return Overloaded(f"waited over queue_timeout_s={self._settings.queue_timeout_s}s")
-
-    def expire_queued(self) -> int:
-        """Answer OVERLOADED to requests queued or parked past ``queue_timeout_s``; return how
-        many."""
-        deadline = self._clock.now() - self._settings.queue_timeout_s
-        expired = 0
-        while (head := self.queue.head()) is not None and head.queued_at <= deadline:
-            self.queue.pop_head()
-            expired += 1
-            self.finish(head, None, self._overloaded())
-        for backend in list(self._parked):
-            expired += self._expire_parked(backend, deadline)
-        return expired
-
-    def _expire_parked(self, backend: Backend, deadline: float) -> int:
-        """OVERLOADED to ``backend``'s requests parked since before ``deadline``."""
-        parked = self._parked[backend]
-        expired = 0
-        while parked and parked[0].queued_at <= deadline:
-            request = parked.popleft()
-            backend.inflight -= 1
-            self.queue.release_held()
-            self.finish(request, None, self._overloaded())
-            expired += 1
-        if not parked:
-            del self._parked[backend]
-        return expired
-
-    # -- workers ----------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Run the workers until cancelled."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                for index in range(self._settings.workers):
-                    group.create_task(self._worker(), name=f"worker-{index}")
-        finally:
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
-                self._expiry_timer = None
-
-    async def _worker(self) -> None:
-        queue = self.queue
-        while True:
-            request = await queue.get()
-            try:
-                await self._send_when_possible(request)
-            except RouterError as exc:
-                self.finish(request, None, exc)
-            except Exception as exc:  # a bug: answer the client, keep the worker alive
-                log.exception("worker failed on %r", request)
-                self.finish(request, None, RouterError(f"internal error: {type(exc).__name__}"))
-
-    # -- attempts -----------------------------------------------------------------------------
-
-    def _choose(self, request: Request) -> Backend | None:
-        """The policy's pick among healthy backends the request has not tried; None (and the
-        request answered) when there is none left."""
-        candidates = self._registry.candidates(request.tried, request.kind, request.model)
-        if not candidates:
-            self.finish(request, None, request.last_error or NoBackend("no healthy backend"))
-            return None
-        return candidates[self._policy.choose(candidates, self._rng)]
-
-    def _send_nowait(self, request: Request) -> bool:
-        """Send on a connection the chosen backend can lend at once. False if it has none:
-        the choice stays on the request for the worker, so the policy decides once."""
-        backend = self._choose(request)
-        if backend is None:
-            return True  # answered
-        if request.forward is not None:
-            return self._forward_nowait(request, backend)
-        slot = backend.pool.acquire_nowait()
-        if slot is None:
-            if not backend.pool.can_dial():
-                self._park(request, backend)
-                return True
-            request.backend = backend
-            return False
-        self._send(request, backend, slot)
-        return True
-
-    async def _send_when_possible(self, request: Request) -> None:
-        """The worker's part: wait for (or dial) a connection, retrying failed connects."""
-        if request.forward is not None:
-            await self._forward_when_possible(request)
-            return
-        backend, request.backend = request.backend, None
-        if backend is None or not backend.healthy:  # the choice was made before it went down
-            backend = self._choose(request)
-        while backend is not None:
-            slot = backend.pool.acquire_nowait()
-            if slot is None and not backend.pool.can_dial():
-                self._park(request, backend)
-                return
-            slot = slot or await self._wait_for_slot(backend, request)
-            if slot is not None:
-                self._send(request, backend, slot)
-                return
-            if request.done:
-                return  # the failed connect used up its retries
-            backend = self._choose(request)
-
-    async def _wait_for_slot(self, backend: Backend, request: Request) -> Slot | None:
-        """A connection from ``backend``'s pool, or None after a failed connect (the request
-        is then answered if it has no retries left)."""
-        backend.inflight += 1  # waiting for its connection counts as load on it
-        try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
-                return await backend.pool.acquire()
-        except TimeoutError:
-            backend.record_failure()
-            raise BackendTimeout(
-                f"no connection to {backend.address} within {self._settings.request_timeout_s}s"
-            ) from None
-        except BackendUnavailable as exc:
-            backend.record_failure()
-            self._may_retry(request, backend, exc)
-            return None
-        finally:
-            backend.inflight -= 1
-
-    def _send(self, request: Request, backend: Backend, slot: Slot) -> None:
-        backend.inflight += 1
-        request.backend = backend
-        request.slot = slot
-        slot.connection.send(
-            request.payload, self._on_reply, request, self._settings.request_timeout_s
-        )
-
-    def _on_reply(self, request: Request, response: bytes | None,
-                  error: BackendError | None) -> None:
-        """The backend connection's answer (or failure) for ``request``."""
-        backend, slot = request.backend, request.slot
-        assert backend is not None and slot is not None
-        request.backend = request.slot = None
-        backend.inflight -= 1
-        backend.pool.release(slot, reusable=error is None)
-        if backend in self._parked:
-            self._unpark(backend)
-        if error is None:
-            backend.record_success()
-            self.finish(request, response, None)
-            return
-        backend.record_failure()
-        if not isinstance(error, BackendUnavailable):
-            self.finish(request, None, error)  # the backend may have acted on it: no retry
-        elif self._may_retry(request, backend, error) and not self._send_nowait(request):
-            self._enqueue(request)
-
-    def _park(self, request: Request, backend: Backend) -> None:
-        backend.inflight += 1  # load on it, for the policy
-        self.queue.hold()  # counts toward queue_size, like a queued request
-        request.queued_at = self._clock.now()
-        parked = self._parked.get(backend)
-        if parked is None:
-            parked = self._parked[backend] = deque()
-            if backend.pool.on_room is None:
-                backend.pool.on_room = functools.partial(self._schedule_unpark, backend)
-        parked.append(request)
-        if self._expiry_timer is None:  # answers may not come (a hung backend): time it out
-            self._arm_expiry(request.queued_at)
-
-    def _schedule_unpark(self, backend: Backend) -> None:
-        """The pool says room may have appeared other than by an answer (probed connections
-        came back, a dial finished, a connection closed): look at ``backend``'s parked
-        requests from the loop, outside the pool's own bookkeeping. Without this, requests
-        parked while every connection was out for a probe waited for an answer that no
-        request in flight would ever bring."""
-        if backend in self._parked and backend not in self._unpark_scheduled:
-            self._unpark_scheduled.add(backend)
-            asyncio.get_running_loop().call_soon(self._scheduled_unpark, backend)
-
-    def _scheduled_unpark(self, backend: Backend) -> None:
-        self._unpark_scheduled.discard(backend)
-        if backend in self._parked:
-            self._unpark(backend)
-
-    def _unpark(self, backend: Backend) -> None:
-        """Send parked requests while ``backend``'s pool has room; answer OVERLOADED those
-        parked past ``queue_timeout_s``. If room will not come back by itself (the backend is
-        down or gone, or it lost connections the pool may now re-dial), hand the rest to the
-        workers."""
-        self._expire_parked(backend, self._clock.now() - self._settings.queue_timeout_s)
-        parked = self._parked.get(backend)
-        if parked is None:
-            return
-        pool = backend.pool
-        while parked:
-            slot = pool.acquire_nowait()
-            if slot is None:
-                break
-            backend.inflight -= 1
-            self.queue.release_held()
-            self._send(parked.popleft(), backend, slot)
-        if parked and (not backend.healthy or pool.closed or pool.can_dial()):
-            keep = backend.healthy and not pool.closed
-            while parked:
-                request = parked.popleft()
-                backend.inflight -= 1
-                self.queue.release_held()
-                request.backend = backend if keep else None
-                self._enqueue(request)
-        if not parked:
-            del self._parked[backend]
-
-    def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:
-        """Record a retryable failure; True if the request has retries left (else it is
-        answered with ``error``)."""
-        request.tried += (backend,)
-        request.last_error = error
-        request.attempts += 1
-        if request.attempts > self._settings.max_retries:
-            self.finish(request, None, error)
-            return False
-        self.stats.retried += 1
-        return True
-
-    # -- forwarded requests (gRPC) -----------------------------------------------------------
-    #
-    # Same choice, retry budget and counters as pooled TCP requests; what differs is that the
-    # attempt is started by ``request.forward`` and a backend's own ``call_limit`` (not a pool)
-    # bounds what it carries. A request whose chosen backend is at its limit waits in the
-    # queue like one waiting for a pooled connection, then in a worker until a forwarded
-    # request finishes, at most until ``queue_timeout_s`` after it was queued.
-
-    def _forward_nowait(self, request: Request, backend: Backend) -> bool:
-        if backend.call_limit and backend.inflight >= backend.call_limit:
-            return False
-        self._start_forward(request, backend)
-        return True
-
-    async def _forward_when_possible(self, request: Request) -> None:
-        deadline = request.queued_at + self._settings.queue_timeout_s
-        loop = asyncio.get_running_loop()
-        while (backend := self._choose(request)) is not None:
-            if not backend.call_limit or backend.inflight < backend.call_limit:
-                self._start_forward(request, backend)
-                return
-            remaining = deadline - self._clock.now()
-            if remaining <= 0:
-                self.finish(request, None, self._overloaded())
-                return
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._capacity_waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await waiter
-
-    def _start_forward(self, request: Request, backend: Backend) -> None:
-        assert request.forward is not None
-        backend.inflight += 1
-        request.backend = backend
-        request.forward(request, backend)
-
-    def forward_done(
-        self, request: Request, response: bytes | None, error: RouterError | None
-    ) -> None:
-        """The outcome of the attempt ``request.forward`` started. A ``BackendUnavailable``
-        is retried on another backend while the budget lasts; a ``BackendError`` counts
-        against the backend; any other error (the client's deadline, a cancel) does not."""
-        backend, request.backend = request.backend, None
-        assert backend is not None
-        backend.inflight -= 1
-        while self._capacity_waiters:
-            waiter = self._capacity_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-        if error is None:
-            backend.record_success()
-            self.finish(request, response, None)
-            return
-        if isinstance(error, BackendError):
-            backend.record_failure()
-        if not isinstance(error, BackendUnavailable):
-            self.finish(request, None, error)
-        elif self._may_retry(request, backend, error) and not self._send_nowait(request):
-            self._enqueue(request)
-
-    def admit(self, request: Request) -> None:
-        """Count a request that is served outside the queue (a gRPC stream, which holds its
-        backend for its whole life) as accepted; ``finish`` answers it as usual."""
-        self.stats.accepted += 1
-        self.stats.inflight += 1
-
-    def pick(
-        self, kind: str, model: str | None, exclude: tuple[Backend, ...] = ()
-    ) -> Backend | None:
-        """The policy's choice among healthy backends of ``kind`` serving ``model``."""
-        candidates = self._registry.candidates(exclude, kind, model)
-        if not candidates:
-            return None
-        return candidates[self._policy.choose(candidates, self._rng)]
+    def close(self) -> None:
+        self.queue.close()
 
     def statistics(self) -> dict[str, Any]:
         return {
             **self.stats.statistics(),
-            "queue_depth": len(self.queue),
-            "parked": self.queue.waiting - len(self.queue),
+            "waiting": self.queue.waiting,
             "queue_saturated": self.queue.saturated,
-            "workers": self._settings.workers,
             "policy": self._policy.name,
         }
 
     def __repr__(self) -> str:
         return (
-            f"Dispatcher(policy={self._policy.name}, queue={len(self.queue)}, "
+            f"Dispatcher(policy={self._policy.name}, waiting={self.queue.waiting}, "
             f"inflight={self.stats.inflight})"
         )
+
+
+def _no_backend(request: Request) -> str:
+    what = "gRPC backend" if request.kind == "grpc" else "backend"
+    return f"no healthy {what}" + (f" for model {request.model!r}" if request.model else "")

@@ -21,7 +21,7 @@ from typing import Literal
 
 from router.core.errors import BackendError
 from router.dispatch.backends import Backend, Registry
-from router.upstream.pool import Connection, request
+from router.upstream.pool import Connection, Pool, request
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class HealthChecker:
 
     async def check_backend(self, backend: Backend) -> None:
         pool = backend.pool
+        if pool is None:
+            return  # not a frame backend: the gRPC prober's
         pool.expire()
         if self._settings.mode == "frame":
             slots = pool.take_idle_for_probe()
@@ -66,22 +68,22 @@ class HealthChecker:
                 for slot in slots:
                     pool.return_probed(slot, healthy=False)
                 raise
-        if not backend.healthy and await self._revive(backend):
+        if not backend.healthy and await self._revive(pool):
             backend.mark_up()
             self.marked_up += 1
             log.info("backend %s is back in rotation", backend.address)
 
-    async def _revive(self, backend: Backend) -> bool:
+    async def _revive(self, pool: Pool) -> bool:
         try:
-            slot = await backend.pool.acquire()
+            slot = await pool.acquire()
         except BackendError:
             return False
         try:
             healthy = self._settings.mode == "connect" or await self._probe(slot.connection)
         except BaseException:
-            backend.pool.release(slot, reusable=False)
+            pool.release(slot, reusable=False)
             raise
-        backend.pool.release(slot, reusable=healthy)
+        pool.release(slot, reusable=healthy)
         return healthy
 
     async def _probe(self, connection: Connection) -> bool:

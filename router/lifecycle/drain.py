@@ -76,9 +76,8 @@ class DrainCoordinator:
                     await front_door.wait_all_closed()
         except TimeoutError:
             timed_out = True
-        dropped = self._dispatcher.stats.inflight
+        dropped = self._dispatcher.abandon()
         if dropped:
-            self._dispatcher.count_dropped(dropped)
             log.error("drain deadline passed: %d accepted requests dropped", dropped)
         for front_door in self._front_doors:
             front_door.abort_all()

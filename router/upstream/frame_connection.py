@@ -30,7 +30,8 @@ from router.core.errors import (
     FrameTooLarge,
 )
 from router.protocol.frames import FrameDecoder, frame_parts
-from router.upstream.pool import Connection, Dialer, ReplySink
+from router.upstream.base import ReplySink
+from router.upstream.pool import Connection, Dialer
 
 
 class _Outstanding:

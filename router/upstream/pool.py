@@ -1,30 +1,26 @@
-"""A per-backend connection pool.
+"""The frame pool: the ``Upstream`` of a length-prefixed backend.
 
 The shape follows asyncpg's pool and httpcore's "decide synchronously, then do I/O":
 
 * Idle connections sit in a LIFO stack, so hot connections are reused and surplus ones age out.
 * Every slot carries two stamps: ``created_at`` (for ``max_lifetime_s``) and ``idle_since``
   (for ``idle_timeout_s``). Both are checked lazily when a slot is taken or returned, and
-  eagerly by ``expire()``, which the health checker calls each probe interval. A health probe
-  does *not* refresh ``idle_since``: a connection that only ever carries probes is still idle.
-  (The C++ router this replaces reset both stamps on every probe and release, so neither limit
-  ever fired.)
-* A connection past ``max_lifetime_s`` finishes the request it is carrying and is closed when
+  eagerly by ``expire()``, which the health monitor calls each pass. A health probe does *not*
+  refresh ``idle_since``: a connection that only ever carries probes is still idle.
+* A connection past ``max_lifetime_s`` finishes the requests it carries and is closed when
   returned, instead of being reused.
 * ``open`` counts idle, borrowed and being-dialled connections together and never exceeds
-  ``max_connections``; when it is reached, borrowers queue as waiters and are handed a slot
-  (or the right to dial) when one comes back.
+  ``max_connections``.
 * Pipelining: a connection carries up to ``pipeline_depth`` requests at once (answers come back
-  in order, so the connection matches them FIFO). A borrower is lent a connection that already
-  carries requests and has room before an idle one, so requests arriving together share a
-  connection and go out in one write; on loopback that halves the router's syscalls per request
-  (measured: 14.6k -> 25.6k requests/s for a minimal proxy, bench notes in the README).
-  ``pipeline_depth = 1`` lends each connection exclusively, for backends that serve one request
-  per connection at a time.
+  in order, so the connection matches them FIFO). A connection that already carries requests
+  and has room is lent before an idle one, so requests arriving together share a connection
+  and go out in one write; on loopback that halves the router's syscalls per request.
+  ``pipeline_depth = 1`` lends each connection exclusively.
 
-* ``on_room`` tells the owner (the dispatcher, which parks requests on a full pool and
-  otherwise looks again only when an answer frees room) that room may have appeared another
-  way: probed connections came back, a dial finished or failed, a connection closed.
+The pool never makes a borrower wait: ``try_acquire`` lends now or returns None, and the
+scheduler keeps the waiting requests. ``grow`` dials in tasks the pool owns; each dial that
+finishes or fails, each probed connection put back and each connection closed by ``expire``
+is reported through ``on_room`` (see ``router.upstream.base``).
 
 The network is injected as ``dial``, so the pool is tested against fake connections.
 """
@@ -32,16 +28,14 @@ The network is injected as ``dial``, so the pool is tested against fake connecti
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from router.core.clock import Clock
+from router.core.config import PoolConfig
 from router.core.errors import BackendError, BackendUnavailable
-
-# Told once per request: (token, response, None) or (token, None, error).
-ReplySink = Callable[[Any, "bytes | None", "BackendError | None"], None]
+from router.upstream.base import Attempt, ReplySink, RoomListener
 
 
 class Connection(Protocol):
@@ -89,31 +83,22 @@ class Slot:
     retiring: bool = False  # takes no new requests; closed once ``active`` reaches 0
 
 
-@dataclass(frozen=True, slots=True)
-class PoolLimits:
-    max_connections: int = 64
-    connect_timeout_s: float = 2.0
-    idle_timeout_s: float = 60.0
-    max_lifetime_s: float = 600.0
-    pipeline_depth: int = 1  # requests in flight per connection; 1 = exclusive
-
-
 class Pool:
-    def __init__(self, dial: Dialer, limits: PoolLimits, clock: Clock, name: str = "") -> None:
+    def __init__(self, dial: Dialer, config: PoolConfig, clock: Clock, name: str = "") -> None:
         self._dial = dial
-        self._limits = limits
-        self._depth = limits.pipeline_depth
+        self._config = config
+        self._depth = config.pipeline_depth
+        self._max = config.max_connections
         self._clock = clock
         self._name = name
         self._idle: list[Slot] = []  # active == 0, most recently used last
         self._sharing: list[Slot] = []  # 0 < active < depth, most recently lent last
         self._open = 0
         self._dialing = 0
-        # A waiter resolves to a Slot handed over directly, or None: "capacity freed, dial".
-        self._waiters: deque[asyncio.Future[Slot | None]] = deque()
+        self._dials: set[asyncio.Task[None]] = set()  # owned: cancelled by close()
         self._generation = 0
         self._closed = False
-        self.on_room: Callable[[], None] | None = None  # see the module docstring
+        self.on_room: RoomListener | None = None
         self._counts = {
             "dialed": 0,
             "dial_failed": 0,
@@ -122,9 +107,9 @@ class Pool:
             "closed_broken": 0,
         }
 
-    # -- borrowing --------------------------------------------------------------------------
+    # -- lending ----------------------------------------------------------------------------
 
-    def acquire_nowait(self) -> Slot | None:
+    def try_acquire(self) -> Slot | None:
         """A live slot with room (one already carrying requests first, then the most recently
         used idle one), or None. Never awaits."""
         now = self._clock.now()
@@ -150,49 +135,82 @@ class Pool:
             self._retire(slot, reason)
         return None
 
+    def start(self, lease: Slot, request: Attempt, sink: ReplySink, timeout_s: float) -> None:
+        lease.connection.send(request.payload, sink, request, timeout_s)
+
+    def grow(self, wanted: int) -> None:
+        """Dial enough connections for ``wanted`` waiting requests at ``pipeline_depth`` each,
+        less those already being dialled, within ``max_connections``. With no connection up
+        (a cold pool, or a backend that may be down) one dial goes first: a dead backend then
+        costs one refused connect per failure counted, not a burst of them."""
+        if self._closed:
+            return
+        room = self._max - self._open
+        if self._open == self._dialing:
+            room = min(room, 1 - self._dialing)
+        needed = -(-wanted // self._depth) - self._dialing
+        loop = asyncio.get_running_loop()
+        for _ in range(min(needed, room)):
+            self._open += 1
+            self._dialing += 1
+            task = loop.create_task(self._dial_in_background())
+            self._dials.add(task)
+            task.add_done_callback(self._dials.discard)
+
+    @property
+    def stalled(self) -> bool:
+        return self._open == 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def acquire(self) -> Slot:
-        """A slot: one with room, newly dialled, or handed back by another borrower.
-
-        Raises ``BackendUnavailable`` if dialling fails or times out. Waiting for a free slot
-        is bounded by the caller (the dispatcher's request deadline cancels it).
-        """
-        while True:
-            slot = self.acquire_nowait()
-            if slot is not None:
-                return slot
-            if self._closed:
-                raise BackendUnavailable(f"pool {self._name} is closed")
-            if self._open < self._limits.max_connections:
-                return await self._dial_slot()
-            waiter: asyncio.Future[Slot | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                handed = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    handed = waiter.result()
-                    if handed is None:
-                        self._pass_on(None)
-                    else:
-                        self.release(handed)
-                raise
-            if handed is not None:
-                return handed
-
-    async def _dial_slot(self) -> Slot:
+        """A slot now, or a newly dialled one, for callers off the hot path (the health
+        monitor reviving a backend). Raises ``BackendUnavailable`` if the pool is closed,
+        full, or the dial fails."""
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
+        if self._closed or self._open >= self._max:
+            raise BackendUnavailable(f"pool {self._name} has no room")
         self._open += 1
         self._dialing += 1
         try:
-            async with asyncio.timeout(self._limits.connect_timeout_s):
+            slot = await self._dial_slot()
+        except BackendUnavailable:
+            self._room(None)  # capacity to dial again
+            raise
+        self._lend(slot)
+        return slot
+
+    async def _dial_in_background(self) -> None:
+        try:
+            slot = await self._dial_slot()
+        except BackendUnavailable as exc:
+            self._room(exc)
+            return
+        if self._closed:
+            self._open -= 1
+            slot.connection.close()
+        else:
+            self._idle.append(slot)
+        self._room(None)
+
+    async def _dial_slot(self) -> Slot:
+        """Dial one connection already counted in ``open`` and ``dialing``."""
+        try:
+            async with asyncio.timeout(self._config.connect_timeout_s):
                 connection = await self._dial()
         except BaseException as exc:
             self._open -= 1
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # closed while dialling: not the backend's failure
             self._counts["dial_failed"] += 1
-            self._pass_on(None)
-            self._room_appeared()  # capacity to dial again
             if isinstance(exc, TimeoutError):
+                timeout = self._config.connect_timeout_s
                 raise BackendUnavailable(
-                    f"connect to {self._name} timed out after {self._limits.connect_timeout_s}s"
+                    f"connect to {self._name} timed out after {timeout}s"
                 ) from None
             if isinstance(exc, OSError):
                 raise BackendUnavailable(f"connect to {self._name} failed: {exc}") from None
@@ -201,22 +219,15 @@ class Pool:
             self._dialing -= 1
         self._counts["dialed"] += 1
         now = self._clock.now()
-        slot = Slot(connection, created_at=now, idle_since=now, generation=self._generation)
-        self._lend(slot)
-        self._room_appeared()  # the new connection has room beyond the dialler's request
-        return slot
+        return Slot(connection, created_at=now, idle_since=now, generation=self._generation)
 
     def can_dial(self) -> bool:
         """Whether a new connection may be opened now (``open`` below ``max_connections``)."""
-        return not self._closed and self._open < self._limits.max_connections
+        return not self._closed and self._open < self._max
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _room_appeared(self) -> None:
+    def _room(self, error: BackendError | None) -> None:
         if self.on_room is not None:
-            self.on_room()
+            self.on_room(error)
 
     def _lend(self, slot: Slot) -> None:
         """``slot`` had no requests in flight; it now carries one."""
@@ -250,46 +261,23 @@ class Pool:
         if slot.active == 0:
             self._unshare(slot)
             slot.idle_since = now
-            self._pass_on(slot)
+            self._keep_idle(slot)
         elif slot.active == self._depth - 1:
-            self._offer_room(slot)  # it was full and has room again
+            self._sharing.append(slot)  # it was full and has room again
 
     def return_probed(self, slot: Slot, *, healthy: bool) -> None:
         """Put back a slot taken by ``take_idle_for_probe``, keeping its idle stamp."""
         if not healthy or slot.connection.is_closed:
             self._retire(slot, "closed_broken")
-            return
-        self._pass_on(slot)
-        self._room_appeared()
+        else:
+            self._keep_idle(slot)
+        self._room(None)
 
-    def _offer_room(self, slot: Slot) -> None:
-        """A slot carrying requests has room: to the first live waiter, else to the sharers."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                slot.active += 1
-                slot.uses += 1
-                waiter.set_result(slot)
-                if slot.active < self._depth:
-                    self._sharing.append(slot)
-                return
-        self._sharing.append(slot)
-
-    def _pass_on(self, slot: Slot | None) -> None:
-        """Hand an idle slot (or, with None, freed capacity) to the first live waiter, else
-        keep it idle."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                if slot is not None:
-                    self._lend(slot)
-                waiter.set_result(slot)
-                return
-        if slot is not None:
-            if self._closed:
-                self._retire(slot, "closed_broken")
-            else:
-                self._idle.append(slot)
+    def _keep_idle(self, slot: Slot) -> None:
+        if self._closed:
+            self._retire(slot, "closed_broken")
+        else:
+            self._idle.append(slot)
 
     def _unshare(self, slot: Slot) -> None:
         if self._depth > 1 and slot in self._sharing:
@@ -308,15 +296,13 @@ class Pool:
         if reason is not None:
             self._counts[reason] = self._counts.get(reason, 0) + 1
         slot.connection.close()
-        self._pass_on(None)
-        self._room_appeared()  # capacity to dial
 
     def _expiry_reason(self, slot: Slot, now: float, *, idle_check: bool = True) -> str | None:
         if slot.connection.is_closed or slot.generation != self._generation:
             return "closed_broken"
-        if now - slot.created_at >= self._limits.max_lifetime_s:
+        if now - slot.created_at >= self._config.max_lifetime_s:
             return "closed_max_lifetime"
-        if idle_check and now - slot.idle_since >= self._limits.idle_timeout_s:
+        if idle_check and now - slot.idle_since >= self._config.idle_timeout_s:
             return "closed_idle_timeout"
         return None
 
@@ -334,17 +320,15 @@ class Pool:
                 keep.append(slot)
             else:
                 expired += 1
-                self._open -= 1
-                self._counts[reason] += 1
-                slot.connection.close()
+                self._retire(slot, reason)
         self._idle = keep
         for slot in list(self._sharing):
             reason = self._expiry_reason(slot, now, idle_check=False)
             if reason is not None:
                 self._sharing.remove(slot)
                 self._start_retiring(slot, reason)
-        for _ in range(expired):
-            self._pass_on(None)
+        if expired:
+            self._room(None)  # capacity to dial
         return expired
 
     def take_idle_for_probe(self) -> list[Slot]:
@@ -360,11 +344,10 @@ class Pool:
 
     def close(self) -> None:
         self._closed = True
+        for task in self._dials:
+            task.cancel()
         self.expire_all()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._room(None)
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -375,8 +358,7 @@ class Pool:
             "borrowed": self._open - len(self._idle) - self._dialing,
             "sharing": len(self._sharing),
             "dialing": self._dialing,
-            "waiters": sum(1 for w in self._waiters if not w.done()),
-            "max_connections": self._limits.max_connections,
+            "max_connections": self._max,
             "pipeline_depth": self._depth,
             **self._counts,
         }
@@ -384,5 +366,5 @@ class Pool:
     def __repr__(self) -> str:
         return (
             f"Pool({self._name!r}, open={self._open}, idle={len(self._idle)}, "
-            f"max={self._limits.max_connections}, depth={self._depth})"
+            f"max={self._max}, depth={self._depth})"
         )

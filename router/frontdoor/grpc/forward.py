@@ -1,27 +1,24 @@
-"""Forwarding one gRPC call to a backend, as raw bytes, through the shared data plane.
+"""Forwarding one gRPC call to a backend, as raw bytes, through the one scheduler.
 
-Unary calls become dispatcher ``Request``s, so they share the queue, admission, policy, retry
-budget and counters with the TCP front door. The dispatcher decides (synchronously) which
-backend an attempt goes to and calls ``UnaryCall.forward``, which only wakes the call's own
-handler coroutine; that coroutine, which gRPC already runs per call, makes the backend call and
-reports the outcome with ``Dispatcher.forward_done``. So a unary call costs no task of its own
-and, when nothing is queued, no queue hop.
+Every call, unary or streaming, becomes a ``Request`` of kind "grpc" and goes through
+``Dispatcher.submit`` like a TCP frame: the same admission, policy, queue deadline, wait for
+room (a backend's ``GrpcCallLimiter``), retry budget and counters. When the scheduler starts an
+attempt it calls the request's ``forward``, which only wakes the call's own handler coroutine
+(gRPC already runs one per call); the handler makes the backend call and reports the outcome
+with ``Dispatcher.attempt_done``. So a call costs no task of its own and, when the backend has
+room, no queue hop.
 
-Outcome of a backend call, for the dispatcher:
+Outcome of a backend call, for the scheduler:
 
 * OK: the response bytes; initial and trailing metadata are relayed to the client.
 * UNAVAILABLE with no response headers: the backend failed before answering (refused, reset,
   or said UNAVAILABLE, which gRPC defines as safe to retry): ``BackendUnavailable``, retried on
-  another backend while ``max_retries`` lasts.
+  another backend while ``max_retries`` lasts (unary calls only: a stream's messages cannot be
+  replayed, so a stream gets the error).
 * DEADLINE_EXCEEDED: ``DeadlineExceeded`` (client's fault) if the client's own deadline was the
   bound, ``BackendTimeout`` if ``request_timeout_s`` was.
 * any other status is the backend's answer: code, details and trailing metadata are relayed
-  unchanged, and the request counts as completed.
-
-Streaming calls (``relay_stream``) hold one backend for their whole life, so they do not queue:
-the policy picks a backend, the call counts in the same in-flight figures (``Dispatcher.admit``
-and the backend's ``inflight``), and messages are pumped both ways until the backend's status,
-which is relayed. They are not retried: messages already pumped cannot be replayed.
+  unchanged (``RelayedStatus``), and the request counts as completed.
 
 Deadlines: a unary attempt gets min(client's time left, ``request_timeout_s``); a stream gets
 the client's time left (or none). Metadata is forwarded except hop-by-hop and gRPC-reserved
@@ -42,11 +39,11 @@ from router.core.errors import (
     BackendUnavailable,
     Cancelled,
     DeadlineExceeded,
-    NoBackend,
     RouterError,
 )
 from router.dispatch.backends import Backend
-from router.dispatch.scheduler import Dispatcher, Request
+from router.dispatch.request import Request
+from router.dispatch.scheduler import Dispatcher
 from router.upstream.grpc_channels import GrpcChannels
 
 MetadataValue = Union[str, bytes]  # noqa: UP007 (grpc's own alias spells it this way)
@@ -69,8 +66,9 @@ def forwardable(metadata: Sequence[tuple[str, MetadataValue]] | None) -> Metadat
     )
 
 
-class GrpcStatus(Exception):
-    """A status to end a call with: a backend's, relayed, or one the router chose."""
+class RelayedStatus(Exception):
+    """A backend's own non-OK status, relayed to the client unchanged (never carries the
+    ``x-router-error`` trailer: the router did not choose it)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, trailing: Metadata = ()) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -79,11 +77,7 @@ class GrpcStatus(Exception):
         self.trailing = trailing
 
     @classmethod
-    def of(cls, error: RouterError) -> GrpcStatus:
-        return cls(grpc.StatusCode[error.grpc_status], error.message)
-
-    @classmethod
-    def relayed(cls, exc: grpc.aio.AioRpcError) -> GrpcStatus:
+    def of(cls, exc: grpc.aio.AioRpcError) -> RelayedStatus:
         return cls(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
 
 
@@ -105,8 +99,9 @@ def ended_by(context: grpc.aio.ServicerContext) -> RouterError:
     return Cancelled("the client cancelled the call")
 
 
-class UnaryCall:
-    """One unary call in the dispatcher: its ``Origin`` and its ``forward``."""
+class Call:
+    """One gRPC call in the scheduler: its ``Origin`` and its ``forward``. ``waiter`` resolves
+    to the backend of the next attempt, or None once the request is answered."""
 
     __slots__ = (
         "_dispatcher", "abandoned", "deadline", "initial", "metadata", "relayed", "trailing",
@@ -115,21 +110,22 @@ class UnaryCall:
 
     def __init__(self, dispatcher: Dispatcher, metadata: Metadata, deadline: float | None) -> None:
         self._dispatcher = dispatcher
-        # Resolves to the backend of the next attempt, or None once the request is answered.
         self.waiter: asyncio.Future[Backend | None] = asyncio.get_running_loop().create_future()
         self.metadata = metadata
         self.deadline = deadline
         self.abandoned: RouterError | None = None  # set when the handler was cancelled
         self.initial: Metadata = ()
         self.trailing: Metadata = ()
-        self.relayed: GrpcStatus | None = None
+        self.relayed: RelayedStatus | None = None
 
-    def forward(self, request: Request, backend: Backend) -> None:
-        """The dispatcher chose ``backend`` for the next attempt: wake the handler."""
+    def forward(self, request: Request) -> None:
+        """The scheduler started an attempt on ``request.backend``: wake the handler (or, if
+        it is gone, end the attempt from the loop, outside the scheduler's own step)."""
         if self.abandoned is not None:
-            self._dispatcher.forward_done(request, None, self.abandoned)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._dispatcher.attempt_done, request, None, self.abandoned)
         elif not self.waiter.done():
-            self.waiter.set_result(backend)
+            self.waiter.set_result(request.backend)
 
     def request_done(self, request: Request) -> None:
         if not self.waiter.done():
@@ -145,37 +141,34 @@ class GrpcForwarder:
         self._channels = channels
         self._clock = clock
         self._request_timeout_s = request_timeout_s
-        # Set by the drain once its deadline passed and it counted every unanswered call as
-        # dropped: from then on a cancelled call must not be counted again.
-        self.dropped_all = False
 
-    def deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+    def _call(self, context: grpc.aio.ServicerContext) -> Call:
         remaining = context.time_remaining()
-        return None if remaining is None else self._clock.now() + remaining
+        deadline = None if remaining is None else self._clock.now() + remaining
+        return Call(self._dispatcher, forwardable(context.invocation_metadata()), deadline)
 
     # -- unary --------------------------------------------------------------------------------
 
     async def unary(
         self, method: str, payload: bytes, context: grpc.aio.ServicerContext, model: str | None
     ) -> bytes:
-        """Forward a unary call; return the response or raise ``GrpcStatus``/``RouterError``."""
-        call = UnaryCall(
-            self._dispatcher, forwardable(context.invocation_metadata()), self.deadline(context)
-        )
+        """Forward a unary call; return the response or raise ``RelayedStatus``/``RouterError``."""
+        call = self._call(context)
         request = Request(
             payload, call, self._clock.now(), kind="grpc", model=model, forward=call.forward
         )
-        self._dispatcher.submit(request)
+        dispatcher = self._dispatcher
+        dispatcher.submit(request)
         loop = asyncio.get_running_loop()
         try:
             while (backend := await call.waiter) is not None:
                 call.waiter = loop.create_future()
                 response, error = await self._attempt(call, backend, method, payload)
-                self._dispatcher.forward_done(request, response, error)
+                dispatcher.attempt_done(request, response, error)
         except asyncio.CancelledError:
             call.abandoned = ended_by(context)
-            if request.backend is not None and not self.dropped_all:
-                self._dispatcher.forward_done(request, None, call.abandoned)
+            if request.backend is not None:
+                dispatcher.attempt_done(request, None, call.abandoned)
             raise
         if request.error is not None:
             raise request.error
@@ -189,7 +182,7 @@ class GrpcForwarder:
         return request.response
 
     async def _attempt(
-        self, call: UnaryCall, backend: Backend, method: str, payload: bytes
+        self, call: Call, backend: Backend, method: str, payload: bytes
     ) -> tuple[bytes | None, RouterError | None]:
         remaining = _time_left(call.deadline, self._clock)
         client_bound = remaining is not None and remaining <= self._request_timeout_s
@@ -209,7 +202,7 @@ class GrpcForwarder:
 
     @staticmethod
     def _failed(
-        exc: grpc.aio.AioRpcError, call: UnaryCall, backend: Backend, client_bound: bool
+        exc: grpc.aio.AioRpcError, call: Call, backend: Backend, client_bound: bool
     ) -> tuple[bytes | None, RouterError | None]:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE and not exc.initial_metadata():
@@ -218,7 +211,7 @@ class GrpcForwarder:
             if client_bound:
                 return None, DeadlineExceeded("the client's deadline passed")
             return None, BackendTimeout(f"{backend.address} did not answer in time")
-        call.relayed = GrpcStatus.relayed(exc)
+        call.relayed = RelayedStatus.of(exc)
         return b"", None
 
     # -- streams ------------------------------------------------------------------------------
@@ -227,70 +220,65 @@ class GrpcForwarder:
         self, method: str, context: grpc.aio.ServicerContext, model: str | None,
         first: bytes | None = None,
     ) -> None:
-        """Proxy a call of any kind as a stream to one backend; raise ``GrpcStatus`` for a
-        non-OK status. ``first`` is a request message the caller already read."""
-        request = Request(b"", _NO_ORIGIN, self._clock.now(), kind="grpc", model=model)
-        self._dispatcher.admit(request)
+        """Proxy a call of any kind as a stream to one backend; raise ``RelayedStatus`` for a
+        backend's non-OK status. ``first`` is a request message the caller already read."""
+        call = self._call(context)
+        request = Request(
+            b"", call, self._clock.now(), kind="grpc", model=model, forward=call.forward,
+            replayable=False,
+        )
+        dispatcher = self._dispatcher
+        dispatcher.submit(request)
+        try:
+            backend = await call.waiter
+        except asyncio.CancelledError:
+            call.abandoned = ended_by(context)
+            raise
+        if backend is None:
+            assert request.error is not None
+            raise request.error
         outcome: RouterError | None = None
         try:
-            backend = self._dispatcher.pick("grpc", model)
-            if backend is None:
-                raise NoBackend("no healthy gRPC backend" + (f" for {model}" if model else ""))
-            await self._relay_on(backend, method, context, first)
-        except RouterError as exc:
-            outcome = exc
-            raise
+            failure = await self._relay_on(backend, method, context, first)
         except asyncio.CancelledError:
             outcome = ended_by(context)
             raise
+        else:
+            if failure is not None and failure.code() == grpc.StatusCode.UNAVAILABLE \
+                    and not failure.answered:
+                outcome = BackendUnavailable(f"{backend.address}: {failure.details()}")
         finally:
-            if not self.dropped_all:
-                self._dispatcher.finish(request, None if outcome else b"", outcome)
+            dispatcher.attempt_done(request, None if outcome else b"", outcome)
+        if outcome is not None:
+            raise outcome
+        if failure is not None:
+            raise RelayedStatus.of(failure.exc)
 
     async def _relay_on(
         self, backend: Backend, method: str, context: grpc.aio.ServicerContext,
         first: bytes | None,
-    ) -> None:
-        """Run the stream on ``backend``. A non-OK status is the backend's answer, raised as
-        ``GrpcStatus``, except UNAVAILABLE before any answer: ``BackendUnavailable``."""
+    ) -> _StreamFailure | None:
+        """Run the stream on ``backend``; its non-OK status, if any."""
         rpc = self._channels.channel(backend).stream_stream(method)(
             metadata=forwardable(context.invocation_metadata()),
             timeout=context.time_remaining(),
         )
-        backend.inflight += 1
         try:
             async with asyncio.TaskGroup() as group:
                 pump = group.create_task(_pump(context, rpc, first))
-                failure, answered = await _relay_responses(context, rpc)
+                failure = await _relay_responses(context, rpc)
                 pump.cancel()
         finally:
-            backend.inflight -= 1
             if not rpc.done():
                 rpc.cancel()
         if failure is None:
-            backend.record_success()
             trailing = await rpc.trailing_metadata()
             if trailing:
                 context.set_trailing_metadata(tuple(trailing))
-            return
-        if failure.code() == grpc.StatusCode.UNAVAILABLE and not answered:
-            backend.record_failure()
-            raise BackendUnavailable(f"{backend.address}: {failure.details()}")
-        backend.record_success()
-        raise GrpcStatus.relayed(failure)
+        return failure
 
     def __repr__(self) -> str:
         return f"GrpcForwarder(request_timeout_s={self._request_timeout_s})"
-
-
-class _NoOrigin:
-    """Streams answer their client themselves; the dispatcher only counts them."""
-
-    def request_done(self, request: Request) -> None:
-        return None
-
-
-_NO_ORIGIN = _NoOrigin()
 
 
 async def _pump(
@@ -307,11 +295,24 @@ async def _pump(
         return  # the backend ended the call first; its status is what the client gets
 
 
+class _StreamFailure:
+    """A stream's non-OK status, and whether any response headers or message came first."""
+
+    def __init__(self, exc: grpc.aio.AioRpcError, answered: bool) -> None:
+        self.exc = exc
+        self.answered = answered
+
+    def code(self) -> grpc.StatusCode:
+        return self.exc.code()
+
+    def details(self) -> str:
+        return self.exc.details() or ""
+
+
 async def _relay_responses(
     context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall
-) -> tuple[grpc.aio.AioRpcError | None, bool]:
-    """Backend -> client until the backend's status; (its error if not OK, whether any
-    response headers or message came back first)."""
+) -> _StreamFailure | None:
+    """Backend -> client until the backend's status; its failure if not OK."""
     answered = False
     try:
         initial = await rpc.initial_metadata()
@@ -322,5 +323,5 @@ async def _relay_responses(
             answered = True
             await context.write(message)
     except grpc.aio.AioRpcError as exc:
-        return exc, answered
-    return None, answered
+        return _StreamFailure(exc, answered)
+    return None

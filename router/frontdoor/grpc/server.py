@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
@@ -38,11 +37,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from router.core.clock import Clock
-from router.core.errors import Draining, Overloaded, RouterError, UnknownModel
+from router.core.config import GrpcConfig
+from router.core.errors import Draining, Overloaded, RouterError, UnknownModel, UnknownService
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
-from router.frontdoor.grpc.forward import GrpcForwarder, GrpcStatus, ended_by
+from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.kserve import KServeRouting
 from router.upstream.grpc_channels import GrpcChannels
@@ -60,13 +60,6 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Handler = Callable[[Any, Context], Awaitable[Any]]  # (request or request stream, context)
-
-
-@dataclass(frozen=True, slots=True)
-class GrpcSettings:
-    max_message_bytes: int = 16 * 1024 * 1024
-    request_timeout_s: float = 30.0
-    linger_s: float = 2.0
 
 
 class RouterHealth:
@@ -95,7 +88,7 @@ class RouterHealth:
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
         if request.service not in self.SERVICES:
-            raise GrpcStatus(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            raise UnknownService(f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=self.status(request.service))
 
     async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
@@ -129,15 +122,17 @@ class _ProxyAll(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no 
 class GrpcFrontDoor:
     def __init__(
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
-        settings: GrpcSettings, stats: GrpcStats,
+        config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
     ) -> None:
         self._dispatcher = dispatcher
         self._registry = registry
         self._channels = channels
         self._clock = clock
-        self._settings = settings
+        self._config = config
+        self._linger_s = linger_s
+        self._abandoned = False  # the drain gave up on the calls still running
         self.stats = stats
-        self.forwarder = GrpcForwarder(dispatcher, channels, clock, settings.request_timeout_s)
+        self.forwarder = GrpcForwarder(dispatcher, channels, clock, request_timeout_s)
         self.kserve = KServeRouting(self.forwarder, registry, lambda: self.draining)
         self.health = RouterHealth(self.kserve.ready)
         registry.add_listener(self.health.changed)
@@ -151,7 +146,7 @@ class GrpcFrontDoor:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
-        size = self._settings.max_message_bytes
+        size = self._config.max_message_bytes
         server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
@@ -177,11 +172,11 @@ class GrpcFrontDoor:
         if self._calls:
             self._all_done = asyncio.Event()
             await self._all_done.wait()
-        await self._stop(self._settings.linger_s)
+        await self._stop(self._linger_s)
 
     def abort_all(self) -> int:
         """Cancel every proxied call still running; the drain counted them dropped."""
-        self.forwarder.dropped_all = True
+        self._abandoned = True
         calls = list(self._calls)
         for task in calls:
             task.cancel()
@@ -263,7 +258,7 @@ class GrpcFrontDoor:
                 if self._dispatcher.saturated:
                     raise Overloaded("the dispatch queue is full")
             return await fn(request, context)
-        except GrpcStatus as status:
+        except RelayedStatus as status:
             code = status.code.name
             await context.abort(status.code, status.details, status.trailing)
         except RouterError as error:
@@ -273,7 +268,7 @@ class GrpcFrontDoor:
                 ((ROUTER_ERROR_HEADER, error.code),),
             )
         except asyncio.CancelledError:
-            if not self.forwarder.dropped_all:
+            if not self._abandoned:
                 code = ended_by(context).grpc_status
                 raise
             # Cancelled by abort_all: the drain gave up on this call. Tell the client now
