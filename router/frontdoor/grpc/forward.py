@@ -44,6 +44,7 @@ from router.core.errors import (
     DeadlineExceeded,
     NoBackend,
     RouterError,
+    quoted,
 )
 from router.dispatch.backends import Backend
 from router.dispatch.scheduler import Dispatcher, Request
@@ -235,7 +236,8 @@ class GrpcForwarder:
         try:
             backend = self._dispatcher.pick("grpc", model)
             if backend is None:
-                raise NoBackend("no healthy gRPC backend" + (f" for {model}" if model else ""))
+                wanted = f" for {quoted(model)}" if model else ""
+                raise NoBackend(f"no healthy gRPC backend{wanted}")
             await self._relay_on(backend, method, context, first)
         except RouterError as exc:
             outcome = exc
