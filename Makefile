@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-smoke bench-10k bench-grpc locust chaos protos clean
+.PHONY: run test lint docs bench bench-smoke bench-10k bench-grpc locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# docs/configuration.md from the config schema (a test fails when the file is stale).
+docs: $(STAMP)
+	$(PY) -m router config-reference --output docs/configuration.md
 
 bench: $(STAMP)
 	$(PY) -m bench.run --update-readme

@@ -62,15 +62,15 @@ class RouterApp:
                              lst.max_pipelined, config.drain.linger_s),
             self.clock,
         )
-        p = config.pool
-        probes = ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
+        h = config.health
+        probes = ProbeSettings(h.probe, h.interval_s, h.timeout_s)
         # Each checker probes its own kind: frames for TCP backends, grpc.health for gRPC.
         self.health = HealthChecker(self.registry.view("tcp"), probes)
         g = config.grpc
         self.grpc_stats = GrpcStats()
         self.grpc_channels = GrpcChannels(
-            self.clock, max_message_bytes=g.max_message_bytes, idle_timeout_s=p.idle_timeout_s,
-            reconnect_max_s=p.probe_interval_s,
+            self.clock, max_message_bytes=g.max_message_bytes,
+            idle_timeout_s=g.channel_idle_timeout_s, reconnect_max_s=g.reconnect_backoff_max_s,
         )
         self.grpc_health = GrpcHealthChecker(self.registry.view("grpc"), self.grpc_channels, probes)
         self.grpc_front: GrpcFrontDoor | None = None
@@ -112,7 +112,7 @@ class RouterApp:
         else:
             dial = make_dialer(host, port, self.config.listener.max_frame_bytes)
             upstream = Pool(dial, self.config.pool, self.clock, name=address)
-        backend = Backend(spec, upstream, failure_threshold=self.config.pool.failure_threshold)
+        backend = Backend(spec, upstream, failure_threshold=self.config.health.failure_threshold)
         self.registry.add(backend)
         return backend
 

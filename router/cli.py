@@ -1,4 +1,4 @@
-"""``inference-router``: serve, check-config, call."""
+"""``inference-router``: serve, check-config, config-reference, call."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path)
+    reference = sub.add_parser("config-reference",
+                               help="print the configuration reference (Markdown)")
+    reference.add_argument("--output", type=Path, metavar="FILE",
+                           help="write it to FILE instead of stdout")
     call = sub.add_parser("call", help="send one request and print the answer")
     call.add_argument("--to", default="127.0.0.1:7070", metavar="HOST:PORT")
     call.add_argument("payload")
@@ -209,6 +213,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(problem, file=sys.stderr)
             sys.exit(2)
         print(f"{args.file}: ok")
+        return
+    if args.command == "config-reference":
+        from router.core.config_reference import render
+
+        if args.output is None:
+            sys.stdout.write(render())
+        else:
+            args.output.write_text(render())
         return
     if args.command == "call":
         sys.exit(uvloop.run(_call(args.to, args.payload)))

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from router import cli
 from router.core import config as config_mod
-from router.core.config import ECHO_COMMAND, RouterConfig, from_mapping, load
+from router.core.config import (
+    ECHO_COMMAND,
+    MAX_DURATION_S,
+    BackendConfig,
+    HealthConfig,
+    RouterConfig,
+    from_mapping,
+    load,
+)
 from router.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,12 +175,203 @@ def test_policy_must_be_a_known_one() -> None:
         ("dispatch", "queue_size", 0),
         ("dispatch", "max_retries", -1),
         ("listener", "max_frame_bytes", 0x8000_0000),
-        ("pool", "probe", "http"),
+        ("health", "probe", "http"),
     ],
 )
 def test_out_of_range_values(section: str, key: str, value: object) -> None:
     [problem] = problems_of({section: {key: value}})
     assert problem.startswith(f"cfg.toml: {section}.{key}: ")
+
+
+# -- health and gRPC channel options -------------------------------------------------------------
+
+
+def test_health_options_live_in_their_own_section() -> None:
+    cfg = from_mapping({"health": {"probe": "connect", "interval_s": 0.5, "timeout_s": 0.2,
+                                   "failure_threshold": 5}})
+    assert (cfg.health.probe, cfg.health.interval_s, cfg.health.timeout_s,
+            cfg.health.failure_threshold) == ("connect", 0.5, 0.2, 5)
+    assert RouterConfig().health == HealthConfig()
+    assert (HealthConfig().interval_s, HealthConfig().failure_threshold) == (2.0, 3)
+
+
+@pytest.mark.parametrize(
+    "key", ["probe", "probe_interval_s", "probe_timeout_s", "failure_threshold"]
+)
+def test_health_keys_are_no_longer_pool_keys(key: str) -> None:
+    assert problems_of({"pool": {key: 1}}) == [f"cfg.toml: pool.{key}: unknown key"]
+
+
+# -- numbers: finite, bounded, strictly typed -----------------------------------------------------
+
+
+def _fields_of_type(kind: type) -> list[tuple[str, str]]:
+    """(section, key) of every option of ``kind`` (float: durations; int: counts)."""
+    found = []
+    for section, info in RouterConfig.model_fields.items():
+        model = info.annotation
+        if section == "backends":
+            model = BackendConfig
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for key, field in model.model_fields.items():
+            if field.annotation is kind:
+                found.append((section, key))
+    return found
+
+
+DURATIONS = _fields_of_type(float)
+INTEGERS = _fields_of_type(int)
+
+
+def _entry(section: str, key: str, value: object) -> dict[str, Any]:
+    if section == "backends":
+        return {"backends": [{"address": "127.0.0.1:9001", key: value}]}
+    return {section: {key: value}}
+
+
+def _key_path(section: str, key: str) -> str:
+    return f"backends[0].{key}" if section == "backends" else f"{section}.{key}"
+
+
+def test_every_duration_is_named_in_seconds() -> None:
+    assert {("drain", "linger_s"), ("health", "interval_s")} <= set(DURATIONS), DURATIONS
+    assert all(key.endswith("_s") for _, key in DURATIONS), DURATIONS
+    assert {("dispatch", "queue_size"), ("backends", "weight")} <= set(INTEGERS), INTEGERS
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1e308, MAX_DURATION_S * 2])
+@pytest.mark.parametrize(("section", "key"), DURATIONS)
+def test_durations_must_be_finite_and_at_most_a_day(section: str, key: str, value: float) -> None:
+    [problem] = problems_of(_entry(section, key, value))
+    assert problem.startswith(f"cfg.toml: {_key_path(section, key)}: "), problem
+
+
+@pytest.mark.parametrize(("section", "key"), DURATIONS)
+def test_a_day_is_the_longest_duration(section: str, key: str) -> None:
+    cfg = from_mapping(_entry(section, key, MAX_DURATION_S))
+    assert getattr(getattr(cfg, section), key) == MAX_DURATION_S
+
+
+def test_an_integer_is_a_fine_duration() -> None:
+    cfg = from_mapping({"dispatch": {"queue_timeout_s": 5}, "drain": {"linger_s": 1}})
+    assert (cfg.dispatch.queue_timeout_s, cfg.drain.linger_s) == (5.0, 1.0)
+
+
+@pytest.mark.parametrize("value", [True, False, "3", 3.0])
+@pytest.mark.parametrize(("section", "key"), INTEGERS)
+def test_an_integer_option_takes_only_an_integer(section: str, key: str, value: object) -> None:
+    [problem] = problems_of(_entry(section, key, value))
+    assert problem.startswith(f"cfg.toml: {_key_path(section, key)}: Input should be a valid "
+                              "integer"), problem
+
+
+@pytest.mark.parametrize("value", [True, "5"])
+@pytest.mark.parametrize(("section", "key"), DURATIONS[:3])
+def test_a_duration_takes_only_a_number(section: str, key: str, value: object) -> None:
+    [problem] = problems_of(_entry(section, key, value))
+    assert problem.startswith(f"cfg.toml: {_key_path(section, key)}: "), problem
+
+
+@pytest.mark.parametrize("value", [1, "true"])
+def test_a_flag_takes_only_a_bool(value: object) -> None:
+    [problem] = problems_of({"listener": {"reuse_port": value}})
+    assert problem.startswith("cfg.toml: listener.reuse_port: "), problem
+
+
+def test_an_integer_option_true_in_a_file_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[dispatch]\nqueue_size = true\n\n[drain]\nlinger_s = inf\n"
+                 "shutdown_grace_s = nan\n\n[pool]\nidle_timeout_s = 1e308\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    keys = sorted(p.split(": ")[1] for p in info.value.problems)
+    assert keys == ["dispatch.queue_size", "drain.linger_s", "drain.shutdown_grace_s",
+                    "pool.idle_timeout_s"], info.value.problems
+    assert all(p.startswith(f"{path}: ") for p in info.value.problems)
+
+
+# -- one address, one listener --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "earlier"),
+    [
+        ({"listener": {"listen": "127.0.0.1:9000"}, "grpc": {"listen": "127.0.0.1:9000"}},
+         "grpc.listen", "listener.listen"),
+        ({"listener": {"listen": "127.0.0.1:9000"}, "admin": {"listen": "127.0.0.1:9000"}},
+         "admin.listen", "listener.listen"),
+        ({"grpc": {"listen": "127.0.0.1:7072"}}, "admin.listen", "grpc.listen"),  # default admin
+        ({"admin": {"listen": "LOCALHOST:7070"}, "listener": {"listen": "localhost:7070"}},
+         "admin.listen", "listener.listen"),
+        ({"listener": {"listen": "0.0.0.0:9000"}, "grpc": {"listen": "127.0.0.1:9000"}},
+         "grpc.listen", "listener.listen"),  # the wildcard takes the port on every address
+        ({"listener": {"listen": "[::1]:9000"}, "admin": {"listen": "[::]:9000"}},
+         "admin.listen", "listener.listen"),
+    ],
+)
+def test_two_listeners_on_one_address_are_an_error(
+    data: dict[str, Any], key: str, earlier: str
+) -> None:
+    [problem] = problems_of(data)
+    assert problem.startswith(f"cfg.toml: {key}: "), problem
+    assert problem.endswith(f" is already used by {earlier}"), problem
+
+
+def test_three_listeners_on_one_address_list_both_conflicts() -> None:
+    same = {"listen": "127.0.0.1:9000"}
+    problems = problems_of({"listener": same, "grpc": same, "admin": same})
+    assert problems == [
+        "cfg.toml: grpc.listen: '127.0.0.1:9000' is already used by listener.listen",
+        "cfg.toml: admin.listen: '127.0.0.1:9000' is already used by listener.listen",
+        "cfg.toml: admin.listen: '127.0.0.1:9000' is already used by grpc.listen",
+    ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"listener": {"listen": "127.0.0.1:0"}, "grpc": {"listen": "127.0.0.1:0"},
+         "admin": {"listen": "127.0.0.1:0"}},  # port 0: each gets a free port of its own
+        {"listener": {"listen": "127.0.0.1:9000"}, "grpc": {"listen": "127.0.0.2:9000"}},
+        {"listener": {"listen": "127.0.0.1:9000"}, "grpc": {"listen": "127.0.0.1:9001"}},
+        {"listener": {"listen": "0.0.0.0:9000"}, "admin": {"listen": "0.0.0.0:9001"}},
+    ],
+)
+def test_distinct_listeners_are_fine(data: dict[str, Any]) -> None:
+    from_mapping(data)
+
+
+def test_a_backend_listed_twice_is_an_error_but_port_zero_is_not() -> None:
+    spawned = {"address": "127.0.0.1:0", "command": list(ECHO_COMMAND)}
+    problems = problems_of({"backends": [
+        {"address": "127.0.0.1:9001"}, spawned, spawned, {"address": "127.0.0.1:9001"},
+    ]})
+    assert problems == [
+        "cfg.toml: backends[3].address: '127.0.0.1:9001' is already used by backends[0].address"
+    ]
+
+
+def test_an_address_clash_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[listener]\nlisten = "127.0.0.1:7072"\n')  # the admin default
+    result = check_config(path)
+    assert result.returncode == 2, result
+    assert result.stderr.strip() == (
+        f"{path}: admin.listen: '127.0.0.1:7072' is already used by listener.listen"
+    )
+
+
+# -- echoed values are short ----------------------------------------------------------------------
+
+
+def test_a_huge_value_or_key_is_echoed_truncated() -> None:
+    huge = "h" * 1_000_000
+    problems = problems_of({"listener": {"listen": huge}, "backends": [
+        {"address": "h:1", "models": [huge + ":"]}], "pool": {huge: 1}})
+    assert len(problems) == 3, problems
+    assert all(len(p) < 400 for p in problems), [len(p) for p in problems]
+    assert any(p.startswith("cfg.toml: listener.listen: ") and "(1000000 bytes)" in p
+               for p in problems), problems
+    assert any(p.startswith("cfg.toml: pool.'hhhh") and p.endswith("unknown key")
+               for p in problems), problems
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
@@ -274,3 +476,20 @@ def test_bad_flag_over_a_file_reports_the_key_path(tmp_path: Path) -> None:
         build("--config", str(path), "--listen", "nowhere")
     [problem] = info.value.problems
     assert ": listener.listen: " in problem
+
+
+# -- examples/router.toml -------------------------------------------------------------------------
+
+
+def test_the_example_lists_every_key_at_its_default() -> None:
+    path = REPO_ROOT / "examples" / "router.toml"
+    cfg = load(path)
+    data = tomllib.loads(path.read_text())
+    for section, info in RouterConfig.model_fields.items():
+        if section == "backends":
+            continue
+        assert getattr(cfg, section) == info.default, section
+        model = type(info.default)
+        commented = {"listen"} if section == "grpc" else set()  # the gRPC front door is off
+        assert set(data[section]) | commented == set(model.model_fields), section
+    assert len(cfg.backends) >= 2

@@ -41,12 +41,31 @@ def test_grpc_section_and_backend_protocol_and_models() -> None:
         ({"backends": [{"address": "h:1", "protocol": "http"}]}, "<t>: backends[0].protocol:"),
         ({"backends": [{"address": "h:1", "models": ["sum:"]}]}, "<t>: backends[0].models[0]:"),
         ({"backends": [{"address": "h:1", "models": [":1"]}]}, "<t>: backends[0].models[0]:"),
+        ({"grpc": {"channel_idle_timeout_s": 0}}, "<t>: grpc.channel_idle_timeout_s: Input"),
+        ({"grpc": {"reconnect_backoff_max_s": float("inf")}},
+         "<t>: grpc.reconnect_backoff_max_s: Input"),
+        ({"grpc": {"listen": "127.0.0.1:7072"}},  # the admin API's default address
+         "<t>: admin.listen: '127.0.0.1:7072' is already used by grpc.listen"),
     ],
 )
 def test_bad_grpc_settings_name_their_key(data: dict[str, object], problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_mod.from_mapping(data, "<t>")
     assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_grpc_channels_have_their_own_keys() -> None:
+    default = config_mod.GrpcConfig()
+    assert (default.channel_idle_timeout_s, default.reconnect_backoff_max_s) == (60.0, 2.0)
+    cfg = config_mod.from_mapping({
+        "grpc": {"channel_idle_timeout_s": 5, "reconnect_backoff_max_s": 0.5},
+        "pool": {"idle_timeout_s": 1.0},  # the TCP pools' key no longer reaches gRPC channels
+    })
+    assert (cfg.grpc.channel_idle_timeout_s, cfg.grpc.reconnect_backoff_max_s) == (5.0, 0.5)
+    with pytest.raises(ConfigError) as caught:  # below gRPC's first reconnect wait, 100 ms
+        config_mod.from_mapping({"grpc": {"reconnect_backoff_max_s": 0.05}}, "<t>")
+    [problem] = caught.value.problems
+    assert problem.startswith("<t>: grpc.reconnect_backoff_max_s: ")
 
 
 def test_grpc_listen_flag() -> None:

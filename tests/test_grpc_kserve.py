@@ -106,6 +106,26 @@ async def test_unknown_model_is_not_found_without_touching_a_backend(
     client.close()
 
 
+async def test_a_huge_unknown_model_name_is_not_found_with_a_short_message(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """The status details echo the name truncated: a 1 MiB name in the grpc-message trailer
+    would exceed the client's metadata limit and turn NOT_FOUND into another error."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "sum")])
+    name = "m" * (1 << 20)
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await infer(infer_request(name, [1.0]), timeout=CALL_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value
+    details = caught.value.details() or ""
+    assert len(details) < 512, len(details)
+    assert details.startswith("no backend serves model 'mmm") and f"({1 << 20} bytes)" in details
+    assert dict(caught.value.trailing_metadata() or ())["x-router-error"] == "UNKNOWN_MODEL"
+    assert router.backend(backend.address)["requests_total"] == 0
+
+
 async def test_calls_go_only_to_backends_serving_the_model_and_version(
     kserve_backend: Backends, grpc_router: GrpcRouterFactory
 ) -> None:

@@ -133,6 +133,31 @@ async def test_route_model_header_selects_the_model_group(
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_echoed_names_are_truncated_in_router_statuses(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """A long model header or health service name comes back cut short in the details, with
+    the router's error code in the trailer (a 1 MiB echo exceeds gRPC's metadata limit)."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "alpha")])
+    async with router.channel() as channel:
+        unary = channel.unary_unary(ECHO + "Unary")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(b"x", timeout=CALL_TIMEOUT_S, metadata=(("x-route-model", "g" * 6000),))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len(caught.value.details() or "") < 512
+        assert _md(caught.value.trailing_metadata())["x-router-error"] == "UNKNOWN_MODEL"
+
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Check(health_pb2.HealthCheckRequest(service="s" * (1 << 20)), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"({1 << 20} bytes)" in (details := caught.value.details() or "")
+        assert len(details) < 512
+        assert _md(caught.value.trailing_metadata())["x-router-error"] == "UNKNOWN_SERVICE"
+    assert router.backend(backend.address)["requests_total"] == 0
+
+
 async def test_router_health_service(
     kserve_backend: Backends, grpc_router: GrpcRouterFactory
 ) -> None:
@@ -260,7 +285,7 @@ async def test_grpc_backend_revived_by_health_probe(
     router.app.registry.add_listener(lambda b: changed.set())
     router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
     changed.clear()
-    async with asyncio.timeout(CALL_TIMEOUT_S):  # the next probe pass (probe_interval_s 0.5)
+    async with asyncio.timeout(CALL_TIMEOUT_S):  # the next probe pass (health.interval_s 0.5)
         await changed.wait()
     assert router.backend(backend.address)["healthy"]
     assert router.app.grpc_health.statistics()["marked_up"] == 1

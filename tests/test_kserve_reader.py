@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.proto import grpc_predict_v2_pb2 as pb
-from router.core.errors import ClientProtocolError
+from router.core.errors import ClientProtocolError, MalformedMessage
 from router.protocol.kserve import (
-    MalformedMessage,
     ModelRef,
     encode_bool_reply,
     encode_server_metadata,

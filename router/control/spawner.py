@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from router.core.errors import SpawnError, quoted
+
 log = logging.getLogger(__name__)
-
-
-class SpawnError(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -62,7 +60,7 @@ class Spawner:
         if len(words) != 2 or words[0] != "READY" or not words[1].isdigit():
             process.kill()
             await process.wait()
-            raise SpawnError(f"{argv} exited or printed {line!r} instead of 'READY <port>'")
+            raise SpawnError(f"{argv} exited or printed {quoted(line)} instead of 'READY <port>'")
         log_file = None
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,15 @@ Every error the router reports has a stable ``code`` (what clients and tests mat
 the message text), whose ``fault`` it was (the client's, a backend's, or the router's own
 capacity), and hints for the HTTP and gRPC status it maps to. The classes carry no behaviour
 beyond that, so every layer can import them.
+
+Every error the router itself chooses is declared here, whichever layer raises it (a test
+holds every ``RouterError`` subclass to this module, to a unique code and to valid status
+hints). A status relayed from a backend is not a ``RouterError``: it carries the backend's own
+status, never an ``x-router-error`` code.
+
+Messages may echo what a client or a file sent (a model name, an address); ``quoted`` keeps
+that echo short, since a gRPC status travels in a trailer that a client refuses past a few
+KiB, and a 1 MiB model name would turn NOT_FOUND into a metadata-size error.
 """
 
 from __future__ import annotations
@@ -11,6 +20,26 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 Fault = Literal["client", "backend", "router", "config"]
+
+# How much of an echoed value a message keeps: a model name or address is far shorter, and
+# 128 bytes (up to ~512 once escaped by repr) stay well inside gRPC's 8 KiB metadata limit.
+QUOTE_LIMIT_BYTES = 128
+
+
+def quoted(value: str | bytes, limit: int = QUOTE_LIMIT_BYTES) -> str:
+    """``repr(value)`` if it is at most ``limit`` bytes (UTF-8), else the repr of its first
+    ``limit`` bytes followed by ``... (N bytes)``."""
+    if isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        if len(data) <= limit:
+            return repr(value)
+        head: str | bytes = data[:limit].decode("utf-8", "ignore")  # no split character
+    else:
+        data = value
+        if len(data) <= limit:
+            return repr(value)
+        head = data[:limit]
+    return f"{head!r}... ({len(data)} bytes)"
 
 
 class RouterError(Exception):
@@ -50,6 +79,25 @@ class NoBackend(RouterError):
     grpc_status = "UNAVAILABLE"
 
 
+class Dropped(RouterError):
+    """The drain's grace deadline passed with this request unanswered; the router gave up."""
+
+    code = "DROPPED"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class SpawnError(RouterError):
+    """A backend process the config names (``command``) did not start: it exited, or did not
+    print ``READY <port>`` in time."""
+
+    code = "SPAWN_FAILED"
+    fault = "config"
+
+
+# -- the client's fault ------------------------------------------------------------------------
+
+
 class UnknownModel(RouterError):
     code = "UNKNOWN_MODEL"
     fault = "client"
@@ -57,11 +105,8 @@ class UnknownModel(RouterError):
     grpc_status = "NOT_FOUND"
 
 
-# -- the client's fault ------------------------------------------------------------------------
-
-
 class UnknownService(RouterError):
-    """A gRPC health check for a service the router does not answer for."""
+    """A health check for a service the router does not answer for."""
 
     code = "UNKNOWN_SERVICE"
     fault = "client"
@@ -110,10 +155,19 @@ class ReadTimeout(ClientProtocolError):
     http_status = 408
 
 
+class MalformedMessage(ClientProtocolError):
+    """The request bytes are not a well-formed protobuf message, or name no model."""
+
+    code = "MALFORMED_MESSAGE"
+
+
 # -- a backend's fault -------------------------------------------------------------------------
 
 
 class BackendError(RouterError):
+    """Base of a backend's failures; raised only as one of its subclasses."""
+
+    code = "BACKEND_ERROR"
     fault = "backend"
     http_status = 502
     grpc_status = "UNAVAILABLE"

@@ -51,6 +51,7 @@ from router.core.errors import (
     NoBackend,
     Overloaded,
     RouterError,
+    quoted,
 )
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.queue import WaitQueue
@@ -302,4 +303,4 @@ class Dispatcher:
 
 def _no_backend(request: Request) -> str:
     what = "gRPC backend" if request.kind == "grpc" else "backend"
-    return f"no healthy {what}" + (f" for model {request.model!r}" if request.model else "")
+    return f"no healthy {what}" + (f" for model {quoted(request.model)}" if request.model else "")

@@ -24,18 +24,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from router.core.errors import ClientProtocolError
+from router.core.errors import MalformedMessage
 
 # Wire types (protobuf encoding spec).
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_FIELD_NUMBER = (1 << 29) - 1
 _MAX_VARINT_BYTES = 10
-
-
-class MalformedMessage(ClientProtocolError):
-    """The request bytes are not a well-formed protobuf message (the client's fault)."""
-
-    code = "MALFORMED_MESSAGE"
 
 
 class ModelRef(NamedTuple):

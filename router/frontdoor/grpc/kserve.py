@@ -29,11 +29,10 @@ from typing import Any
 
 import grpc
 
-from router.core.errors import UnknownModel
+from router.core.errors import MalformedMessage, UnknownModel, quoted
 from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
 from router.protocol.kserve import (
-    MalformedMessage,
     encode_bool_reply,
     encode_server_metadata,
     read_model,
@@ -71,7 +70,7 @@ class KServeRouting:
             raise MalformedMessage("the request names no model")
         key = model.key
         if not self._registry.knows_model(key, "grpc"):
-            raise UnknownModel(f"no backend serves model {key!r}")
+            raise UnknownModel(f"no backend serves model {quoted(key)}")
         return key
 
     def ready(self) -> bool:

@@ -38,7 +38,15 @@ from grpc_health.v1 import health_pb2
 
 from router.core.clock import Clock
 from router.core.config import GrpcConfig
-from router.core.errors import Draining, Overloaded, RouterError, UnknownModel, UnknownService
+from router.core.errors import (
+    Draining,
+    Dropped,
+    Overloaded,
+    RouterError,
+    UnknownModel,
+    UnknownService,
+    quoted,
+)
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
@@ -88,7 +96,7 @@ class RouterHealth:
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
         if request.service not in self.SERVICES:
-            raise UnknownService(f"unknown service {request.service!r}")
+            raise UnknownService(f"unknown service {quoted(request.service)}")
         return health_pb2.HealthCheckResponse(status=self.status(request.service))
 
     async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
@@ -234,7 +242,7 @@ class GrpcFrontDoor:
     async def _relay(self, method: str, requests: Any, context: Context) -> None:
         model = _route_model(context)
         if model is not None and not self._registry.knows_model(model, "grpc"):
-            raise UnknownModel(f"no backend serves model {model!r}")
+            raise UnknownModel(f"no backend serves model {quoted(model)}")
         await self.forwarder.relay_stream(method, context, model)
 
     # -- every call ---------------------------------------------------------------------------
@@ -275,10 +283,11 @@ class GrpcFrontDoor:
             # rather than leave it waiting for its deadline.
             if task is not None:
                 task.uncancel()
-            code = "UNAVAILABLE"
+            dropped = Dropped("the router stopped before answering")
+            code = dropped.grpc_status
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the router stopped before answering",
-                ((ROUTER_ERROR_HEADER, "DROPPED"),),
+                grpc.StatusCode[dropped.grpc_status], dropped.message,
+                ((ROUTER_ERROR_HEADER, dropped.code),),
             )
         except Exception:
             code = "INTERNAL"

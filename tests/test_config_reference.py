@@ -1,0 +1,61 @@
+"""docs/configuration.md is generated from the config schema and must match it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from router.core.config import BackendConfig, RouterConfig
+from router.core.config_reference import render
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOC = REPO_ROOT / "docs" / "configuration.md"
+
+
+def _sections() -> list[tuple[str, type[BaseModel]]]:
+    found: list[tuple[str, type[BaseModel]]] = []
+    for name, info in RouterConfig.model_fields.items():
+        model = BackendConfig if name == "backends" else type(info.default)
+        assert issubclass(model, BaseModel), name
+        found.append((name, model))
+    return found
+
+
+def test_the_committed_reference_is_what_the_schema_renders() -> None:
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
+
+
+@pytest.mark.parametrize(("name", "model"), _sections())
+def test_every_option_has_a_description_and_a_row(name: str, model: type[BaseModel]) -> None:
+    text = render()
+    header = f"## `[[{name}]]`" if name == "backends" else f"## `[{name}]`"
+    assert header in text
+    section = text.split(header, 1)[1].split("\n## ", 1)[0]
+    assert model.__doc__ and model.__doc__.strip().replace("``", "`") in section
+    for key, field in model.model_fields.items():
+        assert field.description and len(field.description) > 20, f"{name}.{key}"
+        [row] = [line for line in section.splitlines() if line.startswith(f"| `{key}` |")]
+        assert row.count(" | ") == 4, row  # key, type, default, constraints, description
+
+
+def test_rows_carry_type_default_and_range() -> None:
+    text = render()
+    assert ("| `queue_size` | integer | `4096` | ≥ 1 | ") in text
+    assert "| `queue_timeout_s` | float | `5.0` | > 0, ≤ 86400 | " in text
+    assert '| `probe` | `"frame"` \\| `"connect"` | `"frame"` |  | ' in text
+    assert "| `listen` | HOST:PORT | unset |  | " in text  # [grpc]: off by default
+    assert "| `address` | HOST:PORT | required |  | " in text
+
+
+def test_config_reference_command_prints_and_writes_it(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "router", "config-reference"]
+    printed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                             timeout=30, check=True)
+    assert printed.stdout == render()
+    out = tmp_path / "configuration.md"
+    subprocess.run([*command, "--output", str(out)], cwd=REPO_ROOT, timeout=30, check=True)
+    assert out.read_text() == render()
