@@ -3,7 +3,7 @@
 Two echo backends sit behind one router: one normal, one answering after 60 s (``--delay-ms
 60000``, hung for the purpose of this run; its health probes hang too). The router CLI has no
 flag for ``request_timeout_s``, so the router reads a temporary TOML config with
-``[dispatch] request_timeout_s = 0.5``, ``[pool] failure_threshold = 3`` and both backends.
+``[dispatch] request_timeout_s = 0.5``, ``[health] failure_threshold = 3`` and both backends.
 N plain ``FrameClient`` clients (no client-side retries) each send R requests one at a time,
 with unique payloads ``c{client}-r{i}``, while ``GET /backends`` is polled every 20 ms.
 
@@ -56,7 +56,7 @@ DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "hung_backend.json"
 NORMAL_DELAY_MS = 2
 HUNG_DELAY_MS = 60_000
 REQUEST_TIMEOUT_S = 0.5  # the router's [dispatch] request_timeout_s
-FAILURE_THRESHOLD = 3  # the router's [pool] failure_threshold (its default, written out)
+FAILURE_THRESHOLD = 3  # the router's [health] failure_threshold (its default, written out)
 TIMEOUT_SLACK_S = 1.0
 CLIENT_REQUEST_TIMEOUT_S = 10.0  # client side: far above the router's bound
 POLL_INTERVAL_S = 0.02
@@ -70,7 +70,7 @@ def _write_config(path: Path, normal_port: int, hung_port: int) -> None:
     path.write_text(
         "[dispatch]\n"
         f"request_timeout_s = {REQUEST_TIMEOUT_S}\n"
-        "\n[pool]\n"
+        "\n[health]\n"
         f"failure_threshold = {FAILURE_THRESHOLD}\n"
         "\n[[backends]]\n"
         f'address = "127.0.0.1:{normal_port}"\n'

@@ -22,9 +22,10 @@ from router.dispatch.scheduler import Dispatcher, DispatchSettings
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.frontdoor.grpc.server import GrpcFrontDoor, GrpcSettings
 from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
-from router.health.grpc import GrpcHealthChecker
-from router.health.monitor import HealthChecker, ProbeSettings
+from router.health.ejection import PassiveEjection
+from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
+from router.lifecycle.readiness import Readiness
 from router.upstream.frame_connection import make_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.pool import Pool, PoolLimits
@@ -46,7 +47,8 @@ class RouterApp:
         self.config = config
         self.clock = clock or MonotonicClock()
         self.stats = DataPlaneStats()
-        self.registry = Registry()
+        self.ejection = PassiveEjection(config.health.failure_threshold)
+        self.registry = Registry(on_failure=self.ejection)
         self.spawner = Spawner(log_dir=log_dir)
         d = config.dispatch
         self.dispatcher = Dispatcher(
@@ -64,24 +66,25 @@ class RouterApp:
                              lst.max_pipelined, config.drain.linger_s),
             self.clock,
         )
-        p = config.pool
-        probes = ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
-        # Each checker probes its own kind: frames for TCP backends, grpc.health for gRPC.
-        self.health = HealthChecker(self.registry.view("tcp"), probes)
         g = config.grpc
         self.grpc_stats = GrpcStats()
         self.grpc_channels = GrpcChannels(
-            self.clock, max_message_bytes=g.max_message_bytes, idle_timeout_s=p.idle_timeout_s,
-            reconnect_max_s=p.probe_interval_s,
+            self.clock, max_message_bytes=g.max_message_bytes,
+            idle_timeout_s=config.pool.idle_timeout_s, reconnect_max_s=config.health.interval_s,
         )
-        self.grpc_health = GrpcHealthChecker(self.registry.view("grpc"), self.grpc_channels, probes)
+        # One monitor; each protocol's prober: frames (or connects) for TCP, grpc.health for gRPC.
+        self.health = HealthMonitor(
+            self.registry, make_probers(config.health, self.grpc_channels), config.health,
+            self.clock, ejection=self.ejection,
+        )
+        self.readiness = Readiness(self.registry, lambda: self.drain.draining)
         self.grpc_front: GrpcFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]
         if g.listen is not None:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 GrpcSettings(g.max_message_bytes, d.request_timeout_s, config.drain.linger_s),
-                self.grpc_stats,
+                self.grpc_stats, self.readiness,
             )
             front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
@@ -94,9 +97,7 @@ class RouterApp:
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
             )
         )
-        self.admin = AdminServer(
-            self.registry, self.metrics, lambda: self.drain.draining, self.statistics
-        )
+        self.admin = AdminServer(self.registry, self.metrics, self.readiness, self.statistics)
         self.bound: BoundAddresses | None = None
 
     async def _add_backend(self, spec: BackendConfig) -> Backend:
@@ -115,7 +116,7 @@ class RouterApp:
         )
         grpc = spec.protocol == "grpc"
         backend = Backend(host, port, pool, weight=spec.weight, models=spec.models,
-                          failure_threshold=p.failure_threshold, kind=spec.protocol,
+                          kind=spec.protocol,
                           call_limit=self.config.grpc.max_calls_per_backend if grpc else 0)
         self.registry.add(backend)
         return backend
@@ -150,11 +151,9 @@ class RouterApp:
         async with asyncio.TaskGroup() as group:
             workers = group.create_task(self.dispatcher.run(), name="workers")
             health = group.create_task(self.health.run(), name="health")
-            grpc_health = group.create_task(self.grpc_health.run(), name="grpc-health")
             report = await self.drain.wait_and_drain(stop)
             workers.cancel()
             health.cancel()
-            grpc_health.cancel()
         return report
 
     async def close(self) -> None:
@@ -171,7 +170,6 @@ class RouterApp:
             "dispatch": self.dispatcher.statistics(),
             "listener": self.front_door.statistics(),
             "grpc": self.grpc_front.statistics() if self.grpc_front is not None else None,
-            "grpc_health": self.grpc_health.statistics(),
             "health": self.health.statistics(),
             "draining": self.drain.draining,
             "spawned": self.spawner.statistics(),

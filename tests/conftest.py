@@ -104,7 +104,8 @@ BASE_CONFIG: dict[str, Any] = {
     "listener": {"listen": "127.0.0.1:0"},
     "admin": {"listen": "127.0.0.1:0"},
     "dispatch": {"request_timeout_s": 5.0},
-    "pool": {"connect_timeout_s": 1.0, "probe_interval_s": 0.5, "probe_timeout_s": 1.0},
+    "pool": {"connect_timeout_s": 1.0},
+    "health": {"interval_s": 0.5, "timeout_s": 1.0},
     "drain": {"shutdown_grace_s": 5.0, "linger_s": 0.5},
 }
 

@@ -164,7 +164,7 @@ def test_policy_must_be_a_known_one() -> None:
         ("dispatch", "workers", 0),
         ("dispatch", "max_retries", -1),
         ("listener", "max_frame_bytes", 0x8000_0000),
-        ("pool", "probe", "http"),
+        ("health", "probe", "http"),
     ],
 )
 def test_out_of_range_values(section: str, key: str, value: object) -> None:

@@ -17,6 +17,7 @@ from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher, DispatchSettings, Request
 from router.dispatch.stats import DataPlaneStats
+from router.health.ejection import PassiveEjection
 from router.upstream.pool import Pool, PoolLimits, ReplySink
 
 WAIT_S = 2.0  # bound on every await of the dispatcher; nothing here takes real time
@@ -114,12 +115,13 @@ class Harness:
         self, services: list[FakeService], settings: DispatchSettings, policy: str
     ) -> None:
         self.clock = ManualClock()
-        self.registry = Registry()
+        self.ejection = PassiveEjection(failure_threshold=3)
+        self.registry = Registry(on_failure=self.ejection)
         self.backends: list[Backend] = []
         self.services = services
         for index, service in enumerate(services):
             pool = Pool(service.dial, PoolLimits(max_connections=8), self.clock, f"b{index}")
-            backend = Backend(f"10.0.0.{index + 1}", 9000, pool, failure_threshold=3)
+            backend = Backend(f"10.0.0.{index + 1}", 9000, pool)
             self.registry.add(backend)
             self.backends.append(backend)
         self.stats = DataPlaneStats()
@@ -228,7 +230,7 @@ async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Har
     assert h.stats.completed == 30
     assert h.stats.errored == {}
     assert not dead.healthy
-    assert dead.failures_total >= dead.failure_threshold
+    assert dead.failures_total >= h.ejection.failure_threshold
     assert live.healthy
 
     dead_attempts, retried = dead.requests_total, h.stats.retried

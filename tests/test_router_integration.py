@@ -240,7 +240,7 @@ async def test_dead_backend_from_the_start_is_taken_out_of_rotation(
     failure_threshold = 3
     concurrency = 4
     router = await router_factory(
-        [live.address, dead_address], {"pool": {"failure_threshold": failure_threshold}}
+        [live.address, dead_address], {"health": {"failure_threshold": failure_threshold}}
     )
     clients = [await router.client() for _ in range(concurrency)]
 
@@ -688,7 +688,7 @@ async def test_no_leaked_backend_connection_when_shutdown_lands_during_a_health_
 ) -> None:
     # A probe takes 300 ms on this backend, so the stop below lands while one is in flight.
     slow = echo_backend("--delay-ms", "300")
-    router = await router_factory([slow.address], {"pool": {"probe_interval_s": 0.1}})
+    router = await router_factory([slow.address], {"health": {"interval_s": 0.1}})
     client = await router.client()
     async with asyncio.timeout(WAIT_S):
         assert await client.request(b"leaves an idle connection") == b"leaves an idle connection"

@@ -98,10 +98,17 @@ class PoolConfig(_Section):
     connect_timeout_s: Seconds = 2.0
     idle_timeout_s: Seconds = 60.0
     max_lifetime_s: Seconds = 600.0
+
+
+class HealthConfig(_Section):
+    """Active probes and passive ejection, for backends of every protocol."""
+
+    # "frame": a zero-length frame must come back (gRPC backends: grpc.health.v1 Check);
+    # "connect": a connection must open (gRPC: the channel must connect).
     probe: Literal["frame", "connect"] = "frame"
-    probe_interval_s: Seconds = 2.0
-    probe_timeout_s: Seconds = 1.0
-    failure_threshold: int = Field(3, ge=1)  # consecutive failures that mark a backend down
+    interval_s: Seconds = 2.0  # one health pass over every backend this often
+    timeout_s: Seconds = 1.0  # a probe not answered in time fails
+    failure_threshold: int = Field(3, ge=1)  # consecutive failed requests that eject a backend
 
 
 class DrainConfig(_Section):
@@ -128,6 +135,7 @@ class RouterConfig(_Section):
     admin: AdminConfig = AdminConfig()
     dispatch: DispatchConfig = DispatchConfig()
     pool: PoolConfig = PoolConfig()
+    health: HealthConfig = HealthConfig()
     drain: DrainConfig = DrainConfig()
     backends: tuple[BackendConfig, ...] = ()
 

@@ -1,11 +1,11 @@
 """Backends and the models they serve.
 
 A ``Backend`` is the router's view of one backend process: its address and weight, its pool,
-how many requests it is carrying, and whether it is healthy. Passive health lives here:
-``failure_threshold`` consecutive failures (refused connects, resets, timeouts) mark it down so
-the balancer stops choosing it; the health checker's active probes bring it back. (The C++
-router had no such rule and sent 1,010 of 1,020 requests to a dead backend, because a backend
-that fails fast always has the fewest connections in flight.)
+how many requests it is carrying, and whether it is healthy. It counts successes and failures
+(refused connects, resets, timeouts) on the hot path; what a failure streak means is passive
+health's decision (``router.health.ejection``), told of every failure through ``on_failure``.
+Every change in or out of rotation carries a reason (``mark_down(reason)``/``mark_up(reason)``)
+that the registry's listeners hear.
 
 Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
 "grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
@@ -29,7 +29,6 @@ class Backend:
         "address",
         "call_limit",
         "consecutive_failures",
-        "failure_threshold",
         "failures_total",
         "host",
         "inflight",
@@ -37,6 +36,7 @@ class Backend:
         "model_keys",
         "models",
         "on_change",
+        "on_failure",
         "plain_models",
         "pool",
         "port",
@@ -52,7 +52,6 @@ class Backend:
         *,
         weight: int = 1,
         models: tuple[str, ...] = (),
-        failure_threshold: int = 3,
         kind: str = "tcp",
         call_limit: int = 0,
     ) -> None:
@@ -69,8 +68,10 @@ class Backend:
         # plain "sum" serves "sum" and every "sum:<version>".
         self.plain_models = frozenset(m for m in models if ":" not in m)
         self.model_keys = frozenset(models) | {m.partition(":")[0] for m in models}
-        self.on_change: Callable[[Backend], None] | None = None  # told when healthy flips
-        self.failure_threshold = failure_threshold
+        # Told (backend, reason) when healthy flips; set by the registry.
+        self.on_change: Callable[[Backend, str], None] | None = None
+        # Told of every failed attempt (passive health decides on ejection); set by the registry.
+        self.on_failure: Callable[[Backend], None] | None = None
         self.inflight = 0
         self.requests_total = 0
         self.failures_total = 0
@@ -83,34 +84,35 @@ class Backend:
 
     @healthy.setter
     def healthy(self, value: bool) -> None:
+        self._set_healthy(value, "marked up" if value else "marked down")
+
+    def _set_healthy(self, value: bool, reason: str) -> None:
         # Every flip is announced: the registry caches who is in rotation.
         if value != self._healthy:
             self._healthy = value
             if self.on_change is not None:
-                self.on_change(self)
+                self.on_change(self, reason)
 
     def record_success(self) -> None:
         self.requests_total += 1
         self.consecutive_failures = 0
 
-    def record_failure(self) -> bool:
-        """Count a failure; return True if this one marked the backend down."""
+    def record_failure(self) -> None:
+        """Count a failed attempt and tell passive health, which may eject the backend."""
         self.requests_total += 1
         self.failures_total += 1
         self.consecutive_failures += 1
-        if self.healthy and self.consecutive_failures >= self.failure_threshold:
-            self.mark_down()
-            return True
-        return False
+        if self.on_failure is not None:
+            self.on_failure(self)
 
-    def mark_down(self) -> None:
-        """Out of rotation until a probe succeeds (failures, or the backend said so)."""
-        self.healthy = False
+    def mark_down(self, reason: str = "marked down") -> None:
+        """Out of rotation until a probe succeeds (ejected, or the backend said so)."""
+        self._set_healthy(False, reason)
         self.pool.expire_all()
 
-    def mark_up(self) -> None:
+    def mark_up(self, reason: str = "marked up") -> None:
         self.consecutive_failures = 0
-        self.healthy = True
+        self._set_healthy(True, reason)
 
     def serves(self, model: str) -> bool:
         """Whether this backend serves model key ``model`` ("name" or "name:version")."""
@@ -141,22 +143,24 @@ class Backend:
 class Registry:
     """The set of known backends, in a stable order.
 
-    ``view(kind)`` is a live view of the backends of one kind over the same set (the TCP
-    health checker gets ``view("tcp")``: it probes with frames, which a gRPC backend would
-    not answer). ``add_listener`` registers a callback told whenever a backend goes in or
-    out of rotation (the gRPC health service pushes that to its watchers).
+    ``view(kind)`` is a live view of the backends of one kind over the same set.
+    ``add_listener`` registers a callback told ``(backend, reason)`` whenever a backend goes
+    in or out of rotation (the health monitor logs it, the gRPC health service pushes it to
+    its watchers). ``on_failure`` is given to every backend added: passive health, told of
+    each failed attempt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[Backend], None] | None = None) -> None:
         self._backends: dict[str, Backend] = {}
         self._kind: str | None = None
-        self._listeners: list[Callable[[Backend], None]] = []
+        self._on_failure = on_failure
+        self._listeners: list[Callable[[Backend, str], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
         # and cleared whenever a backend joins, leaves or flips health (add, remove, _changed).
         self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
-        view = Registry()
+        view = Registry(self._on_failure)
         view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
         view._in_rotation = self._in_rotation
         return view
@@ -171,22 +175,23 @@ class Registry:
             raise ValueError(f"backend {backend.address} is already registered")
         self._backends[backend.address] = backend
         backend.on_change = self._changed
+        backend.on_failure = self._on_failure
         self._in_rotation.clear()
 
     def remove(self, address: str) -> Backend:
         backend = self._backends.pop(address)
-        backend.on_change = None
+        backend.on_change = backend.on_failure = None
         self._in_rotation.clear()
         backend.pool.close()
         return backend
 
-    def add_listener(self, listener: Callable[[Backend], None]) -> None:
+    def add_listener(self, listener: Callable[[Backend, str], None]) -> None:
         self._listeners.append(listener)
 
-    def _changed(self, backend: Backend) -> None:
+    def _changed(self, backend: Backend, reason: str) -> None:
         self._in_rotation.clear()
         for listener in list(self._listeners):
-            listener(backend)
+            listener(backend, reason)
 
     def get(self, address: str) -> Backend | None:
         return self._backends.get(address)
