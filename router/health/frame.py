@@ -26,7 +26,8 @@ from router.upstream.pool import Connection, Pool, request
 
 class _PoolProber:
     """What both probers share: pool upkeep in ``plan``, and reviving a backend out of
-    rotation by dialling it and checking the new connection (``_check``)."""
+    rotation by taking a connection from its pool (a fresh dial: going down closed the idle
+    ones) and checking it (``_check``)."""
 
     probes_idle = False  # whether a backend in rotation with idle connections is probed
     serving_reason = ""
@@ -121,5 +122,6 @@ class FrameProber(_PoolProber):
 
 
 def _has_idle(pool: Pool) -> bool:
+    # Read once per backend per pass, off the hot path: the pool's public count is enough.
     idle: int = pool.statistics()["idle"]
     return idle > 0
