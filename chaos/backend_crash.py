@@ -9,7 +9,7 @@ requests one at a time, with unique payloads ``c{client}-r{i}``. By share of out
 
 Meanwhile ``GET /backends`` is polled every 20 ms (bounded), which gives the time from each kill
 to the router showing the backend ``healthy: false``, and from each restart to ``healthy: true``.
-The router revives a down backend only through its active probe (every ``health.interval_s``),
+The router revives a down backend only through its active probe (every ``[health] interval_s``),
 which can come after the main load has finished; so if a restarted backend has not yet served
 a request when the load ends, a bounded recovery load (small rounds of the same kind of
 clients) runs until both have, or the bound passes. Its requests count like the others.

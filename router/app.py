@@ -23,9 +23,10 @@ from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.frontdoor.grpc.server import GrpcFrontDoor
 from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
-from router.health.grpc import GrpcHealthChecker
-from router.health.monitor import HealthChecker, ProbeSettings
+from router.health.ejection import PassiveEjection
+from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
+from router.lifecycle.readiness import Readiness
 from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
 from router.upstream.grpc_channels import GrpcChannels
@@ -49,7 +50,8 @@ class RouterApp:
         self.config = config
         self.clock = clock or MonotonicClock(asyncio.get_running_loop())
         self.stats = DataPlaneStats()
-        self.registry = Registry()
+        self.ejection = PassiveEjection(config.health.failure_threshold)
+        self.registry = Registry(on_failure=self.ejection)
         self.spawner = Spawner(log_dir=log_dir)
         d = config.dispatch
         self.dispatcher = Dispatcher(
@@ -62,23 +64,25 @@ class RouterApp:
                              lst.max_pipelined, config.drain.linger_s),
             self.clock,
         )
-        h = config.health
-        probes = ProbeSettings(h.probe, h.interval_s, h.timeout_s)
-        # Each checker probes its own kind: frames for TCP backends, grpc.health for gRPC.
-        self.health = HealthChecker(self.registry.view("tcp"), probes)
         g = config.grpc
         self.grpc_stats = GrpcStats()
         self.grpc_channels = GrpcChannels(
             self.clock, max_message_bytes=g.max_message_bytes,
             idle_timeout_s=g.channel_idle_timeout_s, reconnect_max_s=g.reconnect_backoff_max_s,
         )
-        self.grpc_health = GrpcHealthChecker(self.registry.view("grpc"), self.grpc_channels, probes)
+        # One monitor; each protocol's prober: frames (or connects) for TCP, grpc.health for gRPC.
+        self.health = HealthMonitor(
+            self.registry, make_probers(config.health, self.grpc_channels), config.health,
+            self.clock, ejection=self.ejection,
+        )
+        self.readiness = Readiness(self.registry, lambda: self.drain.draining)
         self.grpc_front: GrpcFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]
         if g.listen is not None:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
+                self.readiness,
             )
             front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
@@ -91,9 +95,7 @@ class RouterApp:
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
             )
         )
-        self.admin = AdminServer(
-            self.registry, self.metrics, lambda: self.drain.draining, self.statistics
-        )
+        self.admin = AdminServer(self.registry, self.metrics, self.readiness, self.statistics)
         self.bound: BoundAddresses | None = None
 
     async def _add_backend(self, entry: BackendConfig) -> Backend:
@@ -112,7 +114,7 @@ class RouterApp:
         else:
             dial = make_dialer(host, port, self.config.listener.max_frame_bytes)
             upstream = Pool(dial, self.config.pool, self.clock, name=address)
-        backend = Backend(spec, upstream, failure_threshold=self.config.health.failure_threshold)
+        backend = Backend(spec, upstream)
         self.registry.add(backend)
         return backend
 
@@ -145,10 +147,8 @@ class RouterApp:
     async def serve(self, stop: Awaitable[object]) -> DrainReport:
         async with asyncio.TaskGroup() as group:
             health = group.create_task(self.health.run(), name="health")
-            grpc_health = group.create_task(self.grpc_health.run(), name="grpc-health")
             report = await self.drain.wait_and_drain(stop)
             health.cancel()
-            grpc_health.cancel()
         return report
 
     async def close(self) -> None:
@@ -166,7 +166,6 @@ class RouterApp:
             "dispatch": self.dispatcher.statistics(),
             "listener": self.front_door.statistics(),
             "grpc": self.grpc_front.statistics() if self.grpc_front is not None else None,
-            "grpc_health": self.grpc_health.statistics(),
             "health": self.health.statistics(),
             "draining": self.drain.draining,
             "spawned": self.spawner.statistics(),

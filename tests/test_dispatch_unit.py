@@ -18,6 +18,7 @@ from router.dispatch.backends import Backend, Registry
 from router.dispatch.request import Request
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats
+from router.health.ejection import PassiveEjection
 from router.upstream.base import ReplySink
 from router.upstream.pool import Pool
 
@@ -117,7 +118,8 @@ class Harness:
         max_connections: int = 8,
     ) -> None:
         self.clock = ManualClock()
-        self.registry = Registry()
+        self.ejection = PassiveEjection(failure_threshold=3)
+        self.registry = Registry(on_failure=self.ejection)
         self.backends: list[Backend] = []
         self.services = services
         limits = PoolConfig(max_connections=max_connections, pipeline_depth=1)
@@ -125,7 +127,7 @@ class Harness:
             pool = Pool(service.dial, limits, self.clock, f"b{index}")
             address = f"10.0.0.{index + 1}:9000"
             spec = BackendSpec(id=address, address=address)
-            backend = Backend(spec, pool, failure_threshold=3)
+            backend = Backend(spec, pool)
             self.registry.add(backend)
             self.backends.append(backend)
         self.stats = DataPlaneStats()
@@ -227,7 +229,7 @@ async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Har
     assert h.stats.completed == 30
     assert h.stats.errored == {}
     assert not dead.healthy
-    assert dead.failures_total >= dead.failure_threshold
+    assert dead.failures_total >= h.ejection.failure_threshold
     assert live.healthy
 
     dead_attempts, retried = dead.requests_total, h.stats.retried

@@ -6,15 +6,11 @@ import pytest
 
 from router.cli import _parser, build_config
 from router.core import config as config_mod
-from router.core.clock import ManualClock
-from router.core.config import PoolConfig
 from router.core.errors import ConfigError
-from router.core.types import BackendSpec, Protocol
+from router.core.types import Protocol
 from router.dispatch.backends import Backend, Registry
-from router.upstream.base import Upstream
-from router.upstream.frame_connection import make_dialer
-from router.upstream.grpc_limiter import GrpcCallLimiter
-from router.upstream.pool import Pool
+from router.health.ejection import PassiveEjection
+from tests.fakes import make_backend
 
 
 def test_grpc_is_off_by_default_and_backends_default_to_tcp() -> None:
@@ -76,14 +72,7 @@ def test_grpc_listen_flag() -> None:
 
 
 def _backend(port: int, kind: Protocol, models: tuple[str, ...] = ()) -> Backend:
-    address = f"127.0.0.1:{port}"
-    spec = BackendSpec(id=address, address=address, protocol=kind, models=models)
-    upstream: Upstream
-    if kind == "grpc":
-        upstream = GrpcCallLimiter(8, address)
-    else:
-        upstream = Pool(make_dialer("127.0.0.1", port, 1024), PoolConfig(), ManualClock())
-    return Backend(spec, upstream)
+    return make_backend(f"127.0.0.1:{port}", kind, models)
 
 
 def test_candidates_are_of_one_kind_and_serve_the_model() -> None:
@@ -107,23 +96,23 @@ def test_candidates_are_of_one_kind_and_serve_the_model() -> None:
 
 
 def test_listeners_hear_every_flip_in_and_out_of_rotation() -> None:
-    registry = Registry()
+    registry = Registry(on_failure=PassiveEjection(3))
     backend = _backend(1, "grpc")
     registry.add(backend)
-    heard: list[bool] = []
-    registry.add_listener(lambda b: heard.append(b.healthy))
-    backend.mark_up()  # already up: no flip
+    heard: list[tuple[bool, str]] = []
+    registry.add_listener(lambda b, reason: heard.append((b.healthy, reason)))
+    backend.mark_up("probe")  # already up: no flip
     for _ in range(3):
         backend.record_failure()  # the third marks it down
-    backend.mark_down()  # already down: no flip
-    backend.mark_up()
-    assert heard == [False, True]
+    backend.mark_down("operator")  # already down: no flip
+    backend.mark_up("answered a probe")
+    assert heard == [(False, "ejected after 3 consecutive failures"), (True, "answered a probe")]
 
 
 def test_candidates_follow_every_change_of_who_is_in_rotation() -> None:
     """The healthy lists are cached per (kind, model); every way in or out of rotation must
     show up in the next answer, through the registry and through its views alike."""
-    registry = Registry()
+    registry = Registry(on_failure=PassiveEjection(3))
     first, second = _backend(1, "tcp"), _backend(2, "tcp", ("m",))
     registry.add(first)
     view = registry.view("tcp")

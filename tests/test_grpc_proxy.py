@@ -282,13 +282,13 @@ async def test_grpc_backend_revived_by_health_probe(
     backend = kserve_backend()
     router = await grpc_router([grpc_backend(backend.address)])
     changed = asyncio.Event()
-    router.app.registry.add_listener(lambda b: changed.set())
+    router.app.registry.add_listener(lambda b, reason: changed.set())
     router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
     changed.clear()
     async with asyncio.timeout(CALL_TIMEOUT_S):  # the next probe pass (health.interval_s 0.5)
         await changed.wait()
     assert router.backend(backend.address)["healthy"]
-    assert router.app.grpc_health.statistics()["marked_up"] == 1
+    assert router.app.health.statistics()["marked_up"] == 1
 
 
 class _Context:

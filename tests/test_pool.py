@@ -8,12 +8,14 @@ from typing import Any
 import pytest
 
 from router.core.clock import ManualClock
-from router.core.config import PoolConfig
+from router.core.config import HealthConfig, PoolConfig
 from router.core.errors import BackendError, BackendUnavailable
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
-from router.health.monitor import HealthChecker, ProbeSettings
+from router.health.ejection import PassiveEjection
+from router.health.monitor import HealthMonitor, make_probers
 from router.upstream.base import ReplySink
+from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.pool import Dialer, Pool, Slot
 
 LIMITS = PoolConfig(
@@ -438,14 +440,24 @@ def test_repr_and_statistics_do_not_need_a_loop(dialer: FakeDialer, clock: Manua
     assert pool.statistics()["max_connections"] == LIMITS.max_connections
 
 
-# -- health checks ---------------------------------------------------------------------------
+# -- the frame and connect probers, through the health monitor --------------------------------
 
-PROBE = ProbeSettings(mode="frame", interval_s=2.0, timeout_s=1.0)
+HEALTH = HealthConfig(probe="frame", interval_s=2.0, timeout_s=1.0, failure_threshold=3)
 
 
 def make_backend(dialer: FakeDialer, clock: ManualClock, **limits: float) -> Backend:
     spec = BackendSpec(id="10.0.0.1:9000", address="10.0.0.1:9000")
-    return Backend(spec, make_pool(dialer, clock, **limits), failure_threshold=3)
+    return Backend(spec, make_pool(dialer, clock, **limits))
+
+
+def monitor_of(backend: Backend, clock: ManualClock, config: HealthConfig = HEALTH
+               ) -> HealthMonitor:
+    """A monitor over a registry holding only ``backend``, with passive ejection."""
+    ejection = PassiveEjection(config.failure_threshold)
+    registry = Registry(on_failure=ejection)
+    registry.add(backend)
+    probers = make_probers(config, GrpcChannels(clock, max_message_bytes=1, idle_timeout_s=1))
+    return HealthMonitor(registry, probers, config, clock, ejection=ejection)
 
 
 async def borrow_and_return(backend: Backend, count: int = 1) -> list[Slot]:
@@ -455,47 +467,64 @@ async def borrow_and_return(backend: Backend, count: int = 1) -> list[Slot]:
     return slots
 
 
-async def test_check_backend_probes_idle_connections(clock: ManualClock) -> None:
+async def test_a_pass_probes_idle_connections(clock: ManualClock) -> None:
     dialer = FakeDialer()
     backend = make_backend(dialer, clock)
     [slot] = await borrow_and_return(backend)
-    checker = HealthChecker(Registry(), PROBE)
+    monitor = monitor_of(backend, clock)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert conn(slot).requests == [b""]
     assert conn(slot).closed == 0
-    assert checker.statistics() == {"probes_sent": 1, "probes_failed": 0, "marked_up": 0}
+    assert monitor.statistics() == {
+        "probes_sent": 1, "probes_failed": 0, "marked_up": 0, "marked_down": 0, "ejected": 0,
+    }
     assert backend.pool.try_acquire() is slot
+
+
+async def test_a_healthy_backend_with_nothing_idle_is_not_dialled_to_be_probed(
+    clock: ManualClock,
+) -> None:
+    dialer = FakeDialer()
+    backend = make_backend(dialer, clock)
+    monitor = monitor_of(backend, clock)
+
+    await monitor.check_all()
+
+    assert dialer.dials == 0
+    assert monitor.statistics()["probes_sent"] == 0
+    assert backend.healthy
 
 
 async def test_failed_probe_closes_the_connection(clock: ManualClock) -> None:
     dialer = FakeDialer(fail_requests=True)
     backend = make_backend(dialer, clock)
     [slot] = await borrow_and_return(backend)
-    checker = HealthChecker(Registry(), PROBE)
+    monitor = monitor_of(backend, clock)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert conn(slot).closed == 1
     assert backend.pool.statistics()["open"] == 0
-    assert checker.statistics()["probes_failed"] == 1
+    assert monitor.statistics()["probes_failed"] == 1
+    assert backend.healthy  # one lost probe takes nothing out of rotation
 
 
-async def test_probed_connection_still_times_out_through_the_checker(clock: ManualClock) -> None:
+async def test_probed_connection_still_times_out_through_the_monitor(clock: ManualClock) -> None:
     backend = make_backend(FakeDialer(), clock, idle_timeout_s=10.0)
     [slot] = await borrow_and_return(backend)
-    checker = HealthChecker(Registry(), PROBE)
+    monitor = monitor_of(backend, clock)
     for _ in range(4):
-        clock.advance(PROBE.interval_s)
-        await checker.check_backend(backend)
+        clock.advance(HEALTH.interval_s)
+        await monitor.check_all()
     assert conn(slot).closed == 0
-    clock.advance(PROBE.interval_s)
+    clock.advance(HEALTH.interval_s)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert conn(slot).closed == 1
-    assert checker.statistics()["probes_sent"] == 4
+    assert monitor.statistics()["probes_sent"] == 4
     assert backend.pool.statistics()["closed_idle_timeout"] == 1
 
 
@@ -505,48 +534,107 @@ def mark_down(backend: Backend) -> None:
     assert not backend.healthy
 
 
-async def test_check_backend_brings_a_down_backend_back(clock: ManualClock) -> None:
+async def test_a_pass_brings_a_down_backend_back(clock: ManualClock) -> None:
     dialer = FakeDialer()
     backend = make_backend(dialer, clock)
+    monitor = monitor_of(backend, clock)
     mark_down(backend)
-    checker = HealthChecker(Registry(), PROBE)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert backend.healthy
     assert backend.consecutive_failures == 0
-    assert checker.statistics()["marked_up"] == 1
+    assert monitor.statistics()["marked_up"] == 1
+    assert monitor.statistics()["ejected"] == 1
     assert dialer.dials == 1
+    assert dialer.connections[0].requests == [b""]  # probed before it counts as up
     assert backend.pool.statistics()["idle"] == 1  # the probed connection is kept for use
 
 
-async def test_check_backend_keeps_a_backend_down_while_dialing_fails(clock: ManualClock) -> None:
+async def test_a_pass_keeps_a_backend_down_while_dialing_fails(clock: ManualClock) -> None:
     dialer = FakeDialer()
     dialer.error = ConnectionRefusedError(111, "Connection refused")
     backend = make_backend(dialer, clock)
+    monitor = monitor_of(backend, clock)
     mark_down(backend)
-    checker = HealthChecker(Registry(), PROBE)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert not backend.healthy
-    assert checker.statistics()["marked_up"] == 0
+    assert monitor.statistics()["marked_up"] == 0
+    assert monitor.statistics()["probes_failed"] == 1
     assert backend.pool.statistics()["open"] == 0
 
 
-async def test_check_backend_keeps_a_backend_down_when_its_probe_fails(
+async def test_a_pass_keeps_a_backend_down_when_its_probe_fails(
     clock: ManualClock,
 ) -> None:
     dialer = FakeDialer(fail_requests=True)
     backend = make_backend(dialer, clock)
+    monitor = monitor_of(backend, clock)
     mark_down(backend)
-    checker = HealthChecker(Registry(), PROBE)
 
-    await checker.check_backend(backend)
+    await monitor.check_all()
 
     assert not backend.healthy
     assert dialer.connections[0].closed == 1
     assert backend.pool.statistics()["open"] == 0
+
+
+CONNECT = HealthConfig(probe="connect")
+
+
+async def test_connect_probe_brings_a_down_backend_back_without_a_frame(
+    clock: ManualClock,
+) -> None:
+    dialer = FakeDialer(fail_requests=True)  # it would fail a frame probe
+    backend = make_backend(dialer, clock)
+    monitor = monitor_of(backend, clock, CONNECT)
+    mark_down(backend)
+
+    await monitor.check_all()
+
+    assert backend.healthy
+    assert dialer.dials == 1
+    assert dialer.connections[0].requests == []
+    assert backend.pool.statistics()["idle"] == 1
+
+
+async def test_connect_probe_leaves_idle_connections_of_a_healthy_backend_alone(
+    clock: ManualClock,
+) -> None:
+    dialer = FakeDialer()
+    backend = make_backend(dialer, clock, idle_timeout_s=10.0)
+    [slot] = await borrow_and_return(backend)
+    monitor = monitor_of(backend, clock, CONNECT)
+
+    await monitor.check_all()
+    assert conn(slot).requests == [] and monitor.statistics()["probes_sent"] == 0
+    clock.advance(10.0)
+    await monitor.check_all()  # still expires them
+
+    assert conn(slot).closed == 1
+    assert backend.pool.statistics()["closed_idle_timeout"] == 1
+
+
+async def test_a_probe_cancelled_by_shutdown_leaks_no_connection(clock: ManualClock) -> None:
+    backend = make_backend(FakeDialer(), clock)
+    [first, second] = await borrow_and_return(backend, 2)
+    conn(first).send = lambda *args: None  # type: ignore[method-assign]  # never answers
+    conn(second).send = lambda *args: None  # type: ignore[method-assign]
+    monitor = monitor_of(backend, clock)
+    task = asyncio.ensure_future(monitor.check_all())
+    for _ in range(10):  # a few steps of the pass, until its probe is in flight
+        await yield_to_loop()
+    assert monitor.statistics()["probes_sent"] == 1
+    assert backend.pool.statistics()["idle"] == 0  # both taken out for probing
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert backend.pool.statistics()["open"] == 0
+    assert conn(first).closed == 1 and conn(second).closed == 1
 
 
 # -- pipelining (pipeline_depth > 1) ----------------------------------------------------------

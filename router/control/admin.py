@@ -1,8 +1,9 @@
 """The admin HTTP API on aiohttp, in the router's own event loop.
 
-GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 only while not draining
-and some backend is healthy; 503 from the first moment of a drain), /backends (JSON from each
-backend's ``statistics()``), /stats (the data plane's counters).
+GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 while ``Readiness``
+says ready: not draining and some backend of any protocol in rotation; 503 with the reason
+otherwise, from the first moment of a drain), /backends (JSON from each backend's
+``statistics()``), /stats (the data plane's counters).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from router.dispatch.backends import Registry
+from router.lifecycle.readiness import Readiness
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -58,12 +60,12 @@ class AdminServer:
         self,
         registry: Registry,
         metrics: CollectorRegistry,
-        is_draining: Callable[[], bool],
+        readiness: Readiness,
         stats: Callable[[], dict[str, Any]],
     ) -> None:
         self._registry = registry
         self._metrics = metrics
-        self._is_draining = is_draining
+        self._readiness = readiness
         self._stats = stats
         self._runner: web.AppRunner | None = None
         self._app = admin_app(
@@ -88,10 +90,9 @@ class AdminServer:
         return json_response({"status": "ok"})
 
     async def _get_readyz(self, request: web.Request) -> web.Response:
-        if self._is_draining():
-            return json_response({"ready": False, "reason": "draining"}, status=503)
-        if not self._registry.any_healthy():
-            return json_response({"ready": False, "reason": "no healthy backend"}, status=503)
+        reason = self._readiness.not_ready_because()
+        if reason is not None:
+            return json_response({"ready": False, "reason": reason}, status=503)
         return json_response({"ready": True})
 
     async def _get_backends(self, request: web.Request) -> web.Response:

@@ -2,10 +2,11 @@
 
 A ``Backend`` pairs a ``BackendSpec`` (who it is: address, protocol, models, weight; owned by
 the control plane) with what dispatch learns while serving: its ``Upstream``, the requests
-waiting on it, its load, and whether it is healthy. Passive health counts here:
-``failure_threshold`` consecutive failures (refused connects, resets, timeouts) take it out of
-rotation, since a backend that fails fast always has the fewest requests in flight and would
-otherwise attract most of the traffic; active probes bring it back.
+waiting on it, its load, and whether it is healthy. It counts successes and failures (refused
+connects, resets, timeouts) on the hot path; what a failure streak means is passive health's
+decision (``router.health.ejection``), told of every failure through ``on_failure``. Every
+change in or out of rotation carries a reason (``mark_down(reason)``/``mark_up(reason)``) that
+the registry's listeners hear.
 
 Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
 "grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
@@ -37,13 +38,13 @@ class Backend:
         "_healthy",
         "address",
         "consecutive_failures",
-        "failure_threshold",
         "failures_total",
         "inflight",
         "kind",
         "model_keys",
         "models",
         "on_change",
+        "on_failure",
         "plain_models",
         "requests_total",
         "spec",
@@ -52,9 +53,7 @@ class Backend:
         "weight",
     )
 
-    def __init__(
-        self, spec: BackendSpec, upstream: Upstream, *, failure_threshold: int = 3
-    ) -> None:
+    def __init__(self, spec: BackendSpec, upstream: Upstream) -> None:
         self.spec = spec
         self.upstream = upstream
         # Copied from the spec: the policy and the candidate filter read them per request.
@@ -66,8 +65,10 @@ class Backend:
         # plain "sum" serves "sum" and every "sum:<version>".
         self.plain_models = frozenset(m for m in spec.models if ":" not in m)
         self.model_keys = frozenset(spec.models) | {m.partition(":")[0] for m in spec.models}
-        self.on_change: Callable[[Backend], None] | None = None  # told when healthy flips
-        self.failure_threshold = failure_threshold
+        # Told (backend, reason) when healthy flips; set by the registry.
+        self.on_change: Callable[[Backend, str], None] | None = None
+        # Told of every failed attempt (passive health decides on ejection); set by the registry.
+        self.on_failure: Callable[[Backend], None] | None = None
         # Attempts in progress plus requests waiting here: the load the policy sees.
         self.inflight = 0
         self.waiting: deque[Request] = deque()  # owned by dispatch.queue.WaitQueue
@@ -88,35 +89,36 @@ class Backend:
 
     @healthy.setter
     def healthy(self, value: bool) -> None:
+        self._set_healthy(value, "marked up" if value else "marked down")
+
+    def _set_healthy(self, value: bool, reason: str) -> None:
         # Every flip is announced: the registry caches who is in rotation.
         if value != self._healthy:
             self._healthy = value
             if self.on_change is not None:
-                self.on_change(self)
+                self.on_change(self, reason)
 
     def record_success(self) -> None:
         self.requests_total += 1
         self.consecutive_failures = 0
 
-    def record_failure(self) -> bool:
-        """Count a failure; return True if this one marked the backend down."""
+    def record_failure(self) -> None:
+        """Count a failed attempt and tell passive health, which may eject the backend."""
         self.requests_total += 1
         self.failures_total += 1
         self.consecutive_failures += 1
-        if self.healthy and self.consecutive_failures >= self.failure_threshold:
-            self.mark_down()
-            return True
-        return False
+        if self.on_failure is not None:
+            self.on_failure(self)
 
-    def mark_down(self) -> None:
-        """Out of rotation until a probe succeeds (failures, or the backend said so)."""
-        self.healthy = False
+    def mark_down(self, reason: str = "marked down") -> None:
+        """Out of rotation until a probe succeeds (ejected, or the backend said so)."""
+        self._set_healthy(False, reason)
         if (pool := self.pool) is not None:
             pool.expire_all()
 
-    def mark_up(self) -> None:
+    def mark_up(self, reason: str = "marked up") -> None:
         self.consecutive_failures = 0
-        self.healthy = True
+        self._set_healthy(True, reason)
 
     def serves(self, model: str) -> bool:
         """Whether this backend serves model key ``model`` ("name" or "name:version")."""
@@ -150,23 +152,27 @@ class Backend:
 class Registry:
     """The set of known backends, in a stable order.
 
-    ``view(kind)`` is a live view of the backends of one kind over the same set (the TCP
-    health checker gets ``view("tcp")``: it probes with frames, which a gRPC backend would
-    not answer). ``add_listener`` registers a callback told whenever a backend goes in or
-    out of rotation (the gRPC health service pushes that to its watchers).
+    ``view(kind)`` is a live view of the backends of one kind over the same set.
+    ``add_listener`` registers a callback told ``(backend, reason)`` whenever a backend goes
+    in or out of rotation (the health monitor logs it, the gRPC health service pushes it to
+    its watchers). ``on_failure`` is given to every backend added: passive health, told of
+    each failed attempt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[Backend], None] | None = None) -> None:
         self._backends: dict[str, Backend] = {}
         self._kind: str | None = None
-        self._listeners: list[Callable[[Backend], None]] = []
+        self._on_failure = on_failure
+        self._listeners: list[Callable[[Backend, str], None]] = []
+        self._join_listeners: list[Callable[[Backend], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
         # and cleared whenever a backend joins, leaves or flips health (add, remove, _changed).
         self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
-        view = Registry()
+        view = Registry(self._on_failure)
         view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
+        view._join_listeners = self._join_listeners
         view._in_rotation = self._in_rotation
         return view
 
@@ -180,22 +186,30 @@ class Registry:
             raise ValueError(f"backend {backend.address} is already registered")
         self._backends[backend.address] = backend
         backend.on_change = self._changed
-        self._changed(backend)
+        backend.on_failure = self._on_failure
+        self._in_rotation.clear()
+        for listener in list(self._join_listeners):
+            listener(backend)
 
     def remove(self, address: str) -> Backend:
         backend = self._backends.pop(address)
-        backend.on_change = None
+        backend.on_change = backend.on_failure = None
         self._in_rotation.clear()
         backend.upstream.close()
         return backend
 
-    def add_listener(self, listener: Callable[[Backend], None]) -> None:
+    def add_listener(self, listener: Callable[[Backend, str], None]) -> None:
+        """``listener(backend, reason)`` whenever a backend goes in or out of rotation."""
         self._listeners.append(listener)
 
-    def _changed(self, backend: Backend) -> None:
+    def add_join_listener(self, listener: Callable[[Backend], None]) -> None:
+        """``listener(backend)`` whenever a backend is added."""
+        self._join_listeners.append(listener)
+
+    def _changed(self, backend: Backend, reason: str) -> None:
         self._in_rotation.clear()
         for listener in list(self._listeners):
-            listener(backend)
+            listener(backend, reason)
 
     def get(self, address: str) -> Backend | None:
         return self._backends.get(address)

@@ -87,9 +87,10 @@ class Dispatcher:
         # Bumped when the drain abandons what is left: answers to requests of an older epoch
         # no longer count (they were counted dropped).
         self._epoch = 0
+        registry.add_join_listener(self._attach)
         registry.add_listener(self._on_backend_change)
         for backend in registry:
-            self._on_backend_change(backend)
+            self._attach(backend)
 
     # -- front-door side ----------------------------------------------------------------------
 
@@ -189,12 +190,12 @@ class Dispatcher:
             if self._may_retry(request, backend, error):
                 self._place(request)
 
-    def _on_backend_change(self, backend: Backend) -> None:
-        """A backend joined (listen to its upstream) or flipped health (out of rotation: move
-        the requests waiting on it)."""
-        upstream = backend.upstream
-        if upstream.on_room is None:
-            upstream.on_room = lambda error: self.room_changed(backend, error)
+    def _attach(self, backend: Backend) -> None:
+        """Listen to the capacity events of a backend that joined."""
+        backend.upstream.on_room = lambda error: self.room_changed(backend, error)
+
+    def _on_backend_change(self, backend: Backend, reason: str) -> None:
+        """Out of rotation: move the requests waiting on it."""
         if backend.waiting and not backend.healthy:
             self.room_changed(backend)
 

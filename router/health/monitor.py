@@ -1,110 +1,119 @@
-"""Active health checks and pool upkeep, one pass per backend per ``probe_interval_s``.
+"""The health monitor: one periodic pass over every backend, whatever its protocol.
 
-Each pass (``check_backend``):
-1. expires idle connections past ``idle_timeout_s`` / ``max_lifetime_s`` (the probes below do
-   not count as use, so a connection that only carries probes still times out);
-2. probes the remaining idle connections (``probe = "frame"``: a zero-length frame must come
-   back as a zero-length frame); a failed probe closes that connection;
-3. for a backend marked down, dials a fresh connection (and, in frame mode, probes it); success
-   brings the backend back into rotation.
+A pass (``check_all``) gives each prober the backends of its protocol (``probers``, keyed by
+``Backend.kind``; see ``router.health.probe`` for the contract), probes the backends it picks,
+all at once, and applies each answer: SERVING brings a backend out of rotation back,
+NOT_SERVING takes one in rotation out, NO_ANSWER changes nothing (passive ejection takes a
+failing backend out; one lost probe does not). ``run`` repeats the pass every
+``HealthConfig.interval_s``, measured on the injected clock from the start of each pass.
 
-``check_backend`` is a plain coroutine so tests drive it with an injected clock; ``run`` is the
-periodic loop the application owns.
+Every change of a backend's state, whoever made it (a probe here, passive ejection, an
+operator), reaches the monitor through the registry's listeners and is logged once, at INFO,
+with its reason. Probes themselves are not logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from router.core.errors import BackendError
+from router.core.clock import Clock
+from router.core.config import HealthConfig
 from router.dispatch.backends import Backend, Registry
-from router.upstream.pool import Connection, Pool, request
+from router.health.ejection import PassiveEjection
+from router.health.frame import ConnectProber, FrameProber
+from router.health.grpc import GrpcHealthProber
+from router.health.probe import Prober, ProbeResult, ProbeStatus
+from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeSettings:
-    mode: Literal["frame", "connect"] = "frame"
-    interval_s: float = 2.0
-    timeout_s: float = 1.0
+def make_probers(config: HealthConfig, channels: GrpcChannels) -> dict[str, Prober]:
+    """The prober for each backend protocol, as ``config.probe`` asks."""
+    frame = config.probe == "frame"
+    return {
+        "tcp": FrameProber(config.timeout_s) if frame else ConnectProber(),
+        "grpc": GrpcHealthProber(channels, config.timeout_s, connect_only=not frame),
+    }
 
 
-class HealthChecker:
-    def __init__(self, registry: Registry, settings: ProbeSettings) -> None:
+class HealthMonitor:
+    def __init__(
+        self,
+        registry: Registry,
+        probers: Mapping[str, Prober],
+        config: HealthConfig,
+        clock: Clock,
+        *,
+        ejection: PassiveEjection | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
         self._registry = registry
-        self._settings = settings
+        self._probers = dict(probers)
+        self._interval_s = config.interval_s
+        self._clock = clock
+        self._ejection = ejection
+        self._sleep = sleep
         self.probes_sent = 0
         self.probes_failed = 0
         self.marked_up = 0
+        self.marked_down = 0
+        registry.add_listener(self._log_change)
 
     async def run(self) -> None:
-        """Check every backend each interval, until cancelled."""
+        """A pass every ``interval_s``, until cancelled; a pass that overruns is followed by
+        the next at once."""
         while True:
+            started = self._clock.now()
             await self.check_all()
-            await asyncio.sleep(self._settings.interval_s)
+            await self._sleep(max(0.0, started + self._interval_s - self._clock.now()))
 
     async def check_all(self) -> None:
+        """One pass over every backend that has a prober for its protocol."""
+        by_kind: dict[str, list[Backend]] = {}
+        for backend in self._registry:
+            if backend.kind in self._probers:
+                by_kind.setdefault(backend.kind, []).append(backend)
         async with asyncio.TaskGroup() as group:
-            for backend in self._registry:
-                group.create_task(self.check_backend(backend))
+            for kind, backends in by_kind.items():
+                group.create_task(self._check_kind(self._probers[kind], backends))
 
-    async def check_backend(self, backend: Backend) -> None:
-        pool = backend.pool
-        if pool is None:
-            return  # not a frame backend: the gRPC prober's
-        pool.expire()
-        if self._settings.mode == "frame":
-            slots = pool.take_idle_for_probe()
-            try:
-                while slots:
-                    healthy = await self._probe(slots[-1].connection)
-                    pool.return_probed(slots.pop(), healthy=healthy)
-            except BaseException:
-                # Cancelled mid-probe (shutdown): the slots taken out must not leak.
-                for slot in slots:
-                    pool.return_probed(slot, healthy=False)
-                raise
-        if not backend.healthy and await self._revive(pool):
-            backend.mark_up()
-            self.marked_up += 1
-            log.info("backend %s is back in rotation", backend.address)
+    async def _check_kind(self, prober: Prober, backends: Sequence[Backend]) -> None:
+        due = await prober.plan(backends)
+        async with asyncio.TaskGroup() as group:
+            for backend in due:
+                group.create_task(self._check(prober, backend))
 
-    async def _revive(self, pool: Pool) -> bool:
-        try:
-            slot = await pool.acquire()
-        except BackendError:
-            return False
-        try:
-            healthy = self._settings.mode == "connect" or await self._probe(slot.connection)
-        except BaseException:
-            pool.release(slot, reusable=False)
-            raise
-        pool.release(slot, reusable=healthy)
-        return healthy
+    async def _check(self, prober: Prober, backend: Backend) -> None:
+        self.probes_sent += 1  # counted as it starts, so the count shows a probe in flight
+        self._apply(backend, await prober.probe(backend))
 
-    async def _probe(self, connection: Connection) -> bool:
-        self.probes_sent += 1
-        try:
-            reply = await request(connection, b"", self._settings.timeout_s)
-        except BackendError:
+    def _apply(self, backend: Backend, result: ProbeResult) -> None:
+        if result.status is ProbeStatus.NO_ANSWER:
             self.probes_failed += 1
-            return False
-        if reply:
-            self.probes_failed += 1
-            connection.close()
-            return False
-        return True
+        elif result.status is ProbeStatus.SERVING:
+            if not backend.healthy:
+                self.marked_up += 1
+                backend.mark_up(result.reason)
+        elif backend.healthy:
+            self.marked_down += 1
+            backend.mark_down(result.reason)
+
+    def _log_change(self, backend: Backend, reason: str) -> None:
+        state = "back in rotation" if backend.healthy else "out of rotation"
+        log.info("%s backend %s %s: %s", backend.kind, backend.address, state, reason)
 
     def statistics(self) -> dict[str, int]:
         return {
             "probes_sent": self.probes_sent,
             "probes_failed": self.probes_failed,
             "marked_up": self.marked_up,
+            "marked_down": self.marked_down,
+            "ejected": self._ejection.ejected if self._ejection is not None else 0,
         }
 
     def __repr__(self) -> str:
-        return f"HealthChecker({self._settings.mode}, every {self._settings.interval_s}s)"
+        kinds = ",".join(sorted(self._probers))
+        return f"HealthMonitor({kinds}, every {self._interval_s}s)"

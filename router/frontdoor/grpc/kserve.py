@@ -7,9 +7,9 @@ extension; the whole stream goes to a backend chosen for the model of its first 
 Answered by the router itself, without touching a backend:
 
 * ServerLive: true while the process runs (also while draining);
-* ServerReady: true while not draining and some gRPC backend is healthy;
-* ModelReady: true while not draining and a healthy gRPC backend serves the model; false for
-  a model no backend serves (as Triton answers it, rather than an error);
+* ServerReady: ``Readiness`` for gRPC backends (not draining, some gRPC backend in rotation);
+* ModelReady: ``Readiness`` for gRPC backends serving the model; false for a model no backend
+  serves (as Triton answers it, rather than an error);
 * ServerMetadata: the router's name and version, no extensions;
 * ModelMetadata: fetched from a backend that serves the model on first request, then cached
   (per "name" or "name:version") for the router's life. Concurrent first requests may each
@@ -23,7 +23,6 @@ through the generic proxy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from importlib import metadata as _metadata
 from typing import Any
 
@@ -32,6 +31,7 @@ import grpc
 from router.core.errors import MalformedMessage, UnknownModel, quoted
 from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
+from router.lifecycle.readiness import Readiness
 from router.protocol.kserve import (
     encode_bool_reply,
     encode_server_metadata,
@@ -54,11 +54,11 @@ def _version() -> str:
 
 class KServeRouting:
     def __init__(
-        self, forwarder: GrpcForwarder, registry: Registry, is_draining: Callable[[], bool]
+        self, forwarder: GrpcForwarder, registry: Registry, readiness: Readiness
     ) -> None:
         self._forwarder = forwarder
         self._registry = registry
-        self._is_draining = is_draining
+        self._readiness = readiness
         self._metadata: dict[str, bytes] = {}
         self._server_metadata = encode_server_metadata(SERVER_NAME, _version())
 
@@ -74,7 +74,7 @@ class KServeRouting:
         return key
 
     def ready(self) -> bool:
-        return not self._is_draining() and self._registry.any_healthy("grpc")
+        return self._readiness.ready("grpc")
 
     # -- answered by the router ---------------------------------------------------------------
 
@@ -91,8 +91,7 @@ class KServeRouting:
         model = read_model(payload)
         if not model.name:
             raise MalformedMessage("the request names no model")
-        ready = not self._is_draining() and bool(self._registry.candidates((), "grpc", model.key))
-        return encode_bool_reply(ready)
+        return encode_bool_reply(self._readiness.ready("grpc", model.key))
 
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key = self.model_key(payload)

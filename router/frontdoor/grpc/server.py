@@ -53,6 +53,7 @@ from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.kserve import KServeRouting
+from router.lifecycle.readiness import Readiness
 from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ Handler = Callable[[Any, Context], Awaitable[Any]]  # (request or request stream
 
 class RouterHealth:
     """``grpc.health.v1.Health`` for the router itself: SERVING for "" and the KServe service
-    while ``is_ready()``; NOT_FOUND (Check) / SERVICE_UNKNOWN (Watch) for other names. Watchers
-    get a new message whenever readiness may have changed (``changed``: a backend in or out of
-    rotation, the drain), and only if it did."""
+    while ``is_ready()`` (``Readiness`` for gRPC backends); NOT_FOUND (Check) / SERVICE_UNKNOWN
+    (Watch) for other names. Watchers get a new message whenever readiness may have changed
+    (``changed``: a backend in or out of rotation, the drain), and only if it did."""
 
     SERVICES = frozenset({"", KSERVE_SERVICE})
 
@@ -83,7 +84,7 @@ class RouterHealth:
         self._change = asyncio.Event()
         self.watchers = 0
 
-    def changed(self, backend: Backend | None = None) -> None:
+    def changed(self, backend: Backend | None = None, reason: str = "") -> None:
         self._change.set()
         self._change = asyncio.Event()
 
@@ -131,6 +132,7 @@ class GrpcFrontDoor:
     def __init__(
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
         config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
+        readiness: Readiness,
     ) -> None:
         self._dispatcher = dispatcher
         self._registry = registry
@@ -141,8 +143,8 @@ class GrpcFrontDoor:
         self._abandoned = False  # the drain gave up on the calls still running
         self.stats = stats
         self.forwarder = GrpcForwarder(dispatcher, channels, clock, request_timeout_s)
-        self.kserve = KServeRouting(self.forwarder, registry, lambda: self.draining)
-        self.health = RouterHealth(self.kserve.ready)
+        self.kserve = KServeRouting(self.forwarder, registry, readiness)
+        self.health = RouterHealth(lambda: readiness.ready("grpc"))
         registry.add_listener(self.health.changed)
         self.draining = False
         self._server: grpc.aio.Server | None = None
