@@ -28,20 +28,20 @@ docs: $(STAMP)
 	$(PY) -m router config-reference --output docs/configuration.md
 
 bench: $(STAMP)
-	$(PY) -m bench.run --update-readme
+	$(PY) -m bench.run --update-docs
 
 bench-smoke: $(STAMP)
 	$(PY) -m bench.regress
 
 # 10,000 concurrent connections x 50 requests, twice (fresh router each time), plus the idle
-# RSS probe; writes bench/results/tenk.json and the README's 10k table.
+# RSS probe; writes bench/results/tenk.json and the 10k table of docs/benchmarks.md.
 bench-10k: $(STAMP)
-	$(PY) -m bench.tenk --repeat 2 --update-readme
+	$(PY) -m bench.tenk --repeat 2 --update-docs
 
 # gRPC: unary ModelInfer through the router vs directly to the backend, 1 and 64 callers;
-# writes bench/results/grpc.json and the README's gRPC table.
+# writes bench/results/grpc.json and the gRPC table of docs/benchmarks.md.
 bench-grpc: $(STAMP)
-	$(PY) -m bench.grpc_bench --update-readme
+	$(PY) -m bench.grpc_bench --update-docs
 
 # Locust, headless and bounded, against a router it starts; CSV stats in bench/results/locust_*.
 locust: $(STAMP)

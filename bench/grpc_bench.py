@@ -15,7 +15,8 @@ Everything shares the machine's CPUs (2 on the reference machine): clients, rout
 backend compete, so compare the router/direct ratio, not absolute figures, across machines.
 
 Run: ``python -m bench.grpc_bench [--callers 1,64] [--duration-s 5] [--procs 2]
-[--update-readme]``; results go to ``bench/results/grpc.json``.
+[--update-docs]``; results go to ``bench/results/grpc.json``, the table (with
+``--update-docs``) to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ import grpc
 import uvloop
 
 from backends.proto import grpc_predict_v2_pb2 as pb
-from bench.readme import replace_block
+from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from chaos.common import read_line, stop
 from tests.support import wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "grpc.json"
-README = REPO_ROOT / "README.md"
 MARK_START, MARK_END = "<!-- grpc-bench:start -->", "<!-- grpc-bench:end -->"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 STARTUP_TIMEOUT_S = 15.0
@@ -223,13 +223,24 @@ def _row_text(row: dict[str, Any]) -> str:
     )
 
 
+def docs_command(result: dict[str, Any]) -> str:
+    """The command that repeats the run, from the settings it recorded."""
+    s = result["settings"]
+    callers = sorted({r["callers"] for r in result["rows"]})
+    return command_line("bench.grpc_bench", [
+        ("--callers", callers), ("--duration-s", s["duration_s"]), ("--warmup-s", s["warmup_s"]),
+        ("--procs", s["procs"]), ("--elements", s["elements"]),
+    ])
+
+
 def markdown(result: dict[str, Any]) -> str:
+    """The run's record for docs/benchmarks.md: command, date, machine, settings, tables."""
     s = result["settings"]
     lines = [
-        f"Measured {result['measured_at']} on {result['machine']}. Unary ModelInfer, model "
-        f"`identity`, one FP32 tensor of {s['elements']} values; {s['procs']} client "
-        f"processes (grpc.aio); {s['warmup_s']} s warm-up, then {s['duration_s']} s counted per "
-        "row. Clients, router and backend share the same CPUs.",
+        run_header(docs_command(result), result["measured_at"], result["machine"]),
+        f"Unary ModelInfer, model `identity`, one FP32 tensor of {s['elements']} values; "
+        f"{s['procs']} client processes (grpc.aio); {s['warmup_s']} s warm-up, then "
+        f"{s['duration_s']} s counted per row.",
         "",
         "| target | callers | calls/s | p50 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -249,9 +260,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(block: str) -> None:
-    if not replace_block(MARK_START, MARK_END, block, README):
-        raise SystemExit(f"README.md has no {MARK_START} ... {MARK_END} markers")
+def update_docs(block: str, path: Path = BENCHMARKS_MD) -> None:
+    if not replace_block(MARK_START, MARK_END, block, path):
+        raise SystemExit(f"{path.name} has no {MARK_START} ... {MARK_END} markers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,15 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--elements", type=int, default=16, help="FP32 values in the tensor")
     parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"replace the text between {MARK_START} and {MARK_END} in "
+                             "docs/benchmarks.md")
     args = parser.parse_args(argv)
     result = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     block = markdown(result)
     print(block)
-    if args.update_readme:
-        update_readme(block)
+    if args.update_docs:
+        update_docs(block)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the router against direct connections and HAProxy, same backends, same load.
 
-``python -m bench.run [--clients 50,200] [--requests N] [--name NAME] [--update-readme]``
+``python -m bench.run [--clients 50,200] [--requests N] [--name NAME] [--update-docs]``
 
 Starts two echo backends, the router (a subprocess, ``--backend`` flags, no config file) and,
 when ``haproxy`` is on PATH, an HAProxy in TCP mode (``balance leastconn``) in front of the
@@ -46,19 +46,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from bench.load import (
     LoadReport,
     LoadSpec,
     run_load,
     run_specs,
 )
-from bench.readme import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
+DOCS_START = "<!-- bench:start -->"
+DOCS_END = "<!-- bench:end -->"
 
 PAYLOAD_BYTES = 64
 # A Python process (router or echo) starts in well under a second; allow a loaded machine 20 s.
@@ -333,19 +332,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(result: dict[str, Any]) -> str:
+def docs_command(result: dict[str, Any]) -> str:
+    """The command that repeats the run, from the settings it recorded."""
+    s = result["settings"]
+    return command_line("bench.run", [
+        ("--clients", s.get("clients")), ("--requests", s["requests_per_connection"]),
+        ("--max-seconds", s.get("max_seconds")), ("--processes", s.get("load_processes")),
+        ("--router-processes", s.get("router_processes")), ("--rounds", s.get("rounds")),
+        ("--name", result["name"]),
+    ])
+
+
+def docs_block(result: dict[str, Any]) -> str:
+    """The run's record for docs/benchmarks.md: command, date, machine, settings, tables."""
     m = result["machine"]
     s = result["settings"]
-    haproxy = f"; {m['haproxy']}" if m.get("haproxy") else "; HAProxy not installed"
+    haproxy = f", {m['haproxy']}" if m.get("haproxy") else ", no HAProxy"
+    machine = f"{m['nproc']} CPUs, {m['platform']}, Python {m['python']}{haproxy}"
     return "\n".join([
-        f"Measured {result['timestamp']} on {m['nproc']} CPUs, {m['platform']}, "
-        f"Python {m['python']}{haproxy}. Persistent connections, no pipelining, "
-        f"{s['payload_bytes']}-byte payloads, {s['requests_per_connection']} requests per "
-        f"connection; direct = {s['direct']}; router-Np = N router processes on one port "
-        f"(`listener.processes`); each figure is the median of {s.get('rounds', 1)} "
-        "interleaved rounds, at the load generator process count (of "
-        f"{s.get('load_processes')}) that served that target best. Load generator, router, "
-        "HAProxy and both echo backends share the same CPUs.",
+        run_header(docs_command(result), result["timestamp"], machine),
+        f"{s['payload_bytes']}-byte payloads, one request in flight per connection, "
+        f"{s['requests_per_connection']} requests per connection; direct = {s['direct']}; "
+        f"median of {s.get('rounds', 1)} interleaved rounds, at the load process count (of "
+        f"{', '.join(map(str, s.get('load_processes') or []))}) that served the target best.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
         "",
@@ -353,8 +362,8 @@ def readme_block(result: dict[str, Any]) -> str:
     ])
 
 
-def update_readme(result: dict[str, Any], path: Path = README) -> bool:
-    return replace_block(README_START, README_END, readme_block(result), path)
+def update_docs(result: dict[str, Any], path: Path = BENCHMARKS_MD) -> bool:
+    return replace_block(DOCS_START, DOCS_END, docs_block(result), path)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -380,8 +389,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every target this many times, interleaved, and keep "
                              "the median round (default: 3)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help=f"replace the text between {README_START} and {README_END}")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"replace the text between {DOCS_START} and {DOCS_END} in "
+                             "docs/benchmarks.md")
     args = parser.parse_args(argv)
     try:
         args.client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -508,9 +518,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(text_table(RATIO_HEADER, ratio_rows(result["ratios"])))
     print(f"\ndirect = {DIRECT_SPLIT}; results: {out.relative_to(ROOT)}")
-    if args.update_readme:
-        done = update_readme(result)
-        print("README.md updated" if done else f"README.md has no {README_START} markers")
+    if args.update_docs:
+        done = update_docs(result)
+        print("docs/benchmarks.md updated" if done
+              else f"docs/benchmarks.md has no {DOCS_START} markers")
     if any(r["report"]["worker_errors"] or r["report"]["workers_lost"] for r in runs):
         sys.exit(1)
 

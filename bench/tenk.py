@@ -1,6 +1,6 @@
 """The 10,000-client run: 10,000 concurrent persistent connections x 50 requests through the router.
 
-``python -m bench.tenk [--clients 10000] [--requests 50] [--repeat 2] [--update-readme]``
+``python -m bench.tenk [--clients 10000] [--requests 50] [--repeat 2] [--update-docs]``
 (``make bench-10k``)
 
 Each repetition starts two fresh echo backends and a fresh router (``bench.run``'s helpers), so
@@ -49,11 +49,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from bench.load import LoadReport, format_report, raise_nofile_limit, run_load
-from bench.readme import replace_block
 from bench.run import (
     PAYLOAD_BYTES,
-    README,
     RESULTS_DIR,
     ROOT,
     Service,
@@ -65,8 +64,8 @@ from bench.run import (
 )
 from router.protocol.frames import encode_frame
 
-README_START = "<!-- tenk:start -->"
-README_END = "<!-- tenk:end -->"
+DOCS_START = "<!-- tenk:start -->"
+DOCS_END = "<!-- tenk:end -->"
 
 # 256 = the router's default dispatch.workers: every worker and both pools get used once, so
 # their memory is in the baseline rather than charged to the 10,000 client connections.
@@ -502,21 +501,34 @@ def targets(runs: list[dict[str, Any]]) -> dict[str, bool]:
     }
 
 
-def readme_block(result: dict[str, Any]) -> str:
+def docs_command(result: dict[str, Any]) -> str:
+    """The command that repeats the run, from the settings it recorded."""
+    s = result["settings"]
+    return command_line("bench.tenk", [
+        ("--clients", s["clients"]), ("--requests", s["requests"]),
+        ("--repeat", len(result["runs"])), ("--processes", s["load_processes"]),
+        ("--router-config", None if s["router_config"] == ROUTER_CONFIG else "FILE"),
+        ("--no-idle-probe", not result.get("idle")), ("--name", result["name"]),
+    ])
+
+
+def docs_block(result: dict[str, Any]) -> str:
+    """The run's record for docs/benchmarks.md: command, date, machine, settings, tables."""
     m, k, s = result["machine"], result["kernel"], result["settings"]
     met = result["targets_met"]
     idle = result.get("idle")
     router = ("router defaults plus listener.backlog = 4096, dispatch.queue_size = 16384 and "
               "pool.pipeline_depth = 128"
               if s["router_config"] == ROUTER_CONFIG else "router config from --router-config")
+    machine = (f"{m['nproc']} CPUs, {m['platform']}, Python {m['python']}; kernel: hard nofile "
+               f"{k['nofile_hard']}, somaxconn {k['somaxconn']}, ephemeral ports "
+               f"{k['ip_local_port_range']}")
     lines = [
-        f"Measured {result['timestamp']} on {m['nproc']} CPUs, {m['platform']}, Python "
-        f"{m['python']}; {s['clients']:,} persistent connections x {s['requests']} requests "
+        run_header(docs_command(result), result["timestamp"], machine),
+        f"{s['clients']:,} persistent connections x {s['requests']} requests "
         f"({s['clients'] * s['requests']:,} round trips, {s['payload_bytes']}-byte payloads, one "
-        f"request in flight per connection), {s['load_processes']} load processes; {router}, two "
-        f"echo backends, everything on the same CPUs. Kernel: hard "
-        f"nofile {k['nofile_hard']}, somaxconn {k['somaxconn']}, ephemeral ports "
-        f"{k['ip_local_port_range']}.",
+        f"request in flight per connection), {s['load_processes']} load process(es); {router}; "
+        "two echo backends.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
         "",
@@ -534,8 +546,8 @@ def readme_block(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(result: dict[str, Any], path: Path = README) -> bool:
-    return replace_block(README_START, README_END, readme_block(result), path)
+def update_docs(result: dict[str, Any], path: Path = BENCHMARKS_MD) -> bool:
+    return replace_block(DOCS_START, DOCS_END, docs_block(result), path)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -557,8 +569,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="router config file instead of the built-in one (defaults plus "
                              "backlog, queue size and pipeline depth)")
     parser.add_argument("--name", default="tenk", help="bench/results/<name>.json")
-    parser.add_argument("--update-readme", action="store_true",
-                        help=f"replace the text between {README_START} and {README_END}")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"replace the text between {DOCS_START} and {DOCS_END} in "
+                             "docs/benchmarks.md")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests, args.repeat, args.processes) < 1:
         parser.error("--clients, --requests, --repeat and --processes must be >= 1")
@@ -605,12 +618,13 @@ def main(argv: list[str] | None = None) -> None:
     print(text_table(HEADER, table_rows(runs)))
     print()
     if idle is not None:
-        print(readme_block(result).split("\n\n")[-1])
+        print(docs_block(result).split("\n\n")[-1])
     print("targets met: " + ", ".join(f"{k}={v}" for k, v in result["targets_met"].items()))
     print(f"results: {out.relative_to(ROOT)}")
-    if args.update_readme:
-        done = update_readme(result)
-        print("README.md updated" if done else f"README.md has no {README_START} markers")
+    if args.update_docs:
+        done = update_docs(result)
+        print("docs/benchmarks.md updated" if done
+              else f"docs/benchmarks.md has no {DOCS_START} markers")
     if any(r["report"]["worker_errors"] or r["report"]["workers_lost"] for r in runs):
         sys.exit(1)
 

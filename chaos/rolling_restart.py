@@ -4,9 +4,9 @@ Two echo backends (``--record-ids``) sit behind router A, started with ``--liste
 --reuse-port``. N ``RetryingClient`` clients (all to ``127.0.0.1:P``) each send R requests one
 at a time, with unique payloads ``c{client}-r{i}``. Once about 30 % of all requests have an
 outcome, router B is started with the same ``--listen`` and ``--reuse-port`` (its own admin
-port); once B's ``GET /readyz`` answers 200, A gets SIGTERM (the README's "Rolling restart on
-one port"). The clients reconnect to the same address, land on B and resend only what was never
-answered. When the load is done, B's ``/metrics`` is scraped and B gets SIGTERM.
+port); once B's ``GET /readyz`` answers 200, A gets SIGTERM (docs/operations.md, "Rolling
+restart on one port"). The clients reconnect to the same address, land on B and resend only
+what was never answered. When the load is done, B's ``/metrics`` is scraped and B gets SIGTERM.
 
 Each request ends as ``ok`` (the echo matched), ``error:X`` (an error frame), ``lost`` (no
 answer after the client's attempts), ``mismatch`` or ``timeout``.
