@@ -31,8 +31,6 @@ README_MAX_LINES = 250
 # Linked from the README, generated from the config schema on another branch. Until that
 # branch lands the file is absent; once it is present it must leave this set, so that its
 # links are checked like every other (the test below fails to say so).
-NOT_YET_MERGED = {"docs/configuration.md"}
-
 _FENCE = re.compile(r"^(```|~~~)")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _CODE_SPAN = re.compile(r"`[^`]*`")
@@ -96,18 +94,11 @@ def test_relative_links_point_to_existing_files_and_headings(page: Path) -> None
         file_part, _, fragment = target.partition("#")
         resolved = (page.parent / file_part).resolve() if file_part else page
         name = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else None
-        if name in NOT_YET_MERGED and not resolved.exists():
-            continue
         if not resolved.exists():
             broken.append(f"{target}: no such file")
         elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved):
             broken.append(f"{target}: no heading #{fragment} in {name}")
     assert not broken, f"{page.name}: " + "; ".join(broken)
-
-
-def test_files_expected_from_other_branches_are_still_missing() -> None:
-    present = sorted(name for name in NOT_YET_MERGED if (ROOT / name).exists())
-    assert not present, f"{present} exist now: remove them from NOT_YET_MERGED"
 
 
 def test_the_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
