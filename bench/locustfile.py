@@ -14,8 +14,8 @@ before it imports this file, so a blocking ``recv`` yields to the other users' g
 itself, ``router.protocol.frames``, is sans-IO and is reused here.) Every request fires one
 Locust request event (``request_type="frame"``, ``name="echo"``) with its time in ms, the
 answer's length and, on failure, one of the exceptions below; the connect counts in the time of
-the first request on a connection, as Locust's HTTP clients count theirs. After a transport failure the connection is
-dropped and the next request reconnects.
+the first request on a connection, as Locust's HTTP clients count theirs. After a transport
+failure the connection is dropped and the next request reconnects.
 
 Run it only through Locust (``bench.locust_run``, or the ``locust`` command): importing it
 anywhere else imports Locust, which monkeypatches that process.
