@@ -38,7 +38,6 @@ from typing import Any
 import grpc
 import uvloop
 
-from backends.proto import grpc_predict_v2_pb2 as pb
 from bench.readme import replace_block
 from router.control.launcher import (
     Banner,
@@ -47,6 +46,7 @@ from router.control.launcher import (
     parse_banner,
     ready_port,
 )
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "grpc.json"

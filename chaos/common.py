@@ -235,7 +235,7 @@ async def run_grpc_client(
     router error code or status), ``mismatch``, ``timeout``."""
     import grpc
 
-    from backends.proto import grpc_predict_v2_pb2 as pb
+    from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary(MODEL_INFER)

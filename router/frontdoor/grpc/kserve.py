@@ -34,8 +34,10 @@ from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
 from router.protocol.kserve import (
     MalformedMessage,
-    encode_bool_reply,
+    encode_model_ready,
+    encode_server_live,
     encode_server_metadata,
+    encode_server_ready,
     read_model,
 )
 
@@ -80,10 +82,10 @@ class KServeRouting:
     # -- answered by the router ---------------------------------------------------------------
 
     async def server_live(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return encode_bool_reply(True)
+        return encode_server_live(True)
 
     async def server_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return encode_bool_reply(self.ready())
+        return encode_server_ready(self.ready())
 
     async def server_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._server_metadata
@@ -93,7 +95,7 @@ class KServeRouting:
         if not model.name:
             raise MalformedMessage("the request names no model")
         ready = not self._is_draining() and bool(self._registry.candidates((), "grpc", model.key))
-        return encode_bool_reply(ready)
+        return encode_model_ready(ready)
 
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key = self.model_key(payload)
