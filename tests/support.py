@@ -25,11 +25,11 @@ def child_env(**extra: str) -> dict[str, str]:
 class BackendProcess:
     """A backend started by ``backend_processes``: its process and the port it announced."""
 
-    process: BlockingProcess[int]
+    proc: BlockingProcess[int]
 
     @property
     def port(self) -> int:
-        return self.process.ready
+        return self.proc.ready
 
     @property
     def address(self) -> str:
@@ -37,8 +37,8 @@ class BackendProcess:
 
     def kill(self) -> None:
         """SIGKILL, and reap it (bounded)."""
-        self.process.kill()
-        self.process.wait(timeout=READY_TIMEOUT_S)
+        self.proc.kill()
+        self.proc.wait(timeout=READY_TIMEOUT_S)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ def echo_backend(*args: str) -> Iterator[tuple[BlockingProcess[int], int]]:
     """Start ``python -m backends.echo --port 0 ARGS``; yield (process, port) once READY."""
     with backend_processes("backends.echo") as start:
         backend = start(*args)
-        yield backend.process, backend.port
+        yield backend.proc, backend.port
 
 
 def connect(port: int) -> socket.socket:
