@@ -188,8 +188,10 @@ class _Output:
         return line
 
     async def drain(self) -> None:
+        """Read to the end of file, then close the log."""
         while await self.next_line() is not None:
             pass
+        self.close()
 
     def close(self) -> None:
         if self._log_file is not None:
@@ -200,8 +202,8 @@ class _Output:
 class LaunchedProcess(Generic[T]):
     """A process that announced it was ready; ``ready`` is what it announced.
 
-    Owns the task that reads the rest of its stdout. ``stop`` ends everything it holds; a
-    process that exits by itself is reaped by ``wait``.
+    Owns the task that reads the rest of its stdout. The event loop reaps the process
+    whenever it exits; ``stop`` makes it exit and ends the reading task.
     """
 
     def __init__(self, argv: tuple[str, ...], process: asyncio.subprocess.Process,
