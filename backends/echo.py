@@ -27,8 +27,8 @@ from typing import cast
 
 import uvloop
 
-from router.control.launcher import format_ready
 from router.core.errors import FrameTooLarge, TruncatedFrame
+from router.protocol.announce import format_ready
 from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
 
 BACKLOG = 4096

@@ -39,7 +39,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends.grpc_echo import EchoService
-from router.control.launcher import format_ready
+from router.protocol.announce import format_ready
 from router.protocol.proto import grpc_predict_v2_pb2 as pb
 from router.protocol.proto.model_stream_infer_pb2 import ModelStreamInferResponse
 

@@ -39,13 +39,8 @@ import grpc
 import uvloop
 
 from bench.readme import replace_block
-from router.control.launcher import (
-    Banner,
-    BlockingProcess,
-    launch_blocking,
-    parse_banner,
-    ready_port,
-)
+from router.control.launcher import BlockingProcess, launch_blocking
+from router.protocol.announce import Banner, parse_banner, ready_port
 from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

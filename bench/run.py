@@ -49,15 +49,8 @@ from bench.load import (
     run_specs,
 )
 from bench.readme import replace_block
-from router.control.launcher import (
-    Banner,
-    BlockingProcess,
-    ReadyReader,
-    launch_blocking,
-    parse_banner,
-    ready_port,
-    started,
-)
+from router.control.launcher import BlockingProcess, ReadyReader, launch_blocking, started
+from router.protocol.announce import Banner, parse_banner, ready_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

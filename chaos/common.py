@@ -21,14 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from router.client.frames import ConnectionLost, ErrorReply, FrameClient
-from router.control.launcher import (
-    Banner,
-    BlockingProcess,
-    Stderr,
-    launch_blocking,
-    parse_banner,
-    ready_port,
-)
+from router.control.launcher import BlockingProcess, Stderr, launch_blocking
+from router.protocol.announce import Banner, parse_banner, ready_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

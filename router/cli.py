@@ -18,6 +18,7 @@ import uvloop
 from router.control import launcher
 from router.core import config as config_mod
 from router.core.errors import ConfigError
+from router.protocol import announce
 
 
 def _backend_flag(value: str) -> dict[str, Any]:
@@ -109,8 +110,8 @@ def _stop_on_signals(force: Callable[[], None]) -> asyncio.Event:
 
 def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
                   admin: tuple[str, int], extra: str) -> None:
-    """What it listens on and how to try it (``launcher.parse_banner`` reads it back)."""
-    print(launcher.format_banner(launcher.Banner(listen, admin, grpc), extra), flush=True)
+    """What it listens on and how to try it (``announce.parse_banner`` reads it back)."""
+    print(announce.format_banner(announce.Banner(listen, admin, grpc), extra), flush=True)
 
 
 def _log_dir() -> Path:
@@ -129,7 +130,7 @@ async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
             # SIGTERM (a drain) when the supervisor dies, so a supervisor that is killed
             # outright leaves no router process behind.
             launcher.die_with_parent(signal.SIGTERM)
-            print(launcher.format_ready(bound.admin[1]), flush=True)
+            print(announce.format_ready(bound.admin[1]), flush=True)
         backends = ", ".join(b.address for b in app.registry)
         _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
         report = await app.serve(stop.wait())

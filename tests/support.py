@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.control.launcher import BlockingProcess, launch_blocking, ready_port
+from router.control.launcher import BlockingProcess, launch_blocking
+from router.protocol.announce import ready_port
 
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0

@@ -1,4 +1,4 @@
-"""The launcher against real tiny processes (``python -c`` scripts), and the announcement formats.
+"""The launcher against real tiny processes (``python -c`` scripts); the announcement formats.
 
 Each script plays one way a process can behave at start and stop: READY late, after other
 output, never, an early exit, a closed stdout, SIGTERM ignored. Every wait is bounded (the
@@ -21,17 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.control.launcher import (
-    Banner,
-    SpawnError,
-    format_banner,
-    format_ready,
-    launch,
-    launch_blocking,
-    parse_banner,
-    ready_port,
-    started,
-)
+from router.control.launcher import SpawnError, launch, launch_blocking, started
+from router.protocol.announce import Banner, format_banner, format_ready, parse_banner, ready_port
 
 WAIT_S = 10.0  # bound on every await; each script is ready or gone in well under a second
 

@@ -23,7 +23,8 @@ from conftest import EchoBackend, RouterFactory, RunningRouter
 from support import REPO_ROOT
 
 from router.client.frames import ConnectionLost, ErrorReply, FrameClient, RetryingClient
-from router.control.launcher import Banner, LaunchedProcess, launch, parse_banner
+from router.control.launcher import LaunchedProcess, launch
+from router.protocol.announce import Banner, parse_banner
 from router.protocol.frames import ERROR_FLAG, LENGTH_MASK, encode_frame
 
 WAIT_S = 10.0

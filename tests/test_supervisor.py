@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.client.frames import FrameClient
 from router.control.federation import merge_metrics
-from router.control.launcher import Banner, LaunchedProcess, launch, parse_banner
+from router.control.launcher import LaunchedProcess, launch
+from router.protocol.announce import Banner, parse_banner
 from tests.conftest import EchoBackend
 from tests.support import REPO_ROOT
 

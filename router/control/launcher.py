@@ -1,15 +1,15 @@
 """Start a process, wait until it announces that it is ready, stop it: the one launcher.
 
-The protocol. A launched process announces readiness on its stdout: a backend prints
-``READY <port>`` (``format_ready``, read by ``ready_port``), the router prints its start
-banner (``format_banner``, read by ``parse_banner``). The launcher reads stdout line by line
-and gives the latest ``TAIL_LINES`` lines to a *ready reader*: a pure function that returns
-what the process announced once the lines hold it, and None until then. It is asked once
-before any line too, so a reader that answers on no lines (``started``) means "ready once
-spawned", for a program that announces nothing. Lines that are not the announcement are kept
-and skipped. The wait is bounded: when ``ready_timeout_s`` passes, or the process closes its
-stdout first, it is killed and reaped and ``SpawnError`` says why with the tail of its stdout
-(and of its stderr, when that goes to a file).
+The protocol. A launched process announces readiness on its stdout (``READY <port>`` from a
+backend, the start banner from the router: ``router.protocol.announce`` formats and parses
+both). The launcher reads stdout line by line and gives the latest ``TAIL_LINES`` lines to a
+*ready reader*: a pure function that returns what the process announced once the lines hold
+it, and None until then (``announce.ready_port``, ``announce.parse_banner``). It is asked
+once before any line too, so a reader that answers on no lines (``started``) means "ready
+once spawned", for a program that announces nothing. Lines that are not the announcement
+are kept and skipped. The wait is bounded: when ``ready_timeout_s`` passes, or the process
+closes its stdout first, it is killed and reaped and ``SpawnError`` says why with the tail
+of its stdout (and of its stderr, when that goes to a file).
 
 After readiness stdout is read to its end by a task the process owns, so a child never
 blocks on a full pipe: every line goes to the log file (when one is given) and the last
@@ -35,7 +35,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -43,7 +42,6 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
@@ -80,80 +78,12 @@ class SpawnError(RouterError):
     code = "SPAWN_FAILED"
 
 
-# -- what a launched process announces --------------------------------------------------------
-
-
-_READY_LINE = re.compile(r"READY ([0-9]{1,5})")
-
-
-def format_ready(port: int) -> str:
-    """The line a backend prints on stdout once it listens on ``port``."""
-    return f"READY {port}"
-
-
-def ready_port(lines: Sequence[str]) -> int | None:
-    """The port of a ``READY <port>`` line when it is the latest line, else None."""
-    match = _READY_LINE.fullmatch(lines[-1].strip()) if lines else None
-    port = int(match[1]) if match else 0
-    return port if 0 < port < 65536 else None
+# -- ready readers ---------------------------------------------------------------------------
 
 
 def started(lines: Sequence[str]) -> bool:
     """Ready as soon as the process exists (a program that announces nothing)."""
     return True
-
-
-@dataclass(frozen=True, slots=True)
-class Banner:
-    """Where a router listens, as its start banner says."""
-
-    listen: tuple[str, int]
-    admin: tuple[str, int]
-    grpc: tuple[str, int] | None = None
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.admin[0]}:{self.admin[1]}"
-
-    @property
-    def grpc_target(self) -> str | None:
-        return None if self.grpc is None else f"{self.grpc[0]}:{self.grpc[1]}"
-
-
-# ``\S+:(\d+)`` takes the last colon, so IPv6 hosts (``::1``) parse as printed.
-_BANNER_LISTEN = re.compile(r"inference-router listening on (\S+):(\d+) ")
-_BANNER_GRPC = re.compile(r"  grpc: (\S+):(\d+) ")
-_BANNER_ADMIN = re.compile(r"  admin: http://(\S+):(\d+)/")
-
-
-def format_banner(banner: Banner, extra: str) -> str:
-    """The router's start banner: what it listens on and how to try it. ``parse_banner``
-    reads it back; the first line is the one people and scripts look for."""
-    (lh, lp), (ah, ap) = banner.listen, banner.admin
-    lines = [f"inference-router listening on {lh}:{lp} (length-prefixed TCP)"]
-    if banner.grpc is not None:
-        gh, gp = banner.grpc
-        lines.append(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)")
-    lines += [f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", f"  {extra}",
-              f"  try it: inference-router call --to {lh}:{lp} hello"]
-    return "\n".join(lines)
-
-
-def parse_banner(lines: Sequence[str]) -> Banner | None:
-    """The ``Banner`` that ``format_banner`` printed, once ``lines`` hold it up to its admin
-    line (the gRPC line, when there is one, comes before it); None until then."""
-    listen: tuple[str, int] | None = None
-    grpc: tuple[str, int] | None = None
-    for line in lines:
-        if match := _BANNER_LISTEN.match(line):
-            listen, grpc = (match[1], int(match[2])), None
-        elif listen is None:
-            continue
-        elif match := _BANNER_GRPC.match(line):
-            grpc = (match[1], int(match[2]))
-        elif match := _BANNER_ADMIN.match(line):
-            return Banner(listen, (match[1], int(match[2])), grpc)
-    return None
 
 
 # -- the asyncio implementation ---------------------------------------------------------------

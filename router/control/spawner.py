@@ -15,13 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.control.launcher import (
-    READY_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    LaunchedProcess,
-    launch,
-    ready_port,
-)
+from router.control.launcher import READY_TIMEOUT_S, STOP_TIMEOUT_S, LaunchedProcess, launch
+from router.protocol.announce import ready_port
 
 
 @dataclass(frozen=True, eq=False)
