@@ -399,6 +399,9 @@ class BlockingProcess(Generic[T]):
         assert code is not None
         return code
 
+    def statistics(self) -> dict[str, Any]:
+        return self._launched.statistics()
+
     def __enter__(self) -> BlockingProcess[T]:
         return self
 
