@@ -56,12 +56,12 @@ chaos: $(STAMP)
 	$(PY) -m chaos.rolling_restart
 	$(PY) -m chaos.hostile_clients
 
-# Regenerate backends/proto/*_pb2*.py from the .proto files there (grpcio-tools, the protos
-# extra), then check that the result imports with the pinned protobuf runtime.
+# Regenerate router/protocol/proto/*_pb2*.py from the .proto files there (grpcio-tools, the
+# protos extra), then check that the result imports with the pinned protobuf runtime.
 protos: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[protos]'
 	$(PY) -m backends.proto.generate
-	$(PY) -c 'import backends.proto.grpc_predict_v2_pb2_grpc, backends.proto.model_stream_infer_pb2'
+	$(PY) -c 'import router.protocol.proto.grpc_predict_v2_pb2_grpc, router.protocol.proto.model_stream_infer_pb2'
 	$(PY) -m pip check
 
 clean:

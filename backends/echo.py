@@ -28,6 +28,7 @@ from typing import cast
 import uvloop
 
 from router.core.errors import FrameTooLarge, TruncatedFrame
+from router.protocol.announce import format_ready
 from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
 
 BACKLOG = 4096
@@ -186,7 +187,7 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     )
     try:
         port = server.sockets[0].getsockname()[1]
-        print(f"READY {port}", flush=True)
+        print(format_ready(port), flush=True)
         await stop.wait()
     finally:
         server.close()

@@ -39,8 +39,9 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends.grpc_echo import EchoService
-from backends.proto import grpc_predict_v2_pb2 as pb
-from backends.proto.model_stream_infer_pb2 import ModelStreamInferResponse
+from router.protocol.announce import format_ready
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from router.protocol.proto.model_stream_infer_pb2 import ModelStreamInferResponse
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "inference-router-test"
@@ -234,7 +235,7 @@ async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
     server.add_generic_rpc_handlers([backend.handler(), EchoService(port).handler()])
     await server.start()
     try:
-        print(f"READY {port}", flush=True)
+        print(format_ready(port), flush=True)
         await stop.wait()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(STOP_GRACE_S)

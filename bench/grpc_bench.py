@@ -27,8 +27,6 @@ import json
 import multiprocessing
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,17 +39,17 @@ from typing import Any
 import grpc
 import uvloop
 
-from backends.proto import grpc_predict_v2_pb2 as pb
 from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
-from chaos.common import read_line, stop
-from tests.support import wait_ready
+from router.control.launcher import BlockingProcess, launch_blocking
+from router.protocol.announce import Banner, parse_banner, ready_port
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "grpc.json"
 MARK_START, MARK_END = "<!-- grpc-bench:start -->", "<!-- grpc-bench:end -->"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 STARTUP_TIMEOUT_S = 15.0
-GRPC_LISTEN_RE = re.compile(r"grpc: (\S+):(\d+) ")
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,17 +143,17 @@ def run_load(
     }
 
 
-def start_backend() -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
+def start_backend() -> tuple[BlockingProcess[int], int]:
+    proc = launch_blocking(
         [sys.executable, "-m", "backends.kserve", "--port", "0", "--models", "identity"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        ready_port, cwd=REPO_ROOT, ready_timeout_s=STARTUP_TIMEOUT_S,
     )
-    return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+    return proc, proc.ready
 
 
 def start_router(
-    backend_port: int, config_dir: Path, log: Any
-) -> tuple[subprocess.Popen[bytes], str]:
+    backend_port: int, config_dir: Path, log: Path
+) -> tuple[BlockingProcess[Banner], str]:
     config = config_dir / "router.toml"
     config.write_text(
         '[listener]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n'
@@ -163,33 +161,27 @@ def start_router(
         f'[[backends]]\naddress = "127.0.0.1:{backend_port}"\nprotocol = "grpc"\n'
         'models = ["identity"]\n'
     )
-    # Unbuffered: a buffered reader would take several banner lines at once, and the selector
-    # in read_line would then wait for bytes already read.
-    proc = subprocess.Popen(
+    proc = launch_blocking(
         [sys.executable, "-m", "router", "serve", "--config", str(config),
          "--log-level", "WARNING"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, bufsize=0,
+        parse_banner, cwd=REPO_ROOT, stderr=log, ready_timeout_s=STARTUP_TIMEOUT_S,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    for _ in range(10):  # the banner is a handful of lines
-        line = read_line(proc.stdout, max(0.1, deadline - time.monotonic()))
-        match = GRPC_LISTEN_RE.search(line)
-        if match:
-            return proc, f"{match.group(1)}:{match.group(2)}"
-    stop(proc, 10.0)
-    raise RuntimeError("the router printed no gRPC listen line")
+    target = proc.ready.grpc_target
+    if target is None:
+        proc.stop(STOP_TIMEOUT_S)
+        raise RuntimeError("the router printed no gRPC listen line")
+    return proc, target
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     payload = make_request(args.elements)
     rows: list[dict[str, Any]] = []
     backend, port = start_backend()
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "router.log", "wb") as log:
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            router, router_target = start_router(port, Path(tmp), log)
+            router, router_target = start_router(port, Path(tmp), Path(tmp) / "router.log")
         except BaseException:
-            stop(backend, 10.0)
+            backend.stop(STOP_TIMEOUT_S)
             raise
         try:
             context = multiprocessing.get_context("spawn")
@@ -202,8 +194,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         rows.append({"target": target_name, **row})
                         print(_row_text(rows[-1]), flush=True)
         finally:
-            stop(router, 10.0)
-            stop(backend, 10.0)
+            router.stop(STOP_TIMEOUT_S)
+            backend.stop(STOP_TIMEOUT_S)
     return {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, "

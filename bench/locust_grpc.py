@@ -27,7 +27,7 @@ import grpc
 from grpc.experimental import gevent as grpc_gevent
 from locust import User, constant, task
 
-from backends.proto import grpc_predict_v2_pb2 as pb
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 grpc_gevent.init_gevent()
 

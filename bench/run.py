@@ -26,25 +26,21 @@ bounded, and every process it started is stopped in ``finally``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import queue
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from bench.load import (
@@ -53,6 +49,8 @@ from bench.load import (
     run_load,
     run_specs,
 )
+from router.control.launcher import BlockingProcess, ReadyReader, launch_blocking, started
+from router.protocol.announce import Banner, parse_banner, ready_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -65,8 +63,6 @@ READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 ROUTER_GRACE_S = 5.0
 DIRECT_SPLIT = "half the clients to each backend (lane k -> backend k mod 2), merged"
-ROUTER_LINE = re.compile(r"inference-router listening on (\S+):(\d+) ")
-ADMIN_LINE = re.compile(r"admin: http://(\S+):(\d+)/")
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -74,42 +70,12 @@ ADMIN_LINE = re.compile(r"admin: http://(\S+):(\d+)/")
 
 @dataclass
 class Service:
-    """One process this script started, its output lines, and where it listens."""
+    """One process this script started (by ``router.control.launcher``) and where it listens."""
 
     name: str
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    process: BlockingProcess[Any]
     port: int = 0
     stderr_path: Path | None = None
-
-    def start_reader(self) -> None:
-        """Read stdout on a thread so the child never blocks on a full pipe."""
-        stream = self.process.stdout
-        if stream is None:
-            return
-
-        def pump(out: IO[str]) -> None:
-            for line in out:
-                self.lines.put(line.rstrip("\n"))
-            self.lines.put(None)
-
-        threading.Thread(target=pump, args=(stream,), name=f"{self.name}-stdout",
-                         daemon=True).start()
-
-    def wait_line(self, pattern: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                raise RuntimeError(f"{self.name} exited (rc={self.process.wait(STOP_TIMEOUT_S)}) "
-                                   f"before ready: {self.stderr_tail()}")
-            if match := pattern.search(line):
-                return match
-        raise RuntimeError(f"{self.name} printed no line matching {pattern.pattern!r} "
-                           f"within {timeout_s}s")
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
@@ -119,33 +85,23 @@ class Service:
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT_S)
+        self.process.stop(STOP_TIMEOUT_S)
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path) -> Service:
-    stderr = (log_dir / f"{name}.stderr.log").open("w")  # a temp dir: gone after the run
-    try:
-        process = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-            text=True, start_new_session=True,  # a Ctrl-C here is this script's to handle
-        )
-    finally:
-        stderr.close()  # the child holds its own copy
-    service = Service(name, process, stderr_path=log_dir / f"{name}.stderr.log")
-    service.start_reader()
-    return service
+def _spawn(name: str, argv: list[str], log_dir: Path, ready: ReadyReader[Any]) -> Service:
+    """Start ``argv`` and wait for ``ready``; its stderr goes to ``log_dir`` (a temp dir)."""
+    stderr_path = log_dir / f"{name}.stderr.log"
+    process = launch_blocking(
+        argv, ready, cwd=ROOT, stderr=stderr_path, ready_timeout_s=READY_TIMEOUT_S,
+        new_session=True,  # a Ctrl-C here is this script's to handle
+    )
+    return Service(name, process, stderr_path=stderr_path)
 
 
 def start_echo(name: str, log_dir: Path) -> Service:
-    service = _spawn(name, [sys.executable, "-m", "backends.echo", "--port", "0"], log_dir)
-    service.port = int(service.wait_line(re.compile(r"^READY (\d+)$"), READY_TIMEOUT_S)[1])
+    service = _spawn(name, [sys.executable, "-m", "backends.echo", "--port", "0"], log_dir,
+                     ready_port)
+    service.port = service.process.ready
     return service
 
 
@@ -165,10 +121,11 @@ def start_router(backends: list[int], log_dir: Path, config: Path | None = None,
         argv += ["--processes", str(processes)]
     for port in backends:
         argv += ["--backend", f"127.0.0.1:{port}"]
-    service = _spawn("router" if processes == 1 else f"router-{processes}p", argv, log_dir)
-    service.port = int(service.wait_line(ROUTER_LINE, READY_TIMEOUT_S)[2])
-    admin_port = int(service.wait_line(ADMIN_LINE, READY_TIMEOUT_S)[2])
-    return service, admin_port
+    name = "router" if processes == 1 else f"router-{processes}p"
+    service = _spawn(name, argv, log_dir, parse_banner)
+    banner: Banner = service.process.ready
+    service.port = banner.listen[1]
+    return service, banner.admin[1]
 
 
 def free_port() -> int:
@@ -216,7 +173,7 @@ def start_haproxy(binary: str, backends: list[int], log_dir: Path) -> Service:
     port = free_port()
     cfg = log_dir / "haproxy.cfg"
     cfg.write_text(haproxy_config(port, backends))
-    service = _spawn("haproxy", [binary, "-f", str(cfg), "-db"], log_dir)
+    service = _spawn("haproxy", [binary, "-f", str(cfg), "-db"], log_dir, started)
     service.port = port
     wait_accepting(service, READY_TIMEOUT_S)
     return service

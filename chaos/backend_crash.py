@@ -43,6 +43,7 @@ from chaos.common import (
     REPO_ROOT,
     BackendsPoller,
     LoadState,
+    Process,
     first_sample_after,
     format_summary,
     free_port,
@@ -84,8 +85,8 @@ class Chaos:
 
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.retired: list[subprocess.Popen[bytes]] = []  # killed ones, for cleanup
+        self.procs: list[Process] = []
+        self.retired: list[Process] = []  # killed ones, for cleanup
         self.killed_at: dict[int, float] = {}
         self.restarted_at: dict[int, float] = {}
         self.kill_after_outcomes: dict[int, int] = {}
@@ -218,7 +219,7 @@ def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict
             ports.append(port)
     addresses = [f"127.0.0.1:{p}" for p in ports]
     chaos = Chaos(ports)
-    router: subprocess.Popen[bytes] | None = None
+    router: Process | None = None
     poller: BackendsPoller | None = None
     router_exit: int | None = None
     recovery_info: dict[str, Any] = {}
@@ -249,11 +250,7 @@ def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict
             if poller is not None:
                 poller.stop()
             if router is not None:
-                if router.poll() is None:
-                    router.kill()
-                    router.wait(timeout=5)
-                if router.stdout is not None:
-                    router.stdout.close()
+                reap([router])
             chaos.cleanup()
         stderr_text = Path(stderr_path).read_text(errors="replace")
 

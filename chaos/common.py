@@ -1,7 +1,8 @@
-"""Helpers shared by the chaos scenarios (moved here from ``chaos.drain``).
+"""Helpers shared by the chaos scenarios.
 
-Starting the router (and reading its banner), starting echo backends on a chosen port,
-stopping a subprocess within a bound, and the plain sequential load client.
+Starting the router and echo backends (``router.control.launcher``: the router is ready once
+its banner is out, a backend once it printed ``READY <port>``), stopping them within a
+bound, and the plain sequential load client.
 """
 
 from __future__ import annotations
@@ -9,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import selectors
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,27 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from router.client.frames import ConnectionLost, ErrorReply, FrameClient
-from tests.support import wait_ready
+from router.control.launcher import BlockingProcess, Stderr, launch_blocking
+from router.protocol.announce import Banner, parse_banner, ready_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 STARTUP_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 20
 
-ROUTER_LISTEN_RE = re.compile(r"listening on (\S+):(\d+) ")
-ROUTER_ADMIN_RE = re.compile(r"admin: (http://\S+?)/metrics")
-ROUTER_GRPC_RE = re.compile(r"grpc: (\S+):(\d+) ")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
-
-def read_line(stream: Any, timeout_s: float) -> str:
-    """One line from a subprocess pipe, waiting at most ``timeout_s`` for it to start."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        if not sel.select(timeout=timeout_s):
-            raise TimeoutError(f"no output line within {timeout_s} s")
-    line: bytes = stream.readline()
-    return line.decode(errors="replace")
+# Every process a scenario starts; the announcement it was waited on (a port, a ``Banner``)
+# is its ``ready``.
+Process = BlockingProcess[Any]
 
 
 def free_port() -> int:
@@ -55,28 +44,31 @@ def free_port() -> int:
         return port
 
 
+def start_backend(module: str, *args: str, port: int = 0) -> tuple[BlockingProcess[int], int]:
+    """Start ``python -m MODULE --port PORT ARGS`` (0: any port); return it and its port once
+    it printed ``READY <port>``."""
+    proc = launch_blocking(
+        [sys.executable, "-m", module, "--port", str(port), *args], ready_port,
+        cwd=REPO_ROOT, ready_timeout_s=STARTUP_TIMEOUT_S,
+    )
+    return proc, proc.ready
+
+
 def start_echo(
     port: int = 0, *, delay_ms: float = 0.0, record_path: str | None = None
-) -> tuple[subprocess.Popen[bytes], int]:
+) -> tuple[BlockingProcess[int], int]:
     """Start ``backends.echo`` on ``port`` (0: any); wait for READY and return (proc, port)."""
-    cmd = [sys.executable, "-m", "backends.echo", "--port", str(port),
-           "--delay-ms", str(delay_ms)]
+    args = ["--delay-ms", str(delay_ms)]
     if record_path is not None:
-        cmd += ["--record-ids", record_path]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE)
-    try:
-        return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
-    except BaseException:
-        proc.kill()
-        proc.wait(timeout=5)
-        raise
+        args += ["--record-ids", record_path]
+    return start_backend("backends.echo", *args, port=port)
 
 
 def start_router(
-    backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
+    backend_ports: list[int], stderr_file: Stderr, *, config_path: Path | None = None,
     shutdown_grace_s: float = SHUTDOWN_GRACE_S, listen_address: str = "127.0.0.1:0",
     reuse_port: bool = False, processes: int = 1,
-) -> tuple[subprocess.Popen[bytes], tuple[str, int], str]:
+) -> tuple[BlockingProcess[Banner], tuple[str, int], str]:
     """Start the router on free ports; return (proc, listen address, admin base URL).
     ``launch_router`` takes the same arguments and returns the whole ``Banner``.
     """
@@ -84,14 +76,14 @@ def start_router(
         backend_ports, stderr_file, config_path=config_path, shutdown_grace_s=shutdown_grace_s,
         listen_address=listen_address, reuse_port=reuse_port, processes=processes,
     )
-    return proc, banner.listen, banner.admin
+    return proc, banner.listen, banner.admin_url
 
 
 def launch_router(
-    backend_ports: list[int], stderr_file: Any, *, config_path: Path | None = None,
+    backend_ports: list[int], stderr_file: Stderr, *, config_path: Path | None = None,
     shutdown_grace_s: float = SHUTDOWN_GRACE_S, listen_address: str = "127.0.0.1:0",
     reuse_port: bool = False, processes: int = 1,
-) -> tuple[subprocess.Popen[bytes], Banner]:
+) -> tuple[BlockingProcess[Banner], Banner]:
     """Start the router on free ports; return (proc, what its banner says).
 
     ``backend_ports`` become ``--backend`` flags (which replace a config file's backends);
@@ -110,60 +102,22 @@ def launch_router(
     for port in backend_ports:
         cmd += ["--backend", f"127.0.0.1:{port}"]
     cmd += ["--shutdown-grace", str(shutdown_grace_s), "--log-level", "INFO"]
-    # unbuffered: a buffered reader could swallow the second line while reading the first,
-    # and the selector would then wait for data already read
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
-    return proc, read_banner(proc)
+    proc = launch_blocking(cmd, parse_banner, cwd=REPO_ROOT, stderr=stderr_file,
+                           ready_timeout_s=STARTUP_TIMEOUT_S)
+    return proc, proc.ready
 
 
-@dataclass(frozen=True)
-class Banner:
-    """What the router's first lines of stdout say: where it listens."""
-
-    listen: tuple[str, int]
-    admin: str  # base URL
-    grpc: tuple[str, int] | None  # the gRPC front door, if on
-
-
-def read_banner(proc: subprocess.Popen[bytes]) -> Banner:
-    """Read ``listening on``, the optional ``grpc:`` line and ``admin:`` (bounded: 3 lines)."""
-    assert proc.stdout is not None
-    lines = [read_line(proc.stdout, STARTUP_TIMEOUT_S)]
-    listen = ROUTER_LISTEN_RE.search(lines[0])
-    grpc_match = admin = None
-    while admin is None and listen is not None and len(lines) < 3:
-        lines.append(read_line(proc.stdout, STARTUP_TIMEOUT_S))
-        grpc_match = grpc_match or ROUTER_GRPC_RE.search(lines[-1])
-        admin = ROUTER_ADMIN_RE.search(lines[-1])
-    if listen is None or admin is None:
-        proc.kill()
-        proc.wait(timeout=5)
-        raise RuntimeError(f"unexpected router banner: {lines!r}")
-    grpc_addr = (grpc_match.group(1), int(grpc_match.group(2))) if grpc_match else None
-    return Banner((listen.group(1), int(listen.group(2))), admin.group(1), grpc_addr)
-
-
-def reap(procs: Iterable[subprocess.Popen[bytes]]) -> None:
-    """Kill whatever is still running and close its stdout pipe (the last step of every run)."""
+def reap(procs: Iterable[Process]) -> None:
+    """Kill whatever is still running and reap it (the last step of every run)."""
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
-    """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait(timeout=5)
-        return None
+        proc.stop()
+
+
+def stop(proc: Process, timeout_s: float) -> int | None:
+    """SIGTERM ``proc`` (if still running) and wait; kill it past the bound (returns None)."""
+    code = proc.stop(timeout_s)
+    return None if proc.killed else code
 
 
 def wait_readyz(admin_base: str, timeout_s: float, interval_s: float = 0.02) -> bool:
@@ -275,7 +229,7 @@ async def run_grpc_client(
     router error code or status), ``mismatch``, ``timeout``."""
     import grpc
 
-    from backends.proto import grpc_predict_v2_pb2 as pb
+    from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary(MODEL_INFER)

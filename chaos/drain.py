@@ -53,16 +53,22 @@ from typing import Any
 import uvloop
 
 from chaos.cli import scenario_main
-from chaos.common import REPO_ROOT, LoadState, launch_router, reap, run_grpc_client
+from chaos.common import (
+    REPO_ROOT,
+    LoadState,
+    Process,
+    launch_router,
+    reap,
+    run_grpc_client,
+    start_backend,
+)
 from chaos.common import run_client as _client
 from chaos.common import start_router as _start_router
 from chaos.common import stop as _stop
-from tests.support import wait_ready
 
 DEFAULT_JSON = REPO_ROOT / "chaos" / "results" / "drain.json"
 
 BACKEND_DELAY_MS = 2
-STARTUP_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 30.0  # must exceed the drain grace: an accepted request is answered by then
 CLIENTS_TIMEOUT_S = 60.0
@@ -85,22 +91,14 @@ METRICS = {
 # --------------------------------------------------------------------------- processes
 
 
-def _start_backend(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backends.echo", "--port", "0",
-         "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE,
-    )
-    return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+def _start_backend(record_path: str) -> tuple[Process, int]:
+    return start_backend("backends.echo", "--delay-ms", str(BACKEND_DELAY_MS),
+                         "--record-ids", record_path)
 
 
-def _start_kserve(record_path: str) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backends.kserve", "--port", "0", "--models", "identity",
-         "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE,
-    )
-    return proc, wait_ready(proc, STARTUP_TIMEOUT_S)
+def _start_kserve(record_path: str) -> tuple[Process, int]:
+    return start_backend("backends.kserve", "--models", "identity",
+                         "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path)
 
 
 def _config_with_grpc(path: Path, echo_ports: list[int], kserve_port: int) -> Path:
@@ -176,7 +174,7 @@ class MetricsPoller(threading.Thread):
 
 async def _load(
     clients: int, requests: int, addr: tuple[str, int], admin: str,
-    router: subprocess.Popen[bytes], rng: random.Random, poller: MetricsPoller,
+    router: Process, rng: random.Random, poller: MetricsPoller,
     grpc_clients: int = 0, grpc_target: str | None = None,
 ) -> tuple[LoadState, dict[str, Any]]:
     total = (clients + grpc_clients) * requests
@@ -231,7 +229,7 @@ def _read_ids(path: str) -> list[str]:
 def run(clients: int = 50, requests: int = 100, seed: int | None = None,
         processes: int = 1, grpc_clients: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Process] = []
     with tempfile.TemporaryDirectory(prefix="chaos-drain-") as tmp:
         record_paths = [os.path.join(tmp, f"backend{i}.ids") for i in range(2)]
         stderr_path = os.path.join(tmp, "router.stderr")
@@ -253,9 +251,9 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None,
                                                [p for _, p in backends[:2]], kserve_port)
                     router, banner = launch_router([], stderr_file, config_path=config,
                                                    processes=processes)
-                    addr, admin = banner.listen, banner.admin
+                    addr, admin = banner.listen, banner.admin_url
                     assert banner.grpc is not None, "the router printed no gRPC address"
-                    grpc_target = f"{banner.grpc[0]}:{banner.grpc[1]}"
+                    grpc_target = banner.grpc_target
                 else:
                     router, addr, admin = _start_router([p for _, p in backends], stderr_file,
                                                         processes=processes)

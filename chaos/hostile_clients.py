@@ -34,7 +34,6 @@ import random
 import select
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import uvloop
 from chaos.common import (
     REPO_ROOT,
     LoadState,
+    Process,
     RssSampler,
     format_summary,
     get_backends,
@@ -244,8 +244,8 @@ def run(
     clients: int = 10, requests: int = 300, hostiles: int = 200, seed: int | None = None,
 ) -> dict[str, Any]:
     seed = 0 if seed is None else seed
-    procs: list[subprocess.Popen[bytes]] = []
-    router: subprocess.Popen[bytes] | None = None
+    procs: list[Process] = []
+    router: Process | None = None
     sampler: RssSampler | None = None
     router_exit: int | None = None
     rss_before = rss_after = 0

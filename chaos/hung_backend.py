@@ -41,6 +41,7 @@ from chaos.common import (
     REPO_ROOT,
     BackendsPoller,
     LoadState,
+    Process,
     first_sample_after,
     format_summary,
     get_backends,
@@ -102,8 +103,8 @@ async def _load(
 
 def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict[str, Any]:
     # Nothing here is random; ``seed`` is only recorded (the signature matches the others).
-    procs: list[subprocess.Popen[bytes]] = []
-    router: subprocess.Popen[bytes] | None = None
+    procs: list[Process] = []
+    router: Process | None = None
     poller: BackendsPoller | None = None
     router_exit: int | None = None
     with tempfile.TemporaryDirectory(prefix="chaos-hung-") as tmp:

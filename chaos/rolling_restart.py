@@ -39,6 +39,7 @@ from chaos.cli import scenario_main
 from chaos.common import (
     REPO_ROOT,
     LoadState,
+    Process,
     format_summary,
     free_port,
     reap,
@@ -92,7 +93,7 @@ async def _client(
 
 
 async def _load(
-    clients: int, requests: int, addr: tuple[str, int], router_a: subprocess.Popen[bytes],
+    clients: int, requests: int, addr: tuple[str, int], router_a: Process,
     admin_a: str, start_b: Any, rng: random.Random,
 ) -> tuple[LoadState, Counter[str], dict[str, Any]]:
     total = clients * requests
@@ -149,7 +150,7 @@ def _read_ids(path: str) -> list[str]:
         return []
 
 
-def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+def _wait_exit(proc: Process, timeout_s: float) -> int | None:
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -167,7 +168,7 @@ def _drain(stderr_text: str) -> tuple[int | None, float | None, str | None]:
 
 def run(clients: int = 20, requests: int = 200, seed: int | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Process] = []
     router_b: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="chaos-rolling-") as tmp:
         record_paths = [os.path.join(tmp, f"backend{i}.ids") for i in range(2)]

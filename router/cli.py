@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -16,8 +15,10 @@ from typing import Any
 
 import uvloop
 
+from router.control import launcher
 from router.core import config as config_mod
 from router.core.errors import ConfigError
+from router.protocol import announce
 
 
 def _backend_flag(value: str) -> dict[str, Any]:
@@ -111,14 +112,8 @@ def _stop_on_signals(force: Callable[[], None]) -> asyncio.Event:
 
 def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
                   admin: tuple[str, int], extra: str) -> None:
-    """What it listens on and how to try it; the first line is what scripts wait for."""
-    (lh, lp), (ah, ap) = listen, admin
-    lines = [f"inference-router listening on {lh}:{lp} (length-prefixed TCP)"]
-    if grpc is not None:
-        lines.append(f"  grpc: {grpc[0]}:{grpc[1]} (any service; KServe v2 routed by model)")
-    lines += [f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", f"  {extra}",
-              f"  try it: inference-router call --to {lh}:{lp} hello"]
-    print("\n".join(lines), flush=True)
+    """What it listens on and how to try it (``announce.parse_banner`` reads it back)."""
+    print(announce.format_banner(announce.Banner(listen, admin, grpc), extra), flush=True)
 
 
 def _log_dir() -> Path:
@@ -134,8 +129,10 @@ async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
         bound = await app.start()
         _tune_gc()
         if supervised:
-            _die_with_parent()
-            print(f"READY {bound.admin[1]}", flush=True)
+            # SIGTERM (a drain) when the supervisor dies, so a supervisor that is killed
+            # outright leaves no router process behind.
+            launcher.die_with_parent(signal.SIGTERM)
+            print(announce.format_ready(bound.admin[1]), flush=True)
         backends = ", ".join(b.address for b in app.registry)
         _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
         report = await app.serve(stop.wait())
@@ -159,17 +156,6 @@ def _tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM (a drain) when the supervisor dies, so a supervisor that is killed
-    outright leaves no router process behind."""
-    if sys.platform != "linux":
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _supervise(cfg: config_mod.RouterConfig) -> int:

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from backends.proto import grpc_predict_v2_pb2 as pb
 from router.app import RouterApp
 from router.core import config as config_mod
 from router.lifecycle.drain import DrainReport
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 from tests.conftest import BASE_CONFIG
 from tests.support import BackendProcess, backend_processes
 

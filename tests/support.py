@@ -1,40 +1,36 @@
-"""Helpers shared by test modules that start real processes."""
+"""Helpers for test modules that start real processes (by ``router.control.launcher``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import selectors
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.control.launcher import BlockingProcess, launch_blocking
+from router.protocol.announce import ready_port
+
 READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_ready(proc: subprocess.Popen[bytes], timeout_s: float = READY_TIMEOUT_S) -> int:
-    """Wait for a backend's ``READY <port>`` line (an event, not port polling); return the port."""
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=timeout_s):
-            raise TimeoutError(f"backend not READY within {timeout_s} s")
-    line = proc.stdout.readline().decode()
-    parts = line.split()
-    if len(parts) != 2 or parts[0] != "READY" or not parts[1].isdigit():
-        raise RuntimeError(f"backend printed {line!r} instead of READY <port>")
-    return int(parts[1])
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: ours, importing this checkout."""
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
 @dataclass
 class BackendProcess:
     """A backend started by ``backend_processes``: its process and the port it announced."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
+    proc: BlockingProcess[int]
+
+    @property
+    def port(self) -> int:
+        return self.proc.ready
 
     @property
     def address(self) -> str:
@@ -42,41 +38,26 @@ class BackendProcess:
 
     def kill(self) -> None:
         """SIGKILL, and reap it (bounded)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
+        self.proc.kill()
         self.proc.wait(timeout=READY_TIMEOUT_S)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 5 s; always reaped."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 @contextlib.contextmanager
 def backend_processes(module: str) -> Iterator[Callable[..., BackendProcess]]:
     """A factory: ``start(*args)`` runs ``python -m MODULE --port 0 ARGS`` and waits for its
     ``READY <port>`` line; every process started is stopped on exit."""
-    started: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    started: list[BlockingProcess[int]] = []
 
     def start(*args: str) -> BackendProcess:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", "0", *args],
-            stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
+        process = launch_blocking(
+            [sys.executable, "-m", module, "--port", "0", *args], ready_port,
+            cwd=REPO_ROOT, env=child_env(), ready_timeout_s=READY_TIMEOUT_S,
         )
-        started.append(proc)
-        return BackendProcess(proc, wait_ready(proc))
+        started.append(process)
+        return BackendProcess(process)
 
     try:
         yield start
     finally:
-        for proc in started:
-            stop_process(proc)
+        for process in started:
+            process.stop(STOP_TIMEOUT_S)

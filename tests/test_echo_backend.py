@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,33 +11,19 @@ from pathlib import Path
 import pytest
 
 from bench.load import run_load
+from router.control.launcher import BlockingProcess
 from router.protocol.frames import FrameDecoder, encode_frame
-from tests.support import wait_ready
+from tests.support import backend_processes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 IO_TIMEOUT_S = 5.0
 
 
 @contextmanager
-def echo_backend(*args: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def echo_backend(*args: str) -> Iterator[tuple[BlockingProcess[int], int]]:
     """Start ``python -m backends.echo --port 0 ARGS``; yield (process, port) once READY."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backends.echo", "--port", "0", *args],
-        stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env,
-    )
-    try:
-        yield proc, wait_ready(proc)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=IO_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=IO_TIMEOUT_S)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    with backend_processes("backends.echo") as start:
+        backend = start(*args)
+        yield backend.proc, backend.port
 
 
 def connect(port: int) -> socket.socket:

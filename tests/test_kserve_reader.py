@@ -1,6 +1,6 @@
-"""The sans-IO KServe field reader and writer (router/kserve.py) against real protobuf.
+"""The sans-IO KServe field reader and the reply encoders (router/protocol/kserve.py).
 
-Messages are built and parsed with the generated KServe classes (backends/proto), so the
+Messages are built and parsed with the generated KServe classes (router/protocol/proto), so the
 reader is held to what protobuf itself does: same model name and version on every message
 hypothesis can build, on concatenations (protobuf's merge: the last value wins), on every
 truncation (a clean error exactly where protobuf fails too), and never anything but
@@ -14,14 +14,16 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.proto import grpc_predict_v2_pb2 as pb
 from router.core.errors import ClientProtocolError, MalformedMessage
 from router.protocol.kserve import (
     ModelRef,
-    encode_bool_reply,
+    encode_model_ready,
+    encode_server_live,
     encode_server_metadata,
+    encode_server_ready,
     read_model,
 )
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 names = st.text(max_size=40)
 shapes = st.lists(st.integers(min_value=-1, max_value=2**40), max_size=4)
@@ -156,11 +158,10 @@ def test_model_key_carries_the_version_only_when_given() -> None:
 
 
 @given(st.booleans())
-def test_bool_replies_parse_as_every_bool_reply(value: bool) -> None:
-    data = encode_bool_reply(value)
-    assert pb.ServerLiveResponse.FromString(data).live is value
-    assert pb.ServerReadyResponse.FromString(data).ready is value
-    assert pb.ModelReadyResponse.FromString(data).ready is value
+def test_bool_replies_parse_as_their_messages(value: bool) -> None:
+    assert pb.ServerLiveResponse.FromString(encode_server_live(value)).live is value
+    assert pb.ServerReadyResponse.FromString(encode_server_ready(value)).ready is value
+    assert pb.ModelReadyResponse.FromString(encode_model_ready(value)).ready is value
 
 
 @given(names, names, st.lists(names, max_size=4))

@@ -23,6 +23,8 @@ from conftest import EchoBackend, RouterFactory, RunningRouter
 from support import REPO_ROOT
 
 from router.client.frames import ConnectionLost, ErrorReply, FrameClient, RetryingClient
+from router.control.launcher import LaunchedProcess, launch
+from router.protocol.announce import Banner, parse_banner
 from router.protocol.frames import ERROR_FLAG, LENGTH_MASK, encode_frame
 
 WAIT_S = 10.0
@@ -602,32 +604,23 @@ async def test_no_leaked_connections_or_tasks_after_shutdown(
 @contextlib.asynccontextmanager
 async def cli_router(
     backend: EchoBackend, tmp_path: Path, *flags: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, int, Path]]:
-    """``inference-router serve`` as a real process: (process, host, port, stderr file)."""
+) -> AsyncIterator[tuple[LaunchedProcess[Banner], str, int, Path]]:
+    """``inference-router serve`` as a real process, once its banner is out: (process (its
+    ``ready`` is the banner), host, port, stderr file)."""
     stderr_path = tmp_path / "router.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "serve",
-            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--backend", backend.address, *flags,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
-            env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
-                 "PATH": "/usr/bin:/bin"},
-        )
+    proc = await launch(
+        [sys.executable, "-m", "router", "serve",
+         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", backend.address,
+         *flags],
+        parse_banner, stderr=stderr_path, cwd=REPO_ROOT, ready_timeout_s=WAIT_S,
+        env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
+             "PATH": "/usr/bin:/bin"},
+    )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(WAIT_S):
-            first = (await proc.stdout.readline()).decode()
-        assert first.startswith("inference-router listening on "), (
-            first, stderr_path.read_text()
-        )
-        host, port = first.split()[3].rsplit(":", 1)
-        yield proc, host, int(port), stderr_path
+        yield proc, *proc.ready.listen, stderr_path
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            async with asyncio.timeout(5):
-                await proc.wait()
+        proc.kill()
+        await proc.stop()
 
 
 async def test_cli_serve_answers_and_exits_cleanly_on_sigterm(
@@ -654,8 +647,7 @@ async def test_cli_second_signal_forces_exit_during_a_drain(
     backend = echo_backend("--delay-ms", "60000")
     flags = ("--shutdown-grace", "60")
     async with cli_router(backend, tmp_path, *flags) as (proc, host, port, stderr_path):
-        assert proc.stdout is not None
-        admin = (await proc.stdout.readline()).decode().split()[1].removesuffix("/metrics")
+        admin = proc.ready.admin_url
         client = await FrameClient.connect(host, port)
         stuck = client.send(b"stuck")
         async with asyncio.timeout(WAIT_S), aiohttp.ClientSession() as session:

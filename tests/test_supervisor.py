@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.client.frames import FrameClient
 from router.control.federation import merge_metrics
+from router.control.launcher import LaunchedProcess, launch
+from router.protocol.announce import Banner, parse_banner
 from tests.conftest import EchoBackend
 from tests.support import REPO_ROOT
 
@@ -26,7 +28,7 @@ WAIT_S = 20.0  # bound on every wait; a router process starts in well under a se
 
 @dataclass
 class Supervised:
-    proc: asyncio.subprocess.Process
+    proc: LaunchedProcess[Banner]
     host: str
     port: int
     admin: str
@@ -45,31 +47,19 @@ async def supervised_router(
     backend: EchoBackend, tmp_path: Path, processes: int = 2
 ) -> AsyncIterator[Supervised]:
     stderr_path = tmp_path / "router.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "serve", "--processes", str(processes),
-            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", backend.address,
-            "--shutdown-grace", "10",
-            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT,
-            env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
-                 "PATH": "/usr/bin:/bin"},
-        )
+    proc = await launch(
+        [sys.executable, "-m", "router", "serve", "--processes", str(processes),
+         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", backend.address,
+         "--shutdown-grace", "10"],
+        parse_banner, stderr=stderr_path, cwd=REPO_ROOT, ready_timeout_s=WAIT_S,
+        env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
+             "PATH": "/usr/bin:/bin"},
+    )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(WAIT_S):
-            first = (await proc.stdout.readline()).decode()
-            admin_line = (await proc.stdout.readline()).decode()
-        assert first.startswith("inference-router listening on "), (
-            first, stderr_path.read_text()
-        )
-        host, port = first.split()[3].rsplit(":", 1)
-        admin = admin_line.split()[1].removesuffix("/metrics")
-        yield Supervised(proc, host, int(port), admin, stderr_path)
+        host, port = proc.ready.listen
+        yield Supervised(proc, host, port, proc.ready.admin_url, stderr_path)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(WAIT_S):
-                await proc.wait()
+        await proc.stop(WAIT_S)
 
 
 def per_process(metrics_text: str, sample_name: str) -> dict[str, float]:

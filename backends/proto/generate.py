@@ -1,8 +1,12 @@
-"""Regenerate the Python modules from the .proto files beside this one (``make protos``).
+"""Regenerate the Python modules of ``router/protocol/proto`` from the .proto files there
+(``make protos``).
 
 Runs grpc_tools.protoc (the ``protos`` extra pins grpcio-tools 1.81.1, whose generated code
 needs a protobuf 6.33 runtime), then points each generated ``*_pb2.py`` at the private
-descriptor pool in ``_pool.py`` instead of protobuf's default pool (why: ``__init__``).
+descriptor pool in ``_pool.py`` instead of protobuf's default pool (why: that package's
+``__init__``). The router answers some KServe calls with these classes, and the router must
+not import ``backends``, so they live in the router package; this generator is a development
+tool and stays out of it.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
+PACKAGE = "router/protocol/proto"  # relative to ROOT, which is protoc's include path
+OUT = ROOT / PACKAGE
 PROTOS = ("grpc_predict_v2.proto", "model_stream_infer.proto")
 WITH_SERVICE = ("grpc_predict_v2.proto",)
 DEFAULT_POOL = "_descriptor_pool.Default()"
 PRIVATE_POOL = "_pool.POOL"
-POOL_IMPORT = "from backends.proto import _pool\n"
+POOL_IMPORT = f"from {PACKAGE.replace('/', '.')} import _pool\n"
 
 
 def _protoc(*args: str) -> None:
@@ -37,12 +42,12 @@ def _use_private_pool(path: Path) -> None:
 
 def main() -> None:
     for name in PROTOS:
-        rel = f"backends/proto/{name}"
-        _protoc(f"--python_out={ROOT}", f"--pyi_out={ROOT}", str(ROOT / rel))
+        source = str(OUT / name)
+        _protoc(f"--python_out={ROOT}", f"--pyi_out={ROOT}", source)
         if name in WITH_SERVICE:
-            _protoc(f"--grpc_python_out={ROOT}", str(ROOT / rel))
-        _use_private_pool(HERE / name.replace(".proto", "_pb2.py"))
-    print(f"generated into {HERE}", file=sys.stderr)
+            _protoc(f"--grpc_python_out={ROOT}", source)
+        _use_private_pool(OUT / name.replace(".proto", "_pb2.py"))
+    print(f"generated into {OUT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

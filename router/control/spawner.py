@@ -1,112 +1,67 @@
-"""Starts backend processes the config asks for, and stops them on exit.
+"""Starts the processes the config asks for (backends with a ``command``; the supervisor's
+router processes), and stops them on exit.
 
-A spawned backend must print ``READY <port>`` on stdout once it listens; the spawner waits for
-that line (no port polling), so ``--port 0`` lets the backend choose a free port. Each process's
-remaining output goes to a log file. This is the seed of the replica manager.
+Each one must print ``READY <port>`` on stdout once it listens (``launcher.ready_port``), so
+``--port 0`` lets it choose a free port; its whole stdout goes to a log file named after its
+pid. This is the seed of the replica manager.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
-import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from router.core.errors import SpawnError, quoted
+from router.control.launcher import READY_TIMEOUT_S, STOP_TIMEOUT_S, LaunchedProcess, launch
+from router.protocol.announce import ready_port
 
-log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class SpawnedProcess:
-    argv: list[str]
-    process: asyncio.subprocess.Process
-    port: int
-    log_file: IO[bytes] | None
+    process: LaunchedProcess[int]
+
+    @property
+    def port(self) -> int:
+        """The port it announced."""
+        return self.process.ready
 
     def statistics(self) -> dict[str, Any]:
-        return {"argv": self.argv, "pid": self.process.pid, "port": self.port,
-                "returncode": self.process.returncode}
+        return {**self.process.statistics(), "port": self.port}
 
 
 class Spawner:
-    def __init__(self, log_dir: Path | None = None, ready_timeout_s: float = 20.0) -> None:
+    def __init__(self, log_dir: Path | None = None,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self._log_dir = log_dir
         self._ready_timeout_s = ready_timeout_s
         self._processes: list[SpawnedProcess] = []
-        self._relays: set[asyncio.Task[None]] = set()
+
+    def _log_path(self) -> Callable[[int], Path] | None:
+        log_dir = self._log_dir
+        return None if log_dir is None else (lambda pid: log_dir / f"backend-{pid}.log")
 
     async def spawn(self, argv: list[str]) -> SpawnedProcess:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C on the router's terminal is the router's to handle
+        """Start ``argv`` and wait for its ``READY <port>``; ``SpawnError`` if it never comes."""
+        process = await launch(
+            argv, ready_port, log_path=self._log_path(), ready_timeout_s=self._ready_timeout_s,
+            new_session=True,  # a Ctrl-C on the router's terminal is the router's to handle
         )
-        assert process.stdout is not None
-        try:
-            async with asyncio.timeout(self._ready_timeout_s):
-                line = await process.stdout.readline()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            limit = self._ready_timeout_s
-            raise SpawnError(f"{argv} did not print READY within {limit}s") from None
-        words = line.decode(errors="replace").split()
-        if len(words) != 2 or words[0] != "READY" or not words[1].isdigit():
-            process.kill()
-            await process.wait()
-            raise SpawnError(f"{argv} exited or printed {quoted(line)} instead of 'READY <port>'")
-        log_file = None
-        if self._log_dir is not None:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            log_file = (self._log_dir / f"backend-{process.pid}.log").open("ab")
-        spawned = SpawnedProcess(argv, process, int(words[1]), log_file)
-        relay = asyncio.create_task(self._relay_output(spawned))
-        self._relays.add(relay)
-        relay.add_done_callback(self._relays.discard)
+        spawned = SpawnedProcess(process)
         self._processes.append(spawned)
         return spawned
 
-    async def _relay_output(self, spawned: SpawnedProcess) -> None:
-        stream = spawned.process.stdout
-        assert stream is not None
-        while line := await stream.readline():
-            if spawned.log_file is not None:
-                spawned.log_file.write(line)
-                spawned.log_file.flush()
-
-    async def stop_all(self, timeout_s: float = 5.0) -> None:
-        for spawned in self._processes:
-            if spawned.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    spawned.process.send_signal(signal.SIGTERM)
-        for spawned in self._processes:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await spawned.process.wait()
-            except TimeoutError:
-                log.warning("backend pid %d ignored SIGTERM; killing", spawned.process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    spawned.process.kill()
-                await spawned.process.wait()
-            if spawned.log_file is not None:
-                spawned.log_file.close()
-        for relay in list(self._relays):
-            relay.cancel()
-        await asyncio.gather(*self._relays, return_exceptions=True)
+    async def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM every process at once; each gets ``timeout_s`` before SIGKILL."""
+        await asyncio.gather(*(p.process.stop(timeout_s) for p in self._processes))
         self._processes.clear()
 
     def kill_now(self) -> None:
         """SIGKILL every process still running, without waiting (a forced exit)."""
         for spawned in self._processes:
-            if spawned.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    spawned.process.kill()
+            spawned.process.kill()
 
     def statistics(self) -> list[dict[str, Any]]:
         return [p.statistics() for p in self._processes]

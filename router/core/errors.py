@@ -88,8 +88,9 @@ class Dropped(RouterError):
 
 
 class SpawnError(RouterError):
-    """A backend process the config names (``command``) did not start: it exited, or did not
-    print ``READY <port>`` in time."""
+    """A process the router launched (a backend the config names with ``command``, a router
+    process of the supervisor) did not start: it exited, closed its stdout, or did not announce
+    itself in time."""
 
     code = "SPAWN_FAILED"
     fault = "config"

@@ -1,12 +1,12 @@
-"""KServe v2 messages, read and written without protobuf: only the fields the router needs.
+"""KServe v2 messages: the model a request names, read without protobuf; the router's replies.
 
-Reading: the router routes ModelInfer/ModelStreamInfer by ``model_name`` (field 1) and
-``model_version`` (field 2), and answers ModelReady/ModelMetadata whose requests carry
-``name`` (1) and ``version`` (2) too. ``read_model`` walks the top-level fields of the raw
-message once, keeps the last value of fields 1 and 2 (protobuf's rule for a repeated singular
-field) and skips every other field by its length, so tensors (``raw_input_contents``, often
-megabytes) are never copied or decoded. Nested messages are not entered: the router passes
-them through untouched and the backend parses them.
+Reading (on the hot path): the router routes ModelInfer/ModelStreamInfer by ``model_name``
+(field 1) and ``model_version`` (field 2), and answers ModelReady/ModelMetadata whose requests
+carry ``name`` (1) and ``version`` (2) too. ``read_model`` walks the top-level fields of the
+raw message once, keeps the last value of fields 1 and 2 (protobuf's rule for a repeated
+singular field) and skips every other field by its length, so tensors
+(``raw_input_contents``, often megabytes) are never copied or decoded. Nested messages are
+not entered: the router passes them through untouched and the backend parses them.
 
 Anything that is not a well-formed top-level message (a truncated varint or length, a length
 past the end, field number 0, wire types 3/4/6/7, a string that is not UTF-8) raises
@@ -14,8 +14,8 @@ past the end, field number 0, wire types 3/4/6/7, a string that is not UTF-8) ra
 (a hypothesis property test holds it to that). Group wire types (3/4) are legal protobuf but
 belong to proto2 groups, which no KServe message has, so they are refused rather than skipped.
 
-Writing: the five replies the router composes itself (ServerLive, ServerReady, ModelReady,
-ServerMetadata) have one bool field or a few strings; ``encode_*`` build them directly.
+Writing (off the hot path): the replies the router composes itself (ServerLive, ServerReady,
+ModelReady, ServerMetadata) are built with the generated classes of ``router.protocol.proto``.
 
 Pure functions: no I/O, no asyncio.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from router.core.errors import MalformedMessage
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 
 # Wire types (protobuf encoding spec).
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -115,29 +116,18 @@ def read_model(message: bytes) -> ModelRef:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+def encode_server_live(live: bool) -> bytes:
+    return pb.ServerLiveResponse(live=live).SerializeToString()
 
 
-def _encode_string(field: int, value: str) -> bytes:
-    data = value.encode()
-    return _encode_varint(field << 3 | _LEN) + _encode_varint(len(data)) + data
+def encode_server_ready(ready: bool) -> bytes:
+    return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
 
-def encode_bool_reply(value: bool) -> bytes:
-    """ServerLiveResponse / ServerReadyResponse / ModelReadyResponse: ``bool field 1``.
-    proto3 leaves a false scalar out, so false is the empty message."""
-    return b"\x08\x01" if value else b""
+def encode_model_ready(ready: bool) -> bytes:
+    return pb.ModelReadyResponse(ready=ready).SerializeToString()
 
 
 def encode_server_metadata(name: str, version: str, extensions: tuple[str, ...] = ()) -> bytes:
-    """ServerMetadataResponse: name = 1, version = 2, repeated extensions = 3."""
-    parts = [_encode_string(1, name) if name else b""]
-    parts.append(_encode_string(2, version) if version else b"")
-    parts.extend(_encode_string(3, extension) for extension in extensions)
-    return b"".join(parts)
+    reply = pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+    return reply.SerializeToString()

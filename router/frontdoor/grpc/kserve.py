@@ -33,8 +33,10 @@ from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
 from router.lifecycle.readiness import Readiness
 from router.protocol.kserve import (
-    encode_bool_reply,
+    encode_model_ready,
+    encode_server_live,
     encode_server_metadata,
+    encode_server_ready,
     read_model,
 )
 
@@ -79,10 +81,10 @@ class KServeRouting:
     # -- answered by the router ---------------------------------------------------------------
 
     async def server_live(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return encode_bool_reply(True)
+        return encode_server_live(True)
 
     async def server_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return encode_bool_reply(self.ready())
+        return encode_server_ready(self.ready())
 
     async def server_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._server_metadata
@@ -91,7 +93,7 @@ class KServeRouting:
         model = read_model(payload)
         if not model.name:
             raise MalformedMessage("the request names no model")
-        return encode_bool_reply(self._readiness.ready("grpc", model.key))
+        return encode_model_ready(self._readiness.ready("grpc", model.key))
 
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key = self.model_key(payload)

@@ -1,4 +1,4 @@
-from backends.proto import grpc_predict_v2_pb2 as _grpc_predict_v2_pb2
+from router.protocol.proto import grpc_predict_v2_pb2 as _grpc_predict_v2_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from backends.proto import grpc_predict_v2_pb2 as backends_dot_proto_dot_grpc__predict__v2__pb2
+from router.protocol.proto import grpc_predict_v2_pb2 as router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in backends/proto/grpc_predict_v2_pb2_grpc.py depends on'
+        + ' but the generated code in router/protocol/proto/grpc_predict_v2_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -139,43 +139,43 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,8 +203,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelLoad',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelUnload',
-            backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            backends_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.FromString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            router_dot_protocol_dot_proto_dot_grpc__predict__v2__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
