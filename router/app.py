@@ -27,6 +27,7 @@ from router.health.ejection import PassiveEjection
 from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
 from router.lifecycle.readiness import Readiness
+from router.lifecycle.state import Lifecycle
 from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
 from router.upstream.grpc_channels import GrpcChannels
@@ -75,18 +76,20 @@ class RouterApp:
             self.registry, make_probers(config.health, self.grpc_channels), config.health,
             self.clock, ejection=self.ejection,
         )
-        self.readiness = Readiness(self.registry, lambda: self.drain.draining)
+        self.lifecycle = Lifecycle()
+        self.readiness = Readiness(self.registry, self.lifecycle)
         self.grpc_front: GrpcFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]
         if g.listen is not None:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
-                self.readiness,
+                self.readiness, self.lifecycle,
             )
             front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
-            front_doors, self.dispatcher, config.drain.shutdown_grace_s, self.clock
+            front_doors, self.dispatcher, self.lifecycle, config.drain.shutdown_grace_s,
+            self.clock,
         )
         self.metrics = CollectorRegistry()
         self.metrics.register(
@@ -167,7 +170,7 @@ class RouterApp:
             "listener": self.front_door.statistics(),
             "grpc": self.grpc_front.statistics() if self.grpc_front is not None else None,
             "health": self.health.statistics(),
-            "draining": self.drain.draining,
+            "phase": self.lifecycle.phase.value,
             "spawned": self.spawner.statistics(),
         }
 

@@ -142,9 +142,9 @@ class Harness:
         self.dispatcher.submit(request)
         return request
 
-    async def wait_idle(self) -> None:
+    async def wait_zero(self) -> None:
         async with asyncio.timeout(WAIT_S):
-            await self.dispatcher.wait_idle()
+            await self.dispatcher.wait_zero()
 
 
 class Harnesses:
@@ -190,7 +190,7 @@ async def test_request_is_answered_with_the_backend_response(make_harness: Harne
     request = h.submit(b"hello")
     assert (h.stats.accepted, h.stats.inflight) == (1, 1)
 
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert h.origin.done == [request]
     assert request.response == b"olleh"
@@ -205,7 +205,7 @@ async def test_many_requests_reuse_pooled_connections(make_harness: Harnesses) -
     service = FakeService()
     h = make_harness([service])
     requests = [h.submit(f"r{i}".encode()) for i in range(50)]
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert [r.response for r in requests] == [f"r{i}".encode()[::-1] for i in range(50)]
     assert h.stats.completed == 50
@@ -221,7 +221,7 @@ async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Har
     dead, live = h.backends
 
     first = [h.submit(f"a{i}".encode()) for i in range(30)]
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert all(r.error is None for r in first), [r.error for r in first if r.error]
     assert [r.response for r in first] == [f"a{i}".encode()[::-1] for i in range(30)]
@@ -234,7 +234,7 @@ async def test_dead_backend_is_retried_around_then_marked_down(make_harness: Har
 
     dead_attempts, retried = dead.requests_total, h.stats.retried
     later = [h.submit(f"b{i}".encode()) for i in range(20)]
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert all(r.response == r.payload[::-1] for r in later)
     assert dead.requests_total == dead_attempts  # straight to the live one
@@ -249,7 +249,7 @@ async def test_refused_connects_are_retried_and_leave_no_load_behind(
     requests = []
     for i in range(12):  # one at a time: each request to the refused one makes its own dial
         requests.append(h.submit(f"c{i}".encode()))
-        await h.wait_idle()
+        await h.wait_zero()
 
     assert all(r.response == r.payload[::-1] for r in requests)
     assert refused.dials == 3  # failure_threshold, then it is marked down
@@ -266,7 +266,7 @@ async def test_one_refused_dial_moves_every_request_waiting_for_it(
     refused, live = FakeService("refused"), FakeService("live")
     h = make_harness([refused, live], policy="round_robin")
     requests = [h.submit(f"c{i}".encode()) for i in range(12)]
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert all(r.response == r.payload[::-1] for r in requests)
     assert refused.dials == 1
@@ -279,7 +279,7 @@ async def test_no_retry_when_max_retries_is_zero(make_harness: Harnesses) -> Non
     services = [FakeService("dead"), FakeService("live")]
     h = make_harness(services, max_retries=0, policy="round_robin")
     to_dead = h.submit(b"x")  # round robin: the first goes to the first backend
-    await h.wait_idle()
+    await h.wait_zero()
     assert error_code(to_dead) == "BACKEND_UNAVAILABLE"
     assert h.stats.retried == 0
 
@@ -288,7 +288,7 @@ async def test_timeout_is_not_retried(make_harness: Harnesses) -> None:
     slow, live = FakeService("slow"), FakeService("live")
     h = make_harness([slow, live], max_retries=2, policy="round_robin")
     request = h.submit(b"x")
-    await h.wait_idle()
+    await h.wait_zero()
     assert error_code(request) == "BACKEND_TIMEOUT"
     assert live.requests == 0  # the slow backend may have acted on it
     assert h.stats.retried == 0
@@ -298,7 +298,7 @@ async def test_timeout_is_not_retried(make_harness: Harnesses) -> None:
 async def test_all_backends_dead(make_harness: Harnesses) -> None:
     h = make_harness([FakeService("dead"), FakeService("dead")], max_retries=2)
     requests = [h.submit(f"{i}".encode()) for i in range(10)]
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert {error_code(r) for r in requests} <= {"BACKEND_UNAVAILABLE", "NO_BACKEND"}
     assert error_code(requests[0]) == "BACKEND_UNAVAILABLE"  # tried both before any was down
@@ -308,7 +308,7 @@ async def test_all_backends_dead(make_harness: Harnesses) -> None:
 
     attempts = sum(s.requests for s in h.services)
     late = h.submit(b"late")
-    await h.wait_idle()
+    await h.wait_zero()
     assert error_code(late) == "NO_BACKEND"  # both are marked down: nothing is tried
     assert sum(s.requests for s in h.services) == attempts
     assert h.stats.inflight == 0
@@ -318,7 +318,7 @@ async def test_all_backends_dead(make_harness: Harnesses) -> None:
 async def test_no_backends_is_no_backend(make_harness: Harnesses) -> None:
     h = make_harness([])
     request = h.submit(b"x")
-    await h.wait_idle()
+    await h.wait_zero()
     assert error_code(request) == "NO_BACKEND"
     assert h.stats.errored == {"NO_BACKEND": 1}
     assert h.origin.done == [request]
@@ -349,7 +349,7 @@ async def test_queue_timeout_answers_overloaded(make_harness: Harnesses) -> None
     async with asyncio.timeout(WAIT_S):
         await service.wait_pending(1)
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
     assert (busy.response, young.response) == (b"ysub", b"gnuoy")
 
 
@@ -373,7 +373,7 @@ async def test_the_queue_deadline_is_stamped_once_at_acceptance(make_harness: Ha
     assert [error_code(r) for r in waiting] == ["OVERLOADED", "OVERLOADED"]
     a.answer_all()
     b.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
     assert [r.response for r in busy] == [b"0a", b"0b"]
 
 
@@ -399,7 +399,7 @@ async def test_saturation_is_signalled_and_cleared(make_harness: Harnesses) -> N
             await service.wait_pending(1)
         service.answer_all()
         await asyncio.sleep(0)  # the answer arrives from the loop
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert pressure == [True, False]
     assert not h.dispatcher.saturated
@@ -426,19 +426,19 @@ async def test_saturation_clears_when_queued_requests_expire(make_harness: Harne
     assert not h.dispatcher.saturated
     assert pressure == [True, False]
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
 
 async def test_wait_idle_returns_once_inflight_is_zero(make_harness: Harnesses) -> None:
     service = FakeService("gated")
     h = make_harness([service])
     async with asyncio.timeout(WAIT_S):
-        await h.dispatcher.wait_idle()  # nothing accepted: returns at once
+        await h.dispatcher.wait_zero()  # nothing accepted: returns at once
 
     a, b = h.submit(b"a"), h.submit(b"b")
     async with asyncio.timeout(WAIT_S):
         await service.wait_pending(2)
-    idle = asyncio.create_task(h.dispatcher.wait_idle())
+    idle = asyncio.create_task(h.dispatcher.wait_zero())
     await asyncio.sleep(0)  # let it start waiting (a yield, not a timed wait)
     assert not idle.done()
     assert h.stats.inflight == 2
@@ -498,7 +498,7 @@ async def test_full_pool_parks_requests_and_each_answer_sends_the_next(
         await service.wait_pending(4)
     assert h.dispatcher.statistics()["waiting"] == 0
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert [r.response for r in requests] == [f"p{i}".encode()[::-1] for i in range(12)]
     assert service.dials == 8
@@ -523,7 +523,7 @@ async def test_parked_requests_count_toward_queue_size(make_harness: Harnesses) 
         await service.wait_pending(4)
     assert not h.dispatcher.saturated and signals[-1] is False
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
 
 async def test_parked_request_past_queue_timeout_is_overloaded(make_harness: Harnesses) -> None:
@@ -535,7 +535,7 @@ async def test_parked_request_past_queue_timeout_is_overloaded(make_harness: Har
         await parked_count(h, 2)
     h.clock.advance(6.0)
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert [error_code(r) for r in requests[8:]] == ["OVERLOADED", "OVERLOADED"]
     assert all(r.response is not None for r in requests[:8])
@@ -563,7 +563,7 @@ async def test_requests_parked_on_a_hung_backend_time_out_without_an_answer(
     assert h.backends[0].inflight == 8 and h.dispatcher.queue.waiting == 0
     assert h.dispatcher.statistics()["waiting"] == 0
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
 
 async def test_the_queue_deadline_timer_covers_parked_requests(make_harness: Harnesses) -> None:
@@ -587,7 +587,7 @@ async def test_the_queue_deadline_timer_covers_parked_requests(make_harness: Har
         await answered.wait()
     assert error_code(late) == "OVERLOADED"
     service.answer_all()
-    await h.wait_idle()
+    await h.wait_zero()
 
 
 async def test_parked_requests_move_to_another_backend_when_theirs_goes_down(
@@ -602,7 +602,7 @@ async def test_parked_requests_move_to_another_backend_when_theirs_goes_down(
         await parked_count(h, 2)
     h.backends[1].mark_up()
     failing.fail_all()  # 8 resets: retried elsewhere, the first backend is marked down
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert all(r.response == r.payload[::-1] for r in requests)
     assert not h.backends[0].healthy
@@ -634,7 +634,7 @@ async def test_request_parked_while_every_connection_is_probed_goes_out_afterwar
     await parked_count(h, 1)
     for slot in probed:
         pool.return_probed(slot, healthy=probe_ok)
-    await h.wait_idle()
+    await h.wait_zero()
 
     assert late.response == b"etal"
     assert service.dials == (8 if probe_ok else 9)
@@ -661,3 +661,33 @@ async def test_a_full_backend_does_not_hold_up_requests_for_another(
     await yield_until(answer_and_check)
     assert all(r.response == r.payload[::-1] for r in requests)
     assert stuck.dials == 8 and h.dispatcher.queue.waiting == 0
+
+
+# -- abandonment -----------------------------------------------------------------------------
+
+
+async def test_late_answers_after_abandon_count_nothing(make_harness: Harnesses) -> None:
+    """The drain's deadline abandons what is left and counts it dropped: a late answer or a
+    late reset must not decrement in-flight or count the request a second time."""
+    service = FakeService("gated")
+    h = make_harness([service], max_retries=0)
+    answered, reset = h.submit(b"late"), h.submit(b"reset")
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(2)
+
+    assert h.dispatcher.abandon() == 2
+    assert (h.stats.inflight, h.stats.dropped) == (0, 2)
+    late_payload, late_future = service.pending[0]
+    late_future.set_result(late_payload[::-1])
+    service.pending[1][1].set_exception(BackendUnavailable("reset after the deadline"))
+    service.pending.clear()
+    await yield_until(lambda: answered.done and reset.done)
+
+    assert h.stats.statistics() == {
+        "accepted": 2, "completed": 0, "errored": {}, "dropped": 2, "retried": 0, "inflight": 0,
+    }  # fmt: skip
+    assert [b.inflight for b in h.backends] == [0]  # the backend's own load is still released
+    service.mode = "live"
+    fresh = h.submit(b"after")  # a request of the new epoch counts as usual
+    await h.wait_zero()
+    assert fresh.response == b"retfa" and h.stats.completed == 1

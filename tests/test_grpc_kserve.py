@@ -249,7 +249,7 @@ async def test_client_deadline_is_deadline_exceeded(
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 1.5
     async with asyncio.timeout(CALL_TIMEOUT_S):
-        await router.app.dispatcher.wait_idle()
+        await router.app.dispatcher.wait_zero()
     assert router.app.stats.errored == {"DEADLINE_EXCEEDED": 1}
     assert router.backend(slow.address)["failures_total"] == 0  # the client's deadline
 

@@ -10,6 +10,7 @@ from router.control.admin import AdminServer
 from router.core.types import Protocol
 from router.dispatch.backends import Backend, Registry
 from router.lifecycle.readiness import Readiness
+from router.lifecycle.state import Lifecycle
 from tests.fakes import make_backend
 
 
@@ -22,8 +23,8 @@ class Setup:
         self.registry = Registry()
         for backend in backends:
             self.registry.add(backend)
-        self.draining = False
-        self.readiness = Readiness(self.registry, lambda: self.draining)
+        self.lifecycle = Lifecycle()
+        self.readiness = Readiness(self.registry, self.lifecycle)
 
 
 def test_no_backend_is_not_ready() -> None:
@@ -60,12 +61,13 @@ def test_ready_for_a_model_needs_a_backend_in_rotation_serving_it() -> None:
 
 def test_draining_is_not_ready_whatever_the_backends() -> None:
     s = Setup(_backend(1, "tcp"), _backend(2, "grpc", ("sum",)))
-    s.draining = True
+    assert s.readiness.ready()
+    s.lifecycle.start_drain()
     for kind, model in ((None, None), ("tcp", None), ("grpc", None), ("grpc", "sum")):
         assert not s.readiness.ready(kind, model)
         assert s.readiness.not_ready_because(kind, model) == "draining"
-    s.draining = False
-    assert s.readiness.ready()
+    s.lifecycle.abandon()
+    assert s.readiness.not_ready_because() == "draining"
 
 
 async def test_readyz_answers_with_the_readiness_reason() -> None:
@@ -83,7 +85,7 @@ async def test_readyz_answers_with_the_readiness_reason() -> None:
             tcp.mark_down("ejected")
             assert await readyz() == (503, {"ready": False, "reason": "no healthy backend"})
             tcp.mark_up("answered")
-            s.draining = True
+            s.lifecycle.start_drain()
             assert await readyz() == (503, {"ready": False, "reason": "draining"})
     finally:
         await admin.close()

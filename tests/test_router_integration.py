@@ -801,7 +801,7 @@ async def test_readyz_is_503_from_the_first_moment_of_a_drain_while_requests_fin
             await asyncio.sleep(0.01)
     stopping = asyncio.ensure_future(router.stop())
     async with asyncio.timeout(10):
-        while not router.app.drain.draining:  # noqa: ASYNC110 (see above)
+        while not router.app.lifecycle.draining:  # noqa: ASYNC110 (see above)
             await asyncio.sleep(0.01)
     timeout = aiohttp.ClientTimeout(total=5)
     async with (

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
 from router.control.admin import admin_app, json_response, start_app
+from router.lifecycle.state import Lifecycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,11 @@ class FederatedAdmin:
     def __init__(
         self,
         processes: Callable[[], list[ProcessInfo]],
-        is_draining: Callable[[], bool],
+        lifecycle: Lifecycle,
         timeout_s: float = 2.0,
     ) -> None:
         self._processes = processes
-        self._is_draining = is_draining
+        self._lifecycle = lifecycle
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -140,7 +141,7 @@ class FederatedAdmin:
         ]})
 
     async def _get_readyz(self, request: web.Request) -> web.Response:
-        if self._is_draining():
+        if self._lifecycle.draining:
             return json_response({"ready": False, "reason": "draining"}, status=503)
         answers = await self._fan_out("/readyz")
         not_ready = [info.index for info, got in answers if got is None or got[0] != 200]
@@ -162,4 +163,4 @@ class FederatedAdmin:
             stats = orjson.loads(got[1]) if got is not None and got[0] == 200 else None
             processes.append({"index": info.index, "pid": info.pid, "alive": info.alive,
                               "restarts": info.restarts, "stats": stats})
-        return json_response({"draining": self._is_draining(), "processes": processes})
+        return json_response({"phase": self._lifecycle.phase.value, "processes": processes})

@@ -43,6 +43,7 @@ import tomli_w
 from router.control.federation import FederatedAdmin, ProcessInfo
 from router.control.spawner import SpawnedProcess, Spawner
 from router.core.config import RouterConfig, parse_host_port, substitute
+from router.lifecycle.state import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._child_config: Path | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.draining = False
-        self.admin = FederatedAdmin(self.processes, lambda: self.draining)
+        self.lifecycle = Lifecycle()
+        self.admin = FederatedAdmin(self.processes, self.lifecycle)
 
     def processes(self) -> list[ProcessInfo]:
         return [child.info() for child in self._children]
@@ -142,7 +143,7 @@ class Supervisor:
         async with asyncio.TaskGroup() as group:
             watchers = [group.create_task(self._watch(child)) for child in self._children]
             await stop
-            self.draining = True
+            self.lifecycle.start_drain()
             log.info("draining %d router processes", len(self._children))
             self._signal_children(signal.SIGTERM)
             limit = (self.config.drain.shutdown_grace_s + self.config.drain.linger_s
@@ -163,13 +164,13 @@ class Supervisor:
             assert child.spawned is not None
             code = await child.spawned.process.wait()
             child.exit_codes.append(code)
-            if self.draining:
+            if self.lifecycle.draining:
                 return
             log.error("router process %d (pid %d) exited with %d; restarting in %.0fs",
                       child.index, child.spawned.process.pid, code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_BACKOFF_S[1])
-            if self.draining:
+            if self.lifecycle.draining:
                 return
             child.restarts += 1
             await self._start_child(child)
@@ -196,7 +197,7 @@ class Supervisor:
             self._tmp.cleanup()
 
     def statistics(self) -> dict[str, Any]:
-        return {"draining": self.draining,
+        return {"phase": self.lifecycle.phase.value,
                 "processes": [c.info() for c in self._children],
                 "backends_spawned": self._backends.statistics()}
 

@@ -267,7 +267,7 @@ class Dispatcher:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def wait_idle(self) -> None:
+    async def wait_zero(self) -> None:
         """Return once no accepted request is unanswered."""
         if self.stats.inflight == 0:
             return

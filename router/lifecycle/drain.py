@@ -23,6 +23,7 @@ from typing import Protocol
 
 from router.core.clock import Clock
 from router.dispatch.scheduler import Dispatcher
+from router.lifecycle.state import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,15 @@ class DrainCoordinator:
         self,
         front_doors: Sequence[DrainableFrontDoor],
         dispatcher: Dispatcher,
+        lifecycle: Lifecycle,
         grace_s: float,
         clock: Clock,
     ) -> None:
         self._front_doors = front_doors
         self._dispatcher = dispatcher
+        self._lifecycle = lifecycle
         self._grace_s = grace_s
         self._clock = clock
-        self.draining = False
         self.report: DrainReport | None = None
 
     async def wait_and_drain(self, trigger: Awaitable[object]) -> DrainReport:
@@ -63,7 +65,7 @@ class DrainCoordinator:
 
     async def drain(self) -> DrainReport:
         started = self._clock.now()
-        self.draining = True
+        self._lifecycle.start_drain()
         log.info("drain started: grace %.1fs, %d in flight", self._grace_s,
                  self._dispatcher.stats.inflight)
         for front_door in self._front_doors:
@@ -71,11 +73,13 @@ class DrainCoordinator:
         timed_out = False
         try:
             async with asyncio.timeout(self._grace_s):
-                await self._dispatcher.wait_idle()
+                await self._dispatcher.wait_zero()
                 for front_door in self._front_doors:
                     await front_door.wait_all_closed()
         except TimeoutError:
             timed_out = True
+        if timed_out:
+            self._lifecycle.abandon()
         dropped = self._dispatcher.abandon()
         if dropped:
             log.error("drain deadline passed: %d accepted requests dropped", dropped)
@@ -86,4 +90,4 @@ class DrainCoordinator:
         return self.report
 
     def __repr__(self) -> str:
-        return f"DrainCoordinator(draining={self.draining}, grace_s={self._grace_s})"
+        return f"DrainCoordinator({self._lifecycle.phase.value}, grace_s={self._grace_s})"

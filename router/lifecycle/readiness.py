@@ -8,20 +8,19 @@ one model. From the first moment of a drain the answer is not ready, whatever th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from router.dispatch.backends import Registry
+from router.lifecycle.state import Lifecycle
 
 
 class Readiness:
-    def __init__(self, registry: Registry, is_draining: Callable[[], bool]) -> None:
+    def __init__(self, registry: Registry, lifecycle: Lifecycle) -> None:
         self._registry = registry
-        self._is_draining = is_draining
+        self._lifecycle = lifecycle
 
     def not_ready_because(self, kind: str | None = None, model: str | None = None) -> str | None:
         """Why the router is not ready for traffic to backends of protocol ``kind`` (any, if
         None) serving model key ``model`` (any, if None); None while it is ready."""
-        if self._is_draining():
+        if self._lifecycle.draining:
             return "draining"
         if not self._in_rotation(kind, model):
             return "no healthy backend" + (f" of protocol {kind}" if kind else "")

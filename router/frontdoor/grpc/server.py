@@ -54,6 +54,7 @@ from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.kserve import KServeRouting
 from router.lifecycle.readiness import Readiness
+from router.lifecycle.state import Lifecycle
 from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class GrpcFrontDoor:
     def __init__(
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
         config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
-        readiness: Readiness,
+        readiness: Readiness, lifecycle: Lifecycle,
     ) -> None:
         self._dispatcher = dispatcher
         self._registry = registry
@@ -140,17 +141,15 @@ class GrpcFrontDoor:
         self._clock = clock
         self._config = config
         self._linger_s = linger_s
-        self._abandoned = False  # the drain gave up on the calls still running
+        self._lifecycle = lifecycle
         self.stats = stats
         self.forwarder = GrpcForwarder(dispatcher, channels, clock, request_timeout_s)
         self.kserve = KServeRouting(self.forwarder, registry, readiness)
         self.health = RouterHealth(lambda: readiness.ready("grpc"))
         registry.add_listener(self.health.changed)
-        self.draining = False
         self._server: grpc.aio.Server | None = None
         self._stopped = False
-        self._calls: set[asyncio.Task[Any]] = set()  # proxied calls in progress
-        self._all_done: asyncio.Event | None = None
+        self._calls: set[asyncio.Task[Any]] = set()  # routed calls in progress, to cancel
         self.calls_total = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -175,18 +174,15 @@ class GrpcFrontDoor:
         return host, bound
 
     def start_drain(self) -> None:
-        self.draining = True
-        self.health.changed()
+        self.health.changed()  # watchers hear NOT_SERVING (readiness reads the lifecycle)
 
     async def wait_all_closed(self) -> None:
-        if self._calls:
-            self._all_done = asyncio.Event()
-            await self._all_done.wait()
+        """Once every accepted call is answered (the drain waited for that): GOAWAY, and
+        ``linger_s`` for the last answers to go out."""
         await self._stop(self._linger_s)
 
     def abort_all(self) -> int:
-        """Cancel every proxied call still running; the drain counted them dropped."""
-        self._abandoned = True
+        """Cancel every routed call still running; the drain counted them dropped."""
         calls = list(self._calls)
         for task in calls:
             task.cancel()
@@ -263,7 +259,7 @@ class GrpcFrontDoor:
             if task is not None:
                 self._calls.add(task)
                 self.calls_total += 1
-                if self.draining:
+                if self._lifecycle.draining:
                     raise Draining("the router is draining; retry on another router")
                 if self._dispatcher.saturated:
                     raise Overloaded("the dispatch queue is full")
@@ -278,7 +274,7 @@ class GrpcFrontDoor:
                 ((ROUTER_ERROR_HEADER, error.code),),
             )
         except asyncio.CancelledError:
-            if not self._abandoned:
+            if not self._lifecycle.abandoned:
                 code = ended_by(context).grpc_status
                 raise
             # Cancelled by abort_all: the drain gave up on this call. Tell the client now
@@ -299,8 +295,6 @@ class GrpcFrontDoor:
             self.stats.count(method, code, self._clock.now() - started)
             if task is not None:
                 self._calls.discard(task)
-                if not self._calls and self._all_done is not None:
-                    self._all_done.set()
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     def statistics(self) -> dict[str, Any]:
@@ -308,13 +302,13 @@ class GrpcFrontDoor:
             "calls_in_flight": len(self._calls),
             "calls_total": self.calls_total,
             "health_watchers": self.health.watchers,
-            "draining": self.draining,
+            "phase": self._lifecycle.phase.value,
             "channels": self._channels.statistics(),
             "calls": self.stats.statistics(),
         }
 
     def __repr__(self) -> str:
-        return f"GrpcFrontDoor(calls={len(self._calls)}, draining={self.draining})"
+        return f"GrpcFrontDoor(calls={len(self._calls)}, {self._lifecycle.phase.value})"
 
 
 def _route_model(context: Context) -> str | None:
