@@ -21,7 +21,7 @@ from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher, DispatchSettings
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.frontdoor.grpc.server import GrpcFrontDoor, GrpcSettings
-from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
+from router.frontdoor.tcp.server import TcpFrontDoor
 from router.health.grpc import GrpcHealthChecker
 from router.health.monitor import HealthChecker, ProbeSettings
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
@@ -44,7 +44,7 @@ class RouterApp:
         self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None
     ) -> None:
         self.config = config
-        self.clock = clock or MonotonicClock()
+        self.clock = clock or MonotonicClock(asyncio.get_running_loop)
         self.stats = DataPlaneStats()
         self.registry = Registry()
         self.spawner = Spawner(log_dir=log_dir)
@@ -57,13 +57,7 @@ class RouterApp:
             self.clock,
             self.stats,
         )
-        lst = config.listener
-        self.front_door = TcpFrontDoor(
-            self.dispatcher,
-            ListenerSettings(lst.max_frame_bytes, lst.read_timeout_s, lst.idle_timeout_s,
-                             lst.max_pipelined, config.drain.linger_s),
-            self.clock,
-        )
+        self.front_door = TcpFrontDoor(self.dispatcher, config.listener, config.drain, self.clock)
         p = config.pool
         probes = ProbeSettings(p.probe, p.probe_interval_s, p.probe_timeout_s)
         # Each checker probes its own kind: frames for TCP backends, grpc.health for gRPC.

@@ -52,9 +52,12 @@ class Forwards:
                 await self.changed.wait()
 
 
+CLOCK = MonotonicClock(asyncio.get_running_loop)
+
+
 def _backend(port: int, kind: str = "grpc", models: tuple[str, ...] = ("m",),
              call_limit: int = 0) -> Backend:
-    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), MonotonicClock())
+    pool = Pool(make_dialer("127.0.0.1", port, 1024), PoolLimits(), CLOCK)
     return Backend("127.0.0.1", port, pool, models=models, kind=kind, call_limit=call_limit)
 
 
@@ -64,7 +67,7 @@ async def setup() -> AsyncIterator[tuple[Dispatcher, Registry]]:
     dispatcher = Dispatcher(
         registry, make_policy("round_robin"),
         DispatchSettings(workers=4, queue_size=8, queue_timeout_s=0.2, max_retries=1),
-        MonotonicClock(), DataPlaneStats(), random.Random(1),
+        CLOCK, DataPlaneStats(), random.Random(1),
     )
     task = asyncio.create_task(dispatcher.run())
     yield dispatcher, registry
@@ -73,7 +76,7 @@ async def setup() -> AsyncIterator[tuple[Dispatcher, Registry]]:
 
 
 def _request(origin: Origin, forwards: Forwards, model: str | None = "m") -> Request:
-    return Request(b"x", origin, MonotonicClock().now(), kind="grpc", model=model,
+    return Request(b"x", origin, CLOCK.now(), kind="grpc", model=model,
                    forward=forwards)
 
 
