@@ -101,6 +101,20 @@ class FrameDecoder:
         (0 at a frame boundary with nothing held back)."""
         return len(self._buffer)
 
+    @property
+    def frame_ready(self) -> bool:
+        """Whether ``feed(b"")`` has something to return or raise: the buffer starts with a
+        whole frame (held past a ``limit``) or with a length word it rejects."""
+        buf = self._buffer
+        if self.error is not None:
+            return True
+        if len(buf) < HEADER_BYTES:
+            return False
+        word: int = _unpack_header(buf)[0]
+        if self._check_header(word) is not None:
+            return True
+        return len(buf) >= HEADER_BYTES + (word & LENGTH_MASK)
+
     def feed(self, data: bytes, limit: int = NO_LIMIT) -> list[bytes]:
         """Append ``data``; return the payloads completed by it, in order, at most ``limit``.
 

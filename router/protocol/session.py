@@ -122,7 +122,6 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
     },
     CLOSED: {
         Trigger.DRAIN: CLOSED,
-        Trigger.PEER_EOF: CLOSED,
         Trigger.ABORT: CLOSED,
         Trigger.LOST: CLOSED,
     },
@@ -175,9 +174,9 @@ class TcpSession(Generic[R]):
     __slots__ = (
         "_clock", "_decoder", "_error", "_held", "_idle_timeout_s", "_input_ended",
         "_last_activity", "_linger_s", "_linger_until", "_max_pipelined", "_new_request",
-        "_now", "_partial_since", "_paused", "_peer_eof", "_pending", "_read_timeout_s",
-        "_resume_at", "_state", "_submit", "_submitting", "_timer", "_timer_at", "_transport",
-        "_write",
+        "_now", "_on_transition", "_partial_since", "_paused", "_peer_eof", "_pending",
+        "_read_timeout_s", "_resume_at", "_state", "_submit", "_submitting", "_timer",
+        "_timer_at", "_transport", "_write",
     )
 
     def __init__(
@@ -190,11 +189,13 @@ class TcpSession(Generic[R]):
         submit: Callable[[R], object],
         *,
         saturated: bool = False,
+        on_transition: Callable[[State, Trigger, State], object] | None = None,
     ) -> None:
         """The connection is made: start reading (unless the queue is ``saturated``).
 
         ``new_request(payload, origin, accepted_at)`` builds the request ``submit`` accepts;
         its ``origin``, this session, is told through ``request_done`` once it is answered.
+        ``on_transition(before, trigger, after)``, if given, hears every state change.
         """
         self._transport = transport
         self._write = transport.write
@@ -207,6 +208,7 @@ class TcpSession(Generic[R]):
         self._now = clock.now
         self._new_request = new_request
         self._submit = submit
+        self._on_transition = on_transition
         self._decoder = FrameDecoder(config.max_frame_bytes)
         # Requests accepted here, oldest first. A list, not a deque: it rarely holds more than
         # one (an empty deque costs 760 bytes per connection, a list 56).
@@ -216,7 +218,7 @@ class TcpSession(Generic[R]):
         self._input_ended = False  # EOF, bad input, idle timeout or our FIN: no more frames
         self._peer_eof = False
         self._error: ClientProtocolError | None = None  # written after the pending answers
-        self._held = False  # whole frames may sit in the decoder past max_pipelined
+        self._held = False  # whole frames sit in the decoder past max_pipelined
         self._submitting = False  # inside the accepting loop: it settles once it is done
         now = self._now()
         self._last_activity = now
@@ -258,8 +260,8 @@ class TcpSession(Generic[R]):
             self._bad_input(decoder.error, now)  # after the whole frames before it
             return
         if decoder.buffered:
-            if len(payloads) >= room:
-                self._held = True  # whole frames may be left behind the cap
+            if len(payloads) >= room and decoder.frame_ready:
+                self._held = True  # whole frames left behind the cap
             if payloads or self._partial_since is None:
                 self._partial_since = now  # a new frame began
                 self._sync_timer(now)
@@ -274,13 +276,15 @@ class TcpSession(Generic[R]):
         """The client's FIN. Always True: the session closes the transport itself."""
         self._peer_eof = True
         state = self._state
+        if state is CLOSED:
+            return True  # closed by us already: nothing reads any more
         if state is LINGER:
             self._close(Trigger.PEER_EOF)  # both sides have sent FIN: the linger is over
             return True
-        if self._input_ended or state is CLOSED:
-            return True  # the boundary closes at once instead of lingering
-        self._input_ended = True
         self._to(Trigger.PEER_EOF)
+        if self._input_ended:
+            return True  # bad input: its boundary now closes at once instead of lingering
+        self._input_ended = True
         now = self._now()
         if not self._held:
             try:
@@ -301,7 +305,7 @@ class TcpSession(Generic[R]):
         except ClientProtocolError as exc:
             self._bad_input(exc, now)
             return
-        self._held = len(payloads) >= room and decoder.buffered > 0
+        self._held = len(payloads) >= room and decoder.frame_ready
         self._submitting = True
         try:
             for payload in payloads:
@@ -371,12 +375,17 @@ class TcpSession(Generic[R]):
                 break
             ready += 1
         del pending[:ready]
-        if self._state is not CLOSED:
+        state = self._state
+        if state is not CLOSED:
             self._transport.writelines(out)
         now = self._now()
-        if not pending:
-            self._last_activity = now
-        self._settle(now)
+        if pending:
+            if self._paused:
+                self._settle(now)  # perhaps room in the pipeline again
+            return
+        self._last_activity = now
+        if self._paused or state is not OPEN or self._timer_at > now + self._idle_timeout_s:
+            self._settle(now)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -387,9 +396,10 @@ class TcpSession(Generic[R]):
 
     def abort(self) -> None:
         """Reset the connection now, answered or not (the drain's grace deadline)."""
-        if self._state is not CLOSED:
+        was = self._state
+        self._to(Trigger.ABORT)
+        if was is not CLOSED:
             self._input_ended = True
-            self._to(Trigger.ABORT)
             self._cancel_timer()
             self._transport.abort()
 
@@ -533,10 +543,13 @@ class TcpSession(Generic[R]):
             self._settle(now)
 
     def _to(self, trigger: Trigger) -> None:
+        before = self._state
         try:
-            self._state = TRANSITIONS[self._state][trigger]
+            self._state = TRANSITIONS[before][trigger]
         except KeyError:
-            raise TransitionError(f"{trigger.value!r} in state {self._state.value!r}") from None
+            raise TransitionError(f"{trigger.value!r} in state {before.value!r}") from None
+        if self._on_transition is not None:
+            self._on_transition(before, trigger, self._state)
 
     # -- introspection ------------------------------------------------------------------------
 
