@@ -541,6 +541,26 @@ def test_held_frames_are_taken_only_once_half_the_cap_is_answered() -> None:
     assert not h.transport.reading
 
 
+@pytest.mark.parametrize("pause", ["queue", "write"])
+def test_held_frames_wait_while_reading_is_also_paused_for_backpressure(pause: str) -> None:
+    h = Harness(max_pipelined=2)
+    h.session.data_received(encode_frames([b"1", b"2", b"3", b"4"]))
+    if pause == "queue":
+        h.session.set_queue_pressure(True)
+    else:
+        h.session.pause_writing()
+    h.answer(0)
+    h.answer(1)
+    h.clock.advance(1.0)
+    assert h.payloads == [b"1", b"2"]  # held frames are not admitted under backpressure
+    if pause == "queue":
+        h.session.set_queue_pressure(False)
+    else:
+        h.session.resume_writing()
+    h.clock.advance(0)
+    assert h.payloads == [b"1", b"2", b"3", b"4"]
+
+
 def test_read_timeout_does_not_run_while_the_router_pauses_reading() -> None:
     # A partial frame held while the router paused reading used to time out: the client was
     # told READ_TIMEOUT for the router's own pause and lost its remaining requests.

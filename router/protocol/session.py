@@ -49,8 +49,9 @@ lazily: an answer moves the idle deadline later without touching the timer, and 
 fires early re-arms for the real deadline (one wakeup per ``idle_timeout_s`` at most):
 
     LINGER                         ``linger_s`` after our FIN
-    whole frames held, room again  now
-    reading paused, or input over  none: the router's own pause is not charged to the client
+    whole frames held, room again  now (unless paused for another reason too)
+    reading paused, or input over  none: while the router does not read, the client's read
+                                   and idle clocks stand still (they restart on resume)
     a partial frame held           ``read_timeout_s`` after the frame began, or after reading
                                    last resumed if later
     nothing pending (OPEN)         ``idle_timeout_s`` after the last activity (a read, the last
@@ -307,7 +308,7 @@ class TcpSession(Generic[R]):
             return
         self._held = len(payloads) >= room and decoder.frame_ready
         self._submitting = True
-        try:
+        try:  # the loop of data_received, which keeps its own copy: it is the hot path
             for payload in payloads:
                 request = self._new_request(payload, self, now)
                 pending.append(request)
@@ -459,14 +460,13 @@ class TcpSession(Generic[R]):
         if not paused & reason:
             return
         self._paused = paused = paused & ~reason
-        if paused or self._state is CLOSED or self._peer_eof:
-            return
-        self._transport.resume_reading()
-        # The client's clocks stopped while the router was not reading: they restart now.
-        self._last_activity = now
-        if self._partial_since is not None:
-            self._partial_since = now
-        self._sync_timer(now)
+        if not paused and self._state is not CLOSED and not self._peer_eof:
+            self._transport.resume_reading()
+            # The client's clocks stopped while the router was not reading: they restart now.
+            self._last_activity = now
+            if self._partial_since is not None:
+                self._partial_since = now
+        self._sync_timer(now)  # perhaps held frames may be taken now
 
     # -- the boundary, and the one timer ----------------------------------------------------
 
@@ -494,8 +494,10 @@ class TcpSession(Generic[R]):
             return self._linger_until
         if state is CLOSED:
             return None
-        if self._held:
-            return now if len(self._pending) <= self._resume_at else None
+        if self._held:  # taken as reading would resume: for no other pause than the pipeline
+            if self._paused == PIPELINE_FULL and len(self._pending) <= self._resume_at:
+                return now
+            return None
         if self._paused or self._input_ended:
             return None
         if self._partial_since is not None:

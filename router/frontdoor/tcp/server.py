@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ACCEPT_BATCH = 512  # connections accepted per wakeup of the listening socket
 ACCEPT_RETRY_S = 0.5  # out of file descriptors: stop accepting this long
 
+
 class TcpFrontDoor:
     """Owns the listening server and every open client connection."""
 
@@ -79,7 +80,7 @@ class TcpFrontDoor:
                 # spinning; the kernel keeps queueing connections meanwhile.
                 log.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_RETRY_S)
                 loop.remove_reader(listener.fileno())
-                loop.call_later(ACCEPT_RETRY_S, self._resume_accepting)
+                self.clock.call_at(self.clock.now() + ACCEPT_RETRY_S, self._resume_accepting)
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
