@@ -273,6 +273,18 @@ def test_the_scenarios_name_no_transition_the_table_lacks() -> None:
     assert sorted(SCENARIOS, key=str) == sorted(TABLE, key=str)
 
 
+def test_abort_resets_a_connection_closed_but_not_yet_gone_and_not_a_lost_one() -> None:
+    h = Harness()
+    h.session.start_drain()
+    h.clock.advance(LINGER_S)  # closed; the transport may still be flushing to a slow reader
+    h.session.abort()
+    assert h.transport.actions == ["write_eof", "close", "abort"]
+    h2 = Harness()
+    h2.session.connection_lost()
+    h2.session.abort()
+    assert h2.transport.actions == []
+
+
 def test_a_closed_session_ignores_the_client_fin() -> None:
     h = Harness()
     h.session.abort()

@@ -174,7 +174,7 @@ R = TypeVar("R", bound=Answer)
 class TcpSession(Generic[R]):
     __slots__ = (
         "_clock", "_decoder", "_error", "_held", "_idle_timeout_s", "_input_ended",
-        "_last_activity", "_linger_s", "_linger_until", "_max_pipelined", "_new_request",
+        "_last_activity", "_linger_s", "_linger_until", "_lost", "_max_pipelined", "_new_request",
         "_now", "_on_transition", "_partial_since", "_paused", "_peer_eof", "_pending",
         "_read_timeout_s", "_resume_at", "_state", "_submit", "_submitting", "_timer",
         "_timer_at", "_transport", "_write",
@@ -218,6 +218,7 @@ class TcpSession(Generic[R]):
         self._paused = 0
         self._input_ended = False  # EOF, bad input, idle timeout or our FIN: no more frames
         self._peer_eof = False
+        self._lost = False  # connection_lost came: the transport is gone
         self._error: ClientProtocolError | None = None  # written after the pending answers
         self._held = False  # whole frames sit in the decoder past max_pipelined
         self._submitting = False  # inside the accepting loop: it settles once it is done
@@ -263,12 +264,13 @@ class TcpSession(Generic[R]):
         if decoder.buffered:
             if len(payloads) >= room and decoder.frame_ready:
                 self._held = True  # whole frames left behind the cap
+                self._pause(PIPELINE_FULL)
             if payloads or self._partial_since is None:
                 self._partial_since = now  # a new frame began
                 self._sync_timer(now)
         else:
             self._partial_since = None
-        if self._held or len(pending) >= self._max_pipelined:
+        if len(pending) >= self._max_pipelined:
             self._pause(PIPELINE_FULL)
         if not pending or self._state is not OPEN:
             self._settle(now)
@@ -347,16 +349,15 @@ class TcpSession(Generic[R]):
             return  # an earlier request is still unanswered; this one is written after it
         response = request.response
         if (len(pending) == 1 and response is not None and len(response) < _SINGLE_WRITE_BELOW
-                and self._state is not CLOSED):
+                and self._state is OPEN):
             # The common case (no pipelining): one frame, one write, no list.
             pending.pop()
             self._write(encode_frame(response))
             now = self._now()
             self._last_activity = now
-            # Settle only off the common path: paused, closing, or no timer armed by the new
-            # idle deadline (the usual armed timer is earlier; it fires and re-arms).
-            if (self._paused or self._state is not OPEN
-                    or self._timer_at > now + self._idle_timeout_s):
+            # Settle only off the common path: paused, or no timer armed by the new idle
+            # deadline (the usual armed timer is earlier; it fires and re-arms).
+            if self._paused or self._timer_at > now + self._idle_timeout_s:
                 self._settle(now)
             return
         self._flush()
@@ -397,14 +398,14 @@ class TcpSession(Generic[R]):
 
     def abort(self) -> None:
         """Reset the connection now, answered or not (the drain's grace deadline)."""
-        was = self._state
         self._to(Trigger.ABORT)
-        if was is not CLOSED:
-            self._input_ended = True
-            self._cancel_timer()
-            self._transport.abort()
+        self._input_ended = True
+        self._cancel_timer()
+        if not self._lost:
+            self._transport.abort()  # also a connection we closed that is still flushing
 
     def connection_lost(self) -> None:
+        self._lost = True
         self._input_ended = True
         self._to(Trigger.LOST)
         self._cancel_timer()
@@ -578,7 +579,7 @@ class TcpSession(Generic[R]):
             "frames_held": self._held,
             "error_pending": self._error.code if self._error is not None else None,
             "peer_eof": self._peer_eof,
-            "deadline": None if self._timer_at == _INF else self._timer_at,
+            "timer_at": None if self._timer_at == _INF else self._timer_at,
         }
 
     def __repr__(self) -> str:
