@@ -561,9 +561,9 @@ async def test_read_timeout_does_not_run_while_the_router_pauses_reading(
     """A partial frame held while the router itself pauses reading (max_pipelined reached)
     does not time out: the client gets READ_TIMEOUT only for its own delay, not the router's.
     (Before, the pause counted, and the client lost the request it was writing.)"""
-    slow = echo_backend("--delay-ms", "1500")  # the pause: 3x the read timeout
+    slow = echo_backend("--delay-ms", "2500")  # the pause: 2.5x the read timeout
     router = await router_factory(
-        [slow.address], {"listener": {"max_pipelined": 2, "read_timeout_s": 0.5}}
+        [slow.address], {"listener": {"max_pipelined": 2, "read_timeout_s": 1.0}}
     )
     reader, writer = await router.open_raw()
     third = encode_frame(b"third")
