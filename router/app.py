@@ -22,7 +22,7 @@ from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.frontdoor.grpc.server import GrpcFrontDoor
-from router.frontdoor.tcp.server import ListenerSettings, TcpFrontDoor
+from router.frontdoor.tcp.server import TcpFrontDoor
 from router.health.ejection import PassiveEjection
 from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
@@ -49,7 +49,7 @@ class RouterApp:
         self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None
     ) -> None:
         self.config = config
-        self.clock = clock or MonotonicClock(asyncio.get_running_loop())
+        self.clock = clock or MonotonicClock(asyncio.get_running_loop)
         self.stats = DataPlaneStats()
         self.ejection = PassiveEjection(config.health.failure_threshold)
         self.registry = Registry(on_failure=self.ejection)
@@ -58,13 +58,7 @@ class RouterApp:
         self.dispatcher = Dispatcher(
             self.registry, make_policy(d.policy), d, self.clock, self.stats
         )
-        lst = config.listener
-        self.front_door = TcpFrontDoor(
-            self.dispatcher,
-            ListenerSettings(lst.max_frame_bytes, lst.read_timeout_s, lst.idle_timeout_s,
-                             lst.max_pipelined, config.drain.linger_s),
-            self.clock,
-        )
+        self.front_door = TcpFrontDoor(self.dispatcher, config.listener, config.drain, self.clock)
         g = config.grpc
         self.grpc_stats = GrpcStats()
         self.grpc_channels = GrpcChannels(

@@ -65,7 +65,7 @@ def _backend(port: int, kind: Protocol = "grpc", models: tuple[str, ...] = ("m",
     if kind == "grpc":
         upstream = GrpcCallLimiter(call_limit, address)
     else:
-        clock = MonotonicClock(asyncio.get_running_loop())
+        clock = MonotonicClock(asyncio.get_running_loop)
         upstream = Pool(make_dialer("127.0.0.1", port, 1024), PoolConfig(), clock)
     spec = BackendSpec(id=address, address=address, protocol=kind, models=models)
     return Backend(spec, upstream)
@@ -77,7 +77,7 @@ async def setup() -> AsyncIterator[tuple[Dispatcher, Registry]]:
     dispatcher = Dispatcher(
         registry, make_policy("round_robin"),
         DispatchConfig(queue_size=8, queue_timeout_s=0.2, max_retries=1),
-        MonotonicClock(asyncio.get_running_loop()), DataPlaneStats(), random.Random(1),
+        MonotonicClock(asyncio.get_running_loop), DataPlaneStats(), random.Random(1),
     )
     yield dispatcher, registry
     dispatcher.close()

@@ -532,6 +532,53 @@ async def test_idle_connection_is_closed(
     await close_writer(writer)
 
 
+# -- flow control --------------------------------------------------------------------------------
+
+
+async def test_max_pipelined_holds_within_one_read(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    """One write of many small frames: only max_pipelined of them are accepted at a time (the
+    rest wait unread in the connection's buffer), and every one is still answered, in order.
+    (Before, the whole read was accepted at once, far past max_pipelined and queue_size.)"""
+    slow = echo_backend("--delay-ms", "50")
+    router = await router_factory([slow.address], {"listener": {"max_pipelined": 16}})
+    payloads = [f"r{i:04d}".encode() for i in range(240)]
+    reader, writer = await router.open_raw()
+    writer.write(b"".join(encode_frame(p) for p in payloads))  # one write, one read
+    await writer.drain()
+    stats = router.app.stats
+    most_in_flight = 0
+    for payload in payloads:
+        assert await read_frame(reader) == (False, payload)
+        most_in_flight = max(most_in_flight, stats.inflight)
+    assert most_in_flight <= 16
+    assert stats.accepted == len(payloads)
+    await close_writer(writer)
+
+
+async def test_read_timeout_does_not_run_while_the_router_pauses_reading(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    """A partial frame held while the router itself pauses reading (max_pipelined reached)
+    does not time out: the client gets READ_TIMEOUT only for its own delay, not the router's.
+    (Before, the pause counted, and the client lost the request it was writing.)"""
+    slow = echo_backend("--delay-ms", "2500")  # the pause: 2.5x the read timeout
+    router = await router_factory(
+        [slow.address], {"listener": {"max_pipelined": 2, "read_timeout_s": 1.0}}
+    )
+    reader, writer = await router.open_raw()
+    third = encode_frame(b"third")
+    writer.write(encode_frame(b"first") + encode_frame(b"second") + third[:6])
+    await writer.drain()
+    assert await read_frame(reader) == (False, b"first")
+    assert await read_frame(reader) == (False, b"second")
+    writer.write(third[6:])  # reading resumed with the answers: the rest of the frame
+    await writer.drain()
+    assert await read_frame(reader) == (False, b"third")
+    await close_writer(writer)
+
+
 # -- admin ---------------------------------------------------------------------------------------
 
 

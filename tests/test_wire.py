@@ -202,3 +202,31 @@ def test_frame_parts_leaves_large_payloads_uncopied(size: int) -> None:
     assert header == size.to_bytes(4, "big")
     assert body is payload
     assert b"".join(parts) == encode_frame(payload)
+
+
+@settings(deadline=None, max_examples=100)
+@given(payloads=payloads_st, limit=st.integers(0, 4))
+def test_a_limit_holds_whole_frames_back_for_later_feeds(payloads: list[bytes], limit: int) -> None:
+    decoder = FrameDecoder()
+    out = decoder.feed(encode_frames(payloads), limit)
+    assert len(out) == min(limit, len(payloads))
+    assert decoder.frame_ready == (len(payloads) > limit)
+    for _ in range(len(payloads) + 1):  # bounded: each round takes at least one frame
+        if not decoder.frame_ready:
+            break
+        more = decoder.feed(b"", max(limit, 1))
+        assert 1 <= len(more) <= max(limit, 1)
+        out.extend(more)
+    assert out == payloads
+    assert decoder.buffered == 0
+
+
+def test_frame_ready_is_true_for_a_length_word_the_decoder_rejects() -> None:
+    decoder = FrameDecoder(max_frame_bytes=10)
+    assert decoder.feed(encode_frame(b"ok") + (11).to_bytes(4, "big"), 1) == [b"ok"]
+    assert decoder.frame_ready  # feed(b"") has something to say: FrameTooLarge
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(b"")
+    half = FrameDecoder()
+    half.feed(encode_frame(b"abc")[:5])
+    assert not half.frame_ready

@@ -17,7 +17,7 @@ from bisect import insort
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from router.core.clock import Clock, TimerHandle
+from router.core.clock import Clock, Timer
 from router.dispatch.request import Request
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class WaitQueue:
         self.waiting = 0
         self.saturated = False
         self._backends: set[Backend] = set()  # those with waiting requests
-        self._timer: TimerHandle | None = None
+        self._timer: Timer | None = None
         self._timer_at = 0.0
 
     def put(self, request: Request, backend: Backend) -> None:

@@ -6,10 +6,12 @@ produced by the router itself; its payload is JSON ``{"code": ..., "message": ..
 are capped far below 2**31 (``max_frame_bytes``), so the bit is free.
 
 ``FrameDecoder`` follows the h11 shape: ``feed(data)`` buffers bytes and returns the complete
-payloads found so far; it raises ``FrameTooLarge`` as soon as a length word exceeds the cap
-(before buffering the body), or, when whole frames came before the bad length word in the same
-data, returns those and keeps the error in ``error``; ``close()`` raises ``TruncatedFrame``
-when bytes of an unfinished frame are left at end of stream. No socket, clock or event loop.
+payloads found so far (at most ``limit`` of them: whole frames beyond it stay buffered until a
+later ``feed``, which may be ``feed(b"")``); it raises ``FrameTooLarge`` as soon as a length
+word exceeds the cap (before buffering the body), or, when whole frames came before the bad
+length word in the same data, returns those and keeps the error in ``error``; ``close()``
+raises ``TruncatedFrame`` when bytes of an unfinished frame are left at end of stream. No
+socket, clock or event loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 _unpack_header = struct.Struct(">I").unpack_from
 # Below this size joining header and payload (one copy) is cheaper than a writev of two buffers.
 _JOIN_BELOW = 64 * 1024
+NO_LIMIT = LENGTH_MASK  # more frames than any one feed can hold
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -94,11 +97,30 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an unfinished frame (0 at a frame boundary)."""
+        """Bytes held: an unfinished frame, and whole frames left past a ``feed``'s ``limit``
+        (0 at a frame boundary with nothing held back)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return every payload completed by it, in order."""
+    @property
+    def frame_ready(self) -> bool:
+        """Whether ``feed(b"")`` has something to return or raise: the buffer starts with a
+        whole frame (held past a ``limit``) or with a length word it rejects."""
+        buf = self._buffer
+        if self.error is not None:
+            return True
+        if len(buf) < HEADER_BYTES:
+            return False
+        word: int = _unpack_header(buf)[0]
+        if self._check_header(word) is not None:
+            return True
+        return len(buf) >= HEADER_BYTES + (word & LENGTH_MASK)
+
+    def feed(self, data: bytes, limit: int = NO_LIMIT) -> list[bytes]:
+        """Append ``data``; return the payloads completed by it, in order, at most ``limit``.
+
+        Whole frames past ``limit`` stay in the buffer (``buffered`` counts them) and come out
+        of later calls; they are not checked until then.
+        """
         if self.error is not None:
             raise self.error
         buf = self._buffer
@@ -109,7 +131,7 @@ class FrameDecoder:
                 return []  # still inside one frame's body: keep buffering, parse nothing
             data = bytes(buf)
             buf.clear()
-        elif len(data) > HEADER_BYTES and not self._accept_error_flag:
+        elif len(data) > HEADER_BYTES and not self._accept_error_flag and limit:
             # The common case, one whole frame in one read: no buffering, one copy. (A word
             # with the error flag set exceeds any max_frame_bytes, so it takes the slow path.)
             word = _unpack_header(data)[0]
@@ -121,7 +143,7 @@ class FrameDecoder:
         pos, size, need = 0, len(data), self._need
         while True:
             if need < 0:
-                if size - pos < HEADER_BYTES:
+                if size - pos < HEADER_BYTES or len(frames) >= limit:
                     break
                 word = _unpack_header(data, pos)[0]
                 problem = self._check_header(word)
