@@ -58,7 +58,10 @@ class RouterApp:
         self.dispatcher = Dispatcher(
             self.registry, make_policy(d.policy), d, self.clock, self.stats
         )
-        self.front_door = TcpFrontDoor(self.dispatcher, config.listener, config.drain, self.clock)
+        self.lifecycle = Lifecycle()
+        self.front_door = TcpFrontDoor(
+            self.dispatcher, config.listener, config.drain, self.clock, self.lifecycle
+        )
         g = config.grpc
         self.grpc_stats = GrpcStats()
         self.grpc_channels = GrpcChannels(
@@ -70,7 +73,6 @@ class RouterApp:
             self.registry, make_probers(config.health, self.grpc_channels), config.health,
             self.clock, ejection=self.ejection,
         )
-        self.lifecycle = Lifecycle()
         self.readiness = Readiness(self.registry, self.lifecycle)
         self.grpc_front: GrpcFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]

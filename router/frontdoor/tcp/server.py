@@ -26,6 +26,7 @@ from router.core.clock import Clock
 from router.core.config import DrainConfig, ListenerConfig
 from router.dispatch.scheduler import Dispatcher, Request
 from router.frontdoor.tcp.connection import ClientConnection
+from router.lifecycle.state import Lifecycle
 from router.protocol.session import TcpSession
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,14 @@ class TcpFrontDoor:
     """Owns the listening server and every open client connection."""
 
     def __init__(
-        self, dispatcher: Dispatcher, config: ListenerConfig, drain: DrainConfig, clock: Clock
+        self, dispatcher: Dispatcher, config: ListenerConfig, drain: DrainConfig, clock: Clock,
+        lifecycle: Lifecycle,
     ) -> None:
         self.dispatcher = dispatcher
         self.config = config
         self.linger_s = drain.linger_s
         self.clock = clock
-        self.draining = False
+        self._lifecycle = lifecycle
         self._listener: socket.socket | None = None
         self._adopting: set[asyncio.Task[Any]] = set()  # accepted sockets being wrapped
         self._sessions: set[TcpSession[Request]] = set()
@@ -105,7 +107,7 @@ class TcpFrontDoor:
     def connection_opened(self, session: TcpSession[Request]) -> None:
         self._sessions.add(session)
         self.connections_total += 1
-        if self.draining:
+        if self._lifecycle.draining:
             # Accepted by the kernel before the listener closed: serve nothing, close at once.
             session.start_drain()
 
@@ -135,7 +137,6 @@ class TcpFrontDoor:
 
     def start_drain(self) -> None:
         """Stop listening and shut every connection down at its next request boundary."""
-        self.draining = True
         self.stop_accepting()
         for session in list(self._sessions):
             session.start_drain()
@@ -159,10 +160,10 @@ class TcpFrontDoor:
             "open_connections": len(self._sessions),
             "by_state": dict(collections.Counter(s.state.value for s in self._sessions)),
             "connections_total": self.connections_total,
-            "draining": self.draining,
+            "phase": self._lifecycle.phase.value,
         }
 
     def __repr__(self) -> str:
-        return f"TcpFrontDoor(connections={len(self._sessions)}, draining={self.draining})"
+        return f"TcpFrontDoor(connections={len(self._sessions)}, {self._lifecycle.phase.value})"
 
 
