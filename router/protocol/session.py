@@ -35,8 +35,9 @@ boundary closes at once instead of lingering; and the *pause bits*, the reasons 
 paused (too many answers pending, the write buffer full, the dispatcher's queue saturated):
 reading resumes when the last one clears.
 
-The retry contract (README): the session never closes a connection while a request accepted on
-it is unanswered, short of ``abort``. A request is accepted when it is handed to ``submit``.
+The retry contract (docs/protocol.md): the session never closes a connection while a request
+accepted on it is unanswered, short of ``abort``. A request is accepted when it is handed to
+``submit``.
 
 ``max_pipelined`` holds within a read: a read may carry thousands of frames, and only as many
 as leave ``max_pipelined`` pending are accepted; the rest stay in the decoder's buffer (not yet

@@ -37,7 +37,7 @@ def channel_options(max_message_bytes: int, reconnect_max_s: float) -> list[tupl
         # Its own subchannel per channel, so closing one never touches another's connection.
         ("grpc.use_local_subchannel_pool", 1),
         # gRPC's default backoff grows to 120 s; a restarted backend should be found by the
-        # next probe (probe_interval_s), not minutes later.
+        # next health pass, not minutes later (grpc.reconnect_backoff_max_s).
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
