@@ -130,8 +130,8 @@ class GrpcConfig(_Section):
         "bytes (gRPC's own default, 4 MiB, is too small for image batches).",
     )
     max_calls_per_backend: Int = Field(
-        256, ge=1, description="Unary calls in flight to one gRPC backend; beyond it calls "
-        "wait in the dispatch queue (queue_size and queue_timeout_s apply), as TCP requests "
+        256, ge=1, description="Calls (unary and streams) in flight to one gRPC backend; beyond "
+        "it calls wait in the dispatch queue (queue_size and queue_timeout_s apply), as TCP requests "
         "wait for a pooled connection.",
     )
     channel_idle_timeout_s: Seconds = Field(
