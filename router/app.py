@@ -52,7 +52,9 @@ class RouterApp:
         self.clock = clock or MonotonicClock(asyncio.get_running_loop)
         self.stats = DataPlaneStats()
         self.ejection = PassiveEjection(config.health.failure_threshold)
-        self.registry = Registry(on_failure=self.ejection)
+        self.registry = Registry(
+            on_failure=self.ejection, panic_threshold=config.health.panic_threshold
+        )
         self.spawner = Spawner(log_dir=log_dir)
         d = config.dispatch
         self.dispatcher = Dispatcher(

@@ -219,7 +219,8 @@ def _fields_of_type(kind: type) -> list[tuple[str, str]]:
     return found
 
 
-DURATIONS = _fields_of_type(float)
+DURATIONS = [(section, key) for section, key in _fields_of_type(float) if key.endswith("_s")]
+FRACTIONS = [(section, key) for section, key in _fields_of_type(float) if not key.endswith("_s")]
 INTEGERS = _fields_of_type(int)
 
 
@@ -493,3 +494,11 @@ def test_the_example_lists_every_key_at_its_default() -> None:
         commented = {"listen"} if section == "grpc" else set()  # the gRPC front door is off
         assert set(data[section]) | commented == set(model.model_fields), section
     assert len(cfg.backends) >= 2
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.inf, math.nan, True, "0.5"])
+@pytest.mark.parametrize(("section", "key"), FRACTIONS)
+def test_a_fraction_is_a_number_from_zero_to_one(section: str, key: str, value: object) -> None:
+    assert FRACTIONS == [("health", "panic_threshold")]
+    [problem] = problems_of(_entry(section, key, value))
+    assert problem.startswith(f"cfg.toml: {_key_path(section, key)}: "), problem

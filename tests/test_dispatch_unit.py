@@ -115,11 +115,11 @@ class Collector:
 class Harness:
     def __init__(
         self, services: list[FakeService], settings: DispatchConfig, policy: str,
-        max_connections: int = 8,
+        max_connections: int = 8, panic_threshold: float = 0.0,
     ) -> None:
         self.clock = ManualClock()
         self.ejection = PassiveEjection(failure_threshold=3)
-        self.registry = Registry(on_failure=self.ejection)
+        self.registry = Registry(on_failure=self.ejection, panic_threshold=panic_threshold)
         self.backends: list[Backend] = []
         self.services = services
         limits = PoolConfig(max_connections=max_connections, pipeline_depth=1)
@@ -159,10 +159,11 @@ class Harnesses:
         *,
         policy: str = "least_connections",
         max_connections: int = 8,
+        panic_threshold: float = 0.0,
         **settings: Any,
     ) -> Harness:
         config = DispatchConfig(**{"queue_timeout_s": 5.0, "max_retries": 2, **settings})
-        harness = Harness(services, config, policy, max_connections)
+        harness = Harness(services, config, policy, max_connections, panic_threshold)
         self._built.append(harness)
         return harness
 
@@ -691,3 +692,45 @@ async def test_late_answers_after_abandon_count_nothing(make_harness: Harnesses)
     fresh = h.submit(b"after")  # a request of the new epoch counts as usual
     await h.wait_zero()
     assert fresh.response == b"retfa" and h.stats.completed == 1
+
+
+# -- panic: every backend out of rotation ----------------------------------------------------
+
+
+async def test_with_every_backend_down_panic_tries_them_and_an_answer_brings_one_back(
+    make_harness: Harnesses,
+) -> None:
+    """Below the panic threshold health is ignored: backends that came back serve at once
+    instead of NO_BACKEND until the next probe, and an answer puts one back in rotation."""
+    services = [FakeService("dead"), FakeService("dead")]
+    h = make_harness(services, panic_threshold=0.5, max_retries=1)
+    for i in range(8):
+        h.submit(f"{i}".encode())
+        await h.wait_zero()
+    assert not any(b.healthy for b in h.backends)
+
+    for service in services:
+        service.mode = "live"
+    back = [h.submit(f"back{i}".encode()) for i in range(4)]
+    await h.wait_zero()
+
+    assert [r.response for r in back] == [r.payload[::-1] for r in back]
+    assert "NO_BACKEND" not in h.stats.errored
+    assert all(b.healthy for b in h.backends)
+
+
+async def test_panic_is_off_at_zero_and_above_the_threshold(make_harness: Harnesses) -> None:
+    services = [FakeService("dead"), FakeService("live")]
+    h = make_harness(services, panic_threshold=0.5, policy="round_robin")
+    h.backends[0].mark_down("test")
+    assert h.registry.candidates() == [h.backends[1]]  # 1 of 2 healthy: not below 0.5
+    assert not h.registry.panicking()
+    h.backends[1].mark_down("test")
+    assert h.registry.candidates() == h.backends and h.registry.panicking()
+
+    off = make_harness([FakeService("live")], panic_threshold=0.0)
+    off.backends[0].mark_down("test")
+    assert off.registry.candidates() == []
+    request = off.submit(b"x")
+    await off.wait_zero()
+    assert error_code(request) == "NO_BACKEND"

@@ -188,7 +188,10 @@ async def test_readiness_follows_backend_health_and_no_backend_is_unavailable(
     kserve_backend: Backends, grpc_router: GrpcRouterFactory
 ) -> None:
     backend = kserve_backend()
-    router = await grpc_router([grpc_backend(backend.address, "sum")])
+    # Panic off: with the only backend down, a call is refused rather than tried anyway.
+    router = await grpc_router(
+        [grpc_backend(backend.address, "sum")], {"health": {"panic_threshold": 0.0}}
+    )
     client = _client(router.target)
     assert await _in_thread(client.is_server_ready)
     router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
@@ -307,3 +310,20 @@ async def test_metrics_count_grpc_calls_by_method_and_code(
     assert "router_grpc_request_duration_seconds_count 4.0" in text
     assert "router_requests_completed_total 3.0" in text
     assert f'router_backend_inflight_requests{{backend="{backend.address}"}} 0.0' in text
+
+
+async def test_with_its_only_backend_marked_down_a_call_is_still_tried_in_panic(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """The default panic threshold: every backend of the model is out of rotation, so health
+    is ignored and the backend (which is up) answers; readiness still says not ready."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "sum")])
+    client = _client(router.target)
+    router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
+    assert not await _in_thread(client.is_server_ready)
+    result = await _in_thread(client.infer, "sum", [_input([1.0, 2.0])])
+    assert result.get_response() is not None
+    assert router.app.stats.errored == {}
+    assert await _in_thread(client.is_server_ready)  # the answer put it back in rotation
+    client.close()

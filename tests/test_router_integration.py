@@ -883,3 +883,65 @@ async def test_requests_unanswered_at_the_grace_deadline_are_counted_dropped(
     assert router.app.stats.dropped == 3
     for future in pending:
         assert future.done()  # the client saw its connection reset, not silence
+
+
+# -- backends that come back, and backends that close connections -----------------------------
+
+
+async def test_backends_that_come_back_serve_before_the_next_probe(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    """Every backend out of rotation: the panic threshold still tries them, so once one is back
+    clients are served at once, not refused NO_BACKEND until the next health pass."""
+    first = echo_backend()
+    port = first.port
+    router = await router_factory(
+        [first.address],
+        {"health": {"interval_s": 60.0, "failure_threshold": 1}, "dispatch": {"max_retries": 0}},
+    )
+    client = await router.client()
+    async with asyncio.timeout(WAIT_S):
+        assert await client.request(b"up") == b"up"
+        first.kill()
+        with pytest.raises(ErrorReply) as caught:
+            await client.request(b"down")
+        assert caught.value.code == "BACKEND_UNAVAILABLE"
+    assert router.backend_stats()[first.address]["healthy"] is False
+
+    echo_backend("--port", str(port))  # back, on the same address
+    codes: list[str] = []
+    async with asyncio.timeout(WAIT_S):
+        for i in range(20):
+            try:
+                assert await client.request(b"%d" % i) == b"%d" % i
+            except ErrorReply as exc:
+                codes.append(exc.code)
+    assert codes == []
+    assert router.backend_stats()[first.address]["healthy"] is True
+
+
+async def test_a_backend_closing_connections_after_n_requests_costs_no_client_an_error(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    """The only backend closes each connection after 3 answers, with more requests on it: those
+    are sent again once, on a fresh connection to it, instead of failing."""
+    backend = echo_backend("--close-after", "3")
+    router = await router_factory([backend.address])
+    clients = [await router.client() for _ in range(10)]
+
+    async def run(index: int, client: FrameClient) -> list[str]:
+        codes = []
+        for i in range(20):
+            payload = f"{index}-{i}".encode()
+            try:
+                assert await client.request(payload) == payload
+            except ErrorReply as exc:
+                codes.append(exc.code + " " + exc.message)
+        return codes
+
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*(run(i, c) for i, c in enumerate(clients)))
+    assert [code for codes in results for code in codes] == []
+    stats = router.backend_stats()[backend.address]
+    assert stats["pool"]["dialed"] >= 200 // 3  # the backend really closed them
+    assert stats["failures_total"] == 0

@@ -131,8 +131,8 @@ class GrpcConfig(_Section):
     )
     max_calls_per_backend: Int = Field(
         256, ge=1, description="Calls (unary and streams) in flight to one gRPC backend; beyond "
-        "it calls wait in the dispatch queue (queue_size and queue_timeout_s apply), as TCP requests "
-        "wait for a pooled connection.",
+        "it calls wait in the dispatch queue (queue_size and queue_timeout_s apply), as TCP "
+        "requests wait for a pooled connection.",
     )
     channel_idle_timeout_s: Seconds = Field(
         60.0, description="Seconds a channel to a gRPC backend may carry no call (probes do "
@@ -222,6 +222,11 @@ class HealthConfig(_Section):
     failure_threshold: Int = Field(
         3, ge=1, description="Consecutive failed requests (refused, reset, timed out) that "
         "take a backend out of rotation; any success resets the count.",
+    )
+    panic_threshold: Annotated[float, Strict()] = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of a group's backends "
+        "(same protocol and model) that must be healthy for health to decide routing; below "
+        "it every backend of the group is tried (Envoy's panic threshold). 0 turns it off.",
     )
 
 

@@ -178,9 +178,15 @@ class BackendUnavailable(BackendError):
     """Connect refused/timed out, or the connection closed before any response byte.
 
     The request never produced an answer, so it is safe to retry on another backend.
+    ``reused_connection``: the connection had answered earlier requests, so the backend may
+    simply have closed a connection it kept open (a keep-alive limit), not have failed.
     """
 
     code = "BACKEND_UNAVAILABLE"
+
+    def __init__(self, message: str = "", *, reused_connection: bool = False) -> None:
+        super().__init__(message)
+        self.reused_connection = reused_connection
 
 
 class BackendTimeout(BackendError):

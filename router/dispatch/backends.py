@@ -159,8 +159,14 @@ class Registry:
     each failed attempt.
     """
 
-    def __init__(self, on_failure: Callable[[Backend], None] | None = None) -> None:
+    def __init__(
+        self, on_failure: Callable[[Backend], None] | None = None, panic_threshold: float = 0.0
+    ) -> None:
         self._backends: dict[str, Backend] = {}
+        # Below this fraction of healthy backends (of a kind and model), health is ignored and
+        # every backend is a candidate (Envoy's panic threshold): a connect attempt to a backend
+        # marked down is worth more than refusing every request until the next probe.
+        self._panic_threshold = panic_threshold
         self._kind: str | None = None
         self._on_failure = on_failure
         self._listeners: list[Callable[[Backend, str], None]] = []
@@ -170,7 +176,7 @@ class Registry:
         self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
-        view = Registry(self._on_failure)
+        view = Registry(self._on_failure, self._panic_threshold)
         view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
         view._join_listeners = self._join_listeners
         view._in_rotation = self._in_rotation
@@ -226,24 +232,39 @@ class Registry:
     def candidates(
         self, exclude: tuple[Backend, ...] = (), kind: str = "tcp", model: str | None = None
     ) -> list[Backend]:
-        """Healthy backends of ``kind`` serving ``model`` (any, if None), not in ``exclude``
-        (the ones a request already tried). The list may be shared: do not modify it."""
-        healthy = self._in_rotation.get((kind, model))
-        if healthy is None:
+        """The backends a request of ``kind`` for ``model`` (any, if None) may go to, not in
+        ``exclude`` (the ones it already tried): the healthy ones serving it, or all of them
+        while fewer than ``panic_threshold`` of them are healthy. The list may be shared: do not
+        modify it."""
+        candidates = self._in_rotation.get((kind, model))
+        if candidates is None:
             if len(self._in_rotation) >= _MAX_CACHED_KEYS:
                 self._in_rotation.clear()  # model keys come from clients: stay bounded
-            healthy = self._in_rotation[(kind, model)] = [
-                b for b in self._backends.values()
-                if b.healthy and b.kind == kind and (model is None or b.serves(model))
-            ]
+            serving = self.serving(kind, model)
+            candidates = [b for b in serving if b.healthy]
+            if len(candidates) < self._panic_threshold * len(serving):
+                candidates = serving
+            self._in_rotation[(kind, model)] = candidates
         if exclude:
-            return [b for b in healthy if b not in exclude]
-        return healthy
+            return [b for b in candidates if b not in exclude]
+        return candidates
+
+    def serving(self, kind: str, model: str | None = None) -> list[Backend]:
+        """Every backend of ``kind`` serving ``model`` (any, if None), healthy or not."""
+        return [
+            b for b in self._backends.values()
+            if b.kind == kind and (model is None or b.serves(model))
+        ]
+
+    def panicking(self, kind: str = "tcp", model: str | None = None) -> bool:
+        """Whether requests of ``kind`` for ``model`` go to every backend, health ignored."""
+        candidates = self.candidates((), kind, model)
+        return any(not b.healthy for b in candidates)
 
     def knows_model(self, model: str, kind: str) -> bool:
         """Whether any backend of ``kind``, healthy or not, serves ``model``: if none does, a
         request for it is refused without touching a backend."""
-        return any(b.kind == kind and b.serves(model) for b in self._backends.values())
+        return bool(self.serving(kind, model))
 
     def close(self) -> None:
         for backend in self._members():

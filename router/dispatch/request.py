@@ -27,7 +27,8 @@ class Request:
 
     __slots__ = (
         "accepted_at", "attempts", "backend", "deadline", "epoch", "error", "forward", "kind",
-        "last_error", "lease", "model", "origin", "payload", "replayable", "response", "tried",
+        "last_error", "lease", "model", "origin", "payload", "replayable", "resent", "response",
+        "tried",
     )
 
     def __init__(
@@ -45,6 +46,7 @@ class Request:
         self.model = model
         self.forward = forward
         self.replayable = replayable
+        self.resent = False  # sent again on the backend whose reused connection closed under it
         self.response: bytes | None = None
         self.error: RouterError | None = None
         # The attempt in progress, and the backends tried so far (a retry avoids them).

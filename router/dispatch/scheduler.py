@@ -126,9 +126,11 @@ class Dispatcher:
             self.finish(request, None, request.last_error or NoBackend(_no_backend(request)))
             return
         if len(candidates) == 1:
-            backend = candidates[0]
+            self._place_on(request, candidates[0])
         else:
-            backend = candidates[self._policy.choose(candidates, self._rng)]
+            self._place_on(request, candidates[self._policy.choose(candidates, self._rng)])
+
+    def _place_on(self, request: Request, backend: Backend) -> None:
         upstream = backend.upstream
         if not backend.waiting:
             lease = upstream.try_acquire()
@@ -211,20 +213,36 @@ class Dispatcher:
         assert backend is not None
         request.backend = None
         backend.inflight -= 1
-        backend.upstream.release(request.lease, reusable=error is None)
-        request.lease = None
+        if request.lease is not None:  # None: a fresh connection for it was never made
+            backend.upstream.release(request.lease, reusable=error is None)
+            request.lease = None
         if backend.waiting:
             self._assign(backend)
         if error is None:
             backend.record_success()
+            if not backend.healthy:  # tried in panic (every backend was down), and it answered
+                backend.mark_up("answered a request")
             self.finish(request, response, None)
             return
+        if isinstance(error, BackendUnavailable) and request.replayable:
+            if error.reused_connection and not request.resent and backend.healthy:
+                # The backend closed a connection that had served before (a keep-alive limit,
+                # HAProxy's retry-on conn-failure): once, on a fresh connection to it, and not
+                # counted against it.
+                request.resent = True
+                backend.inflight += 1
+                request.backend = backend
+                if not backend.upstream.start_fresh(request, self.attempt_done, self._timeout_s):
+                    backend.inflight -= 1
+                    request.backend = None
+                    self._place_on(request, backend)  # no room to dial: wait for any
+                return
+            backend.record_failure()
+            if self._may_retry(request, backend, error):
+                self._place(request)
+            return  # placed again, or answered with the error by _may_retry
         if isinstance(error, BackendError):
             backend.record_failure()
-            if (isinstance(error, BackendUnavailable) and request.replayable
-                    and self._may_retry(request, backend, error)):
-                self._place(request)
-                return
         self.finish(request, None, error)
 
     def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:

@@ -32,7 +32,7 @@ class Readiness:
     def _in_rotation(self, kind: str | None, model: str | None) -> bool:
         if kind is None:
             return any(b.healthy and (model is None or b.serves(model)) for b in self._registry)
-        return bool(self._registry.candidates(kind=kind, model=model))
+        return any(b.healthy for b in self._registry.serving(kind, model))
 
     def __repr__(self) -> str:
         return f"Readiness(ready={self.ready()})"

@@ -32,6 +32,7 @@ class Attempt(Protocol):
 
     payload: bytes
     forward: Callable[[Any], None] | None
+    lease: Any
 
 
 class Upstream(Protocol):
@@ -56,6 +57,11 @@ class Upstream(Protocol):
     def start(self, lease: Any, request: Attempt, sink: ReplySink, timeout_s: float) -> None:
         """Put one attempt of ``request`` on ``lease``; its outcome reaches ``sink(request,
         ...)`` (for gRPC, through the handler ``request.forward`` wakes)."""
+        ...
+
+    def start_fresh(self, request: Attempt, sink: ReplySink, timeout_s: float) -> bool:
+        """Put the attempt on a connection opened for it, setting ``request.lease`` once it
+        is open; False if none may be opened now."""
         ...
 
     def release(self, lease: Any, *, reusable: bool = True) -> None: ...

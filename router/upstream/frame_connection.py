@@ -55,12 +55,16 @@ class BackendConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.is_closed = False
+        self._answered = 0  # answers matched so far: a failure after one is on a reused connection
 
     # -- Connection interface used by the pool and the dispatcher -----------------------------
 
     def send(self, payload: bytes, sink: ReplySink, token: Any, timeout_s: float) -> None:
         if self.is_closed or self._transport is None:
-            sink(token, None, BackendUnavailable(f"connection to {self._address} is closed"))
+            closed = BackendUnavailable(
+                f"connection to {self._address} is closed", reused_connection=self._answered > 0
+            )
+            sink(token, None, closed)
             return
         deadline = self._loop.time() + timeout_s
         self._outstanding.append(_Outstanding(sink, token, deadline, timeout_s))
@@ -98,6 +102,7 @@ class BackendConnection(asyncio.Protocol):
                 self._discard(BackendProtocolError(unasked))
                 return
             entry = outstanding.popleft()
+            self._answered += 1
             entry.sink(entry.token, frame, None)
         if self._decoder.error is not None:
             self._discard(BackendProtocolError(f"{self._address}: {self._decoder.error.message}"))
@@ -108,7 +113,9 @@ class BackendConnection(asyncio.Protocol):
         if self._decoder.buffered:
             self._discard(BackendProtocolError(f"{self._address} closed mid-response"))
         else:
-            self._discard(BackendUnavailable(f"{self._address} closed before responding"))
+            self._discard(BackendUnavailable(
+                f"{self._address} closed before responding", reused_connection=self._answered > 0
+            ))
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -158,7 +165,10 @@ class BackendConnection(asyncio.Protocol):
             if index == 0 and head_error is not None:
                 error: BackendError = head_error
             else:
-                error = BackendUnavailable(f"{self._address}: connection closed before answering")
+                error = BackendUnavailable(
+                    f"{self._address}: connection closed before answering",
+                    reused_connection=self._answered > 0,
+                )
             entry.sink(entry.token, None, error)
 
     def __repr__(self) -> str:

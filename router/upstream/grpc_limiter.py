@@ -46,6 +46,9 @@ class GrpcCallLimiter:
         assert request.forward is not None, "a gRPC backend only carries gRPC calls"
         request.forward(request)
 
+    def start_fresh(self, request: Attempt, sink: ReplySink, timeout_s: float) -> bool:
+        return False  # a call never lands on a connection the backend closed under it
+
     def release(self, lease: Any, *, reusable: bool = True) -> None:
         self.active -= 1
 

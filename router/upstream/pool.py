@@ -105,6 +105,7 @@ class Pool:
             "closed_idle_timeout": 0,
             "closed_max_lifetime": 0,
             "closed_broken": 0,
+            "closed_for_fresh": 0,
         }
 
     # -- lending ----------------------------------------------------------------------------
@@ -183,6 +184,39 @@ class Pool:
             raise
         self._lend(slot)
         return slot
+
+    def start_fresh(self, request: Attempt, sink: ReplySink, timeout_s: float) -> bool:
+        """Dial a connection for ``request`` and send it there first: for a request whose
+        reused connection the backend closed before answering it (an idle connection may be
+        closing just the same). At ``max_connections`` the oldest idle connection, a spare, is
+        closed to make room; False when there is none (or the pool is closed)."""
+        if self._closed:
+            return False
+        if self._open >= self._max:
+            if not self._idle:
+                return False
+            self._retire(self._idle.pop(0), "closed_for_fresh")
+        self._open += 1
+        self._dialing += 1
+        task = asyncio.get_running_loop().create_task(self._send_fresh(request, sink, timeout_s))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+        return True
+
+    async def _send_fresh(self, request: Attempt, sink: ReplySink, timeout_s: float) -> None:
+        try:
+            slot = await self._dial_slot()
+        except BackendUnavailable as exc:
+            self._room(None)  # capacity to dial again
+            sink(request, None, exc)
+            return
+        except asyncio.CancelledError:
+            sink(request, None, BackendUnavailable(f"pool {self._name} closed"))
+            raise
+        self._lend(slot)
+        request.lease = slot
+        slot.connection.send(request.payload, sink, request, timeout_s)
+        self._room(None)  # room beyond this request, with pipelining
 
     async def _dial_in_background(self) -> None:
         try:
