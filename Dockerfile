@@ -5,7 +5,11 @@
 # The default command runs the embedded default (two spawned echo backends) listening on all
 # interfaces. For real backends, pass flags or a config file instead of the default CMD:
 #   docker run --rm -p 7070:7070 -p 7072:7072 -v $PWD/router.toml:/etc/inference-router/router.toml:ro \
-#     inference-router --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 --admin 0.0.0.0:7072
+#     -v router-state:/var/lib/inference-router inference-router \
+#     --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 --admin 0.0.0.0:7072 \
+#     --state-file /var/lib/inference-router/state.toml
+# What the admin API changes (added backends, drain flags, weights) is saved in the state file
+# on the volume /var/lib/inference-router and restored when the container starts again.
 
 FROM python:3.11-slim AS builder
 WORKDIR /src
@@ -21,7 +25,8 @@ FROM python:3.11-slim
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links /wheels inference-router \
- && useradd --system --create-home --home-dir /home/router --shell /usr/sbin/nologin router
+ && useradd --system --create-home --home-dir /home/router --shell /usr/sbin/nologin router \
+ && install -d -o router -g router -m 0700 /var/lib/inference-router
 # A reference config with every option at its default (it listens on 127.0.0.1 and names
 # example backends: mount your own over it, or override --listen/--admin/--backend).
 COPY examples/router.toml /etc/inference-router/router.toml
@@ -29,5 +34,8 @@ USER router
 # Spawned backends' logs go to $ROUTER_LOG_DIR (default .router-logs in the working directory).
 WORKDIR /home/router
 EXPOSE 7070 7072
+# Declared after the directory exists, so a new volume starts owned by the router user.
+VOLUME ["/var/lib/inference-router"]
 ENTRYPOINT ["inference-router", "serve"]
-CMD ["--listen", "0.0.0.0:7070", "--admin", "0.0.0.0:7072"]
+CMD ["--listen", "0.0.0.0:7070", "--admin", "0.0.0.0:7072", \
+     "--state-file", "/var/lib/inference-router/state.toml"]

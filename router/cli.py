@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="SO_REUSEPORT: share the port with another router (rolling restart)")
     serve.add_argument("--processes", type=int, metavar="N",
                        help="router processes sharing the listen port (listener.processes)")
+    serve.add_argument("--state-file", metavar="PATH",
+                       help="persist the API's changes in this TOML file (state.file)")
     # Set by the supervisor for its children: announce "READY <admin port>" on stdout.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
@@ -79,6 +81,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
         ("listener", "reuse_port"): args.reuse_port,
         ("listener", "processes"): args.processes,
+        ("state", "file"): args.state_file,
     }
     for (section, key), value in flag_keys.items():
         if value is not None:

@@ -243,6 +243,21 @@ class DrainConfig(_Section):
     )
 
 
+FilePath = Annotated[str, Strict(), Field(min_length=1, json_schema_extra={"format": "path"})]
+
+
+class StateConfig(_Section):
+    """What the admin API changes (not in this file), saved as TOML and restored on start."""
+
+    file: FilePath | None = Field(
+        None, description="Path of the state file (relative: to the working directory): "
+        "backends added through the admin API, drain flags and weight overrides, managed "
+        "instances; written atomically on every change and read on start. A corrupt file is "
+        "renamed ``FILE.corrupt-YYYYMMDDTHHMMSSZ`` (UTC) and the router starts from this "
+        "config. Unset: nothing is persisted.",
+    )
+
+
 class BackendConfig(_Section):
     """One backend; any number of ``[[backends]]`` entries."""
 
@@ -291,6 +306,7 @@ class RouterConfig(_Section):
     pool: PoolConfig = PoolConfig()
     health: HealthConfig = HealthConfig()
     drain: DrainConfig = DrainConfig()
+    state: StateConfig = StateConfig()
     backends: tuple[BackendConfig, ...] = ()
 
     def _addresses_in_use(self) -> Iterator[tuple[str, str, str]]:
