@@ -8,6 +8,7 @@ handler, with plain grpc.aio multi-callables as the client.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -86,6 +87,27 @@ async def test_backend_status_details_and_trailers_are_relayed(
     assert _md(error.trailing_metadata())["x-echo-trailer"] == "kept"
     assert "x-router-error" not in _md(error.trailing_metadata())  # the backend's, not ours
     assert router.app.stats.completed == 1  # the backend's answer, relayed
+    assert router.backend(backend.address)["failures_total"] == 0
+
+
+async def test_a_backends_immediate_status_reaches_the_client_every_time(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """A backend that ends a call at once (UNIMPLEMENTED for a method it lacks) while the
+    router is still sending the request: the client gets that status, never INTERNAL. A 1 MiB
+    request is still on its way when the status comes back (more than 1 in 2 of them were
+    INTERNAL "Internal error from Core"); small ones race it less often (1 in 30 or so)."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address)])
+    statuses: Counter[tuple[grpc.StatusCode, str]] = Counter()
+    async with router.channel() as channel:
+        missing = channel.unary_unary(ECHO + "Missing")
+        for payload in [b"x" * (1 << 20)] * 40 + [b"small"] * 200:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await missing(payload, timeout=CALL_TIMEOUT_S)
+            statuses[(caught.value.code(), caught.value.details() or "")] += 1
+    assert statuses == {(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"): 240}
+    assert router.app.stats.completed == 240  # the backend's answer, relayed
     assert router.backend(backend.address)["failures_total"] == 0
 
 
