@@ -8,6 +8,7 @@ handler, with plain grpc.aio multi-callables as the client.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -137,6 +138,58 @@ async def test_every_streaming_kind_is_proxied(
         assert await bidi.code() == grpc.StatusCode.OK
     stats = router.app.stats
     assert (stats.accepted, stats.completed, stats.inflight) == (3, 3, 0)
+
+
+async def test_request_timeout_bounds_the_answer_of_a_relayed_call(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """request_timeout_s = 1: a unary call through the generic proxy whose backend takes 3 s
+    ends BACKEND_TIMEOUT after about 1 s; streams that answer, or whose client is still
+    writing, run past it; a shorter client deadline stays the client's."""
+    backend = kserve_backend()
+    router = await grpc_router(
+        [grpc_backend(backend.address)], {"dispatch": {"request_timeout_s": 1.0}}
+    )
+    slow = (("x-echo-delay-ms", "3000"),)
+    async with router.channel() as channel:
+        unary = channel.unary_unary(ECHO + "Unary")
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(b"x", timeout=CALL_TIMEOUT_S, metadata=slow)
+        elapsed = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _md(caught.value.trailing_metadata())["x-router-error"] == "BACKEND_TIMEOUT"
+        assert 0.9 < elapsed < 2.5, elapsed
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # no deadline from the client
+            await unary(b"x", metadata=slow)
+        assert _md(caught.value.trailing_metadata())["x-router-error"] == "BACKEND_TIMEOUT"
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # the client's deadline is shorter
+            await unary(b"x", timeout=0.5, metadata=slow)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "x-router-error" not in _md(caught.value.trailing_metadata())
+
+        bidi = channel.stream_stream(ECHO + "Bidi")(timeout=CALL_TIMEOUT_S)
+        for i in range(5):  # 1.5 s of answers: the bound never starts on a stream answering
+            await bidi.write(f"m{i}".encode())
+            assert await bidi.read() == f"m{i}".encode()
+            await asyncio.sleep(0.3)
+        await bidi.done_writing()
+        assert await bidi.read() == grpc.aio.EOF
+        assert await bidi.code() == grpc.StatusCode.OK
+
+        client_stream = channel.stream_unary(ECHO + "ClientStream")(timeout=CALL_TIMEOUT_S)
+        for part in (b"a", b"b", b"c", b"d", b"e"):  # 1.5 s of writing, then the answer
+            await client_stream.write(part)
+            await asyncio.sleep(0.3)
+        await client_stream.done_writing()
+        assert await client_stream == b"abcde"
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        await router.app.dispatcher.wait_zero()
+    stats = router.app.stats
+    assert stats.errored == {"BACKEND_TIMEOUT": 2, "DEADLINE_EXCEEDED": 1}
+    assert stats.completed == 2
+    assert router.backend(backend.address)["failures_total"] == 2
 
 
 async def test_route_model_header_selects_the_model_group(
