@@ -3,7 +3,7 @@
 Methods, in the order gRPC looks them up:
 
 1. registered: ``grpc.health.v1.Health`` (answered by the router, see ``RouterHealth``) and the
-   KServe methods of ``grpc_kserve`` (answered by the router, or routed by model);
+   KServe methods of ``grpc.kserve`` (answered by the router, or routed by model);
 2. everything else, any service and method name, through one generic handler: proxied as a
    bidirectional stream of raw messages, which carries unary and every streaming kind alike
    (the wire does not say which kind a method is). A call may pick its model group with the
@@ -51,8 +51,8 @@ from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
+from router.frontdoor.grpc.kserve import ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
-from router.frontdoor.grpc.kserve import KServeRouting
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.upstream.grpc_channels import GrpcChannels
@@ -218,8 +218,10 @@ class GrpcFrontDoor:
         unary: dict[str, tuple[Handler, bool]] = {  # name: (handler, routed to a backend)
             "ServerLive": (k.server_live, False), "ServerReady": (k.server_ready, False),
             "ModelReady": (k.model_ready, False), "ServerMetadata": (k.server_metadata, False),
-            "ModelMetadata": (k.model_metadata, True), "ModelInfer": (k.model_infer, True),
+            "RepositoryIndex": (k.repository_index, False),
+            "ModelMetadata": (k.model_metadata, True), "TraceSetting": (k.trace_setting, True),
         }
+        unary.update((name, (k.routed(name), True)) for name in ROUTED_BY_MODEL)
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
                 partial(self._handle, f"/{KSERVE_SERVICE}/{name}", fn, routed)
