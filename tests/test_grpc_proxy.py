@@ -17,8 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.client.frames import FrameClient
+from router.core.clock import ManualClock
 from router.core.errors import Cancelled, DeadlineExceeded
-from router.frontdoor.grpc.forward import DEADLINE_SLACK_S, ended_by
+from router.frontdoor.grpc.forward import DEADLINE_SLACK_S, AnswerBound, ended_by
 from tests.conftest import EchoBackend, echo_backend
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
@@ -387,3 +388,52 @@ class _Context:
 )
 def test_a_cancelled_handler_is_told_why(remaining: float | None, expected: type) -> None:
     assert type(ended_by(_Context(remaining))) is expected  # type: ignore[arg-type]
+
+
+class _BackendCall:
+    """The two things ``AnswerBound`` asks of a backend call: whether it ended, and to cancel it."""
+
+    def __init__(self, done: bool = False) -> None:
+        self.ended = done
+        self.cancels = 0
+
+    def done(self) -> bool:
+        return self.ended
+
+    def cancel(self) -> bool:
+        self.cancels += 1
+        self.ended = True
+        return True
+
+
+def test_the_answer_bound_runs_from_the_half_close_until_the_first_message() -> None:
+    clock = ManualClock()
+    relay, rpc = AnswerBound(clock, 1.0), _BackendCall()
+    clock.advance(5.0)  # the client may write for as long as it likes
+    relay.half_closed(rpc)  # type: ignore[arg-type]
+    clock.advance(0.99)
+    assert (relay.timed_out, rpc.cancels) == (False, 0)
+    clock.advance(0.01)
+    assert (relay.timed_out, rpc.cancels) == (True, 1)
+
+
+def test_the_answer_bound_stops_at_the_first_message_or_never_starts() -> None:
+    clock = ManualClock()
+    answered, rpc = AnswerBound(clock, 1.0), _BackendCall()
+    answered.half_closed(rpc)  # type: ignore[arg-type]
+    clock.advance(0.5)
+    answered.message()
+    clock.advance(10.0)  # a stream answering goes on past the bound
+    assert (answered.timed_out, rpc.cancels) == (False, 0)
+
+    streaming, rpc = AnswerBound(clock, 1.0), _BackendCall()
+    streaming.message()  # answered before the client half-closed: no bound at all
+    streaming.half_closed(rpc)  # type: ignore[arg-type]
+    unbounded, ended = AnswerBound(clock, None), _BackendCall()  # the client's deadline is shorter
+    unbounded.half_closed(ended)  # type: ignore[arg-type]
+    finished, done = AnswerBound(clock, 1.0), _BackendCall(done=True)  # the backend already ended
+    finished.half_closed(done)  # type: ignore[arg-type]
+    assert clock.advance(10.0) == 0  # no timer was set
+    assert not (streaming.timed_out or unbounded.timed_out or finished.timed_out)
+    assert rpc.cancels == ended.cancels == done.cancels == 0
+

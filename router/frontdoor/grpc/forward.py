@@ -23,7 +23,7 @@ Outcome of a backend call, for the scheduler:
 Deadlines: a unary attempt gets min(client's time left, ``request_timeout_s``). A relayed
 call (of any kind: the wire does not say which) gets the client's time left, and once the
 client has half-closed, ``request_timeout_s`` for the backend's first response message unless
-the client's deadline comes first (``_Relay``): the whole answer of a unary call, the first
+the client's deadline comes first (``AnswerBound``): the whole answer of a unary call, the first
 message of a server stream, nothing for a stream already answering. Metadata is forwarded
 except hop-by-hop and gRPC-reserved headers, which the backend call sets itself.
 """
@@ -241,7 +241,7 @@ class GrpcForwarder:
         if backend is None:
             assert request.error is not None
             raise request.error
-        relay = _Relay(self._clock, self._answer_bound(context))
+        relay = AnswerBound(self._clock, self._answer_bound(context))
         outcome: RouterError | None = None
         try:
             failure = await self._relay_on(backend, method, context, first, relay)
@@ -274,7 +274,7 @@ class GrpcForwarder:
 
     async def _relay_on(
         self, backend: Backend, method: str, context: grpc.aio.ServicerContext,
-        first: bytes | None, relay: _Relay,
+        first: bytes | None, relay: AnswerBound,
     ) -> _StreamFailure | None:
         """Run the stream on ``backend``; its non-OK status, if any."""
         rpc = self._channels.channel(backend).stream_stream(method)(
@@ -300,7 +300,7 @@ class GrpcForwarder:
         return f"GrpcForwarder(request_timeout_s={self._request_timeout_s})"
 
 
-class _Relay:
+class AnswerBound:
     """The answer bound of one relayed call: once the client has half-closed and while no
     response message has come back, the backend has ``bound_s`` to send one (or its status);
     past it the backend call is cancelled and the call ends ``BACKEND_TIMEOUT``.
@@ -345,7 +345,7 @@ class _Relay:
 
 async def _pump(
     context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None,
-    relay: _Relay,
+    relay: AnswerBound,
 ) -> None:
     """Client -> backend, until the client half-closes (then half-close the backend call), or
     until the backend ended the call (its status is what the client gets)."""
@@ -400,7 +400,7 @@ class _StreamFailure:
 
 
 async def _relay_responses(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, relay: _Relay
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, relay: AnswerBound
 ) -> _StreamFailure | None:
     """Backend -> client until the backend's status; its failure if not OK. Returns None too
     when ``relay`` timed out (it cancelled the backend call)."""
