@@ -11,8 +11,13 @@ Inputs are read from ``raw_input_contents`` (what tritonclient sends) or, for FP
 
 It answers the whole ``inference.GRPCInferenceService`` of the KServe proto plus Triton's
 ``ModelStreamInfer`` (one ``ModelStreamInferResponse`` per request; a failed request becomes
-``error_message`` and the stream goes on), ``grpc.health.v1.Health`` (NOT_SERVING from
-SIGTERM on), and ``routertest.Echo`` (``backends.grpc_echo``) for transparent-proxy tests.
+``error_message`` and the stream goes on), Triton's ``ModelConfig``, ``ModelStatistics``
+(inference counts per model) and ``TraceSetting`` (accepted, nothing traced), and
+``RepositoryModelLoad``/``Unload`` in KServe's and Triton's request layouts (an unloaded model
+is NOT_FOUND for inference and not ready until loaded again). Every call that names a model
+it does not serve is NOT_FOUND, so a test sees a call routed to the wrong backend. Besides:
+``grpc.health.v1.Health`` (NOT_SERVING from SIGTERM on), and ``routertest.Echo``
+(``backends.grpc_echo``) for transparent-proxy tests.
 
 Misbehaviour on request, as ``backends.echo`` offers for TCP: ``--delay-ms`` answers late,
 ``--fail-rate`` fails that fraction of inferences with UNAVAILABLE, ``--crash-on-infer``
@@ -40,7 +45,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends.grpc_echo import EchoService
 from router.protocol.announce import format_ready
+from router.protocol.kserve import read_repository_model, read_trace_model
 from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from router.protocol.proto import triton_extensions_pb2 as triton
 from router.protocol.proto.model_stream_infer_pb2 import ModelStreamInferResponse
 
 SERVICE = "inference.GRPCInferenceService"
@@ -126,15 +133,22 @@ class KServeBackend:
         )
         self.port = port
         self.inferences = 0
+        self._unloaded: set[str] = set()  # served, but unloaded by RepositoryModelUnload
+        self._counts = dict.fromkeys(config.models, 0)  # inferences answered, per model
 
     def close(self) -> None:
         if self._record is not None:
             os.close(self._record)
 
     def _model(self, name: str) -> Callable[[pb.ModelInferRequest], pb.ModelInferResponse]:
+        self._served(name)
+        if name in self._unloaded:
+            raise InferError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is unloaded")
+        return MODELS[name]
+
+    def _served(self, name: str) -> None:
         if name not in self._config.models:
             raise InferError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
-        return MODELS[name]
 
     async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self._config.crash_on_infer:
@@ -151,6 +165,7 @@ class KServeBackend:
         if self._record is not None and request.id:
             os.write(self._record, request.id.encode() + b"\n")  # before the answer leaves
         self.inferences += 1
+        self._counts[request.model_name] += 1
         return response
 
     # -- inference.GRPCInferenceService -------------------------------------------------------
@@ -180,7 +195,8 @@ class KServeBackend:
         return pb.ServerReadyResponse(ready=True)
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: Context) -> Any:
-        return pb.ModelReadyResponse(ready=request.name in self._config.models)
+        ready = request.name in self._config.models and request.name not in self._unloaded
+        return pb.ModelReadyResponse(ready=ready)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         return pb.ServerMetadataResponse(name="kserve-test-backend", version=VERSION)
@@ -196,6 +212,54 @@ class KServeBackend:
             for name, datatype, shape in tensors:
                 target.add(name=name, datatype=datatype, shape=shape)
         return response
+
+    # -- Triton's extensions ------------------------------------------------------------------
+
+    async def model_config(self, request: triton.ModelConfigRequest, context: Context) -> Any:
+        await self._check_served(request.name, context)
+        return triton.ModelConfigResponse(config=triton.ModelConfig(
+            name=request.name, platform=PLATFORM, backend="python", max_batch_size=0,
+        ))
+
+    async def model_statistics(
+        self, request: triton.ModelStatisticsRequest, context: Context
+    ) -> Any:
+        names = [request.name] if request.name else list(self._config.models)
+        for name in names:
+            await self._check_served(name, context)
+        return triton.ModelStatisticsResponse(model_stats=[
+            triton.ModelStatistics(
+                name=name, version=VERSION, inference_count=self._counts[name],
+                execution_count=self._counts[name],
+            )
+            for name in names
+        ])
+
+    async def repository_load(self, payload: bytes, context: Context) -> bytes:
+        name = read_repository_model(payload).name
+        await self._check_served(name, context)
+        self._unloaded.discard(name)
+        return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True).SerializeToString()
+
+    async def repository_unload(self, payload: bytes, context: Context) -> bytes:
+        name = read_repository_model(payload).name
+        await self._check_served(name, context)
+        self._unloaded.add(name)
+        return pb.RepositoryModelUnloadResponse(
+            model_name=name, isUnloaded=True
+        ).SerializeToString()
+
+    async def trace_setting(self, payload: bytes, context: Context) -> bytes:
+        name = read_trace_model(payload).name
+        if name:
+            await self._check_served(name, context)
+        return b""  # a TraceSettingResponse with no settings
+
+    async def _check_served(self, name: str, context: Context) -> None:
+        try:
+            self._served(name)
+        except InferError as exc:
+            await context.abort(exc.code, str(exc))
 
     def handler(self) -> Any:
         def unary(fn: Any, req: Any, resp: Any) -> Any:
@@ -214,6 +278,17 @@ class KServeBackend:
                 self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
             ),
             "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelConfig": unary(
+                self.model_config, triton.ModelConfigRequest, triton.ModelConfigResponse
+            ),
+            "ModelStatistics": unary(
+                self.model_statistics, triton.ModelStatisticsRequest,
+                triton.ModelStatisticsResponse,
+            ),
+            # Raw bytes: the request layout is KServe's or Triton's (read_repository_model).
+            "RepositoryModelLoad": grpc.unary_unary_rpc_method_handler(self.repository_load),
+            "RepositoryModelUnload": grpc.unary_unary_rpc_method_handler(self.repository_unload),
+            "TraceSetting": grpc.unary_unary_rpc_method_handler(self.trace_setting),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.model_stream_infer,
                 request_deserializer=pb.ModelInferRequest.FromString,

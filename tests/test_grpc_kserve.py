@@ -20,6 +20,9 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from router.frontdoor.grpc.kserve import SERVICE
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from router.protocol.proto import triton_extensions_pb2 as triton_ext
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
     MODEL_INFER,
@@ -326,4 +329,81 @@ async def test_with_its_only_backend_marked_down_a_call_is_still_tried_in_panic(
     assert result.get_response() is not None
     assert router.app.stats.errored == {}
     assert await _in_thread(client.is_server_ready)  # the answer put it back in rotation
+    client.close()
+
+
+async def test_every_call_naming_a_model_goes_only_to_backends_serving_it(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """ModelConfig, ModelStatistics, RepositoryModelLoad/Unload (Triton's request layout from
+    tritonclient, KServe's from the project's proto) and TraceSetting for model "sum", with two
+    of three backends not serving it (they answer NOT_FOUND for it)."""
+    first, summer, last = (
+        kserve_backend("--models", "identity"), kserve_backend("--models", "sum"),
+        kserve_backend("--models", "identity"),
+    )
+    router = await grpc_router([
+        grpc_backend(first.address, "identity"), grpc_backend(summer.address, "sum"),
+        grpc_backend(last.address, "identity"),
+    ])
+    client = _client(router.target)
+    await _in_thread(client.infer, "sum", [_input([1.0, 2.0])])
+    for _ in range(3):
+        config = await _in_thread(client.get_model_config, "sum")
+        assert (config.config.name, config.config.platform) == ("sum", "inference-router-test")
+        stats = await _in_thread(client.get_inference_statistics, "sum")
+        assert [(s.name, s.inference_count) for s in stats.model_stats] == [("sum", 1)]
+        await _in_thread(client.unload_model, "sum", unload_dependents=True)
+        await _in_thread(client.load_model, "sum", config="{}")
+        await _in_thread(client.update_trace_settings, "sum", {"trace_level": ["TIMESTAMPS"]})
+    async with router.channel() as channel:
+        kserve_layout = pb.RepositoryModelUnloadRequest(model_name="sum").SerializeToString()
+        reply = await channel.unary_unary(f"/{SERVICE}/RepositoryModelUnload")(
+            kserve_layout, timeout=CALL_TIMEOUT_S
+        )
+    assert pb.RepositoryModelUnloadResponse.FromString(reply).isUnloaded
+    assert router.backend(summer.address)["requests_total"] == 1 + 5 * 3 + 1
+    assert router.backend(first.address)["requests_total"] == 0
+    assert router.backend(last.address)["requests_total"] == 0
+    client.close()
+
+
+async def test_repository_index_is_answered_by_the_router_and_a_model_is_required(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    a, b = kserve_backend("--models", "identity,sum"), kserve_backend("--models", "sum")
+    router = await grpc_router(
+        [grpc_backend(a.address, "identity", "sum:1"), grpc_backend(b.address, "sum:1")],
+        {"health": {"panic_threshold": 0.0}},
+    )
+    client = _client(router.target)
+    index = await _in_thread(client.get_model_repository_index)
+    assert [(m.name, m.version, m.state) for m in index.models] == [
+        ("identity", "", "READY"), ("sum", "1", "READY"),
+    ]
+    router.app.registry.get(a.address).mark_down()  # type: ignore[union-attr]
+    index = await _in_thread(client.get_model_repository_index)
+    assert [(m.name, m.state) for m in index.models] == [
+        ("identity", "UNAVAILABLE"), ("sum", "READY"),
+    ]
+    async with router.channel() as channel:
+        ready_only = triton_ext.RepositoryIndexRequest(ready=True).SerializeToString()
+        reply = await channel.unary_unary(f"/{SERVICE}/RepositoryIndex")(
+            ready_only, timeout=CALL_TIMEOUT_S
+        )
+    assert [m.name for m in triton_ext.RepositoryIndexResponse.FromString(reply).models] == [
+        "sum"
+    ]
+    router.app.registry.get(a.address).mark_up()  # type: ignore[union-attr]
+
+    with pytest.raises(InferenceServerException) as caught:  # every model's: name one
+        await _in_thread(client.get_inference_statistics)
+    assert _status(caught.value) == "StatusCode.INVALID_ARGUMENT"
+    for call in (client.get_model_config, client.load_model, client.get_inference_statistics):
+        with pytest.raises(InferenceServerException) as caught:
+            await _in_thread(call, "nope")
+        assert _status(caught.value) == "StatusCode.NOT_FOUND"
+    assert router.backend(a.address)["requests_total"] == 0
+    assert router.backend(b.address)["requests_total"] == 0
+    assert router.app.stats.accepted == 0
     client.close()

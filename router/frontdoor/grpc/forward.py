@@ -20,9 +20,12 @@ Outcome of a backend call, for the scheduler:
 * any other status is the backend's answer: code, details and trailing metadata are relayed
   unchanged (``RelayedStatus``), and the request counts as completed.
 
-Deadlines: a unary attempt gets min(client's time left, ``request_timeout_s``); a stream gets
-the client's time left (or none). Metadata is forwarded except hop-by-hop and gRPC-reserved
-headers, which the backend call sets itself.
+Deadlines: a unary attempt gets min(client's time left, ``request_timeout_s``). A relayed
+call (of any kind: the wire does not say which) gets the client's time left, and once the
+client has half-closed, ``request_timeout_s`` for the backend's first response message unless
+the client's deadline comes first (``AnswerBound``): the whole answer of a unary call, the first
+message of a server stream, nothing for a stream already answering. Metadata is forwarded
+except hop-by-hop and gRPC-reserved headers, which the backend call sets itself.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from collections.abc import Sequence
 from typing import Union
 
 import grpc
+from grpc._cython import cygrpc  # grpc.aio's own core binding (see _send)
 
-from router.core.clock import Clock
+from router.core.clock import Clock, Timer
 from router.core.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -237,14 +241,20 @@ class GrpcForwarder:
         if backend is None:
             assert request.error is not None
             raise request.error
+        relay = AnswerBound(self._clock, self._answer_bound(context))
         outcome: RouterError | None = None
         try:
-            failure = await self._relay_on(backend, method, context, first)
+            failure = await self._relay_on(backend, method, context, first, relay)
         except asyncio.CancelledError:
             outcome = ended_by(context)
             raise
         else:
-            if failure is not None and failure.code() == grpc.StatusCode.UNAVAILABLE \
+            if relay.timed_out:
+                outcome = BackendTimeout(
+                    f"{backend.address} did not answer within request_timeout_s="
+                    f"{self._request_timeout_s}s of the request's end"
+                )
+            elif failure is not None and failure.code() == grpc.StatusCode.UNAVAILABLE \
                     and not failure.answered:
                 outcome = BackendUnavailable(f"{backend.address}: {failure.details()}")
         finally:
@@ -254,9 +264,17 @@ class GrpcForwarder:
         if failure is not None:
             raise RelayedStatus.of(failure.exc)
 
+    def _answer_bound(self, context: grpc.aio.ServicerContext) -> float | None:
+        """``request_timeout_s``, unless the client's own deadline comes first (then gRPC's
+        deadline on the backend call is the bound, and the client's fault)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= self._request_timeout_s:
+            return None
+        return self._request_timeout_s
+
     async def _relay_on(
         self, backend: Backend, method: str, context: grpc.aio.ServicerContext,
-        first: bytes | None,
+        first: bytes | None, relay: AnswerBound,
     ) -> _StreamFailure | None:
         """Run the stream on ``backend``; its non-OK status, if any."""
         rpc = self._channels.channel(backend).stream_stream(method)(
@@ -265,13 +283,14 @@ class GrpcForwarder:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                pump = group.create_task(_pump(context, rpc, first))
-                failure = await _relay_responses(context, rpc)
+                pump = group.create_task(_pump(context, rpc, first, relay))
+                failure = await _relay_responses(context, rpc, relay)
                 pump.cancel()
         finally:
+            relay.stop()
             if not rpc.done():
                 rpc.cancel()
-        if failure is None:
+        if failure is None and not relay.timed_out:
             trailing = await rpc.trailing_metadata()
             if trailing:
                 context.set_trailing_metadata(tuple(trailing))
@@ -281,18 +300,89 @@ class GrpcForwarder:
         return f"GrpcForwarder(request_timeout_s={self._request_timeout_s})"
 
 
+class AnswerBound:
+    """The answer bound of one relayed call: once the client has half-closed and while no
+    response message has come back, the backend has ``bound_s`` to send one (or its status);
+    past it the backend call is cancelled and the call ends ``BACKEND_TIMEOUT``.
+
+    The wire does not say whether a method is unary, so this is the bound that holds for
+    every kind: a unary call (request, half-close, one answer) gets ``request_timeout_s`` for
+    its whole answer, as on the unary path; a server stream for its first message; a stream
+    that has started answering, or whose client has not half-closed, only the client's
+    deadline, so long-lived streams are never cut."""
+
+    __slots__ = ("_clock", "_rpc", "_timer", "answered", "bound_s", "timed_out")
+
+    def __init__(self, clock: Clock, bound_s: float | None) -> None:
+        self._clock = clock
+        self.bound_s = bound_s
+        self._timer: Timer | None = None
+        self._rpc: grpc.aio.StreamStreamCall | None = None
+        self.answered = False  # a response message came back
+        self.timed_out = False
+
+    def half_closed(self, rpc: grpc.aio.StreamStreamCall) -> None:
+        if self.bound_s is not None and not self.answered and not rpc.done():
+            self._rpc = rpc
+            self._timer = self._clock.call_at(self._clock.now() + self.bound_s, self._expire)
+
+    def message(self) -> None:
+        if not self.answered:
+            self.answered = True
+            self.stop()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._rpc is not None and not self._rpc.done():
+            self.timed_out = True
+            self._rpc.cancel()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 async def _pump(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None,
+    relay: AnswerBound,
 ) -> None:
-    """Client -> backend, until the client half-closes (then half-close the backend call)."""
+    """Client -> backend, until the client half-closes (then half-close the backend call), or
+    until the backend ended the call (its status is what the client gets)."""
     try:
-        if first is not None:
-            await rpc.write(first)
-        while (message := await context.read()) is not grpc.aio.EOF:
-            await rpc.write(message)
-        await rpc.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        return  # the backend ended the call first; its status is what the client gets
+        await rpc.wait_for_connection()  # the call's headers are out: messages may follow
+    except grpc.aio.AioRpcError:
+        return
+    if first is not None and not await _send(rpc, first):
+        return
+    while (message := await context.read()) is not grpc.aio.EOF:
+        if not await _send(rpc, message):
+            return
+    if not rpc.done():
+        try:
+            await rpc.done_writing()
+        except cygrpc.InternalError:
+            return  # the backend ended the call while the half-close was on its way
+        relay.half_closed(rpc)
+
+
+async def _send(rpc: grpc.aio.StreamStreamCall, message: bytes) -> bool:
+    """Send one request message on the backend call; False if the backend already ended it.
+
+    Not ``rpc.write``: when a send fails because the backend ended the call meanwhile (an
+    immediate UNIMPLEMENTED arrives while the request is still on its way), grpc.aio's write
+    replaces the call's status with INTERNAL "Internal error from Core"
+    (``_StreamRequestMixin._write`` calls ``set_internal_error``), so the backend's own status
+    would be lost: 58 of 100 1 MiB calls to an unknown method came back INTERNAL that way.
+    The core call's own send raises and leaves the status as the backend sent it.
+    """
+    if rpc.done():
+        return False
+    try:
+        await rpc._cython_call.send_serialized_message(message)
+    except cygrpc.InternalError:
+        return False
+    return True
 
 
 class _StreamFailure:
@@ -310,9 +400,10 @@ class _StreamFailure:
 
 
 async def _relay_responses(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, relay: AnswerBound
 ) -> _StreamFailure | None:
-    """Backend -> client until the backend's status; its failure if not OK."""
+    """Backend -> client until the backend's status; its failure if not OK. Returns None too
+    when ``relay`` timed out (it cancelled the backend call)."""
     answered = False
     try:
         initial = await rpc.initial_metadata()
@@ -321,7 +412,14 @@ async def _relay_responses(
             await context.send_initial_metadata(tuple(initial))
         while (message := await rpc.read()) is not grpc.aio.EOF:
             answered = True
+            relay.message()
             await context.write(message)
     except grpc.aio.AioRpcError as exc:
         return _StreamFailure(exc, answered)
+    except asyncio.CancelledError:
+        # A read of a locally cancelled call raises CancelledError without this task being
+        # cancelled: that is the answer bound firing, not the client going away.
+        task = asyncio.current_task()
+        if not relay.timed_out or (task is not None and task.cancelling()):
+            raise
     return None

@@ -1,8 +1,14 @@
 """KServe v2 (Open Inference Protocol) on the gRPC front door: ``inference.GRPCInferenceService``.
 
-Routed to a backend, by the model named in the request (read by ``kserve.read_model``, tensors
-untouched): ModelInfer (unary, through the dispatcher) and ModelStreamInfer (Triton's streaming
-extension; the whole stream goes to a backend chosen for the model of its first message).
+Routed to a backend that serves the model the request names (read by ``protocol.kserve``,
+tensors untouched), through the dispatcher:
+
+* ModelInfer (unary, retried before an answer), and ModelStreamInfer (Triton's streaming
+  extension; the whole stream goes to a backend chosen for the model of its first message);
+* Triton's ModelConfig and ModelStatistics (model ``name``/``version``), and the repository
+  calls RepositoryModelLoad and RepositoryModelUnload (the model's name in KServe's or
+  Triton's layout): one backend that serves the model, the policy's choice;
+* Triton's TraceSetting: by its ``model_name`` when it names one, else to any gRPC backend.
 
 Answered by the router itself, without touching a backend:
 
@@ -11,18 +17,24 @@ Answered by the router itself, without touching a backend:
 * ModelReady: ``Readiness`` for gRPC backends serving the model; false for a model no backend
   serves (as Triton answers it, rather than an error);
 * ServerMetadata: the router's name and version, no extensions;
+* RepositoryIndex (Triton's): every model the gRPC backends are configured with, "name" or
+  "name:version" as configured, READY while ``Readiness`` says so and UNAVAILABLE otherwise
+  (only the READY ones when the request sets ``ready``), whatever ``repository_name`` says:
+  the registry is the router's one repository;
 * ModelMetadata: fetched from a backend that serves the model on first request, then cached
   (per "name" or "name:version") for the router's life. Concurrent first requests may each
   fetch; a failed fetch is relayed and not cached.
 
-A model no gRPC backend serves is NOT_FOUND for ModelInfer, ModelStreamInfer and ModelMetadata,
-before any backend is touched; a request that is not a well-formed message, or names no model,
-is INVALID_ARGUMENT. Other methods of the service (RepositoryModelLoad, Triton's extras) go
-through the generic proxy.
+A call naming a model no gRPC backend serves is NOT_FOUND (``UNKNOWN_MODEL``) before any
+backend is touched; a request that is not a well-formed message, or names no model where one is
+needed (ModelStatistics for every model included: statistics are a backend's, so the router
+asks for the model), is INVALID_ARGUMENT (``MALFORMED_MESSAGE``). Other methods (Triton's
+LogSettings and shared-memory calls) go through the generic proxy to any gRPC backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import metadata as _metadata
 from typing import Any
 
@@ -33,11 +45,16 @@ from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
 from router.lifecycle.readiness import Readiness
 from router.protocol.kserve import (
+    ModelRef,
     encode_model_ready,
+    encode_repository_index,
     encode_server_live,
     encode_server_metadata,
     encode_server_ready,
     read_model,
+    read_repository_index,
+    read_repository_model,
+    read_trace_model,
 )
 
 SERVICE = "inference.GRPCInferenceService"
@@ -45,6 +62,15 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer"
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 MODEL_METADATA = f"/{SERVICE}/ModelMetadata"
 SERVER_NAME = "inference-router"
+# Unary methods routed by the model their request names: (method name, field reader).
+ROUTED_BY_MODEL: dict[str, Callable[[bytes], ModelRef]] = {
+    "ModelInfer": read_model,
+    "ModelConfig": read_model,
+    "ModelStatistics": read_model,
+    "RepositoryModelLoad": read_repository_model,
+    "RepositoryModelUnload": read_repository_model,
+}
+Unary = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
 def _version() -> str:
@@ -64,13 +90,16 @@ class KServeRouting:
         self._metadata: dict[str, bytes] = {}
         self._server_metadata = encode_server_metadata(SERVER_NAME, _version())
 
-    def model_key(self, message: bytes) -> str:
-        """The routing key of the model a request names; ``MalformedMessage`` (the client's
-        fault) or ``UnknownModel`` (no gRPC backend serves it)."""
-        model = read_model(message)
+    def model_key(self, message: bytes, reader: Callable[[bytes], ModelRef] = read_model) -> str:
+        """The routing key of the model a request names (read by ``reader``);
+        ``MalformedMessage`` (the client's fault) or ``UnknownModel`` (no gRPC backend serves
+        it)."""
+        model = reader(message)
         if not model.name:
             raise MalformedMessage("the request names no model")
-        key = model.key
+        return self._known(model.key)
+
+    def _known(self, key: str) -> str:
         if not self._registry.knows_model(key, "grpc"):
             raise UnknownModel(f"no backend serves model {quoted(key)}")
         return key
@@ -95,6 +124,21 @@ class KServeRouting:
             raise MalformedMessage("the request names no model")
         return encode_model_ready(self._readiness.ready("grpc", model.key))
 
+    async def repository_index(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        only_ready = read_repository_index(payload)
+        models: list[tuple[ModelRef, bool]] = []
+        seen: set[str] = set()
+        for backend in self._registry.serving("grpc"):
+            for key in backend.models:
+                if key in seen:
+                    continue
+                seen.add(key)
+                ready = self._readiness.ready("grpc", key)
+                if ready or not only_ready:
+                    name, _, version = key.partition(":")
+                    models.append((ModelRef(name, version), ready))
+        return encode_repository_index(models)
+
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key = self.model_key(payload)
         cached = self._metadata.get(key)
@@ -105,8 +149,21 @@ class KServeRouting:
 
     # -- routed to a backend ------------------------------------------------------------------
 
-    async def model_infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._forwarder.unary(MODEL_INFER, payload, context, self.model_key(payload))
+    def routed(self, name: str) -> Unary:
+        """The handler of unary method ``name`` of ``ROUTED_BY_MODEL``: to a backend serving
+        the model its request names."""
+        method, reader, forwarder = f"/{SERVICE}/{name}", ROUTED_BY_MODEL[name], self._forwarder
+
+        async def handler(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await forwarder.unary(method, payload, context, self.model_key(payload, reader))
+
+        return handler
+
+    async def trace_setting(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """By the model it names; the server-wide settings (no model) go to any gRPC backend."""
+        name = read_trace_model(payload).name
+        key = self._known(name) if name else None
+        return await self._forwarder.unary(f"/{SERVICE}/TraceSetting", payload, context, key)
 
     async def model_stream_infer(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         """Route the stream by its first message; ``requests`` stays unused (``context.read``

@@ -2,8 +2,9 @@
 
 Methods, in the order gRPC looks them up:
 
-1. registered: ``grpc.health.v1.Health`` (answered by the router, see ``RouterHealth``) and the
-   KServe methods of ``grpc_kserve`` (answered by the router, or routed by model);
+1. registered: ``grpc.health.v1.Health`` (answered by the router, see ``RouterHealth``), the
+   KServe methods of ``grpc.kserve`` (answered by the router, or routed by model) and server
+   reflection (``grpc.reflection``: the router's own services);
 2. everything else, any service and method name, through one generic handler: proxied as a
    bidirectional stream of raw messages, which carries unary and every streaming kind alike
    (the wire does not say which kind a method is). A call may pick its model group with the
@@ -51,8 +52,9 @@ from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
+from router.frontdoor.grpc.kserve import ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
-from router.frontdoor.grpc.kserve import KServeRouting
+from router.frontdoor.grpc.reflection import enable_reflection
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.upstream.grpc_channels import GrpcChannels
@@ -165,6 +167,7 @@ class GrpcFrontDoor:
         ])
         server.add_registered_method_handlers(HEALTH_SERVICE, self._health_handlers())
         server.add_registered_method_handlers(KSERVE_SERVICE, self._kserve_handlers())
+        enable_reflection(server, (HEALTH_SERVICE, KSERVE_SERVICE))
         server.add_generic_rpc_handlers([_ProxyAll(self)])
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
@@ -218,8 +221,10 @@ class GrpcFrontDoor:
         unary: dict[str, tuple[Handler, bool]] = {  # name: (handler, routed to a backend)
             "ServerLive": (k.server_live, False), "ServerReady": (k.server_ready, False),
             "ModelReady": (k.model_ready, False), "ServerMetadata": (k.server_metadata, False),
-            "ModelMetadata": (k.model_metadata, True), "ModelInfer": (k.model_infer, True),
+            "RepositoryIndex": (k.repository_index, False),
+            "ModelMetadata": (k.model_metadata, True), "TraceSetting": (k.trace_setting, True),
         }
+        unary.update((name, (k.routed(name), True)) for name in ROUTED_BY_MODEL)
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
                 partial(self._handle, f"/{KSERVE_SERVICE}/{name}", fn, routed)
