@@ -321,7 +321,10 @@ async def test_with_its_only_backend_marked_down_a_call_is_still_tried_in_panic(
     """The default panic threshold: every backend of the model is out of rotation, so health
     is ignored and the backend (which is up) answers; readiness still says not ready."""
     backend = kserve_backend()
-    router = await grpc_router([grpc_backend(backend.address, "sum")])
+    # No probe during the test: only the answer may bring the backend back.
+    router = await grpc_router(
+        [grpc_backend(backend.address, "sum")], {"health": {"interval_s": 60.0}}
+    )
     client = _client(router.target)
     router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
     assert not await _in_thread(client.is_server_ready)
