@@ -214,3 +214,29 @@ class ConfigError(RouterError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class ReloadInvalid(ConfigError):
+    """A reload read a config that does not validate (the problems are ``check-config``'s);
+    the running config stays."""
+
+    code = "VALIDATION_ERROR"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class RestartRequired(ConfigError):
+    """A reload read a valid config that changes what a running router cannot change (a
+    listen address, the process count); the running config stays."""
+
+    code = "RESTART_REQUIRED"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ListenFailed(RouterError):
+    """The router could not listen on a configured address (in use, not local, no
+    permission); the message names the key, the address and the cause."""
+
+    code = "LISTEN_FAILED"
+    fault = "config"
