@@ -277,5 +277,4 @@ async def _listen(
     try:
         return await start(host, port)
     except OSError as exc:
-        cause = exc.strerror or str(exc)
-        raise ListenFailed(f"cannot listen on {address} ({key}): {cause}") from None
+        raise ListenFailed.of(key, address, exc) from None

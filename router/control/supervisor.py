@@ -101,8 +101,7 @@ def _reserve(key: str, address: str) -> tuple[socket.socket, str, int]:
     try:
         return reserve_port(address)
     except OSError as exc:
-        cause = exc.strerror or str(exc)
-        raise ListenFailed(f"cannot listen on {address} ({key}): {cause}") from None
+        raise ListenFailed.of(key, address, exc) from None
 
 
 class Supervisor:
@@ -146,10 +145,7 @@ class Supervisor:
         try:
             admin = await self.admin.start(admin_host, admin_port)
         except OSError as exc:
-            cause = exc.strerror or str(exc)
-            raise ListenFailed(
-                f"cannot listen on {self.config.admin.listen} (admin.listen): {cause}"
-            ) from None
+            raise ListenFailed.of("admin.listen", self.config.admin.listen, exc) from None
         return SupervisedAddresses((host, port), admin, grpc)
 
     def _write_child_config(self, config: RouterConfig) -> None:

@@ -17,6 +17,7 @@ KiB, and a 1 MiB model name would turn NOT_FOUND into a metadata-size error.
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
 Fault = Literal["client", "backend", "router", "config"]
@@ -240,3 +241,9 @@ class ListenFailed(RouterError):
 
     code = "LISTEN_FAILED"
     fault = "config"
+
+    @classmethod
+    def of(cls, key: str, address: str, exc: OSError) -> ListenFailed:
+        # The kernel's reason alone: socket.create_server appends the address it was given.
+        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        return cls(f"cannot listen on {address} ({key}): {cause}")
