@@ -218,12 +218,14 @@ class RouterApp:
         self.registry.panic_threshold = h.panic_threshold
         if h != old.health:
             self.health.reconfigure(make_probers(h, self.grpc_channels), h)
+        max_calls = new.grpc.max_calls_per_backend
+        calls_changed = max_calls != old.grpc.max_calls_per_backend
         for backend in [*self.registry, *self.registry.draining()]:
             upstream = backend.upstream
             if isinstance(upstream, Pool) and new.pool != old.pool:
                 upstream.reconfigure(new.pool)
-            elif isinstance(upstream, GrpcCallLimiter):
-                upstream.reconfigure(new.grpc.max_calls_per_backend)
+            elif isinstance(upstream, GrpcCallLimiter) and calls_changed:
+                upstream.reconfigure(max_calls)
         self.drain.grace_s = new.drain.shutdown_grace_s
 
     async def run(self, stop: Awaitable[object]) -> DrainReport:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import orjson
 import pytest
 import tomli_w
@@ -22,10 +23,20 @@ import tomli_w
 from router.app import RouterApp
 from router.client.frames import FrameClient
 from router.control.launcher import LaunchedProcess, launch
-from router.core.config import from_mapping, merge
+from router.core.config import RouterConfig, from_mapping, merge
 from router.protocol.announce import Banner, parse_banner
 from tests.conftest import EchoBackend
+from tests.grpc_support import (
+    MODEL_INFER,
+    KServeBackend,
+    grpc_backend,
+    infer_request,
+    kserve_backend,
+    output_values,
+)
 from tests.support import REPO_ROOT, child_env
+
+__all__ = ["kserve_backend"]  # a fixture, imported for pytest
 
 WAIT_S = 20.0  # bound on every wait; a router process starts in well under a second
 
@@ -421,3 +432,45 @@ async def test_sighup_to_the_supervisor_reloads_every_process(
         status, body = await router.reload()
         assert status == 409 and body["code"] == "RESTART_REQUIRED"
         assert body["problems"][0].startswith("admin.listen: ")
+
+
+async def test_a_removed_grpc_backend_finishes_its_call_and_its_channel_closes(
+    kserve_backend: Callable[..., KServeBackend],
+) -> None:
+    slow, other = kserve_backend("--delay-ms", "800"), kserve_backend()
+    base = merge(BASE, {"grpc": {"listen": "127.0.0.1:0"}})
+    current = {"backends": [grpc_backend(slow.address, "sum")]}
+
+    def source() -> RouterConfig:
+        return from_mapping(merge(base, current), "<test>")
+
+    app = RouterApp(source(), source=source)
+    left = asyncio.Event()
+    app.registry.add_leave_listener(lambda backend: left.set())
+    stop = asyncio.Event()
+    try:
+        bound = await app.start()
+        assert bound.grpc is not None
+        async with (asyncio.timeout(WAIT_S), asyncio.TaskGroup() as group,
+                    grpc.aio.insecure_channel(f"{bound.grpc[0]}:{bound.grpc[1]}") as channel):
+            group.create_task(app.serve(stop.wait()))
+            infer = channel.unary_unary(MODEL_INFER)
+            in_flight = asyncio.ensure_future(infer(infer_request("sum", [1.0, 2.0])))
+            while app.stats.accepted < 1:  # noqa: ASYNC110 (in process, but nothing to await)
+                await asyncio.sleep(0.01)
+            current["backends"] = [grpc_backend(other.address, "sum")]
+            outcome = await app.reload()
+            assert outcome.reloaded and outcome.changes == (
+                f"backend {other.address} (grpc): added",
+                f"backend {slow.address} (grpc): removed (drains, then leaves)",
+            )
+            assert [b.address for b in app.registry.draining()] == [slow.address]
+            assert output_values(await in_flight) == [3.0]  # answered by the backend leaving
+            await left.wait()
+            assert output_values(await infer(infer_request("sum", [4.0]))) == [4.0]
+            assert app.registry.draining() == [] and app.grpc_channels.statistics()["closed"] == 1
+            stop.set()
+        assert app.stats.errored == {} and app.stats.retried == 0
+    finally:
+        stop.set()
+        await app.close()

@@ -153,6 +153,7 @@ class Backend:
             "address": self.address,
             "kind": self.kind,
             "source": self.spec.source,
+            "labels": dict(self.spec.labels),
             "weight": self.weight,
             "models": list(self.models),
             "healthy": self.healthy,
