@@ -111,6 +111,8 @@ class RouterApp:
                 self.readiness, self.lifecycle,
             )
             front_doors.append(self.grpc_front)
+            # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
+            self.registry.add_join_listener(self.grpc_front.health.changed)
         self.drain = DrainCoordinator(
             front_doors, self.dispatcher, self.lifecycle, config.drain.shutdown_grace_s,
             self.clock,

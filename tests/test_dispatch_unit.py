@@ -841,3 +841,14 @@ async def test_reconfigure_applies_to_requests_accepted_after_it(
     assert not h.dispatcher.saturated
     service.answer_all()
     await h.wait_zero()
+
+
+async def test_a_new_panic_threshold_applies_at_once_through_every_view(
+    make_harness: Harnesses,
+) -> None:
+    h = make_harness([FakeService(), FakeService()], panic_threshold=0.0)
+    view = h.registry.view("tcp")
+    h.backends[0].mark_down("test")
+    assert view.candidates() == [h.backends[1]]  # the answer is cached per (kind, model)
+    h.registry.panic_threshold = 1.0  # a reload: fewer than all healthy means all are tried
+    assert view.candidates() == h.backends and view.panic_threshold == 1.0
