@@ -1,10 +1,18 @@
-"""The composition root: builds every part from a ``RouterConfig`` and owns their lifecycle."""
+"""The composition root: builds every part from a ``RouterConfig`` and owns their lifecycle.
+
+Reload (SIGHUP, ``POST /admin/reload``): the config source is read again and validated;
+``config_diff.diff`` sorts the changes. One that needs a restart refuses the whole reload; so
+does a new backend process that fails to start. Otherwise the live settings go to the parts
+that hold them (``reconfigure``), for what starts from then on, and the fleet makes the
+registry follow the new backends (join, change, drain). Reloads run one at a time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +21,20 @@ from prometheus_client.registry import CollectorRegistry
 
 from router.balance.policies import make_policy
 from router.control.admin import AdminServer
-from router.control.metrics import RouterCollector
+from router.control.fleet import Fleet, Resolver, system_resolver
+from router.control.metrics import ReloadCollector, RouterCollector
 from router.control.spawner import Spawner
+from router.core import config_diff
 from router.core.clock import Clock, MonotonicClock
-from router.core.config import BackendConfig, RouterConfig, parse_host_port, substitute
+from router.core.config import RouterConfig, parse_host_port
+from router.core.config_diff import ReloadOutcome
+from router.core.errors import (
+    ConfigError,
+    ListenFailed,
+    ReloadInvalid,
+    RestartRequired,
+    SpawnError,
+)
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
@@ -44,11 +62,19 @@ class BoundAddresses:
     grpc: tuple[str, int] | None = None
 
 
+# Results of a reload, as counted in router_config_reloads_total{result}.
+RELOAD_RESULTS = ("ok", "invalid", "restart_required", "failed")
+
+
 class RouterApp:
     def __init__(
-        self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None
+        self, config: RouterConfig, clock: Clock | None = None, log_dir: Path | None = None,
+        source: Callable[[], RouterConfig] | None = None, resolver: Resolver = system_resolver,
     ) -> None:
+        """``source`` reads the config again for a reload (it may raise ``ConfigError``);
+        without one, a reload finds the config it started with."""
         self.config = config
+        self._source = source or (lambda: self.config)
         self.clock = clock or MonotonicClock(asyncio.get_running_loop)
         self.stats = DataPlaneStats()
         self.ejection = PassiveEjection(config.health.failure_threshold)
@@ -85,6 +111,8 @@ class RouterApp:
                 self.readiness, self.lifecycle,
             )
             front_doors.append(self.grpc_front)
+            # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
+            self.registry.add_join_listener(self.grpc_front.health.changed)
         self.drain = DrainCoordinator(
             front_doors, self.dispatcher, self.lifecycle, config.drain.shutdown_grace_s,
             self.clock,
@@ -96,46 +124,111 @@ class RouterApp:
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
             )
         )
-        self.admin = AdminServer(self.registry, self.metrics, self.readiness, self.statistics)
+        self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
+        self._reload_lock = asyncio.Lock()
+        self.metrics.register(ReloadCollector(self.reloads))
+        self.admin = AdminServer(
+            self.registry, self.metrics, self.readiness, self.statistics, self.reload
+        )
+        self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
+                           resolver, release=self._release)
         self.bound: BoundAddresses | None = None
 
-    async def _add_backend(self, entry: BackendConfig) -> Backend:
-        host, port = parse_host_port(entry.address)
-        if entry.command:
-            spawned = await self.spawner.spawn(substitute(entry.command, port))
-            port = spawned.port
-        address = f"{host}:{port}"
-        spec = BackendSpec(
-            id=address, address=address, protocol=entry.protocol, models=entry.models,
-            weight=entry.weight, source="static",
-        )
+    def _make_backend(self, spec: BackendSpec) -> Backend:
         upstream: Upstream
         if spec.protocol == "grpc":
-            upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, address)
+            upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
         else:
-            dial = make_dialer(host, port, self.config.listener.max_frame_bytes)
-            upstream = Pool(dial, self.config.pool, self.clock, name=address)
-        backend = Backend(spec, upstream)
-        self.registry.add(backend)
-        return backend
+            dial = make_dialer(spec.host, spec.port, self.config.listener.max_frame_bytes)
+            upstream = Pool(dial, self.config.pool, self.clock, name=spec.address)
+        return Backend(spec, upstream)
+
+    async def _release(self, backend: Backend) -> None:
+        """A backend has left: close its gRPC channel, unless another joined at its address."""
+        if backend.kind == "grpc" and self.registry.get(backend.address) is None:
+            await self.grpc_channels.close_backend(backend.address)
 
     async def start(self) -> BoundAddresses:
-        for spec in self.config.backends:
-            await self._add_backend(spec)
+        await self.fleet.start(self.config.backends)
         lst = self.config.listener
-        host, port = parse_host_port(lst.listen)
-        listen = await self.front_door.start(
-            host, port, backlog=lst.backlog, reuse_port=lst.reuse_port
-        )
+        listen = await _listen("listener.listen", lst.listen, lambda host, port: (
+            self.front_door.start(host, port, backlog=lst.backlog, reuse_port=lst.reuse_port)
+        ))
         grpc_bound = None
-        if self.grpc_front is not None and self.config.grpc.listen is not None:
-            grpc_host, grpc_port = parse_host_port(self.config.grpc.listen)
-            grpc_bound = await self.grpc_front.start(
-                grpc_host, grpc_port, reuse_port=lst.reuse_port
-            )
-        admin = await self.admin.start(*parse_host_port(self.config.admin.listen))
+        grpc_front = self.grpc_front
+        if grpc_front is not None and self.config.grpc.listen is not None:
+            async def start_grpc(host: str, port: int) -> tuple[str, int]:
+                # grpc reports a port in use as a RuntimeError, after logging C-level lines of
+                # its own: try the address first, for the kernel's own reason.
+                socket.create_server((host, port), reuse_port=lst.reuse_port).close()
+                try:
+                    return await grpc_front.start(host, port, reuse_port=lst.reuse_port)
+                except RuntimeError as exc:
+                    raise OSError(str(exc)) from None
+
+            grpc_bound = await _listen("grpc.listen", self.config.grpc.listen, start_grpc)
+        admin = await _listen("admin.listen", self.config.admin.listen, self.admin.start)
         self.bound = BoundAddresses(listen, admin, grpc_bound)
         return self.bound
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadOutcome:
+        """Read the config source again and apply what changed; never raises for a bad file
+        (the outcome says why nothing changed). Logged and counted."""
+        async with self._reload_lock:
+            outcome = await self._reload()
+        error = outcome.error
+        if error is None:
+            self.reloads["ok"] += 1
+            log.info("config reloaded: %s", "; ".join(outcome.changes) or "nothing changed")
+            return outcome
+        result = ("invalid" if isinstance(error, ReloadInvalid) else
+                  "restart_required" if isinstance(error, RestartRequired) else "failed")
+        self.reloads[result] += 1
+        problems = error.problems if isinstance(error, ConfigError) else [error.message]
+        log.error("config reload refused, the running config stays: %s", "; ".join(problems))
+        return outcome
+
+    async def _reload(self) -> ReloadOutcome:
+        try:
+            new = await asyncio.to_thread(self._source)
+        except ConfigError as exc:
+            return ReloadOutcome(error=ReloadInvalid(exc.problems))
+        old = self.config
+        diff = config_diff.diff(old, new)
+        if diff.restart:
+            return ReloadOutcome(error=RestartRequired(list(diff.restart)))
+        try:
+            fresh = await self.fleet.prepare(new.backends, diff)
+        except SpawnError as exc:
+            return ReloadOutcome(error=exc)
+        self.config = new  # new backends' pools and limiters are made from it
+        self._reconfigure(old, new)
+        self.fleet.commit(new.backends, diff, fresh)
+        return ReloadOutcome(tuple(diff.describe(old, new)))
+
+    def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
+        """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
+        d = new.dispatch
+        policy = make_policy(d.policy) if d.policy != old.dispatch.policy else None
+        self.dispatcher.reconfigure(d, policy)
+        if self.grpc_front is not None:
+            self.grpc_front.forwarder.reconfigure(d.request_timeout_s)
+        h = new.health
+        self.ejection.failure_threshold = h.failure_threshold
+        self.registry.panic_threshold = h.panic_threshold
+        if h != old.health:
+            self.health.reconfigure(make_probers(h, self.grpc_channels), h)
+        max_calls = new.grpc.max_calls_per_backend
+        calls_changed = max_calls != old.grpc.max_calls_per_backend
+        for backend in [*self.registry, *self.registry.draining()]:
+            upstream = backend.upstream
+            if isinstance(upstream, Pool) and new.pool != old.pool:
+                upstream.reconfigure(new.pool)
+            elif isinstance(upstream, GrpcCallLimiter) and calls_changed:
+                upstream.reconfigure(max_calls)
+        self.drain.grace_s = new.drain.shutdown_grace_s
 
     async def run(self, stop: Awaitable[object]) -> DrainReport:
         """Start, serve until ``stop`` resolves, drain, and release everything."""
@@ -153,6 +246,7 @@ class RouterApp:
         return report
 
     async def close(self) -> None:
+        await self.fleet.close()
         self.front_door.stop_accepting()
         if self.grpc_front is not None:
             await self.grpc_front.close()
@@ -170,7 +264,21 @@ class RouterApp:
             "health": self.health.statistics(),
             "phase": self.lifecycle.phase.value,
             "spawned": self.spawner.statistics(),
+            "fleet": self.fleet.statistics(),
+            "reloads": dict(self.reloads),
         }
 
     def __repr__(self) -> str:
         return f"RouterApp(bound={self.bound}, backends={len(self.registry)})"
+
+
+async def _listen(
+    key: str, address: str, start: Callable[[str, int], Awaitable[tuple[str, int]]]
+) -> tuple[str, int]:
+    """Start a listener on ``address`` (config key ``key``); ``ListenFailed`` naming both and
+    the cause if the address cannot be bound."""
+    host, port = parse_host_port(address)
+    try:
+        return await start(host, port)
+    except OSError as exc:
+        raise ListenFailed.of(key, address, exc) from None

@@ -1,4 +1,12 @@
-"""``inference-router``: serve, check-config, config-reference, call."""
+"""``inference-router``: serve, check-config, config-reference, call.
+
+Signals of ``serve`` (docs/operations.md#signals): SIGTERM, SIGINT and SIGQUIT drain (a second
+one exits at once); SIGHUP reloads the config; SIGUSR1 logs the router's statistics; SIGUSR2
+is logged and ignored; SIGPIPE is ignored (a write to a closed socket is an error on that
+socket). Errors that stop the router from starting (a listen address in use, a backend process
+that does not start) and a ``call`` that cannot reach the router are one line on stderr, with
+exit status 2 and 1.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +17,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvloop
 
 from router.control import launcher
 from router.core import config as config_mod
-from router.core.errors import ConfigError
+from router.core.errors import ConfigError, RouterError
 from router.protocol import announce
 
 
@@ -59,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="write it to FILE instead of stdout")
     call = sub.add_parser("call", help="send one request and print the answer")
     call.add_argument("--to", default="127.0.0.1:7070", metavar="HOST:PORT")
+    call.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="give up after this long (connect and answer)")
     call.add_argument("payload")
     return parser
 
@@ -94,23 +105,56 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     return config_mod.from_mapping(config_mod.merge(base, overrides), source)
 
 
-def _stop_on_signals(force: Callable[[], None]) -> asyncio.Event:
-    """SIGTERM/SIGINT set the returned event (a drain); a second one calls ``force`` and
-    exits with status 1 at once."""
-    stop = asyncio.Event()
+log = logging.getLogger("router")
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logging.getLogger("router").warning("second signal: exiting now")
-            force()
+# Until the loop's handlers are in place (while the config loads), these would end the
+# process by default; ignored instead, and handled from then on.
+_IGNORED_UNTIL_HANDLED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Signals:
+    """A serving process's signals. ``stop`` is set by the first SIGTERM, SIGINT or SIGQUIT
+    (a drain); a second one calls ``force`` and exits with status 1 at once. SIGHUP asks
+    ``run_reloads`` for a reload (several while one runs: one more after it). SIGUSR1 logs
+    ``statistics()``; SIGUSR2 is logged and ignored."""
+
+    def __init__(self, force: Callable[[], None],
+                 statistics: Callable[[], object]) -> None:
+        self.stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._force = force
+        self._statistics = statistics
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(signum, self._on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
+        loop.add_signal_handler(signal.SIGUSR2, log.info, "SIGUSR2: ignored")
+
+    def _on_stop(self, signum: int) -> None:
+        if self.stop.is_set():
+            log.warning("second signal: exiting now")
+            self._force()
             os._exit(1)
-        logging.getLogger("router").info("signal %d: draining", signum)
-        stop.set()
+        log.info("%s: draining", signal.Signals(signum).name)
+        self.stop.set()
 
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    return stop
+    def _on_hup(self) -> None:
+        if self.stop.is_set():
+            log.info("SIGHUP: ignored, draining")
+            return
+        log.info("SIGHUP: reloading the config")
+        self._reload.set()
+
+    def _on_usr1(self) -> None:
+        log.info("statistics: %s", orjson.dumps(self._statistics()).decode())
+
+    async def run_reloads(self, reload: Callable[[], Awaitable[object]]) -> None:
+        """Run ``reload`` for each SIGHUP, one at a time, until cancelled."""
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await reload()
 
 
 def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
@@ -123,13 +167,23 @@ def _log_dir() -> Path:
     return Path(os.environ.get("ROUTER_LOG_DIR", ".router-logs"))
 
 
-async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
+def _startup_failed(exc: RouterError) -> int:
+    """A router that cannot start: one line (the error names what and why), exit 2."""
+    print(f"inference-router: {exc.message}", file=sys.stderr)
+    return 2
+
+
+async def _serve(cfg: config_mod.RouterConfig, source: Callable[[], config_mod.RouterConfig],
+                 supervised: bool = False) -> int:
     from router.app import RouterApp  # imported here: check-config needs no event loop parts
 
-    app = RouterApp(cfg, log_dir=_log_dir())
-    stop = _stop_on_signals(app.spawner.kill_now)
+    app = RouterApp(cfg, log_dir=_log_dir(), source=source)
+    signals = Signals(app.spawner.kill_now, app.statistics)
     try:
-        bound = await app.start()
+        try:
+            bound = await app.start()
+        except RouterError as exc:  # ListenFailed, SpawnError: fault "config"
+            return _startup_failed(exc)
         _tune_gc()
         if supervised:
             # SIGTERM (a drain) when the supervisor dies, so a supervisor that is killed
@@ -138,7 +192,10 @@ async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
             print(announce.format_ready(bound.admin[1]), flush=True)
         backends = ", ".join(b.address for b in app.registry)
         _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
-        report = await app.serve(stop.wait())
+        async with asyncio.TaskGroup() as group:
+            reloads = group.create_task(signals.run_reloads(app.reload), name="reloads")
+            report = await app.serve(signals.stop.wait())
+            reloads.cancel()
     finally:
         await app.close()
     return 0 if report.dropped == 0 else 1
@@ -161,33 +218,54 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-async def _supervise(cfg: config_mod.RouterConfig) -> int:
+async def _supervise(cfg: config_mod.RouterConfig,
+                     source: Callable[[], config_mod.RouterConfig]) -> int:
     from router.control.supervisor import Supervisor
 
-    supervisor = Supervisor(cfg, _log_dir())
-    stop = _stop_on_signals(supervisor.force_exit)
+    supervisor = Supervisor(cfg, _log_dir(), source=source)
+    signals = Signals(supervisor.force_exit, supervisor.statistics)
     try:
-        bound = await supervisor.start()
+        try:
+            bound = await supervisor.start()
+        except RouterError as exc:
+            return _startup_failed(exc)
         count = cfg.listener.processes
         _print_banner(bound.listen, bound.grpc, bound.admin,
                       f"processes: {count} sharing the port (SO_REUSEPORT)")
-        return await supervisor.serve(stop.wait())
+        async with asyncio.TaskGroup() as group:
+            reloads = group.create_task(signals.run_reloads(supervisor.reload), name="reloads")
+            code = await supervisor.serve(signals.stop.wait())
+            reloads.cancel()
+        return code
     finally:
         await supervisor.close()
 
 
-async def _call(address: str, payload: str) -> int:
-    from router.client.frames import ErrorReply, FrameClient
+async def _call(address: str, payload: str, timeout_s: float) -> int:
+    """One request; every failure is one line on stderr and exit status 1."""
+    from router.client.frames import ConnectionLost, ErrorReply, FrameClient
 
-    host, port = config_mod.parse_host_port(address)
-    client = await FrameClient.connect(host, port)
     try:
-        answer = await client.request(payload.encode())
+        host, port = config_mod.parse_host_port(address)
+    except ValueError as exc:
+        print(f"inference-router: --to: {exc}", file=sys.stderr)
+        return 2
+    try:
+        async with asyncio.timeout(timeout_s):
+            client = await FrameClient.connect(host, port)
+            try:
+                answer = await client.request(payload.encode())
+            finally:
+                await client.close()
     except ErrorReply as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return 1
-    finally:
-        await client.close()
+    except (OSError, ConnectionLost, TimeoutError) as exc:
+        cause = (f"no answer within {timeout_s}s" if isinstance(exc, TimeoutError)
+                 else getattr(exc, "strerror", None) or str(exc))
+        print(f"inference-router: cannot reach the router at {address}: {cause}",
+              file=sys.stderr)
+        return 1
     sys.stdout.buffer.write(answer + b"\n")
     return 0
 
@@ -212,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
             args.output.write_text(render())
         return
     if args.command == "call":
-        sys.exit(uvloop.run(_call(args.to, args.payload)))
+        sys.exit(uvloop.run(_call(args.to, args.payload, args.timeout)))
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for signum in _IGNORED_UNTIL_HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -222,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         sys.exit(2)
+    def source() -> config_mod.RouterConfig:
+        return build_config(args)  # a reload reads the same file, with the same flags on top
+
     if cfg.listener.processes > 1 and not args.supervised:
-        sys.exit(uvloop.run(_supervise(cfg)))
-    sys.exit(uvloop.run(_serve(cfg, supervised=args.supervised)))
+        sys.exit(uvloop.run(_supervise(cfg, source)))
+    sys.exit(uvloop.run(_serve(cfg, source, supervised=args.supervised)))

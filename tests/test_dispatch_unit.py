@@ -734,3 +734,121 @@ async def test_panic_is_off_at_zero_and_above_the_threshold(make_harness: Harnes
     request = off.submit(b"x")
     await off.wait_zero()
     assert error_code(request) == "NO_BACKEND"
+
+
+# -- draining a backend, and new settings (a reload) -------------------------------------------
+
+
+async def test_a_draining_backend_finishes_what_it_carries_then_leaves(
+    make_harness: Harnesses,
+) -> None:
+    leaving, staying = FakeService("gated"), FakeService("live")
+    h = make_harness([leaving, staying], policy="round_robin", max_connections=2)
+    h.backends[1].healthy = False  # everything goes to the first: 2 in flight, 4 waiting
+    first = [h.submit(f"a{i}".encode()) for i in range(6)]
+    async with asyncio.timeout(WAIT_S):
+        await leaving.wait_pending(2)
+        await parked_count(h, 4)
+    left: list[Backend] = []
+    h.registry.add_leave_listener(left.append)
+    h.backends[1].mark_up()
+
+    h.registry.drain(h.backends[0].address)
+    later = [h.submit(f"b{i}".encode()) for i in range(4)]
+    await yield_until(lambda: sum(r.done for r in first + later) == 8)
+
+    assert h.registry.draining() == [h.backends[0]] and left == []  # 2 still in flight there
+    assert list(h.registry) == [h.backends[1]]
+    assert staying.requests == 8  # the 4 waiting moved, and every new request went there
+    leaving.answer_all()
+    await h.wait_zero()
+
+    assert [r.response for r in first + later] == [r.payload[::-1] for r in first + later]
+    assert left == [h.backends[0]] and h.registry.draining() == []
+    assert h.backends[0].upstream.closed and h.backends[0].inflight == 0
+    assert h.stats.retried == 0 and h.stats.errored == {}
+    assert h.backends[0].statistics()["state"] == "draining"
+
+
+async def test_draining_an_idle_backend_leaves_at_once(make_harness: Harnesses) -> None:
+    h = make_harness([FakeService(), FakeService()])
+    left: list[Backend] = []
+    h.registry.add_leave_listener(left.append)
+    h.registry.drain(h.backends[0].address)
+    assert left == [h.backends[0]] and h.registry.draining() == []
+    assert h.backends[0].upstream.closed
+    request = h.submit(b"x")
+    await h.wait_zero()
+    assert request.response == b"x" and h.backends[1].requests_total == 1
+
+
+async def test_a_backend_may_join_at_an_address_that_is_still_draining(
+    make_harness: Harnesses,
+) -> None:
+    old = FakeService("gated")
+    h = make_harness([old])
+    request = h.submit(b"old")
+    async with asyncio.timeout(WAIT_S):
+        await old.wait_pending(1)
+    address = h.backends[0].address
+    h.registry.drain(address)
+    new = FakeService("live")
+    h.registry.add(Backend(BackendSpec(id=address, address=address),
+                           Pool(new.dial, PoolConfig(), h.clock, "new")))
+    fresh = h.submit(b"new")
+    await yield_until(lambda: fresh.done)
+    old.answer_all()
+    await h.wait_zero()
+    assert (request.response, fresh.response) == (b"dlo", b"wen")
+    assert (old.requests, new.requests) == (1, 1) and h.registry.draining() == []
+
+
+async def test_a_new_weight_changes_the_split_of_new_requests(make_harness: Harnesses) -> None:
+    services = [FakeService(), FakeService()]
+    h = make_harness(services, policy="round_robin")
+    for i in range(40):
+        h.submit(f"{i}".encode())
+        await h.wait_zero()
+    assert [s.requests for s in services] == [20, 20]
+    spec = h.backends[0].spec
+    h.registry.update(BackendSpec(id=spec.id, address=spec.address, weight=3))
+    for i in range(40):
+        h.submit(f"{i}".encode())
+        await h.wait_zero()
+    assert [s.requests for s in services] == [20 + 30, 20 + 10]
+    with pytest.raises(ValueError, match="another backend"):
+        h.backends[0].update(BackendSpec(id="x", address="10.9.9.9:1"))
+
+
+async def test_reconfigure_applies_to_requests_accepted_after_it(
+    make_harness: Harnesses,
+) -> None:
+    service = FakeService("gated")
+    h = make_harness([service], max_connections=1, queue_timeout_s=5.0)
+    h.submit(b"busy")
+    async with asyncio.timeout(WAIT_S):
+        await service.wait_pending(1)
+    before = h.submit(b"before")  # waits with the 5 s deadline it was accepted with
+    h.dispatcher.reconfigure(DispatchConfig(queue_timeout_s=1.0, queue_size=2),
+                             make_policy("random"))
+    after = h.submit(b"after")
+    assert h.dispatcher.statistics()["policy"] == "random"
+    assert h.dispatcher.saturated  # 2 waiting reach the new queue_size
+    h.clock.advance(1.5)
+    assert error_code(after) == "OVERLOADED" and not before.done
+    h.clock.advance(4.0)
+    assert error_code(before) == "OVERLOADED"
+    assert not h.dispatcher.saturated
+    service.answer_all()
+    await h.wait_zero()
+
+
+async def test_a_new_panic_threshold_applies_at_once_through_every_view(
+    make_harness: Harnesses,
+) -> None:
+    h = make_harness([FakeService(), FakeService()], panic_threshold=0.0)
+    view = h.registry.view("tcp")
+    h.backends[0].mark_down("test")
+    assert view.candidates() == [h.backends[1]]  # the answer is cached per (kind, model)
+    h.registry.panic_threshold = 1.0  # a reload: fewer than all healthy means all are tried
+    assert view.candidates() == h.backends and view.panic_threshold == 1.0

@@ -7,6 +7,7 @@ import aiohttp
 from prometheus_client.registry import CollectorRegistry
 
 from router.control.admin import AdminServer
+from router.core.config_diff import ReloadOutcome
 from router.core.types import Protocol
 from router.dispatch.backends import Backend, Registry
 from router.lifecycle.readiness import Readiness
@@ -70,10 +71,14 @@ def test_draining_is_not_ready_whatever_the_backends() -> None:
     assert s.readiness.not_ready_because() == "draining"
 
 
+async def no_reload() -> ReloadOutcome:
+    raise AssertionError("this test never reloads")
+
+
 async def test_readyz_answers_with_the_readiness_reason() -> None:
     tcp = _backend(1, "tcp")
     s = Setup(tcp)
-    admin = AdminServer(s.registry, CollectorRegistry(), s.readiness, dict)
+    admin = AdminServer(s.registry, CollectorRegistry(), s.readiness, dict, no_reload)
     host, port = await admin.start("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as session:

@@ -4,6 +4,11 @@ GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 while ``R
 says ready: not draining and some backend of any protocol in rotation; 503 with the reason
 otherwise, from the first moment of a drain), /backends (JSON from each backend's
 ``statistics()``), /stats (the data plane's counters).
+
+POST /admin/reload reads the config again and applies it, as SIGHUP does: 200
+``{"reloaded": true, "changes": [...]}``; an invalid file is 400 ``{"reloaded": false,
+"error": ..., "code": "VALIDATION_ERROR", "problems": [...]}`` (the problems are
+``check-config``'s), a change that needs a restart 409 with code ``RESTART_REQUIRED``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from router.core.config_diff import ReloadOutcome
+from router.core.errors import ConfigError
 from router.dispatch.backends import Registry
 from router.lifecycle.readiness import Readiness
 
@@ -45,14 +52,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
-              stats: Handler) -> web.Application:
-    """The admin API's routes: one router process and the federation over several serve the
-    same paths."""
+              stats: Handler, reload: Handler) -> web.Application:
+    """The admin API's routes, in one table: one router process and the federation over
+    several serve the same paths. GET reads; POST changes the router."""
+    routes = (
+        ("GET", "/metrics", metrics),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/backends", backends),
+        ("GET", "/stats", stats),
+        ("POST", "/admin/reload", reload),
+    )
     app = web.Application()
-    for path, handler in (("/metrics", metrics), ("/healthz", healthz), ("/readyz", readyz),
-                          ("/backends", backends), ("/stats", stats)):
-        app.router.add_get(path, handler)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     return app
+
+
+def reload_response(outcome: ReloadOutcome) -> web.Response:
+    """The answer to POST /admin/reload."""
+    error = outcome.error
+    if error is None:
+        return json_response({"reloaded": True, "changes": list(outcome.changes)})
+    problems = error.problems if isinstance(error, ConfigError) else [error.message]
+    return json_response(
+        {"reloaded": False, "error": error.message, "code": error.code, "problems": problems},
+        status=error.http_status,
+    )
 
 
 class AdminServer:
@@ -62,15 +88,17 @@ class AdminServer:
         metrics: CollectorRegistry,
         readiness: Readiness,
         stats: Callable[[], dict[str, Any]],
+        reload: Callable[[], Awaitable[ReloadOutcome]],
     ) -> None:
         self._registry = registry
+        self._reload = reload
         self._metrics = metrics
         self._readiness = readiness
         self._stats = stats
         self._runner: web.AppRunner | None = None
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
-            backends=self._get_backends, stats=self._get_stats,
+            backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -100,3 +128,6 @@ class AdminServer:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return json_response(self._stats())
+
+    async def _post_reload(self, request: web.Request) -> web.Response:
+        return reload_response(await self._reload())

@@ -10,6 +10,8 @@ admin API on a loopback port. Requests here fan out to the processes concurrentl
 - ``/readyz``: 200 only while not draining and every process answers ready.
 - ``/backends``: each process's backend list, every entry tagged with its ``process``.
 - ``/stats``: each process's ``/stats`` under its index.
+- ``POST /admin/reload``: the supervisor's reload (it validates, then every process reloads
+  on SIGHUP); each process's own outcome is in its ``router_config_reloads_total``.
 
 A process that does not answer within ``timeout_s`` is reported as such, never waited on.
 """
@@ -17,7 +19,7 @@ A process that does not answer within ``timeout_s`` is reported as such, never w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.control.admin import admin_app, json_response, start_app
+from router.control.admin import admin_app, json_response, reload_response, start_app
+from router.core.config_diff import ReloadOutcome
 from router.lifecycle.state import Lifecycle
 
 
@@ -73,16 +76,18 @@ class FederatedAdmin:
         self,
         processes: Callable[[], list[ProcessInfo]],
         lifecycle: Lifecycle,
+        reload: Callable[[], Awaitable[ReloadOutcome]],
         timeout_s: float = 2.0,
     ) -> None:
         self._processes = processes
+        self._reload = reload
         self._lifecycle = lifecycle
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
-            backends=self._get_backends, stats=self._get_stats,
+            backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -164,3 +169,6 @@ class FederatedAdmin:
             processes.append({"index": info.index, "pid": info.pid, "alive": info.alive,
                               "restarts": info.restarts, "stats": stats})
         return json_response({"phase": self._lifecycle.phase.value, "processes": processes})
+
+    async def _post_reload(self, request: web.Request) -> web.Response:
+        return reload_response(await self._reload())

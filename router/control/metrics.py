@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -121,3 +121,24 @@ class RouterCollector(Collector):
                 families["open"].add_metric(label, pool["open"])
                 families["idle"].add_metric(label, pool["idle"])
         yield from families.values()
+        yield GaugeMetricFamily(
+            "router_backends_draining", "Backends removed from rotation, waiting for what is "
+            "in flight on them before they leave.", value=len(self._registry.draining()),
+        )
+
+
+class ReloadCollector(Collector):
+    """``router_config_reloads_total{result}``: reloads by outcome (ok, invalid,
+    restart_required, failed)."""
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "router_config_reloads", "Config reloads (SIGHUP, POST /admin/reload) by result.",
+            labels=["result"],
+        )
+        for result, count in self._counts.items():
+            family.add_metric([result], count)
+        yield family

@@ -53,6 +53,13 @@ class Spawner:
         self._processes.append(spawned)
         return spawned
 
+    async def stop(self, spawned: SpawnedProcess, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM one process (its backend has left the registry); SIGKILL after
+        ``timeout_s``."""
+        if spawned in self._processes:
+            self._processes.remove(spawned)
+        await spawned.process.stop(timeout_s)
+
     async def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM every process at once; each gets ``timeout_s`` before SIGKILL."""
         await asyncio.gather(*(p.process.stop(timeout_s) for p in self._processes))

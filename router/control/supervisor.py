@@ -22,6 +22,11 @@ How:
   exits 0 only if every child did (a child exits 1 if it dropped a request). A second signal is
   forwarded: the children exit at once.
 - **A child that exits while not draining** is restarted, after 1 s doubling to 30 s.
+- **Reload** (SIGHUP, ``POST /admin/reload`` on the supervisor's admin API): the supervisor
+  reads and validates the config as a single router does, and refuses what needs a restart;
+  it then rewrites the children's config file (same reserved ports, the same spawned backends)
+  and sends every child SIGHUP, so each reloads it. Adding or removing a backend the config
+  spawns (``command``) needs a restart here: its process is shared by every child.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,10 @@ import tomli_w
 
 from router.control.federation import FederatedAdmin, ProcessInfo
 from router.control.spawner import SpawnedProcess, Spawner
+from router.core import config_diff
 from router.core.config import RouterConfig, parse_host_port, substitute
+from router.core.config_diff import ReloadOutcome
+from router.core.errors import ConfigError, ListenFailed, ReloadInvalid, RestartRequired
 from router.lifecycle.state import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -88,9 +97,20 @@ def reserve_port(address: str) -> tuple[socket.socket, str, int]:
     return sock, host, int(sock.getsockname()[1])
 
 
+def _reserve(key: str, address: str) -> tuple[socket.socket, str, int]:
+    try:
+        return reserve_port(address)
+    except OSError as exc:
+        raise ListenFailed.of(key, address, exc) from None
+
+
 class Supervisor:
-    def __init__(self, config: RouterConfig, log_dir: Path) -> None:
+    def __init__(self, config: RouterConfig, log_dir: Path,
+                 source: Callable[[], RouterConfig] | None = None) -> None:
         self.config = config
+        self._source = source or (lambda: self.config)
+        self._resolved: list[dict[str, Any]] = []  # config.backends, spawned ones by address
+        self._addresses: dict[str, str] = {}  # "listener", "grpc": the ports reserved
         self._log_dir = log_dir
         self._backends = Spawner(log_dir=log_dir)
         self._routers = Spawner(log_dir=log_dir, ready_timeout_s=60.0)
@@ -99,31 +119,85 @@ class Supervisor:
         self._child_config: Path | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.lifecycle = Lifecycle()
-        self.admin = FederatedAdmin(self.processes, self.lifecycle)
+        self.admin = FederatedAdmin(self.processes, self.lifecycle, self.reload)
+        self.reloads = 0
 
     def processes(self) -> list[ProcessInfo]:
         return [child.info() for child in self._children]
 
     async def start(self) -> SupervisedAddresses:
-        data = self.config.model_dump(mode="json", exclude_none=True)
-        data["backends"] = [await self._resolve_backend(b) for b in data["backends"]]
-        listen_sock, host, port = reserve_port(self.config.listener.listen)
+        self._resolved = [await self._resolve_backend(b.model_dump(mode="json"))
+                          for b in self.config.backends]
+        listen_sock, host, port = _reserve("listener.listen", self.config.listener.listen)
         self._reserved.append(listen_sock)
-        data["listener"].update(listen=f"{host}:{port}", reuse_port=True, processes=1)
+        self._addresses["listener"] = f"{host}:{port}"
         grpc: tuple[str, int] | None = None
-        grpc_listen = data.get("grpc", {}).get("listen")
-        if grpc_listen:
-            grpc_sock, ghost, gport = reserve_port(grpc_listen)  # gRPC sets SO_REUSEPORT too
+        if self.config.grpc.listen is not None:  # gRPC sets SO_REUSEPORT too
+            grpc_sock, ghost, gport = _reserve("grpc.listen", self.config.grpc.listen)
             self._reserved.append(grpc_sock)
-            data["grpc"]["listen"] = f"{ghost}:{gport}"
+            self._addresses["grpc"] = f"{ghost}:{gport}"
             grpc = (ghost, gport)
-        data["admin"]["listen"] = "127.0.0.1:0"
         self._tmp = tempfile.TemporaryDirectory(prefix="inference-router-")
         self._child_config = Path(self._tmp.name) / "process.toml"
-        self._child_config.write_bytes(tomli_w.dumps(data).encode())
+        self._write_child_config(self.config)
         await asyncio.gather(*(self._start_child(child) for child in self._children))
-        admin = await self.admin.start(*parse_host_port(self.config.admin.listen))
+        admin_host, admin_port = parse_host_port(self.config.admin.listen)
+        try:
+            admin = await self.admin.start(admin_host, admin_port)
+        except OSError as exc:
+            raise ListenFailed.of("admin.listen", self.config.admin.listen, exc) from None
         return SupervisedAddresses((host, port), admin, grpc)
+
+    def _write_child_config(self, config: RouterConfig) -> None:
+        """The children's config: ``config`` on the reserved ports, its spawned backends by
+        address, the admin API on a loopback port each. Replaced atomically: a child that
+        (re)starts or reloads reads the whole old file or the whole new one."""
+        assert self._child_config is not None
+        data = config.model_dump(mode="json", exclude_none=True)
+        data["backends"] = self._resolved
+        data["listener"].update(listen=self._addresses["listener"], reuse_port=True,
+                                processes=1)
+        if "grpc" in self._addresses:
+            data["grpc"]["listen"] = self._addresses["grpc"]
+        data["admin"]["listen"] = "127.0.0.1:0"
+        staged = self._child_config.with_suffix(".toml.new")
+        staged.write_bytes(tomli_w.dumps(data).encode())
+        os.replace(staged, self._child_config)
+
+    async def reload(self) -> ReloadOutcome:
+        """Validate the config source as a router would, then hand it to every child."""
+        try:
+            new = await asyncio.to_thread(self._source)
+        except ConfigError as exc:
+            return self._refused(ReloadInvalid(exc.problems))
+        diff = config_diff.diff(self.config, new)
+        spawned = [f"backends[{j}]: a backend with command is added" for j in diff.added
+                   if new.backends[j].command]
+        spawned += [f"backends[{i}]: a backend with command is removed" for i in diff.removed
+                    if self.config.backends[i].command]
+        if diff.restart or spawned:
+            return self._refused(RestartRequired(
+                [*diff.restart, *(f"{s}: needs a restart with listener.processes > 1"
+                                  for s in spawned)]
+            ))
+        resolved: list[dict[str, Any]] = [new.backends[j].model_dump(mode="json")
+                                          for j in range(len(new.backends))]
+        for i, j in diff.kept:
+            if new.backends[j].command:
+                resolved[j] |= {"address": self._resolved[i]["address"], "command": []}
+        changes = diff.describe(self.config, new)
+        self._resolved, self.config = resolved, new
+        self._write_child_config(new)
+        self._signal_children(signal.SIGHUP)
+        self.reloads += 1
+        log.info("config handed to %d router processes: %s", len(self._children),
+                 "; ".join(changes) or "nothing changed")
+        return ReloadOutcome(tuple(changes))
+
+    def _refused(self, error: ConfigError) -> ReloadOutcome:
+        log.error("config reload refused, the running config stays: %s",
+                  "; ".join(error.problems))
+        return ReloadOutcome(error=error)
 
     async def _resolve_backend(self, backend: dict[str, Any]) -> dict[str, Any]:
         if not backend.get("command"):

@@ -263,7 +263,8 @@ class BackendConfig(_Section):
 
     address: Address = Field(
         description="Address of the backend. With ``command``, port 0 lets the process pick a "
-        "free port.",
+        "free port. A host name (not an IP address, and without ``command``) is resolved at "
+        "start and every ``dns_refresh_s``: each address it resolves to is one backend.",
     )
     weight: Int = Field(
         1, ge=1, le=1000, description="Share of traffic relative to the other backends, for "
@@ -276,6 +277,11 @@ class BackendConfig(_Section):
     protocol: Literal["tcp", "grpc"] = Field(
         "tcp", description='"tcp": length-prefixed frames; "grpc": gRPC (KServe v2 or any '
         "service). A backend only ever gets traffic of its own protocol.",
+    )
+    dns_refresh_s: Seconds = Field(
+        5.0, description="Seconds between two resolutions of a host name in ``address``: "
+        "addresses that appear join, those that disappear drain and leave; a failed "
+        "resolution keeps the last addresses (Envoy's STRICT_DNS).",
     )
     command: tuple[str, ...] = Field(
         (), description='When set, the router starts this process itself: "{port}" and '

@@ -17,6 +17,7 @@ KiB, and a 1 MiB model name would turn NOT_FOUND into a metadata-size error.
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
 Fault = Literal["client", "backend", "router", "config"]
@@ -214,3 +215,35 @@ class ConfigError(RouterError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class ReloadInvalid(ConfigError):
+    """A reload read a config that does not validate (the problems are ``check-config``'s);
+    the running config stays."""
+
+    code = "VALIDATION_ERROR"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class RestartRequired(ConfigError):
+    """A reload read a valid config that changes what a running router cannot change (a
+    listen address, the process count); the running config stays."""
+
+    code = "RESTART_REQUIRED"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ListenFailed(RouterError):
+    """The router could not listen on a configured address (in use, not local, no
+    permission); the message names the key, the address and the cause."""
+
+    code = "LISTEN_FAILED"
+    fault = "config"
+
+    @classmethod
+    def of(cls, key: str, address: str, exc: OSError) -> ListenFailed:
+        # The kernel's reason alone: socket.create_server appends the address it was given.
+        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        return cls(f"cannot listen on {address} ({key}): {cause}")

@@ -8,6 +8,13 @@ decision (``router.health.ejection``), told of every failure through ``on_failur
 change in or out of rotation carries a reason (``mark_down(reason)``/``mark_up(reason)``) that
 the registry's listeners hear.
 
+Joining and leaving: ``Registry.add`` puts a backend in the candidate lists at once.
+``Registry.drain`` takes it out of them at once (reason "draining"; dispatch moves the
+requests waiting on it elsewhere) and keeps it, *draining*, until nothing is in flight or
+waiting on it (``settle``, which dispatch calls as its attempts end): then its upstream is
+closed and the leave listeners are told. A reload, a DNS refresh and any later source of
+backends remove one this way, so no request accepted by the router is lost to a removal.
+
 Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
 "grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
 models it serves ("name" for every version, or "name:version"); a request that names a model
@@ -38,6 +45,7 @@ class Backend:
         "_healthy",
         "address",
         "consecutive_failures",
+        "draining",
         "failures_total",
         "inflight",
         "kind",
@@ -54,17 +62,10 @@ class Backend:
     )
 
     def __init__(self, spec: BackendSpec, upstream: Upstream) -> None:
-        self.spec = spec
         self.upstream = upstream
-        # Copied from the spec: the policy and the candidate filter read them per request.
         self.address = spec.address
-        self.weight = spec.weight
-        self.models = spec.models
         self.kind = spec.protocol
-        # "sum:2" serves key "sum:2" and key "sum" (a request for the default version);
-        # plain "sum" serves "sum" and every "sum:<version>".
-        self.plain_models = frozenset(m for m in spec.models if ":" not in m)
-        self.model_keys = frozenset(spec.models) | {m.partition(":")[0] for m in spec.models}
+        self._take_spec(spec)
         # Told (backend, reason) when healthy flips; set by the registry.
         self.on_change: Callable[[Backend, str], None] | None = None
         # Told of every failed attempt (passive health decides on ejection); set by the registry.
@@ -76,6 +77,25 @@ class Backend:
         self.failures_total = 0
         self.consecutive_failures = 0
         self._healthy = True
+        # Out of the candidate lists, waiting for what is in flight on it (Registry.drain).
+        self.draining = False
+
+    def _take_spec(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        # Copied from the spec: the policy and the candidate filter read them per request.
+        self.weight = spec.weight
+        self.models = spec.models
+        # "sum:2" serves key "sum:2" and key "sum" (a request for the default version);
+        # plain "sum" serves "sum" and every "sum:<version>".
+        self.plain_models = frozenset(m for m in spec.models if ":" not in m)
+        self.model_keys = frozenset(spec.models) | {m.partition(":")[0] for m in spec.models}
+
+    def update(self, spec: BackendSpec) -> None:
+        """Take a new spec for the same address and protocol (weight, models, labels): the
+        requests placed from now on see it; those in flight are not touched."""
+        if (spec.address, spec.protocol) != (self.address, self.kind):
+            raise ValueError(f"{spec.address} ({spec.protocol}) is another backend than {self}")
+        self._take_spec(spec)
 
     @property
     def pool(self) -> Pool | None:
@@ -133,9 +153,11 @@ class Backend:
             "address": self.address,
             "kind": self.kind,
             "source": self.spec.source,
+            "labels": dict(self.spec.labels),
             "weight": self.weight,
             "models": list(self.models),
             "healthy": self.healthy,
+            "state": "draining" if self.draining else ("up" if self.healthy else "down"),
             "inflight": self.inflight,
             "waiting": len(self.waiting),
             "requests_total": self.requests_total,
@@ -145,42 +167,59 @@ class Backend:
         }
 
     def __repr__(self) -> str:
-        state = "up" if self.healthy else "down"
+        state = "draining" if self.draining else ("up" if self.healthy else "down")
         return f"Backend({self.address}, {state}, inflight={self.inflight}, weight={self.weight})"
 
 
 class Registry:
-    """The set of known backends, in a stable order.
+    """The set of known backends, in a stable order, and those draining out of it.
 
     ``view(kind)`` is a live view of the backends of one kind over the same set.
     ``add_listener`` registers a callback told ``(backend, reason)`` whenever a backend goes
-    in or out of rotation (the health monitor logs it, the gRPC health service pushes it to
-    its watchers). ``on_failure`` is given to every backend added: passive health, told of
-    each failed attempt.
+    in or out of rotation, draining included (the health monitor logs it, the gRPC health
+    service pushes it to its watchers, dispatch moves the requests waiting on it).
+    ``on_failure`` is given to every backend added: passive health, told of each failed
+    attempt. Iterating, ``len``, ``get`` and the candidate lists see only the members, never a
+    draining backend; ``draining()`` lists those.
     """
 
     def __init__(
         self, on_failure: Callable[[Backend], None] | None = None, panic_threshold: float = 0.0
     ) -> None:
         self._backends: dict[str, Backend] = {}
+        # Leaving: out of every list above, kept until nothing is in flight on it. Keyed by the
+        # record, not the address: a new backend may join at an address that is still draining.
+        self._draining: dict[Backend, None] = {}
         # Below this fraction of healthy backends (of a kind and model), health is ignored and
         # every backend is a candidate (Envoy's panic threshold): a connect attempt to a backend
-        # marked down is worth more than refusing every request until the next probe.
-        self._panic_threshold = panic_threshold
+        # marked down is worth more than refusing every request until the next probe. One list
+        # shared with the views, so a reload that changes it reaches them all.
+        self._panic = [panic_threshold]
         self._kind: str | None = None
         self._on_failure = on_failure
         self._listeners: list[Callable[[Backend, str], None]] = []
         self._join_listeners: list[Callable[[Backend], None]] = []
+        self._leave_listeners: list[Callable[[Backend], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
-        # and cleared whenever a backend joins, leaves or flips health (add, remove, _changed).
+        # and cleared whenever a backend joins, leaves, drains, changes spec or flips health.
         self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
-        view = Registry(self._on_failure, self._panic_threshold)
+        view = Registry(self._on_failure)
         view._backends, view._kind, view._listeners = self._backends, kind, self._listeners
-        view._join_listeners = self._join_listeners
+        view._draining, view._panic = self._draining, self._panic
+        view._join_listeners, view._leave_listeners = self._join_listeners, self._leave_listeners
         view._in_rotation = self._in_rotation
         return view
+
+    @property
+    def panic_threshold(self) -> float:
+        return self._panic[0]
+
+    @panic_threshold.setter
+    def panic_threshold(self, value: float) -> None:
+        self._panic[0] = value
+        self._in_rotation.clear()
 
     def _members(self) -> list[Backend]:
         if self._kind is None:
@@ -197,12 +236,48 @@ class Registry:
         for listener in list(self._join_listeners):
             listener(backend)
 
+    def update(self, spec: BackendSpec) -> Backend:
+        """Give the member at ``spec.address`` its new spec (``Backend.update``)."""
+        backend = self._backends[spec.address]
+        backend.update(spec)
+        self._in_rotation.clear()
+        return backend
+
     def remove(self, address: str) -> Backend:
+        """Forget a member at once and close its upstream (what is in flight on it fails
+        over); ``drain`` is the way that loses nothing."""
         backend = self._backends.pop(address)
         backend.on_change = backend.on_failure = None
         self._in_rotation.clear()
         backend.upstream.close()
         return backend
+
+    def drain(self, address: str) -> Backend:
+        """Take a member out of the candidate lists now; it leaves once nothing is in flight
+        or waiting on it (``settle``), at once if nothing is."""
+        backend = self._backends.pop(address)
+        backend.draining = True
+        self._draining[backend] = None
+        self._in_rotation.clear()
+        for listener in list(self._listeners):
+            listener(backend, "draining")
+        self.settle(backend)
+        return backend
+
+    def settle(self, backend: Backend) -> None:
+        """A draining backend with nothing in flight or waiting leaves: its upstream is
+        closed and the leave listeners are told. Anything else is left as it is."""
+        if backend.inflight or backend.waiting or backend not in self._draining:
+            return
+        del self._draining[backend]
+        backend.on_change = backend.on_failure = None
+        backend.upstream.close()
+        for listener in list(self._leave_listeners):
+            listener(backend)
+
+    def draining(self) -> list[Backend]:
+        """The backends draining out of the registry (of this view's kind)."""
+        return [b for b in self._draining if self._kind in (None, b.kind)]
 
     def add_listener(self, listener: Callable[[Backend, str], None]) -> None:
         """``listener(backend, reason)`` whenever a backend goes in or out of rotation."""
@@ -211,6 +286,10 @@ class Registry:
     def add_join_listener(self, listener: Callable[[Backend], None]) -> None:
         """``listener(backend)`` whenever a backend is added."""
         self._join_listeners.append(listener)
+
+    def add_leave_listener(self, listener: Callable[[Backend], None]) -> None:
+        """``listener(backend)`` once a draining backend has left (its upstream closed)."""
+        self._leave_listeners.append(listener)
 
     def _changed(self, backend: Backend, reason: str) -> None:
         self._in_rotation.clear()
@@ -242,7 +321,7 @@ class Registry:
                 self._in_rotation.clear()  # model keys come from clients: stay bounded
             serving = self.serving(kind, model)
             candidates = [b for b in serving if b.healthy]
-            if len(candidates) < self._panic_threshold * len(serving):
+            if len(candidates) < self._panic[0] * len(serving):
                 candidates = serving
             self._in_rotation[(kind, model)] = candidates
         if exclude:
@@ -267,14 +346,15 @@ class Registry:
         return bool(self.serving(kind, model))
 
     def close(self) -> None:
-        for backend in self._members():
+        for backend in [*self._members(), *self.draining()]:
             backend.upstream.close()
 
     def statistics(self) -> list[dict[str, Any]]:
-        return [b.statistics() for b in self._members()]
+        return [b.statistics() for b in [*self._members(), *self.draining()]]
 
     def __repr__(self) -> str:
         members = self._members()
         healthy = sum(1 for b in members if b.healthy)
         kind = f"{self._kind}, " if self._kind else ""
-        return f"Registry({kind}backends={len(members)}, healthy={healthy})"
+        draining = len(self.draining())
+        return f"Registry({kind}backends={len(members)}, healthy={healthy}, draining={draining})"

@@ -58,6 +58,16 @@ class WaitQueue:
         if self._timer is None or request.deadline < self._timer_at:
             self._arm(request.deadline)
 
+    def resize(self, capacity: int) -> None:
+        """A new ``capacity`` (a reload); saturation is judged against it at once."""
+        self.capacity = capacity
+        if not self.saturated and self.waiting >= capacity:
+            self.saturated = True
+            self._on_pressure(True)
+        elif self.saturated and self.waiting <= capacity // 2:
+            self.saturated = False
+            self._on_pressure(False)
+
     def pop(self, backend: Backend) -> Request:
         """The head of ``backend``'s waiting requests (there must be one)."""
         request = backend.waiting.popleft()

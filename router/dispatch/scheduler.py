@@ -12,7 +12,8 @@ moment the request is *accepted* and will be answered exactly once, through its 
   upstream is asked to grow;
 * assignment (``_assign``): the one synchronous step run on every capacity event of a
   backend — a lease released (an answer came back), a dial finished or failed, probed
-  connections came back, a connection closed, the backend went out of rotation. It hands
+  connections came back, a connection closed, the backend went out of rotation or began to
+  drain. It hands
   leases to waiting requests in deadline order, and moves them to other backends when room
   will not come back on theirs;
 * completion (``attempt_done``): the answer (or failure) of an attempt, from a pooled
@@ -92,6 +93,17 @@ class Dispatcher:
         for backend in registry:
             self._attach(backend)
 
+    def reconfigure(self, config: DispatchConfig, policy: Policy | None = None) -> None:
+        """New settings (a reload): requests accepted from now on get the new queue timeout,
+        every placement from now on the new ``policy`` (None: the same one, its state kept),
+        every attempt started from now on the new request timeout and retry budget. Requests
+        already accepted keep their deadline."""
+        self._config = config
+        self._timeout_s = config.request_timeout_s
+        if policy is not None:
+            self._policy = policy
+        self.queue.resize(config.queue_size)
+
     # -- front-door side ----------------------------------------------------------------------
 
     def add_pressure_listener(self, listener: Callable[[bool], None]) -> None:
@@ -159,11 +171,11 @@ class Dispatcher:
             self._start(queue.pop(backend), backend, lease)
         if not waiting:
             return
-        if backend.healthy and not upstream.closed:
+        if backend.healthy and not backend.draining and not upstream.closed:
             upstream.grow(len(waiting))
             return
         for request in queue.take_all(backend):
-            self._place(request)  # out of rotation: it is no candidate any more
+            self._place(request)  # out of rotation or draining: it is no candidate any more
 
     # -- capacity events ----------------------------------------------------------------------
 
@@ -183,6 +195,8 @@ class Dispatcher:
                 self._dial_failed(backend, error)
             if backend.waiting:
                 self._assign(backend)
+            if backend.draining:
+                self._registry.settle(backend)
 
     def _dial_failed(self, backend: Backend, error: BackendError) -> None:
         backend.record_failure()
@@ -197,8 +211,8 @@ class Dispatcher:
         backend.upstream.on_room = lambda error: self.room_changed(backend, error)
 
     def _on_backend_change(self, backend: Backend, reason: str) -> None:
-        """Out of rotation: move the requests waiting on it."""
-        if backend.waiting and not backend.healthy:
+        """Out of rotation or draining: move the requests waiting on it."""
+        if backend.waiting and (not backend.healthy or backend.draining):
             self.room_changed(backend)
 
     # -- completion ---------------------------------------------------------------------------
@@ -218,6 +232,8 @@ class Dispatcher:
             request.lease = None
         if backend.waiting:
             self._assign(backend)
+        if backend.draining:
+            self._registry.settle(backend)  # its last attempt: it leaves now
         if error is None:
             backend.record_success()
             if not backend.healthy:  # tried in panic (every backend was down), and it answered
@@ -225,7 +241,8 @@ class Dispatcher:
             self.finish(request, response, None)
             return
         if isinstance(error, BackendUnavailable) and request.replayable:
-            if error.reused_connection and not request.resent and backend.healthy:
+            if (error.reused_connection and not request.resent and backend.healthy
+                    and not backend.draining):
                 # The backend closed a connection that had served before (a keep-alive limit,
                 # HAProxy's retry-on conn-failure): once, on a fresh connection to it, and not
                 # counted against it.

@@ -62,6 +62,11 @@ class HealthMonitor:
         self.marked_down = 0
         registry.add_listener(self._log_change)
 
+    def reconfigure(self, probers: Mapping[str, Prober], config: HealthConfig) -> None:
+        """New probers and interval (a reload), from the next pass on."""
+        self._probers = dict(probers)
+        self._interval_s = config.interval_s
+
     async def run(self) -> None:
         """A pass every ``interval_s``, until cancelled; a pass that overruns is followed by
         the next at once."""
@@ -102,6 +107,8 @@ class HealthMonitor:
             backend.mark_down(result.reason)
 
     def _log_change(self, backend: Backend, reason: str) -> None:
+        if backend.draining:
+            return  # the fleet logs joins, drains and leaves
         state = "back in rotation" if backend.healthy else "out of rotation"
         log.info("%s backend %s %s: %s", backend.kind, backend.address, state, reason)
 

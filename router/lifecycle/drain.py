@@ -55,7 +55,7 @@ class DrainCoordinator:
         self._front_doors = front_doors
         self._dispatcher = dispatcher
         self._lifecycle = lifecycle
-        self._grace_s = grace_s
+        self.grace_s = grace_s  # a reload may change it until the drain starts
         self._clock = clock
         self.report: DrainReport | None = None
 
@@ -66,13 +66,13 @@ class DrainCoordinator:
     async def drain(self) -> DrainReport:
         started = self._clock.now()
         self._lifecycle.start_drain()
-        log.info("drain started: grace %.1fs, %d in flight", self._grace_s,
+        log.info("drain started: grace %.1fs, %d in flight", self.grace_s,
                  self._dispatcher.stats.inflight)
         for front_door in self._front_doors:
             front_door.start_drain()
         timed_out = False
         try:
-            async with asyncio.timeout(self._grace_s):
+            async with asyncio.timeout(self.grace_s):
                 await self._dispatcher.wait_zero()
                 for front_door in self._front_doors:
                     await front_door.wait_all_closed()
@@ -90,4 +90,4 @@ class DrainCoordinator:
         return self.report
 
     def __repr__(self) -> str:
-        return f"DrainCoordinator({self._lifecycle.phase.value}, grace_s={self._grace_s})"
+        return f"DrainCoordinator({self._lifecycle.phase.value}, grace_s={self.grace_s})"

@@ -109,6 +109,10 @@ class GrpcChannels:
             self.closed += 1
             await entry.channel.close()
 
+    async def close_backend(self, address: str) -> None:
+        """Close the channel of a backend that has left the registry (none: nothing to do)."""
+        await self._close(address)
+
     async def close_all(self) -> None:
         for address in list(self._entries):
             await self._close(address)

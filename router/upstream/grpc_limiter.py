@@ -39,6 +39,12 @@ class GrpcCallLimiter:
             self.peak = self.active
         return self
 
+    def reconfigure(self, max_calls: int) -> None:
+        """A new bound (a reload); calls in flight beyond a lower one finish."""
+        self._max_calls = max_calls
+        if self.on_room is not None:
+            self.on_room(None)  # a higher bound has room for waiting calls
+
     def grow(self, wanted: int) -> None:
         return None  # a channel has no connections to add
 

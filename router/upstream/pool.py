@@ -108,6 +108,13 @@ class Pool:
             "closed_for_fresh": 0,
         }
 
+    def reconfigure(self, config: PoolConfig) -> None:
+        """New limits and timeouts (a reload), for the dials and expiry checks from now on.
+        ``pipeline_depth`` stays: the connections open now were filled to the old one."""
+        self._config = config
+        self._max = config.max_connections
+        self._room(None)  # a higher limit may let waiting requests dial
+
     # -- lending ----------------------------------------------------------------------------
 
     def try_acquire(self) -> Slot | None:

@@ -146,6 +146,10 @@ class GrpcForwarder:
         self._clock = clock
         self._request_timeout_s = request_timeout_s
 
+    def reconfigure(self, request_timeout_s: float) -> None:
+        """A new ``dispatch.request_timeout_s`` (a reload), for the attempts started after."""
+        self._request_timeout_s = request_timeout_s
+
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._clock.now() + remaining
