@@ -91,6 +91,21 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     return config_mod.from_mapping(config_mod.merge(base, overrides), source)
 
 
+def _reload_certificates_on_sighup(reload: Callable[[], object]) -> None:
+    """SIGHUP re-reads certificates, keys, CAs and the admin token; what cannot be loaded is
+    logged and the running one stays. Connections already open go on."""
+
+    def on_sighup() -> None:
+        logging.getLogger("router").info("SIGHUP: reloading certificates")
+        try:
+            reload()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logging.getLogger("router").error("certificate reload: %s", problem)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+
+
 def _stop_on_signals(force: Callable[[], None]) -> asyncio.Event:
     """SIGTERM/SIGINT set the returned event (a drain); a second one calls ``force`` and
     exits with status 1 at once."""
@@ -123,8 +138,14 @@ def _log_dir() -> Path:
 async def _serve(cfg: config_mod.RouterConfig, supervised: bool = False) -> int:
     from router.app import RouterApp  # imported here: check-config needs no event loop parts
 
-    app = RouterApp(cfg, log_dir=_log_dir())
+    try:
+        app = RouterApp(cfg, log_dir=_log_dir())  # loads the TLS files
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     stop = _stop_on_signals(app.spawner.kill_now)
+    _reload_certificates_on_sighup(app.reload_certificates)
     try:
         bound = await app.start()
         _tune_gc()
@@ -161,8 +182,14 @@ def _tune_gc() -> None:
 async def _supervise(cfg: config_mod.RouterConfig) -> int:
     from router.control.supervisor import Supervisor
 
-    supervisor = Supervisor(cfg, _log_dir())
+    try:
+        supervisor = Supervisor(cfg, _log_dir())  # loads the admin API's TLS files
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     stop = _stop_on_signals(supervisor.force_exit)
+    _reload_certificates_on_sighup(supervisor.reload_certificates)
     try:
         bound = await supervisor.start()
         count = cfg.listener.processes
@@ -189,11 +216,26 @@ async def _call(address: str, payload: str) -> int:
     return 0
 
 
+def _check_files(cfg: config_mod.RouterConfig) -> None:
+    """The files a valid config names must load too: certificates, keys, CAs, the token."""
+    from router.control.admin import read_token
+    from router.tls.context import check_files
+
+    problems = check_files(cfg)
+    if cfg.admin.token_file is not None:
+        try:
+            read_token(cfg.admin.token_file)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config_mod.load(args.file)
+            _check_files(config_mod.load(args.file))
         except ConfigError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)

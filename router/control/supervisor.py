@@ -22,6 +22,11 @@ How:
   exits 0 only if every child did (a child exits 1 if it dropped a request). A second signal is
   forwarded: the children exit at once.
 - **A child that exits while not draining** is restarted, after 1 s doubling to 30 s.
+- **TLS.** Each child terminates TLS on the shared listen ports itself, from the same files.
+  The configured admin address (its TLS, token and allow-list) is the supervisor's; the
+  children's admin APIs are plain HTTP on loopback, reached only by the supervisor.
+  ``reload_certificates`` (SIGHUP) re-reads the admin files here and sends SIGHUP on to every
+  child.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from typing import Any
 
 import tomli_w
 
+from router.control.admin import AdminAuth
 from router.control.federation import FederatedAdmin, ProcessInfo
 from router.control.spawner import SpawnedProcess, Spawner
 from router.core.config import RouterConfig, parse_host_port, substitute
 from router.lifecycle.state import Lifecycle
+from router.tls.context import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +106,11 @@ class Supervisor:
         self._child_config: Path | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.lifecycle = Lifecycle()
-        self.admin = FederatedAdmin(self.processes, self.lifecycle)
+        admin = config.admin
+        self.admin_tls = ServerTls(admin.tls, "admin.tls") if admin.tls is not None else None
+        self.admin = FederatedAdmin(
+            self.processes, self.lifecycle, AdminAuth(admin, self.admin_tls), self.admin_tls
+        )
 
     def processes(self) -> list[ProcessInfo]:
         return [child.info() for child in self._children]
@@ -117,7 +128,7 @@ class Supervisor:
             self._reserved.append(grpc_sock)
             data["grpc"]["listen"] = f"{ghost}:{gport}"
             grpc = (ghost, gport)
-        data["admin"]["listen"] = "127.0.0.1:0"
+        data["admin"] = {"listen": "127.0.0.1:0"}  # plain, loopback: only we call it
         self._tmp = tempfile.TemporaryDirectory(prefix="inference-router-")
         self._child_config = Path(self._tmp.name) / "process.toml"
         self._child_config.write_bytes(tomli_w.dumps(data).encode())
@@ -180,6 +191,13 @@ class Supervisor:
             if child.spawned is not None and child.spawned.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.spawned.process.send_signal(signum)
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: the admin API's certificate and token here, then every child's files."""
+        self._signal_children(signal.SIGHUP)
+        if self.admin_tls is not None:
+            self.admin_tls.reload()
+        self.admin.auth.reload()
 
     def force_exit(self) -> None:
         """Second signal: the children exit at once (their own second-signal rule)."""
