@@ -1,11 +1,15 @@
 # syntax=docker/dockerfile:1
 # inference-router image: wheels built in one stage, installed without build tools in the next.
 #   docker build -t inference-router .
-#   docker run --rm -p 7070:7070 -p 7072:7072 inference-router
-# The default command runs the embedded default (two spawned echo backends) listening on all
-# interfaces. For real backends, pass flags or a config file instead of the default CMD:
+#   docker run --rm -p 7070:7070 inference-router
+# The default command runs the embedded default (two spawned echo backends), the
+# length-prefixed listener on all interfaces and the admin API on the container's loopback
+# only. The admin API is never served off loopback without credentials (the router refuses
+# to start): to publish it, give it a bearer token (or admin.tls client certificates):
 #   docker run --rm -p 7070:7070 -p 7072:7072 -v $PWD/router.toml:/etc/inference-router/router.toml:ro \
-#     inference-router --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 --admin 0.0.0.0:7072
+#     -v $PWD/admin.token:/run/secrets/admin.token:ro inference-router \
+#     --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 \
+#     --admin 0.0.0.0:7072 --admin-token-file /run/secrets/admin.token
 
 FROM python:3.11-slim AS builder
 WORKDIR /src
@@ -30,4 +34,4 @@ USER router
 WORKDIR /home/router
 EXPOSE 7070 7072
 ENTRYPOINT ["inference-router", "serve"]
-CMD ["--listen", "0.0.0.0:7070", "--admin", "0.0.0.0:7072"]
+CMD ["--listen", "0.0.0.0:7070", "--admin", "127.0.0.1:7072"]

@@ -127,7 +127,7 @@ class RouterApp:
         admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
             self.registry, self.metrics, self.readiness, self.statistics,
-            AdminAuth(config.admin, admin_tls), admin_tls,
+            AdminAuth(config.admin, admin_tls), self.reload_certificates, admin_tls,
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         self.bound: BoundAddresses | None = None

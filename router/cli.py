@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-listen", metavar="HOST:PORT",
                        help="HOST:PORT for the gRPC front door (grpc.listen; off by default)")
     serve.add_argument("--admin", help="HOST:PORT for the admin HTTP API")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="bearer token for the admin API (admin.token_file)")
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--reuse-port", action="store_true", default=None,
@@ -74,6 +76,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     flag_keys = {
         ("listener", "listen"): args.listen,
         ("admin", "listen"): args.admin,
+        ("admin", "token_file"): args.admin_token_file,
         ("grpc", "listen"): args.grpc_listen,
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,

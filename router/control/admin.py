@@ -3,7 +3,9 @@
 GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 while ``Readiness``
 says ready: not draining and some backend of any protocol in rotation; 503 with the reason
 otherwise, from the first moment of a drain), /backends (JSON from each backend's
-``statistics()``), /stats (the data plane's counters).
+``statistics()``), /stats (the data plane's counters); POST /admin/reload-certificates re-reads
+every certificate, key, CA and the token, as SIGHUP does (200, or 422 with the problems, the
+running files kept).
 
 Who may call what is decided once, in ``AdminAuth``'s middleware, for every route however it
 was added:
@@ -138,13 +140,21 @@ async def start_app(app: web.Application, host: str, port: int,
 
 
 def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
-              stats: Handler, auth: AdminAuth) -> web.Application:
+              stats: Handler, auth: AdminAuth, reload_certificates: Callable[[], list[str]],
+              ) -> web.Application:
     """The admin API's routes, behind ``auth``: one router process and the federation over
     several serve the same paths."""
     app = web.Application(middlewares=[auth.middleware])
     for path, handler in (("/metrics", metrics), ("/healthz", healthz), ("/readyz", readyz),
                           ("/backends", backends), ("/stats", stats)):
         app.router.add_get(path, handler)
+
+    async def post_reload_certificates(request: web.Request) -> web.Response:
+        problems = reload_certificates()
+        return json_response({"reloaded": not problems, "problems": problems},
+                             status=422 if problems else 200)
+
+    app.router.add_post("/admin/reload-certificates", post_reload_certificates)
     return app
 
 
@@ -156,6 +166,7 @@ class AdminServer:
         readiness: Readiness,
         stats: Callable[[], dict[str, Any]],
         auth: AdminAuth,
+        reload_certificates: Callable[[], list[str]],
         tls: ServerTls | None = None,
     ) -> None:
         self._registry = registry
@@ -168,6 +179,7 @@ class AdminServer:
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, stats=self._get_stats, auth=auth,
+            reload_certificates=reload_certificates,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

@@ -75,6 +75,7 @@ class FederatedAdmin:
         processes: Callable[[], list[ProcessInfo]],
         lifecycle: Lifecycle,
         auth: AdminAuth,
+        reload_certificates: Callable[[], list[str]],
         tls: ServerTls | None = None,
         timeout_s: float = 2.0,
     ) -> None:
@@ -88,6 +89,7 @@ class FederatedAdmin:
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, stats=self._get_stats, auth=auth,
+            reload_certificates=reload_certificates,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:

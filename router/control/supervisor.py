@@ -49,6 +49,7 @@ from router.control.admin import AdminAuth
 from router.control.federation import FederatedAdmin, ProcessInfo
 from router.control.spawner import SpawnedProcess, Spawner
 from router.core.config import RouterConfig, parse_host_port, substitute
+from router.core.errors import ConfigError
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
 
@@ -109,7 +110,8 @@ class Supervisor:
         admin = config.admin
         self.admin_tls = ServerTls(admin.tls, "admin.tls") if admin.tls is not None else None
         self.admin = FederatedAdmin(
-            self.processes, self.lifecycle, AdminAuth(admin, self.admin_tls), self.admin_tls
+            self.processes, self.lifecycle, AdminAuth(admin, self.admin_tls),
+            self.reload_certificates, self.admin_tls,
         )
 
     def processes(self) -> list[ProcessInfo]:
@@ -192,12 +194,22 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     child.spawned.process.send_signal(signum)
 
-    def reload_certificates(self) -> None:
-        """SIGHUP: the admin API's certificate and token here, then every child's files."""
+    def reload_certificates(self) -> list[str]:
+        """SIGHUP: every child reloads its own files (SIGHUP), and the admin API's certificate
+        and token are re-read here. Returns the problems here (logged too)."""
         self._signal_children(signal.SIGHUP)
+        problems: list[str] = []
+        parts: list[ServerTls | AdminAuth] = [self.admin.auth]
         if self.admin_tls is not None:
-            self.admin_tls.reload()
-        self.admin.auth.reload()
+            parts.insert(0, self.admin_tls)
+        for part in parts:
+            try:
+                part.reload()
+            except ConfigError as exc:
+                problems += exc.problems
+        for problem in problems:
+            log.error("certificate reload: %s (the running one stays)", problem)
+        return problems
 
     def force_exit(self) -> None:
         """Second signal: the children exit at once (their own second-signal rule)."""
