@@ -241,3 +241,19 @@ async def test_a_backend_whose_tls_does_not_check_out_is_never_used(
         await asyncio.wait_for(client.request(b"x"), WAIT_S)
     assert info.value.code in {"BACKEND_UNAVAILABLE", "NO_BACKEND", "BACKEND_PROTOCOL_ERROR"}
     assert router.app.stats.completed == 0
+
+
+async def test_the_load_generator_speaks_tls_to_the_router(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, pki: Pki
+) -> None:
+    from bench.load import run_load
+
+    router = await router_factory([echo_backend().address],
+                                  {"listener": {"tls": pki.server_only()}})
+    report = await asyncio.to_thread(
+        run_load, router.host, router.port, connections=4, requests=25, processes=1,
+        timeout_s=WAIT_S, hard_timeout_s=60.0, tls_ca=str(pki.ca_file),
+        tls_server_name="localhost",
+    )
+    assert (report["ok"], report["error_total"]) == (100, 0)
+    assert router.app.front_door.connections_total == 4
