@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="write it to FILE instead of stdout")
     call = sub.add_parser("call", help="send one request and print the answer")
     call.add_argument("--to", default="127.0.0.1:7070", metavar="HOST:PORT")
+    call.add_argument("--tls-ca", metavar="PEM",
+                      help="speak TLS, verifying the router's certificate against this CA")
+    call.add_argument("--tls-server-name", metavar="NAME",
+                      help="name the router's certificate must carry (default: the host)")
+    call.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    call.add_argument("--tls-key", metavar="PEM", help="its key (default: in --tls-cert)")
     call.add_argument("payload")
     return parser
 
@@ -203,11 +210,21 @@ async def _supervise(cfg: config_mod.RouterConfig) -> int:
         await supervisor.close()
 
 
-async def _call(address: str, payload: str) -> int:
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_ca is None:
+        return None
+    ctx = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert is not None:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+async def _call(address: str, payload: str, tls: ssl.SSLContext | None = None,
+                server_name: str | None = None) -> int:
     from router.client.frames import ErrorReply, FrameClient
 
     host, port = config_mod.parse_host_port(address)
-    client = await FrameClient.connect(host, port)
+    client = await FrameClient.connect(host, port, ssl=tls, server_hostname=server_name or host)
     try:
         answer = await client.request(payload.encode())
     except ErrorReply as exc:
@@ -254,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             args.output.write_text(render())
         return
     if args.command == "call":
-        sys.exit(uvloop.run(_call(args.to, args.payload)))
+        sys.exit(uvloop.run(_call(args.to, args.payload, _client_tls(args),
+                                  args.tls_server_name)))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -257,3 +257,69 @@ async def test_the_load_generator_speaks_tls_to_the_router(
     )
     assert (report["ok"], report["error_total"]) == (100, 0)
     assert router.app.front_door.connections_total == 4
+
+
+def _write_config(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+async def test_sighup_reloads_a_running_routers_certificate_and_keeps_its_connections(
+    echo_backend: Callable[..., EchoBackend], pki: Pki, tmp_path: Path
+) -> None:
+    import signal
+    import sys
+
+    import aiohttp
+
+    from router.control.launcher import launch
+    from router.protocol.announce import parse_banner
+    from tests.support import REPO_ROOT, child_env
+
+    live = Identity(tmp_path / "live.pem", tmp_path / "live.key")
+    shutil.copy(pki.server.cert, live.cert)
+    shutil.copy(pki.server.key, live.key)
+    config = tmp_path / "router.toml"
+    _write_config(config, (
+        '[listener]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n'
+        f'[listener.tls]\ncert_file = "{live.cert}"\nkey_file = "{live.key}"\n'
+        f'[[backends]]\naddress = "{echo_backend().address}"\n'))
+    proc = await launch([sys.executable, "-m", "router", "serve", "--config", str(config)],
+                        parse_banner, cwd=REPO_ROOT, env=child_env(),
+                        stderr=tmp_path / "router.stderr", ready_timeout_s=WAIT_S)
+    try:
+        (host, port), admin = proc.ready.listen, proc.ready.admin_url
+        before = await FrameClient.connect(host, port, ssl=pki.client_context(),
+                                           server_hostname="localhost")
+        assert await before.request(b"before") == b"before"
+        rotated = pki.issue("rotated", "localhost", "127.0.0.1", common_name="router-2")
+        shutil.copy(rotated.cert, live.cert)
+        shutil.copy(rotated.key, live.key)
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(WAIT_S), aiohttp.ClientSession() as session:
+            while True:  # another process: no event to await
+                async with session.get(f"{admin}/stats") as response:
+                    stats = await response.json()
+                if stats["listener"]["tls"]["generation"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+        after = await FrameClient.connect(host, port, ssl=pki.client_context(),
+                                          server_hostname="localhost")
+        assert subject_cn(after.peer_certificate) == "router-2"
+        assert subject_cn(before.peer_certificate) == "router-1"
+        assert await before.request(b"still open") == b"still open"
+        assert await after.request(b"after") == b"after"
+        assert proc.returncode is None  # SIGHUP no longer ends the process
+        await before.close()
+        await after.close()
+        call = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "call", "--to", f"{host}:{port}",
+            "--tls-ca", str(pki.ca_file), "--tls-server-name", "localhost", "hello",
+            cwd=REPO_ROOT, env=child_env(), stdout=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(WAIT_S * 2):
+            out, _ = await call.communicate()
+        assert (call.returncode, out) == (0, b"hello\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT_S * 2):
+            assert await proc.wait() == 0
