@@ -1,12 +1,16 @@
 # syntax=docker/dockerfile:1
 # inference-router image: wheels built in one stage, installed without build tools in the next.
 #   docker build -t inference-router .
-#   docker run --rm -p 7070:7070 -p 7072:7072 inference-router
-# The default command runs the embedded default (two spawned echo backends) listening on all
-# interfaces. For real backends, pass flags or a config file instead of the default CMD:
+#   docker run --rm -p 7070:7070 inference-router
+# The default command runs the embedded default (two spawned echo backends), the
+# length-prefixed listener on all interfaces and the admin API on the container's loopback
+# only. The admin API is never served off loopback without credentials (the router refuses
+# to start): to publish it, give it a bearer token (or admin.tls client certificates):
 #   docker run --rm -p 7070:7070 -p 7072:7072 -v $PWD/router.toml:/etc/inference-router/router.toml:ro \
+#     -v $PWD/admin.token:/run/secrets/admin.token:ro \
 #     -v router-state:/var/lib/inference-router inference-router \
-#     --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 --admin 0.0.0.0:7072 \
+#     --config /etc/inference-router/router.toml --listen 0.0.0.0:7070 \
+#     --admin 0.0.0.0:7072 --admin-token-file /run/secrets/admin.token \
 #     --state-file /var/lib/inference-router/state.toml
 # What the admin API changes (added backends, drain flags, weights) is saved in the state file
 # on the volume /var/lib/inference-router and restored when the container starts again.
@@ -37,5 +41,5 @@ EXPOSE 7070 7072
 # Declared after the directory exists, so a new volume starts owned by the router user.
 VOLUME ["/var/lib/inference-router"]
 ENTRYPOINT ["inference-router", "serve"]
-CMD ["--listen", "0.0.0.0:7070", "--admin", "0.0.0.0:7072", \
+CMD ["--listen", "0.0.0.0:7070", "--admin", "127.0.0.1:7072", \
      "--state-file", "/var/lib/inference-router/state.toml"]

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint docs bench bench-smoke bench-10k bench-grpc locust chaos protos clean
+.PHONY: run test lint docs bench bench-tls bench-smoke bench-10k bench-grpc locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --update-docs
+
+# TLS on the router's listener against the plain router, 50 clients; the TLS table of
+# docs/benchmarks.md and bench/results/tls.json.
+bench-tls: $(STAMP)
+	$(PY) -m bench.run --clients 50 --rounds 3 --name tls --update-docs
 
 bench-smoke: $(STAMP)
 	$(PY) -m bench.regress

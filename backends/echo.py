@@ -3,7 +3,9 @@
 It is the router's stand-in for an inference server in tests, benchmarks and chaos runs, so
 it can also misbehave on request: answer late (``--delay-ms``), drop a connection instead of
 answering (``--fail-rate``), close after N answers (``--close-after``), and log the payloads
-it answered (``--record-ids``) so a chaos test can tell which requests reached it.
+it answered (``--record-ids``) so a chaos test can tell which requests reached it. With
+``--tls-cert`` it speaks TLS (``--tls-client-ca``: and requires a client certificate signed by
+that CA), built with the standard library alone so it checks the router's TLS independently.
 
 One ``asyncio.Protocol`` per connection under uvloop; replies go out in request order. The
 replies produced by one ``data_received`` are joined into one write (each frame is written
@@ -20,6 +22,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +46,13 @@ class EchoConfig:
     close_after: int = 0  # 0: never
     record_ids: str | None = None
     seed: int | None = None
+    tls_cert: str | None = None  # PEM: certificate (and key, unless tls_key)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # require client certificates signed by this CA
 
     def __post_init__(self) -> None:
+        if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
+            raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         if self.delay_s < 0:
             raise ValueError(f"delay must be >= 0, got {self.delay_s}")
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -175,15 +183,28 @@ class EchoProtocol(asyncio.Protocol):
             self._transport.close()
 
 
+def server_ssl_context(cert: str, key: str | None, client_ca: str | None) -> ssl.SSLContext:
+    """A plain standard-library server context (a backend's side of TLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     """Listen, print ``READY <port>``, serve until ``stop`` is set, then close everything."""
     loop = asyncio.get_running_loop()
     rng = random.Random(config.seed)
     recorder = IdRecorder(config.record_ids) if config.record_ids else None
     connections: set[EchoProtocol] = set()
+    tls = None
+    if config.tls_cert:
+        tls = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     server = await loop.create_server(
         lambda: EchoProtocol(config, rng, recorder, connections),
-        config.host, config.port, backlog=BACKLOG, reuse_address=True,
+        config.host, config.port, backlog=BACKLOG, reuse_address=True, ssl=tls,
     )
     try:
         port = server.sockets[0].getsockname()[1]
@@ -218,12 +239,18 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
     parser.add_argument("--record-ids", default=None, metavar="FILE",
                         help="append each answered non-empty payload to FILE, one per line")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="speak TLS with this certificate (and key, unless --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM")
+    parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                        help="require client certificates signed by this CA")
     args = parser.parse_args(argv)
     try:
         return EchoConfig(
             host=args.host, port=args.port, delay_s=args.delay_ms / 1000.0,
             fail_rate=args.fail_rate, close_after=args.close_after,
-            record_ids=args.record_ids, seed=args.seed,
+            record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -22,7 +22,8 @@ it does not serve is NOT_FOUND, so a test sees a call routed to the wrong backen
 Misbehaviour on request, as ``backends.echo`` offers for TCP: ``--delay-ms`` answers late,
 ``--fail-rate`` fails that fraction of inferences with UNAVAILABLE, ``--crash-on-infer``
 exits the process (status 3) as soon as an inference arrives, before answering it, and
-``--record-ids FILE`` appends the ``id`` of every answered inference to FILE.
+``--record-ids FILE`` appends the ``id`` of every answered inference to FILE. ``--tls-cert``
+serves TLS (``--tls-client-ca``: and requires client certificates signed by that CA).
 
 Prints ``READY <port>`` once listening; SIGTERM stops it after a short grace.
 """
@@ -37,6 +38,7 @@ import signal
 from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -75,6 +77,9 @@ class KServeConfig:
     crash_on_infer: bool = False
     record_ids: str | None = None
     seed: int | None = None
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS
+    tls_key: str | None = None  # PEM private key (default: in tls_cert)
+    tls_client_ca: str | None = None  # require client certificates signed by this CA
 
 
 def _input_bytes(request: pb.ModelInferRequest, index: int) -> bytes:
@@ -297,10 +302,24 @@ class KServeBackend:
         })
 
 
+def _server_credentials(config: KServeConfig) -> grpc.ServerCredentials:
+    assert config.tls_cert is not None
+    chain = Path(config.tls_cert).read_bytes()
+    key = Path(config.tls_key).read_bytes() if config.tls_key else chain
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
     """Listen, print ``READY <port>``, serve until ``stop`` is set, then stop gracefully."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        port = server.add_secure_port(address, _server_credentials(config))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"cannot listen on {config.host}:{config.port}")
     backend = KServeBackend(config, port)
@@ -342,6 +361,11 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
     parser.add_argument("--record-ids", default=None, metavar="FILE",
                         help="append the id of every answered inference to FILE")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve TLS with this certificate chain (key in it unless --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM")
+    parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                        help="require client certificates signed by this CA")
     args = parser.parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     unknown = sorted(set(models) - set(MODELS))
@@ -349,10 +373,13 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     if args.delay_ms < 0 or not 0.0 <= args.fail_rate <= 1.0:
         parser.error("--delay-ms must be >= 0 and --fail-rate in [0, 1]")
+    if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
+        parser.error("--tls-key and --tls-client-ca need --tls-cert")
     return KServeConfig(
         host=args.host, port=args.port, models=models, delay_s=args.delay_ms / 1000.0,
         fail_rate=args.fail_rate, crash_on_infer=args.crash_on_infer,
-        record_ids=args.record_ids, seed=args.seed,
+        record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )
 
 

@@ -17,6 +17,10 @@ Modes:
 - ``per-request``: each lane runs its requests one at a time, one connection per request
   (connect, send, read, close); latency then includes the connect.
 
+With ``tls_ca`` (``--tls-ca``) every connection is TLS, verifying the server's certificate
+against that CA for ``tls_server_name`` (default: the host); a handshake is part of the
+connect (and, per request, of its latency).
+
 Every payload is ``prefix + "<worker>.<lane>-<seq>"`` padded with spaces to ``payload_bytes``
 (longer if the id does not fit) and the echo is checked byte for byte. Each request ends in
 exactly one of: ``ok``, an error by kind, or ``unsent`` (budget left when the duration or hard
@@ -42,6 +46,7 @@ import math
 import multiprocessing as mp
 import os
 import resource
+import ssl
 import sys
 import time
 import traceback
@@ -88,6 +93,8 @@ class LoadSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     hard_timeout_s: float | None = None  # None: (duration_s or 300 s) + 60 s
     prefix: bytes = b""
+    tls_ca: str | None = None  # a CA file: speak TLS, verifying the server against it
+    tls_server_name: str | None = None  # the name the server's certificate must carry
 
     def __post_init__(self) -> None:
         checks = [
@@ -253,6 +260,8 @@ class _Worker:
         self.stop_sending_ns = 0
         self.timed_out = False
         self.timeout_ns = int(spec.timeout_s * 1e9)
+        # An SSLContext does not pickle: each worker process builds its own, once.
+        self.tls = ssl.create_default_context(cafile=spec.tls_ca) if spec.tls_ca else None
 
     def next_payload(self, lane: _Lane) -> bytes:
         lane.remaining -= 1
@@ -327,7 +336,8 @@ class _Worker:
             try:
                 async with asyncio.timeout(spec.timeout_s):
                     await asyncio.get_running_loop().create_connection(
-                        lambda: client, spec.host, spec.port
+                        lambda: client, spec.host, spec.port, ssl=self.tls,
+                        server_hostname=(spec.tls_server_name or spec.host) if self.tls else None,
                     )
             except (OSError, TimeoutError):
                 return None
@@ -455,12 +465,15 @@ def run_load(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     hard_timeout_s: float | None = None,
     prefix: bytes = b"",
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
 ) -> LoadReport:
     """Run a load and return its report (see the module docstring for the counting rules)."""
     spec = LoadSpec(
         host=host, port=port, connections=connections, requests=requests, duration_s=duration_s,
         payload_bytes=payload_bytes, pipeline=pipeline, mode=mode, timeout_s=timeout_s,
-        hard_timeout_s=hard_timeout_s, prefix=prefix,
+        hard_timeout_s=hard_timeout_s, prefix=prefix, tls_ca=tls_ca,
+        tls_server_name=tls_server_name,
     )
     nproc = max(1, min(processes or min(2, os.cpu_count() or 1), connections))
     return run_specs([spec] * nproc)
@@ -600,6 +613,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="whole-run bound, seconds (default: duration or 300, plus 60)")
     parser.add_argument("--prefix", default="", help="bytes (utf-8) starting every payload")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the report here")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="speak TLS, verifying the server's certificate against this CA")
+    parser.add_argument("--tls-server-name", default=None,
+                        help="name the server's certificate must carry (default: --host)")
     return parser.parse_args(argv)
 
 
@@ -612,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
             duration_s=args.duration, payload_bytes=args.payload_bytes, pipeline=args.pipeline,
             mode=mode, processes=args.processes, timeout_s=args.timeout,
             hard_timeout_s=args.hard_timeout, prefix=args.prefix.encode(),
+            tls_ca=args.tls_ca, tls_server_name=args.tls_server_name,
         )
     except ValueError as exc:
         sys.exit(f"bench.load: {exc}")

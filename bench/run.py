@@ -10,6 +10,9 @@ payloads, no pipelining, ``N`` requests per connection) against:
 - ``direct``: half the clients to each backend (lane k goes to backend k mod 2), started
   together and merged into one report, so latencies are exact percentiles over all requests;
 - ``router``: every client to the router;
+- ``router+tls``: every client to a router whose listener speaks TLS (a certificate made for
+  the run with trustme; the clients verify it), at the ``--tls-clients`` counts only (default
+  50); its ratio to ``router`` is the cost of TLS;
 - ``haproxy``: every client to HAProxy.
 
 Every target is measured at each load-generator process count in ``--processes`` (default
@@ -106,7 +109,7 @@ def start_echo(name: str, log_dir: Path) -> Service:
 
 
 def start_router(backends: list[int], log_dir: Path, config: Path | None = None,
-                 processes: int = 1) -> tuple[Service, int]:
+                 processes: int = 1, name: str | None = None) -> tuple[Service, int]:
     """The router on free ports; returns it and its admin port.
 
     ``config``: a TOML file for the settings the flags do not cover (the flags still win).
@@ -121,11 +124,28 @@ def start_router(backends: list[int], log_dir: Path, config: Path | None = None,
         argv += ["--processes", str(processes)]
     for port in backends:
         argv += ["--backend", f"127.0.0.1:{port}"]
-    name = "router" if processes == 1 else f"router-{processes}p"
+    name = name or ("router" if processes == 1 else f"router-{processes}p")
     service = _spawn(name, argv, log_dir, parse_banner)
     banner: Banner = service.process.ready
     service.port = banner.listen[1]
     return service, banner.admin[1]
+
+
+def start_tls_router(backends: list[int], log_dir: Path) -> tuple[Service, Path]:
+    """A router whose listener speaks TLS with a certificate for 127.0.0.1 made for this run;
+    returns it and the CA file its clients verify it with."""
+    import trustme  # the test extra, which `make bench` installs
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert, key = log_dir / "ca.pem", log_dir / "router.pem", log_dir / "router.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    config = log_dir / "router-tls.toml"
+    config.write_text(f'[listener.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+    service, _ = start_router(backends, log_dir, config=config, name="router+tls")
+    return service, ca_file
 
 
 def free_port() -> int:
@@ -224,7 +244,8 @@ def _ratio(a: float | int | None, b: float | int | None) -> float | None:
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each router variant ("router", "router-2p", ...) against direct and HAProxy."""
+    """Each router variant ("router", "router-2p", ...) against direct and HAProxy, and
+    "router+tls" against the plain "router"."""
     by_key = {(r["target"], r["clients"]): r["report"] for r in runs}
     variants = sorted({r["target"] for r in runs if r["target"].startswith("router")})
     out = []
@@ -233,7 +254,8 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             router = by_key.get((variant, clients))
             if router is None:
                 continue
-            for other in ("direct", "haproxy"):
+            others = ("router",) if variant.endswith("+tls") else ("direct", "haproxy")
+            for other in others:
                 base = by_key.get((other, clients))
                 if base is None:
                     continue
@@ -296,7 +318,7 @@ def docs_command(result: dict[str, Any]) -> str:
         ("--clients", s.get("clients")), ("--requests", s["requests_per_connection"]),
         ("--max-seconds", s.get("max_seconds")), ("--processes", s.get("load_processes")),
         ("--router-processes", s.get("router_processes")), ("--rounds", s.get("rounds")),
-        ("--name", result["name"]),
+        ("--tls-clients", s.get("tls_clients")), ("--name", result["name"]),
     ])
 
 
@@ -320,7 +342,11 @@ def docs_block(result: dict[str, Any]) -> str:
 
 
 def update_docs(result: dict[str, Any], path: Path = BENCHMARKS_MD) -> bool:
-    return replace_block(DOCS_START, DOCS_END, docs_block(result), path)
+    """The run's block: ``bench:start`` for the default name, ``bench:NAME:start`` else."""
+    name = result["name"]
+    start, end = ((DOCS_START, DOCS_END) if name == "latest"
+                  else (f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"))
+    return replace_block(start, end, docs_block(result), path)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -346,6 +372,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every target this many times, interleaved, and keep "
                              "the median round (default: 3)")
+    parser.add_argument("--tls-clients", default="50",
+                        help="comma-separated client counts (of --clients) at which the "
+                             "router+tls target runs too; '' for none (default: 50)")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"replace the text between {DOCS_START} and {DOCS_END} in "
                              "docs/benchmarks.md")
@@ -368,6 +397,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--processes: expected integers, got {args.processes!r}")
     if not args.load_counts or min(args.load_counts) < 1:
         parser.error("--processes must be >= 1")
+    try:
+        args.tls_counts = [int(c) for c in args.tls_clients.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--tls-clients: expected integers, got {args.tls_clients!r}")
     if not re.fullmatch(r"[\w.-]+", args.name):
         parser.error("--name: letters, digits, '.', '_' and '-' only")
     return args
@@ -379,12 +412,13 @@ def load_counts_for(target: str, counts: list[int], backends: int) -> list[int]:
 
 
 def _one_run(target: str, clients: int, port: int, backends: list[int], processes: int,
-             args: argparse.Namespace) -> LoadReport:
+             args: argparse.Namespace, tls_ca: Path | None = None) -> LoadReport:
     if target == "direct":
         return run_split(backends, clients, args.requests, processes, args.max_seconds)
     return run_load("127.0.0.1", port, connections=clients, requests=args.requests,
                     duration_s=args.max_seconds, payload_bytes=PAYLOAD_BYTES,
-                    mode="persistent", processes=processes)
+                    mode="persistent", processes=processes,
+                    tls_ca=str(tls_ca) if tls_ca is not None else None)
 
 
 def best_split(rounds: dict[int, list[LoadReport]]) -> tuple[int, LoadReport]:
@@ -415,6 +449,11 @@ def main(argv: list[str] | None = None) -> None:
                 services.append(router)
                 targets["router" if count == 1 else f"router-{count}p"] = router.port
                 admin_port = admin_port or admin
+            tls_ca: Path | None = None
+            if set(args.tls_counts) & set(args.client_counts):
+                tls_router, tls_ca = start_tls_router(backends, log_dir)
+                services.append(tls_router)
+                targets["router+tls"] = tls_router.port
             if binary is not None:
                 haproxy = start_haproxy(binary, backends, log_dir)
                 services.append(haproxy)
@@ -426,14 +465,19 @@ def main(argv: list[str] | None = None) -> None:
                     target: {n: [] for n in load_counts_for(target, args.load_counts,
                                                             len(backends))}
                     for target in targets
+                    if target != "router+tls" or clients in args.tls_counts
                 }
                 for round_no in range(args.rounds):  # interleaved: drift hits every target
-                    for target, port in targets.items():
-                        for procs, reports in rounds[target].items():
+                    for target, by_procs in rounds.items():
+                        port = targets[target]
+                        for procs, reports in by_procs.items():
                             print(f"running {target} with {clients} clients, {procs} load "
                                   f"processes (round {round_no + 1}/{args.rounds}) ...",
                                   file=sys.stderr, flush=True)
-                            reports.append(_one_run(target, clients, port, backends, procs, args))
+                            reports.append(_one_run(
+                                target, clients, port, backends, procs, args,
+                                tls_ca if target == "router+tls" else None,
+                            ))
                 for target, by_count in rounds.items():
                     procs, report = best_split(by_count)
                     runs.append({
@@ -462,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
             "requests_per_connection": args.requests, "max_seconds": args.max_seconds,
             "load_processes": args.load_counts, "clients": args.client_counts,
             "router_processes": args.process_counts, "rounds": args.rounds,
+            "tls_clients": args.tls_counts,
             "direct": DIRECT_SPLIT, "haproxy": "mode tcp, balance leastconn, no health checks",
         },
         "runs": runs,

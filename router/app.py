@@ -5,6 +5,9 @@ Reload (SIGHUP, ``POST /admin/reload``): the config source is read again and val
 does a new backend process that fails to start. Otherwise the live settings go to the parts
 that hold them (``reconfigure``), for what starts from then on, and the fleet makes the
 registry follow the new backends (join, change, drain). Reloads run one at a time.
+TLS: every listener's ``ServerTls`` and every backend's ``BackendTls`` are built here, when the
+app is made, so a certificate that cannot be loaded is a ``ConfigError`` before anything
+listens; ``reload_certificates`` re-reads all of them (SIGHUP).
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from typing import Any
 from prometheus_client.registry import CollectorRegistry
 
 from router.balance.policies import make_policy
-from router.control.admin import AdminServer
+from router.control.admin import AdminAuth, AdminServer
 from router.control.fleet import Fleet, Resolver, system_resolver
-from router.control.metrics import ReloadCollector, RouterCollector
+from router.control.metrics import ReloadCollector, RouterCollector, SecurityCollector
 from router.control.spawner import Spawner
 from router.core import config_diff
 from router.core.clock import Clock, MonotonicClock
-from router.core.config import RouterConfig, parse_host_port
+from router.core.config import BackendConfig, RouterConfig, ServerTlsConfig, parse_host_port
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
     ConfigError,
@@ -46,6 +49,7 @@ from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
+from router.tls.context import BackendTls, ServerTls
 from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer
 from router.upstream.grpc_channels import GrpcChannels
@@ -64,6 +68,9 @@ class BoundAddresses:
 
 # Results of a reload, as counted in router_config_reloads_total{result}.
 RELOAD_RESULTS = ("ok", "invalid", "restart_required", "failed")
+def _server_tls(config: ServerTlsConfig | None, key: str, alpn: tuple[str, ...] = ()
+                ) -> ServerTls | None:
+    return ServerTls(config, key, alpn=alpn) if config is not None else None
 
 
 class RouterApp:
@@ -75,6 +82,15 @@ class RouterApp:
         without one, a reload finds the config it started with."""
         self.config = config
         self._source = source or (lambda: self.config)
+        # Listener name (the metrics label) -> its TLS; raises ConfigError for unusable files.
+        self.server_tls: dict[str, ServerTls] = {
+            name: tls for name, tls in (
+                ("tcp", _server_tls(config.listener.tls, "listener.tls")),
+                ("grpc", _server_tls(config.grpc.tls, "grpc.tls")),
+                ("admin", _server_tls(config.admin.tls, "admin.tls", ("http/1.1",))),
+            ) if tls is not None
+        }
+        self.backend_tls: dict[str, BackendTls] = {}  # backend address -> its TLS
         self.clock = clock or MonotonicClock(asyncio.get_running_loop)
         self.stats = DataPlaneStats()
         self.ejection = PassiveEjection(config.health.failure_threshold)
@@ -88,7 +104,8 @@ class RouterApp:
         )
         self.lifecycle = Lifecycle()
         self.front_door = TcpFrontDoor(
-            self.dispatcher, config.listener, config.drain, self.clock, self.lifecycle
+            self.dispatcher, config.listener, config.drain, self.clock, self.lifecycle,
+            self.server_tls.get("tcp"),
         )
         g = config.grpc
         self.grpc_stats = GrpcStats()
@@ -108,7 +125,7 @@ class RouterApp:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
-                self.readiness, self.lifecycle,
+                self.readiness, self.lifecycle, self.server_tls.get("grpc"),
             )
             front_doors.append(self.grpc_front)
             # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
@@ -127,25 +144,40 @@ class RouterApp:
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self._reload_lock = asyncio.Lock()
         self.metrics.register(ReloadCollector(self.reloads))
+        admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
-            self.registry, self.metrics, self.readiness, self.statistics, self.reload
+            self.registry, self.metrics, self.readiness, self.statistics, self.reload,
+            AdminAuth(config.admin, admin_tls), self.reload_certificates, admin_tls,
         )
+        self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
 
-    def _make_backend(self, spec: BackendSpec) -> Backend:
+    def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
+        """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
+        tls_config = self.config.tls_of(entry)
+        tls = None
+        if tls_config is not None:
+            tls_key = f"{key}.tls" if entry.tls is not None else "backend_tls"
+            tls = self.backend_tls[spec.address] = BackendTls(tls_config, tls_key, spec.host)
         upstream: Upstream
         if spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
+            if tls is not None:
+                self.grpc_channels.use_tls(spec.address, tls)
         else:
-            dial = make_dialer(spec.host, spec.port, self.config.listener.max_frame_bytes)
+            dial = make_dialer(spec.host, spec.port, self.config.listener.max_frame_bytes, tls)
             upstream = Pool(dial, self.config.pool, self.clock, name=spec.address)
         return Backend(spec, upstream)
 
     async def _release(self, backend: Backend) -> None:
-        """A backend has left: close its gRPC channel, unless another joined at its address."""
-        if backend.kind == "grpc" and self.registry.get(backend.address) is None:
+        """A backend has left: close its gRPC channel and forget its TLS, unless another
+        joined at its address."""
+        if self.registry.get(backend.address) is not None:
+            return
+        self.backend_tls.pop(backend.address, None)
+        if backend.kind == "grpc":
             await self.grpc_channels.close_backend(backend.address)
 
     async def start(self) -> BoundAddresses:
@@ -174,10 +206,12 @@ class RouterApp:
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self) -> ReloadOutcome:
-        """Read the config source again and apply what changed; never raises for a bad file
-        (the outcome says why nothing changed). Logged and counted."""
+        """Read the config source again and apply what changed, then re-read every certificate
+        and key; never raises for a bad file (the outcome says why nothing changed). Logged and
+        counted."""
         async with self._reload_lock:
             outcome = await self._reload()
+            self.reload_certificates()  # rotated files are picked up on the same signal
         error = outcome.error
         if error is None:
             self.reloads["ok"] += 1
@@ -255,6 +289,26 @@ class RouterApp:
         self.dispatcher.close()
         await self.admin.close()
         await self.spawner.stop_all()
+
+    def reload_certificates(self) -> list[str]:
+        """Re-read every certificate, key, CA and the admin token (SIGHUP). New handshakes
+        use the new files; open connections go on. Returns the problems (each one's files
+        stay as they were), logged too."""
+        problems: list[str] = []
+        reloadable: list[ServerTls | BackendTls | AdminAuth] = [
+            *self.server_tls.values(), *self.backend_tls.values(), self.admin.auth,
+        ]
+        for part in reloadable:
+            try:
+                part.reload()
+            except ConfigError as exc:
+                problems += exc.problems
+        for problem in problems:
+            log.error("certificate reload: %s (the running one stays)", problem)
+        if not problems:
+            log.info("certificates reloaded (%d listeners, %d backends)",
+                     len(self.server_tls), len(self.backend_tls))
+        return problems
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-listen", metavar="HOST:PORT",
                        help="HOST:PORT for the gRPC front door (grpc.listen; off by default)")
     serve.add_argument("--admin", help="HOST:PORT for the admin HTTP API")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="bearer token for the admin API (admin.token_file)")
     serve.add_argument("--queue-size", type=int)
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     serve.add_argument("--reuse-port", action="store_true", default=None,
@@ -70,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--to", default="127.0.0.1:7070", metavar="HOST:PORT")
     call.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up after this long (connect and answer)")
+    call.add_argument("--tls-ca", metavar="PEM",
+                      help="speak TLS, verifying the router's certificate against this CA")
+    call.add_argument("--tls-server-name", metavar="NAME",
+                      help="name the router's certificate must carry (default: the host)")
+    call.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    call.add_argument("--tls-key", metavar="PEM", help="its key (default: in --tls-cert)")
     call.add_argument("payload")
     return parser
 
@@ -87,6 +96,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     flag_keys = {
         ("listener", "listen"): args.listen,
         ("admin", "listen"): args.admin,
+        ("admin", "token_file"): args.admin_token_file,
         ("grpc", "listen"): args.grpc_listen,
         ("dispatch", "queue_size"): args.queue_size,
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
@@ -177,7 +187,12 @@ async def _serve(cfg: config_mod.RouterConfig, source: Callable[[], config_mod.R
                  supervised: bool = False) -> int:
     from router.app import RouterApp  # imported here: check-config needs no event loop parts
 
-    app = RouterApp(cfg, log_dir=_log_dir(), source=source)
+    try:
+        app = RouterApp(cfg, log_dir=_log_dir(), source=source)  # loads the TLS files
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     signals = Signals(app.spawner.kill_now, app.statistics)
     try:
         try:
@@ -222,7 +237,12 @@ async def _supervise(cfg: config_mod.RouterConfig,
                      source: Callable[[], config_mod.RouterConfig]) -> int:
     from router.control.supervisor import Supervisor
 
-    supervisor = Supervisor(cfg, _log_dir(), source=source)
+    try:
+        supervisor = Supervisor(cfg, _log_dir(), source=source)  # loads the admin TLS files
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     signals = Signals(supervisor.force_exit, supervisor.statistics)
     try:
         try:
@@ -241,7 +261,17 @@ async def _supervise(cfg: config_mod.RouterConfig,
         await supervisor.close()
 
 
-async def _call(address: str, payload: str, timeout_s: float) -> int:
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_ca is None:
+        return None
+    ctx = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert is not None:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+async def _call(address: str, payload: str, timeout_s: float, tls: ssl.SSLContext | None = None,
+                server_name: str | None = None) -> int:
     """One request; every failure is one line on stderr and exit status 1."""
     from router.client.frames import ConnectionLost, ErrorReply, FrameClient
 
@@ -252,7 +282,7 @@ async def _call(address: str, payload: str, timeout_s: float) -> int:
         return 2
     try:
         async with asyncio.timeout(timeout_s):
-            client = await FrameClient.connect(host, port)
+            client = await FrameClient.connect(host, port, ssl=tls, server_hostname=server_name)
             try:
                 answer = await client.request(payload.encode())
             finally:
@@ -270,11 +300,26 @@ async def _call(address: str, payload: str, timeout_s: float) -> int:
     return 0
 
 
+def _check_files(cfg: config_mod.RouterConfig) -> None:
+    """The files a valid config names must load too: certificates, keys, CAs, the token."""
+    from router.control.admin import read_token
+    from router.tls.context import check_files
+
+    problems = check_files(cfg)
+    if cfg.admin.token_file is not None:
+        try:
+            read_token(cfg.admin.token_file)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config_mod.load(args.file)
+            _check_files(config_mod.load(args.file))
         except ConfigError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
@@ -290,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
             args.output.write_text(render())
         return
     if args.command == "call":
-        sys.exit(uvloop.run(_call(args.to, args.payload, args.timeout)))
+        sys.exit(uvloop.run(_call(args.to, args.payload, args.timeout, _client_tls(args),
+                                  args.tls_server_name)))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     for signum in _IGNORED_UNTIL_HANDLED:
         signal.signal(signum, signal.SIG_IGN)

@@ -20,14 +20,15 @@ from router.core import config as config_mod
 from tests.support import BackendProcess, backend_processes
 
 STOP_TIMEOUT_S = 15.0
+UVLOOP_MODULES = frozenset({"test_router_integration.py", "test_tls_tcp.py", "test_tls_admin.py"})
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Run the integration tests on uvloop, as the router runs in production; leave every
-    other test module on the stdlib loop."""
-    if item.path.name == "test_router_integration.py":
+    """Run the integration and TLS tests on uvloop, as the router runs in production (its
+    TLS is uvloop's); leave every other test module on the stdlib loop."""
+    if item.path.name in UVLOOP_MODULES:
         return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,14 @@ def _sections() -> list[tuple[str, type[BaseModel]]]:
     return found
 
 
+def _nested_model(annotation: object) -> type[BaseModel] | None:
+    """The section model of a key whose value is a table (``ServerTlsConfig | None``)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def test_the_committed_reference_is_what_the_schema_renders() -> None:
     assert DOC.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
 
@@ -35,9 +44,16 @@ def test_every_option_has_a_description_and_a_row(name: str, model: type[BaseMod
     header = f"## `[[{name}]]`" if name == "backends" else f"## `[{name}]`"
     assert header in text
     section = text.split(header, 1)[1].split("\n## ", 1)[0]
-    assert model.__doc__ and model.__doc__.strip().replace("``", "`") in section
+    assert model.__doc__
+    assert " ".join(model.__doc__.replace("``", "`").split()) in " ".join(section.split())
     for key, field in model.model_fields.items():
         assert field.description and len(field.description) > 20, f"{name}.{key}"
+        nested = _nested_model(field.annotation)
+        if nested is not None:  # a table of its own: [listener.tls], with its own rows
+            sub = text.split(f"## `[{name}.{key}]`", 1)[1].split("\n## ", 1)[0]
+            assert " ".join(field.description.split()) in " ".join(sub.split())
+            assert all(f"| `{k}` |" in sub for k in nested.model_fields), f"{name}.{key}"
+            continue
         [row] = [line for line in section.splitlines() if line.startswith(f"| `{key}` |")]
         assert row.count(" | ") == 4, row  # key, type, default, constraints, description
 

@@ -20,6 +20,7 @@ RANKS: dict[str, int] = {
     "core": 0,  # errors, clock, config: imported by everything
     "protocol": 1,  # sans-IO codecs and state machines
     "balance": 1,  # pure policies
+    "tls": 1,  # TLS contexts from the config, their reload, client identities
     "upstream": 2,  # what a backend lends capacity through: frame pool, gRPC channels
     "dispatch": 3,  # requests, queue, the scheduler, per-backend runtime state
     "health": 4,  # probes and ejection, acting on dispatch's backends
@@ -32,7 +33,7 @@ RANKS: dict[str, int] = {
     "__main__": 8,
     "__init__": 0,  # the empty package marker
 }
-PURE = {"core", "protocol", "balance"}
+PURE = {"core", "protocol", "balance", "tls"}
 
 MODULES = sorted(ROUTER.rglob("*.py"))
 

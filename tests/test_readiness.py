@@ -6,7 +6,8 @@ from __future__ import annotations
 import aiohttp
 from prometheus_client.registry import CollectorRegistry
 
-from router.control.admin import AdminServer
+from router.control.admin import AdminAuth, AdminServer
+from router.core.config import AdminConfig
 from router.core.config_diff import ReloadOutcome
 from router.core.types import Protocol
 from router.dispatch.backends import Backend, Registry
@@ -78,7 +79,8 @@ async def no_reload() -> ReloadOutcome:
 async def test_readyz_answers_with_the_readiness_reason() -> None:
     tcp = _backend(1, "tcp")
     s = Setup(tcp)
-    admin = AdminServer(s.registry, CollectorRegistry(), s.readiness, dict, no_reload)
+    admin = AdminServer(s.registry, CollectorRegistry(), s.readiness, dict, no_reload,
+                        AdminAuth(AdminConfig(), None), reload_certificates=list)
     host, port = await admin.start("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as session:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from router.core.clock import ManualClock
 from router.core.config import ListenerConfig
-from router.core.errors import NoBackend, RouterError
+from router.core.errors import ClientNotAllowed, NoBackend, RouterError
 from router.protocol.frames import ErrorFrame, FrameDecoder, encode_frame, encode_frames
 from router.protocol.session import (
     CLOSED,
@@ -54,6 +54,7 @@ class RecordingTransport:
         self.eof_written = False
         self.closed = False
         self.aborted = False
+        self.eof_capable = True  # False: a TLS transport, which has no half-close of its own
 
     def write(self, data: bytes, /) -> None:
         self._check_writable()
@@ -79,7 +80,7 @@ class RecordingTransport:
         self.reading = True
 
     def can_write_eof(self) -> bool:
-        return True
+        return self.eof_capable
 
     def write_eof(self) -> None:
         self.actions.append("write_eof")
@@ -238,6 +239,7 @@ SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (OPEN, Trigger.BAD_INPUT): lambda h: (
         _open_with_pending(h), h.session.data_received(b"\xff\xff\xff\xff")),
     (OPEN, Trigger.IDLE): lambda h: h.clock.advance(IDLE_TIMEOUT_S),
+    (OPEN, Trigger.REFUSED): lambda h: h.session.refuse(ClientNotAllowed("not listed")),
     (OPEN, Trigger.ABORT): lambda h: h.session.abort(),
     (OPEN, Trigger.LOST): lambda h: h.session.connection_lost(),
     (CLOSING_AT_BOUNDARY, Trigger.DRAIN): lambda h: (_closing(h), h.session.start_drain()),
@@ -250,6 +252,8 @@ SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (LINGER, Trigger.DRAIN): lambda h: (_lingering(h), h.session.start_drain()),
     (LINGER, Trigger.PEER_EOF): lambda h: (_lingering(h), h.session.eof_received()),
     (LINGER, Trigger.LINGER_OVER): lambda h: (_lingering(h), h.clock.advance(LINGER_S)),
+    (LINGER, Trigger.TRANSPORT_LINGERS): lambda h: (
+        setattr(h.transport, "eof_capable", False), h.session.start_drain()),
     (LINGER, Trigger.ABORT): lambda h: (_lingering(h), h.session.abort()),
     (LINGER, Trigger.LOST): lambda h: (_lingering(h), h.session.connection_lost()),
     (CLOSED, Trigger.DRAIN): lambda h: (_closed(h), h.session.start_drain()),
@@ -749,3 +753,44 @@ def test_any_split_of_the_stream_submits_the_same_payloads_in_order(
     h.session.eof_received()
     assert h.transport.closed
     assert h.session.state is CLOSED
+
+
+# -- refusing a connection; TLS transports -----------------------------------------------------
+
+
+def test_a_refused_connection_gets_the_error_frame_then_fin_and_nothing_is_accepted() -> None:
+    h = Harness()
+    h.session.refuse(ClientNotAllowed("client certificate is not on the allow-list"))
+    assert h.error_codes_out() == ["CLIENT_NOT_ALLOWED"]
+    assert h.transport.actions == ["write", "write_eof"]
+    assert h.session.state is LINGER
+    h.send(b"sent before it read the refusal")
+    assert h.submitted == []  # discarded while lingering
+    h.session.eof_received()
+    assert h.session.state is CLOSED
+    assert h.transport.actions[-1] == "close"
+
+
+def test_a_tls_transport_closes_at_the_boundary_at_once_instead_of_lingering() -> None:
+    h = Harness()
+    h.transport.eof_capable = False
+    h.send(b"a")
+    h.session.start_drain()
+    assert h.session.state is CLOSING_AT_BOUNDARY  # "a" is still unanswered
+    assert "close" not in h.transport.actions
+    h.answer(0)
+    assert h.frames_out() == [b"a"]
+    # close() is TLS's half-close (close_notify, then the transport reads until the client's):
+    # no write_eof, no linger timer of the session's own.
+    assert h.transport.actions[-1] == "close"
+    assert "write_eof" not in h.transport.actions
+    assert h.session.state is CLOSED
+    assert h.session.statistics()["timer_at"] is None
+
+
+def test_a_refused_tls_connection_writes_the_error_frame_before_close() -> None:
+    h = Harness()
+    h.transport.eof_capable = False
+    h.session.refuse(ClientNotAllowed("no client certificate was presented"))
+    assert h.transport.actions == ["write", "close"]
+    assert h.error_codes_out() == ["CLIENT_NOT_ALLOWED"]

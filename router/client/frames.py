@@ -7,8 +7,9 @@ order, so each request's future is resolved from a FIFO.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, ErrorFrame, FrameDecoder, encode_frame
 
@@ -67,13 +68,22 @@ class FrameClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        cls, host: str, port: int, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
     ) -> FrameClient:
+        """Connect (over TLS with ``ssl``, verifying ``server_hostname``, default ``host``)."""
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_connection(
-            lambda: _ClientProtocol(max_frame_bytes), host, port
+            lambda: _ClientProtocol(max_frame_bytes), host, port, ssl=ssl,
+            server_hostname=server_hostname if ssl is not None else None,
         )
         return cls(protocol)
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The router's certificate as ``ssl.SSLSocket.getpeercert`` gives it (TLS only)."""
+        transport = self._protocol.transport
+        return transport.get_extra_info("peercert") if transport is not None else None
 
     def send(self, payload: bytes) -> asyncio.Future[bytes]:
         """Send one request now; the future resolves to its answer (pipelining allowed)."""

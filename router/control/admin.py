@@ -9,12 +9,32 @@ POST /admin/reload reads the config again and applies it, as SIGHUP does: 200
 ``{"reloaded": true, "changes": [...]}``; an invalid file is 400 ``{"reloaded": false,
 "error": ..., "code": "VALIDATION_ERROR", "problems": [...]}`` (the problems are
 ``check-config``'s), a change that needs a restart 409 with code ``RESTART_REQUIRED``.
+POST /admin/reload-certificates re-reads only the certificates, keys, CAs and the token (200, or
+422 with the problems, the running files kept); /admin/reload does that too.
+
+Who may call what is decided once, in ``AdminAuth``'s middleware, for every route however it
+was added:
+
+- a mutating request (POST, PUT, PATCH, DELETE) needs credentials: a verified client
+  certificate (``admin.tls.client_ca_file``) that the allow-list lets in, or the bearer token of
+  ``admin.token_file`` (``Authorization: Bearer TOKEN``, compared in constant time);
+- a read needs them too when the admin listener is not on a loopback address, except /healthz
+  and /readyz, which orchestrators probe without credentials and which reveal nothing;
+- a client certificate outside the allow-list is refused on every path.
+
+Refusals are JSON ``{"error": ..., "code": ...}``: 401 UNAUTHORIZED without credentials (with
+``WWW-Authenticate: Bearer``), 403 FORBIDDEN for a wrong token, 403 CLIENT_NOT_ALLOWED for a
+certificate outside the allow-list; each is counted by code.
 """
 
 from __future__ import annotations
 
+import collections
+import hmac
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,10 +42,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from router.core.config import AdminConfig, is_loopback, parse_host_port
 from router.core.config_diff import ReloadOutcome
-from router.core.errors import ConfigError
+from router.core.errors import ConfigError, Forbidden, RouterError, Unauthorized, quoted
 from router.dispatch.backends import Registry
 from router.lifecycle.readiness import Readiness
+from router.tls.context import ServerTls
+from router.tls.identity import PeerIdentity
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Probed by orchestrators (kubelet, load balancers) without credentials; they reveal nothing.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -36,25 +64,98 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     )
 
 
-async def start_app(app: web.Application, host: str, port: int
+def read_token(path: str) -> bytes:
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError([f"admin.token_file: cannot read {quoted(path)}: {exc.strerror}"]
+                          ) from None
+    if not token:
+        raise ConfigError([f"admin.token_file: {quoted(path)} is empty"])
+    return token
+
+
+class AdminAuth:
+    """The admin API's one authorization check (see the module docstring)."""
+
+    def __init__(self, config: AdminConfig, tls: ServerTls | None) -> None:
+        self._token_file = config.token_file
+        self._token = read_token(config.token_file) if config.token_file is not None else None
+        self._tls = tls
+        self._reads_need_credentials = not is_loopback(parse_host_port(config.listen)[0])
+        self.refused: collections.Counter[str] = collections.Counter()
+
+    def reload(self) -> None:
+        """Re-read the token file (SIGHUP); on failure the running token stays."""
+        if self._token_file is not None:
+            self._token = read_token(self._token_file)
+
+    def refusal(self, request: web.Request) -> RouterError | None:
+        certified = False
+        if self._tls is not None and request.transport is not None:
+            identity = PeerIdentity.from_peercert(request.transport.get_extra_info("peercert"))
+            if identity is not None:
+                refused = self._tls.refusal(identity)
+                if refused is not None:
+                    return refused
+                certified = True
+        needs_credentials = request.method in MUTATING_METHODS or (
+            self._reads_need_credentials and request.path not in PROBE_PATHS
+        )
+        if certified or not needs_credentials:
+            return None
+        return self._check_token(request.headers.get("Authorization"))
+
+    def _check_token(self, header: str | None) -> RouterError | None:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return Unauthorized("this endpoint needs a bearer token (Authorization: Bearer "
+                                "TOKEN, admin.token_file) or an allowed client certificate")
+        if self._token is None or not hmac.compare_digest(token.strip().encode(), self._token):
+            return Forbidden("the bearer token is not the one in admin.token_file")
+        return None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        error = self.refusal(request)
+        if error is None:
+            return await handler(request)
+        self.refused[error.code] += 1
+        response = json_response({"error": error.message, "code": error.code},
+                                 status=error.http_status)
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="inference-router admin"'
+        return response
+
+    def statistics(self) -> dict[str, Any]:
+        return {"token": self._token is not None, "refused": dict(self.refused)}
+
+
+async def start_app(app: web.Application, host: str, port: int,
+                    ssl_context: ssl.SSLContext | None = None,
                     ) -> tuple[web.AppRunner, tuple[str, int]]:
-    """Serve ``app`` in this event loop; return its runner and the bound address."""
+    """Serve ``app`` in this event loop (over TLS with ``ssl_context``); return its runner
+    and the bound address."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     # Bind the socket ourselves so port 0 works and the bound port is known.
     sock = socket.create_server((host, port), reuse_port=False)
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     sockname = sock.getsockname()
     return runner, (str(sockname[0]), int(sockname[1]))
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
-              stats: Handler, reload: Handler) -> web.Application:
-    """The admin API's routes, in one table: one router process and the federation over
-    several serve the same paths. GET reads; POST changes the router."""
+              stats: Handler, reload: Handler, auth: AdminAuth,
+              reload_certificates: Callable[[], list[str]]) -> web.Application:
+    """The admin API's routes, in one table, behind ``auth``: one router process and the
+    federation over several serve the same paths. GET reads; POST changes the router."""
+
+    async def post_reload_certificates(request: web.Request) -> web.Response:
+        problems = reload_certificates()
+        return json_response({"reloaded": not problems, "problems": problems},
+                             status=422 if problems else 200)
+
     routes = (
         ("GET", "/metrics", metrics),
         ("GET", "/healthz", healthz),
@@ -62,8 +163,9 @@ def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: 
         ("GET", "/backends", backends),
         ("GET", "/stats", stats),
         ("POST", "/admin/reload", reload),
+        ("POST", "/admin/reload-certificates", post_reload_certificates),
     )
-    app = web.Application()
+    app = web.Application(middlewares=[auth.middleware])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     return app
@@ -89,9 +191,14 @@ class AdminServer:
         readiness: Readiness,
         stats: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[ReloadOutcome]],
+        auth: AdminAuth,
+        reload_certificates: Callable[[], list[str]],
+        tls: ServerTls | None = None,
     ) -> None:
         self._registry = registry
         self._reload = reload
+        self.auth = auth
+        self.tls = tls
         self._metrics = metrics
         self._readiness = readiness
         self._stats = stats
@@ -99,10 +206,12 @@ class AdminServer:
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
+            auth=auth, reload_certificates=reload_certificates,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._runner, bound = await start_app(self._app, host, port)
+        context = self.tls.context if self.tls is not None else None
+        self._runner, bound = await start_app(self._app, host, port, context)
         return bound
 
     async def close(self) -> None:

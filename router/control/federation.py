@@ -32,9 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.control.admin import admin_app, json_response, reload_response, start_app
+from router.control.admin import AdminAuth, admin_app, json_response, reload_response, start_app
 from router.core.config_diff import ReloadOutcome
 from router.lifecycle.state import Lifecycle
+from router.tls.context import ServerTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +78,15 @@ class FederatedAdmin:
         processes: Callable[[], list[ProcessInfo]],
         lifecycle: Lifecycle,
         reload: Callable[[], Awaitable[ReloadOutcome]],
+        auth: AdminAuth,
+        reload_certificates: Callable[[], list[str]],
+        tls: ServerTls | None = None,
         timeout_s: float = 2.0,
     ) -> None:
         self._processes = processes
         self._reload = reload
+        self.auth = auth
+        self.tls = tls
         self._lifecycle = lifecycle
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -88,11 +94,13 @@ class FederatedAdmin:
         self._app = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
+            auth=auth, reload_certificates=reload_certificates,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self._runner, bound = await start_app(self._app, host, port)
+        context = self.tls.context if self.tls is not None else None
+        self._runner, bound = await start_app(self._app, host, port, context)
         return bound
 
     async def close(self) -> None:

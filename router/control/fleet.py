@@ -90,7 +90,8 @@ class Fleet:
     def __init__(
         self,
         registry: Registry,
-        make_backend: Callable[[BackendSpec], Backend],
+        # (spec, the config entry that names it, the entry's key path) -> its runtime record
+        make_backend: Callable[[BackendSpec, BackendConfig, str], Backend],
         spawner: Spawner,
         clock: Clock,
         resolver: Resolver = system_resolver,
@@ -188,14 +189,14 @@ class Fleet:
     def _sync(self) -> None:
         """Make the registry's static backends those of the sources."""
         desired: dict[str, BackendSpec] = {}
-        owner: dict[str, str] = {}
+        owner: dict[str, _Source] = {}
         for source in self._sources:
             for address, spec in source.specs.items():
                 if address in desired:
                     log.warning("%s: backend %s is already given by %s; ignored",
-                                source.label, address, owner[address])
+                                source.label, address, owner[address].label)
                     continue
-                desired[address], owner[address] = spec, source.label
+                desired[address], owner[address] = spec, source
         current = {b.address: b.spec for b in self._registry if b.spec.source == "static"}
         plan = plan_sync(current, desired)
         for address in plan.drain:
@@ -208,9 +209,10 @@ class Fleet:
             log.info("backend %s updated: weight %d, models %s", spec.address, spec.weight,
                      list(spec.models))
         for spec in plan.join:
-            self._registry.add(self._make_backend(spec))
+            source = owner[spec.address]
+            self._registry.add(self._make_backend(spec, source.config, source.label))
             log.log(logging.INFO if self._started else logging.DEBUG, "backend %s joined (%s)",
-                    spec.address, owner[spec.address])
+                    spec.address, source.label)
         for address in [a for a in self._stop_on_leave if a in desired]:
             del self._stop_on_leave[address]  # its port was given again: not ours to stop
 

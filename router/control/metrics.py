@@ -12,8 +12,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from router.control.admin import AdminAuth
 from router.dispatch.backends import Registry
 from router.dispatch.stats import DataPlaneStats, GrpcStats
+from router.tls.context import ServerTls
 
 
 class RouterCollector(Collector):
@@ -142,3 +144,40 @@ class ReloadCollector(Collector):
         for result, count in self._counts.items():
             family.add_metric([result], count)
         yield family
+
+
+class SecurityCollector(Collector):
+    """TLS and admin authentication counters, by listener ("tcp", "grpc", "admin")."""
+
+    def __init__(self, tls: Mapping[str, ServerTls], admin_auth: AdminAuth | None) -> None:
+        self._tls = tls
+        self._admin_auth = admin_auth
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["listener"]
+        handshakes = CounterMetricFamily(
+            "router_tls_handshake_failures", "TLS handshakes that failed (untrusted, expired "
+            "or missing client certificate, plaintext to a TLS port).", labels=labels,
+        )
+        refused = CounterMetricFamily(
+            "router_tls_clients_refused", "Clients (gRPC: calls) refused: certificate outside "
+            "the allow-list, or none.", labels=labels,
+        )
+        reloads = CounterMetricFamily(
+            "router_tls_reloads", "Certificate reloads (SIGHUP) by result.",
+            labels=["listener", "result"],
+        )
+        for name, tls in sorted(self._tls.items()):
+            handshakes.add_metric([name], tls.handshake_failures)
+            refused.add_metric([name], tls.refused)
+            reloads.add_metric([name, "ok"], tls.reloads)
+            reloads.add_metric([name, "failed"], tls.reload_failures)
+        yield from (handshakes, refused, reloads)
+        if self._admin_auth is not None:
+            admin = CounterMetricFamily(
+                "router_admin_requests_refused", "Admin API requests refused, by code "
+                "(UNAUTHORIZED, FORBIDDEN, CLIENT_NOT_ALLOWED).", labels=["code"],
+            )
+            for code, count in sorted(self._admin_auth.refused.items()):
+                admin.add_metric([code], count)
+            yield admin

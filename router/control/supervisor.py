@@ -27,6 +27,11 @@ How:
   it then rewrites the children's config file (same reserved ports, the same spawned backends)
   and sends every child SIGHUP, so each reloads it. Adding or removing a backend the config
   spawns (``command``) needs a restart here: its process is shared by every child.
+- **TLS.** Each child terminates TLS on the shared listen ports itself, from the same files.
+  The configured admin address (its TLS, token and allow-list) is the supervisor's; the
+  children's admin APIs are plain HTTP on loopback, reached only by the supervisor.
+  ``reload_certificates`` (SIGHUP) re-reads the admin files here and sends SIGHUP on to every
+  child.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from typing import Any
 
 import tomli_w
 
+from router.control.admin import AdminAuth
 from router.control.federation import FederatedAdmin, ProcessInfo
 from router.control.spawner import SpawnedProcess, Spawner
 from router.core import config_diff
@@ -53,6 +59,7 @@ from router.core.config import RouterConfig, parse_host_port, substitute
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import ConfigError, ListenFailed, ReloadInvalid, RestartRequired
 from router.lifecycle.state import Lifecycle
+from router.tls.context import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +126,12 @@ class Supervisor:
         self._child_config: Path | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.lifecycle = Lifecycle()
-        self.admin = FederatedAdmin(self.processes, self.lifecycle, self.reload)
+        admin = config.admin
+        self.admin_tls = ServerTls(admin.tls, "admin.tls") if admin.tls is not None else None
+        self.admin = FederatedAdmin(
+            self.processes, self.lifecycle, self.reload, AdminAuth(admin, self.admin_tls),
+            self.reload_certificates, self.admin_tls,
+        )
         self.reloads = 0
 
     def processes(self) -> list[ProcessInfo]:
@@ -159,7 +171,7 @@ class Supervisor:
                                 processes=1)
         if "grpc" in self._addresses:
             data["grpc"]["listen"] = self._addresses["grpc"]
-        data["admin"]["listen"] = "127.0.0.1:0"
+        data["admin"] = {"listen": "127.0.0.1:0"}  # plain, loopback: only we call it
         staged = self._child_config.with_suffix(".toml.new")
         staged.write_bytes(tomli_w.dumps(data).encode())
         os.replace(staged, self._child_config)
@@ -188,7 +200,8 @@ class Supervisor:
         changes = diff.describe(self.config, new)
         self._resolved, self.config = resolved, new
         self._write_child_config(new)
-        self._signal_children(signal.SIGHUP)
+        self._signal_children(signal.SIGHUP)  # each child reloads config and certificates
+        self._reload_own_certificates()
         self.reloads += 1
         log.info("config handed to %d router processes: %s", len(self._children),
                  "; ".join(changes) or "nothing changed")
@@ -254,6 +267,26 @@ class Supervisor:
             if child.spawned is not None and child.spawned.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.spawned.process.send_signal(signum)
+
+    def reload_certificates(self) -> list[str]:
+        """Every child reloads its own files (SIGHUP), and the admin API's certificate and token
+        are re-read here. Returns the problems here (logged too)."""
+        self._signal_children(signal.SIGHUP)
+        return self._reload_own_certificates()
+
+    def _reload_own_certificates(self) -> list[str]:
+        problems: list[str] = []
+        parts: list[ServerTls | AdminAuth] = [self.admin.auth]
+        if self.admin_tls is not None:
+            parts.insert(0, self.admin_tls)
+        for part in parts:
+            try:
+                part.reload()
+            except ConfigError as exc:
+                problems += exc.problems
+        for problem in problems:
+            log.error("certificate reload: %s (the running one stays)", problem)
+        return problems
 
     def force_exit(self) -> None:
         """Second signal: the children exit at once (their own second-signal rule)."""

@@ -11,6 +11,7 @@ them, not just the first.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -78,6 +79,118 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _invalid(message: str) -> PydanticCustomError:
+    """A model validator's error: reported as ``file: section: message``, no prefix."""
+    return PydanticCustomError("invalid", message)
+
+
+def _check_path(value: str) -> str:
+    if not value or value != value.strip() or "\x00" in value:
+        raise ValueError(f"expected a file path, got {quoted(value)}")
+    return value
+
+
+# A file path, relative to the router's working directory (never empty, padded or with NUL).
+FilePath = Annotated[
+    str, Strict(), AfterValidator(_check_path), Field(json_schema_extra={"format": "path"})
+]
+Names = tuple[Annotated[str, Field(min_length=1)], ...]
+
+
+class ServerTlsConfig(_Section):
+    """TLS on this listener: TLS 1.2 or later, ECDHE key exchange with AES-GCM or ChaCha20
+    (gRPC: its own equivalent suites, ALPN ``h2``). The table being present turns it on. With
+    ``client_ca_file``, mutual TLS: clients present certificates signed by that CA, and the
+    ``allowed_client_*`` lists, when any is set, name the only client identities let in (a
+    match on any one entry is enough). The certificate, key and CA are re-read on SIGHUP."""
+
+    cert_file: FilePath = Field(
+        description="PEM file with the listener's certificate, then any intermediates."
+    )
+    key_file: FilePath | None = Field(
+        None, description="PEM file with the certificate's private key. Unset: the key is in "
+        "cert_file.",
+    )
+    client_ca_file: FilePath | None = Field(
+        None, description="PEM file of the CA certificates that sign client certificates: "
+        "turns on mutual TLS. Unset: clients are not asked for a certificate.",
+    )
+    require_client_cert: Bool = Field(
+        True, description="With client_ca_file: a client without a valid certificate fails "
+        "the handshake. false: a certificate is verified if presented (admin only: a client "
+        "without one falls back to the bearer token; gRPC cannot ask for an optional one).",
+    )
+    min_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="Oldest TLS version accepted (TCP and admin listeners; gRPC accepts "
+        "1.2 and 1.3).",
+    )
+    allowed_client_cns: Names = Field(
+        (), description="Client certificate subject common names let in, exact match.",
+    )
+    allowed_client_dns: Names = Field(
+        (), description="Client certificate DNS subject alternative names let in, exact match.",
+    )
+    allowed_client_uris: Names = Field(
+        (), description="Client certificate URI subject alternative names let in, exact match "
+        '(SPIFFE IDs such as "spiffe://example.org/ns/prod/sa/worker").',
+    )
+
+    @property
+    def allow_list(self) -> bool:
+        return bool(self.allowed_client_cns or self.allowed_client_dns or self.allowed_client_uris)
+
+    @model_validator(mode="after")
+    def _allow_list_needs_a_ca(self) -> ServerTlsConfig:
+        if self.allow_list and self.client_ca_file is None:
+            raise _invalid("allowed_client_* lists need client_ca_file (mutual TLS)")
+        return self
+
+
+class BackendTlsConfig(_Section):
+    """TLS from the router to backends (frame and gRPC alike): the backend's certificate is
+    verified against ``ca_file`` (or the system's trust store) for ``server_name``, and the
+    router presents ``cert_file`` when the backend asks for a client certificate. The
+    client certificate and CA are re-read on SIGHUP."""
+
+    enabled: Bool | None = Field(
+        None, description="Speak TLS to the backend. In [backend_tls] (the default of every "
+        "backend) unset means off; in a backend's own tls table, which replaces [backend_tls] "
+        "whole, unset means on (enabled = false: plaintext to that backend).",
+    )
+    ca_file: FilePath | None = Field(
+        None, description="PEM file of the CA certificates a backend's certificate must chain "
+        "to. Unset: the system's trust store.",
+    )
+    server_name: str | None = Field(
+        None, min_length=1, description="Name the backend's certificate must carry (and SNI). "
+        "Unset: the host of the backend's address.",
+    )
+    cert_file: FilePath | None = Field(
+        None, description="PEM file with the router's client certificate for backends that "
+        "require one. Unset: none is presented.",
+    )
+    key_file: FilePath | None = Field(
+        None, description="PEM file with the client certificate's private key. Unset: the key "
+        "is in cert_file.",
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_a_cert(self) -> BackendTlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise _invalid("key_file needs cert_file")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address as written in the config) only ever reaches this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
 class ListenerConfig(_Section):
     """The length-prefixed TCP front door."""
 
@@ -115,6 +228,9 @@ class ListenerConfig(_Section):
         1, ge=1, le=64, description="Router processes sharing the listen ports "
         "(SO_REUSEPORT), run by one supervisor process; 1 serves in-process.",
     )
+    tls: ServerTlsConfig | None = Field(
+        None, description="TLS on the length-prefixed listener; unset: plaintext.",
+    )
 
 
 class GrpcConfig(_Section):
@@ -145,14 +261,50 @@ class GrpcConfig(_Section):
         "(gRPC's own default grows to 120 s; a restarted backend should be found within a "
         "health interval or two).",
     )
+    tls: ServerTlsConfig | None = Field(
+        None, description="TLS on the gRPC front door; unset: plaintext.",
+    )
+
+    @model_validator(mode="after")
+    def _grpc_cannot_ask_for_an_optional_cert(self) -> GrpcConfig:
+        tls = self.tls
+        if tls is not None and tls.client_ca_file is not None and not tls.require_client_cert:
+            raise _invalid("tls.require_client_cert = false: gRPC asks for a client "
+                           "certificate only when it requires one")
+        return self
 
 
 class AdminConfig(_Section):
-    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats."""
+    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats. Mutating endpoints
+    need an allowed client certificate (``tls.client_ca_file``) or the bearer token of
+    ``token_file``; on an address other than loopback every endpoint but /healthz and /readyz
+    does, and one of the two must be configured."""
 
     listen: Address = Field(
         "127.0.0.1:7072", description="Address of the admin HTTP API; port 0 picks a free port."
     )
+    token_file: FilePath | None = Field(
+        None, description="File holding the bearer token (surrounding whitespace stripped) "
+        "that authorizes requests as `Authorization: Bearer TOKEN`; re-read on SIGHUP.",
+    )
+    tls: ServerTlsConfig | None = Field(
+        None, description="TLS on the admin API; unset: plain HTTP.",
+    )
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether some request can authenticate: a token, or client certificates."""
+        return self.token_file is not None or (
+            self.tls is not None and self.tls.client_ca_file is not None
+        )
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> AdminConfig:
+        if not is_loopback(parse_host_port(self.listen)[0]) and not self.has_credentials:
+            raise _invalid(f"listen {quoted(self.listen)} is reachable from other machines: "
+                           "set token_file or tls.client_ca_file, or listen on a loopback "
+                           "address")
+        return self
 
 
 class DispatchConfig(_Section):
@@ -243,8 +395,6 @@ class DrainConfig(_Section):
     )
 
 
-FilePath = Annotated[str, Strict(), Field(min_length=1, json_schema_extra={"format": "path"})]
-
 
 class StateConfig(_Section):
     """What the admin API changes (not in this file), saved as TOML and restored on start."""
@@ -288,6 +438,9 @@ class BackendConfig(_Section):
         '"{python}" are substituted, and the process must print "READY <port>" once it '
         "listens.",
     )
+    tls: BackendTlsConfig | None = Field(
+        None, description="TLS to this backend; unset: [backend_tls].",
+    )
 
 
 # Hosts that bind every interface: they collide with any host on the same port.
@@ -313,7 +466,14 @@ class RouterConfig(_Section):
     health: HealthConfig = HealthConfig()
     drain: DrainConfig = DrainConfig()
     state: StateConfig = StateConfig()
+    backend_tls: BackendTlsConfig = BackendTlsConfig()
     backends: tuple[BackendConfig, ...] = ()
+
+    def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:
+        """The TLS settings a backend is reached with; None: plaintext."""
+        if backend.tls is not None:
+            return backend.tls if backend.tls.enabled is not False else None
+        return self.backend_tls if self.backend_tls.enabled else None
 
     def _addresses_in_use(self) -> Iterator[tuple[str, str, str]]:
         """(key, address, earlier key) for every address already taken by an earlier key:

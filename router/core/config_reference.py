@@ -1,11 +1,12 @@
 """docs/configuration.md, rendered from the config schema (``RouterConfig``'s JSON schema).
 
 One table per section (key, type, default, constraints, description), then the
-``[[backends]]`` table. Everything in it comes from ``router.core.config``: the section
-docstrings, each field's ``description``, type, default and range. So the page cannot drift
-from the code: ``tests/test_config_reference.py`` fails when the committed file differs from
-``render()``, and ``make docs`` (``python -m router config-reference --output ...``)
-regenerates it. Pure: no I/O here.
+``[[backends]]`` table. A key whose value is itself a table (``[listener.tls]``,
+``[backends.tls]``) gets a section of its own after its parent's. Everything in it comes from
+``router.core.config``: the section docstrings, each field's ``description``, type, default
+and range. So the page cannot drift from the code: ``tests/test_config_reference.py`` fails
+when the committed file differs from ``render()``, and ``make docs`` (``python -m router
+config-reference --output ...``) regenerates it. Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -75,11 +76,21 @@ def _cell(text: str) -> str:
     return text.replace("``", "`").replace("|", "\\|").replace("\n", " ")
 
 
+def _nested_ref(prop: Schema) -> str | None:
+    """The model a key's value is, when it is a table of its own (optional or not)."""
+    for candidate in (prop, *prop.get("anyOf", ())):
+        if "$ref" in candidate:
+            return str(candidate["$ref"])
+    return None
+
+
 def _table(section: Schema) -> list[str]:
     required = set(section.get("required", ()))
     lines = ["| key | type | default | constraints | description |",
              "|---|---|---|---|---|"]
     for key, prop in section["properties"].items():
+        if _nested_ref(prop) is not None:
+            continue  # a table of its own, rendered after this one
         default = "required" if key in required else _literal(prop.get("default"))
         row = [f"`{key}`", _cell(_type(prop)), default, _constraints(prop),
                _cell(prop.get("description", ""))]
@@ -88,7 +99,7 @@ def _table(section: Schema) -> list[str]:
 
 
 def _section_def(schema: Schema, prop: Schema) -> Schema:
-    ref = prop.get("$ref") or prop.get("items", {}).get("$ref")
+    ref = _nested_ref(prop) or prop.get("items", {}).get("$ref")
     if ref is None:
         raise ValueError(f"config section without a model: {prop}")
     definition: Schema = schema["$defs"][ref.rsplit("/", 1)[1]]
@@ -100,9 +111,18 @@ def render() -> str:
     schema = RouterConfig.model_json_schema()
     out = [INTRO]
     for name, prop in schema["properties"].items():
-        section = _section_def(schema, prop)
         header = f"[[{name}]]" if prop.get("type") == "array" else f"[{name}]"
-        out.append(f"## `{header}`\n")
-        out.append(_cell(section.get("description", "")) + "\n")
-        out.append("\n".join(_table(section)) + "\n")
+        out += _section(schema, _section_def(schema, prop), header, name, "")
     return "\n".join(out)
+
+
+def _section(schema: Schema, section: Schema, header: str, path: str, intro: str) -> list[str]:
+    """A section's heading, text and table, then each of its nested tables' sections."""
+    text = " ".join(t for t in (intro, _cell(section.get("description", ""))) if t)
+    out = [f"## `{header}`\n", text + "\n", "\n".join(_table(section)) + "\n"]
+    for key, prop in section["properties"].items():
+        if _nested_ref(prop) is not None:
+            nested = f"{path}.{key}"
+            intro = _cell(prop.get("description", ""))
+            out += _section(schema, _section_def(schema, prop), f"[{nested}]", nested, intro)
+    return out

@@ -163,6 +163,34 @@ class MalformedMessage(ClientProtocolError):
     code = "MALFORMED_MESSAGE"
 
 
+class ClientNotAllowed(RouterError):
+    """A client with mutual TLS whose certificate names no identity on the listener's
+    allow-list (or that presented none): refused before anything it sent is read."""
+
+    code = "CLIENT_NOT_ALLOWED"
+    fault = "client"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
+class Unauthorized(RouterError):
+    """An admin request that needs credentials and carries none."""
+
+    code = "UNAUTHORIZED"
+    fault = "client"
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
+class Forbidden(RouterError):
+    """An admin request whose credentials (a bearer token) are not the configured ones."""
+
+    code = "FORBIDDEN"
+    fault = "client"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
 # -- a backend's fault -------------------------------------------------------------------------
 
 

@@ -25,15 +25,20 @@ States (``State``; the transitions are the table ``TRANSITIONS`` below, checked 
                          ended after EOF, bad input or the idle timeout.
     LINGER               our FIN is out; input is discarded until the client's FIN (then close)
                          or ``linger_s`` (then close anyway). Closing with unread input would send
-                         a reset that can destroy answers the client has not read yet.
+                         a reset that can destroy answers the client has not read yet. A TLS
+                         transport cannot send a FIN under TLS (``can_write_eof`` is false):
+                         its ``close`` is the half-close, sending close_notify and reading, and
+                         discarding, until the client's (the front door bounds that wait by
+                         ``linger_s``), so the session hands the linger to it and closes at once.
     CLOSED               closed, aborted or lost; answers that arrive later are not written.
 
 Beside the state: *error pending* (bad input: an oversize length, a truncated frame at EOF, a
-partial frame held past ``read_timeout_s``) means the error frame goes out after the last
-pending answer, just before the FIN; *peer EOF* means the client has sent its FIN, so the
-boundary closes at once instead of lingering; and the *pause bits*, the reasons reading is
-paused (too many answers pending, the write buffer full, the dispatcher's queue saturated):
-reading resumes when the last one clears.
+partial frame held past ``read_timeout_s``; or ``refuse``: the connection is turned away before
+anything it sent is read, such as a client outside the TLS allow-list) means the error frame
+goes out after the last pending answer, just before the FIN; *peer EOF* means the client
+has sent its FIN, so the boundary closes at once instead of lingering; and the *pause bits*,
+the reasons reading is paused (too many answers pending, the write buffer full, the
+dispatcher's queue saturated): reading resumes when the last one clears.
 
 The retry contract (docs/protocol.md): the session never closes a connection while a request
 accepted on it is unanswered, short of ``abort``. A request is accepted when it is handed to
@@ -84,9 +89,11 @@ class Trigger(enum.Enum):
     DRAIN = "drain started"
     PEER_EOF = "client sent FIN"
     BAD_INPUT = "bad input"  # oversize length, truncated frame, read timeout
+    REFUSED = "refused"  # turned away before any input is read (a client not allowed)
     IDLE = "idle timeout"
     BOUNDARY = "request boundary reached, FIN sent"
     LINGER_OVER = "linger expired"
+    TRANSPORT_LINGERS = "transport lingers itself"  # TLS: close() sends close_notify, then reads
     ABORT = "aborted"
     LOST = "connection lost"
 
@@ -104,6 +111,7 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
         Trigger.PEER_EOF: CLOSING_AT_BOUNDARY,
         Trigger.BAD_INPUT: CLOSING_AT_BOUNDARY,
         Trigger.IDLE: CLOSING_AT_BOUNDARY,
+        Trigger.REFUSED: CLOSING_AT_BOUNDARY,
         Trigger.ABORT: CLOSED,
         Trigger.LOST: CLOSED,
     },
@@ -119,6 +127,7 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
         Trigger.DRAIN: LINGER,
         Trigger.PEER_EOF: CLOSED,
         Trigger.LINGER_OVER: CLOSED,
+        Trigger.TRANSPORT_LINGERS: CLOSED,
         Trigger.ABORT: CLOSED,
         Trigger.LOST: CLOSED,
     },
@@ -220,7 +229,7 @@ class TcpSession(Generic[R]):
         self._input_ended = False  # EOF, bad input, idle timeout or our FIN: no more frames
         self._peer_eof = False
         self._lost = False  # connection_lost came: the transport is gone
-        self._error: ClientProtocolError | None = None  # written after the pending answers
+        self._error: RouterError | None = None  # written after the pending answers
         self._held = False  # whole frames sit in the decoder past max_pipelined
         self._submitting = False  # inside the accepting loop: it settles once it is done
         now = self._now()
@@ -335,10 +344,18 @@ class TcpSession(Generic[R]):
             self._bad_input(exc, now)
 
     def _bad_input(self, error: ClientProtocolError, now: float) -> None:
+        self._end_with(error, Trigger.BAD_INPUT, now)
+
+    def refuse(self, error: RouterError) -> None:
+        """Turn the connection away before reading anything: ``error``'s frame, then close.
+        Called right after the session is made, so nothing has been accepted."""
+        self._end_with(error, Trigger.REFUSED, self._now())
+
+    def _end_with(self, error: RouterError, trigger: Trigger, now: float) -> None:
         self._input_ended = True
         self._held = False  # nothing more is taken from the decoder
         self._error = error
-        self._to(Trigger.BAD_INPUT)
+        self._to(trigger)
         self._settle(now)
 
     # -- answers ------------------------------------------------------------------------------
@@ -425,8 +442,10 @@ class TcpSession(Generic[R]):
         if self._paused:
             self._paused = 0
             transport.resume_reading()  # read, and discard, until the client's FIN
-        if transport.can_write_eof():
-            transport.write_eof()
+        if not transport.can_write_eof():
+            self._close(Trigger.TRANSPORT_LINGERS)  # TLS: close_notify, then it reads
+            return
+        transport.write_eof()
         self._linger_until = now + self._linger_s
         self._sync_timer(now)
 

@@ -30,6 +30,7 @@ from router.core.errors import (
     FrameTooLarge,
 )
 from router.protocol.frames import FrameDecoder, frame_parts
+from router.tls.context import BackendTls
 from router.upstream.base import ReplySink
 from router.upstream.pool import Connection, Dialer
 
@@ -176,14 +177,25 @@ class BackendConnection(asyncio.Protocol):
         return f"BackendConnection({self._address}, {state})"
 
 
-def make_dialer(host: str, port: int, max_frame_bytes: int) -> Dialer:
+def make_dialer(host: str, port: int, max_frame_bytes: int, tls: BackendTls | None = None
+                ) -> Dialer:
+    """Dials ``host:port``; over TLS with ``tls``'s context at the time of each dial (so a
+    reload applies to the next connection), its handshake inside the pool's connect timeout. A
+    certificate that fails verification is an ``ssl.SSLError``, an ``OSError``, so the pool
+    reports it as ``BackendUnavailable`` with OpenSSL's reason."""
     address = f"{host}:{port}"
 
     async def dial() -> Connection:
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            lambda: BackendConnection(address, max_frame_bytes), host, port
-        )
+        if tls is None:
+            _, protocol = await loop.create_connection(
+                lambda: BackendConnection(address, max_frame_bytes), host, port
+            )
+        else:
+            _, protocol = await loop.create_connection(
+                lambda: BackendConnection(address, max_frame_bytes), host, port,
+                ssl=tls.context, server_hostname=tls.server_name,
+            )
         return protocol
 
     return dial

@@ -5,6 +5,12 @@ shared by every call to that backend (HTTP/2 multiplexes them over one connectio
 by ``close_idle`` once the backend has carried nothing for ``idle_timeout_s``. Unary callables
 are cached per method, since building one costs about as much as a small call's Python
 overhead. Probes do not count as use, so a channel that only carries probes still goes idle.
+
+A backend registered with ``use_tls`` gets a secure channel: its certificate verified against
+the ``BackendTls`` CA for ``server_name`` (``grpc.ssl_target_name_override``), and the router's
+client certificate if one is configured. Credentials are read when a channel opens, so after a
+certificate reload the backend's next channel (after an idle close) uses the new files, while
+the open one keeps its connection.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from router.core.clock import Clock
+from router.tls.context import BackendTls
 
 
 class Backend(Protocol):
@@ -60,14 +67,32 @@ class GrpcChannels:
         self._options = channel_options(max_message_bytes, reconnect_max_s)
         self._idle_timeout_s = idle_timeout_s
         self._entries: dict[str, _Entry] = {}
+        self._tls: dict[str, BackendTls] = {}
         self.opened = 0
         self.closed = 0
+
+    def use_tls(self, address: str, tls: BackendTls) -> None:
+        """Reach the backend at ``address`` over TLS from its next channel on."""
+        self._tls[address] = tls
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        tls = self._tls.get(address)
+        if tls is None:
+            return grpc.aio.insecure_channel(address, options=self._options)
+        material = tls.material
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=material.ca,
+            private_key=material.key or material.cert_chain,
+            certificate_chain=material.cert_chain,
+        )
+        options = [*self._options, ("grpc.ssl_target_name_override", tls.server_name)]
+        return grpc.aio.secure_channel(address, credentials, options=options)
 
     def _entry(self, backend: Backend, *, use: bool = True) -> _Entry:
         entry = self._entries.get(backend.address)
         now = self._clock.now()
         if entry is None:
-            channel = grpc.aio.insecure_channel(backend.address, options=self._options)
+            channel = self._open(backend.address)
             entry = self._entries[backend.address] = _Entry(channel, now)
             self.opened += 1
         elif use:

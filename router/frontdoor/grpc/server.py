@@ -20,6 +20,13 @@ trailing metadata.
 Admission, for calls that reach a backend: refused with UNAVAILABLE while draining, and with
 RESOURCE_EXHAUSTED while the dispatch queue is at its bound (gRPC has no read to pause).
 
+TLS (``grpc.tls``): gRPC's own TLS (ALPN ``h2``, TLS 1.2 and 1.3), with credentials that
+fetch the newest certificate, key and client CA at each new handshake once
+``ServerTls.reload`` has read new files (``server_credentials``); connections already up are
+untouched. With an allow-list, every call's client certificate (the connection's auth context)
+is checked first: a client outside it is answered PERMISSION_DENIED with CLIENT_NOT_ALLOWED in
+``x-router-error``, and counted.
+
 Drain: ``start_drain`` turns health and ServerReady to not serving and refuses new proxied
 calls, while calls in flight go on; ``wait_all_closed`` returns once none is left, after
 stopping the server (GOAWAY to every connection, ``linger_s`` for the last answers to go out);
@@ -57,6 +64,8 @@ from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.reflection import enable_reflection
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
+from router.tls.context import ServerTls
+from router.tls.identity import PeerIdentity
 from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
@@ -135,9 +144,12 @@ class GrpcFrontDoor:
     def __init__(
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
         config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
-        readiness: Readiness, lifecycle: Lifecycle,
+        readiness: Readiness, lifecycle: Lifecycle, tls: ServerTls | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self.tls = tls
+        # Checked on every call only when there is a list to check against.
+        self._allow_list = tls if tls is not None and tls.allow_list.active else None
         self._registry = registry
         self._channels = channels
         self._clock = clock
@@ -169,7 +181,11 @@ class GrpcFrontDoor:
         server.add_registered_method_handlers(KSERVE_SERVICE, self._kserve_handlers())
         enable_reflection(server, (HEALTH_SERVICE, KSERVE_SERVICE))
         server.add_generic_rpc_handlers([_ProxyAll(self)])
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if self.tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, server_credentials(self.tls))
         if bound == 0:
             raise OSError(f"cannot listen for gRPC on {host}:{port}")
         await server.start()
@@ -261,6 +277,8 @@ class GrpcFrontDoor:
         code = "OK"
         task = asyncio.current_task() if routed else None
         try:
+            if self._allow_list is not None:
+                self._check_client(context, self._allow_list)
             if task is not None:
                 self._calls.add(task)
                 self.calls_total += 1
@@ -302,8 +320,16 @@ class GrpcFrontDoor:
                 self._calls.discard(task)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
+    @staticmethod
+    def _check_client(context: Context, tls: ServerTls) -> None:
+        refusal = tls.refusal(PeerIdentity.from_auth_context(context.auth_context()))
+        if refusal is not None:
+            log.info("refused %s: %s", context.peer(), refusal.message)
+            raise refusal
+
     def statistics(self) -> dict[str, Any]:
         return {
+            "tls": self.tls.statistics() if self.tls is not None else None,
             "calls_in_flight": len(self._calls),
             "calls_total": self.calls_total,
             "health_watchers": self.health.watchers,
@@ -314,6 +340,31 @@ class GrpcFrontDoor:
 
     def __repr__(self) -> str:
         return f"GrpcFrontDoor(calls={len(self._calls)}, {self._lifecycle.phase.value})"
+
+
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """Credentials whose certificate, key and client CA follow ``tls``'s reloads: gRPC calls
+    the fetcher (from its own threads, with the GIL) at each new handshake, and it returns a
+    new configuration only once per reload."""
+    served = tls.generation
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        material = tls.material
+        chain = material.cert_chain or b""
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key or chain, chain)], root_certificates=material.ca
+        )
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
+        if tls.generation == served:
+            return None  # unchanged: gRPC keeps the configuration it has
+        served = tls.generation
+        return configuration()
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=tls.mutual
+    )
 
 
 def _route_model(context: Context) -> str | None:

@@ -5,18 +5,26 @@ lives in ``router.protocol.session``. This class only hands the transport's even
 session; the session acts through the transport itself, ``Dispatcher.submit``, and timers set
 through the injected clock. The session is each request's ``origin``, so answers go from the
 dispatcher to the session without passing through here.
+
+On a TLS listener ``connection_made`` comes after the handshake, so the client's verified
+certificate is known there: a client the listener's allow-list refuses is answered
+CLIENT_NOT_ALLOWED through ``TcpSession.refuse`` before a byte it sent is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, cast
 
 from router.dispatch.scheduler import Request
 from router.protocol.session import TcpSession
+from router.tls.identity import PeerIdentity
 
 if TYPE_CHECKING:
     from router.frontdoor.tcp.server import TcpFrontDoor
+
+log = logging.getLogger(__name__)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -35,6 +43,13 @@ class ClientConnection(asyncio.Protocol):
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, dispatcher.submit, saturated=dispatcher.saturated,
         )
+        tls = front_door.tls
+        if tls is not None and tls.allow_list.active:
+            identity = PeerIdentity.from_peercert(transport.get_extra_info("peercert"))
+            refusal = tls.refusal(identity)
+            if refusal is not None:
+                log.info("refused %s: %s", transport.get_extra_info("peername"), refusal.message)
+                self.session.refuse(refusal)
         front_door.connection_opened(self.session)
 
     def data_received(self, data: bytes) -> None:

@@ -10,6 +10,15 @@ Accepting: the front door owns its listening socket and accepts up to ``ACCEPT_B
 connections per wakeup. (uvloop's server accepts one connection per loop iteration: with
 10,000 clients connecting at once under load the accept queue sat full at 4096, the kernel
 dropped SYNs, and the late clients waited seconds to be accepted.)
+
+TLS (``listener.tls``): each accepted socket is wrapped with the listener's ``ServerTls``
+context in its own task, so a slow or stalled handshake never holds up the accept batch. A
+handshake has ``read_timeout_s`` to finish (a client that connects and sends nothing is a
+slowloris like any other), and the TLS close at a request boundary waits ``linger_s`` for the
+client's close_notify. A failed handshake (untrusted or expired certificate, plaintext to a TLS
+port) is counted and logged at DEBUG: it is the client's doing and may come by the thousand.
+With an allow-list, a client outside it is answered CLIENT_NOT_ALLOWED and closed before
+anything it sent is read (``ClientConnection.connection_made``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import functools
 import logging
 import random
 import socket
+import ssl
 from typing import Any
 
 from router.core.clock import Clock
@@ -28,6 +38,7 @@ from router.dispatch.scheduler import Dispatcher, Request
 from router.frontdoor.tcp.connection import ClientConnection
 from router.lifecycle.state import Lifecycle
 from router.protocol.session import TcpSession
+from router.tls.context import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +51,11 @@ class TcpFrontDoor:
 
     def __init__(
         self, dispatcher: Dispatcher, config: ListenerConfig, drain: DrainConfig, clock: Clock,
-        lifecycle: Lifecycle,
+        lifecycle: Lifecycle, tls: ServerTls | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.config = config
+        self.tls = tls
         self.linger_s = drain.linger_s
         self.clock = clock
         self._lifecycle = lifecycle
@@ -86,9 +98,15 @@ class TcpFrontDoor:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(
-                loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
-            )
+            if self.tls is None:
+                adopt = loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
+            else:
+                adopt = loop.connect_accepted_socket(
+                    lambda: ClientConnection(self), conn, ssl=self.tls.context,
+                    ssl_handshake_timeout=self.config.read_timeout_s,
+                    ssl_shutdown_timeout=self.linger_s,
+                )
+            task = loop.create_task(adopt)
             self._adopting.add(task)
             task.add_done_callback(functools.partial(self._adopted, conn))
 
@@ -96,9 +114,16 @@ class TcpFrontDoor:
         self._adopting.discard(task)
         if task.cancelled():
             conn.close()  # closed before it became a connection: nothing was read from it
-        elif task.exception() is not None:
-            conn.close()
-            log.warning("could not set up an accepted connection: %r", task.exception())
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        conn.close()
+        if self.tls is not None and isinstance(exc, ssl.SSLError | OSError | TimeoutError):
+            self.tls.handshake_failures += 1
+            log.debug("TLS handshake failed: %r", exc)
+        else:
+            log.warning("could not set up an accepted connection: %r", exc)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None:
@@ -161,6 +186,7 @@ class TcpFrontDoor:
             "by_state": dict(collections.Counter(s.state.value for s in self._sessions)),
             "connections_total": self.connections_total,
             "phase": self._lifecycle.phase.value,
+            "tls": self.tls.statistics() if self.tls is not None else None,
         }
 
     def __repr__(self) -> str:

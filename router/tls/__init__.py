@@ -1,0 +1,1 @@
+"""TLS: contexts built from the config, reloaded in place, and client identities checked."""
