@@ -13,7 +13,7 @@ import pytest
 from router.control.fleet import Fleet, join_host_port
 from router.control.spawner import Spawner
 from router.core.clock import ManualClock
-from router.core.config import RouterConfig, from_mapping
+from router.core.config import BackendConfig, RouterConfig, from_mapping
 from router.core.config_diff import diff
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
@@ -43,7 +43,7 @@ class Setup:
         self.fleet = Fleet(self.registry, self._make, Spawner(), self.clock, resolver=dns)
         self.made: list[BackendSpec] = []
 
-    def _make(self, spec: BackendSpec) -> Backend:
+    def _make(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         self.made.append(spec)
         backend = make_backend(spec.address, spec.protocol, spec.models)
         backend.update(spec)

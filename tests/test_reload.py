@@ -39,6 +39,7 @@ from tests.support import REPO_ROOT, child_env
 __all__ = ["kserve_backend"]  # a fixture, imported for pytest
 
 WAIT_S = 20.0  # bound on every wait; a router process starts in well under a second
+ADMIN_TOKEN = "reload-test-token"  # POST /admin/reload is a mutating endpoint
 
 BASE: dict[str, Any] = {
     "listener": {"listen": "127.0.0.1:0"},
@@ -56,6 +57,13 @@ def config(*backends: str | dict[str, Any], **sections: dict[str, Any]) -> dict[
     return data
 
 
+def write_config(path: Path, data: dict[str, Any]) -> None:
+    """Write the config, with the admin token that reload calls present."""
+    token = path.with_name("admin.token")
+    token.write_text(ADMIN_TOKEN)
+    path.write_text(tomli_w.dumps(merge(data, {"admin": {"token_file": str(token)}})))
+
+
 @dataclass
 class Served:
     proc: LaunchedProcess[Banner]
@@ -67,12 +75,13 @@ class Served:
         return self.proc.ready.listen
 
     def write(self, data: dict[str, Any]) -> None:
-        self.config.write_text(tomli_w.dumps(data))
+        write_config(self.config, data)
 
     async def request(self, method: str, path: str) -> tuple[int, Any]:
         url = self.proc.ready.admin_url + path
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with (aiohttp.ClientSession() as session,
-                    session.request(method, url) as response):
+                    session.request(method, url, headers=headers) as response):
             body = await response.read()
             if response.content_type == "application/json":
                 return response.status, orjson.loads(body)
@@ -103,7 +112,7 @@ class Served:
 @contextlib.asynccontextmanager
 async def served(tmp_path: Path, data: dict[str, Any], *flags: str) -> AsyncIterator[Served]:
     path, stderr = tmp_path / "router.toml", tmp_path / "router.stderr"
-    path.write_text(tomli_w.dumps(data))
+    write_config(path, data)
     proc = await launch(
         [sys.executable, "-m", "router", "serve", "--config", str(path), *flags],
         parse_banner, stderr=stderr, cwd=REPO_ROOT, ready_timeout_s=WAIT_S,

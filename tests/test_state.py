@@ -533,7 +533,7 @@ def test_the_state_file_is_off_by_default_and_set_by_the_config() -> None:
         "/var/lib/x/state.toml")
 
 
-@pytest.mark.parametrize(("value", "fragment"), [("", "at least 1 character"),
+@pytest.mark.parametrize(("value", "fragment"), [("", "expected a file path"),
                                                  (3, "valid string")])
 def test_a_bad_state_file_setting_names_its_key(value: object, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -223,7 +223,7 @@ def test_serve_with_an_unusable_certificate_says_so_in_one_line_and_exits_2(
 
 
 def _dockerfile_command() -> list[str]:
-    lines = (REPO_ROOT / "Dockerfile").read_text().splitlines()
+    lines = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
     [cmd] = [line for line in lines if line.startswith("CMD ")]
     command: list[str] = json.loads(cmd.removeprefix("CMD "))
     return command

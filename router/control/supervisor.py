@@ -138,7 +138,7 @@ class Supervisor:
         return [child.info() for child in self._children]
 
     async def start(self) -> SupervisedAddresses:
-        self._resolved = [await self._resolve_backend(b.model_dump(mode="json"))
+        self._resolved = [await self._resolve_backend(b.model_dump(mode="json", exclude_none=True))
                           for b in self.config.backends]
         listen_sock, host, port = _reserve("listener.listen", self.config.listener.listen)
         self._reserved.append(listen_sock)
@@ -192,7 +192,7 @@ class Supervisor:
                 [*diff.restart, *(f"{s}: needs a restart with listener.processes > 1"
                                   for s in spawned)]
             ))
-        resolved: list[dict[str, Any]] = [new.backends[j].model_dump(mode="json")
+        resolved: list[dict[str, Any]] = [new.backends[j].model_dump(mode="json", exclude_none=True)
                                           for j in range(len(new.backends))]
         for i, j in diff.kept:
             if new.backends[j].command:
