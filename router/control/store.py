@@ -166,7 +166,9 @@ class BackendRecord(BaseModel):
 def _problems(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(item) for item in err["loc"]) or "(record)"
+        where = "".join(f"[{item}]" if isinstance(item, int) else
+                        " (key)" if item == "[key]" else f".{item!s}" for item in err["loc"])
+        where = where.lstrip(".") or "(record)"
         why = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{where}: {why}")
     return "; ".join(parts)
@@ -418,7 +420,7 @@ class MemoryStore:
     async def _events(self, watcher: _Watcher) -> AsyncGenerator[StoreEvent, None]:
         try:
             while True:
-                if watcher.resync and not watcher.closed:
+                if watcher.resync:  # closed too: what changed since it last read is not lost
                     watcher.pending.extend(changes(watcher.told, self._records))
                     watcher.resync = False
                 if watcher.pending:
