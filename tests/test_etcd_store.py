@@ -144,6 +144,8 @@ async def test_a_put_at_the_same_address_replaces_the_record(
     for c in (ca, cb):
         await c.wait_for_ids({"sentinel", "new"}, SEEN_WITHIN_S)
         assert c.kinds("old") == ["put", "delete"]  # replaced, not expired
+        order = [(e.kind, e.record.id) for e in c.events]
+        assert order.index(("delete", "old")) < order.index(("put", "new"))  # address freed
     assert sorted(r.id for r in await a.list()) == ["new", "sentinel"]
     assert old_lease is not None and await a.refresh(old_lease) is False
     assert new_lease is not None and await a.refresh(new_lease) is True
@@ -154,6 +156,7 @@ async def test_a_put_at_the_same_address_replaces_the_record(
     assert await b.refresh(new_lease) is False
     assert newer_lease is not None and await b.refresh(newer_lease) is True
     assert b.statistics()["replaced"] == 1  # b put "new" over "old"
+    assert await a.refresh(2**64) is False  # not a lease id: unknown, not an error
     await stop_all([ca, cb])
 
 

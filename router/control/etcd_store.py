@@ -29,9 +29,10 @@ A record gone when it resyncs is reported as ``delete``: the listing cannot tell
 The watch stream is driven on aetcd's channel with the generated stub rather than aetcd's
 ``Watcher``, which never tells its callbacks when the server ends a stream without an error.
 
-Every other method is one etcd operation (a put: a few) bounded by ``timeout_s`` per
-endpoint: an operation that cannot reach one endpoint tries the next, and one that fails on
-all raises ``StoreUnavailable``.
+Every other method is one etcd operation bounded by ``timeout_s`` per endpoint: an operation
+that cannot reach one endpoint tries the next, and one that fails on all raises
+``StoreUnavailable``. ``put`` and ``delete`` are a few operations, bounded together by
+``timeout_s`` times (endpoints + 2).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ import grpc
 import orjson
 
 from router.control.store import (
+    MAX_LEASE_ID,
     BackendRecord,
     LeaseId,
     StoreEvent,
@@ -169,9 +171,13 @@ class EtcdStore:
 
     async def put(self, record: BackendRecord, lease_ttl_s: float | None = None) -> LeaseId | None:
         check_lease_ttl(lease_ttl_s)
+        async with self._deadline(f"put {quoted(record.id)}"):
+            return await self._put(record, lease_ttl_s)
+
+    async def _put(self, record: BackendRecord, lease_ttl_s: float | None) -> LeaseId | None:
         lease: Any = None
         try:
-            for attempt in range(PUT_ATTEMPTS):
+            for _ in range(PUT_ATTEMPTS):
                 listing = await self._list()
                 replaced = self._conflicts(listing, record)
                 if lease_ttl_s is not None and lease is None:
@@ -184,7 +190,7 @@ class EtcdStore:
                     self._counts["replaced"] += len(replaced)
                     await self._revoke_replaced(listing, stored, replaced)
                     return stored.lease_id
-                self._counts["put_retries"] += attempt == 0
+                self._counts["put_retries"] += 1
         except Exception:  # a cancelled put leaves its lease to expire with its TTL
             if lease is not None:
                 await self._revoke_quietly(lease.id)
@@ -195,12 +201,19 @@ class EtcdStore:
                                f"{PUT_ATTEMPTS} times in a row")
 
     async def refresh(self, lease_id: LeaseId) -> bool:
+        if not 1 <= lease_id <= MAX_LEASE_ID:  # not an etcd lease id (it comes from a client)
+            self._counts["refreshes_unknown"] += 1
+            return False
         reply = await self._call("lease refresh", "refresh_lease", lease_id)
         alive = reply is not None and reply.TTL > 0
         self._counts["refreshes" if alive else "refreshes_unknown"] += 1
         return alive
 
     async def delete(self, backend_id: str) -> bool:
+        async with self._deadline(f"delete {quoted(backend_id)}"):
+            return await self._delete(backend_id)
+
+    async def _delete(self, backend_id: str) -> bool:
         key = self._key(backend_id)
         for _ in range(PUT_ATTEMPTS):
             got = await self._call("get", "get", key)
@@ -212,10 +225,8 @@ class EtcdStore:
                 return False
             # A leased record is tombstoned, then its lease revoked: watchers say delete.
             removal = _TX.put(key, TOMBSTONE, lease=got.lease) if got.lease else _TX.delete(key)
-            done = await self._call(
-                "delete", "transaction", compare=[_TX.mod(key) == got.mod_revision],
-                success=[removal], failure=[])
-            if done[0]:
+            if await self._transaction(
+                "delete", compare=[_TX.mod(key) == got.mod_revision], success=[removal]):
                 if got.lease:
                     await self._revoke(got.lease)
                 self._counts["deletes"] += 1
@@ -255,8 +266,22 @@ class EtcdStore:
 
     # -- operations ----------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _deadline(self, what: str) -> AsyncIterator[None]:
+        """The bound of a method made of several operations (a put lists, maybe grants a
+        lease, writes, revokes): as long as a first operation trying every endpoint, and two
+        more. A put cut short leaves its lease to expire with its TTL."""
+        limit_s = self._timeout_s * (len(self._endpoints) + 2)
+        try:
+            async with asyncio.timeout(limit_s):
+                yield
+        except TimeoutError:
+            self._counts["operations_failed"] += 1
+            raise StoreUnavailable(f"etcd {what}: not done within {limit_s}s") from None
+
     def _key(self, backend_id: str) -> bytes:
-        return self._prefix + backend_id.encode()
+        # surrogatepass: an id from a URL may hold lone surrogates; no record has such a key.
+        return self._prefix + backend_id.encode("utf-8", "surrogatepass")
 
     async def _client(self, index: int | None = None) -> aetcd.Client:
         if self._closed.is_set():  # a closed client would open a new channel
@@ -265,6 +290,7 @@ class EtcdStore:
         client = self._clients.get(index)
         if client is None:
             host, port = self._endpoints[index]
+            host = f"[{host}]" if ":" in host else host  # aetcd's target is f"{host}:{port}"
             client = aetcd.Client(host, port, timeout=self._timeout_s, options=CHANNEL_OPTIONS)
             self._clients[index] = client
         await client.connect()
@@ -335,15 +361,28 @@ class EtcdStore:
         key = self._key(stored.id)
         own = listing.entries.get(stored.id)
         compare = [_TX.mod(key) == own.mod_revision] if own else [_TX.version(key) == 0]
-        success = [_TX.put(key, stored.to_json(), lease=stored.lease_id or 0)]
+        success = []
         for other_id in replaced:
             other, other_key = listing.entries[other_id], self._key(other_id)
             compare.append(_TX.mod(other_key) == other.mod_revision)
             # A leased record is tombstoned (revoked after), so watchers say delete, not expired.
             success.append(_TX.put(other_key, TOMBSTONE, lease=other.lease) if other.lease
                            else _TX.delete(other_key))
-        done = await self._call(
-            "put", "transaction", compare=compare, success=success, failure=[])
+        # Last: watchers see the address freed before the record that takes it.
+        success.append(_TX.put(key, stored.to_json(), lease=stored.lease_id or 0))
+        return await self._transaction("put", compare=compare, success=success)
+
+    async def _transaction(self, what: str, *, compare: Sequence[Any],
+                           success: Sequence[Any]) -> bool:
+        """Whether the comparisons held and the operations were applied. A lease that expired
+        since it was read (etcd: NOT_FOUND) is a comparison that failed: read again."""
+        try:
+            done = await self._call(what, "transaction", compare=compare, success=success,
+                                    failure=[])
+        except StoreUnavailable as exc:
+            if _not_found(exc):
+                return False
+            raise
         return bool(done[0])
 
     async def _revoke_replaced(self, listing: _Listing, stored: BackendRecord,
@@ -406,6 +445,8 @@ class EtcdStore:
                         async for event in events:
                             yield event
                 except (_WatchLost, StoreUnavailable) as exc:
+                    if self._closed.is_set():
+                        return
                     lost = True
                     self._counts["watch_losses"] += 1
                     log.warning("registry: etcd watch lost (%s); routing on the last view "
