@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint docs bench bench-tls bench-smoke bench-10k bench-grpc locust chaos protos clean
+.PHONY: run test lint system-packages docs bench bench-tls bench-smoke bench-10k bench-grpc locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,26 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check router backends bench chaos tests
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint
+test: $(STAMP) system-packages lint
 	$(PY) -m pytest -q
+
+# System tools the tests run as real processes: etcd (the shared registry) and, for the
+# proxy comparisons, haproxy, nginx and nghttp. Installed (Debian's apt-get, as root or with
+# sudo) only when one of them is missing; /usr/sbin is searched too, where Debian puts daemons.
+SYSTEM_TOOLS    := etcd haproxy nginx nghttp
+SYSTEM_PACKAGES := etcd-server haproxy nginx nghttp2-client
+
+system-packages:
+	@missing=""; \
+	for tool in $(SYSTEM_TOOLS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "missing:$$missing; installing $(SYSTEM_PACKAGES)"; \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y $(SYSTEM_PACKAGES); \
+	fi
 
 # docs/configuration.md from the config schema (a test fails when the file is stale).
 docs: $(STAMP)

@@ -408,6 +408,49 @@ class StateConfig(_Section):
     )
 
 
+def _check_prefix(value: str) -> str:
+    if not value.endswith("/"):
+        # "/a/b" would also cover the keys of "/a/bc/": one prefix must never hold another's.
+        raise ValueError(f'must end with "/", got {quoted(value)}')
+    return value
+
+
+class RegistryConfig(_Section):
+    """Where backend records live: this router's memory, or etcd, shared by many routers."""
+
+    store: Literal["memory", "etcd"] = Field(
+        "memory", description='"memory": this router alone knows its records, and leased ones '
+        'are lost when it stops; "etcd": records and their leases live in etcd, and every '
+        "router watching the prefix routes to them.",
+    )
+    etcd_endpoints: tuple[Address, ...] = Field(
+        ("127.0.0.1:2379",), min_length=1, max_length=16,
+        description="Client addresses of the etcd cluster; an operation that cannot reach one "
+        "tries the next.",
+    )
+    etcd_prefix: Annotated[str, AfterValidator(_check_prefix)] = Field(
+        "/inference-router/backends/", min_length=1, max_length=256,
+        description='Key prefix under which each record is stored as JSON (key: prefix + '
+        'backend id); routers sharing a fleet use the same prefix. Must end with "/".',
+    )
+    etcd_timeout_s: Seconds = Field(
+        2.0, description="Seconds one etcd operation (put, refresh, delete, get, list) may take "
+        "on one endpoint, waiting for a connection included, before the next endpoint is "
+        "tried; when none answers it fails with STORE_UNAVAILABLE.",
+    )
+    # Not below the first wait (0.1 s) it caps.
+    etcd_reconnect_backoff_max_s: Annotated[float, Strict()] = Field(
+        1.0, ge=0.1, le=MAX_DURATION_S, allow_inf_nan=False,
+        description="Longest wait, in seconds, between two attempts to watch etcd again after "
+        "losing it (the wait starts at 0.1 s and doubles); the router keeps routing on its "
+        "last view meanwhile.",
+    )
+    max_backends: Int = Field(
+        10_000, ge=1, le=1_000_000, description="Backend records the store holds at most; a "
+        "new record beyond it is refused with MAX_BACKENDS_REACHED.",
+    )
+
+
 class BackendConfig(_Section):
     """One backend; any number of ``[[backends]]`` entries."""
 
@@ -467,6 +510,7 @@ class RouterConfig(_Section):
     drain: DrainConfig = DrainConfig()
     state: StateConfig = StateConfig()
     backend_tls: BackendTlsConfig = BackendTlsConfig()
+    registry: RegistryConfig = RegistryConfig()
     backends: tuple[BackendConfig, ...] = ()
 
     def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:

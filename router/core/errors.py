@@ -231,6 +231,37 @@ class BackendProtocolError(BackendError):
     grpc_status = "INTERNAL"
 
 
+# -- the registry store ------------------------------------------------------------------------
+
+
+class StoreUnavailable(RouterError):
+    """The registry store (etcd) could not be reached, did not answer within its timeout, or
+    failed the operation; nothing is known to have changed, and the caller may try again."""
+
+    code = "STORE_UNAVAILABLE"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class StoreFull(RouterError):
+    """A new backend record would take the store past ``registry.max_backends``."""
+
+    code = "MAX_BACKENDS_REACHED"
+    fault = "client"
+    http_status = 422
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class InvalidRecord(RouterError):
+    """A backend record (from the admin API, a registration or the store) that fails
+    validation; the message names each field and why."""
+
+    code = "VALIDATION_ERROR"
+    fault = "client"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
