@@ -33,8 +33,8 @@ from router.core.config import BackendConfig, RouterConfig, ServerTlsConfig, par
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
     ConfigError,
+    InvalidInput,
     ListenFailed,
-    ReloadInvalid,
     RestartRequired,
     SpawnError,
 )
@@ -217,10 +217,10 @@ class RouterApp:
             self.reloads["ok"] += 1
             log.info("config reloaded: %s", "; ".join(outcome.changes) or "nothing changed")
             return outcome
-        result = ("invalid" if isinstance(error, ReloadInvalid) else
+        result = ("invalid" if isinstance(error, InvalidInput) else
                   "restart_required" if isinstance(error, RestartRequired) else "failed")
         self.reloads[result] += 1
-        problems = error.problems if isinstance(error, ConfigError) else [error.message]
+        problems = error.problems
         log.error("config reload refused, the running config stays: %s", "; ".join(problems))
         return outcome
 
@@ -228,7 +228,7 @@ class RouterApp:
         try:
             new = await asyncio.to_thread(self._source)
         except ConfigError as exc:
-            return ReloadOutcome(error=ReloadInvalid(exc.problems))
+            return ReloadOutcome(error=InvalidInput(exc.problems))
         old = self.config
         diff = config_diff.diff(old, new)
         if diff.restart:

@@ -8,7 +8,7 @@ import pytest
 
 from router.core.config import RouterConfig, from_mapping
 from router.core.config_diff import LIVE_KEYS, ReloadOutcome, diff, match_backends, plan_sync
-from router.core.errors import ReloadInvalid
+from router.core.errors import InvalidInput
 from router.core.types import BackendSpec
 
 ECHO = ["{python}", "-m", "backends.echo", "--port", "{port}"]
@@ -117,6 +117,6 @@ def test_plan_sync_joins_updates_and_drains_by_address() -> None:
 
 def test_an_outcome_is_reloaded_unless_it_carries_an_error() -> None:
     assert ReloadOutcome(("x",)).reloaded
-    refused = ReloadOutcome(error=ReloadInvalid(["<t>: dispatch.policy: bad"]))
+    refused = ReloadOutcome(error=InvalidInput(["<t>: dispatch.policy: bad"]))
     assert not refused.reloaded and refused.error is not None
     assert refused.error.code == "VALIDATION_ERROR" and refused.error.http_status == 400

@@ -24,7 +24,7 @@ from router.control.store import (
 )
 from router.core.clock import ManualClock
 from router.core.config import ConfigError, RegistryConfig, from_mapping
-from router.core.errors import InvalidRecord, StoreFull, StoreUnavailable
+from router.core.errors import InvalidInput, StoreFull, StoreUnavailable
 from router.core.types import BackendSpec
 
 READ_TIMEOUT_S = 1.0  # the events read are already queued: this only bounds a broken test
@@ -99,7 +99,7 @@ def test_json_round_trips_and_ignores_fields_of_a_newer_version() -> None:
 ])
 def test_an_invalid_record_names_its_field(fields: dict[str, Any], where: str) -> None:
     data = {"id": "b1", "address": "127.0.0.1:9001", **fields}
-    with pytest.raises(InvalidRecord) as info:
+    with pytest.raises(InvalidInput) as info:
         BackendRecord.parse(data)
     assert info.value.message.startswith(where), info.value.message
     assert info.value.code == "VALIDATION_ERROR"
@@ -107,7 +107,7 @@ def test_an_invalid_record_names_its_field(fields: dict[str, Any], where: str) -
 
 @pytest.mark.parametrize("data", [b"not json", b"[]", b'{"id": "b1"}', b"\xff"])
 def test_stored_bytes_that_are_not_a_record_are_invalid(data: bytes) -> None:
-    with pytest.raises(InvalidRecord):
+    with pytest.raises(InvalidInput):
         BackendRecord.from_json(data)
 
 
@@ -270,7 +270,7 @@ async def test_the_store_holds_at_most_max_backends(clock: ManualClock) -> None:
 
 @pytest.mark.parametrize("ttl", [0.0, -1.0, float("nan"), float("inf"), 86_401.0])
 async def test_a_lease_ttl_out_of_range_is_refused(store: MemoryStore, ttl: float) -> None:
-    with pytest.raises(InvalidRecord):
+    with pytest.raises(InvalidInput):
         await store.put(record("b1", "127.0.0.1:9001"), lease_ttl_s=ttl)
     assert await store.list() == ()
 

@@ -176,7 +176,7 @@ def reload_response(outcome: ReloadOutcome) -> web.Response:
     error = outcome.error
     if error is None:
         return json_response({"reloaded": True, "changes": list(outcome.changes)})
-    problems = error.problems if isinstance(error, ConfigError) else [error.message]
+    problems = error.problems
     return json_response(
         {"reloaded": False, "error": error.message, "code": error.code, "problems": problems},
         status=error.http_status,

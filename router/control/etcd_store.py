@@ -62,7 +62,7 @@ from router.control.store import (
     check_lease_ttl,
 )
 from router.core.config import RegistryConfig, parse_host_port
-from router.core.errors import InvalidRecord, StoreFull, StoreUnavailable, quoted
+from router.core.errors import InvalidInput, StoreFull, StoreUnavailable, quoted
 
 log = logging.getLogger(__name__)
 
@@ -333,12 +333,12 @@ class EtcdStore:
         try:
             record = BackendRecord.from_json(value)
             if self._key(record.id) != key:
-                raise InvalidRecord(f"the record's id is {quoted(record.id)}")
+                raise InvalidInput(f"the record's id is {quoted(record.id)}")
             ttl = record.lease_ttl_s if lease else None
             if lease and ttl is None:
-                raise InvalidRecord("leased, but no lease_ttl_s")
+                raise InvalidInput("leased, but no lease_ttl_s")
             record = record.with_lease(lease or None, ttl)
-        except InvalidRecord as exc:
+        except InvalidInput as exc:
             self._counts["malformed"] += 1
             log.warning("registry: skipping %s in etcd: %s", quoted(key), exc.message)
             return _Entry(None, mod_revision, lease)

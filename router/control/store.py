@@ -21,7 +21,7 @@ lease that keeps it, when it has one. A ``RegistryStore`` keeps records by id:
 
 Every method returns within a bounded time and raises only ``RouterError`` subclasses:
 ``StoreUnavailable`` (the store cannot be reached or is closed), ``StoreFull``
-(``registry.max_backends``), ``InvalidRecord``. Two stores: ``MemoryStore`` here (one router;
+(``registry.max_backends``), ``InvalidInput``. Two stores: ``MemoryStore`` here (one router;
 leases on the injected ``Clock``) and ``EtcdStore`` in ``etcd_store`` (many routers).
 """
 
@@ -46,7 +46,7 @@ from router.core.config import (
     Seconds,
     parse_host_port,
 )
-from router.core.errors import InvalidRecord, StoreFull, StoreUnavailable, quoted
+from router.core.errors import InvalidInput, StoreFull, StoreUnavailable, quoted
 from router.core.types import BackendSpec, Source
 from router.core.types import Protocol as SpecProtocol
 
@@ -122,11 +122,11 @@ class BackendRecord(BaseModel):
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> BackendRecord:
-        """Validate a mapping; ``InvalidRecord`` names every field that is wrong."""
+        """Validate a mapping; ``InvalidInput`` names every field that is wrong."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRecord(_problems(exc)) from None
+            raise InvalidInput(_problems(exc)) from None
 
     @classmethod
     def from_json(cls, data: bytes) -> BackendRecord:
@@ -135,9 +135,9 @@ class BackendRecord(BaseModel):
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise InvalidRecord(f"not JSON: {exc}") from None
+            raise InvalidInput(f"not JSON: {exc}") from None
         if not isinstance(raw, dict):
-            raise InvalidRecord("not a JSON object")
+            raise InvalidInput("not a JSON object")
         return cls.parse({k: v for k, v in raw.items() if k in cls.model_fields})
 
     def to_json(self) -> bytes:
@@ -176,7 +176,7 @@ def _problems(exc: ValidationError) -> str:
 
 def check_lease_ttl(lease_ttl_s: float | None) -> None:
     if lease_ttl_s is not None and not 0 < lease_ttl_s <= MAX_DURATION_S:
-        raise InvalidRecord(f"lease_ttl_s: must be > 0 and at most {MAX_DURATION_S:.0f}, "
+        raise InvalidInput(f"lease_ttl_s: must be > 0 and at most {MAX_DURATION_S:.0f}, "
                             f"got {lease_ttl_s!r}")
 
 

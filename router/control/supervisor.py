@@ -57,7 +57,13 @@ from router.control.spawner import SpawnedProcess, Spawner
 from router.core import config_diff
 from router.core.config import RouterConfig, parse_host_port, substitute
 from router.core.config_diff import ReloadOutcome
-from router.core.errors import ConfigError, ListenFailed, ReloadInvalid, RestartRequired
+from router.core.errors import (
+    ConfigError,
+    InvalidInput,
+    ListenFailed,
+    RestartRequired,
+    RouterError,
+)
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
 
@@ -181,7 +187,7 @@ class Supervisor:
         try:
             new = await asyncio.to_thread(self._source)
         except ConfigError as exc:
-            return self._refused(ReloadInvalid(exc.problems))
+            return self._refused(InvalidInput(exc.problems))
         diff = config_diff.diff(self.config, new)
         spawned = [f"backends[{j}]: a backend with command is added" for j in diff.added
                    if new.backends[j].command]
@@ -207,7 +213,7 @@ class Supervisor:
                  "; ".join(changes) or "nothing changed")
         return ReloadOutcome(tuple(changes))
 
-    def _refused(self, error: ConfigError) -> ReloadOutcome:
+    def _refused(self, error: RouterError) -> ReloadOutcome:
         log.error("config reload refused, the running config stays: %s",
                   "; ".join(error.problems))
         return ReloadOutcome(error=error)

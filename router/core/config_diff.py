@@ -91,7 +91,7 @@ class SyncPlan:
 @dataclass(frozen=True, slots=True)
 class ReloadOutcome:
     """What a reload did: applied (``changes``, possibly none), or refused with ``error``
-    (``ReloadInvalid``, ``RestartRequired``, or why new backends could not start), the
+    (``InvalidInput``, ``RestartRequired``, or why new backends could not start), the
     running config untouched."""
 
     changes: tuple[str, ...] = ()

@@ -54,6 +54,8 @@ class RouterError(Exception):
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code)
         self.message = message or self.code
+        # Each problem on its own (a config or a request body may have several).
+        self.problems: list[str] = [self.message]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
@@ -252,14 +254,20 @@ class StoreFull(RouterError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
-class InvalidRecord(RouterError):
-    """A backend record (from the admin API, a registration or the store) that fails
-    validation; the message names each field and why."""
+class InvalidInput(RouterError):
+    """Input that fails validation: a backend record (admin API, registration, the store), a
+    request body, or a config read by a reload (the problems are then ``check-config``'s).
+    ``problems`` names each field and why; nothing was changed."""
 
     code = "VALIDATION_ERROR"
     fault = "client"
     http_status = 400
     grpc_status = "INVALID_ARGUMENT"
+
+    def __init__(self, problems: list[str] | str) -> None:
+        listed = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(listed))
+        self.problems = listed
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -274,15 +282,6 @@ class ConfigError(RouterError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
-
-
-class ReloadInvalid(ConfigError):
-    """A reload read a config that does not validate (the problems are ``check-config``'s);
-    the running config stays."""
-
-    code = "VALIDATION_ERROR"
-    http_status = 400
-    grpc_status = "INVALID_ARGUMENT"
 
 
 class RestartRequired(ConfigError):
