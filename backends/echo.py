@@ -2,8 +2,10 @@
 
 It is the router's stand-in for an inference server in tests, benchmarks and chaos runs, so
 it can also misbehave on request: answer late (``--delay-ms``), drop a connection instead of
-answering (``--fail-rate``), close after N answers (``--close-after``), and log the payloads
-it answered (``--record-ids``) so a chaos test can tell which requests reached it.
+answering (``--fail-rate``), close after N answers (``--close-after``), send a frame on every
+new connection before it is asked anything (``--greet``: a protocol violation the router must
+catch), and log the payloads it answered (``--record-ids``) so a chaos test can tell which
+requests reached it.
 
 One ``asyncio.Protocol`` per connection under uvloop; replies go out in request order. The
 replies produced by one ``data_received`` are joined into one write (each frame is written
@@ -43,6 +45,7 @@ class EchoConfig:
     close_after: int = 0  # 0: never
     record_ids: str | None = None
     seed: int | None = None
+    greet: bytes | None = None  # written as one frame as soon as a connection is made
 
     def __post_init__(self) -> None:
         if self.delay_s < 0:
@@ -101,6 +104,8 @@ class EchoProtocol(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connections.add(self)
+        if self._config.greet is not None:
+            self._transport.write(encode_frame(self._config.greet))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -218,12 +223,15 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
     parser.add_argument("--record-ids", default=None, metavar="FILE",
                         help="append each answered non-empty payload to FILE, one per line")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--greet", default=None, metavar="TEXT",
+                        help="write TEXT as a frame on every connection before reading")
     args = parser.parse_args(argv)
     try:
         return EchoConfig(
             host=args.host, port=args.port, delay_s=args.delay_ms / 1000.0,
             fail_rate=args.fail_rate, close_after=args.close_after,
             record_ids=args.record_ids, seed=args.seed,
+            greet=None if args.greet is None else args.greet.encode(),
         )
     except ValueError as exc:
         parser.error(str(exc))

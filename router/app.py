@@ -113,8 +113,12 @@ class RouterApp:
         if spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, address)
         else:
-            dial = make_dialer(host, port, self.config.listener.max_frame_bytes)
-            upstream = Pool(dial, self.config.pool, self.clock, name=address)
+            dial = make_dialer(
+                host, port, self.config.listener.max_frame_bytes,
+                on_broken=lambda error: pool.connection_failed(error),
+                check=self.config.health.probe == "frame",
+            )
+            upstream = pool = Pool(dial, self.config.pool, self.clock, name=address)
         backend = Backend(spec, upstream)
         self.registry.add(backend)
         return backend
