@@ -1,0 +1,200 @@
+"""The read budget: one bound on the bytes of partly read frames across all client connections.
+
+A client connection holds a partly read frame in its ``FrameDecoder`` until the rest arrives,
+so without a bound a few thousand connections that each start a large frame and trickle the
+rest hold gigabytes (``listener.max_frame_bytes`` each). ``ReadBudget`` is shared by every
+``TcpSession`` of a front door and keeps what they hold within ``limit`` bytes
+(``listener.max_buffered_bytes``). Sans-IO: sessions report what their decoder holds, the
+budget answers, and tells other sessions through two callbacks when their turn comes.
+
+What a session is charged (``charge(member, size, held)``):
+
+* a frame whose length word is in and whose body is not: its whole ``size``, reserved when it
+  fits, so that once a frame is admitted it can always be read to its end (``GRANTED``). A
+  frame that does not fit *waits* (``WAITING``): its connection stops being read, and it is
+  charged only the ``held`` bytes already read (one read, at most 256 KB under uvloop). Room
+  that frees up goes to the waiting frames smallest first (ties: longest waiting), so a small
+  frame split across two reads is not stuck behind large ones; each is told ``budget_granted``
+  and reading resumes.
+* a frame larger than ``limit`` can never fit: ``TOO_LARGE`` (FRAME_TOO_LARGE to the client).
+* bytes that are no frame being read (whole frames held back past ``max_pipelined``: the
+  connection is paused already): ``size`` 0, charged as they are, never refused.
+
+Waiting and held-back bytes are already in memory, so they may push ``used`` past ``limit``.
+Then the budget takes bytes back from the connections that hold the most of them (never from
+an admitted frame): each is told ``budget_shed``, drops what it holds unread and answers
+OVERLOADED (the frame was not accepted, so the client may send it again). Hence at any moment
+``used <= limit`` plus the one read that is being charged.
+
+A member's own outcome is returned, never called back, even when the room it frees or takes
+changes it during the same call.
+
+Bookkeeping: one record per member holding bytes; two heaps (waiting frames by size, members
+that may be shed by charge, largest first) whose stale entries are skipped by sequence number
+and rebuilt when they outnumber the live records.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from typing import Any, Protocol
+
+
+class Outcome(enum.Enum):
+    GRANTED = "granted"  # charged; go on reading
+    WAITING = "waiting"  # the frame does not fit yet: stop reading until ``budget_granted``
+    TOO_LARGE = "too large"  # the frame can never fit: refuse it
+    SHED = "shed"  # the budget took back what the member holds: drop it, refuse the frame
+
+
+class Member(Protocol):
+    """A connection the budget can call back (a ``TcpSession``)."""
+
+    def budget_granted(self) -> None:
+        """Its waiting frame is admitted now: resume reading."""
+
+    def budget_shed(self) -> None:
+        """What it holds is taken back: drop it unread and refuse the frame."""
+
+
+class _Record:
+    __slots__ = ("charge", "seq", "size", "waiting")
+
+    def __init__(self, charge: int, size: int, waiting: bool, seq: int) -> None:
+        self.charge = charge  # bytes counted in ``used``
+        self.size = size  # the whole frame (0: bytes held that are no frame being read)
+        self.waiting = waiting
+        self.seq = seq  # identifies the heap entries that still describe this record
+
+
+class ReadBudget:
+    __slots__ = (
+        "_records", "_seq", "_sheddable", "_waiting", "limit", "peak", "shed_total",
+        "too_large_total", "used", "waits_total",
+    )
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.waits_total = 0
+        self.shed_total = 0
+        self.too_large_total = 0
+        self._records: dict[Member, _Record] = {}
+        self._waiting: list[tuple[int, int, Member]] = []  # (size, seq, member): smallest first
+        self._sheddable: list[tuple[int, int, Member]] = []  # (-charge, seq, member)
+        self._seq = itertools.count()
+
+    def charge(self, member: Member, size: int, held: int) -> Outcome:
+        """``member`` now holds ``held`` bytes: part of a frame of ``size`` bytes in all, or,
+        with ``size`` 0, bytes that are no frame being read. Replaces its earlier charge."""
+        self._drop(member)
+        if size > self.limit:
+            self.too_large_total += 1
+            self._grant(member)
+            return Outcome.TOO_LARGE
+        seq = next(self._seq)
+        if size and self.used + size <= self.limit:
+            self._records[member] = _Record(size, size, False, seq)
+            self.used += size
+        elif size:
+            self._records[member] = _Record(held, size, True, seq)
+            self.used += held
+            self.waits_total += 1
+            heapq.heappush(self._waiting, (size, seq, member))
+            heapq.heappush(self._sheddable, (-held, seq, member))
+        else:
+            self._records[member] = _Record(held, 0, False, seq)
+            self.used += held
+            heapq.heappush(self._sheddable, (-held, seq, member))
+        self.peak = max(self.peak, self.used)
+        if self.used > self.limit:
+            self._shed(member)
+        self._grant(member)
+        record = self._records.get(member)
+        if record is None:
+            return Outcome.SHED
+        return Outcome.WAITING if record.waiting else Outcome.GRANTED
+
+    def release(self, member: Member) -> None:
+        """``member`` holds nothing any more (its frame is whole, or its input is over)."""
+        if self._drop(member):
+            self._grant(None)
+
+    def _drop(self, member: Member) -> bool:
+        record = self._records.pop(member, None)
+        if record is None:
+            return False
+        self.used -= record.charge
+        return True
+
+    def _grant(self, caller: Member | None) -> None:
+        """Admit waiting frames, smallest first, while they fit; ``caller`` learns its own
+        outcome from its return value instead of a callback."""
+        waiting, records = self._waiting, self._records
+        while waiting:
+            size, seq, member = waiting[0]
+            record = records.get(member)
+            if record is None or record.seq != seq:
+                heapq.heappop(waiting)  # stale: released, shed or charged again since
+                continue
+            if self.used - record.charge + size > self.limit:
+                break
+            heapq.heappop(waiting)
+            self.used += size - record.charge
+            record.charge, record.waiting = size, False
+            self.peak = max(self.peak, self.used)
+            if member is not caller:
+                member.budget_granted()
+        self._compact()
+
+    def _shed(self, caller: Member) -> None:
+        """Take back bytes that are no admitted frame, largest holder first, until ``used`` is
+        within ``limit``; ``caller``, if shed, learns it from its return value."""
+        sheddable, records = self._sheddable, self._records
+        while self.used > self.limit and sheddable:
+            _, seq, member = heapq.heappop(sheddable)
+            record = records.get(member)
+            if record is None or record.seq != seq or (record.size and not record.waiting):
+                continue  # stale, or admitted since
+            del records[member]
+            self.used -= record.charge
+            self.shed_total += 1
+            if member is not caller:
+                member.budget_shed()
+
+    def _compact(self) -> None:
+        """Rebuild the heaps once stale entries outnumber the live records (memory stays
+        proportional to the connections holding bytes)."""
+        live = len(self._records)
+        if len(self._waiting) + len(self._sheddable) <= 2 * live + 64:
+            return
+        records = self._records
+        self._waiting = [
+            (r.size, r.seq, m) for m, r in records.items() if r.waiting
+        ]
+        self._sheddable = [
+            (-r.charge, r.seq, m) for m, r in records.items() if r.waiting or not r.size
+        ]
+        heapq.heapify(self._waiting)
+        heapq.heapify(self._sheddable)
+
+    def statistics(self) -> dict[str, Any]:
+        records = self._records.values()
+        return {
+            "limit_bytes": self.limit,
+            "used_bytes": self.used,
+            "peak_bytes": self.peak,
+            "frames_admitted": sum(1 for r in records if r.size and not r.waiting),
+            "frames_waiting": sum(1 for r in records if r.waiting),
+            "waits_total": self.waits_total,
+            "shed_total": self.shed_total,
+            "too_large_total": self.too_large_total,
+        }
+
+    def __repr__(self) -> str:
+        return f"ReadBudget(used={self.used}, limit={self.limit}, members={len(self._records)})"
