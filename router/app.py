@@ -94,6 +94,7 @@ class RouterApp:
             RouterCollector(
                 self.stats, self.registry, lambda: self.dispatcher.queue.waiting,
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
+                limits=self.front_door.limit_statistics,
             )
         )
         self.admin = AdminServer(self.registry, self.metrics, self.readiness, self.statistics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
+from router.core.errors import RouterError
 from router.dispatch.scheduler import Request
 from router.protocol.session import TcpSession
 
@@ -20,10 +21,16 @@ if TYPE_CHECKING:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_front_door", "session")
+    __slots__ = ("_front_door", "_peer", "_refusal", "session")
 
-    def __init__(self, front_door: TcpFrontDoor) -> None:
+    def __init__(
+        self, front_door: TcpFrontDoor, peer: str | None, refusal: RouterError | None = None
+    ) -> None:
+        """``peer``: the key the front door counts this connection under (None: not counted);
+        ``refusal``: the limit it is over, answered at once."""
         self._front_door = front_door
+        self._peer = peer
+        self._refusal = refusal
         self.session: TcpSession[Request]  # from connection_made on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -34,8 +41,11 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, dispatcher.submit, saturated=dispatcher.saturated,
+            budget=front_door.budget,
         )
         front_door.connection_opened(self.session)
+        if self._refusal is not None:
+            self.session.refuse(self._refusal)
 
     def data_received(self, data: bytes) -> None:
         self.session.data_received(data)
@@ -45,7 +55,13 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost()
+        self.uncount()
         self._front_door.connection_closed(self.session)
+
+    def uncount(self) -> None:
+        """Stop counting this connection against the limits; only the first call counts."""
+        peer, self._peer = self._peer, None
+        self._front_door.release(peer)
 
     def pause_writing(self) -> None:
         self.session.pause_writing()
