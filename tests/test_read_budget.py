@@ -55,7 +55,7 @@ def test_a_frame_that_does_not_fit_waits_holding_what_it_read_and_is_granted_lat
     assert budget.statistics()["waits_total"] == 1
 
 
-def test_waiting_frames_are_granted_smallest_first_and_only_while_they_fit() -> None:
+def test_waiting_frames_needing_the_least_room_go_first_and_only_while_they_fit() -> None:
     budget = ReadBudget(1000)
     big, large, small, tiny = Member("big"), Member("large"), Member("small"), Member("tiny")
     assert budget.charge(big, 890, 1) is Outcome.GRANTED
@@ -86,8 +86,9 @@ def test_over_the_limit_the_largest_holder_that_is_no_admitted_frame_is_shed() -
     assert budget.charge(newcomer, 600, 150) is Outcome.WAITING  # 1050: over, shed "h"
     assert heavy.events == ["shed"]
     assert budget.used == 750
-    budget.release(admitted)  # 250 used: "l" fits (600), then "n" would make 1200
-    assert (light.events, newcomer.events) == (["granted"], [])
+    budget.release(admitted)  # 250 used: "n" needs the least more (450), then "l" can't fit
+    assert (light.events, newcomer.events) == ([], ["granted"])
+    assert budget.used == 700
     assert budget.statistics()["shed_total"] == 1
 
 

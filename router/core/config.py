@@ -122,8 +122,8 @@ class ListenerConfig(_Section):
     max_buffered_bytes: Int = Field(
         128 * 1024 * 1024, ge=1024, le=C_INT_MAX, description="Bytes of partly read frames "
         "the router holds across all client connections. A frame being read is charged its "
-        "whole size; one that does not fit waits, its connection unread, smallest first; a "
-        "frame larger than this is answered FRAME_TOO_LARGE (docs/operations.md, Limits).",
+        "whole size; one that does not fit waits, its connection unread, until there is room; "
+        "a frame larger than this is answered FRAME_TOO_LARGE (docs/operations.md, Limits).",
     )
     reuse_port: Bool = Field(
         False, description="SO_REUSEPORT on the TCP and gRPC listeners, so another router may "

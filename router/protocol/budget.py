@@ -13,9 +13,10 @@ What a session is charged (``charge(member, size, held)``):
   fits, so that once a frame is admitted it can always be read to its end (``GRANTED``). A
   frame that does not fit *waits* (``WAITING``): its connection stops being read, and it is
   charged only the ``held`` bytes already read (one read, at most 256 KB under uvloop). Room
-  that frees up goes to the waiting frames smallest first (ties: longest waiting), so a small
-  frame split across two reads is not stuck behind large ones; each is told ``budget_granted``
-  and reading resumes.
+  that frees up goes to the waiting frames that need the least more of it first (``size -
+  held``; ties: longest waiting), so a small frame split across two reads is not stuck behind
+  large ones, and while the first in line does not fit no other does. Each is told
+  ``budget_granted`` and reading resumes.
 * a frame larger than ``limit`` can never fit: ``TOO_LARGE`` (FRAME_TOO_LARGE to the client).
 * bytes that are no frame being read (whole frames held back past ``max_pipelined``: the
   connection is paused already): ``size`` 0, charged as they are, never refused.
@@ -85,7 +86,8 @@ class ReadBudget:
         self.shed_total = 0
         self.too_large_total = 0
         self._records: dict[Member, _Record] = {}
-        self._waiting: list[tuple[int, int, Member]] = []  # (size, seq, member): smallest first
+        # (room it still needs, seq, member): the least first
+        self._waiting: list[tuple[int, int, Member]] = []
         self._sheddable: list[tuple[int, int, Member]] = []  # (-charge, seq, member)
         self._seq = itertools.count()
 
@@ -105,7 +107,7 @@ class ReadBudget:
             self._records[member] = _Record(held, size, True, seq)
             self.used += held
             self.waits_total += 1
-            heapq.heappush(self._waiting, (size, seq, member))
+            heapq.heappush(self._waiting, (size - held, seq, member))
             heapq.heappush(self._sheddable, (-held, seq, member))
         else:
             self._records[member] = _Record(held, 0, False, seq)
@@ -133,20 +135,20 @@ class ReadBudget:
         return True
 
     def _grant(self, caller: Member | None) -> None:
-        """Admit waiting frames, smallest first, while they fit; ``caller`` learns its own
-        outcome from its return value instead of a callback."""
+        """Admit waiting frames, those needing the least room first, while they fit; ``caller``
+        learns its own outcome from its return value instead of a callback."""
         waiting, records = self._waiting, self._records
         while waiting:
-            size, seq, member = waiting[0]
+            needed, seq, member = waiting[0]
             record = records.get(member)
             if record is None or record.seq != seq:
                 heapq.heappop(waiting)  # stale: released, shed or charged again since
                 continue
-            if self.used - record.charge + size > self.limit:
+            if self.used + needed > self.limit:
                 break
             heapq.heappop(waiting)
-            self.used += size - record.charge
-            record.charge, record.waiting = size, False
+            self.used += needed
+            record.charge, record.waiting = record.size, False
             self.peak = max(self.peak, self.used)
             if member is not caller:
                 member.budget_granted()
@@ -175,7 +177,7 @@ class ReadBudget:
             return
         records = self._records
         self._waiting = [
-            (r.size, r.seq, m) for m, r in records.items() if r.waiting
+            (r.size - r.charge, r.seq, m) for m, r in records.items() if r.waiting
         ]
         self._sheddable = [
             (-r.charge, r.seq, m) for m, r in records.items() if r.waiting or not r.size

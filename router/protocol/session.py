@@ -201,11 +201,10 @@ R = TypeVar("R", bound=Answer)
 class TcpSession(Generic[R]):
     __slots__ = (
         "_budget", "_claim", "_clock", "_decoder", "_error", "_held", "_idle_timeout_s",
-        "_input_ended",
-        "_last_activity", "_linger_s", "_linger_until", "_lost", "_max_pipelined", "_new_request",
-        "_now", "_on_transition", "_partial_since", "_paused", "_peer_eof", "_pending",
-        "_read_timeout_s", "_resume_at", "_state", "_submit", "_submitting", "_timer",
-        "_timer_at", "_transport", "_write",
+        "_input_ended", "_last_activity", "_linger_s", "_linger_until", "_lost",
+        "_max_pipelined", "_new_request", "_now", "_on_transition", "_partial_since", "_paused",
+        "_peer_eof", "_pending", "_read_timeout_s", "_resume_at", "_state", "_submit",
+        "_submitting", "_timer", "_timer_at", "_transport", "_write",
     )
 
     def __init__(
