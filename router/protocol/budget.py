@@ -30,9 +30,10 @@ OVERLOADED (the frame was not accepted, so the client may send it again). Hence 
 A member's own outcome is returned, never called back, even when the room it frees or takes
 changes it during the same call.
 
-Bookkeeping: one record per member holding bytes; two heaps (waiting frames by size, members
-that may be shed by charge, largest first) whose stale entries are skipped by sequence number
-and rebuilt when they outnumber the live records.
+Bookkeeping: admitted frames in one dict (member -> size: the common case costs two dict
+operations); waiting frames and held-back bytes in another, with two heaps (waiting frames by
+the room they need, least first; what may be shed by charge, largest first) whose stale
+entries are skipped by sequence number and rebuilt when they outnumber the live records.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Outcome(enum.Enum):
     SHED = "shed"  # the budget took back what the member holds: drop it, refuse the frame
 
 
+# Module constants: an Enum member read through its class costs ~150 ns in CPython 3.11.
+GRANTED, WAITING, TOO_LARGE, SHED = Outcome
+
+
 class Member(Protocol):
     """A connection the budget can call back (a ``TcpSession``)."""
 
@@ -60,19 +65,20 @@ class Member(Protocol):
         """What it holds is taken back: drop it unread and refuse the frame."""
 
 
-class _Record:
-    __slots__ = ("charge", "seq", "size", "waiting")
+class _Held:
+    """What a member holds that is no admitted frame: a waiting frame, or held-back bytes."""
 
-    def __init__(self, charge: int, size: int, waiting: bool, seq: int) -> None:
-        self.charge = charge  # bytes counted in ``used``
-        self.size = size  # the whole frame (0: bytes held that are no frame being read)
-        self.waiting = waiting
+    __slots__ = ("charge", "seq", "size")
+
+    def __init__(self, charge: int, size: int, seq: int) -> None:
+        self.charge = charge  # bytes counted in ``used``: those already read
+        self.size = size  # the waiting frame's whole size (0: held-back bytes, no frame)
         self.seq = seq  # identifies the heap entries that still describe this record
 
 
 class ReadBudget:
     __slots__ = (
-        "_records", "_seq", "_sheddable", "_waiting", "limit", "peak", "shed_total",
+        "_admitted", "_held", "_seq", "_sheddable", "_waiting", "limit", "peak", "shed_total",
         "too_large_total", "used", "waits_total",
     )
 
@@ -85,7 +91,8 @@ class ReadBudget:
         self.waits_total = 0
         self.shed_total = 0
         self.too_large_total = 0
-        self._records: dict[Member, _Record] = {}
+        self._admitted: dict[Member, int] = {}  # member -> the size of its admitted frame
+        self._held: dict[Member, _Held] = {}
         # (room it still needs, seq, member): the least first
         self._waiting: list[tuple[int, int, Member]] = []
         self._sheddable: list[tuple[int, int, Member]] = []  # (-charge, seq, member)
@@ -94,41 +101,50 @@ class ReadBudget:
     def charge(self, member: Member, size: int, held: int) -> Outcome:
         """``member`` now holds ``held`` bytes: part of a frame of ``size`` bytes in all, or,
         with ``size`` 0, bytes that are no frame being read. Replaces its earlier charge."""
-        self._drop(member)
+        dropped = self._drop(member)
         if size > self.limit:
             self.too_large_total += 1
-            self._grant(member)
-            return Outcome.TOO_LARGE
+            if dropped and self._waiting:
+                self._grant(member)
+            return TOO_LARGE
+        used = self.used
+        if size and used + size <= self.limit:
+            # The common case (a large frame, room to spare): no heap, no callback.
+            self._admitted[member] = size
+            self.used = used = used + size
+            if used > self.peak:
+                self.peak = used
+            if dropped and self._waiting:
+                self._grant(member)  # its earlier frame may have been larger
+            return GRANTED
         seq = next(self._seq)
-        if size and self.used + size <= self.limit:
-            self._records[member] = _Record(size, size, False, seq)
-            self.used += size
-        elif size:
-            self._records[member] = _Record(held, size, True, seq)
-            self.used += held
+        self._held[member] = _Held(held, size, seq)
+        if size:
             self.waits_total += 1
             heapq.heappush(self._waiting, (size - held, seq, member))
-            heapq.heappush(self._sheddable, (-held, seq, member))
-        else:
-            self._records[member] = _Record(held, 0, False, seq)
-            self.used += held
-            heapq.heappush(self._sheddable, (-held, seq, member))
-        self.peak = max(self.peak, self.used)
-        if self.used > self.limit:
+        heapq.heappush(self._sheddable, (-held, seq, member))
+        self.used = used = used + held
+        if used > self.peak:
+            self.peak = used
+        if used > self.limit:
             self._shed(member)
         self._grant(member)
-        record = self._records.get(member)
-        if record is None:
-            return Outcome.SHED
-        return Outcome.WAITING if record.waiting else Outcome.GRANTED
+        record = self._held.get(member)
+        if record is not None:
+            return WAITING if record.size else GRANTED
+        return GRANTED if member in self._admitted else SHED
 
     def release(self, member: Member) -> None:
         """``member`` holds nothing any more (its frame is whole, or its input is over)."""
-        if self._drop(member):
+        if self._drop(member) and self._waiting:
             self._grant(None)
 
     def _drop(self, member: Member) -> bool:
-        record = self._records.pop(member, None)
+        size = self._admitted.pop(member, None)
+        if size is not None:
+            self.used -= size
+            return True
+        record = self._held.pop(member, None)
         if record is None:
             return False
         self.used -= record.charge
@@ -137,18 +153,19 @@ class ReadBudget:
     def _grant(self, caller: Member | None) -> None:
         """Admit waiting frames, those needing the least room first, while they fit; ``caller``
         learns its own outcome from its return value instead of a callback."""
-        waiting, records = self._waiting, self._records
+        waiting, held = self._waiting, self._held
         while waiting:
             needed, seq, member = waiting[0]
-            record = records.get(member)
+            record = held.get(member)
             if record is None or record.seq != seq:
                 heapq.heappop(waiting)  # stale: released, shed or charged again since
                 continue
             if self.used + needed > self.limit:
                 break
             heapq.heappop(waiting)
+            del held[member]
+            self._admitted[member] = record.size
             self.used += needed
-            record.charge, record.waiting = record.size, False
             self.peak = max(self.peak, self.used)
             if member is not caller:
                 member.budget_granted()
@@ -157,13 +174,13 @@ class ReadBudget:
     def _shed(self, caller: Member) -> None:
         """Take back bytes that are no admitted frame, largest holder first, until ``used`` is
         within ``limit``; ``caller``, if shed, learns it from its return value."""
-        sheddable, records = self._sheddable, self._records
+        sheddable, held = self._sheddable, self._held
         while self.used > self.limit and sheddable:
             _, seq, member = heapq.heappop(sheddable)
-            record = records.get(member)
-            if record is None or record.seq != seq or (record.size and not record.waiting):
-                continue  # stale, or admitted since
-            del records[member]
+            record = held.get(member)
+            if record is None or record.seq != seq:
+                continue  # stale: released, admitted or charged again since
+            del held[member]
             self.used -= record.charge
             self.shed_total += 1
             if member is not caller:
@@ -172,31 +189,26 @@ class ReadBudget:
     def _compact(self) -> None:
         """Rebuild the heaps once stale entries outnumber the live records (memory stays
         proportional to the connections holding bytes)."""
-        live = len(self._records)
-        if len(self._waiting) + len(self._sheddable) <= 2 * live + 64:
+        held = self._held
+        if len(self._waiting) + len(self._sheddable) <= 2 * len(held) + 64:
             return
-        records = self._records
-        self._waiting = [
-            (r.size - r.charge, r.seq, m) for m, r in records.items() if r.waiting
-        ]
-        self._sheddable = [
-            (-r.charge, r.seq, m) for m, r in records.items() if r.waiting or not r.size
-        ]
+        self._waiting = [(r.size - r.charge, r.seq, m) for m, r in held.items() if r.size]
+        self._sheddable = [(-r.charge, r.seq, m) for m, r in held.items()]
         heapq.heapify(self._waiting)
         heapq.heapify(self._sheddable)
 
     def statistics(self) -> dict[str, Any]:
-        records = self._records.values()
         return {
             "limit_bytes": self.limit,
             "used_bytes": self.used,
             "peak_bytes": self.peak,
-            "frames_admitted": sum(1 for r in records if r.size and not r.waiting),
-            "frames_waiting": sum(1 for r in records if r.waiting),
+            "frames_admitted": len(self._admitted),
+            "frames_waiting": sum(1 for r in self._held.values() if r.size),
             "waits_total": self.waits_total,
             "shed_total": self.shed_total,
             "too_large_total": self.too_large_total,
         }
 
     def __repr__(self) -> str:
-        return f"ReadBudget(used={self.used}, limit={self.limit}, members={len(self._records)})"
+        members = len(self._admitted) + len(self._held)
+        return f"ReadBudget(used={self.used}, limit={self.limit}, members={members})"

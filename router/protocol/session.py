@@ -39,10 +39,10 @@ read waiting for room in the read budget): reading resumes when the last one cle
 The read budget (``router.protocol.budget``, shared by every session of a front door): while
 the decoder holds part of a frame whose length is known, the session is charged the whole
 frame; while it holds whole frames held back (above), it is charged those bytes. Nothing is
-charged on the common path, where each read ends at a frame boundary: the only cost there is
-one test of ``_claim``. A frame that does not fit pauses reading until ``budget_granted``; one
-larger than the budget is FRAME_TOO_LARGE; bytes the budget takes back (``budget_shed``) end
-the input with OVERLOADED.
+charged on the common path, where each read ends at a frame boundary and none was partial
+before it: the budget costs nothing there. A frame that does not fit pauses reading until
+``budget_granted``; one larger than the budget is FRAME_TOO_LARGE; bytes the budget takes
+back (``budget_shed``) end the input with OVERLOADED.
 
 The retry contract (docs/protocol.md): the session never closes a connection while a request
 accepted on it is unanswered, short of ``abort``. A request is accepted when it is handed to
@@ -83,7 +83,7 @@ from router.core.errors import (
     ReadTimeout,
     RouterError,
 )
-from router.protocol.budget import Outcome, ReadBudget
+from router.protocol.budget import GRANTED, TOO_LARGE, WAITING, ReadBudget
 from router.protocol.frames import (
     HEADER_BYTES,
     FrameDecoder,
@@ -303,9 +303,9 @@ class TcpSession(Generic[R]):
                 self._sync_timer(now)
             if not self._charge(now):
                 return
-        else:
+        elif self._partial_since is not None:  # this read finished the frame that was partial
             self._partial_since = None
-            if self._claim:
+            if self._claim:  # only ever set while a frame is partial
                 self._release_claim()
         if len(pending) >= self._max_pipelined:
             self._pause(PIPELINE_FULL)
@@ -404,14 +404,14 @@ class TcpSession(Generic[R]):
             return True
         self._claim = claim
         outcome = self._budget.charge(self, size, decoder.buffered)
-        if outcome is Outcome.GRANTED:
+        if outcome is GRANTED:
             return True
-        if outcome is Outcome.WAITING:
+        if outcome is WAITING:
             self._pause(READ_BUDGET)
             return True
         self._claim = 0
         limit = self._budget.limit
-        if outcome is Outcome.TOO_LARGE:
+        if outcome is TOO_LARGE:
             error: RouterError = FrameTooLarge(
                 f"frame of {size - HEADER_BYTES} bytes exceeds listener.max_buffered_bytes="
                 f"{limit}, all the router holds of partly read frames"
