@@ -27,7 +27,7 @@ from tests.grpc_support import (
     kserve_backend,
 )
 
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, used by name
+__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 WAIT_S = 10.0
 
