@@ -78,6 +78,7 @@ chaos: $(STAMP)
 	$(PY) -m chaos.hung_backend
 	$(PY) -m chaos.rolling_restart
 	$(PY) -m chaos.hostile_clients
+	$(PY) -m chaos.frame_flood
 
 # Regenerate router/protocol/proto/*_pb2*.py from the .proto files there (grpcio-tools, the
 # protos extra), then check that the result imports with the pinned protobuf runtime.

@@ -2,10 +2,12 @@
 
 It is the router's stand-in for an inference server in tests, benchmarks and chaos runs, so
 it can also misbehave on request: answer late (``--delay-ms``), drop a connection instead of
-answering (``--fail-rate``), close after N answers (``--close-after``), and log the payloads
-it answered (``--record-ids``) so a chaos test can tell which requests reached it. With
-``--tls-cert`` it speaks TLS (``--tls-client-ca``: and requires a client certificate signed by
-that CA), built with the standard library alone so it checks the router's TLS independently.
+answering (``--fail-rate``), close after N answers (``--close-after``), send a frame on every
+new connection before it is asked anything (``--greet``: a protocol violation the router must
+catch), and log the payloads it answered (``--record-ids``) so a chaos test can tell which
+requests reached it. With ``--tls-cert`` it speaks TLS (``--tls-client-ca``: and requires a
+client certificate signed by that CA), built with the standard library alone so it checks the
+router's TLS independently.
 
 One ``asyncio.Protocol`` per connection under uvloop; replies go out in request order. The
 replies produced by one ``data_received`` are joined into one write (each frame is written
@@ -49,6 +51,7 @@ class EchoConfig:
     tls_cert: str | None = None  # PEM: certificate (and key, unless tls_key)
     tls_key: str | None = None
     tls_client_ca: str | None = None  # require client certificates signed by this CA
+    greet: bytes | None = None  # written as one frame as soon as a connection is made
 
     def __post_init__(self) -> None:
         if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
@@ -109,6 +112,8 @@ class EchoProtocol(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connections.add(self)
+        if self._config.greet is not None:
+            self._transport.write(encode_frame(self._config.greet))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -244,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
     parser.add_argument("--tls-key", default=None, metavar="PEM")
     parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
                         help="require client certificates signed by this CA")
+    parser.add_argument("--greet", default=None, metavar="TEXT",
+                        help="write TEXT as a frame on every connection before reading")
     args = parser.parse_args(argv)
     try:
         return EchoConfig(
@@ -251,6 +258,7 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
             fail_rate=args.fail_rate, close_after=args.close_after,
             record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+            greet=None if args.greet is None else args.greet.encode(),
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -139,6 +139,7 @@ class RouterApp:
             RouterCollector(
                 self.stats, self.registry, lambda: self.dispatcher.queue.waiting,
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
+                limits=self.front_door.limit_statistics,
             )
         )
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
@@ -167,8 +168,12 @@ class RouterApp:
             if tls is not None:
                 self.grpc_channels.use_tls(spec.address, tls)
         else:
-            dial = make_dialer(spec.host, spec.port, self.config.listener.max_frame_bytes, tls)
-            upstream = Pool(dial, self.config.pool, self.clock, name=spec.address)
+            dial = make_dialer(
+                spec.host, spec.port, self.config.listener.max_frame_bytes, tls,
+                on_broken=lambda error: pool.connection_failed(error),
+                check=self.config.health.probe == "frame",
+            )
+            upstream = pool = Pool(dial, self.config.pool, self.clock, name=spec.address)
         return Backend(spec, upstream)
 
     async def _release(self, backend: Backend) -> None:

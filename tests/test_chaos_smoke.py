@@ -71,3 +71,19 @@ def test_rolling_restart_chaos_smoke() -> None:
     assert result["processed_duplicates"] == 0
     assert result["a_dropped"] == 0 and result["b_dropped"] == 0
     assert time.monotonic() - started < 20
+
+
+def test_frame_flood_chaos_smoke() -> None:
+    """150 connections trickle 15 MiB frames at once, reconnecting for 4 s: the router's RSS
+    grows by less than the stated bound, the read budget holds, and normal clients see no
+    error. (``make chaos`` runs 2,000 for 30 s.)"""
+    from chaos.frame_flood import run as run_frame_flood
+
+    started = time.monotonic()
+    result = run_frame_flood(clients=4, hostiles=150, attack_s=4.0, read_timeout_s=2.0,
+                             interval_ms=2.0)
+    assert result["passed"], result
+    assert result["errors"] == 0 and result["ok"] == result["normal_requests"] > 0
+    assert result["rss_growth_mib"] < result["rss_bound_mib"]
+    assert result["read_budget"]["peak_bytes"] <= result["read_budget"]["limit_bytes"] + 256_000
+    assert time.monotonic() - started < 30

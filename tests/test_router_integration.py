@@ -311,7 +311,11 @@ async def test_backend_sending_garbage_is_a_protocol_error(
 ) -> None:
     server, address = await _replying_backend(reply)
     async with server:
-        router = await router_factory([address], {"dispatch": {"max_retries": 0}})
+        # probe = "connect": no connection check, which would meet the garbage first (and fail
+        # the request as not sent: the greeting test below).
+        router = await router_factory(
+            [address], {"dispatch": {"max_retries": 0}, "health": {"probe": "connect"}}
+        )
         client = await router.client()
         async with asyncio.timeout(WAIT_S):
             with pytest.raises(ErrorReply) as caught:
@@ -328,7 +332,10 @@ async def test_backend_sending_an_unrequested_frame_loses_its_connection(
     connection is discarded rather than reused."""
     server, address = await _replying_backend(encode_frame(b"a") + encode_frame(b"b"))
     async with server:
-        router = await router_factory([address], {"dispatch": {"max_retries": 0}})
+        # probe = "connect": no connection check, which would meet "a" + "b" first.
+        router = await router_factory(
+            [address], {"dispatch": {"max_retries": 0}, "health": {"probe": "connect"}}
+        )
         client = await router.client()
         async with asyncio.timeout(WAIT_S):
             assert await client.request(b"first") == b"a"
@@ -337,6 +344,49 @@ async def test_backend_sending_an_unrequested_frame_loses_its_connection(
         assert pool["dialed"] == 2
         assert pool["closed_broken"] >= 1
         await router.stop()
+
+
+async def test_a_backend_that_greets_on_connect_corrupts_no_answer_and_is_taken_out(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory
+) -> None:
+    """A backend that writes a frame on every new connection before it is asked anything: the
+    greeting answers the connection check instead of a request (BACKEND_PROTOCOL_ERROR), so no
+    client gets it as its answer; requests not yet written go to the other backend, and the
+    greeter is charged a failure per connection until it leaves rotation, after which every
+    request is answered."""
+    greeter = echo_backend("--greet", "hello")
+    good = echo_backend()
+    router = await router_factory([greeter.address, good.address])
+    clients = [await router.client() for _ in range(8)]
+
+    async def run(index: int, client: FrameClient, rounds: int) -> tuple[list[bytes], list[str]]:
+        wrong, codes = [], []
+        for i in range(rounds):
+            payload = f"{index}-{i}".encode()
+            try:
+                answer = await client.request(payload)
+            except ErrorReply as exc:
+                codes.append(exc.code)
+                continue
+            if answer != payload:
+                wrong.append(answer)
+        return wrong, codes
+
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*(run(i, c, 25) for i, c in enumerate(clients)))
+    wrong = [answer for answers, _ in results for answer in answers]
+    codes = [code for _, codes in results for code in codes]
+    assert wrong == []
+    stats = router.backend_stats()[greeter.address]
+    # A request already written when the greeting came back: the greeter may have run it.
+    assert set(codes) <= {"BACKEND_PROTOCOL_ERROR"}
+    assert len(codes) <= stats["failures_total"]
+    assert stats["failures_total"] >= 3
+    assert stats["healthy"] is False
+    async with asyncio.timeout(30):
+        after = await asyncio.gather(*(run(i, c, 10) for i, c in enumerate(clients)))
+    assert after == [([], [])] * len(clients)
+    assert router.backend_stats()[good.address]["requests_total"] >= 80
 
 
 async def test_overload_answers_every_request(

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from router.core.clock import ManualClock
 from router.core.config import ListenerConfig
-from router.core.errors import ClientNotAllowed, NoBackend, RouterError
+from router.core.errors import ClientNotAllowed, ConnectionLimit, NoBackend, RouterError
+from router.protocol.budget import ReadBudget
 from router.protocol.frames import ErrorFrame, FrameDecoder, encode_frame, encode_frames
 from router.protocol.session import (
     CLOSED,
@@ -98,9 +99,9 @@ class RecordingTransport:
 class Harness:
     def __init__(
         self, *, saturated: bool = False, answer_at_once: RouterError | None = None,
-        **config: Any,
+        budget: ReadBudget | None = None, clock: ManualClock | None = None, **config: Any,
     ) -> None:
-        self.clock = ManualClock()
+        self.clock = clock or ManualClock()
         self.transport = RecordingTransport()
         self.submitted: list[FakeRequest] = []
         self.transitions: list[tuple[State, Trigger, State]] = []
@@ -109,7 +110,7 @@ class Harness:
         settings = {"read_timeout_s": READ_TIMEOUT_S, "idle_timeout_s": IDLE_TIMEOUT_S, **config}
         self.session: TcpSession[FakeRequest] = TcpSession(
             self.transport, ListenerConfig(**settings), LINGER_S, self.clock, FakeRequest,
-            self._submit, saturated=saturated,
+            self._submit, saturated=saturated, budget=budget,
             on_transition=lambda *t: self.transitions.append(t),
         )
         self._decoder = FrameDecoder(accept_error_flag=True)
@@ -238,6 +239,7 @@ SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (OPEN, Trigger.PEER_EOF): lambda h: (_open_with_pending(h), h.session.eof_received()),
     (OPEN, Trigger.BAD_INPUT): lambda h: (
         _open_with_pending(h), h.session.data_received(b"\xff\xff\xff\xff")),
+    (OPEN, Trigger.LIMIT): lambda h: h.session.refuse(ConnectionLimit("full")),
     (OPEN, Trigger.IDLE): lambda h: h.clock.advance(IDLE_TIMEOUT_S),
     (OPEN, Trigger.REFUSED): lambda h: h.session.refuse(ClientNotAllowed("not listed")),
     (OPEN, Trigger.ABORT): lambda h: h.session.abort(),
@@ -246,6 +248,8 @@ SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (CLOSING_AT_BOUNDARY, Trigger.PEER_EOF): lambda h: (_closing(h), h.session.eof_received()),
     (CLOSING_AT_BOUNDARY, Trigger.BAD_INPUT): lambda h: (
         _closing(h), h.session.data_received(b"\xff\xff\xff\xff")),
+    (CLOSING_AT_BOUNDARY, Trigger.LIMIT): lambda h: (
+        _closing(h), h.session.refuse(ConnectionLimit("full"))),
     (CLOSING_AT_BOUNDARY, Trigger.BOUNDARY): lambda h: (_closing(h), h.answer(0)),
     (CLOSING_AT_BOUNDARY, Trigger.ABORT): lambda h: (_closing(h), h.session.abort()),
     (CLOSING_AT_BOUNDARY, Trigger.LOST): lambda h: (_closing(h), h.session.connection_lost()),

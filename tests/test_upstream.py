@@ -15,7 +15,7 @@ from router.core.errors import (
     BackendUnavailable,
 )
 from router.protocol.frames import FrameDecoder, encode_frame
-from router.upstream.frame_connection import make_dialer
+from router.upstream.frame_connection import BackendConnection, make_dialer
 from router.upstream.pool import Connection, request
 
 WAIT_S = 5.0
@@ -226,3 +226,125 @@ async def test_send_on_a_closed_connection_fails_at_once(
     assert [(token, type(error)) for token, _, error in sink.calls] == [
         ("late", BackendUnavailable)
     ]
+
+
+# -- bytes nobody asked for, and the connection check (a recording transport, no socket) -------
+
+
+class RecordingTransport:
+    """The transport calls a BackendConnection makes, in order, with what was written."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.calls.append("write")
+        self.written += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.calls.append("writelines")
+        self.written += b"".join(parts)
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+def recorded_connection(
+    *, check: bool = False
+) -> tuple[BackendConnection, RecordingTransport, list[BackendError]]:
+    broken: list[BackendError] = []
+    connection = BackendConnection("backend:1", 1 << 20, broken.append, check=check)
+    transport = RecordingTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]  # the calls it makes
+    return connection, transport, broken
+
+
+async def flushed() -> None:
+    """Let the ``call_soon`` flush of this loop iteration run."""
+    await asyncio.sleep(0)
+
+
+async def test_bytes_before_the_first_flush_answer_nothing_and_fail_the_queued_requests() -> None:
+    """A greeting read while the requests are still queued (not written) is no answer: the
+    connection is discarded and each request fails as never sent, safe to retry elsewhere and
+    counted (not a keep-alive connection closing)."""
+    connection, transport, broken = recorded_connection()
+    sink = Sink()
+    connection.send(b"a", sink, "a", WAIT_S)
+    connection.send(b"b", sink, "b", WAIT_S)
+    connection.data_received(encode_frame(b"hello"))  # before the flush ran
+    await flushed()
+
+    assert [(token, response) for token, response, _ in sink.calls] == [("a", None), ("b", None)]
+    errors = [error for _, _, error in sink.calls]
+    assert all(isinstance(e, BackendUnavailable) and not e.reused_connection for e in errors)
+    assert transport.written == b"" and transport.calls == ["abort"]
+    assert connection.is_closed
+    assert broken == []  # the failed requests carry the failure
+
+
+async def test_bytes_on_an_idle_connection_reach_on_broken() -> None:
+    connection, transport, broken = recorded_connection()
+    connection.data_received(b"\x00\x00")
+    assert [type(error) for error in broken] == [BackendProtocolError]
+    assert "before it was asked" in broken[0].message
+    assert connection.is_closed and transport.calls == ["abort"]
+
+
+async def test_a_frame_after_the_last_answer_is_unsolicited() -> None:
+    connection, _, broken = recorded_connection()
+    sink = Sink()
+    connection.send(b"a", sink, "a", WAIT_S)
+    await flushed()
+    connection.data_received(encode_frame(b"A") + encode_frame(b"extra"))
+    assert [(token, response, error) for token, response, error in sink.calls] == [
+        ("a", b"A", None)
+    ]
+    assert [type(error) for error in broken] == [BackendProtocolError]
+    assert connection.is_closed
+
+
+async def test_the_connection_check_goes_first_and_its_empty_answer_is_not_a_reply() -> None:
+    connection, transport, broken = recorded_connection(check=True)
+    assert transport.written == encode_frame(b"")  # in connection_made, before any request
+    sink = Sink()
+    connection.send(b"a", sink, "a", WAIT_S)
+    await flushed()
+    assert transport.written == encode_frame(b"") + encode_frame(b"a")  # not held back
+    connection.data_received(encode_frame(b"") + encode_frame(b"A"))
+    assert [(token, response, error) for token, response, error in sink.calls] == [
+        ("a", b"A", None)
+    ]
+    assert not connection.is_closed and broken == []
+
+
+async def test_a_greeting_answering_the_connection_check_is_a_protocol_error() -> None:
+    """The greeting comes back first, where the check's empty answer belongs: the written
+    request gets BACKEND_PROTOCOL_ERROR (the backend may have run it), the one still queued
+    fails as never sent, and no answer is delivered."""
+    connection, _, broken = recorded_connection(check=True)
+    sink = Sink()
+    connection.send(b"a", sink, "a", WAIT_S)
+    await flushed()
+    connection.send(b"b", sink, "b", WAIT_S)
+    connection.data_received(encode_frame(b"hello") + encode_frame(b"") + encode_frame(b"a"))
+    await flushed()
+    assert [(token, response, type(error)) for token, response, error in sink.calls] == [
+        ("a", None, BackendProtocolError), ("b", None, BackendUnavailable)
+    ]
+    assert "connection check" in str(sink.calls[0][2])
+    assert connection.is_closed and broken == []
+
+
+async def test_a_greeting_on_an_idle_checked_connection_reaches_on_broken() -> None:
+    connection, _, broken = recorded_connection(check=True)
+    connection.data_received(encode_frame(b"hello"))
+    assert [type(error) for error in broken] == [BackendProtocolError]
+    assert connection.is_closed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,9 +29,12 @@ class RouterCollector(Collector):
         queue_depth: Callable[[], int],
         extra: Callable[[], dict[str, float]] | None = None,
         grpc: GrpcStats | None = None,
+        limits: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
+        """``limits``: the TCP front door's ``limit_statistics``."""
         self._stats = stats
         self._grpc = grpc
+        self._limits = limits
         self._registry = registry
         self._queue_depth = queue_depth
         self._extra = extra
@@ -70,6 +74,8 @@ class RouterCollector(Collector):
         yield from self._backend_metrics()
         if self._grpc is not None:
             yield from self._grpc_metrics(self._grpc)
+        if self._limits is not None:
+            yield from self._limit_metrics(self._limits())
         if self._extra is not None:
             for name, value in self._extra().items():
                 yield GaugeMetricFamily(name, name.replace("_", " "), value=value)
@@ -89,6 +95,41 @@ class RouterCollector(Collector):
         )
         hist.add_metric([], grpc.latency.cumulative(), sum_value=grpc.latency.total_s)
         yield hist
+
+    @staticmethod
+    def _limit_metrics(limits: Mapping[str, Any]) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "router_connections_refused", "Client connections refused over a limit.",
+            labels=["limit"],
+        )
+        for limit, count in sorted(limits["connections_refused"].items()):
+            refused.add_metric([limit], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "router_connections_open", "Client connections counted against "
+            "listener.max_connections.", value=limits["counted_connections"],
+        )
+        budget = limits["read_budget"]
+        yield GaugeMetricFamily(
+            "router_read_budget_bytes", "Bytes of partly read frames held (admitted frames "
+            "whole).", value=budget["used_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "router_read_budget_limit_bytes", "listener.max_buffered_bytes.",
+            value=budget["limit_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "router_read_budget_waiting_frames", "Frames waiting for room in the read budget.",
+            value=budget["frames_waiting"],
+        )
+        events = CounterMetricFamily(
+            "router_read_budget_events", "Frames that waited for room, were refused as larger "
+            "than the budget, or were shed.", labels=["event"],
+        )
+        for event, key in (("waited", "waits_total"), ("too_large", "too_large_total"),
+                           ("shed", "shed_total")):
+            events.add_metric([event], budget[key])
+        yield events
 
     def _backend_metrics(self) -> Iterator[Metric]:
         labels = ["backend"]

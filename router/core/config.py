@@ -220,6 +220,24 @@ class ListenerConfig(_Section):
         128, ge=1, description="Unanswered requests per client connection; the router stops "
         "reading a connection beyond it.",
     )
+    # 20,000: twice the 10,000 clients of `make bench-10k`, at ~3-4 KiB of RSS each (80 MiB).
+    max_connections: Int = Field(
+        20_000, ge=1, description="Open client connections; one more is answered "
+        "CONNECTION_LIMIT and closed at once. Needs that many open files (the router raises its "
+        "soft RLIMIT_NOFILE towards it and warns when the hard limit is lower).",
+    )
+    max_connections_per_ip: Int = Field(
+        0, ge=0, description="Open client connections from one IP address; one more is "
+        "answered CONNECTION_LIMIT and closed at once. 0: no per-address limit (clients behind "
+        "one NAT share an address).",
+    )
+    # 128 MiB: eight frames of the default max_frame_bytes being read at once.
+    max_buffered_bytes: Int = Field(
+        128 * 1024 * 1024, ge=1024, le=C_INT_MAX, description="Bytes of partly read frames "
+        "the router holds across all client connections. A frame being read is charged its "
+        "whole size; one that does not fit waits, its connection unread, until there is room; "
+        "a frame larger than this is answered FRAME_TOO_LARGE (docs/operations.md, Limits).",
+    )
     reuse_port: Bool = Field(
         False, description="SO_REUSEPORT on the TCP and gRPC listeners, so another router may "
         "share the ports (rolling restarts).",
@@ -255,6 +273,20 @@ class GrpcConfig(_Section):
         "not count) before it is closed.",
     )
     # Below 0.1 s it would undercut gRPC's first reconnect wait, which the router sets to 100 ms.
+    max_connections: Int = Field(
+        20_000, ge=1, le=C_INT_MAX, description="Open gRPC client connections (grpc core's "
+        "grpc.max_allowed_incoming_connections): one more is closed at once, which its client "
+        "sees as UNAVAILABLE.",
+    )
+    max_concurrent_calls: Int = Field(
+        4096, ge=1, le=C_INT_MAX, description="gRPC calls in progress on the front door, "
+        "streams and health watches included; one more is answered RESOURCE_EXHAUSTED before "
+        "its message is read.",
+    )
+    max_concurrent_streams: Int = Field(
+        256, ge=1, le=C_INT_MAX, description="Calls in progress on one HTTP/2 connection "
+        "(SETTINGS_MAX_CONCURRENT_STREAMS); a client's further calls wait on its side.",
+    )
     reconnect_backoff_max_s: Annotated[float, Strict()] = Field(
         2.0, ge=0.1, le=MAX_DURATION_S, allow_inf_nan=False,
         description="Longest wait, in seconds, between reconnect attempts to a gRPC backend "

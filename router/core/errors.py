@@ -76,6 +76,16 @@ class Draining(RouterError):
     grpc_status = "UNAVAILABLE"
 
 
+class ConnectionLimit(RouterError):
+    """A new client connection over ``listener.max_connections`` or
+    ``listener.max_connections_per_ip``: answered with this and closed at once; nothing sent on
+    it was accepted."""
+
+    code = "CONNECTION_LIMIT"
+    http_status = 503
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class NoBackend(RouterError):
     code = "NO_BACKEND"
     http_status = 503

@@ -102,6 +102,20 @@ class FrameDecoder:
         return len(self._buffer)
 
     @property
+    def frame_size(self) -> int:
+        """Header and body bytes of the frame being read: known once its length word is in,
+        until its body is complete (0 otherwise: at a boundary, inside a length word, or with
+        whole frames held past a ``limit``, not parsed yet)."""
+        need = self._need
+        return HEADER_BYTES + (need & LENGTH_MASK) if need >= 0 else 0
+
+    def discard(self) -> None:
+        """Drop every byte held, and their memory: the input is over (bad input, or the read
+        budget took the bytes back)."""
+        self._buffer = bytearray()
+        self._need = -1
+
+    @property
     def frame_ready(self) -> bool:
         """Whether ``feed(b"")`` has something to return or raise: the buffer starts with a
         whole frame (held past a ``limit``) or with a length word it rejects."""

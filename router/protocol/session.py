@@ -33,12 +33,22 @@ States (``State``; the transitions are the table ``TRANSITIONS`` below, checked 
     CLOSED               closed, aborted or lost; answers that arrive later are not written.
 
 Beside the state: *error pending* (bad input: an oversize length, a truncated frame at EOF, a
-partial frame held past ``read_timeout_s``; or ``refuse``: the connection is turned away before
-anything it sent is read, such as a client outside the TLS allow-list) means the error frame
-goes out after the last pending answer, just before the FIN; *peer EOF* means the client
-has sent its FIN, so the boundary closes at once instead of lingering; and the *pause bits*,
-the reasons reading is paused (too many answers pending, the write buffer full, the
-dispatcher's queue saturated): reading resumes when the last one clears.
+partial frame held past ``read_timeout_s``; ``refuse``: the connection is turned away before
+anything it sent is read, such as a client outside the TLS allow-list or one over a connection
+limit; or the frame refused by the read budget) means the error frame goes out after the last
+pending answer, just before the FIN; *peer EOF* means the client has sent its FIN, so the
+boundary closes at once instead of lingering; and the *pause bits*, the reasons reading is
+paused (too many answers pending, the write buffer full, the dispatcher's queue saturated, the
+frame being read waiting for room in the read budget): reading resumes when the last one
+clears.
+
+The read budget (``router.protocol.budget``, shared by every session of a front door): while
+the decoder holds part of a frame whose length is known, the session is charged the whole
+frame; while it holds whole frames held back (above), it is charged those bytes. Nothing is
+charged on the common path, where each read ends at a frame boundary and none was partial
+before it: the budget costs nothing there. A frame that does not fit pauses reading until
+``budget_granted``; one larger than the budget is FRAME_TOO_LARGE; bytes the budget takes
+back (``budget_shed``) end the input with OVERLOADED.
 
 The retry contract (docs/protocol.md): the session never closes a connection while a request
 accepted on it is unanswered, short of ``abort``. A request is accepted when it is handed to
@@ -72,8 +82,21 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from router.core.clock import Clock, Timer
 from router.core.config import ListenerConfig
-from router.core.errors import ClientProtocolError, ReadTimeout, RouterError
-from router.protocol.frames import FrameDecoder, encode_frame, encode_router_error, frame_parts
+from router.core.errors import (
+    ClientProtocolError,
+    FrameTooLarge,
+    Overloaded,
+    ReadTimeout,
+    RouterError,
+)
+from router.protocol.budget import GRANTED, TOO_LARGE, WAITING, ReadBudget
+from router.protocol.frames import (
+    HEADER_BYTES,
+    FrameDecoder,
+    encode_frame,
+    encode_router_error,
+    frame_parts,
+)
 
 
 class State(enum.Enum):
@@ -90,6 +113,7 @@ class Trigger(enum.Enum):
     PEER_EOF = "client sent FIN"
     BAD_INPUT = "bad input"  # oversize length, truncated frame, read timeout
     REFUSED = "refused"  # turned away before any input is read (a client not allowed)
+    LIMIT = "over a limit"  # connection limit, read budget
     IDLE = "idle timeout"
     BOUNDARY = "request boundary reached, FIN sent"
     LINGER_OVER = "linger expired"
@@ -110,6 +134,7 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
         Trigger.DRAIN: CLOSING_AT_BOUNDARY,
         Trigger.PEER_EOF: CLOSING_AT_BOUNDARY,
         Trigger.BAD_INPUT: CLOSING_AT_BOUNDARY,
+        Trigger.LIMIT: CLOSING_AT_BOUNDARY,
         Trigger.IDLE: CLOSING_AT_BOUNDARY,
         Trigger.REFUSED: CLOSING_AT_BOUNDARY,
         Trigger.ABORT: CLOSED,
@@ -119,6 +144,7 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
         Trigger.DRAIN: CLOSING_AT_BOUNDARY,
         Trigger.PEER_EOF: CLOSING_AT_BOUNDARY,
         Trigger.BAD_INPUT: CLOSING_AT_BOUNDARY,
+        Trigger.LIMIT: CLOSING_AT_BOUNDARY,
         Trigger.BOUNDARY: LINGER,
         Trigger.ABORT: CLOSED,
         Trigger.LOST: CLOSED,
@@ -142,8 +168,9 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
 PIPELINE_FULL = 1  # max_pipelined answers pending, or whole frames held back
 WRITE_BLOCKED = 2  # the transport's write buffer is over its high-water mark
 QUEUE_SATURATED = 4  # the dispatcher's queue is full (global backpressure)
+READ_BUDGET = 8  # the frame being read waits for room in the read budget
 _PAUSE_NAMES = ((PIPELINE_FULL, "pipeline_full"), (WRITE_BLOCKED, "write_blocked"),
-                (QUEUE_SATURATED, "queue_saturated"))
+                (QUEUE_SATURATED, "queue_saturated"), (READ_BUDGET, "read_budget"))
 
 _INF = float("inf")
 # Below this an answer is joined with its header (one copy) for the single-write path; the
@@ -183,11 +210,11 @@ R = TypeVar("R", bound=Answer)
 
 class TcpSession(Generic[R]):
     __slots__ = (
-        "_clock", "_decoder", "_error", "_held", "_idle_timeout_s", "_input_ended",
-        "_last_activity", "_linger_s", "_linger_until", "_lost", "_max_pipelined", "_new_request",
-        "_now", "_on_transition", "_partial_since", "_paused", "_peer_eof", "_pending",
-        "_read_timeout_s", "_resume_at", "_state", "_submit", "_submitting", "_timer",
-        "_timer_at", "_transport", "_write",
+        "_budget", "_claim", "_clock", "_decoder", "_error", "_held", "_idle_timeout_s",
+        "_input_ended", "_last_activity", "_linger_s", "_linger_until", "_lost",
+        "_max_pipelined", "_new_request", "_now", "_on_transition", "_partial_since", "_paused",
+        "_peer_eof", "_pending", "_read_timeout_s", "_resume_at", "_state", "_submit",
+        "_submitting", "_timer", "_timer_at", "_transport", "_write",
     )
 
     def __init__(
@@ -200,12 +227,15 @@ class TcpSession(Generic[R]):
         submit: Callable[[R], object],
         *,
         saturated: bool = False,
+        budget: ReadBudget | None = None,
         on_transition: Callable[[State, Trigger, State], object] | None = None,
     ) -> None:
         """The connection is made: start reading (unless the queue is ``saturated``).
 
         ``new_request(payload, origin, accepted_at)`` builds the request ``submit`` accepts;
         its ``origin``, this session, is told through ``request_done`` once it is answered.
+        ``budget`` is the read budget shared with the other connections (by default one of
+        ``max_buffered_bytes`` for this connection alone).
         ``on_transition(before, trigger, after)``, if given, hears every state change.
         """
         self._transport = transport
@@ -221,6 +251,9 @@ class TcpSession(Generic[R]):
         self._submit = submit
         self._on_transition = on_transition
         self._decoder = FrameDecoder(config.max_frame_bytes)
+        self._budget = budget if budget is not None else ReadBudget(config.max_buffered_bytes)
+        # What the budget was last charged for: a frame's size, or minus the held-back bytes.
+        self._claim = 0
         # Requests accepted here, oldest first. A list, not a deque: it rarely holds more than
         # one (an empty deque costs 760 bytes per connection, a list 56).
         self._pending: list[R] = []
@@ -278,8 +311,12 @@ class TcpSession(Generic[R]):
             if payloads or self._partial_since is None:
                 self._partial_since = now  # a new frame began
                 self._sync_timer(now)
-        else:
+            if not self._charge(now):
+                return
+        elif self._partial_since is not None:  # this read finished the frame that was partial
             self._partial_since = None
+            if self._claim:  # only ever set while a frame is partial
+                self._release_claim()
         if len(pending) >= self._max_pipelined:
             self._pause(PIPELINE_FULL)
         if not pending or self._state is not OPEN:
@@ -335,6 +372,8 @@ class TcpSession(Generic[R]):
                 self._truncated(now)
                 return
             self._partial_since = now if decoder.buffered else None
+        if not self._charge(now):
+            return
         self._settle(now)
 
     def _truncated(self, now: float) -> None:
@@ -343,20 +382,68 @@ class TcpSession(Generic[R]):
         except ClientProtocolError as exc:
             self._bad_input(exc, now)
 
-    def _bad_input(self, error: ClientProtocolError, now: float) -> None:
-        self._end_with(error, Trigger.BAD_INPUT, now)
-
-    def refuse(self, error: RouterError) -> None:
-        """Turn the connection away before reading anything: ``error``'s frame, then close.
-        Called right after the session is made, so nothing has been accepted."""
-        self._end_with(error, Trigger.REFUSED, self._now())
-
-    def _end_with(self, error: RouterError, trigger: Trigger, now: float) -> None:
+    def _bad_input(
+        self, error: RouterError, now: float, trigger: Trigger = Trigger.BAD_INPUT
+    ) -> None:
         self._input_ended = True
         self._held = False  # nothing more is taken from the decoder
+        self._decoder.discard()  # what it holds will never be a request
+        if self._claim:
+            self._release_claim()
         self._error = error
         self._to(trigger)
         self._settle(now)
+
+    def refuse(self, error: RouterError) -> None:
+        """Turn the connection away before reading anything (a client outside the TLS
+        allow-list, one over a connection limit): ``error``'s frame, then the FIN. Called right
+        after the session is made, so nothing has been accepted."""
+        self._bad_input(error, self._now(), Trigger.REFUSED)
+
+    # -- the read budget ----------------------------------------------------------------------
+
+    def _charge(self, now: float) -> bool:
+        """Charge the budget for what the decoder holds, if that changed (the module
+        docstring); False when the input ended over it."""
+        decoder = self._decoder
+        size = decoder.frame_size
+        claim = size or (-decoder.buffered if self._held else 0)  # held-back bytes: negative
+        if claim == self._claim:
+            return True
+        if not claim:
+            self._release_claim()
+            return True
+        self._claim = claim
+        outcome = self._budget.charge(self, size, decoder.buffered)
+        if outcome is GRANTED:
+            return True
+        if outcome is WAITING:
+            self._pause(READ_BUDGET)
+            return True
+        self._claim = 0
+        limit = self._budget.limit
+        if outcome is TOO_LARGE:
+            error: RouterError = FrameTooLarge(
+                f"frame of {size - HEADER_BYTES} bytes exceeds listener.max_buffered_bytes="
+                f"{limit}, all the router holds of partly read frames"
+            )
+        else:
+            error = _shed_error(limit)
+        self._bad_input(error, now, Trigger.LIMIT)
+        return False
+
+    def _release_claim(self) -> None:
+        self._claim = 0
+        self._budget.release(self)
+
+    def budget_granted(self) -> None:
+        """The read budget admits the frame this connection waits to read."""
+        self._resume(READ_BUDGET, self._now())
+
+    def budget_shed(self) -> None:
+        """The read budget takes back what this connection holds: the frame is refused."""
+        self._claim = 0  # the budget dropped it already
+        self._bad_input(_shed_error(self._budget.limit), self._now(), Trigger.LIMIT)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -418,6 +505,8 @@ class TcpSession(Generic[R]):
         """Reset the connection now, answered or not (the drain's grace deadline)."""
         self._to(Trigger.ABORT)
         self._input_ended = True
+        if self._claim:
+            self._release_claim()
         self._cancel_timer()
         if not self._lost:
             self._transport.abort()  # also a connection we closed that is still flushing
@@ -425,6 +514,8 @@ class TcpSession(Generic[R]):
     def connection_lost(self) -> None:
         self._lost = True
         self._input_ended = True
+        if self._claim:
+            self._release_claim()
         self._to(Trigger.LOST)
         self._cancel_timer()
 
@@ -596,6 +687,7 @@ class TcpSession(Generic[R]):
             "unanswered": len(self._pending),
             "paused_for": self.paused_for,
             "buffered_bytes": self._decoder.buffered,
+            "budget_claim": self._claim,
             "frames_held": self._held,
             "error_pending": self._error.code if self._error is not None else None,
             "peer_eof": self._peer_eof,
@@ -606,3 +698,10 @@ class TcpSession(Generic[R]):
         paused = ",".join(self.paused_for) or "no"
         return (f"TcpSession({self._state.value}, unanswered={len(self._pending)}, "
                 f"paused={paused})")
+
+
+def _shed_error(limit: int) -> Overloaded:
+    return Overloaded(
+        f"the read budget (listener.max_buffered_bytes={limit}) is full: the frame being read "
+        "was not accepted, send it again later"
+    )

@@ -2,13 +2,29 @@
 
 A connection carries up to the pool's ``pipeline_depth`` requests at once. Requests sent in the
 same loop iteration are written together (one writev, flushed by one ``call_soon``), and
-answers are matched to requests in order, which the protocol guarantees. A frame nobody asked
-for, or an oversize one, is a protocol error and the connection is discarded.
+answers are matched to requests in order, which the protocol guarantees. An oversize frame is
+a protocol error and the connection is discarded.
 
-When a connection fails, whether any byte of the oldest request's answer arrived decides what
-that request gets: none means the backend may be gone and it is safe to retry elsewhere
-(``BackendUnavailable``); some means the backend broke mid-answer (``BackendProtocolError``).
-The requests queued behind it received nothing and get ``BackendUnavailable``.
+Unsolicited bytes: an answer can only follow a request already written, so any byte that
+arrives while no written request is outstanding (before the first flush, or after the last
+answer) is a ``BackendProtocolError``, never an answer. A backend that greets on connect, or
+sends one frame more than it was asked for, would otherwise shift every later answer onto the
+wrong request. The connection is discarded and the backend charged a failure: through the
+requests it carried (none of them was written, so each is safe to retry elsewhere), or, with
+none, through ``on_broken`` (the pool's ``connection_failed``).
+
+The connection check (``check=True``, which the router sets when backends answer zero-length
+frame probes, ``health.probe = "frame"``): a greeting could still arrive just after the first
+request was written, and nothing would tell it from that request's answer. So a new connection
+writes one zero-length frame in ``connection_made``, before anything else, and the first frame
+to come back must be empty: a greeting, or any other protocol on that port, is what answers
+the check instead. Requests are not held for it (no round trip is added); those already
+written when it fails get what a broken connection gives them, below.
+
+When a connection fails, the oldest request gets the error if it was written: whether any byte
+of its answer arrived decides which (none: ``BackendUnavailable``, safe to retry elsewhere;
+some: ``BackendProtocolError``). The requests behind it, and every request not yet written,
+received nothing and get ``BackendUnavailable``.
 
 Timeouts cost one timer per connection, not one per request: the timer is armed for the oldest
 request's deadline and, when it fires, re-armed for the then-oldest one. A request that times
@@ -20,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from router.core.errors import (
@@ -29,7 +46,7 @@ from router.core.errors import (
     BackendUnavailable,
     FrameTooLarge,
 )
-from router.protocol.frames import FrameDecoder, frame_parts
+from router.protocol.frames import FrameDecoder, encode_frame, frame_parts
 from router.tls.context import BackendTls
 from router.upstream.base import ReplySink
 from router.upstream.pool import Connection, Dialer
@@ -45,13 +62,23 @@ class _Outstanding:
         self.timeout_s = timeout_s
 
 
+BrokenListener = Callable[[BackendError], None]
+CONNECTION_CHECK = encode_frame(b"")  # written first on a new connection with ``check``
+
+
 class BackendConnection(asyncio.Protocol):
-    def __init__(self, address: str, max_frame_bytes: int) -> None:
+    def __init__(
+        self, address: str, max_frame_bytes: int, on_broken: BrokenListener | None = None,
+        *, check: bool = False,
+    ) -> None:
         self._address = address
         self._decoder = FrameDecoder(max_frame_bytes)
         self._loop = asyncio.get_running_loop()
+        self._on_broken = on_broken
+        self._checking = check  # the connection check is (to be) written, its answer not in
         self._transport: asyncio.Transport | None = None
         self._outstanding: deque[_Outstanding] = deque()
+        self._written = 0  # the oldest this many outstanding requests are written: answerable
         self._out: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -89,8 +116,13 @@ class BackendConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._checking:
+            self._transport.write(CONNECTION_CHECK)
 
     def data_received(self, data: bytes) -> None:
+        if not self._written and not self._checking:
+            self._unsolicited(f"{self._address} sent {len(data)} bytes before it was asked")
+            return
         try:
             frames = self._decoder.feed(data)
         except FrameTooLarge as exc:
@@ -98,11 +130,20 @@ class BackendConnection(asyncio.Protocol):
             return
         outstanding = self._outstanding
         for frame in frames:
-            if not outstanding:
-                unasked = f"{self._address} sent a frame nobody asked for"
-                self._discard(BackendProtocolError(unasked))
+            if self._checking:
+                if frame:
+                    self._discard(BackendProtocolError(
+                        f"{self._address} answered the zero-length connection check with "
+                        f"{len(frame)} bytes (does it write before it is asked?)"
+                    ))
+                    return
+                self._checking = False
+                continue
+            if not self._written:
+                self._unsolicited(f"{self._address} sent a frame nobody asked for")
                 return
             entry = outstanding.popleft()
+            self._written -= 1
             self._answered += 1
             entry.sink(entry.token, frame, None)
         if self._decoder.error is not None:
@@ -124,6 +165,7 @@ class BackendConnection(asyncio.Protocol):
         out, self._out = self._out, []
         if self.is_closed or self._transport is None or not out:
             return
+        self._written = len(self._outstanding)  # ``out`` holds every request not yet written
         if len(out) == 1:
             self._transport.write(out[0])
         else:
@@ -147,10 +189,18 @@ class BackendConnection(asyncio.Protocol):
         else:
             self._arm_timer(head.deadline)
 
+    def _unsolicited(self, what: str) -> None:
+        """Bytes with no written request outstanding: discard the connection (the requests
+        on it were not written, so they fail as safe to retry elsewhere)."""
+        self._discard(BackendProtocolError(what))
+
     def _discard(self, head_error: BackendError | None) -> None:
-        """Close the connection and fail every request on it: the oldest with ``head_error``,
-        the rest (and all of them when ``head_error`` is None) with ``BackendUnavailable``."""
+        """Close the connection and fail every request on it: the oldest with ``head_error``
+        if it was written, the rest (and all of them when ``head_error`` is None) with
+        ``BackendUnavailable``. A protocol error with no request to carry it goes to
+        ``on_broken``, so that it counts against the backend all the same."""
         self.is_closed = True
+        written, self._written = self._written, 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -162,14 +212,19 @@ class BackendConnection(asyncio.Protocol):
                 self._transport.abort()
         entries = list(self._outstanding)
         self._outstanding.clear()
+        broken = head_error if isinstance(head_error, BackendProtocolError) else None
+        if broken is not None and not entries and self._on_broken is not None:
+            self._on_broken(broken)
+        # A protocol error is no keep-alive connection closing: what it fails counts.
+        reused = self._answered > 0 and broken is None
+        closed = f"{self._address}: connection closed before answering"
         for index, entry in enumerate(entries):
-            if index == 0 and head_error is not None:
+            if index == 0 and head_error is not None and written:
                 error: BackendError = head_error
             else:
-                error = BackendUnavailable(
-                    f"{self._address}: connection closed before answering",
-                    reused_connection=self._answered > 0,
-                )
+                if index >= written and head_error is not None:
+                    closed = f"{self._address}: not sent: {head_error.message}"
+                error = BackendUnavailable(closed, reused_connection=reused)
             entry.sink(entry.token, None, error)
 
     def __repr__(self) -> str:
@@ -177,24 +232,28 @@ class BackendConnection(asyncio.Protocol):
         return f"BackendConnection({self._address}, {state})"
 
 
-def make_dialer(host: str, port: int, max_frame_bytes: int, tls: BackendTls | None = None
-                ) -> Dialer:
-    """Dials ``host:port``; over TLS with ``tls``'s context at the time of each dial (so a
+def make_dialer(
+    host: str, port: int, max_frame_bytes: int, tls: BackendTls | None = None,
+    on_broken: BrokenListener | None = None, *, check: bool = False,
+) -> Dialer:
+    """Dial ``host:port``; over TLS with ``tls``'s context at the time of each dial (so a
     reload applies to the next connection), its handshake inside the pool's connect timeout. A
     certificate that fails verification is an ``ssl.SSLError``, an ``OSError``, so the pool
-    reports it as ``BackendUnavailable`` with OpenSSL's reason."""
+    reports it as ``BackendUnavailable`` with OpenSSL's reason. ``on_broken(error)`` hears of a
+    connection that broke the protocol with no request on it, and ``check`` turns on the
+    connection check (module docstring)."""
     address = f"{host}:{port}"
 
     async def dial() -> Connection:
         loop = asyncio.get_running_loop()
+        def protocol_factory() -> BackendConnection:
+            return BackendConnection(address, max_frame_bytes, on_broken, check=check)
+
         if tls is None:
-            _, protocol = await loop.create_connection(
-                lambda: BackendConnection(address, max_frame_bytes), host, port
-            )
+            _, protocol = await loop.create_connection(protocol_factory, host, port)
         else:
             _, protocol = await loop.create_connection(
-                lambda: BackendConnection(address, max_frame_bytes), host, port,
-                ssl=tls.context, server_hostname=tls.server_name,
+                protocol_factory, host, port, ssl=tls.context, server_hostname=tls.server_name,
             )
         return protocol
 

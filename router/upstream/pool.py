@@ -262,6 +262,12 @@ class Pool:
         now = self._clock.now()
         return Slot(connection, created_at=now, idle_since=now, generation=self._generation)
 
+    def connection_failed(self, error: BackendError) -> None:
+        """A connection failed with no request on it (an idle one whose backend sent bytes
+        nobody asked for): counted against the backend as a failed dial is. The slot itself is
+        retired when next taken (it reads ``is_closed``)."""
+        self._room(error)
+
     def can_dial(self) -> bool:
         """Whether a new connection may be opened now (``open`` below ``max_connections``)."""
         return not self._closed and self._open < self._max

@@ -19,6 +19,10 @@ trailing metadata.
 
 Admission, for calls that reach a backend: refused with UNAVAILABLE while draining, and with
 RESOURCE_EXHAUSTED while the dispatch queue is at its bound (gRPC has no read to pause).
+Before that, grpc core itself bounds connections (``grpc.max_connections``: one more is closed
+at once), calls in progress (``grpc.max_concurrent_calls``: one more is answered
+RESOURCE_EXHAUSTED without reaching a handler, so it carries no ``x-router-error`` and is not
+counted in ``GrpcStats``) and streams per connection (``grpc.max_concurrent_streams``).
 
 TLS (``grpc.tls``): gRPC's own TLS (ALPN ``h2``, TLS 1.2 and 1.3), with credentials that
 fetch the newest certificate, key and client CA at each new handshake once
@@ -169,14 +173,19 @@ class GrpcFrontDoor:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
-        size = self._config.max_message_bytes
+        config = self._config
+        size = config.max_message_bytes
         server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
             # gRPC sets SO_REUSEPORT unless told not to: two routers must not share a port
             # by accident, only when asked (--reuse-port, for rolling restarts).
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ])
+            # The limits grpc core enforces before a call reaches Python (docs/operations.md,
+            # Limits): connections, and calls per connection.
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ], maximum_concurrent_rpcs=config.max_concurrent_calls)
         server.add_registered_method_handlers(HEALTH_SERVICE, self._health_handlers())
         server.add_registered_method_handlers(KSERVE_SERVICE, self._kserve_handlers())
         enable_reflection(server, (HEALTH_SERVICE, KSERVE_SERVICE))

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
+from router.core.errors import RouterError
 from router.dispatch.scheduler import Request
 from router.protocol.session import TcpSession
 from router.tls.identity import PeerIdentity
@@ -28,10 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_front_door", "session")
+    __slots__ = ("_front_door", "_peer", "_refusal", "session")
 
-    def __init__(self, front_door: TcpFrontDoor) -> None:
+    def __init__(
+        self, front_door: TcpFrontDoor, peer: str | None, refusal: RouterError | None = None
+    ) -> None:
+        """``peer``: the key the front door counts this connection under (None: not counted);
+        ``refusal``: the limit it is over, answered at once."""
         self._front_door = front_door
+        self._peer = peer
+        self._refusal = refusal
         self.session: TcpSession[Request]  # from connection_made on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -42,6 +49,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, dispatcher.submit, saturated=dispatcher.saturated,
+            budget=front_door.budget,
         )
         tls = front_door.tls
         if tls is not None and tls.allow_list.active:
@@ -51,6 +59,8 @@ class ClientConnection(asyncio.Protocol):
                 log.info("refused %s: %s", transport.get_extra_info("peername"), refusal.message)
                 self.session.refuse(refusal)
         front_door.connection_opened(self.session)
+        if self._refusal is not None:
+            self.session.refuse(self._refusal)
 
     def data_received(self, data: bytes) -> None:
         self.session.data_received(data)
@@ -60,7 +70,13 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost()
+        self.uncount()
         self._front_door.connection_closed(self.session)
+
+    def uncount(self) -> None:
+        """Stop counting this connection against the limits; only the first call counts."""
+        peer, self._peer = self._peer, None
+        self._front_door.release(peer)
 
     def pause_writing(self) -> None:
         self.session.pause_writing()

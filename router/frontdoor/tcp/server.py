@@ -3,8 +3,8 @@
 Each accepted connection gets a ``ClientConnection`` (connection.py), the uvloop Protocol that
 feeds a sans-IO ``TcpSession`` (router.protocol.session): in-order answers, coalesced writes,
 pausing, closing at a request boundary and the connection's timeouts all live there. This module
-owns what spans connections: accepting, the dispatcher's backpressure fanned out to every
-session, and the drain.
+owns what spans connections: accepting, the connection limits, the read budget shared by
+every session, the dispatcher's backpressure fanned out to every session, and the drain.
 
 Accepting: the front door owns its listening socket and accepts up to ``ACCEPT_BATCH``
 connections per wakeup. (uvloop's server accepts one connection per loop iteration: with
@@ -19,6 +19,14 @@ client's close_notify. A failed handshake (untrusted or expired certificate, pla
 port) is counted and logged at DEBUG: it is the client's doing and may come by the thousand.
 With an allow-list, a client outside it is answered CLIENT_NOT_ALLOWED and closed before
 anything it sent is read (``ClientConnection.connection_made``).
+
+Connection limits: each accepted connection is counted at once, before it is set up, so a
+burst of accepts cannot overshoot ``listener.max_connections`` (and, when set,
+``max_connections_per_ip``). One over a limit is still accepted and set up, but its session is
+refused at once: it writes a CONNECTION_LIMIT error frame, sends its FIN and reads nothing
+(the same close as after bad input, lingering for the client's FIN). Refused connections are
+not counted against the limits. Each counted connection needs a file descriptor, so ``start``
+raises the soft RLIMIT_NOFILE towards ``max_connections`` plus ``FD_HEADROOM``.
 """
 
 from __future__ import annotations
@@ -28,15 +36,18 @@ import collections
 import functools
 import logging
 import random
+import resource
 import socket
 import ssl
 from typing import Any
 
 from router.core.clock import Clock
 from router.core.config import DrainConfig, ListenerConfig
+from router.core.errors import ConnectionLimit
 from router.dispatch.scheduler import Dispatcher, Request
 from router.frontdoor.tcp.connection import ClientConnection
 from router.lifecycle.state import Lifecycle
+from router.protocol.budget import ReadBudget
 from router.protocol.session import TcpSession
 from router.tls.context import ServerTls
 
@@ -44,6 +55,9 @@ log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 512  # connections accepted per wakeup of the listening socket
 ACCEPT_RETRY_S = 0.5  # out of file descriptors: stop accepting this long
+# Descriptors beside the client connections: backend pools (64 per backend by default), the
+# admin and gRPC listeners, refused connections lingering, log files.
+FD_HEADROOM = 1024
 
 
 class TcpFrontDoor:
@@ -64,11 +78,16 @@ class TcpFrontDoor:
         self._sessions: set[TcpSession[Request]] = set()
         self._all_closed: asyncio.Event | None = None
         self.connections_total = 0
+        self.budget = ReadBudget(config.max_buffered_bytes)
+        self._counted = 0  # connections counted against max_connections (being set up or open)
+        self._by_ip: dict[str, int] = {}  # the same, per address (with max_connections_per_ip)
+        self.refused = {"max_connections": 0, "max_connections_per_ip": 0}
         dispatcher.add_pressure_listener(self._on_pressure)
 
     async def start(
         self, host: str, port: int, *, backlog: int = 4096, reuse_port: bool = False
     ) -> tuple[str, int]:
+        raise_open_file_limit(self.config.max_connections + FD_HEADROOM)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server(
             (host, port), family=family, backlog=backlog, reuse_port=reuse_port
@@ -86,7 +105,7 @@ class TcpFrontDoor:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = listener.accept()
+                conn, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -98,20 +117,61 @@ class TcpFrontDoor:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = ClientConnection(self, *self._admit(address[0]))
             if self.tls is None:
-                adopt = loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
+                adopt = loop.connect_accepted_socket(functools.partial(_given, client), conn)
             else:
                 adopt = loop.connect_accepted_socket(
-                    lambda: ClientConnection(self), conn, ssl=self.tls.context,
+                    functools.partial(_given, client), conn, ssl=self.tls.context,
                     ssl_handshake_timeout=self.config.read_timeout_s,
                     ssl_shutdown_timeout=self.linger_s,
                 )
             task = loop.create_task(adopt)
             self._adopting.add(task)
-            task.add_done_callback(functools.partial(self._adopted, conn))
+            task.add_done_callback(functools.partial(self._adopted, conn, client))
 
-    def _adopted(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+    def _admit(self, ip: str) -> tuple[str | None, ConnectionLimit | None]:
+        """Count a new connection from ``ip``: (the key it is counted under, None) or, over a
+        limit, (None, why; it is not counted)."""
+        config = self.config
+        if self._counted >= config.max_connections:
+            self.refused["max_connections"] += 1
+            return None, ConnectionLimit(
+                f"{self._counted} connections open: listener.max_connections="
+                f"{config.max_connections}"
+            )
+        per_ip = config.max_connections_per_ip
+        if per_ip:
+            count = self._by_ip.get(ip, 0)
+            if count >= per_ip:
+                self.refused["max_connections_per_ip"] += 1
+                return None, ConnectionLimit(
+                    f"{count} connections open from {ip}: listener.max_connections_per_ip="
+                    f"{per_ip}"
+                )
+            self._by_ip[ip] = count + 1
+        self._counted += 1
+        return (ip if per_ip else ""), None
+
+    def release(self, peer: str | None) -> None:
+        """A counted connection is gone (``peer``: its key from ``_admit``; None: it was not
+        counted). Called once per connection (``ClientConnection.uncount``)."""
+        if peer is None:
+            return
+        self._counted -= 1
+        if peer:
+            count = self._by_ip[peer] - 1
+            if count:
+                self._by_ip[peer] = count
+            else:
+                del self._by_ip[peer]
+
+    def _adopted(
+        self, conn: socket.socket, client: ClientConnection, task: asyncio.Task[Any]
+    ) -> None:
         self._adopting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            client.uncount()  # it may never become a connection
         if task.cancelled():
             conn.close()  # closed before it became a connection: nothing was read from it
             return
@@ -180,6 +240,15 @@ class TcpFrontDoor:
             session.abort()
         return unanswered
 
+    def limit_statistics(self) -> dict[str, Any]:
+        """The connection limits and the read budget (cheap: what /metrics reads)."""
+        return {
+            "counted_connections": self._counted,
+            "max_connections": self.config.max_connections,
+            "connections_refused": dict(self.refused),
+            "read_budget": self.budget.statistics(),
+        }
+
     def statistics(self) -> dict[str, Any]:
         return {
             "open_connections": len(self._sessions),
@@ -187,9 +256,30 @@ class TcpFrontDoor:
             "connections_total": self.connections_total,
             "phase": self._lifecycle.phase.value,
             "tls": self.tls.statistics() if self.tls is not None else None,
+            **self.limit_statistics(),
         }
 
     def __repr__(self) -> str:
         return f"TcpFrontDoor(connections={len(self._sessions)}, {self._lifecycle.phase.value})"
 
 
+def _given(client: ClientConnection) -> ClientConnection:
+    """The protocol factory of one accepted connection: the protocol already made for it."""
+    return client
+
+
+def raise_open_file_limit(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``wanted`` (at most the hard limit), and warn when the
+    hard limit is too low for the connection limit: past it, accepts fail (EMFILE) and
+    connections wait in the kernel's queue instead of being answered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target + FD_HEADROOM < wanted:  # less than max_connections itself
+        log.warning(
+            "open-file limit %d is below listener.max_connections + %d = %d: connections "
+            "past it wait to be accepted instead of being refused", target, FD_HEADROOM, wanted,
+        )
