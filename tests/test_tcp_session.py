@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from router.core.clock import ManualClock
 from router.core.config import ListenerConfig
-from router.core.errors import ClientNotAllowed, ConnectionLimit, NoBackend, RouterError
+from router.core.errors import ClientNotAllowed, NoBackend, RouterError
 from router.protocol.budget import ReadBudget
 from router.protocol.frames import ErrorFrame, FrameDecoder, encode_frame, encode_frames
 from router.protocol.session import (
@@ -234,12 +234,15 @@ def _aborted(h: Harness) -> None:
     assert h.session.state is CLOSED
 
 
+TEST_BUDGET = 64  # bytes; the LIMIT scenarios run against a read budget this small
+OVER_BUDGET = (TEST_BUDGET + 1).to_bytes(4, "big")  # a frame header no budget room can hold
+
 SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (OPEN, Trigger.DRAIN): lambda h: (_open_with_pending(h), h.session.start_drain()),
     (OPEN, Trigger.PEER_EOF): lambda h: (_open_with_pending(h), h.session.eof_received()),
     (OPEN, Trigger.BAD_INPUT): lambda h: (
         _open_with_pending(h), h.session.data_received(b"\xff\xff\xff\xff")),
-    (OPEN, Trigger.LIMIT): lambda h: h.session.refuse(ConnectionLimit("full")),
+    (OPEN, Trigger.LIMIT): lambda h: h.session.data_received(OVER_BUDGET),
     (OPEN, Trigger.IDLE): lambda h: h.clock.advance(IDLE_TIMEOUT_S),
     (OPEN, Trigger.REFUSED): lambda h: h.session.refuse(ClientNotAllowed("not listed")),
     (OPEN, Trigger.ABORT): lambda h: h.session.abort(),
@@ -249,7 +252,7 @@ SCENARIOS: dict[tuple[State, Trigger], Callable[[Harness], None]] = {
     (CLOSING_AT_BOUNDARY, Trigger.BAD_INPUT): lambda h: (
         _closing(h), h.session.data_received(b"\xff\xff\xff\xff")),
     (CLOSING_AT_BOUNDARY, Trigger.LIMIT): lambda h: (
-        _closing(h), h.session.refuse(ConnectionLimit("full"))),
+        _closing(h), h.session.data_received(OVER_BUDGET)),
     (CLOSING_AT_BOUNDARY, Trigger.BOUNDARY): lambda h: (_closing(h), h.answer(0)),
     (CLOSING_AT_BOUNDARY, Trigger.ABORT): lambda h: (_closing(h), h.session.abort()),
     (CLOSING_AT_BOUNDARY, Trigger.LOST): lambda h: (_closing(h), h.session.connection_lost()),
@@ -272,7 +275,7 @@ TABLE = [(before, trigger) for before, row in TRANSITIONS.items() for trigger in
 def test_every_transition_of_the_table_is_reachable(before: State, trigger: Trigger) -> None:
     scenario = SCENARIOS.get((before, trigger))
     assert scenario is not None, f"no scenario drives {before.name} --{trigger.name}-->"
-    h = Harness()
+    h = Harness(budget=ReadBudget(TEST_BUDGET)) if trigger is Trigger.LIMIT else Harness()
     scenario(h)
     assert h.saw(before, trigger), h.transitions
 
