@@ -326,6 +326,9 @@ async def test_with_its_only_backend_marked_down_a_call_is_still_tried_in_panic(
         [grpc_backend(backend.address, "sum")], {"health": {"interval_s": 60.0}}
     )
     client = _client(router.target)
+    async with asyncio.timeout(CALL_TIMEOUT_S):  # the monitor's first pass is over
+        while router.app.health.statistics()["passes"] < 1:  # noqa: ASYNC110 (bounded)
+            await asyncio.sleep(0.01)
     router.app.registry.get(backend.address).mark_down()  # type: ignore[union-attr]
     assert not await _in_thread(client.is_server_ready)
     result = await _in_thread(client.infer, "sum", [_input([1.0, 2.0])])

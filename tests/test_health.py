@@ -298,7 +298,8 @@ async def test_run_starts_a_pass_every_interval_on_the_clock() -> None:
 def test_statistics_and_repr() -> None:
     s = Setup("tcp")
     assert s.monitor.statistics() == {
-        "probes_sent": 0, "probes_failed": 0, "marked_up": 0, "marked_down": 0, "ejected": 0,
+        "passes": 0, "probes_sent": 0, "probes_failed": 0, "marked_up": 0, "marked_down": 0,
+        "ejected": 0,
     }
     assert repr(s.monitor) == "HealthMonitor(grpc,tcp, every 2.0s)"
     assert "ejected=0" in repr(s.ejection)

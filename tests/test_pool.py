@@ -478,7 +478,8 @@ async def test_a_pass_probes_idle_connections(clock: ManualClock) -> None:
     assert conn(slot).requests == [b""]
     assert conn(slot).closed == 0
     assert monitor.statistics() == {
-        "probes_sent": 1, "probes_failed": 0, "marked_up": 0, "marked_down": 0, "ejected": 0,
+        "passes": 0, "probes_sent": 1, "probes_failed": 0, "marked_up": 0, "marked_down": 0,
+        "ejected": 0,
     }
     assert backend.pool.try_acquire() is slot
 

@@ -56,6 +56,7 @@ class HealthMonitor:
         self._clock = clock
         self._ejection = ejection
         self._sleep = sleep
+        self.passes = 0  # completed by run()
         self.probes_sent = 0
         self.probes_failed = 0
         self.marked_up = 0
@@ -73,6 +74,7 @@ class HealthMonitor:
         while True:
             started = self._clock.now()
             await self.check_all()
+            self.passes += 1
             await self._sleep(max(0.0, started + self._interval_s - self._clock.now()))
 
     async def check_all(self) -> None:
@@ -114,6 +116,7 @@ class HealthMonitor:
 
     def statistics(self) -> dict[str, int]:
         return {
+            "passes": self.passes,
             "probes_sent": self.probes_sent,
             "probes_failed": self.probes_failed,
             "marked_up": self.marked_up,
