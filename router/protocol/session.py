@@ -453,7 +453,9 @@ class TcpSession(Generic[R]):
         state = self._state
         if state is LINGER or state is CLOSED:
             return  # lingering reads (and discards) regardless; closed reads nothing
-        if not self._paused:
+        if not self._paused and not self._peer_eof:
+            # After the client's FIN nothing is left to read, and _resume leaves the transport
+            # alone then: pausing it would leave it paused with no reason recorded.
             self._transport.pause_reading()
         self._paused |= reason
 
