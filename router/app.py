@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client.registry import CollectorRegistry
 
 from router.balance.policies import make_policy
+from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminServer
 from router.control.metrics import RouterCollector
 from router.control.spawner import Spawner
@@ -56,9 +57,14 @@ class RouterApp:
             on_failure=self.ejection, panic_threshold=config.health.panic_threshold
         )
         self.spawner = Spawner(log_dir=log_dir)
+        a = config.access_log
+        self.access_log = (
+            JsonLinesAccessLog(a.path, a.buffer_lines) if a.path is not None else None
+        )
         d = config.dispatch
         self.dispatcher = Dispatcher(
-            self.registry, make_policy(d.policy), d, self.clock, self.stats
+            self.registry, make_policy(d.policy), d, self.clock, self.stats,
+            access_log=self.access_log,
         )
         self.lifecycle = Lifecycle()
         self.front_door = TcpFrontDoor(
@@ -82,7 +88,7 @@ class RouterApp:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
-                self.readiness, self.lifecycle,
+                self.readiness, self.lifecycle, self.access_log,
             )
             front_doors.append(self.grpc_front)
         self.drain = DrainCoordinator(
@@ -94,6 +100,7 @@ class RouterApp:
             RouterCollector(
                 self.stats, self.registry, lambda: self.dispatcher.queue.waiting,
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
+                access_log=self.access_log,
             )
         )
         self.admin = AdminServer(self.registry, self.metrics, self.readiness, self.statistics)
@@ -120,6 +127,8 @@ class RouterApp:
         return backend
 
     async def start(self) -> BoundAddresses:
+        if self.access_log is not None:
+            self.access_log.start()  # OSError: the file cannot be opened
         for spec in self.config.backends:
             await self._add_backend(spec)
         lst = self.config.listener
@@ -161,6 +170,8 @@ class RouterApp:
         self.dispatcher.close()
         await self.admin.close()
         await self.spawner.stop_all()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)  # the last lines, then the file
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -170,6 +181,7 @@ class RouterApp:
             "health": self.health.statistics(),
             "phase": self.lifecycle.phase.value,
             "spawned": self.spawner.statistics(),
+            "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }
 
     def __repr__(self) -> str:

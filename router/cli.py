@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="SO_REUSEPORT: share the port with another router (rolling restart)")
     serve.add_argument("--processes", type=int, metavar="N",
                        help="router processes sharing the listen port (listener.processes)")
+    serve.add_argument("--access-log", metavar="FILE",
+                       help='JSON lines, one per request, to FILE ("-": stdout) '
+                            "(access_log.path; off by default)")
     # Set by the supervisor for its children: announce "READY <admin port>" on stdout.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
@@ -79,6 +82,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("drain", "shutdown_grace_s"): args.shutdown_grace,
         ("listener", "reuse_port"): args.reuse_port,
         ("listener", "processes"): args.processes,
+        ("access_log", "path"): args.access_log,
     }
     for (section, key), value in flag_keys.items():
         if value is not None:

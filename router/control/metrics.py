@@ -12,6 +12,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from router.control.access_log import JsonLinesAccessLog
 from router.dispatch.backends import Registry
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 
@@ -26,8 +27,10 @@ class RouterCollector(Collector):
         queue_depth: Callable[[], int],
         extra: Callable[[], dict[str, float]] | None = None,
         grpc: GrpcStats | None = None,
+        access_log: JsonLinesAccessLog | None = None,
     ) -> None:
         self._stats = stats
+        self._access_log = access_log
         self._grpc = grpc
         self._registry = registry
         self._queue_depth = queue_depth
@@ -68,6 +71,13 @@ class RouterCollector(Collector):
         yield from self._backend_metrics()
         if self._grpc is not None:
             yield from self._grpc_metrics(self._grpc)
+        if self._access_log is not None:
+            lines = CounterMetricFamily(
+                "router_access_log_lines", "Access log lines by outcome.", labels=["outcome"]
+            )
+            lines.add_metric(["written"], self._access_log.written)
+            lines.add_metric(["dropped"], self._access_log.dropped)
+            yield lines
         if self._extra is not None:
             for name, value in self._extra().items():
                 yield GaugeMetricFamily(name, name.replace("_", " "), value=value)

@@ -246,6 +246,19 @@ class DrainConfig(_Section):
     )
 
 
+class AccessLogConfig(_Section):
+    """One JSON line per TCP request and per gRPC call (off unless ``path`` is set)."""
+
+    path: str | None = Field(
+        None, min_length=1, description='File the access log is appended to (created if '
+        'missing), or "-" for stdout. Unset: no access log, and no cost per request.',
+    )
+    buffer_lines: Int = Field(
+        16_384, ge=1, le=1_000_000, description="Lines waiting in memory for the writer thread; "
+        "beyond it new lines are dropped and counted (the loop never waits for the disk).",
+    )
+
+
 class BackendConfig(_Section):
     """One backend; any number of ``[[backends]]`` entries."""
 
@@ -294,6 +307,7 @@ class RouterConfig(_Section):
     pool: PoolConfig = PoolConfig()
     health: HealthConfig = HealthConfig()
     drain: DrainConfig = DrainConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
     backends: tuple[BackendConfig, ...] = ()
 
     def _addresses_in_use(self) -> Iterator[tuple[str, str, str]]:

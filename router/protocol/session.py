@@ -178,7 +178,7 @@ class TcpSession(Generic[R]):
         "_last_activity", "_linger_s", "_linger_until", "_lost", "_max_pipelined", "_new_request",
         "_now", "_on_transition", "_partial_since", "_paused", "_peer_eof", "_pending",
         "_read_timeout_s", "_resume_at", "_state", "_submit", "_submitting", "_timer",
-        "_timer_at", "_transport", "_write",
+        "_timer_at", "_transport", "_write", "peer",
     )
 
     def __init__(
@@ -192,13 +192,17 @@ class TcpSession(Generic[R]):
         *,
         saturated: bool = False,
         on_transition: Callable[[State, Trigger, State], object] | None = None,
+        peer: Any = None,
     ) -> None:
         """The connection is made: start reading (unless the queue is ``saturated``).
 
         ``new_request(payload, origin, accepted_at)`` builds the request ``submit`` accepts;
         its ``origin``, this session, is told through ``request_done`` once it is answered.
         ``on_transition(before, trigger, after)``, if given, hears every state change.
+        ``peer`` is the client's address as the listener's accept() gave it (for the access
+        log; the session itself never reads it).
         """
+        self.peer = peer
         self._transport = transport
         self._write = transport.write
         self._max_pipelined = config.max_pipelined

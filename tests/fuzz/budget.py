@@ -5,7 +5,7 @@
 * unset or ``smoke``: each target runs once with its own small ``max_examples`` (the smoke
   budget, chosen so that all of tests/fuzz takes ~10 s on 2 shared cores);
 * ``fuzz``: each target runs hypothesis again and again, ``ROUTER_FUZZ_EXAMPLES`` examples per
-  run (default 2,000), each run with a fresh random seed, until ``ROUTER_FUZZ_SECONDS`` (per
+  run (default 500), each run with a fresh random seed, until ``ROUTER_FUZZ_SECONDS`` (per
   target, default 60) have passed. Hypothesis has no time budget of its own; repeated runs give
   one while keeping shrinking and the example database (a failure found in one run is tried
   first in every later one, and printed with its ``@reproduce_failure`` blob).
@@ -26,7 +26,7 @@ PROFILE = os.environ.get("ROUTER_FUZZ", "smoke")
 if PROFILE not in ("smoke", "fuzz"):
     raise ValueError(f"ROUTER_FUZZ must be 'smoke' or 'fuzz', not {PROFILE!r}")
 FUZZ_SECONDS = float(os.environ.get("ROUTER_FUZZ_SECONDS", "60"))
-FUZZ_EXAMPLES = int(os.environ.get("ROUTER_FUZZ_EXAMPLES", "2000"))
+FUZZ_EXAMPLES = int(os.environ.get("ROUTER_FUZZ_EXAMPLES", "500"))
 # Bounds the number of runs as well as their time, should a run ever take no time at all.
 MAX_RUNS = 10_000
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Union
 
 import grpc
@@ -41,6 +42,7 @@ from router.core.errors import (
     DeadlineExceeded,
     RouterError,
 )
+from router.dispatch.access import AccessEntry
 from router.dispatch.backends import Backend
 from router.dispatch.request import Request
 from router.dispatch.scheduler import Dispatcher
@@ -81,6 +83,13 @@ class RelayedStatus(Exception):
         return cls(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
 
 
+# The access log entry of the gRPC call whose handler runs in this task, set by the front
+# door's handler only while an access log is on; the forwarder fills in the model, the backend
+# and a stream's bytes. A context variable: the KServe handlers between the two keep gRPC's
+# (request, context) signature.
+CALL_ENTRY: ContextVar[AccessEntry | None] = ContextVar("call_entry", default=None)
+
+
 def _time_left(deadline: float | None, clock: Clock) -> float | None:
     return None if deadline is None else deadline - clock.now()
 
@@ -104,12 +113,16 @@ class Call:
     to the backend of the next attempt, or None once the request is answered."""
 
     __slots__ = (
-        "_dispatcher", "abandoned", "deadline", "initial", "metadata", "relayed", "trailing",
-        "waiter",
+        "_dispatcher", "abandoned", "deadline", "entry", "initial", "metadata", "relayed",
+        "trailing", "waiter",
     )
 
-    def __init__(self, dispatcher: Dispatcher, metadata: Metadata, deadline: float | None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, metadata: Metadata, deadline: float | None,
+        entry: AccessEntry | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
+        self.entry = entry  # the access log's, if on
         self.waiter: asyncio.Future[Backend | None] = asyncio.get_running_loop().create_future()
         self.metadata = metadata
         self.deadline = deadline
@@ -121,6 +134,8 @@ class Call:
     def forward(self, request: Request) -> None:
         """The scheduler started an attempt on ``request.backend``: wake the handler (or, if
         it is gone, end the attempt from the loop, outside the scheduler's own step)."""
+        if self.entry is not None and request.backend is not None:
+            self.entry.backend = request.backend.spec.id
         if self.abandoned is not None:
             loop = asyncio.get_running_loop()
             loop.call_soon(self._dispatcher.attempt_done, request, None, self.abandoned)
@@ -145,7 +160,10 @@ class GrpcForwarder:
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._clock.now() + remaining
-        return Call(self._dispatcher, forwardable(context.invocation_metadata()), deadline)
+        return Call(
+            self._dispatcher, forwardable(context.invocation_metadata()), deadline,
+            CALL_ENTRY.get(),
+        )
 
     # -- unary --------------------------------------------------------------------------------
 
@@ -154,6 +172,8 @@ class GrpcForwarder:
     ) -> bytes:
         """Forward a unary call; return the response or raise ``RelayedStatus``/``RouterError``."""
         call = self._call(context)
+        if call.entry is not None:
+            call.entry.model = model
         request = Request(
             payload, call, self._clock.now(), kind="grpc", model=model, forward=call.forward
         )
@@ -223,6 +243,8 @@ class GrpcForwarder:
         """Proxy a call of any kind as a stream to one backend; raise ``RelayedStatus`` for a
         backend's non-OK status. ``first`` is a request message the caller already read."""
         call = self._call(context)
+        if call.entry is not None:
+            call.entry.model = model
         request = Request(
             b"", call, self._clock.now(), kind="grpc", model=model, forward=call.forward,
             replayable=False,
@@ -239,7 +261,7 @@ class GrpcForwarder:
             raise request.error
         outcome: RouterError | None = None
         try:
-            failure = await self._relay_on(backend, method, context, first)
+            failure = await self._relay_on(backend, method, context, first, call.entry)
         except asyncio.CancelledError:
             outcome = ended_by(context)
             raise
@@ -256,7 +278,7 @@ class GrpcForwarder:
 
     async def _relay_on(
         self, backend: Backend, method: str, context: grpc.aio.ServicerContext,
-        first: bytes | None,
+        first: bytes | None, entry: AccessEntry | None,
     ) -> _StreamFailure | None:
         """Run the stream on ``backend``; its non-OK status, if any."""
         rpc = self._channels.channel(backend).stream_stream(method)(
@@ -265,8 +287,8 @@ class GrpcForwarder:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                pump = group.create_task(_pump(context, rpc, first))
-                failure = await _relay_responses(context, rpc)
+                pump = group.create_task(_pump(context, rpc, first, entry))
+                failure = await _relay_responses(context, rpc, entry)
                 pump.cancel()
         finally:
             if not rpc.done():
@@ -282,14 +304,19 @@ class GrpcForwarder:
 
 
 async def _pump(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None,
+    entry: AccessEntry | None,
 ) -> None:
     """Client -> backend, until the client half-closes (then half-close the backend call)."""
     try:
         if first is not None:
             await rpc.write(first)
+            if entry is not None:
+                entry.bytes_in += len(first)
         while (message := await context.read()) is not grpc.aio.EOF:
             await rpc.write(message)
+            if entry is not None:
+                entry.bytes_in += len(message)
         await rpc.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         return  # the backend ended the call first; its status is what the client gets
@@ -310,7 +337,7 @@ class _StreamFailure:
 
 
 async def _relay_responses(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, entry: AccessEntry | None
 ) -> _StreamFailure | None:
     """Backend -> client until the backend's status; its failure if not OK."""
     answered = False
@@ -322,6 +349,8 @@ async def _relay_responses(
         while (message := await rpc.read()) is not grpc.aio.EOF:
             answered = True
             await context.write(message)
+            if entry is not None:
+                entry.bytes_out += len(message)
     except grpc.aio.AioRpcError as exc:
         return _StreamFailure(exc, answered)
     return None

@@ -10,7 +10,7 @@ dispatcher to the session without passing through here.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from router.dispatch.scheduler import Request
 from router.protocol.session import TcpSession
@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_front_door", "session")
+    __slots__ = ("_front_door", "_peer", "session")
 
-    def __init__(self, front_door: TcpFrontDoor) -> None:
+    def __init__(self, front_door: TcpFrontDoor, peer: Any = None) -> None:
         self._front_door = front_door
+        self._peer = peer  # the client's address, as accept() returned it
         self.session: TcpSession[Request]  # from connection_made on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -34,6 +35,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, dispatcher.submit, saturated=dispatcher.saturated,
+            peer=self._peer,
         )
         front_door.connection_opened(self.session)
 

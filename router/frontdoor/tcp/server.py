@@ -74,7 +74,7 @@ class TcpFrontDoor:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -87,7 +87,7 @@ class TcpFrontDoor:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(
-                loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
+                loop.connect_accepted_socket(functools.partial(ClientConnection, self, peer), conn)
             )
             self._adopting.add(task)
             task.add_done_callback(functools.partial(self._adopted, conn))
