@@ -217,7 +217,7 @@ async def test_with_the_access_log_off_nothing_is_attached_and_no_file_written(
     router = await grpc_router([grpc_backend(kserve.address, "sum"), {"address": echo.address}])
     app = router.app
     assert app.access_log is None and app.dispatcher.access_log is None
-    assert app.grpc_front is not None and app.grpc_front._access_log is None
+    assert app.grpc_front is not None and app.grpc_front.access_log is None
     assert app.bound is not None
     _, answer = await _tcp_request(*app.bound.listen, b"ping")
     assert answer == b"ping"

@@ -137,7 +137,7 @@ class GrpcFrontDoor:
         readiness: Readiness, lifecycle: Lifecycle, access_log: AccessLog | None = None,
     ) -> None:
         self._dispatcher = dispatcher
-        self._access_log = access_log  # None: no access log, one check per call
+        self.access_log = access_log  # None: no access log, one check per call
         self._registry = registry
         self._channels = channels
         self._clock = clock
@@ -258,7 +258,7 @@ class GrpcFrontDoor:
         code = "OK"
         task = asyncio.current_task() if routed else None
         entry = None
-        if self._access_log is not None:
+        if self.access_log is not None:
             entry = AccessEntry("grpc", _peer(context.peer()), method, bytes_in=_size(request))
             token = CALL_ENTRY.set(entry)  # seen by the forwarder, which fills in the backend
         try:
@@ -312,10 +312,10 @@ class GrpcFrontDoor:
             self.stats.count(method, code, duration)
             if task is not None:
                 self._calls.discard(task)
-            if entry is not None and self._access_log is not None:
+            if entry is not None and self.access_log is not None:
                 CALL_ENTRY.reset(token)
                 entry.status, entry.duration_s = code, duration
-                self._access_log.write(entry)
+                self.access_log.write(entry)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     def statistics(self) -> dict[str, Any]:
