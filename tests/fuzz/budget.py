@@ -31,7 +31,7 @@ FUZZ_EXAMPLES = int(os.environ.get("ROUTER_FUZZ_EXAMPLES", "500"))
 MAX_RUNS = 10_000
 
 settings.register_profile(
-    "router-fuzz-smoke", deadline=None, print_blob=True,
+    "router-fuzz-smoke", deadline=None, print_blob=True, stateful_step_count=40,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

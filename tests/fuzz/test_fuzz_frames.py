@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import NamedTuple
 
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -30,29 +29,7 @@ from router.protocol.frames import (
     encode_frame,
 )
 from tests.fuzz.budget import fuzz_target
-
-
-class Parsed(NamedTuple):
-    frames: list[tuple[bytes, bool]]  # (payload, carried the error flag)
-    too_large: bool  # stopped at a length word the decoder must refuse
-    consumed: int  # bytes of whole frames, up to the first unfinished or refused one
-
-
-def reference(stream: bytes, max_frame_bytes: int, accept_error_flag: bool) -> Parsed:
-    frames: list[tuple[bytes, bool]] = []
-    pos = 0
-    while len(stream) - pos >= HEADER_BYTES:
-        word = int.from_bytes(stream[pos:pos + HEADER_BYTES], "big")
-        flagged, length = bool(word & ERROR_FLAG), word & LENGTH_MASK
-        if (flagged and not accept_error_flag) or length > max_frame_bytes:
-            return Parsed(frames, True, pos)
-        end = pos + HEADER_BYTES + length
-        if end > len(stream):
-            break
-        frames.append((stream[pos + HEADER_BYTES:end], flagged))
-        pos = end
-    return Parsed(frames, False, pos)
-
+from tests.fuzz.reference import reference
 
 MAX_FRAME = 48  # small, so that oversize words and whole frames both come up often
 

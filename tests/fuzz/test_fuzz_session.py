@@ -55,7 +55,7 @@ from router.protocol.frames import (
 )
 from router.protocol.session import CLOSED, CLOSING_AT_BOUNDARY, OPEN, State, TcpSession, Trigger
 from tests.fuzz.budget import budget, run_for_budget
-from tests.fuzz.test_fuzz_frames import reference
+from tests.fuzz.reference import reference
 
 READ_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0
@@ -437,7 +437,7 @@ class SessionMachine(RuleBasedStateMachine):
 
 def test_session_holds_its_invariants_under_any_events() -> None:
     run_for_budget(lambda: run_state_machine_as_test(
-        SessionMachine, settings=budget(150, stateful_step_count=40),
+        SessionMachine, settings=budget(150),
     ))
 
 
