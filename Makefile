@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-packages docs bench bench-tls bench-smoke bench-10k bench-grpc locust chaos protos clean
+.PHONY: run test lint system-packages docs fuzz bench bench-tls bench-smoke bench-10k bench-grpc locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ system-packages:
 		$$sudo apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y $(SYSTEM_PACKAGES); \
 	fi
+
+# The fuzz targets of tests/fuzz (frame decoder, TCP session, KServe reader, config loader), each
+# for FUZZ_SECONDS instead of its smoke budget in `make test`: hypothesis runs again and again
+# (ROUTER_FUZZ_EXAMPLES examples each, fresh seeds) until the time is spent. A failure prints
+# its @reproduce_failure blob; the timeout leaves room for one run past the budget and shrinking.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	ROUTER_FUZZ=fuzz ROUTER_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q tests/fuzz \
+		--timeout=$$(( $(FUZZ_SECONDS) * 2 + 600 ))
 
 # docs/configuration.md from the config schema (a test fails when the file is stale).
 docs: $(STAMP)

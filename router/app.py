@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client.registry import CollectorRegistry
 
 from router.balance.policies import make_policy
+from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
 from router.control.fleet import Fleet, Resolver, system_resolver
 from router.control.metrics import ReloadCollector, RouterCollector, SecurityCollector
@@ -98,9 +99,14 @@ class RouterApp:
             on_failure=self.ejection, panic_threshold=config.health.panic_threshold
         )
         self.spawner = Spawner(log_dir=log_dir)
+        a = config.access_log
+        self.access_log = (
+            JsonLinesAccessLog(a.path, a.buffer_lines) if a.path is not None else None
+        )
         d = config.dispatch
         self.dispatcher = Dispatcher(
-            self.registry, make_policy(d.policy), d, self.clock, self.stats
+            self.registry, make_policy(d.policy), d, self.clock, self.stats,
+            access_log=self.access_log,
         )
         self.lifecycle = Lifecycle()
         self.front_door = TcpFrontDoor(
@@ -125,7 +131,7 @@ class RouterApp:
             self.grpc_front = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
-                self.readiness, self.lifecycle, self.server_tls.get("grpc"),
+                self.readiness, self.lifecycle, self.server_tls.get("grpc"), self.access_log,
             )
             front_doors.append(self.grpc_front)
             # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
@@ -140,6 +146,7 @@ class RouterApp:
                 self.stats, self.registry, lambda: self.dispatcher.queue.waiting,
                 grpc=self.grpc_stats if self.grpc_front is not None else None,
                 limits=self.front_door.limit_statistics,
+                access_log=self.access_log,
             )
         )
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
@@ -186,6 +193,8 @@ class RouterApp:
             await self.grpc_channels.close_backend(backend.address)
 
     async def start(self) -> BoundAddresses:
+        if self.access_log is not None:
+            self.access_log.start()  # OSError: the file cannot be opened
         await self.fleet.start(self.config.backends)
         lst = self.config.listener
         listen = await _listen("listener.listen", lst.listen, lambda host, port: (
@@ -294,6 +303,8 @@ class RouterApp:
         self.dispatcher.close()
         await self.admin.close()
         await self.spawner.stop_all()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)  # the last lines, then the file
 
     def reload_certificates(self) -> list[str]:
         """Re-read every certificate, key, CA and the admin token (SIGHUP). New handshakes
@@ -325,6 +336,7 @@ class RouterApp:
             "spawned": self.spawner.statistics(),
             "fleet": self.fleet.statistics(),
             "reloads": dict(self.reloads),
+            "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }
 
     def __repr__(self) -> str:

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="router processes sharing the listen port (listener.processes)")
     serve.add_argument("--state-file", metavar="PATH",
                        help="persist the API's changes in this TOML file (state.file)")
+    serve.add_argument("--access-log", metavar="FILE",
+                       help='JSON lines, one per request, to FILE ("-": stdout) '
+                            "(access_log.path; off by default)")
     # Set by the supervisor for its children: announce "READY <admin port>" on stdout.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
@@ -103,6 +106,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
         ("listener", "reuse_port"): args.reuse_port,
         ("listener", "processes"): args.processes,
         ("state", "file"): args.state_file,
+        ("access_log", "path"): args.access_log,
     }
     for (section, key), value in flag_keys.items():
         if value is not None:

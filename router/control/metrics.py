@@ -13,6 +13,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth
 from router.dispatch.backends import Registry
 from router.dispatch.stats import DataPlaneStats, GrpcStats
@@ -30,9 +31,11 @@ class RouterCollector(Collector):
         extra: Callable[[], dict[str, float]] | None = None,
         grpc: GrpcStats | None = None,
         limits: Callable[[], Mapping[str, Any]] | None = None,
+        access_log: JsonLinesAccessLog | None = None,
     ) -> None:
         """``limits``: the TCP front door's ``limit_statistics``."""
         self._stats = stats
+        self._access_log = access_log
         self._grpc = grpc
         self._limits = limits
         self._registry = registry
@@ -76,6 +79,13 @@ class RouterCollector(Collector):
             yield from self._grpc_metrics(self._grpc)
         if self._limits is not None:
             yield from self._limit_metrics(self._limits())
+        if self._access_log is not None:
+            lines = CounterMetricFamily(
+                "router_access_log_lines", "Access log lines by outcome.", labels=["outcome"]
+            )
+            lines.add_metric(["written"], self._access_log.written)
+            lines.add_metric(["dropped"], self._access_log.dropped)
+            yield lines
         if self._extra is not None:
             for name, value in self._extra().items():
                 yield GaugeMetricFamily(name, name.replace("_", " "), value=value)

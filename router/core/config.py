@@ -12,6 +12,7 @@ them, not just the first.
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -47,7 +48,9 @@ C_INT_MAX = 0x7FFF_FFFF  # the largest value a C int (listen backlog, gRPC chann
 
 def parse_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isdigit() alone takes superscripts (int() refuses them) and other scripts' digits (int()
+    # reads them: Arabic-Indic "\u0667\u0660" is 70).
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {quoted(value)}")
     return host.strip("[]"), int(port)
 
@@ -483,6 +486,19 @@ class RegistryConfig(_Section):
     )
 
 
+class AccessLogConfig(_Section):
+    """One JSON line per TCP request and per gRPC call (off unless ``path`` is set)."""
+
+    path: str | None = Field(
+        None, min_length=1, description='File the access log is appended to (created if '
+        'missing), or "-" for stdout. Unset: no access log, and no cost per request.',
+    )
+    buffer_lines: Int = Field(
+        16_384, ge=1, le=1_000_000, description="Lines waiting in memory for the writer thread; "
+        "beyond it new lines are dropped and counted (the loop never waits for the disk).",
+    )
+
+
 class BackendConfig(_Section):
     """One backend; any number of ``[[backends]]`` entries."""
 
@@ -543,6 +559,7 @@ class RouterConfig(_Section):
     state: StateConfig = StateConfig()
     backend_tls: BackendTlsConfig = BackendTlsConfig()
     registry: RegistryConfig = RegistryConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
     backends: tuple[BackendConfig, ...] = ()
 
     def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:
@@ -591,13 +608,18 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 }
 
 
+# A key TOML writes without quotes; any other key from the file is shown quoted, so that a key
+# such as "a\nb" or "" cannot break a problem's one line or pass for another key.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _format_location(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            name = item if len(item) <= 64 else quoted(item, 64)  # a key from the file
+            name = item if _BARE_KEY.fullmatch(item) else quoted(item, 64)
             parts.append(f".{name}" if parts else name)
     return "".join(parts) or "(top level)"
 
@@ -628,6 +650,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: not UTF-8 at byte {exc.start}"]) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
 
 
 def load(path: Path) -> RouterConfig:

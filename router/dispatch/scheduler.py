@@ -54,6 +54,7 @@ from router.core.errors import (
     RouterError,
     quoted,
 )
+from router.dispatch.access import AccessLog, tcp_entry
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.queue import WaitQueue
 from router.dispatch.request import Origin, Request
@@ -73,6 +74,7 @@ class Dispatcher:
         clock: Clock,
         stats: DataPlaneStats,
         rng: random.Random | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._registry = registry
         self._policy = policy
@@ -81,6 +83,8 @@ class Dispatcher:
         self._clock = clock
         self.stats = stats
         self._rng = rng or random.Random()
+        # Told of every finished TCP request (None: no access log, one check per request).
+        self.access_log = access_log
         self._pressure_listeners: list[Callable[[bool], None]] = []
         self.queue = WaitQueue(config.queue_size, clock, self._notify_pressure, self._expired)
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -135,7 +139,8 @@ class Dispatcher:
     def _place(self, request: Request) -> None:
         candidates = self._registry.candidates(request.tried, request.kind, request.model)
         if not candidates:
-            self.finish(request, None, request.last_error or NoBackend(_no_backend(request)))
+            last = request.tried[-1] if request.tried else None
+            self.finish(request, None, request.last_error or NoBackend(_no_backend(request)), last)
             return
         if len(candidates) == 1:
             self._place_on(request, candidates[0])
@@ -238,7 +243,7 @@ class Dispatcher:
             backend.record_success()
             if not backend.healthy:  # tried in panic (every backend was down), and it answered
                 backend.mark_up("answered a request")
-            self.finish(request, response, None)
+            self.finish(request, response, None, backend)
             return
         if isinstance(error, BackendUnavailable) and request.replayable:
             if (error.reused_connection and not request.resent and backend.healthy
@@ -260,7 +265,7 @@ class Dispatcher:
             return  # placed again, or answered with the error by _may_retry
         if isinstance(error, BackendError):
             backend.record_failure()
-        self.finish(request, None, error)
+        self.finish(request, None, error, backend)
 
     def _may_retry(self, request: Request, backend: Backend, error: BackendError) -> bool:
         """Record a retryable failure; True if the request has retries left (else it is
@@ -269,7 +274,7 @@ class Dispatcher:
         request.last_error = error
         request.attempts += 1
         if request.attempts > self._config.max_retries:
-            self.finish(request, None, error)
+            self.finish(request, None, error, backend)
             return False
         self.stats.retried += 1
         return True
@@ -278,7 +283,12 @@ class Dispatcher:
         timeout = self._config.queue_timeout_s
         self.finish(request, None, Overloaded(f"waited over queue_timeout_s={timeout}s"))
 
-    def finish(self, request: Request, response: bytes | None, error: RouterError | None) -> None:
+    def finish(
+        self, request: Request, response: bytes | None, error: RouterError | None,
+        backend: Backend | None = None,
+    ) -> None:
+        """Answer ``request`` (once: later calls are ignored). ``backend``: the one of its
+        last attempt, if any, for the access log."""
         if request.response is not None or request.error is not None:
             return  # already answered (``request.done``, spelled out: this runs per request)
         if error is None:
@@ -294,6 +304,9 @@ class Dispatcher:
             stats.inflight -= 1
             stats.latency.observe(self._clock.now() - request.accepted_at)
         request.origin.request_done(request)
+        access = self.access_log
+        if access is not None and request.kind == "tcp":  # gRPC calls: their front door's
+            access.write(tcp_entry(request, backend, error, self._clock.now()))
         if self._idle_waiters and self.stats.inflight == 0:
             for waiter in self._idle_waiters:
                 if not waiter.done():

@@ -155,9 +155,9 @@ class FrameDecoder:
         # unfinished frame, header included, goes back to the buffer.
         frames: list[bytes] = []
         pos, size, need = 0, len(data), self._need
-        while True:
+        while len(frames) < limit:  # also when the header was read by an earlier feed
             if need < 0:
-                if size - pos < HEADER_BYTES or len(frames) >= limit:
+                if size - pos < HEADER_BYTES:
                     break
                 word = _unpack_header(data, pos)[0]
                 problem = self._check_header(word)

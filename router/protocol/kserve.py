@@ -18,11 +18,11 @@ Nested messages are not entered: the router passes them through untouched and th
 parses them.
 
 Anything that is not a well-formed top-level message (a truncated varint or length, a length
-past the end, field number 0, wire types 3/4/6/7, a wanted field that is not a UTF-8 string)
-raises ``MalformedMessage`` naming the byte offset; no other exception escapes, whatever the
-input (a hypothesis property test holds it to that). Group wire types (3/4) are legal protobuf
-but belong to proto2 groups, which no KServe message has, so they are refused rather than
-skipped.
+past the end, a tag over 5 bytes, field number 0, wire types 3/4/6/7, a wanted field that is
+not a UTF-8 string) raises ``MalformedMessage`` naming the byte offset; no other exception
+escapes, whatever the input (a hypothesis property test holds it to that). Group wire types
+(3/4) are legal protobuf but belong to proto2 groups, which no KServe message has, so they are
+refused rather than skipped.
 
 Writing (off the hot path): the replies the router composes itself (ServerLive, ServerReady,
 ModelReady, ServerMetadata, RepositoryIndex) are built with the generated classes of
@@ -45,6 +45,8 @@ from router.protocol.proto import triton_extensions_pb2 as triton
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_FIELD_NUMBER = (1 << 29) - 1
 _MAX_VARINT_BYTES = 10
+# A tag is a 32-bit varint: protobuf refuses one padded past 5 bytes, even if its value is small.
+_MAX_TAG_BYTES = 5
 
 
 class ModelRef(NamedTuple):
@@ -108,6 +110,8 @@ def _strings(message: bytes, first: int, second: int) -> tuple[str, str]:
     while pos < end:
         tag_at = pos
         tag, pos = _varint(message, pos, end)
+        if pos - tag_at > _MAX_TAG_BYTES:
+            raise MalformedMessage(f"tag longer than {_MAX_TAG_BYTES} bytes at offset {tag_at}")
         field, wire_type = tag >> 3, tag & 7
         if field == 0 or field > _MAX_FIELD_NUMBER:
             raise MalformedMessage(f"invalid field number {field} at offset {tag_at}")

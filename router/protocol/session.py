@@ -214,7 +214,7 @@ class TcpSession(Generic[R]):
         "_input_ended", "_last_activity", "_linger_s", "_linger_until", "_lost",
         "_max_pipelined", "_new_request", "_now", "_on_transition", "_partial_since", "_paused",
         "_peer_eof", "_pending", "_read_timeout_s", "_resume_at", "_state", "_submit",
-        "_submitting", "_timer", "_timer_at", "_transport", "_write",
+        "_submitting", "_timer", "_timer_at", "_transport", "_write", "peer",
     )
 
     def __init__(
@@ -229,6 +229,7 @@ class TcpSession(Generic[R]):
         saturated: bool = False,
         budget: ReadBudget | None = None,
         on_transition: Callable[[State, Trigger, State], object] | None = None,
+        peer: Any = None,
     ) -> None:
         """The connection is made: start reading (unless the queue is ``saturated``).
 
@@ -237,7 +238,10 @@ class TcpSession(Generic[R]):
         ``budget`` is the read budget shared with the other connections (by default one of
         ``max_buffered_bytes`` for this connection alone).
         ``on_transition(before, trigger, after)``, if given, hears every state change.
+        ``peer`` is the client's address as the listener's accept() gave it (for the access
+        log; the session itself never reads it).
         """
+        self.peer = peer
         self._transport = transport
         self._write = transport.write
         self._max_pipelined = config.max_pipelined
@@ -563,7 +567,9 @@ class TcpSession(Generic[R]):
         state = self._state
         if state is LINGER or state is CLOSED:
             return  # lingering reads (and discards) regardless; closed reads nothing
-        if not self._paused:
+        if not self._paused and not self._peer_eof:
+            # After the client's FIN nothing is left to read, and _resume leaves the transport
+            # alone then: pausing it would leave it paused with no reason recorded.
             self._transport.pause_reading()
         self._paused |= reason
 

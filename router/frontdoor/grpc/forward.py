@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Union
 
 import grpc
@@ -45,6 +46,7 @@ from router.core.errors import (
     DeadlineExceeded,
     RouterError,
 )
+from router.dispatch.access import AccessEntry
 from router.dispatch.backends import Backend
 from router.dispatch.request import Request
 from router.dispatch.scheduler import Dispatcher
@@ -85,6 +87,13 @@ class RelayedStatus(Exception):
         return cls(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
 
 
+# The access log entry of the gRPC call whose handler runs in this task, set by the front
+# door's handler only while an access log is on; the forwarder fills in the model, the backend
+# and a stream's bytes. A context variable: the KServe handlers between the two keep gRPC's
+# (request, context) signature.
+CALL_ENTRY: ContextVar[AccessEntry | None] = ContextVar("call_entry", default=None)
+
+
 def _time_left(deadline: float | None, clock: Clock) -> float | None:
     return None if deadline is None else deadline - clock.now()
 
@@ -108,12 +117,16 @@ class Call:
     to the backend of the next attempt, or None once the request is answered."""
 
     __slots__ = (
-        "_dispatcher", "abandoned", "deadline", "initial", "metadata", "relayed", "trailing",
-        "waiter",
+        "_dispatcher", "abandoned", "deadline", "entry", "initial", "metadata", "relayed",
+        "trailing", "waiter",
     )
 
-    def __init__(self, dispatcher: Dispatcher, metadata: Metadata, deadline: float | None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, metadata: Metadata, deadline: float | None,
+        entry: AccessEntry | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
+        self.entry = entry  # the access log's, if on
         self.waiter: asyncio.Future[Backend | None] = asyncio.get_running_loop().create_future()
         self.metadata = metadata
         self.deadline = deadline
@@ -125,6 +138,8 @@ class Call:
     def forward(self, request: Request) -> None:
         """The scheduler started an attempt on ``request.backend``: wake the handler (or, if
         it is gone, end the attempt from the loop, outside the scheduler's own step)."""
+        if self.entry is not None and request.backend is not None:
+            self.entry.backend = request.backend.spec.id
         if self.abandoned is not None:
             loop = asyncio.get_running_loop()
             loop.call_soon(self._dispatcher.attempt_done, request, None, self.abandoned)
@@ -153,7 +168,10 @@ class GrpcForwarder:
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._clock.now() + remaining
-        return Call(self._dispatcher, forwardable(context.invocation_metadata()), deadline)
+        return Call(
+            self._dispatcher, forwardable(context.invocation_metadata()), deadline,
+            CALL_ENTRY.get(),
+        )
 
     # -- unary --------------------------------------------------------------------------------
 
@@ -162,6 +180,8 @@ class GrpcForwarder:
     ) -> bytes:
         """Forward a unary call; return the response or raise ``RelayedStatus``/``RouterError``."""
         call = self._call(context)
+        if call.entry is not None:
+            call.entry.model = model
         request = Request(
             payload, call, self._clock.now(), kind="grpc", model=model, forward=call.forward
         )
@@ -231,6 +251,8 @@ class GrpcForwarder:
         """Proxy a call of any kind as a stream to one backend; raise ``RelayedStatus`` for a
         backend's non-OK status. ``first`` is a request message the caller already read."""
         call = self._call(context)
+        if call.entry is not None:
+            call.entry.model = model
         request = Request(
             b"", call, self._clock.now(), kind="grpc", model=model, forward=call.forward,
             replayable=False,
@@ -248,7 +270,7 @@ class GrpcForwarder:
         relay = AnswerBound(self._clock, self._answer_bound(context))
         outcome: RouterError | None = None
         try:
-            failure = await self._relay_on(backend, method, context, first, relay)
+            failure = await self._relay_on(backend, method, context, first, relay, call.entry)
         except asyncio.CancelledError:
             outcome = ended_by(context)
             raise
@@ -278,7 +300,7 @@ class GrpcForwarder:
 
     async def _relay_on(
         self, backend: Backend, method: str, context: grpc.aio.ServicerContext,
-        first: bytes | None, relay: AnswerBound,
+        first: bytes | None, relay: AnswerBound, entry: AccessEntry | None,
     ) -> _StreamFailure | None:
         """Run the stream on ``backend``; its non-OK status, if any."""
         rpc = self._channels.channel(backend).stream_stream(method)(
@@ -287,8 +309,8 @@ class GrpcForwarder:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                pump = group.create_task(_pump(context, rpc, first, relay))
-                failure = await _relay_responses(context, rpc, relay)
+                pump = group.create_task(_pump(context, rpc, first, relay, entry))
+                failure = await _relay_responses(context, rpc, relay, entry)
                 pump.cancel()
         finally:
             relay.stop()
@@ -349,7 +371,7 @@ class AnswerBound:
 
 async def _pump(
     context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, first: bytes | None,
-    relay: AnswerBound,
+    relay: AnswerBound, entry: AccessEntry | None,
 ) -> None:
     """Client -> backend, until the client half-closes (then half-close the backend call), or
     until the backend ended the call (its status is what the client gets)."""
@@ -357,10 +379,10 @@ async def _pump(
         await rpc.wait_for_connection()  # the call's headers are out: messages may follow
     except grpc.aio.AioRpcError:
         return
-    if first is not None and not await _send(rpc, first):
+    if first is not None and not await _send(rpc, first, entry):
         return
     while (message := await context.read()) is not grpc.aio.EOF:
-        if not await _send(rpc, message):
+        if not await _send(rpc, message, entry):
             return
     if not rpc.done():
         try:
@@ -370,7 +392,8 @@ async def _pump(
         relay.half_closed(rpc)
 
 
-async def _send(rpc: grpc.aio.StreamStreamCall, message: bytes) -> bool:
+async def _send(rpc: grpc.aio.StreamStreamCall, message: bytes, entry: AccessEntry | None
+                ) -> bool:
     """Send one request message on the backend call; False if the backend already ended it.
 
     Not ``rpc.write``: when a send fails because the backend ended the call meanwhile (an
@@ -386,6 +409,8 @@ async def _send(rpc: grpc.aio.StreamStreamCall, message: bytes) -> bool:
         await rpc._cython_call.send_serialized_message(message)
     except cygrpc.InternalError:
         return False
+    if entry is not None:
+        entry.bytes_in += len(message)
     return True
 
 
@@ -404,7 +429,8 @@ class _StreamFailure:
 
 
 async def _relay_responses(
-    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, relay: AnswerBound
+    context: grpc.aio.ServicerContext, rpc: grpc.aio.StreamStreamCall, relay: AnswerBound,
+    entry: AccessEntry | None,
 ) -> _StreamFailure | None:
     """Backend -> client until the backend's status; its failure if not OK. Returns None too
     when ``relay`` timed out (it cancelled the backend call)."""
@@ -418,6 +444,8 @@ async def _relay_responses(
             answered = True
             relay.message()
             await context.write(message)
+            if entry is not None:
+                entry.bytes_out += len(message)
     except grpc.aio.AioRpcError as exc:
         return _StreamFailure(exc, answered)
     except asyncio.CancelledError:

@@ -59,10 +59,11 @@ from router.core.errors import (
     UnknownService,
     quoted,
 )
+from router.dispatch.access import AccessEntry, AccessLog
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
-from router.frontdoor.grpc.forward import GrpcForwarder, RelayedStatus, ended_by
+from router.frontdoor.grpc.forward import CALL_ENTRY, GrpcForwarder, RelayedStatus, ended_by
 from router.frontdoor.grpc.kserve import ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.reflection import enable_reflection
@@ -149,11 +150,13 @@ class GrpcFrontDoor:
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
         config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
         readiness: Readiness, lifecycle: Lifecycle, tls: ServerTls | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self.tls = tls
         # Checked on every call only when there is a list to check against.
         self._allow_list = tls if tls is not None and tls.allow_list.active else None
+        self.access_log = access_log  # None: no access log, one check per call
         self._registry = registry
         self._channels = channels
         self._clock = clock
@@ -285,6 +288,10 @@ class GrpcFrontDoor:
         started = self._clock.now()
         code = "OK"
         task = asyncio.current_task() if routed else None
+        entry = None
+        if self.access_log is not None:
+            entry = AccessEntry("grpc", _peer(context.peer()), method, bytes_in=_size(request))
+            token = CALL_ENTRY.set(entry)  # seen by the forwarder, which fills in the backend
         try:
             if self._allow_list is not None:
                 self._check_client(context, self._allow_list)
@@ -295,19 +302,27 @@ class GrpcFrontDoor:
                     raise Draining("the router is draining; retry on another router")
                 if self._dispatcher.saturated:
                     raise Overloaded("the dispatch queue is full")
-            return await fn(request, context)
+            response = await fn(request, context)
+            if entry is not None:
+                entry.bytes_out += _size(response)
+            return response
         except RelayedStatus as status:
             code = status.code.name
             await context.abort(status.code, status.details, status.trailing)
         except RouterError as error:
             code = error.grpc_status
+            if entry is not None:
+                entry.error = error.code
             await context.abort(
                 grpc.StatusCode[error.grpc_status], error.message,
                 ((ROUTER_ERROR_HEADER, error.code),),
             )
         except asyncio.CancelledError:
             if not self._lifecycle.abandoned:
-                code = ended_by(context).grpc_status
+                ended = ended_by(context)
+                code = ended.grpc_status
+                if entry is not None:
+                    entry.error = ended.code
                 raise
             # Cancelled by abort_all: the drain gave up on this call. Tell the client now
             # rather than leave it waiting for its deadline.
@@ -315,6 +330,8 @@ class GrpcFrontDoor:
                 task.uncancel()
             dropped = Dropped("the router stopped before answering")
             code = dropped.grpc_status
+            if entry is not None:
+                entry.error = dropped.code
             await context.abort(
                 grpc.StatusCode[dropped.grpc_status], dropped.message,
                 ((ROUTER_ERROR_HEADER, dropped.code),),
@@ -324,9 +341,14 @@ class GrpcFrontDoor:
             log.exception("gRPC handler for %s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router")
         finally:
-            self.stats.count(method, code, self._clock.now() - started)
+            duration = self._clock.now() - started
+            self.stats.count(method, code, duration)
             if task is not None:
                 self._calls.discard(task)
+            if entry is not None and self.access_log is not None:
+                CALL_ENTRY.reset(token)
+                entry.status, entry.duration_s = code, duration
+                self.access_log.write(entry)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     @staticmethod
@@ -374,6 +396,23 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(
         configuration(), fetch, require_client_authentication=tls.mutual
     )
+
+
+def _peer(peer: str | None) -> str | None:
+    """gRPC's "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" as the TCP front door writes it."""
+    if not peer:
+        return None
+    scheme, sep, address = peer.partition(":")
+    return address if sep and scheme in ("ipv4", "ipv6") else peer
+
+
+def _size(message: Any) -> int:
+    """Bytes of a unary message: raw bytes, or a protobuf message's encoded size (0 for a
+    stream's iterator or None; a stream counts its messages as they pass)."""
+    if isinstance(message, bytes):
+        return len(message)
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else 0
 
 
 def _route_model(context: Context) -> str | None:

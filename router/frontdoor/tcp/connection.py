@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from router.core.errors import RouterError
 from router.dispatch.scheduler import Request
@@ -29,16 +29,19 @@ log = logging.getLogger(__name__)
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_front_door", "_peer", "_refusal", "session")
+    __slots__ = ("_address", "_front_door", "_peer", "_refusal", "session")
 
     def __init__(
-        self, front_door: TcpFrontDoor, peer: str | None, refusal: RouterError | None = None
+        self, front_door: TcpFrontDoor, peer: str | None, refusal: RouterError | None = None,
+        address: Any = None,
     ) -> None:
         """``peer``: the key the front door counts this connection under (None: not counted);
-        ``refusal``: the limit it is over, answered at once."""
+        ``refusal``: the limit it is over, answered at once; ``address``: the client's address
+        as accept() returned it (for the access log)."""
         self._front_door = front_door
         self._peer = peer
         self._refusal = refusal
+        self._address = address
         self.session: TcpSession[Request]  # from connection_made on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,7 +52,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, dispatcher.submit, saturated=dispatcher.saturated,
-            budget=front_door.budget,
+            budget=front_door.budget, peer=self._address,
         )
         tls = front_door.tls
         if tls is not None and tls.allow_list.active:

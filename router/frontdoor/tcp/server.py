@@ -117,7 +117,7 @@ class TcpFrontDoor:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = ClientConnection(self, *self._admit(address[0]))
+            client = ClientConnection(self, *self._admit(address[0]), address=address)
             if self.tls is None:
                 adopt = loop.connect_accepted_socket(functools.partial(_given, client), conn)
             else:
