@@ -271,7 +271,7 @@ CORRUPT = {
     "wrong type": (b'[[backends]]\nid = "a"\naddress = "h:1"\nweight = "heavy"\n',
                    "does not validate", "backends[0].weight: Input should be a valid integer"),
     "unknown key": (b'[static."h:1"]\ndrained = true\ncolour = "red"\n',
-                    "does not validate", "static.h:1.colour: unknown key"),
+                    "does not validate", "static.'h:1'.colour: unknown key"),
     "unknown top-level key": (b'backend = []\n', "does not validate", "backend: unknown key"),
     "newer version": (b"version = 2\n", "does not validate",
                       "version: version 2 is not supported (this router reads version 1)"),

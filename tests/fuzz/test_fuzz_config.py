@@ -32,10 +32,27 @@ def _fields(model: type[BaseModel]) -> dict[str, Any]:
     return {name: info.annotation for name, info in model.model_fields.items()}
 
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    name: info.annotation for name, info in RouterConfig.model_fields.items()
-    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
-}
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds, directly or as ``Model | None``."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _tables(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel]]:
+    """Every table of the schema by its key path, nested ones ([listener.tls]) included."""
+    found: dict[str, type[BaseModel]] = {}
+    for name, info in model.model_fields.items():
+        nested = _model_of(info.annotation)
+        if nested is not None:
+            path = f"{prefix}{name}"
+            found[path] = nested
+            found |= _tables(nested, f"{path}.")
+    return found
+
+
+SECTIONS: dict[str, type[BaseModel]] = _tables(RouterConfig)
 BACKEND_KEYS = ["address", "weight", "models", "protocol", "command"]
 
 keys = st.one_of(
