@@ -9,6 +9,7 @@ admin API on a loopback port. Requests here fan out to the processes concurrentl
 - ``/healthz``: 200 while the supervisor runs, listing each process and whether it is alive.
 - ``/readyz``: 200 only while not draining and every process answers ready.
 - ``/backends``: each process's backend list, every entry tagged with its ``process``.
+- ``/backends/{id}``: the entry of the first process (by index) that knows the id, tagged.
 - ``/stats``: each process's ``/stats`` under its index.
 - ``POST /admin/reload``: the supervisor's reload (it validates, then every process reloads
   on SIGHUP); each process's own outcome is in its ``router_config_reloads_total``.
@@ -32,8 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.control.admin import AdminAuth, admin_app, json_response, reload_response, start_app
+from router.control.admin import AdminAuth, admin_app, reload_response, start_app
+from router.control.api import json_response
 from router.core.config_diff import ReloadOutcome
+from router.core.errors import BackendNotFound, quoted
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
 
@@ -91,10 +94,10 @@ class FederatedAdmin:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._app = admin_app(
+        self._app, self._errors = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
-            backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
-            auth=auth, reload_certificates=reload_certificates,
+            backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
+            reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -145,7 +148,7 @@ class FederatedAdmin:
                           "unexpected exit", "counter")
         restarts.add_sample("router_process_restarts_total", {},
                             float(sum(i.restarts for i in infos)))
-        return [alive, restarts]
+        return [alive, restarts, *self._errors.collector().collect()]
 
     async def _get_healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok", "processes": [
@@ -169,6 +172,15 @@ class FederatedAdmin:
             if got is not None and got[0] == 200:
                 merged.extend({**entry, "process": info.index} for entry in orjson.loads(got[1]))
         return json_response(merged)
+
+    async def _get_backend(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["id"]
+        for info, got in await self._fan_out("/backends"):
+            if got is not None and got[0] == 200:
+                for entry in orjson.loads(got[1]):
+                    if entry["id"] == wanted:
+                        return json_response({**entry, "process": info.index})
+        raise BackendNotFound(f"no backend has the id {quoted(wanted)}")
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         processes = []
