@@ -90,7 +90,8 @@ def test_handlers_must_match_the_route_names() -> None:
 
 
 def test_docs_api_md_carries_the_generated_endpoint_table() -> None:
-    assert admin_routes.table() in (ROOT / "docs" / "api.md").read_text()
+    table = admin_routes.table()
+    assert table in (ROOT / "docs" / "api.md").read_text(), f"paste into docs/api.md:\n{table}"
 
 
 # -- errors over a real AdminServer -------------------------------------------------------------
