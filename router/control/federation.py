@@ -5,7 +5,8 @@ admin API on a loopback port. Requests here fan out to the processes concurrentl
 
 - ``/metrics``: every process's metrics in one exposition, each sample labelled
   ``process="<index>"`` (sum over the label for the router as a whole), plus the supervisor's own
-  ``router_processes`` and ``router_process_restarts_total``.
+  ``router_processes`` and ``router_process_restarts_total``; its own admin requests are in
+  ``router_admin_requests_total`` with ``process="supervisor"``.
 - ``/healthz``: 200 while the supervisor runs, listing each process and whether it is alive.
 - ``/readyz``: 200 only while not draining and every process answers ready.
 - ``/backends``: each process's backend list, every entry tagged with its ``process``.
@@ -94,11 +95,13 @@ class FederatedAdmin:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._app, self._errors = admin_app(
+        self._app, errors = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
         )
+        self._own_requests = CollectorRegistry(auto_describe=False)
+        self._own_requests.register(errors.collector())
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
@@ -131,6 +134,8 @@ class FederatedAdmin:
         answers = await self._fan_out("/metrics")
         texts = [(str(info.index), body.decode()) for info, got in answers if got is not None
                  for status, body in [got] if status == 200]
+        # The supervisor's own admin requests join the processes' families of the same name.
+        texts.append(("supervisor", generate_latest(self._own_requests).decode()))
         metrics = merge_metrics(texts)
         metrics.extend(self._own_metrics())
         registry = CollectorRegistry(auto_describe=False)
@@ -148,7 +153,7 @@ class FederatedAdmin:
                           "unexpected exit", "counter")
         restarts.add_sample("router_process_restarts_total", {},
                             float(sum(i.restarts for i in infos)))
-        return [alive, restarts, *self._errors.collector().collect()]
+        return [alive, restarts]
 
     async def _get_healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok", "processes": [
