@@ -96,6 +96,17 @@ async def test_processes_share_the_port_and_the_admin_api_speaks_for_all(
         assert status == 200 and sorted(b["process"] for b in backends) == [0, 1]
         status, health = await router.get("/healthz")
         assert [p["alive"] for p in health["processes"]] == [True, True]
+        status, one = await router.get(f"/backends/{backends[0]['id']}")
+        assert (status, one["id"], one["process"]) == (200, backends[0]["id"], 0)
+        status, missing = await router.get("/backends/nobody")
+        assert (status, missing["code"]) == (404, "BACKEND_NOT_FOUND")
+        status, text = await router.get("/metrics")
+        requests = {(s.labels["process"], s.labels["route"], s.labels["code"]): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "router_admin_requests_total"}
+        assert requests[("supervisor", "/backends/{id}", "404")] == 1
+        assert requests[("supervisor", "/readyz", "200")] == 1
+        assert requests[("0", "/readyz", "200")] == 1  # the fan-out, counted by each process
         for client in clients:
             await client.close()
 

@@ -1,13 +1,15 @@
 """The admin HTTP API on aiohttp, in the router's own event loop.
 
-GET /metrics (Prometheus text), /healthz (process alive), /readyz (200 while ``Readiness``
-says ready: not draining and some backend of any protocol in rotation; 503 with the reason
-otherwise, from the first moment of a drain), /backends (JSON from each backend's
-``statistics()``), /stats (the data plane's counters).
+The routes are declared once in ``admin_routes`` (served through ``api.build_app``, which also
+answers /openapi.json and turns every failure into a JSON error). GET /metrics (Prometheus
+text), /healthz (process alive), /readyz (200 while ``Readiness`` says ready: not draining and
+some backend of any protocol in rotation; 503 with the reason otherwise, from the first moment
+of a drain), /backends (JSON from each backend's ``statistics()``), /backends/{id} (one of
+them, 404 BACKEND_NOT_FOUND), /stats (the data plane's counters).
 
 POST /admin/reload reads the config again and applies it, as SIGHUP does: 200
 ``{"reloaded": true, "changes": [...]}``; an invalid file is 400 ``{"reloaded": false,
-"error": ..., "code": "VALIDATION_ERROR", "problems": [...]}`` (the problems are
+"error": ..., "code": "VALIDATION_ERROR", "problems": [...], "timestamp": ...}`` (the problems are
 ``check-config``'s), a change that needs a restart 409 with code ``RESTART_REQUIRED``.
 POST /admin/reload-certificates re-reads only the certificates, keys, CAs and the token (200, or
 422 with the problems, the running files kept); /admin/reload does that too.
@@ -22,9 +24,9 @@ was added:
   and /readyz, which orchestrators probe without credentials and which reveal nothing;
 - a client certificate outside the allow-list is refused on every path.
 
-Refusals are JSON ``{"error": ..., "code": ...}``: 401 UNAUTHORIZED without credentials (with
-``WWW-Authenticate: Bearer``), 403 FORBIDDEN for a wrong token, 403 CLIENT_NOT_ALLOWED for a
-certificate outside the allow-list; each is counted by code.
+Refusals are JSON ``{"error": ..., "code": ..., "timestamp": ...}``: 401 UNAUTHORIZED without
+credentials (with ``WWW-Authenticate: Bearer``), 403 FORBIDDEN for a wrong token, 403
+CLIENT_NOT_ALLOWED for a certificate outside the allow-list; each is counted by code.
 """
 
 from __future__ import annotations
@@ -37,31 +39,35 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from router.control import admin_routes
+from router.control.api import (
+    MUTATING_METHODS,
+    PROBE_PATHS,
+    ApiErrors,
+    Handler,
+    build_app,
+    error_response,
+    json_response,
+    timestamp,
+)
 from router.core.config import AdminConfig, is_loopback, parse_host_port
 from router.core.config_diff import ReloadOutcome
-from router.core.errors import ConfigError, Forbidden, RouterError, Unauthorized, quoted
+from router.core.errors import (
+    BackendNotFound,
+    ConfigError,
+    Forbidden,
+    RouterError,
+    Unauthorized,
+    quoted,
+)
 from router.dispatch.backends import Registry
 from router.lifecycle.readiness import Readiness
 from router.tls.context import ServerTls
 from router.tls.identity import PeerIdentity
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Probed by orchestrators (kubelet, load balancers) without credentials; they reveal nothing.
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
-        status=status,
-        content_type="application/json",
-    )
 
 
 def read_token(path: str) -> bytes:
@@ -121,8 +127,7 @@ class AdminAuth:
         if error is None:
             return await handler(request)
         self.refused[error.code] += 1
-        response = json_response({"error": error.message, "code": error.code},
-                                 status=error.http_status)
+        response = error_response(error)
         if isinstance(error, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="inference-router admin"'
         return response
@@ -146,29 +151,24 @@ async def start_app(app: web.Application, host: str, port: int,
 
 
 def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
-              stats: Handler, reload: Handler, auth: AdminAuth,
-              reload_certificates: Callable[[], list[str]]) -> web.Application:
-    """The admin API's routes, in one table, behind ``auth``: one router process and the
-    federation over several serve the same paths. GET reads; POST changes the router."""
+              backend: Handler, stats: Handler, reload: Handler, auth: AdminAuth,
+              reload_certificates: Callable[[], list[str]]) -> tuple[web.Application, ApiErrors]:
+    """The routes of ``admin_routes.ROUTES`` behind the error middleware, then ``auth``: one
+    router process and the federation over several serve the same table."""
+    document = json_response(admin_routes.document())
+
+    async def get_openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document.body, content_type="application/json")
 
     async def post_reload_certificates(request: web.Request) -> web.Response:
         problems = reload_certificates()
         return json_response({"reloaded": not problems, "problems": problems},
                              status=422 if problems else 200)
 
-    routes = (
-        ("GET", "/metrics", metrics),
-        ("GET", "/healthz", healthz),
-        ("GET", "/readyz", readyz),
-        ("GET", "/backends", backends),
-        ("GET", "/stats", stats),
-        ("POST", "/admin/reload", reload),
-        ("POST", "/admin/reload-certificates", post_reload_certificates),
-    )
-    app = web.Application(middlewares=[auth.middleware])
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    return app
+    handlers = {"metrics": metrics, "healthz": healthz, "readyz": readyz, "backends": backends,
+                "backend": backend, "stats": stats, "openapi": get_openapi, "reload": reload,
+                "reload_certificates": post_reload_certificates}
+    return build_app(admin_routes.ROUTES, handlers, [auth.middleware])
 
 
 def reload_response(outcome: ReloadOutcome) -> web.Response:
@@ -178,7 +178,8 @@ def reload_response(outcome: ReloadOutcome) -> web.Response:
         return json_response({"reloaded": True, "changes": list(outcome.changes)})
     problems = error.problems
     return json_response(
-        {"reloaded": False, "error": error.message, "code": error.code, "problems": problems},
+        {"reloaded": False, "error": error.message, "code": error.code, "problems": problems,
+         "timestamp": timestamp()},
         status=error.http_status,
     )
 
@@ -203,11 +204,12 @@ class AdminServer:
         self._readiness = readiness
         self._stats = stats
         self._runner: web.AppRunner | None = None
-        self._app = admin_app(
+        self._app, errors = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
-            backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
-            auth=auth, reload_certificates=reload_certificates,
+            backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
+            reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
         )
+        metrics.register(errors.collector())
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         context = self.tls.context if self.tls is not None else None
@@ -234,6 +236,13 @@ class AdminServer:
 
     async def _get_backends(self, request: web.Request) -> web.Response:
         return json_response(self._registry.statistics())
+
+    async def _get_backend(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["id"]
+        for entry in self._registry.statistics():
+            if entry["id"] == wanted:
+                return json_response(entry)
+        raise BackendNotFound(f"no backend has the id {quoted(wanted)}")
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return json_response(self._stats())

@@ -5,10 +5,12 @@ admin API on a loopback port. Requests here fan out to the processes concurrentl
 
 - ``/metrics``: every process's metrics in one exposition, each sample labelled
   ``process="<index>"`` (sum over the label for the router as a whole), plus the supervisor's own
-  ``router_processes`` and ``router_process_restarts_total``.
+  ``router_processes`` and ``router_process_restarts_total``; its own admin requests are in
+  ``router_admin_requests_total`` with ``process="supervisor"``.
 - ``/healthz``: 200 while the supervisor runs, listing each process and whether it is alive.
 - ``/readyz``: 200 only while not draining and every process answers ready.
 - ``/backends``: each process's backend list, every entry tagged with its ``process``.
+- ``/backends/{id}``: the entry of the first process (by index) that knows the id, tagged.
 - ``/stats``: each process's ``/stats`` under its index.
 - ``POST /admin/reload``: the supervisor's reload (it validates, then every process reloads
   on SIGHUP); each process's own outcome is in its ``router_config_reloads_total``.
@@ -32,8 +34,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from router.control.admin import AdminAuth, admin_app, json_response, reload_response, start_app
+from router.control.admin import AdminAuth, admin_app, reload_response, start_app
+from router.control.api import json_response
 from router.core.config_diff import ReloadOutcome
+from router.core.errors import BackendNotFound, quoted
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
 
@@ -91,11 +95,13 @@ class FederatedAdmin:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._app = admin_app(
+        self._app, errors = admin_app(
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
-            backends=self._get_backends, stats=self._get_stats, reload=self._post_reload,
-            auth=auth, reload_certificates=reload_certificates,
+            backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
+            reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
         )
+        self._own_requests = CollectorRegistry(auto_describe=False)
+        self._own_requests.register(errors.collector())
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
@@ -128,6 +134,8 @@ class FederatedAdmin:
         answers = await self._fan_out("/metrics")
         texts = [(str(info.index), body.decode()) for info, got in answers if got is not None
                  for status, body in [got] if status == 200]
+        # The supervisor's own admin requests join the processes' families of the same name.
+        texts.append(("supervisor", generate_latest(self._own_requests).decode()))
         metrics = merge_metrics(texts)
         metrics.extend(self._own_metrics())
         registry = CollectorRegistry(auto_describe=False)
@@ -169,6 +177,15 @@ class FederatedAdmin:
             if got is not None and got[0] == 200:
                 merged.extend({**entry, "process": info.index} for entry in orjson.loads(got[1]))
         return json_response(merged)
+
+    async def _get_backend(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["id"]
+        for info, got in await self._fan_out("/backends"):
+            if got is not None and got[0] == 200:
+                for entry in orjson.loads(got[1]):
+                    if entry["id"] == wanted:
+                        return json_response({**entry, "process": info.index})
+        raise BackendNotFound(f"no backend has the id {quoted(wanted)}")
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         processes = []

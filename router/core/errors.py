@@ -280,6 +280,40 @@ class InvalidInput(RouterError):
         self.problems = listed
 
 
+class BackendNotFound(RouterError):
+    """No backend has the id a request named (admin API: ``/backends/{id}``)."""
+
+    code = "BACKEND_NOT_FOUND"
+    fault = "client"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class RouteNotFound(RouterError):
+    """An HTTP request for a path the admin API does not declare."""
+
+    code = "NOT_FOUND"
+    fault = "client"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class MethodNotAllowed(RouterError):
+    """An HTTP method the admin API does not declare for a path it does declare."""
+
+    code = "METHOD_NOT_ALLOWED"
+    fault = "client"
+    http_status = 405
+    grpc_status = "UNIMPLEMENTED"
+
+
+class InternalError(RouterError):
+    """An exception the router did not expect (a bug): answered 500 and logged with its
+    traceback; the message never carries the exception's text."""
+
+    code = "INTERNAL_ERROR"
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 

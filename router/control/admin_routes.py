@@ -1,0 +1,130 @@
+"""The admin API's routes and the pydantic models of what they answer: the one declaration
+that one router process and the federation over several serve, and from which /openapi.json
+and docs/api.md's endpoint table are generated."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any, Literal
+
+import pydantic
+
+from router.control.api import ErrorBody, Route, endpoint_table, openapi
+
+TITLE = "inference-router admin API"
+PROMETHEUS_TEXT = "text/plain"
+
+
+class ProcessHealth(pydantic.BaseModel):
+    index: int
+    pid: int | None
+    alive: bool
+    restarts: int
+
+
+class Healthz(pydantic.BaseModel):
+    status: Literal["ok"]
+    processes: list[ProcessHealth] | None = pydantic.Field(
+        default=None, description="each router process (multi-process routers only)")
+
+
+class Ready(pydantic.BaseModel):
+    ready: Literal[True]
+    processes: int | None = pydantic.Field(
+        default=None, description="router processes answering ready (multi-process only)")
+
+
+class NotReady(pydantic.BaseModel):
+    ready: Literal[False]
+    reason: str
+
+
+class BackendStats(pydantic.BaseModel):
+    """One backend: who it is and its runtime state (``Backend.statistics()``); its pool or
+    gRPC call limiter counters are under ``pool`` or ``calls``."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    id: str
+    address: str
+    kind: Literal["tcp", "grpc"]
+    source: str
+    labels: dict[str, str]
+    weight: int
+    models: list[str]
+    healthy: bool
+    state: Literal["up", "down", "draining"]
+    inflight: int
+    waiting: int
+    requests_total: int
+    failures_total: int
+    consecutive_failures: int
+    process: int | None = pydantic.Field(
+        default=None, description="the router process reporting it (multi-process only)")
+
+
+class BackendList(pydantic.RootModel[list[BackendStats]]):
+    pass
+
+
+class Stats(pydantic.RootModel[dict[str, Any]]):
+    """The data plane's counters (one process), or each process's under its index."""
+
+
+class ReloadDone(pydantic.BaseModel):
+    reloaded: Literal[True]
+    changes: list[str]
+
+
+class ReloadRefused(pydantic.BaseModel):
+    """The running config stays; ``problems`` are check-config's."""
+
+    reloaded: Literal[False]
+    error: str
+    code: str
+    problems: list[str]
+    timestamp: str
+
+
+class CertificatesReloaded(pydantic.BaseModel):
+    """``reloaded`` is false (status 422) with the problems; the running files are kept."""
+
+    reloaded: bool
+    problems: list[str]
+
+
+class OpenApiDocument(pydantic.RootModel[dict[str, Any]]):
+    """This document."""
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("metrics", "GET", "/metrics", "Prometheus metrics", {200: PROMETHEUS_TEXT}),
+    Route("healthz", "GET", "/healthz", "The process is alive", {200: Healthz}),
+    Route("readyz", "GET", "/readyz", "Ready for traffic: not draining, some backend in "
+          "rotation", {200: Ready, 503: NotReady}),
+    Route("backends", "GET", "/backends", "Every backend and its state", {200: BackendList}),
+    Route("backend", "GET", "/backends/{id}", "One backend by id",
+          {200: BackendStats, 404: ErrorBody}),
+    Route("stats", "GET", "/stats", "The data plane's counters", {200: Stats}),
+    Route("openapi", "GET", "/openapi.json", "This API as OpenAPI 3.1", {200: OpenApiDocument}),
+    Route("reload", "POST", "/admin/reload", "Read the config again and apply it (as SIGHUP)",
+          {200: ReloadDone, 400: ReloadRefused, 409: ReloadRefused, 500: ReloadRefused},
+          mutates=True),
+    Route("reload_certificates", "POST", "/admin/reload-certificates", "Read certificates, "
+          "keys, CAs and the token again", {200: CertificatesReloaded,
+                                            422: CertificatesReloaded}, mutates=True),
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("inference-router")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0"
+
+
+def document() -> dict[str, Any]:
+    return openapi(ROUTES, TITLE, _version())
+
+
+def table() -> str:
+    return endpoint_table(ROUTES)
