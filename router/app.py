@@ -51,7 +51,7 @@ from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.tls.context import BackendTls, ServerTls
 from router.upstream.base import Upstream
-from router.upstream.frame_connection import make_dialer
+from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.grpc_limiter import GrpcCallLimiter
 from router.upstream.pool import Pool
@@ -156,7 +156,7 @@ class RouterApp:
 
     def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
-        tls_config = self.config.tls_of(entry)
+        tls_config = self.config.tls_of(entry)  # None for a unix socket (the config says so)
         tls = None
         if tls_config is not None:
             tls_key = f"{key}.tls" if entry.tls is not None else "backend_tls"
@@ -167,7 +167,9 @@ class RouterApp:
             if tls is not None:
                 self.grpc_channels.use_tls(spec.address, tls)
         else:
-            dial = make_dialer(spec.host, spec.port, self.config.listener.max_frame_bytes, tls)
+            max_frame = self.config.listener.max_frame_bytes
+            dial = (make_unix_dialer(spec.unix_path, max_frame) if spec.is_unix
+                    else make_dialer(spec.host, spec.port, max_frame, tls))
             upstream = Pool(dial, self.config.pool, self.clock, name=spec.address)
         return Backend(spec, upstream)
 
