@@ -87,12 +87,13 @@ def test_a_unix_backend_has_no_command() -> None:
 
 def test_tls_over_a_unix_socket_is_refused_clearly() -> None:
     own = _problems({"address": "unix:/run/e.sock", "tls": {"ca_file": "ca.pem"}})
-    assert len(own) == 1 and "backends[0]: TLS over a unix socket is not supported" in own[0]
-    assert "its tls table" in own[0]
+    assert own == ["<test>: backends[0].address: TLS over a unix socket is not supported (its "
+                   "tls table turns it on): set tls = { enabled = false } on this backend"]
     shared = _problems({"address": "10.0.0.1:9000"}, {"address": "unix:/run/e.sock"},
-                       backend_tls={"enabled": True})
-    assert len(shared) == 1 and "backends[1]: TLS over a unix socket" in shared[0]
-    assert "[backend_tls]" in shared[0] and "tls = { enabled = false }" in shared[0]
+                       {"address": "unix:/run/f.sock"}, backend_tls={"enabled": True})
+    assert [p.split(": TLS")[0] for p in shared] == ["<test>: backends[1].address",
+                                                     "<test>: backends[2].address"]
+    assert all("([backend_tls] turns it on)" in p for p in shared)
     cfg = _config({"address": "10.0.0.1:9000"},
                   {"address": "unix:/run/e.sock", "tls": {"enabled": False}},
                   backend_tls={"enabled": True})

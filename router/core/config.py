@@ -588,12 +588,15 @@ class RouterConfig(_Section):
     def _no_tls_over_unix(self) -> RouterConfig:
         # TLS authenticates a peer across a network; a unix socket's peer is on this machine
         # and its file permissions decide who may connect.
-        for i, backend in enumerate(self.backends):
-            if backend.is_unix and self.tls_of(backend) is not None:
-                where = "its tls table" if backend.tls is not None else "[backend_tls]"
-                raise _invalid(f"backends[{i}]: TLS over a unix socket is not supported "
-                               f"({where} turns it on): set tls = {{ enabled = false }} "
-                               "on this backend")
+        problems = [
+            (f"backends[{i}].address", "TLS over a unix socket is not supported ("
+             + ("its tls table" if backend.tls is not None else "[backend_tls]")
+             + " turns it on): set tls = { enabled = false } on this backend")
+            for i, backend in enumerate(self.backends)
+            if backend.is_unix and self.tls_of(backend) is not None
+        ]
+        if problems:
+            raise PydanticCustomError("keyed", "invalid", {"problems": problems})
         return self
 
     @model_validator(mode="after")
@@ -640,6 +643,9 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> RouterCon
                     f"{source}: {key}: {quoted(address)} is already used by {earlier}"
                     for key, address, earlier in err["ctx"]["conflicts"]
                 ]
+                continue
+            if err["type"] == "keyed":  # a rule across sections, reported at the key it names
+                problems += [f"{source}: {key}: {why}" for key, why in err["ctx"]["problems"]]
                 continue
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{source}: {_format_location(err['loc'])}: {msg}")
