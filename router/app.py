@@ -161,6 +161,13 @@ class RouterApp:
         if tls_config is not None:
             tls_key = f"{key}.tls" if entry.tls is not None else "backend_tls"
             tls = self.backend_tls[spec.address] = BackendTls(tls_config, tls_key, spec.host)
+        return self.backend_of(spec, tls)
+
+    def backend_of(self, spec: BackendSpec, tls: BackendTls | None = None) -> Backend:
+        """The runtime record of ``spec``, whatever its source: an upstream of its protocol,
+        over TCP (with ``tls``) or its unix socket (never TLS)."""
+        if spec.is_unix and tls is not None:
+            raise ValueError(f"{spec.address}: TLS over a unix socket is not supported")
         upstream: Upstream
         if spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)

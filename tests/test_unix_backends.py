@@ -205,6 +205,26 @@ async def test_a_frame_backend_on_a_unix_socket_is_routed_probed_and_comes_back(
         assert await client.request(b"back") == b"back"
 
 
+async def test_a_unix_backend_added_at_run_time_is_served(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    """A spec that comes from no config entry (as a registered backend's) gets its upstream
+    from ``backend_of``: a router started with none serves it once it is in the registry."""
+    router = await router_factory([])
+    client = await router.client()
+    async with asyncio.timeout(WAIT_S):
+        with pytest.raises(ErrorReply) as caught:
+            await client.request(b"early")
+        assert caught.value.code == "NO_BACKEND"
+        backend = echo_backend(unix=tmp_path / "joined.sock")
+        spec = BackendSpec(id="w1", address=backend.address, source="registered")
+        router.app.registry.add(router.app.backend_of(spec))
+        assert await client.request(b"late") == b"late"
+    assert router.backend_stats()[backend.address]["source"] == "registered"
+    with pytest.raises(ValueError, match="TLS over a unix socket"):
+        router.app.backend_of(spec, tls=object())  # type: ignore[arg-type]
+
+
 async def _infer(router: GrpcRouter, values: list[float]) -> list[float]:
     async with router.channel() as channel:
         infer = channel.unary_unary(MODEL_INFER)
