@@ -32,8 +32,9 @@ from typing import cast
 
 import uvloop
 
+from backends.unix import remove_stale_socket
 from router.core.errors import FrameTooLarge, TruncatedFrame
-from router.protocol.announce import format_ready
+from router.protocol.announce import format_ready, format_ready_unix
 from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
 
 BACKLOG = 4096
@@ -43,6 +44,7 @@ BACKLOG = 4096
 class EchoConfig:
     host: str = "127.0.0.1"
     port: int = 0
+    unix: str | None = None  # listen on this unix socket path instead of host:port
     delay_s: float = 0.0
     fail_rate: float = 0.0
     close_after: int = 0  # 0: never
@@ -54,6 +56,8 @@ class EchoConfig:
     greet: bytes | None = None  # written as one frame as soon as a connection is made
 
     def __post_init__(self) -> None:
+        if self.unix is not None and self.tls_cert:
+            raise ValueError("--unix serves plaintext: drop --tls-cert")
         if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
             raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         if self.delay_s < 0:
@@ -109,7 +113,7 @@ class EchoProtocol(asyncio.Protocol):
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connections.add(self)
         if self._config.greet is not None:
@@ -199,7 +203,8 @@ def server_ssl_context(cert: str, key: str | None, client_ca: str | None) -> ssl
 
 
 async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
-    """Listen, print ``READY <port>``, serve until ``stop`` is set, then close everything."""
+    """Listen, print ``READY <port>`` (``READY unix:<path>`` with ``unix``), serve until
+    ``stop`` is set, then close everything."""
     loop = asyncio.get_running_loop()
     rng = random.Random(config.seed)
     recorder = IdRecorder(config.record_ids) if config.record_ids else None
@@ -207,15 +212,24 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     tls = None
     if config.tls_cert:
         tls = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-    server = await loop.create_server(
-        lambda: EchoProtocol(config, rng, recorder, connections),
-        config.host, config.port, backlog=BACKLOG, reuse_address=True, ssl=tls,
-    )
+    def factory() -> EchoProtocol:
+        return EchoProtocol(config, rng, recorder, connections)
+
+    if config.unix is not None:
+        remove_stale_socket(config.unix)
+        server = await loop.create_unix_server(factory, config.unix, backlog=BACKLOG)
+        ready = format_ready_unix(config.unix)
+    else:
+        server = await loop.create_server(
+            factory, config.host, config.port, backlog=BACKLOG, reuse_address=True, ssl=tls,
+        )
+        ready = format_ready(server.sockets[0].getsockname()[1])
     try:
-        port = server.sockets[0].getsockname()[1]
-        print(format_ready(port), flush=True)
+        print(ready, flush=True)
         await stop.wait()
     finally:
+        if config.unix is not None:
+            remove_stale_socket(config.unix)
         server.close()
         for conn in list(connections):
             conn.abort()
@@ -235,7 +249,9 @@ async def _main_async(config: EchoConfig) -> None:
 def parse_args(argv: list[str] | None = None) -> EchoConfig:
     parser = argparse.ArgumentParser(prog="python -m backends.echo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="0 picks a free port")
+    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket instead")
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--fail-rate", type=float, default=0.0,
                         help="probability of aborting the connection instead of answering")
@@ -254,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
     args = parser.parse_args(argv)
     try:
         return EchoConfig(
-            host=args.host, port=args.port, delay_s=args.delay_ms / 1000.0,
+            host=args.host, port=args.port or 0, unix=args.unix, delay_s=args.delay_ms / 1000.0,
             fail_rate=args.fail_rate, close_after=args.close_after,
             record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

@@ -37,7 +37,7 @@ def _headers(context: Context) -> dict[str, str]:
 
 
 class EchoService:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int | str) -> None:  # str: a unix socket address
         self.port = port
 
     async def _begin(self, context: Context) -> dict[str, str]:

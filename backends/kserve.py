@@ -25,7 +25,8 @@ exits the process (status 3) as soon as an inference arrives, before answering i
 ``--record-ids FILE`` appends the ``id`` of every answered inference to FILE. ``--tls-cert``
 serves TLS (``--tls-client-ca``: and requires client certificates signed by that CA).
 
-Prints ``READY <port>`` once listening; SIGTERM stops it after a short grace.
+Prints ``READY <port>`` once listening (``READY unix:<path>`` with ``--unix PATH``); SIGTERM
+stops it after a short grace.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends.grpc_echo import EchoService
-from router.protocol.announce import format_ready
+from backends.unix import remove_stale_socket
+from router.protocol.announce import format_ready, format_ready_unix
 from router.protocol.kserve import read_repository_model, read_trace_model
 from router.protocol.proto import grpc_predict_v2_pb2 as pb
 from router.protocol.proto import triton_extensions_pb2 as triton
@@ -71,6 +73,7 @@ class InferError(Exception):
 class KServeConfig:
     host: str = "127.0.0.1"
     port: int = 0
+    unix: str | None = None  # listen on this unix socket path instead of host:port
     models: tuple[str, ...] = ("identity", "sum")
     delay_s: float = 0.0
     fail_rate: float = 0.0
@@ -313,29 +316,37 @@ def _server_credentials(config: KServeConfig) -> grpc.ServerCredentials:
 
 
 async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
-    """Listen, print ``READY <port>``, serve until ``stop`` is set, then stop gracefully."""
+    """Listen, print ``READY <port>`` (``READY unix:<path>`` with ``unix``), serve until
+    ``stop`` is set, then stop gracefully."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     address = f"{config.host}:{config.port}"
+    if config.unix is not None:
+        remove_stale_socket(config.unix)
+        address = f"unix:{config.unix}"
     if config.tls_cert:
         port = server.add_secure_port(address, _server_credentials(config))
     else:
         port = server.add_insecure_port(address)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {config.host}:{config.port}")
+    if port == 0:  # a unix socket that was bound answers 1
+        raise SystemExit(f"cannot listen on {address}")
+    ready = format_ready(port) if config.unix is None else format_ready_unix(config.unix)
     backend = KServeBackend(config, port)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    server.add_generic_rpc_handlers([backend.handler(), EchoService(port).handler()])
+    name = port if config.unix is None else address
+    server.add_generic_rpc_handlers([backend.handler(), EchoService(name).handler()])
     await server.start()
     try:
-        print(format_ready(port), flush=True)
+        print(ready, flush=True)
         await stop.wait()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(STOP_GRACE_S)
     finally:
         await server.stop(None)
         backend.close()
+        if config.unix is not None:
+            remove_stale_socket(config.unix)
 
 
 async def _main_async(config: KServeConfig) -> None:
@@ -350,7 +361,9 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
     parser = argparse.ArgumentParser(prog="python -m backends.kserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="0 picks a free port")
+    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket instead")
     parser.add_argument("--models", default="identity,sum",
                         help=f"comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--delay-ms", type=float, default=0.0)
@@ -373,13 +386,15 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
         parser.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     if args.delay_ms < 0 or not 0.0 <= args.fail_rate <= 1.0:
         parser.error("--delay-ms must be >= 0 and --fail-rate in [0, 1]")
+    if args.unix is not None and args.tls_cert:
+        parser.error("--unix serves plaintext: drop --tls-cert")
     if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
         parser.error("--tls-key and --tls-client-ca need --tls-cert")
     return KServeConfig(
-        host=args.host, port=args.port, models=models, delay_s=args.delay_ms / 1000.0,
-        fail_rate=args.fail_rate, crash_on_infer=args.crash_on_infer,
-        record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        host=args.host, port=args.port or 0, unix=args.unix, models=models,
+        delay_s=args.delay_ms / 1000.0, fail_rate=args.fail_rate,
+        crash_on_infer=args.crash_on_infer, record_ids=args.record_ids, seed=args.seed,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )
 
 

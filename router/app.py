@@ -33,6 +33,7 @@ from router.core.clock import Clock, MonotonicClock
 from router.core.config import BackendConfig, RouterConfig, ServerTlsConfig, parse_host_port
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
+    BackendError,
     ConfigError,
     InvalidInput,
     ListenFailed,
@@ -52,7 +53,7 @@ from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.tls.context import BackendTls, ServerTls
 from router.upstream.base import Upstream
-from router.upstream.frame_connection import make_dialer
+from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.grpc_limiter import GrpcCallLimiter
 from router.upstream.pool import Pool
@@ -164,22 +165,33 @@ class RouterApp:
 
     def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
-        tls_config = self.config.tls_of(entry)
+        tls_config = self.config.tls_of(entry)  # None for a unix socket (the config says so)
         tls = None
         if tls_config is not None:
             tls_key = f"{key}.tls" if entry.tls is not None else "backend_tls"
             tls = self.backend_tls[spec.address] = BackendTls(tls_config, tls_key, spec.host)
+        return self.backend_of(spec, tls)
+
+    def backend_of(self, spec: BackendSpec, tls: BackendTls | None = None) -> Backend:
+        """The runtime record of ``spec``, whatever its source: an upstream of its protocol,
+        over TCP (with ``tls``) or its unix socket (never TLS)."""
+        if spec.is_unix and tls is not None:
+            raise ValueError(f"{spec.address}: TLS over a unix socket is not supported")
         upstream: Upstream
         if spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
             if tls is not None:
                 self.grpc_channels.use_tls(spec.address, tls)
         else:
-            dial = make_dialer(
-                spec.host, spec.port, self.config.listener.max_frame_bytes, tls,
-                on_broken=lambda error: pool.connection_failed(error),
-                check=self.config.health.probe == "frame",
-            )
+            max_frame = self.config.listener.max_frame_bytes
+            def on_broken(error: BackendError) -> None:  # bytes nobody asked for, on no request
+                pool.connection_failed(error)
+
+            check = self.config.health.probe == "frame"
+            if spec.is_unix:
+                dial = make_unix_dialer(spec.unix_path, max_frame, on_broken, check=check)
+            else:
+                dial = make_dialer(spec.host, spec.port, max_frame, tls, on_broken, check=check)
             upstream = pool = Pool(dial, self.config.pool, self.clock, name=spec.address)
         return Backend(spec, upstream)
 

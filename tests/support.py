@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.control.launcher import BlockingProcess, launch_blocking
-from router.protocol.announce import ready_port
+from router.protocol.announce import ready_port, ready_unix_path
 
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -24,17 +24,22 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class BackendProcess:
-    """A backend started by ``backend_processes``: its process and the port it announced."""
+    """A backend started by ``backend_processes``: its process and the port (or unix socket
+    path) it announced."""
 
-    proc: BlockingProcess[int]
+    proc: BlockingProcess[int] | BlockingProcess[str]
 
     @property
     def port(self) -> int:
-        return self.proc.ready
+        ready = self.proc.ready
+        if not isinstance(ready, int):
+            raise ValueError(f"the backend listens on the unix socket {ready}: it has no port")
+        return ready
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        ready = self.proc.ready
+        return f"unix:{ready}" if isinstance(ready, str) else f"127.0.0.1:{ready}"
 
     def kill(self) -> None:
         """SIGKILL, and reap it (bounded)."""
@@ -45,14 +50,20 @@ class BackendProcess:
 @contextlib.contextmanager
 def backend_processes(module: str) -> Iterator[Callable[..., BackendProcess]]:
     """A factory: ``start(*args)`` runs ``python -m MODULE --port 0 ARGS`` and waits for its
-    ``READY <port>`` line; every process started is stopped on exit."""
-    started: list[BlockingProcess[int]] = []
+    ``READY <port>`` line; ``start(*args, unix=PATH)`` runs it with ``--unix PATH`` instead
+    and waits for ``READY unix:PATH``. Every process started is stopped on exit."""
+    started: list[BlockingProcess[int] | BlockingProcess[str]] = []
 
-    def start(*args: str) -> BackendProcess:
-        process = launch_blocking(
-            [sys.executable, "-m", module, "--port", "0", *args], ready_port,
-            cwd=REPO_ROOT, env=child_env(), ready_timeout_s=READY_TIMEOUT_S,
-        )
+    def start(*args: str, unix: Path | None = None) -> BackendProcess:
+        argv = [sys.executable, "-m", module]
+        process: BlockingProcess[int] | BlockingProcess[str]
+        if unix is None:
+            process = launch_blocking([*argv, "--port", "0", *args], ready_port, cwd=REPO_ROOT,
+                                      env=child_env(), ready_timeout_s=READY_TIMEOUT_S)
+        else:
+            process = launch_blocking([*argv, "--unix", str(unix), *args], ready_unix_path,
+                                      cwd=REPO_ROOT, env=child_env(),
+                                      ready_timeout_s=READY_TIMEOUT_S)
         started.append(process)
         return BackendProcess(process)
 

@@ -64,7 +64,7 @@ def test_rows_carry_type_default_and_range() -> None:
     assert "| `queue_timeout_s` | float | `5.0` | > 0, ≤ 86400 | " in text
     assert '| `probe` | `"frame"` \\| `"connect"` | `"frame"` |  | ' in text
     assert "| `listen` | HOST:PORT | unset |  | " in text  # [grpc]: off by default
-    assert "| `address` | HOST:PORT | required |  | " in text
+    assert "| `address` | HOST:PORT or unix:/path | required |  | " in text
 
 
 def test_config_reference_command_prints_and_writes_it(tmp_path: Path) -> None:

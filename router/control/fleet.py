@@ -2,7 +2,7 @@
 
 Each ``[[backends]]`` entry is a *source* of backends:
 
-* an IP address: one backend;
+* an IP address or a unix socket path (``unix:/path``, never resolved): one backend;
 * with ``command``: one backend on the process the router starts (with port 0, on the port
   the process announces); once that backend has left the registry the process is stopped;
 * a host name: one backend per address it resolves to (Envoy's STRICT_DNS, HAProxy's
@@ -75,7 +75,10 @@ class _Source:
 
     @property
     def name(self) -> tuple[str, int] | None:
-        """(host, port) when the address is a host name to resolve."""
+        """(host, port) when the address is a host name to resolve (a unix socket path never
+        is)."""
+        if self.config.is_unix:
+            return None
         host, port = parse_host_port(self.config.address)
         return None if self.config.command or is_ip(host) else (host, port)
 
@@ -165,8 +168,9 @@ class Fleet:
         await asyncio.gather(*(self._resolve(s) for s in sources if s.name is not None))
         for source in sources:
             if source.name is None and not source.specs:
-                host, port = parse_host_port(source.config.address)
-                address = join_host_port(host, port)
+                address = source.config.address
+                if not source.config.is_unix:
+                    address = join_host_port(*parse_host_port(address))
                 source.specs = {address: source.spec(address)}
         return sources
 

@@ -44,6 +44,8 @@ from router.core.config import (
     ModelName,
     RegistryConfig,
     Seconds,
+    check_unix_address,
+    is_unix_address,
     parse_host_port,
 )
 from router.core.errors import InvalidInput, StoreFull, StoreUnavailable, quoted
@@ -61,9 +63,6 @@ EventKind = Literal["put", "delete", "expired"]
 _SPEC_PROTOCOL: dict[RecordProtocol, SpecProtocol] = {"frames": "tcp", "grpc": "grpc"}
 _RECORD_PROTOCOL: dict[SpecProtocol, RecordProtocol] = {v: k for k, v in _SPEC_PROTOCOL.items()}
 
-UNIX_SCHEME = "unix:"
-# sun_path holds 108 bytes, its terminating NUL included.
-MAX_UNIX_PATH_BYTES = 107
 # A watcher's queue holds this many events before it is dropped for a resync: far more than
 # a burst of registrations between two reads of a consumer that keeps up.
 MAX_PENDING_EVENTS = 1024
@@ -73,15 +72,8 @@ MAX_LEASE_ID = 2**63 - 1
 
 def check_backend_address(value: str) -> str:
     """``HOST:PORT`` (port 1-65535) or ``unix:/absolute/path``; returned unchanged."""
-    if value.startswith(UNIX_SCHEME):
-        path = value[len(UNIX_SCHEME):]
-        # Absolute: routers sharing a store do not share a working directory. "//" would be
-        # read by gRPC as the authority of a unix:// URI.
-        if not path.startswith("/") or path.startswith("//") or "\x00" in path:
-            raise ValueError(f"expected unix:/absolute/path, got {quoted(value)}")
-        if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH_BYTES:
-            raise ValueError(f"a unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes")
-        return value
+    if is_unix_address(value):
+        return check_unix_address(value)
     if parse_host_port(value)[1] == 0:
         raise ValueError(f"port 0 names no backend, got {quoted(value)}")
     return value

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from router.core.errors import ConfigError, quoted
+from router.core.types import UNIX_SCHEME
 
 # Every duration is capped. Where one becomes whole milliseconds for a C int (gRPC channel
 # arguments), ``inf`` or 1e308 raises OverflowError, and so does anything past 2^31 ms (24.8
@@ -62,6 +63,38 @@ def _check_address(value: str) -> str:
 
 Address = Annotated[
     str, AfterValidator(_check_address), Field(json_schema_extra={"format": "HOST:PORT"})
+]
+
+
+# sun_path holds 108 bytes, its terminating NUL included.
+MAX_UNIX_PATH_BYTES = 107
+
+
+def is_unix_address(value: str) -> bool:
+    return value.startswith(UNIX_SCHEME)
+
+
+def check_unix_address(value: str) -> str:
+    """``unix:/absolute/path``, returned unchanged; ValueError otherwise."""
+    path = value[len(UNIX_SCHEME):]
+    # Absolute: routers sharing a store do not share a working directory, and a spawned or
+    # restarted router may run elsewhere. "//" would be read by gRPC as the authority of a
+    # unix:// URI.
+    if not path.startswith("/") or path.startswith("//") or "\x00" in path:
+        raise ValueError(f"expected unix:/absolute/path, got {quoted(value)}")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_PATH_BYTES:
+        raise ValueError(f"a unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes")
+    return value
+
+
+def _check_backend_address(value: str) -> str:
+    return check_unix_address(value) if is_unix_address(value) else _check_address(value)
+
+
+# Where a configured backend listens: HOST:PORT (port 0 only with ``command``) or a unix socket.
+BackendAddress = Annotated[
+    str, AfterValidator(_check_backend_address),
+    Field(json_schema_extra={"format": "HOST:PORT or unix:/path"}),
 ]
 
 
@@ -502,10 +535,12 @@ class AccessLogConfig(_Section):
 class BackendConfig(_Section):
     """One backend; any number of ``[[backends]]`` entries."""
 
-    address: Address = Field(
-        description="Address of the backend. With ``command``, port 0 lets the process pick a "
-        "free port. A host name (not an IP address, and without ``command``) is resolved at "
-        "start and every ``dns_refresh_s``: each address it resolves to is one backend.",
+    address: BackendAddress = Field(
+        description="Address of the backend: HOST:PORT, or ``unix:/absolute/path`` for a unix "
+        "socket (both protocols; no TLS, no ``command``). With ``command``, port 0 lets the "
+        "process pick a free port. A host name (not an IP address, and without ``command``) "
+        "is resolved at start and every ``dns_refresh_s``: each address it resolves to is one "
+        "backend.",
     )
     weight: Int = Field(
         1, ge=1, le=1000, description="Share of traffic relative to the other backends, for "
@@ -532,6 +567,17 @@ class BackendConfig(_Section):
     tls: BackendTlsConfig | None = Field(
         None, description="TLS to this backend; unset: [backend_tls].",
     )
+
+    @property
+    def is_unix(self) -> bool:
+        return is_unix_address(self.address)
+
+    @model_validator(mode="after")
+    def _unix_spawns_nothing(self) -> BackendConfig:
+        if self.is_unix and self.command:
+            raise _invalid("command needs a HOST:PORT address (the process announces its "
+                           "port); a unix socket backend is started by something else")
+        return self
 
 
 # Hosts that bind every interface: they collide with any host on the same port.
@@ -580,12 +626,27 @@ class RouterConfig(_Section):
                     yield key, address, earlier
         seen: dict[str, str] = {}
         for i, backend in enumerate(self.backends):
-            if parse_host_port(backend.address)[1] == 0:
+            if not backend.is_unix and parse_host_port(backend.address)[1] == 0:
                 continue  # spawned on a free port: each gets its own
             key = f"backends[{i}].address"
             if backend.address in seen:
                 yield key, backend.address, seen[backend.address]
             seen.setdefault(backend.address, key)
+
+    @model_validator(mode="after")
+    def _no_tls_over_unix(self) -> RouterConfig:
+        # TLS authenticates a peer across a network; a unix socket's peer is on this machine
+        # and its file permissions decide who may connect.
+        problems = [
+            (f"backends[{i}].address", "TLS over a unix socket is not supported ("
+             + ("its tls table" if backend.tls is not None else "[backend_tls]")
+             + " turns it on): set tls = { enabled = false } on this backend")
+            for i, backend in enumerate(self.backends)
+            if backend.is_unix and self.tls_of(backend) is not None
+        ]
+        if problems:
+            raise PydanticCustomError("keyed", "invalid", {"problems": problems})
+        return self
 
     @model_validator(mode="after")
     def _distinct_addresses(self) -> RouterConfig:
@@ -636,6 +697,9 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> RouterCon
                     f"{source}: {key}: {quoted(address)} is already used by {earlier}"
                     for key, address, earlier in err["ctx"]["conflicts"]
                 ]
+                continue
+            if err["type"] == "keyed":  # a rule across sections, reported at the key it names
+                problems += [f"{source}: {key}: {why}" for key, why in err["ctx"]["problems"]]
                 continue
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{source}: {_format_location(err['loc'])}: {msg}")

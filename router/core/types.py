@@ -8,6 +8,8 @@ from typing import Literal
 Protocol = Literal["tcp", "grpc"]  # "tcp": length-prefixed frames
 Source = Literal["static", "api", "registered", "managed"]
 
+UNIX_SCHEME = "unix:"  # a backend address "unix:/absolute/path" names a unix socket
+
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
@@ -16,7 +18,7 @@ class BackendSpec:
     connections) lives in ``dispatch.backends.Backend``, beside it."""
 
     id: str
-    address: str  # HOST:PORT
+    address: str  # HOST:PORT, or unix:/absolute/path
     protocol: Protocol = "tcp"
     models: tuple[str, ...] = ()  # "name" (every version) or "name:version"
     weight: int = 1
@@ -24,9 +26,27 @@ class BackendSpec:
     source: Source = "static"
 
     @property
+    def is_unix(self) -> bool:
+        """Whether the address is a unix socket path; then it has no host and no port."""
+        return self.address.startswith(UNIX_SCHEME)
+
+    @property
+    def unix_path(self) -> str:
+        """The socket path of a ``unix:`` address; ValueError for HOST:PORT."""
+        if not self.is_unix:
+            raise ValueError(f"{self.address} is not a unix socket address")
+        return self.address[len(UNIX_SCHEME):]
+
+    @property
     def host(self) -> str:
+        """The host of a HOST:PORT address; ValueError for a unix socket (it has none)."""
+        if self.is_unix:
+            raise ValueError(f"{self.address} is a unix socket: it has no host")
         return self.address.rpartition(":")[0].strip("[]")
 
     @property
     def port(self) -> int:
+        """The port of a HOST:PORT address; ValueError for a unix socket (it has none)."""
+        if self.is_unix:
+            raise ValueError(f"{self.address} is a unix socket: it has no port")
         return int(self.address.rpartition(":")[2])

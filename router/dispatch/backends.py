@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from router.core.errors import NoBackend, UnknownModel, quoted
 from router.core.types import BackendSpec
 from router.upstream.base import Upstream
 from router.upstream.pool import Pool
@@ -344,6 +345,17 @@ class Registry:
         """Whether any backend of ``kind``, healthy or not, serves ``model``: if none does, a
         request for it is refused without touching a backend."""
         return bool(self.serving(kind, model))
+
+    def check_model(self, model: str, kind: str) -> None:
+        """Refuse a request for ``model`` that no backend of ``kind`` could take, before any
+        backend is touched: ``NoBackend`` while there is no backend of ``kind`` at all (a
+        fleet that has not joined yet: try again later), ``UnknownModel`` when there are
+        some and none serves it."""
+        if self.knows_model(model, kind):
+            return
+        if not self.serving(kind):
+            raise NoBackend(f"no {kind} backend has joined yet (model {quoted(model)})")
+        raise UnknownModel(f"no backend serves model {quoted(model)}")
 
     def close(self) -> None:
         for backend in [*self._members(), *self.draining()]:

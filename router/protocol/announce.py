@@ -1,6 +1,8 @@
 """What a launched process prints on stdout to say it is ready, formatted and parsed side by side.
 
-A backend prints ``READY <port>`` once it listens (``format_ready``; ``ready_port`` reads it);
+A backend prints ``READY <port>`` once it listens on TCP (``format_ready``; ``ready_port``
+reads it), or ``READY unix:<path>`` once it listens on a unix socket (``format_ready_unix``;
+``ready_unix_path`` reads it);
 the router prints its start banner (``format_banner``; ``parse_banner`` reads it). The parsers
 are ready readers for ``router.control.launcher``: given the latest lines of output, they
 return what was announced once the lines hold it, None until then. ``examples/router.toml``
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 _READY_LINE = re.compile(r"READY ([0-9]{1,5})")
+_READY_UNIX_LINE = re.compile(r"READY unix:(/\S+)")
 
 
 def format_ready(port: int) -> str:
@@ -28,6 +31,18 @@ def ready_port(lines: Sequence[str]) -> int | None:
     match = _READY_LINE.fullmatch(lines[-1].strip()) if lines else None
     port = int(match[1]) if match else 0
     return port if 0 < port < 65536 else None
+
+
+def format_ready_unix(path: str) -> str:
+    """The line a backend prints on stdout once it listens on the unix socket ``path``
+    (absolute, no whitespace: the line ends at the first space)."""
+    return f"READY unix:{path}"
+
+
+def ready_unix_path(lines: Sequence[str]) -> str | None:
+    """The path of a ``READY unix:<path>`` line when it is the latest line, else None."""
+    match = _READY_UNIX_LINE.fullmatch(lines[-1].strip()) if lines else None
+    return match[1] if match else None
 
 
 @dataclass(frozen=True, slots=True)

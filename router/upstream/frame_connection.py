@@ -114,7 +114,7 @@ class BackendConnection(asyncio.Protocol):
         # uvloop transports implement asyncio.Transport without subclassing it
         self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:  # no Nagle on a unix socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._checking:
             self._transport.write(CONNECTION_CHECK)
@@ -255,6 +255,25 @@ def make_dialer(
             _, protocol = await loop.create_connection(
                 protocol_factory, host, port, ssl=tls.context, server_hostname=tls.server_name,
             )
+        return protocol
+
+    return dial
+
+
+def make_unix_dialer(
+    path: str, max_frame_bytes: int, on_broken: BrokenListener | None = None, *,
+    check: bool = False,
+) -> Dialer:
+    """Dials the unix socket at ``path`` (plaintext: the config refuses TLS over one), as
+    ``make_dialer`` does a TCP address. A missing socket file or nobody listening is an
+    ``OSError``, reported by the pool as ``BackendUnavailable`` like a refused TCP connect."""
+    address = f"unix:{path}"
+
+    async def dial() -> Connection:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(
+            lambda: BackendConnection(address, max_frame_bytes, on_broken, check=check), path
+        )
         return protocol
 
     return dial

@@ -26,10 +26,12 @@ Answered by the router itself, without touching a backend:
   fetch; a failed fetch is relayed and not cached.
 
 A call naming a model no gRPC backend serves is NOT_FOUND (``UNKNOWN_MODEL``) before any
-backend is touched; a request that is not a well-formed message, or names no model where one is
-needed (ModelStatistics for every model included: statistics are a backend's, so the router
-asks for the model), is INVALID_ARGUMENT (``MALFORMED_MESSAGE``). Other methods (Triton's
-LogSettings and shared-memory calls) go through the generic proxy to any gRPC backend.
+backend is touched, or UNAVAILABLE (``NO_BACKEND``) while there is no gRPC backend at all (a
+router started before its fleet registers); a request that is not a well-formed message, or
+names no model where one is needed (ModelStatistics for every model included: statistics are a
+backend's, so the router asks for the model), is INVALID_ARGUMENT (``MALFORMED_MESSAGE``).
+Other methods (Triton's LogSettings and shared-memory calls) go through the generic proxy to
+any gRPC backend.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from router.core.errors import MalformedMessage, UnknownModel, quoted
+from router.core.errors import MalformedMessage
 from router.dispatch.backends import Registry
 from router.frontdoor.grpc.forward import GrpcForwarder
 from router.lifecycle.readiness import Readiness
@@ -92,16 +94,15 @@ class KServeRouting:
 
     def model_key(self, message: bytes, reader: Callable[[bytes], ModelRef] = read_model) -> str:
         """The routing key of the model a request names (read by ``reader``);
-        ``MalformedMessage`` (the client's fault) or ``UnknownModel`` (no gRPC backend serves
-        it)."""
+        ``MalformedMessage`` (the client's fault), ``UnknownModel`` (no gRPC backend serves
+        it) or ``NoBackend`` (no gRPC backend at all)."""
         model = reader(message)
         if not model.name:
             raise MalformedMessage("the request names no model")
         return self._known(model.key)
 
     def _known(self, key: str) -> str:
-        if not self._registry.knows_model(key, "grpc"):
-            raise UnknownModel(f"no backend serves model {quoted(key)}")
+        self._registry.check_model(key, "grpc")
         return key
 
     def ready(self) -> bool:

@@ -55,7 +55,6 @@ from router.core.errors import (
     Dropped,
     Overloaded,
     RouterError,
-    UnknownModel,
     UnknownService,
     quoted,
 )
@@ -272,8 +271,8 @@ class GrpcFrontDoor:
 
     async def _relay(self, method: str, requests: Any, context: Context) -> None:
         model = _route_model(context)
-        if model is not None and not self._registry.knows_model(model, "grpc"):
-            raise UnknownModel(f"no backend serves model {quoted(model)}")
+        if model is not None:
+            self._registry.check_model(model, "grpc")
         await self.forwarder.relay_stream(method, context, model)
 
     # -- every call ---------------------------------------------------------------------------
