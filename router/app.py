@@ -51,7 +51,7 @@ from router.health.monitor import HealthMonitor, make_probers
 from router.lifecycle.drain import DrainableFrontDoor, DrainCoordinator, DrainReport
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
-from router.tls.context import BackendTls, ServerTls
+from router.tls.context import BackendTls, ServerTls, reload_each
 from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
@@ -322,17 +322,9 @@ class RouterApp:
         """Re-read every certificate, key, CA and the admin token (SIGHUP). New handshakes
         use the new files; open connections go on. Returns the problems (each one's files
         stay as they were), logged too."""
-        problems: list[str] = []
-        reloadable: list[ServerTls | BackendTls | AdminAuth] = [
-            *self.server_tls.values(), *self.backend_tls.values(), self.admin.auth,
-        ]
-        for part in reloadable:
-            try:
-                part.reload()
-            except ConfigError as exc:
-                problems += exc.problems
-        for problem in problems:
-            log.error("certificate reload: %s (the running one stays)", problem)
+        problems = reload_each(
+            [*self.server_tls.values(), *self.backend_tls.values(), self.admin.auth]
+        )
         if not problems:
             log.info("certificates reloaded (%d listeners, %d backends)",
                      len(self.server_tls), len(self.backend_tls))

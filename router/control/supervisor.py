@@ -65,7 +65,7 @@ from router.core.errors import (
     RouterError,
 )
 from router.lifecycle.state import Lifecycle
-from router.tls.context import ServerTls
+from router.tls.context import Reloadable, ServerTls, reload_each
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +281,10 @@ class Supervisor:
         return self._reload_own_certificates()
 
     def _reload_own_certificates(self) -> list[str]:
-        problems: list[str] = []
-        parts: list[ServerTls | AdminAuth] = [self.admin.auth]
+        parts: list[Reloadable] = [self.admin.auth]
         if self.admin_tls is not None:
             parts.insert(0, self.admin_tls)
-        for part in parts:
-            try:
-                part.reload()
-            except ConfigError as exc:
-                problems += exc.problems
-        for problem in problems:
-            log.error("certificate reload: %s (the running one stays)", problem)
-        return problems
+        return reload_each(parts)
 
     def force_exit(self) -> None:
         """Second signal: the children exit at once (their own second-signal rule)."""

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from router.core.config import BackendTlsConfig, RouterConfig, ServerTlsConfig, parse_host_port
 from router.core.errors import ClientNotAllowed, ConfigError, quoted
@@ -230,4 +231,25 @@ def check_files(config: RouterConfig) -> list[str]:
                 BackendTls(client, key, parse_host_port(backend.address)[0])
             except ConfigError as exc:
                 problems += [p for p in exc.problems if p not in problems]
+    return problems
+
+
+class Reloadable(Protocol):
+    """Something that re-reads its files: a listener's or backend's TLS, the admin token."""
+
+    def reload(self) -> None:
+        """Re-read; ``ConfigError`` (the running files kept) when they cannot be loaded."""
+        ...
+
+
+def reload_each(parts: Iterable[Reloadable]) -> list[str]:
+    """Reload every part; the problems of those that failed (each keeps what it had), logged."""
+    problems: list[str] = []
+    for part in parts:
+        try:
+            part.reload()
+        except ConfigError as exc:
+            problems += exc.problems
+    for problem in problems:
+        log.error("certificate reload: %s (the running one stays)", problem)
     return problems
