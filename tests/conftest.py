@@ -17,7 +17,10 @@ import uvloop
 from router.app import RouterApp
 from router.client.frames import FrameClient
 from router.core import config as config_mod
-from tests.support import BackendProcess, backend_processes
+from tests.grpc_support import grpc_router, kserve_backend
+from tests.support import BASE_CONFIG, BackendProcess, backend_processes
+
+__all__ = ["grpc_router", "kserve_backend"]  # the gRPC fixtures, for every test module
 
 STOP_TIMEOUT_S = 15.0
 UVLOOP_MODULES = frozenset({"test_router_integration.py", "test_tls_tcp.py", "test_tls_admin.py"})
@@ -101,16 +104,6 @@ class RunningRouter:
 
 RouterFactory = Callable[..., Awaitable[RunningRouter]]
 
-BASE_CONFIG: dict[str, Any] = {
-    "listener": {"listen": "127.0.0.1:0"},
-    "admin": {"listen": "127.0.0.1:0"},
-    "dispatch": {"request_timeout_s": 5.0},
-    "pool": {"connect_timeout_s": 1.0},
-    "health": {"interval_s": 0.5, "timeout_s": 1.0},
-    # gRPC channels retry a connect at most this far apart (as the probe interval above).
-    "grpc": {"reconnect_backoff_max_s": 0.5},
-    "drain": {"shutdown_grace_s": 5.0, "linger_s": 0.5},
-}
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Fixtures for the gRPC tests: ``backends.kserve`` processes and an in-process router with
-its gRPC front door. Test modules import the fixtures by name (``from tests.grpc_support
-import kserve_backend, grpc_router``).
+its gRPC front door. tests/conftest.py registers them for every test module.
 
 Every wait is bounded: backends are awaited on their ``READY <port>`` line, the router on the
 addresses ``RouterApp.start`` returns, and shutdown on the serve task with a timeout.
@@ -20,8 +19,7 @@ from router.app import RouterApp
 from router.core import config as config_mod
 from router.lifecycle.drain import DrainReport
 from router.protocol.proto import grpc_predict_v2_pb2 as pb
-from tests.conftest import BASE_CONFIG
-from tests.support import BackendProcess, backend_processes
+from tests.support import BASE_CONFIG, BackendProcess, backend_processes
 
 STOP_TIMEOUT_S = 15.0
 CALL_TIMEOUT_S = 10.0

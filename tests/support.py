@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from router.control.launcher import BlockingProcess, launch_blocking
 from router.protocol.announce import ready_port, ready_unix_path
@@ -72,3 +73,16 @@ def backend_processes(module: str) -> Iterator[Callable[..., BackendProcess]]:
     finally:
         for process in started:
             process.stop(STOP_TIMEOUT_S)
+
+
+# The in-process routers of the tests: loopback, free ports, short timeouts and probes.
+BASE_CONFIG: dict[str, Any] = {
+    "listener": {"listen": "127.0.0.1:0"},
+    "admin": {"listen": "127.0.0.1:0"},
+    "dispatch": {"request_timeout_s": 5.0},
+    "pool": {"connect_timeout_s": 1.0},
+    "health": {"interval_s": 0.5, "timeout_s": 1.0},
+    # gRPC channels retry a connect at most this far apart (as the probe interval above).
+    "grpc": {"reconnect_backoff_max_s": 0.5},
+    "drain": {"shutdown_grace_s": 5.0, "linger_s": 0.5},
+}

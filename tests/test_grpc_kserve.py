@@ -29,13 +29,9 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
     infer_request,
-    kserve_backend,
     output_values,
 )
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 Backends = Callable[..., KServeBackend]
 

@@ -16,12 +16,8 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
-    kserve_backend,
 )
 from tests.support import REPO_ROOT
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 RUN_TIME_S = 2
 USERS = 4

@@ -22,11 +22,7 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
-    kserve_backend,
 )
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 Backends = Callable[..., KServeBackend]
 LISTED = [

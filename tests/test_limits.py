@@ -22,12 +22,8 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
     infer_request,
-    kserve_backend,
 )
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 WAIT_S = 10.0
 

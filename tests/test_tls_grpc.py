@@ -23,14 +23,10 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
     infer_request,
-    kserve_backend,
     output_values,
 )
 from tests.tls_support import Identity, Pki
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 Backends = Callable[..., KServeBackend]
 ALLOW = {"allowed_client_cns": ["batch-worker"],

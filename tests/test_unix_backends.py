@@ -20,7 +20,7 @@ from router.core.config import MAX_UNIX_PATH_BYTES, from_mapping
 from router.core.errors import ConfigError
 from router.core.types import BackendSpec
 from router.protocol.announce import format_ready, format_ready_unix, ready_port, ready_unix_path
-from tests.conftest import BASE_CONFIG, EchoBackend, RouterFactory
+from tests.conftest import EchoBackend, RouterFactory
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
     MODEL_INFER,
@@ -28,14 +28,11 @@ from tests.grpc_support import (
     GrpcRouterFactory,
     KServeBackend,
     grpc_backend,
-    grpc_router,
     infer_request,
-    kserve_backend,
     output_values,
 )
+from tests.support import BASE_CONFIG
 from tests.test_reload import Served, config, served
-
-__all__ = ["grpc_router", "kserve_backend"]  # fixtures, imported for pytest
 
 WAIT_S = 20.0
 # Probes are run by hand (``check_all``); the loop's own passes stay out of the way.
