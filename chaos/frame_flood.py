@@ -48,7 +48,6 @@ import resource
 import socket
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -63,6 +62,7 @@ from chaos.common import (
     REPO_ROOT,
     LoadState,
     Process,
+    RssSampler,
     format_summary,
     get_backends,
     reap,
@@ -119,31 +119,6 @@ def proc_status(pid: int, key: str) -> int:
         if name == key:
             return int(value.split()[0]) * 1024  # kB
     return 0
-
-
-class VmRssSampler(threading.Thread):
-    """``VmRSS`` of ``pid`` every ``interval_s``, bounded in time; keeps the peak."""
-
-    def __init__(self, pid: int, interval_s: float, max_s: float) -> None:
-        super().__init__(name="vmrss-sampler", daemon=True)
-        self._pid, self._interval_s, self._max_s = pid, interval_s, max_s
-        self._stop_event = threading.Event()
-        self.peak = 0
-        self.samples = 0
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self._max_s
-        while not self._stop_event.is_set() and time.monotonic() < deadline:
-            rss = proc_status(self._pid, "VmRSS")
-            if not rss:
-                return
-            self.samples += 1
-            self.peak = max(self.peak, rss)
-            self._stop_event.wait(self._interval_s)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=2.0)
 
 
 # --------------------------------------------------------------------------- hostile process
@@ -329,7 +304,7 @@ def run(
                     interval_ms / 1000)
     procs: list[Process] = []
     router: Process | None = None
-    sampler: VmRssSampler | None = None
+    sampler: RssSampler | None = None
     router_exit: int | None = None
     budget: dict[str, Any] = {}
     rss_before = hwm_before = hwm_after = 0
@@ -350,7 +325,7 @@ def run(
             get_backends(admin)  # the admin endpoint answers
             rss_before = proc_status(router.pid, "VmRSS")
             hwm_before = proc_status(router.pid, "VmHWM")
-            sampler = VmRssSampler(router.pid, RSS_INTERVAL_S, attack_s + 120)
+            sampler = RssSampler(router.pid, interval_s=RSS_INTERVAL_S, max_s=attack_s + 120)
             sampler.start()
             state, report, after = uvloop.run(_load(clients, addr, attack))
             sampler.stop()
@@ -371,7 +346,7 @@ def run(
 def _result(
     clients: int, attack: Attack, read_timeout_s: float, seed: int | None, state: LoadState,
     report: dict[str, Any], after: str, budget: dict[str, Any],
-    memory: tuple[int, int, int, VmRssSampler | None], stderr_text: str,
+    memory: tuple[int, int, int, RssSampler | None], stderr_text: str,
     router_exit: int | None,
 ) -> dict[str, Any]:
     rss_before, hwm_before, hwm_after, sampler = memory
