@@ -53,6 +53,8 @@ class BackendStats(pydantic.BaseModel):
     models: list[str]
     healthy: bool
     state: Literal["up", "down", "draining"]
+    drained: bool = pydantic.Field(
+        False, description="out of rotation by an operator (POST /v1/backends/{id}/drain)")
     inflight: int
     waiting: int
     requests_total: int

@@ -60,9 +60,10 @@ from router.control.store import (
     apply,
     changes,
     check_lease_ttl,
+    check_same_address,
 )
 from router.core.config import RegistryConfig, parse_host_port
-from router.core.errors import InvalidInput, StoreFull, StoreUnavailable, quoted
+from router.core.errors import InvalidInput, StoreFull, StoreTimeout, StoreUnavailable, quoted
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,9 @@ class EtcdStore:
         self._calls: set[Any] = set()  # watch streams open now, cancelled by close()
         self._watches = 0
         self._counts = dict.fromkeys(
-            ("puts", "put_retries", "replaced", "deletes", "refreshes", "refreshes_unknown",
-             "operations_failed", "watch_losses", "resyncs", "resync_events", "malformed"), 0)
+            ("puts", "put_retries", "updates", "replaced", "deletes", "refreshes",
+             "refreshes_unknown", "operations_failed", "watch_losses", "resyncs",
+             "resync_events", "malformed"), 0)
 
     @classmethod
     def from_config(cls, config: RegistryConfig) -> EtcdStore:
@@ -208,6 +210,31 @@ class EtcdStore:
         alive = reply is not None and reply.TTL > 0
         self._counts["refreshes" if alive else "refreshes_unknown"] += 1
         return alive
+
+    async def update(self, record: BackendRecord) -> BackendRecord | None:
+        async with self._deadline(f"update {quoted(record.id)}"):
+            return await self._update(record)
+
+    async def _update(self, record: BackendRecord) -> BackendRecord | None:
+        key = self._key(record.id)
+        for _ in range(PUT_ATTEMPTS):
+            got = await self._call("get", "get", key)
+            if got is None or got.value == TOMBSTONE:
+                return None
+            old = self._decode(got.key, got.value, got.lease, got.mod_revision).record
+            if old is None:
+                return None  # malformed: nothing this router routes to
+            check_same_address(old, record)
+            stored = record.with_lease(old.lease_id, old.lease_ttl_s)
+            if stored == old:
+                return old
+            # A lease that expired since the get fails the transaction: read again (gone).
+            if await self._transaction(
+                "update", compare=[_TX.mod(key) == got.mod_revision],
+                success=[_TX.put(key, stored.to_json(), lease=got.lease)]):
+                self._counts["updates"] += 1
+                return stored
+        raise StoreUnavailable(f"update {quoted(record.id)}: the record kept changing")
 
     async def delete(self, backend_id: str) -> bool:
         async with self._deadline(f"delete {quoted(backend_id)}"):
@@ -277,7 +304,7 @@ class EtcdStore:
                 yield
         except TimeoutError:
             self._counts["operations_failed"] += 1
-            raise StoreUnavailable(f"etcd {what}: not done within {limit_s}s") from None
+            raise StoreTimeout(f"etcd {what}: not done within {limit_s}s") from None
 
     def _key(self, backend_id: str) -> bytes:
         # surrogatepass: an id from a URL may hold lone surrogates; no record has such a key.

@@ -63,6 +63,13 @@ EventKind = Literal["put", "delete", "expired"]
 _SPEC_PROTOCOL: dict[RecordProtocol, SpecProtocol] = {"frames": "tcp", "grpc": "grpc"}
 _RECORD_PROTOCOL: dict[SpecProtocol, RecordProtocol] = {v: k for k, v in _SPEC_PROTOCOL.items()}
 
+
+
+def record_protocol(protocol: SpecProtocol) -> RecordProtocol:
+    """A data-plane protocol as records, the API and the state file spell it."""
+    return _RECORD_PROTOCOL[protocol]
+
+
 # A watcher's queue holds this many events before it is dropped for a resync: far more than
 # a burst of registrations between two reads of a consumer that keeps up.
 MAX_PENDING_EVENTS = 1024
@@ -103,6 +110,8 @@ class BackendRecord(BaseModel):
     weight: Int = Field(1, ge=1, le=1000)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
     source: Source = "static"
+    # Out of rotation by an operator's drain (admin API), kept until undrained or removed.
+    drained: bool = False
     lease_id: Int | None = Field(None, ge=1, le=MAX_LEASE_ID)
     lease_ttl_s: Seconds | None = None
 
@@ -172,6 +181,12 @@ def check_lease_ttl(lease_ttl_s: float | None) -> None:
                             f"got {lease_ttl_s!r}")
 
 
+def check_same_address(old: BackendRecord, new: BackendRecord) -> None:
+    if (new.address, new.protocol) != (old.address, old.protocol):
+        raise InvalidInput(f"backend {quoted(old.id)} is at {old.address} ({old.protocol}): an "
+                           "update cannot move it (register it again)")
+
+
 @dataclass(frozen=True, slots=True)
 class StoreEvent:
     """One change: ``record`` is the record put, or the one that went away."""
@@ -211,6 +226,12 @@ class RegistryStore(Protocol):
 
     async def refresh(self, lease_id: LeaseId) -> bool:
         """Renew a lease for its TTL; False if the lease is unknown or expired."""
+        ...
+
+    async def update(self, record: BackendRecord) -> BackendRecord | None:
+        """Replace the record with ``record.id`` by ``record`` under the lease it already has
+        (a drain flag, a weight); None if there is none (deleted, expired). Its address
+        cannot change (``InvalidInput``): that is a new registration."""
         ...
 
     async def delete(self, backend_id: str) -> bool:
@@ -279,8 +300,8 @@ class MemoryStore:
         self._watchers: set[_Watcher] = set()
         self._closed = False
         self._counts = dict.fromkeys(
-            ("puts", "replaced", "deletes", "expirations", "refreshes", "refreshes_unknown",
-             "watch_overflows"), 0)
+            ("puts", "updates", "replaced", "deletes", "expirations", "refreshes",
+             "refreshes_unknown", "watch_overflows"), 0)
 
     # -- the RegistryStore methods (none awaits: each is one synchronous step) -----------------
 
@@ -317,6 +338,19 @@ class MemoryStore:
         lease.deadline = self._clock.now() + lease.ttl_s
         self._counts["refreshes"] += 1
         return True
+
+    async def update(self, record: BackendRecord) -> BackendRecord | None:
+        self._check_open()
+        old = self._records.get(record.id)
+        if old is None:
+            return None
+        check_same_address(old, record)
+        stored = record.with_lease(old.lease_id, old.lease_ttl_s)
+        if stored != old:
+            self._records[record.id] = stored
+            self._counts["updates"] += 1
+            self._publish(StoreEvent("put", stored))
+        return stored
 
     async def delete(self, backend_id: str) -> bool:
         self._check_open()

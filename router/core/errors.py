@@ -255,6 +255,15 @@ class StoreUnavailable(RouterError):
     grpc_status = "UNAVAILABLE"
 
 
+class StoreTimeout(StoreUnavailable):
+    """A registry operation made of several store calls was not done within its bound; what
+    it had done by then stands (a lease it granted expires with its TTL)."""
+
+    code = "TIMEOUT"
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 class StoreFull(RouterError):
     """A new backend record would take the store past ``registry.max_backends``."""
 
@@ -287,6 +296,46 @@ class BackendNotFound(RouterError):
     fault = "client"
     http_status = 404
     grpc_status = "NOT_FOUND"
+
+
+class LeaseNotFound(RouterError):
+    """A heartbeat for a lease the registry does not hold (expired, deregistered, or issued by
+    a router that has restarted since): the backend registers again."""
+
+    code = "LEASE_NOT_FOUND"
+    fault = "client"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class BackendExists(RouterError):
+    """The id of a new backend is taken by another one the registry will not replace (a
+    static or API backend; registrations replace only registrations)."""
+
+    code = "BACKEND_EXISTS"
+    fault = "client"
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class AddressConflict(RouterError):
+    """The address of a new backend is taken by a backend of another source (the config, the
+    admin API), which a registration does not replace."""
+
+    code = "ADDRESS_CONFLICT"
+    fault = "client"
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class BackendIsStatic(RouterError):
+    """A deregistration of a backend that the config file names: remove it from the config
+    and reload (drain and weight work on it)."""
+
+    code = "BACKEND_IS_STATIC"
+    fault = "client"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class RouteNotFound(RouterError):

@@ -46,6 +46,7 @@ class Backend:
         "_healthy",
         "address",
         "consecutive_failures",
+        "drained",
         "draining",
         "failures_total",
         "inflight",
@@ -60,12 +61,15 @@ class Backend:
         "upstream",
         "waiting",
         "weight",
+        "weight_override",
     )
 
     def __init__(self, spec: BackendSpec, upstream: Upstream) -> None:
         self.upstream = upstream
         self.address = spec.address
         self.kind = spec.protocol
+        # An operator's weight (Registry.set_weight), over the spec's until cleared.
+        self.weight_override: int | None = None
         self._take_spec(spec)
         # Told (backend, reason) when healthy flips; set by the registry.
         self.on_change: Callable[[Backend, str], None] | None = None
@@ -80,11 +84,13 @@ class Backend:
         self._healthy = True
         # Out of the candidate lists, waiting for what is in flight on it (Registry.drain).
         self.draining = False
+        # Out of the candidate lists by an operator (Registry.set_drained), still a member.
+        self.drained = False
 
     def _take_spec(self, spec: BackendSpec) -> None:
         self.spec = spec
         # Copied from the spec: the policy and the candidate filter read them per request.
-        self.weight = spec.weight
+        self.weight = self.weight_override or spec.weight
         self.models = spec.models
         # "sum:2" serves key "sum:2" and key "sum" (a request for the default version);
         # plain "sum" serves "sum" and every "sum:<version>".
@@ -158,7 +164,9 @@ class Backend:
             "weight": self.weight,
             "models": list(self.models),
             "healthy": self.healthy,
-            "state": "draining" if self.draining else ("up" if self.healthy else "down"),
+            "state": "draining" if self.draining or self.drained else (
+                "up" if self.healthy else "down"),
+            "drained": self.drained,
             "inflight": self.inflight,
             "waiting": len(self.waiting),
             "requests_total": self.requests_total,
@@ -276,6 +284,24 @@ class Registry:
         for listener in list(self._leave_listeners):
             listener(backend)
 
+    def set_drained(self, address: str, drained: bool) -> Backend:
+        """An operator's drain (``drained``) or undrain of a member: out of (back in) the
+        candidate lists at once; it stays a member, probed, and what is in flight finishes."""
+        backend = self._backends[address]
+        if backend.drained != drained:
+            backend.drained = drained
+            self._changed(backend, "drained" if drained else "undrained")
+        return backend
+
+    def set_weight(self, address: str, weight: int | None) -> Backend:
+        """An operator's weight for a member (None: its spec's again), kept across spec
+        updates (a reload)."""
+        backend = self._backends[address]
+        backend.weight_override = weight
+        backend.update(backend.spec)
+        self._in_rotation.clear()
+        return backend
+
     def draining(self) -> list[Backend]:
         """The backends draining out of the registry (of this view's kind)."""
         return [b for b in self._draining if self._kind in (None, b.kind)]
@@ -307,7 +333,8 @@ class Registry:
         return len(self._members())
 
     def any_healthy(self, kind: str | None = None) -> bool:
-        return any(b.healthy and kind in (None, b.kind) for b in self._members())
+        return any(b.healthy and not b.drained and kind in (None, b.kind)
+                   for b in self._members())
 
     def candidates(
         self, exclude: tuple[Backend, ...] = (), kind: str = "tcp", model: str | None = None
@@ -330,10 +357,11 @@ class Registry:
         return candidates
 
     def serving(self, kind: str, model: str | None = None) -> list[Backend]:
-        """Every backend of ``kind`` serving ``model`` (any, if None), healthy or not."""
+        """Every backend of ``kind`` serving ``model`` (any, if None), healthy or not, that an
+        operator has not drained."""
         return [
             b for b in self._backends.values()
-            if b.kind == kind and (model is None or b.serves(model))
+            if b.kind == kind and not b.drained and (model is None or b.serves(model))
         ]
 
     def panicking(self, kind: str = "tcp", model: str | None = None) -> bool:

@@ -217,7 +217,7 @@ class Dispatcher:
 
     def _on_backend_change(self, backend: Backend, reason: str) -> None:
         """Out of rotation or draining: move the requests waiting on it."""
-        if backend.waiting and (not backend.healthy or backend.draining):
+        if backend.waiting and (not backend.healthy or backend.draining or backend.drained):
             self.room_changed(backend)
 
     # -- completion ---------------------------------------------------------------------------
