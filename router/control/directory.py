@@ -217,14 +217,18 @@ class BackendDirectory:
             await self._store.put(record)
         await self._wait_applied_all(saved.backends)
 
+    async def flush_state(self) -> None:
+        """Wait for the state-file writes queued so far."""
+        if self._state_file is not None:
+            await self._state_file.flush()
+
     async def close(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow_task
         await self._store.close()
-        if self._state_file is not None:
-            await self._state_file.flush()
+        await self.flush_state()
         for watcher in self._watchers:
             watcher.wakeup.set()
 
