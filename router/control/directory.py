@@ -32,7 +32,10 @@ operator), ``removed`` (only in watch events: it has left).
 
 Persistence: API backends (with their drain flag) and drain and weight overrides of static
 backends are the desired state saved to ``state.file`` on every change and restored on
-start; leased records are not (they register again on NOT_FOUND).
+start; leased records are not (they register again on NOT_FOUND). A shared store (etcd)
+keeps API backends itself, so the state file then holds only this router's overrides of its
+static backends: a router's copy of a shared record is stale once another router changes or
+deletes it, and restoring it would undo that change.
 """
 
 from __future__ import annotations
@@ -208,11 +211,21 @@ class BackendDirectory:
         for backend in list(self._registry):
             self._static_joined(backend)
         self._follow_task = asyncio.create_task(self._follow(), name="directory-follow")
-        for api in saved.backends:
+        restored = self._restorable(saved)
+        for api in restored:
             record = BackendRecord.parse({**api.model_dump(exclude={"drained"}), "source": "api",
                                           "drained": api.drained})
             await self._store.put(record)
-        await self._wait_applied_all(saved.backends)
+        await self._wait_applied_all(restored)
+
+    def _restorable(self, saved: DesiredState) -> tuple[ApiBackend, ...]:
+        """The saved API backends to put back: none into a shared store, which has kept them
+        (module docstring: persistence)."""
+        if self._store.shared and saved.backends:
+            log.warning("registry: %d API backends in the state file are not restored: the "
+                        "shared store keeps API backends", len(saved.backends))
+            return ()
+        return saved.backends
 
     async def close(self) -> None:
         if self._follow_task is not None:
@@ -549,7 +562,7 @@ class BackendDirectory:
             watcher.wakeup.set()
 
     def desired_state(self) -> DesiredState:
-        backends = tuple(
+        backends = () if self._store.shared else tuple(
             ApiBackend(id=r.id, address=r.address, protocol=r.protocol, models=r.models,
                        weight=r.weight, labels=dict(r.labels), drained=r.drained)
             for r in self._records.values() if r.source == "api")
