@@ -124,3 +124,35 @@ async def test_a_router_alone_restores_its_api_backends(tmp_path: Path) -> None:
         await a.set_weight("gpu-1", 7)
     async with directory(MemoryStore(ManualClock()), state) as a:
         assert (ids(a), weight(a, "gpu-1")) == (["gpu-1"], 7)
+
+
+async def test_a_router_started_on_a_shared_store_holds_its_fleet_when_start_returns(
+    etcd_server: EtcdServer, tmp_path: Path,
+) -> None:
+    async with directory(etcd_store(etcd_server), tmp_path / "a.toml") as a:
+        for n in range(3):
+            await a.register(Registration(id=f"r{n}", address=f"127.0.0.1:{9101 + n}"))
+        # The first request of a router that has just started finds the fleet.
+        async with directory(etcd_store(etcd_server), tmp_path / "b.toml") as b:
+            assert sorted(ids(b)) == ["r0", "r1", "r2"]
+            assert b.get("r0").state == "healthy"
+
+
+async def test_a_router_started_while_etcd_is_away_gets_its_fleet_when_etcd_is_back(
+    tmp_path: Path,
+) -> None:
+    server = EtcdServer(tmp_path / "etcd")  # its port is free: nothing listens there yet
+    async with directory(etcd_store(server), tmp_path / "a.toml") as a:
+        assert ids(a) == []
+        await server.start()
+        try:
+            store = etcd_store(server)
+            await store.put(BackendRecord.parse({"id": "r1", "address": ADDRESS,
+                                                 "source": "api"}))
+            await store.close()
+            try:
+                await eventually(a, lambda: ids(a) == ["r1"], within_s=5.0)
+            except TimeoutError:
+                raise AssertionError(a.statistics()) from None
+        finally:
+            await server.stop()

@@ -44,7 +44,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +72,7 @@ from router.core.errors import (
     InvalidInput,
     LeaseNotFound,
     RouterError,
+    StoreUnavailable,
     quoted,
 )
 from router.core.types import BackendSpec, Source
@@ -204,19 +205,32 @@ class BackendDirectory:
     # -- start and stop -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the saved state, then follow the store. Static backends are in the registry
-        already (the fleet started first), so their overrides apply now."""
+        """Restore the saved state, then follow the store, and return once the data plane
+        holds what the store holds: a router that starts on a shared store routes to its fleet
+        from the first request. Static backends are in the registry already (the fleet
+        started first), so their overrides apply now."""
         saved = self._state_file.load() if self._state_file is not None else DesiredState()
         self._overrides = dict(saved.static)
         for backend in list(self._registry):
             self._static_joined(backend)
         self._follow_task = asyncio.create_task(self._follow(), name="directory-follow")
+        await self._wait_applied_all(await self._stored_ids())
         restored = self._restorable(saved)
         for api in restored:
             record = BackendRecord.parse({**api.model_dump(exclude={"drained"}), "source": "api",
                                           "drained": api.drained})
             await self._store.put(record)
-        await self._wait_applied_all(restored)
+        await self._wait_applied_all(api.id for api in restored)
+
+    async def _stored_ids(self) -> list[str]:
+        """The ids of the records in the store now; none when it cannot be reached (its watch
+        brings them once it is back)."""
+        try:
+            return [record.id for record in await self._store.list()]
+        except StoreUnavailable as exc:
+            log.warning("registry: the store cannot be reached (%s); starting without its "
+                        "backends, which join once it is back", exc.message)
+            return []
 
     def _restorable(self, saved: DesiredState) -> tuple[ApiBackend, ...]:
         """The saved API backends to put back: none into a shared store, which has kept them
@@ -518,9 +532,16 @@ class BackendDirectory:
             if not waiting:
                 self._applied.pop(backend_id, None)
 
-    async def _wait_applied_all(self, backends: tuple[ApiBackend, ...]) -> None:
-        for api in backends:
-            await self._wait_applied(api.id, _has(self._records, api.id))
+    async def _wait_applied_all(self, backend_ids: Iterable[str]) -> None:
+        """Wait until the watch has brought a record for each id, at most
+        ``apply_timeout_s`` in all."""
+        try:
+            async with asyncio.timeout(self._apply_timeout_s):
+                for backend_id in backend_ids:
+                    await self._wait_applied(backend_id, _has(self._records, backend_id))
+        except TimeoutError:
+            log.warning("registry: the store's watch has not brought every record within %gs; "
+                        "they join when it does", self._apply_timeout_s)
 
     def _wake(self, backend_id: str) -> None:
         for done, future in list(self._applied.get(backend_id, ())):
