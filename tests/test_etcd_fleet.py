@@ -2,11 +2,13 @@
 key prefix per test), real echo backends registering over HTTP through either router
 (``tests.fleet_support``: processes, the registering agent, client traffic):
 
-- a backend registered with one router is routed by the other within a second;
+- a backend registered with one router is routed by the other within a second, and an
+  operator's drain through one router drains it on both;
 - a backend killed with SIGKILL stops renewing its lease: it leaves both routers;
 - a router killed with SIGKILL: the other keeps routing, and the backends that heartbeated
   through the dead one renew the same lease through the survivor (no new registration); a
-  router started again routes to the fleet from its first request;
+  router started again routes to the fleet from its first request, and one stopped cleanly
+  leaves the records and leases in place;
 - etcd killed and started again on the same data directory and port: both routers route on
   their last view while it is away, a registration meanwhile is refused with
   STORE_UNAVAILABLE, and once it is back the leases are still there and a new registration
@@ -92,6 +94,14 @@ async def test_a_backend_registered_through_either_router_is_routed_by_both(
         seen_s = await everywhere([a], "e2", "healthy", SEEN_WITHIN_S)
         log.info("registered through router b, routable by router a after %.3f s", seen_s)
 
+        # An operator's drain is on the shared record: one router drains it for both.
+        status, body = await a.request("/v1/backends/e2/drain")
+        assert (status, body["drained"]) == (200, True)
+        await everywhere([a, b], "e2", "draining", SEEN_WITHIN_S)
+        status, body = await b.request("/v1/backends/e2/undrain")
+        assert (status, body["drained"]) == (200, False)
+        await everywhere([a, b], "e2", "healthy", SEEN_WITHIN_S)
+
         # e1 deregisters through the other router: it leaves both.
         await one.stop()
         status, body = await b.request("/v1/backends/e1", "DELETE")
@@ -156,6 +166,14 @@ async def test_when_a_router_dies_the_other_routes_and_renews_the_same_leases(
         again = await fleet.router("a-again")
         assert await answer(again, b"first") == b"first"
         assert await again.state("e1") == "healthy"
+        # A router that stops cleanly leaves the records and leases to the backends.
+        again.proc.terminate()
+        async with asyncio.timeout(WITHIN_S * 2):
+            assert await again.proc.wait() == 0
+        beats = agent.heartbeats["b", 200]
+        await until(lambda: agent.heartbeats["b", 200] >= beats + 2, WITHIN_S)
+        assert await b.state("e1") == "healthy"
+        assert agent.registered_via == ["a"]
 
 
 def heartbeats(agents: list[Agent], status: int) -> int:
