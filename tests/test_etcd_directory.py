@@ -1,7 +1,10 @@
 """Two ``BackendDirectory`` objects on one real etcd, as two routers have them, each with its
 own state file. The shared store, not a router's state file, keeps API backends: a router
 restarted from its state file must not undo what another router changed or deleted since.
-The data plane is the real ``Registry`` with backends that never dial; every wait is bounded.
+A directory that starts on a shared store holds its records when ``start`` returns (the
+router's first request finds the fleet), and one started while etcd is away gets them when
+etcd is back. The data plane is the real ``Registry`` with backends that never dial; every
+wait is bounded.
 """
 
 from __future__ import annotations
