@@ -149,7 +149,7 @@ class BackendInfo(pydantic.BaseModel):
         None, description="the backend's last heartbeat report (this router's)")
 
 
-class BackendList(pydantic.RootModel[list[BackendInfo]]):
+class DirectoryList(pydantic.RootModel[list[BackendInfo]]):
     pass
 
 
