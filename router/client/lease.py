@@ -9,11 +9,14 @@ stays down.
 
 States and what moves them::
 
-    state         next call                      registered  renewed     lease_lost   failed
-    registering   register now                   holding     -           registering  unreachable|refused
-    holding       heartbeat at renewed+interval  holding     holding     registering  unreachable|refused
-    unreachable   the failed call at +backoff    holding     holding     registering  unreachable|refused
-    refused       the failed call at +backoff    holding     holding     registering  unreachable|refused
+    state         next call                  registered  renewed  lease_lost   failed
+    registering   register now               holding     -        -            unreachable*
+    holding       heartbeat, interval after  holding     holding  registering  unreachable*
+                  the last renewal
+    unreachable   the failed call, after     holding     holding  registering  unreachable*
+    refused       the backoff                holding     holding  registering  unreachable*
+
+    * refused when the failure is a refusal (``permanent=True``)
 
 - A heartbeat is due one interval after the last renewal: the router's
   ``heartbeat_interval_s`` (a third of the TTL) unless the caller named one.
