@@ -416,3 +416,8 @@ async def test_a_backend_whose_registration_is_refused_exits_saying_why(
     assert process.returncode == 1
     assert "READY" not in stdout.decode()
     assert "refused" in stderr.decode() and "FORBIDDEN" in stderr.decode()
+
+
+def test_a_router_url_is_the_admin_apis_http_url() -> None:
+    with pytest.raises(ValueError, match="http"):
+        Registration("127.0.0.1:7072", address="127.0.0.1:9001")

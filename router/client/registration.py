@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl as ssl_module
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -96,11 +97,16 @@ class Registration:
         inflight: Callable[[], int] | None = None,
         loaded_models: Callable[[], Iterable[str]] | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        ssl: ssl_module.SSLContext | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        if not router_url.startswith(("http://", "https://")):
+            raise ValueError(f"router_url is the admin API's http(s)://HOST:PORT, got "
+                             f"{router_url!r}")
         self.router_url = router_url.rstrip("/")
+        self._ssl = ssl
         self._body: dict[str, Any] = {
             "address": address, "protocol": protocol, "models": list(models),
             "weight": weight, "labels": dict(labels or {}), "lease_ttl_s": lease_ttl_s,
@@ -126,8 +132,10 @@ class Registration:
     # -- the context --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Registration:
-        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers,
-                                              json_serialize=lambda v: orjson.dumps(v).decode())
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+            timeout=self._timeout, headers=self._headers,
+            json_serialize=lambda v: orjson.dumps(v).decode())
         try:
             await self._attempt("register", raise_refusal=True)
         except BaseException:
@@ -178,10 +186,15 @@ class Registration:
     # -- the lease ----------------------------------------------------------------------------
 
     async def _keep(self) -> None:
-        while True:
-            step = self._schedule.next_step()
-            await self._until(step.at)
-            await self._attempt(step.action)
+        try:
+            while True:
+                step = self._schedule.next_step()
+                await self._until(step.at)
+                await self._attempt(step.action)
+        except Exception:  # a bug: say so now, not when close() awaits the task
+            log.exception("%s: the lease of %s is no longer renewed", self.router_url,
+                          self.backend_id)
+            raise
 
     async def _until(self, when: float) -> None:
         if when <= self._clock.now():
