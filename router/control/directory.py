@@ -41,7 +41,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,8 +83,13 @@ APPLY_TIMEOUT_S = 2.0
 # Registration results, as counted in router_registrations_total{result}.
 REGISTRATION_RESULTS = ("created", "replaced", "rejected", "failed")
 HEARTBEAT_RESULTS = ("ok", "lease_not_found", "failed")
+# Leases renewed by one batch at most: a request of about 1 MiB.
+MAX_BATCH = 10_000
 # A watcher of the directory reads at most this many events behind before it is dropped.
 MAX_WATCH_BACKLOG = 4096
+
+# Registry change reasons that come from the directory's own changes, not from health.
+_OWN_REASONS = frozenset({"drained", "undrained", "draining"})
 
 BackendState = Literal["starting", "healthy", "unhealthy", "draining", "removed"]
 EventKind = Literal["joined", "changed", "left"]
@@ -123,6 +128,28 @@ class LoadReport(pydantic.BaseModel):
 
     inflight: int | None = pydantic.Field(None, ge=0, le=1_000_000_000, strict=True)
     loaded_models: tuple[Model, ...] | None = pydantic.Field(None, max_length=1024)
+
+
+class LeaseRenewal(LoadReport):
+    """One lease of a batch (``PUT /v1/leases``): the backend's id and its report."""
+
+    id: BackendId
+
+    def report(self) -> LoadReport | None:
+        if self.inflight is None and self.loaded_models is None:
+            return None
+        return LoadReport(inflight=self.inflight, loaded_models=self.loaded_models)
+
+
+class LeaseBatch(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    leases: tuple[LeaseRenewal, ...] = pydantic.Field(max_length=MAX_BATCH)
+
+
+class LeaseBatchResult(pydantic.BaseModel):
+    renewed: list[str]
+    not_found: list[str] = pydantic.Field(description="register these again")
 
 
 class WeightChange(pydantic.BaseModel):
@@ -214,14 +241,18 @@ class BackendDirectory:
             await self._store.put(record)
         await self._wait_applied_all(saved.backends)
 
+    async def flush_state(self) -> None:
+        """Wait for the state-file writes queued so far."""
+        if self._state_file is not None:
+            await self._state_file.flush()
+
     async def close(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow_task
         await self._store.close()
-        if self._state_file is not None:
-            await self._state_file.flush()
+        await self.flush_state()
         for watcher in self._watchers:
             watcher.wakeup.set()
 
@@ -267,11 +298,11 @@ class BackendDirectory:
             spec = backend.spec
             if spec.source != "static":
                 continue
-            if spec.id == record.id:
-                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
             if spec.address == record.address:
                 raise AddressConflict(f"{record.address} is the address of backend "
                                       f"{quoted(spec.id)} of the config file")
+            if spec.id == record.id:
+                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
         for other in self._records.values():
             mine = other.id == record.id
             if not mine and other.address != record.address:
@@ -304,6 +335,20 @@ class BackendDirectory:
         if report is not None and backend_id in self._records:
             self._reports[backend_id] = report
         return _registered(backend_id, record.lease_ttl_s)
+
+    async def heartbeat_many(self, renewals: Sequence[LeaseRenewal]) -> LeaseBatchResult:
+        """Renew many leases in one call (a process that runs many backends sends one request
+        per interval, not one per backend): each renewal as ``heartbeat``; the ids whose lease
+        the router does not hold are listed, and those backends register again."""
+        renewed, not_found = [], []
+        for renewal in renewals:
+            try:
+                await self.heartbeat(renewal.id, renewal.report())
+            except LeaseNotFound:
+                not_found.append(renewal.id)
+            else:
+                renewed.append(renewal.id)
+        return LeaseBatchResult(renewed=renewed, not_found=not_found)
 
     async def deregister(self, backend_id: str) -> BackendInfo:
         """Remove a registered, API or managed backend: it drains, then leaves."""
@@ -477,8 +522,8 @@ class BackendDirectory:
         self._registry.set_drained(backend.address, override.drained)
 
     def _health_changed(self, backend: Backend, reason: str) -> None:
-        if not self._watchers or backend.draining:
-            return
+        if not self._watchers or backend.draining or reason in _OWN_REASONS:
+            return  # the directory's own changes publish themselves
         owner = self._owner(backend)
         if owner is not None and owner in self._records:
             self._publish("changed", self._records[owner], backend)
