@@ -426,13 +426,20 @@ class BackendDirectory:
         raise BackendNotFound(f"no backend has the id {quoted(backend_id)}")
 
     def list(self) -> list[BackendInfo]:
+        """Every backend: static, then records, then those leaving (``draining`` until what
+        is in flight on them has finished)."""
         static = [self._static_info(b) for b in self._registry if b.spec.source == "static"]
-        return static + [self._info(r, self._joined.get(r.id)) for r in self._records.values()]
+        records = [self._info(r, self._joined.get(r.id)) for r in self._records.values()]
+        return static + records + [self._info(r, b, "draining") for b, r in
+                                   self._leaving.items() if r.id not in self._records]
 
     def get(self, backend_id: str) -> BackendInfo:
         record = self._records.get(backend_id)
         if record is not None:
             return self._info(record, self._joined.get(backend_id))
+        for backend, left in self._leaving.items():
+            if left.id == backend_id:
+                return self._info(left, backend, "draining")
         return self._static_info(self._static(backend_id))
 
     def reported(self, backend_id: str) -> LoadReport | None:
