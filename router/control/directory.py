@@ -86,6 +86,9 @@ HEARTBEAT_RESULTS = ("ok", "lease_not_found", "failed")
 # A watcher of the directory reads at most this many events behind before it is dropped.
 MAX_WATCH_BACKLOG = 4096
 
+# Registry change reasons that come from the directory's own changes, not from health.
+_OWN_REASONS = frozenset({"drained", "undrained", "draining"})
+
 BackendState = Literal["starting", "healthy", "unhealthy", "draining", "removed"]
 EventKind = Literal["joined", "changed", "left"]
 
@@ -214,14 +217,18 @@ class BackendDirectory:
             await self._store.put(record)
         await self._wait_applied_all(saved.backends)
 
+    async def flush_state(self) -> None:
+        """Wait for the state-file writes queued so far."""
+        if self._state_file is not None:
+            await self._state_file.flush()
+
     async def close(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow_task
         await self._store.close()
-        if self._state_file is not None:
-            await self._state_file.flush()
+        await self.flush_state()
         for watcher in self._watchers:
             watcher.wakeup.set()
 
@@ -267,11 +274,11 @@ class BackendDirectory:
             spec = backend.spec
             if spec.source != "static":
                 continue
-            if spec.id == record.id:
-                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
             if spec.address == record.address:
                 raise AddressConflict(f"{record.address} is the address of backend "
                                       f"{quoted(spec.id)} of the config file")
+            if spec.id == record.id:
+                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
         for other in self._records.values():
             mine = other.id == record.id
             if not mine and other.address != record.address:
@@ -477,8 +484,8 @@ class BackendDirectory:
         self._registry.set_drained(backend.address, override.drained)
 
     def _health_changed(self, backend: Backend, reason: str) -> None:
-        if not self._watchers or backend.draining:
-            return
+        if not self._watchers or backend.draining or reason in _OWN_REASONS:
+            return  # the directory's own changes publish themselves
         owner = self._owner(backend)
         if owner is not None and owner in self._records:
             self._publish("changed", self._records[owner], backend)

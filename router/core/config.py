@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -497,6 +498,10 @@ class StateConfig(_Section):
     )
 
 
+def _frames_is_tcp(value: object) -> object:
+    return "tcp" if value == "frames" else value
+
+
 def _check_prefix(value: str) -> str:
     if not value.endswith("/"):
         # "/a/b" would also cover the keys of "/a/bc/": one prefix must never hold another's.
@@ -571,9 +576,10 @@ class BackendConfig(_Section):
         (), description='Models this backend serves, "name" (every version) or '
         '"name:version"; gRPC calls are routed by these.',
     )
-    protocol: Literal["tcp", "grpc"] = Field(
-        "tcp", description='"tcp": length-prefixed frames; "grpc": gRPC (KServe v2 or any '
-        "service). A backend only ever gets traffic of its own protocol.",
+    protocol: Annotated[Literal["tcp", "grpc"], BeforeValidator(_frames_is_tcp)] = Field(
+        "tcp", description='"frames" (also spelled "tcp"): length-prefixed frames, the name the '
+        'admin API and the state file use; "grpc": gRPC (KServe v2 or any service). A '
+        "backend only ever gets traffic of its own protocol.",
     )
     dns_refresh_s: Seconds = Field(
         5.0, description="Seconds between two resolutions of a host name in ``address``: "
