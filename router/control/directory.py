@@ -41,7 +41,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +83,8 @@ APPLY_TIMEOUT_S = 2.0
 # Registration results, as counted in router_registrations_total{result}.
 REGISTRATION_RESULTS = ("created", "replaced", "rejected", "failed")
 HEARTBEAT_RESULTS = ("ok", "lease_not_found", "failed")
+# Leases renewed by one batch at most: a request of about 1 MiB.
+MAX_BATCH = 10_000
 # A watcher of the directory reads at most this many events behind before it is dropped.
 MAX_WATCH_BACKLOG = 4096
 
@@ -126,6 +128,28 @@ class LoadReport(pydantic.BaseModel):
 
     inflight: int | None = pydantic.Field(None, ge=0, le=1_000_000_000, strict=True)
     loaded_models: tuple[Model, ...] | None = pydantic.Field(None, max_length=1024)
+
+
+class LeaseRenewal(LoadReport):
+    """One lease of a batch (``PUT /v1/leases``): the backend's id and its report."""
+
+    id: BackendId
+
+    def report(self) -> LoadReport | None:
+        if self.inflight is None and self.loaded_models is None:
+            return None
+        return LoadReport(inflight=self.inflight, loaded_models=self.loaded_models)
+
+
+class LeaseBatch(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    leases: tuple[LeaseRenewal, ...] = pydantic.Field(max_length=MAX_BATCH)
+
+
+class LeaseBatchResult(pydantic.BaseModel):
+    renewed: list[str]
+    not_found: list[str] = pydantic.Field(description="register these again")
 
 
 class WeightChange(pydantic.BaseModel):
@@ -311,6 +335,20 @@ class BackendDirectory:
         if report is not None and backend_id in self._records:
             self._reports[backend_id] = report
         return _registered(backend_id, record.lease_ttl_s)
+
+    async def heartbeat_many(self, renewals: Sequence[LeaseRenewal]) -> LeaseBatchResult:
+        """Renew many leases in one call (a process that runs many backends sends one request
+        per interval, not one per backend): each renewal as ``heartbeat``; the ids whose lease
+        the router does not hold are listed, and those backends register again."""
+        renewed, not_found = [], []
+        for renewal in renewals:
+            try:
+                await self.heartbeat(renewal.id, renewal.report())
+            except LeaseNotFound:
+                not_found.append(renewal.id)
+            else:
+                renewed.append(renewal.id)
+        return LeaseBatchResult(renewed=renewed, not_found=not_found)
 
     async def deregister(self, backend_id: str) -> BackendInfo:
         """Remove a registered, API or managed backend: it drains, then leaves."""
