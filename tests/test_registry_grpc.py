@@ -404,6 +404,8 @@ async def test_anyserve_heartbeat_reports_models_and_health(world: World) -> Non
     await world.directory.set_drained("w1", True)
     beat = await world.anyserve.Heartbeat(mgmt.HeartbeatRequest(worker_id="w1"))
     assert not beat.healthy  # out of rotation
+    reported = world.directory.reported("w1")  # no names: the last report stands
+    assert reported is not None and reported.loaded_models == ("add", "b:2")
     # Not an AnyServe worker's record: unknown to this service.
     await world.registry_stub.Register(registration("127.0.0.1:9112", id="r1"), metadata=AUTH)
     assert not (await world.anyserve.Heartbeat(mgmt.HeartbeatRequest(worker_id="r1"))).healthy

@@ -16,10 +16,10 @@ same calls and routes frames to the worker:
   from another address is the worker started again elsewhere: its record starts afresh.
 - ``UnregisterModel``: the model leaves the record, and the last one deregisters the worker
   (it drains). ``success = false`` when the worker does not serve it, as AnyServe answers.
-- ``Heartbeat(worker_id, model_names)``: renews the lease and reports ``model_names`` as the
-  loaded models; ``healthy`` is whether the router routes to the worker now. An unknown worker
-  gets ``healthy = false`` (AnyServe's ingress answers true whatever it knows), which tells a
-  worker that looks to register again.
+- ``Heartbeat(worker_id, model_names)``: renews the lease and reports ``model_names`` (when
+  there are some) as the loaded models; ``healthy`` is whether the router routes to the
+  worker now. An unknown worker gets ``healthy = false`` (AnyServe's ingress answers true
+  whatever it knows), which tells a worker that looks to register again.
 
 Errors are statuses with ``x-router-error``, as every admin gRPC call's (``registry_grpc``).
 
@@ -134,7 +134,9 @@ class AnyServeWorkers:
         if current is None:
             self.counts["heartbeats_unknown"] += 1
             return pb.HeartbeatResponse(healthy=False)
-        report = validated(LoadReport, {"loaded_models": tuple(request.model_names)})
+        # No names: a bare renewal (proto3 cannot tell "none loaded" from "not said").
+        report = validated(LoadReport, {"loaded_models": tuple(request.model_names)}
+                           ) if request.model_names else None
         try:
             await self._directory.heartbeat(current.id, report)
         except LeaseNotFound:  # gone since we looked
