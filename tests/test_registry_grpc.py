@@ -21,8 +21,8 @@ from router.control.directory import BackendDirectory
 from router.control.registry_grpc import AdminGrpc, CallGuard, GrpcListener, RegistryService
 from router.control.store import MemoryStore
 from router.core.clock import ManualClock
-from router.core.config import AdminConfig, ServerTlsConfig, parse_host_port
-from router.core.errors import ROUTER_ERROR_HEADER
+from router.core.config import AdminConfig, ServerTlsConfig, from_mapping, parse_host_port
+from router.core.errors import ROUTER_ERROR_HEADER, ConfigError
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.protocol.proto import anyserve_worker_management_pb2 as mgmt
@@ -436,3 +436,33 @@ async def test_anyserve_errors_are_statuses_with_codes(world: World) -> None:
         grpc.StatusCode.ALREADY_EXISTS, "BACKEND_EXISTS")
     ok = await world.anyserve_admin.RegisterModel(register_model("m"), metadata=AUTH)
     assert ok.success  # the admin listener takes it with the credential
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("admin", "extra", "problem"), [
+    ({"grpc_listen": "0.0.0.0:7073"}, {},
+     "admin: grpc_listen '0.0.0.0:7073' is reachable from other machines"),
+    ({"anyserve_listen": "10.0.0.1:9000", "token_file": "t"}, {},
+     "admin: anyserve_listen '10.0.0.1:9000' takes registrations without credentials"),
+    ({"grpc_listen": "127.0.0.1:7072"}, {},
+     "admin.grpc_listen: '127.0.0.1:7072' is already used by admin.listen"),
+    ({"anyserve_listen": "127.0.0.1:7070"}, {},
+     "admin.anyserve_listen: '127.0.0.1:7070' is already used by listener.listen"),
+    ({"grpc_listen": "127.0.0.1:0"}, {"listener": {"processes": 2}},
+     "admin.grpc_listen: needs listener.processes = 1"),
+])
+def test_the_admin_grpc_listeners_are_checked(admin: dict[str, Any], extra: dict[str, Any],
+                                              problem: str) -> None:
+    with pytest.raises(ConfigError) as invalid:
+        from_mapping({"admin": admin, **extra}, "router.toml")
+    assert any(p.startswith(f"router.toml: {problem}") for p in invalid.value.problems), (
+        invalid.value.problems)
+
+
+def test_the_admin_grpc_listeners_are_off_by_default_and_valid_on_loopback() -> None:
+    assert (AdminConfig().grpc_listen, AdminConfig().anyserve_listen) == (None, None)
+    admin = from_mapping({"admin": {"grpc_listen": "127.0.0.1:7073",
+                                    "anyserve_listen": "[::1]:9000"}}).admin
+    assert (admin.grpc_listen, admin.anyserve_listen) == ("127.0.0.1:7073", "[::1]:9000")
