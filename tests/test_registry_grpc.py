@@ -466,3 +466,17 @@ def test_the_admin_grpc_listeners_are_off_by_default_and_valid_on_loopback() -> 
     admin = from_mapping({"admin": {"grpc_listen": "127.0.0.1:7073",
                                     "anyserve_listen": "[::1]:9000"}}).admin
     assert (admin.grpc_listen, admin.anyserve_listen) == ("127.0.0.1:7073", "[::1]:9000")
+
+
+async def test_the_admin_grpc_listener_binds_an_ipv6_loopback_address(world: World) -> None:
+    guard = CallGuard(None, None, reads_need_credentials=False)
+    service = RegistryService(world.directory, guard)
+    listener = GrpcListener(
+        "admin.grpc_listen",
+        lambda server: pb_grpc.add_RegistryServicer_to_server(service, server), None)
+    host, port = await listener.start("::1", 0)
+    try:
+        stub = pb_grpc.RegistryStub(world.channel((f"[{host}]", port)))
+        assert len((await stub.List(pb.ListRequest())).backends) == 1
+    finally:
+        await listener.close()

@@ -232,7 +232,11 @@ class LeaseKeeper:
     async def _run(self) -> None:
         while True:
             await self._sleep(self._interval_s)
-            await self.renew()
+            try:
+                await self.renew()
+            except Exception:  # a bug in one pass must not leave every worker to expire
+                self.failures += 1
+                log.exception("AnyServe workers: a lease renewal pass failed")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -264,7 +264,8 @@ class GrpcListener:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         # grpc reports a port in use as a RuntimeError after logging C-level lines of its own:
         # try the address first, for the kernel's own reason (an OSError).
-        socket.create_server((host, port)).close()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._add(server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
