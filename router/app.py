@@ -167,7 +167,7 @@ class RouterApp:
         state_file = StateFile(config.state.file) if config.state.file is not None else None
         self.directory = BackendDirectory(
             self.registry, open_store(config.registry, self.clock), self._record_backend,
-            state_file,
+            state_file, allows=config.registry.allows,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
         admin_tls = self.server_tls.get("admin")
