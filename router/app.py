@@ -53,6 +53,7 @@ from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
+from router.frontdoor.grpc.relay import RelayFrontDoor
 from router.frontdoor.grpc.server import GrpcFrontDoor
 from router.frontdoor.tcp.server import TcpFrontDoor
 from router.health.ejection import PassiveEjection
@@ -65,6 +66,7 @@ from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.grpc_limiter import GrpcCallLimiter
+from router.upstream.h2_backend import H2Upstream, make_h2_dialer
 from router.upstream.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class RouterApp:
         self.server_tls: dict[str, ServerTls] = {
             name: tls for name, tls in (
                 ("tcp", _server_tls(config.listener.tls, "listener.tls")),
-                ("grpc", _server_tls(config.grpc.tls, "grpc.tls")),
+                ("grpc", _server_tls(config.grpc.tls, "grpc.tls", ("h2",))),
                 ("admin", _server_tls(config.admin.tls, "admin.tls", ("http/1.1",))),
             ) if tls is not None
         }
@@ -137,17 +139,25 @@ class RouterApp:
             self.clock, ejection=self.ejection,
         )
         self.readiness = Readiness(self.registry, self.lifecycle)
-        self.grpc_front: GrpcFrontDoor | None = None
+        self.grpc_front: GrpcFrontDoor | RelayFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]
-        if g.listen is not None:
-            self.grpc_front = GrpcFrontDoor(
+        if g.listen is not None and g.engine == "relay":
+            self.grpc_front = relay = RelayFrontDoor(
+                self.dispatcher, self.registry, self.clock, g, d.request_timeout_s,
+                config.drain.linger_s, self.grpc_stats, self.readiness, self.lifecycle,
+                self.server_tls.get("grpc"),
+            )
+            front_doors.append(relay)
+            self.registry.add_join_listener(relay.health_changed)
+        elif g.listen is not None:
+            self.grpc_front = grpcio = GrpcFrontDoor(
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
                 self.readiness, self.lifecycle, self.server_tls.get("grpc"), self.access_log,
             )
-            front_doors.append(self.grpc_front)
+            front_doors.append(grpcio)
             # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
-            self.registry.add_join_listener(self.grpc_front.health.changed)
+            self.registry.add_join_listener(grpcio.health.changed)
         self.drain = DrainCoordinator(
             front_doors, self.dispatcher, self.lifecycle, config.drain.shutdown_grace_s,
             self.clock,
@@ -207,7 +217,14 @@ class RouterApp:
         if spec.is_unix and tls is not None:
             raise ValueError(f"{spec.address}: TLS over a unix socket is not supported")
         upstream: Upstream
-        if spec.protocol == "grpc":
+        g = self.config.grpc
+        if spec.protocol == "grpc" and g.engine == "relay":
+            h2_dial = make_h2_dialer(
+                None if spec.is_unix else spec.host, None if spec.is_unix else spec.port,
+                spec.unix_path if spec.is_unix else None, tls=tls)
+            upstream = H2Upstream(h2_dial, g.max_calls_per_backend, spec.address,
+                                  max_connections=g.relay_connections_per_backend)
+        elif spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
             if tls is not None:
                 self.grpc_channels.use_tls(spec.address, tls)
@@ -304,7 +321,9 @@ class RouterApp:
         d = new.dispatch
         policy = make_policy(d.policy) if d.policy != old.dispatch.policy else None
         self.dispatcher.reconfigure(d, policy)
-        if self.grpc_front is not None:
+        if isinstance(self.grpc_front, RelayFrontDoor):
+            self.grpc_front.reconfigure(d.request_timeout_s)
+        elif self.grpc_front is not None:
             self.grpc_front.forwarder.reconfigure(d.request_timeout_s)
         h = new.health
         self.ejection.failure_threshold = h.failure_threshold
@@ -317,7 +336,7 @@ class RouterApp:
             upstream = backend.upstream
             if isinstance(upstream, Pool) and new.pool != old.pool:
                 upstream.reconfigure(new.pool)
-            elif isinstance(upstream, GrpcCallLimiter) and calls_changed:
+            elif isinstance(upstream, GrpcCallLimiter | H2Upstream) and calls_changed:
                 upstream.reconfigure(max_calls)
         self.drain.grace_s = new.drain.shutdown_grace_s
 

@@ -295,6 +295,16 @@ class GrpcConfig(_Section):
         None, description="Address of the gRPC front door: any service proxied, KServe v2 "
         "routed by model. Unset: no gRPC front door.",
     )
+    engine: Literal["relay", "grpcio"] = Field(
+        "grpcio", description="How gRPC calls are carried: \"relay\" relays HTTP/2 frames "
+        "between client and backend connections (pooled, multiplexed; no protobuf decoded "
+        "except a KServe request's model fields); \"grpcio\" runs a grpc.aio server and a "
+        "grpc.aio client call per call.",
+    )
+    relay_connections_per_backend: Int = Field(
+        4, ge=1, le=64, description="engine = \"relay\": most HTTP/2 connections to one gRPC "
+        "backend; a second is opened once the first carries 64 streams, and so on.",
+    )
     max_message_bytes: Int = Field(
         16 * 1024 * 1024, ge=1, le=C_INT_MAX,
         description="Largest gRPC message accepted from a client or a backend, each way, in "

@@ -54,10 +54,11 @@ _MAX_CONTINUATIONS = 64  # frames in one header block (an empty-CONTINUATION flo
 
 
 class HeadersReceived:
-    __slots__ = ("end_stream", "headers", "stream_id", "trailers")
+    __slots__ = ("end_stream", "headers", "stream", "stream_id", "trailers")
 
-    def __init__(self, stream_id: int, headers: Headers, end_stream: bool, trailers: bool):
-        self.stream_id = stream_id
+    def __init__(self, stream: Stream, headers: Headers, end_stream: bool, trailers: bool):
+        self.stream = stream  # the stream's record, even once it is forgotten (ended)
+        self.stream_id = stream.id
         self.headers = headers
         self.end_stream = end_stream
         self.trailers = trailers  # not the stream's first header block
@@ -67,10 +68,11 @@ class HeadersReceived:
 
 
 class DataReceived:
-    __slots__ = ("data", "end_stream", "flow", "stream_id")
+    __slots__ = ("data", "end_stream", "flow", "stream", "stream_id")
 
-    def __init__(self, stream_id: int, data: bytes, end_stream: bool, flow: int) -> None:
-        self.stream_id = stream_id
+    def __init__(self, stream: Stream, data: bytes, end_stream: bool, flow: int) -> None:
+        self.stream = stream
+        self.stream_id = stream.id
         self.data = data
         self.end_stream = end_stream
         self.flow = flow  # bytes counted against the windows (padding included)
@@ -80,10 +82,11 @@ class DataReceived:
 
 
 class StreamReset:
-    __slots__ = ("code", "remote", "stream_id")
+    __slots__ = ("code", "remote", "stream", "stream_id")
 
-    def __init__(self, stream_id: int, code: int, remote: bool) -> None:
-        self.stream_id = stream_id
+    def __init__(self, stream: Stream, code: int, remote: bool) -> None:
+        self.stream = stream
+        self.stream_id = stream.id
         self.code = code
         self.remote = remote  # the peer reset it (else we did, for its error)
 
@@ -106,10 +109,11 @@ class GoAwayReceived:
 class Sent:
     """``count`` queued data bytes of ``stream_id`` went out (a window opened)."""
 
-    __slots__ = ("count", "stream_id")
+    __slots__ = ("count", "stream", "stream_id")
 
-    def __init__(self, stream_id: int, count: int) -> None:
-        self.stream_id = stream_id
+    def __init__(self, stream: Stream, count: int) -> None:
+        self.stream = stream
+        self.stream_id = stream.id
         self.count = count
 
     def __repr__(self) -> str:
@@ -237,7 +241,7 @@ class H2Connection:
         self._out.append(f.encode_rst_stream(error.stream_id, error.code))
         if stream is not None:
             self._close(stream)
-            events.append(StreamReset(error.stream_id, error.code, remote=False))
+            events.append(StreamReset(stream, error.code, remote=False))
 
     def _fail(self, error: H2Error, events: list[Event]) -> None:
         self.goaway(error.code, error.message.encode()[:256])
@@ -271,7 +275,7 @@ class H2Connection:
         end = bool(flags & f.END_STREAM)
         if end:
             stream.remote_closed = True
-        events.append(DataReceived(stream_id, data, end, flow))
+        events.append(DataReceived(stream, data, end, flow))
         if end and stream.local_closed:
             self._close(stream)
 
@@ -318,7 +322,7 @@ class H2Connection:
             stream = self._accept(stream_id)
             if stream is None:
                 return
-            events.append(HeadersReceived(stream_id, headers, end, False))
+            events.append(HeadersReceived(stream, headers, end, False))
         else:
             if stream.remote_closed:
                 raise H2Error(f.STREAM_CLOSED, "HEADERS after END_STREAM", stream_id)
@@ -326,7 +330,7 @@ class H2Connection:
             if trailers and not end:
                 raise H2Error(f.PROTOCOL_ERROR, "trailers without END_STREAM", stream_id)
             stream.headers_received = True
-            events.append(HeadersReceived(stream_id, headers, end, trailers))
+            events.append(HeadersReceived(stream, headers, end, trailers))
         if end:
             stream.remote_closed = True
             if stream.local_closed:
@@ -364,7 +368,7 @@ class H2Connection:
             if self._reset_budget <= 0:
                 raise H2Error(f.ENHANCE_YOUR_CALM, "too many streams reset before an answer")
         self._close(stream, normal=False)
-        events.append(StreamReset(stream_id, code, remote=True))
+        events.append(StreamReset(stream, code, remote=True))
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]
                      ) -> None:
@@ -412,7 +416,7 @@ class H2Connection:
             return
         for stream in [s for s in self.streams.values() if s.id > last]:
             self._close(stream, normal=False)  # never processed: safe to send elsewhere
-            events.append(StreamReset(stream.id, f.REFUSED_STREAM, remote=True))
+            events.append(StreamReset(stream, f.REFUSED_STREAM, remote=True))
 
     def _on_window_update(self, flags: int, stream_id: int, payload: bytes, events: list[Event]
                           ) -> None:
@@ -516,7 +520,7 @@ class H2Connection:
                 stream.send_window -= len(chunk)
                 self._out.append(f.encode_data(stream.id, chunk, end, self.peer_max_frame_size))
             if chunk:
-                events.append(Sent(stream.id, len(chunk)))
+                events.append(Sent(stream, len(chunk)))
             if not done:
                 continue
             self._blocked.pop(stream.id, None)
@@ -564,11 +568,14 @@ class H2Connection:
         self._out.append(f.encode_rst_stream(stream_id, code))
         self._close(stream, normal=False)
 
-    def goaway(self, code: int = f.NO_ERROR, debug: bytes = b"") -> None:
-        """No new streams of the peer's beyond the ones it has opened; those go on."""
-        last = self._last_peer_stream
-        self.goaway_sent = last
-        self._out.append(f.encode_goaway(last, code, debug))
+    def goaway(self, code: int = f.NO_ERROR, debug: bytes = b"", *,
+               last_stream_id: int | None = None) -> None:
+        """No new streams of the peer's beyond the ones it has opened; those go on. With
+        ``last_stream_id`` (2^31-1): the notice of a graceful shutdown (RFC 9113 section
+        6.8), after which streams are still taken until the final GOAWAY."""
+        if last_stream_id is None:
+            last_stream_id = self.goaway_sent = self._last_peer_stream
+        self._out.append(f.encode_goaway(last_stream_id, code, debug))
 
     def ping(self, opaque: bytes = b"\0" * 8) -> None:
         self._out.append(f.encode_ping(opaque))

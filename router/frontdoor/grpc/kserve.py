@@ -72,6 +72,8 @@ ROUTED_BY_MODEL: dict[str, Callable[[bytes], ModelRef]] = {
     "RepositoryModelLoad": read_repository_model,
     "RepositoryModelUnload": read_repository_model,
 }
+# Unary methods the router answers itself, whatever the backends (see ``answer``).
+ANSWERED = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "RepositoryIndex")
 Unary = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
@@ -84,13 +86,19 @@ def _version() -> str:
 
 class KServeRouting:
     def __init__(
-        self, forwarder: GrpcForwarder, registry: Registry, readiness: Readiness
+        self, forwarder: GrpcForwarder | None, registry: Registry, readiness: Readiness
     ) -> None:
+        # None under the relay, which routes with ``model_key`` and answers with ``answer``.
         self._forwarder = forwarder
         self._registry = registry
         self._readiness = readiness
         self._metadata: dict[str, bytes] = {}
         self._server_metadata = encode_server_metadata(SERVER_NAME, _version())
+        self._answers: dict[str, Callable[[bytes], bytes]] = {
+            "ServerLive": self._live_reply, "ServerReady": self._ready_reply,
+            "ServerMetadata": self._metadata_reply, "ModelReady": self._model_ready_reply,
+            "RepositoryIndex": self._repository_index_reply,
+        }
 
     def model_key(self, message: bytes, reader: Callable[[bytes], ModelRef] = read_model) -> str:
         """The routing key of the model a request names (read by ``reader``);
@@ -109,23 +117,29 @@ class KServeRouting:
         return self._readiness.ready("grpc")
 
     # -- answered by the router ---------------------------------------------------------------
+    # The replies are plain functions of the request bytes (``answer``), shared by both engines.
 
-    async def server_live(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def answer(self, name: str, payload: bytes) -> bytes:
+        """The router's own reply to method ``name`` of ``ANSWERED``; ``RouterError`` for a
+        request it refuses."""
+        return self._answers[name](payload)
+
+    def _live_reply(self, payload: bytes) -> bytes:
         return encode_server_live(True)
 
-    async def server_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def _ready_reply(self, payload: bytes) -> bytes:
         return encode_server_ready(self.ready())
 
-    async def server_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def _metadata_reply(self, payload: bytes) -> bytes:
         return self._server_metadata
 
-    async def model_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def _model_ready_reply(self, payload: bytes) -> bytes:
         model = read_model(payload)
         if not model.name:
             raise MalformedMessage("the request names no model")
         return encode_model_ready(self._readiness.ready("grpc", model.key))
 
-    async def repository_index(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def _repository_index_reply(self, payload: bytes) -> bytes:
         only_ready = read_repository_index(payload)
         models: list[tuple[ModelRef, bool]] = []
         seen: set[str] = set()
@@ -140,10 +154,26 @@ class KServeRouting:
                     models.append((ModelRef(name, version), ready))
         return encode_repository_index(models)
 
+    async def server_live(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._live_reply(payload)
+
+    async def server_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._ready_reply(payload)
+
+    async def server_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._metadata_reply(payload)
+
+    async def model_ready(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._model_ready_reply(payload)
+
+    async def repository_index(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self._repository_index_reply(payload)
+
     async def model_metadata(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key = self.model_key(payload)
         cached = self._metadata.get(key)
         if cached is None:
+            assert self._forwarder is not None
             cached = await self._forwarder.unary(MODEL_METADATA, payload, context, key)
             self._metadata[key] = cached
         return cached
@@ -154,6 +184,7 @@ class KServeRouting:
         """The handler of unary method ``name`` of ``ROUTED_BY_MODEL``: to a backend serving
         the model its request names."""
         method, reader, forwarder = f"/{SERVICE}/{name}", ROUTED_BY_MODEL[name], self._forwarder
+        assert forwarder is not None
 
         async def handler(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return await forwarder.unary(method, payload, context, self.model_key(payload, reader))
@@ -164,6 +195,7 @@ class KServeRouting:
         """By the model it names; the server-wide settings (no model) go to any gRPC backend."""
         name = read_trace_model(payload).name
         key = self._known(name) if name else None
+        assert self._forwarder is not None
         return await self._forwarder.unary(f"/{SERVICE}/TraceSetting", payload, context, key)
 
     async def model_stream_infer(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
@@ -172,7 +204,7 @@ class KServeRouting:
         first = await context.read()
         if first is grpc.aio.EOF:
             return  # an empty stream: nothing to route, nothing to answer
-        assert isinstance(first, bytes)
+        assert isinstance(first, bytes) and self._forwarder is not None
         await self._forwarder.relay_stream(
             MODEL_STREAM_INFER, context, self.model_key(first), first
         )

@@ -1,0 +1,432 @@
+"""The gRPC front door as an HTTP/2 frame relay (``grpc.engine = "relay"``).
+
+Clients connect to a uvloop server whose Protocol (``ClientConnection``) feeds an
+``H2Connection`` (server side); each request stream becomes a ``RelayCall`` that the one
+scheduler places on a backend's ``H2Upstream`` (multiplexed, pooled HTTP/2 connections,
+stream ids of their own). Frames are relayed as they come: no protobuf is decoded except the
+KServe field reader on the first message of a call routed by model, and no task is created
+per call.
+
+What a call's path (``:path``) decides, in this order:
+
+1. answered by the router: ``grpc.health.v1.Health/Check`` (SERVING while ``Readiness``
+   holds for gRPC backends, for "" and the KServe service; NOT_FOUND for other names) and
+   ``/Watch`` (a message now and at each change), and the KServe calls the router answers
+   (``kserve.ANSWERED``: ServerLive, ServerReady, ServerMetadata, ModelReady,
+   RepositoryIndex), from the same replies as the grpcio engine's;
+2. routed by model: the KServe and Triton calls whose request names one (``ROUTED_BY_MODEL``,
+   ModelMetadata, ModelStreamInfer by its first message, TraceSetting when it names one):
+   UNKNOWN_MODEL (NOT_FOUND) at the door for a model no gRPC backend serves;
+3. any other method: to the ``x-route-model`` group when the header is there, else to any
+   gRPC backend.
+
+Admission, for calls that reach a backend: UNAVAILABLE (DRAINING) while draining and
+RESOURCE_EXHAUSTED (OVERLOADED) while the dispatch queue is full; streams past
+``grpc.max_concurrent_streams`` on a connection are refused (REFUSED_STREAM) and connections
+past ``grpc.max_connections`` closed at once.
+
+Drain: ``start_drain`` sends every client connection GOAWAY with the largest stream id (the
+notice of RFC 9113 section 6.8: clients stop opening streams here), and stops accepting new
+connections; calls in flight go on. ``wait_all_closed`` sends the final GOAWAY (the last stream
+id really taken) once every call has finished, and closes the connections after their last
+bytes; ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+
+from router.core.clock import Clock
+from router.core.config import GrpcConfig
+from router.core.errors import (
+    Draining,
+    Dropped,
+    MalformedMessage,
+    Overloaded,
+    RouterError,
+    UnknownService,
+    quoted,
+)
+from router.dispatch.backends import Backend, Registry
+from router.dispatch.scheduler import Dispatcher
+from router.dispatch.stats import GrpcStats
+from router.frontdoor.grpc.kserve import ANSWERED, ROUTED_BY_MODEL, KServeRouting
+from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
+from router.frontdoor.grpc.relay_call import RelayCall, first_message
+from router.lifecycle.readiness import Readiness
+from router.lifecycle.state import Lifecycle
+from router.protocol.h2connection import (
+    DataReceived,
+    H2Connection,
+    HeadersReceived,
+    Sent,
+    StreamReset,
+    Terminated,
+)
+from router.protocol.kserve import ModelRef, read_model, read_trace_model
+from router.tls.context import ServerTls
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+ROUTE_MODEL_HEADER = "x-route-model"
+HEALTH_SERVICES = frozenset({"", KSERVE_SERVICE})
+_HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"
+_HEALTH_WATCH = f"/{HEALTH_SERVICE}/Watch"
+_LAST_STREAM_ID = (1 << 31) - 1
+# Request bytes a call keeps for a retry before any answer: a unary call of up to this much
+# may go to another backend when its first fails before answering.
+MAX_REPLAY_BYTES = 4 << 20
+
+
+def _by_model() -> dict[str, tuple[Callable[[bytes], ModelRef], bool]]:
+    """:path -> (its model reader, whether the request must name a model)."""
+    routed = {f"/{KSERVE_SERVICE}/{name}": (reader, True)
+              for name, reader in ROUTED_BY_MODEL.items()}
+    routed[f"/{KSERVE_SERVICE}/ModelMetadata"] = (read_model, True)
+    routed[f"/{KSERVE_SERVICE}/ModelStreamInfer"] = (read_model, True)
+    routed[f"/{KSERVE_SERVICE}/TraceSetting"] = (read_trace_model, False)
+    return routed
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's HTTP/2 connection; its streams' peers are ``RelayCall``s."""
+
+    def __init__(self, door: RelayFrontDoor) -> None:
+        self.door = door
+        config = door.config
+        self.conn = H2Connection(client=False,
+                                 max_concurrent_streams=config.max_concurrent_streams)
+        self.transport: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        door = self.door
+        if len(door.connections) >= door.config.max_connections:
+            door.refused_connections += 1
+            transport.abort()
+            return
+        door.connections.add(self)
+        door.connections_total += 1
+        door.no_connections.clear()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            cls = type(event)
+            if cls is DataReceived:
+                assert isinstance(event, DataReceived)
+                peer = event.stream.peer
+                if peer is not None:
+                    peer.client_data(event.data, event.end_stream, event.flow)
+                else:
+                    self.conn.consumed(event.stream_id, event.flow)
+            elif cls is HeadersReceived:
+                assert isinstance(event, HeadersReceived)
+                if event.trailers:  # a client's trailers end its request
+                    if event.stream.peer is not None:
+                        event.stream.peer.client_data(b"", True, 0)
+                else:
+                    self.door.new_call(self, event)
+            elif cls is Sent:
+                assert isinstance(event, Sent)
+                if event.stream.peer is not None:
+                    event.stream.peer.client_sent(event.count)
+            elif cls is StreamReset:
+                assert isinstance(event, StreamReset)
+                if event.stream.peer is not None:
+                    event.stream.peer.client_reset()
+            elif cls is Terminated:
+                assert isinstance(event, Terminated)
+                log.info("gRPC client broke HTTP/2: %s", event.error.message)
+                self._end_calls()
+                self._closing = True
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        door = self.door
+        door.connections.discard(self)
+        if not door.connections:
+            door.no_connections.set()
+        self._end_calls()
+
+    def _end_calls(self) -> None:
+        for stream in list(self.conn.streams.values()):
+            if stream.peer is not None:
+                stream.peer.client_reset()
+
+    def mark(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            transport.write(data)
+        if self._closing and not self.conn.streams:
+            transport.close()
+
+    def close_when_idle(self) -> None:
+        """The final GOAWAY; close once the streams left have ended."""
+        self.conn.goaway()
+        self._closing = True
+        self.flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        return f"ClientConnection({self.conn!r})"
+
+
+class RelayFrontDoor:
+    def __init__(
+        self, dispatcher: Dispatcher, registry: Registry, clock: Clock, config: GrpcConfig,
+        request_timeout_s: float, linger_s: float, stats: GrpcStats, readiness: Readiness,
+        lifecycle: Lifecycle, tls: ServerTls | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.registry = registry
+        self.clock = clock
+        self.config = config
+        self.request_timeout_s = request_timeout_s
+        self.linger_s = linger_s
+        self.stats = stats
+        self.readiness = readiness
+        self.lifecycle = lifecycle
+        self.tls = tls
+        self.max_replay_bytes = MAX_REPLAY_BYTES
+        self.kserve = KServeRouting(None, registry, readiness)
+        self._answers = {f"/{KSERVE_SERVICE}/{name}": name for name in ANSWERED}
+        self._by_model = _by_model()
+        self.connections: set[ClientConnection] = set()
+        self.calls: set[RelayCall] = set()
+        self._watchers: dict[RelayCall, tuple[str, int]] = {}  # Watch: (service, last sent)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.no_connections = asyncio.Event()
+        self.no_connections.set()
+        self._server: asyncio.Server | None = None
+        self.calls_total = 0
+        self.connections_total = 0
+        self.refused_connections = 0
+        registry.add_listener(self.health_changed)
+
+    def reconfigure(self, request_timeout_s: float) -> None:
+        self.request_timeout_s = request_timeout_s
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_port=reuse_port or None,
+            ssl=self.tls.context if self.tls is not None else None, backlog=1024,
+        )
+        bound = self._server.sockets[0].getsockname()
+        return host, int(bound[1])
+
+    def start_drain(self) -> None:
+        self.health_changed()
+        for connection in list(self.connections):
+            connection.conn.goaway(last_stream_id=_LAST_STREAM_ID)
+            connection.mark()
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_all_closed(self) -> None:
+        """Once no call is left: the final GOAWAY, and the connections closed after their
+        last bytes (within ``linger_s``)."""
+        for watcher in list(self._watchers):
+            watcher.fail(Draining("the router is draining"))
+        await self._idle.wait()
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        try:
+            async with asyncio.timeout(self.linger_s):
+                await self.no_connections.wait()
+        except TimeoutError:
+            for connection in list(self.connections):
+                connection.abort()
+
+    def abort_all(self) -> int:
+        calls = [c for c in self.calls if not c.done]
+        for call in calls:
+            call.fail(Dropped("the router stopped before answering"))
+        return len(calls)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for call in list(self.calls):
+            call.fail(Dropped("the router stopped before answering"))
+        for connection in list(self.connections):
+            connection.abort()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def new_call(self, client: ClientConnection, event: HeadersReceived) -> None:
+        call = RelayCall(self, client, event.stream, event.headers, event.end_stream)
+        event.stream.peer = call
+        self.calls.add(call)
+        self._idle.clear()
+        self.calls_total += 1
+        try:
+            self._begin(call)
+        except RouterError as error:
+            call.fail(error)
+
+    def _begin(self, call: RelayCall) -> None:
+        method = call.method
+        if method in self._answers or method in (_HEALTH_CHECK, _HEALTH_WATCH):
+            if call.client_ended:
+                self._answer(call)
+            return
+        if method in self._by_model:
+            if call.client_ended:
+                self.waiting_call_data(call)
+            return  # routed once its first message is in
+        model = call.header(ROUTE_MODEL_HEADER)
+        if model is not None:
+            self.registry.check_model(model, "grpc")
+        self._admit(call, model)
+
+    def waiting_call_data(self, call: RelayCall) -> None:
+        """More request data of a call not yet submitted."""
+        try:
+            method = call.method
+            routed = self._by_model.get(method)
+            if routed is None:
+                if call.client_ended:
+                    self._answer(call)
+                return
+            message = first_message(call.unsent, self.config.max_message_bytes)
+            if message is None:
+                if call.client_ended:
+                    raise MalformedMessage("the call ended before its first message")
+                return
+            reader, needs_model = routed
+            named = needs_model or bool(reader(message).name)
+            self._admit(call, self.kserve.model_key(message, reader) if named else None)
+        except RouterError as error:
+            call.fail(error)
+
+    def _admit(self, call: RelayCall, model: str | None) -> None:
+        if self.lifecycle.draining:
+            raise Draining("the router is draining; retry on another router")
+        if self.dispatcher.saturated:
+            raise Overloaded("the dispatch queue is full")
+        call.submit(model)
+
+    def call_finished(self, call: RelayCall) -> None:
+        self.stats.count(call.method, call.status, self.clock.now() - call.started)
+        self.calls.discard(call)
+        self._watchers.pop(call, None)
+        if not self.calls:
+            self._idle.set()
+
+    # -- answered by the router ---------------------------------------------------------------
+
+    def _answer(self, call: RelayCall) -> None:
+        data = b"".join(call.unsent)
+        payload = data[5:] if len(data) >= 5 else b""
+        try:
+            if call.method == _HEALTH_CHECK:
+                reply = self._health_check(payload)
+            elif call.method == _HEALTH_WATCH:
+                self._watch(call, payload)
+                return
+            else:
+                reply = self.kserve.answer(self._answers[call.method], payload)
+        except RouterError as error:
+            call.fail(error)
+            return
+        self._reply(call, reply, end=True)
+
+    def _reply(self, call: RelayCall, reply: bytes, *, end: bool) -> None:
+        conn = call.client.conn
+        sid = call.stream.id
+        if not call.answered:
+            call.answered = True
+            conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        message = b"\0" + len(reply).to_bytes(4) + reply
+        conn.send_data(sid, message)
+        if end:
+            conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            call.done = True
+            call.status = "OK"
+            self.call_finished(call)
+        call.client.mark()
+
+    def _health_status(self, service: str) -> int:
+        if service not in HEALTH_SERVICES:
+            return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        serving = self.readiness.ready("grpc")
+        return int(health_pb2.HealthCheckResponse.SERVING if serving
+                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _health_check(self, payload: bytes) -> bytes:
+        service = _health_service(payload)
+        if service not in HEALTH_SERVICES:
+            raise UnknownService(f"unknown service {quoted(service)}")
+        return _health_reply(self._health_status(service))
+
+    def _watch(self, call: RelayCall, payload: bytes) -> None:
+        service = _health_service(payload)
+        status = self._health_status(service)
+        self._watchers[call] = (service, status)
+        self._reply(call, _health_reply(status), end=False)
+
+    def health_changed(self, backend: Backend | None = None, reason: str = "") -> None:
+        """Readiness may have changed: every watcher whose status did gets a message."""
+        for call, (service, last) in list(self._watchers.items()):
+            status = self._health_status(service)
+            if status != last and not call.done:
+                self._watchers[call] = (service, status)
+                self._reply(call, _health_reply(status), end=False)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "engine": "relay",
+            "tls": self.tls.statistics() if self.tls is not None else None,
+            "connections": len(self.connections),
+            "connections_total": self.connections_total,
+            "refused_connections": self.refused_connections,
+            "calls_in_flight": len(self.calls),
+            "calls_total": self.calls_total,
+            "health_watchers": len(self._watchers),
+            "phase": self.lifecycle.phase.value,
+            "calls": self.stats.statistics(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"RelayFrontDoor(connections={len(self.connections)}, calls={len(self.calls)}, "
+                f"{self.lifecycle.phase.value})")
+
+
+def _health_service(payload: bytes) -> str:
+    try:
+        return str(health_pb2.HealthCheckRequest.FromString(payload).service)
+    except DecodeError as exc:
+        raise MalformedMessage(f"not a HealthCheckRequest: {exc}") from None
+
+
+def _health_reply(status: int) -> bytes:
+    return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+

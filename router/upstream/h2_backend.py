@@ -1,0 +1,348 @@
+"""The ``Upstream`` of a gRPC backend under the relay (``grpc.engine = "relay"``): a few
+multiplexed HTTP/2 connections, many relayed calls on each.
+
+``H2Upstream`` lends a stream slot on one of its connections: the one carrying the fewest
+streams among those the backend lets us open more on (its MAX_CONCURRENT_STREAMS, no GOAWAY),
+while the backend carries fewer than ``max_calls`` relayed calls. A lease is that connection;
+``start`` wakes the call (``request.forward``), which opens its stream there. The first
+connection is dialled when a call waits for one (``grow``); another once every open one
+carries ``spread_at`` streams, up to ``max_connections``, so that one TCP connection's
+ordering does not serialise a busy backend. A dial that fails is reported through ``on_room``
+with its ``BackendUnavailable``, which the scheduler counts against the backend and uses to
+move the waiting calls.
+
+``H2BackendConnection`` is the uvloop Protocol of one connection: it feeds an
+``H2Connection`` (client side) and hands each stream's events to the stream's peer, the
+front door's call (``StreamPeer``). Writes are batched: whatever the events of one read, or a
+call's own sends, put on the connection goes out in one ``transport.write`` on the next loop
+iteration. A connection that goes away (closed, reset, a protocol error of the backend) ends
+every stream on it with ``BackendUnavailable`` for calls not yet answered; GOAWAY keeps the
+streams it covers and refuses the rest (REFUSED_STREAM: retryable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from router.core.errors import BackendError, BackendProtocolError, BackendUnavailable
+from router.protocol import h2frames as f
+from router.protocol.h2connection import (
+    DataReceived,
+    GoAwayReceived,
+    H2Connection,
+    HeadersReceived,
+    Sent,
+    Stream,
+    StreamReset,
+    Terminated,
+)
+from router.protocol.h2headers import Headers
+from router.tls.context import BackendTls
+from router.upstream.base import Attempt, ReplySink, RoomListener
+
+log = logging.getLogger(__name__)
+
+
+class StreamPeer(Protocol):
+    """What a backend stream tells the call relayed on it."""
+
+    def backend_headers(self, headers: Headers, end_stream: bool) -> None: ...
+
+    def backend_data(self, data: bytes, end_stream: bool, flow: int) -> None: ...
+
+    def backend_sent(self, count: int) -> None:
+        """``count`` bytes of the call's request data left towards the backend."""
+        ...
+
+    def backend_reset(self, error: BackendError, code: int | None) -> None:
+        """The stream ended without its trailers: reset by the backend (``code``) or its
+        connection went away (``code`` None)."""
+        ...
+
+
+class H2BackendConnection(asyncio.Protocol):
+    def __init__(self, upstream: H2Upstream, name: str, max_frame_size: int) -> None:
+        self.upstream = upstream
+        self.name = name
+        self.conn = H2Connection(client=True, max_frame_size=max_frame_size,
+                                 max_concurrent_streams=1)
+        self.transport: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self._closing = False
+        self.closed = False
+
+    # -- asyncio ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            cls = type(event)
+            if cls is DataReceived:
+                assert isinstance(event, DataReceived)
+                event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
+            elif cls is HeadersReceived:
+                assert isinstance(event, HeadersReceived)
+                event.stream.peer.backend_headers(event.headers, event.end_stream)
+            elif cls is Sent:
+                assert isinstance(event, Sent)
+                event.stream.peer.backend_sent(event.count)
+            elif cls is StreamReset:
+                assert isinstance(event, StreamReset)
+                self._reset(event)
+            elif cls is GoAwayReceived:
+                self.upstream.connection_full()
+            elif cls is Terminated:
+                assert isinstance(event, Terminated)
+                log.warning("%s: HTTP/2 error from the backend: %s", self.name,
+                            event.error.message)
+                self._lose(BackendProtocolError(f"{self.name}: {event.error.message}"))
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        reason = f": {exc}" if exc else ""
+        self._lose(BackendUnavailable(f"{self.name}: connection closed{reason}"))
+
+    # -- streams ------------------------------------------------------------------------------
+
+    @property
+    def streams(self) -> int:
+        return len(self.conn.streams)
+
+    @property
+    def can_open(self) -> bool:
+        return not self.closed and not self._closing and self.conn.can_open
+
+    def open_stream(self, peer: StreamPeer) -> Stream:
+        stream = self.conn.open_stream()
+        stream.peer = peer
+        return stream
+
+    def _reset(self, event: StreamReset) -> None:
+        peer = event.stream.peer
+        if peer is None:
+            return
+        if event.code == f.REFUSED_STREAM:
+            error = BackendUnavailable(f"{self.name}: stream refused")
+        else:
+            error = BackendUnavailable(f"{self.name}: stream reset (code {event.code:#x})")
+        peer.backend_reset(error, event.code)
+
+    def _lose(self, error: BackendError) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        peers = [s.peer for s in self.conn.streams.values() if s.peer is not None]
+        self.conn.streams.clear()
+        self.upstream.connection_lost(self, error)
+        for peer in peers:
+            peer.backend_reset(error, None)
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def mark(self) -> None:
+        """Something was put on the connection: write it on the next loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.conn.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        if data:
+            transport.write(data)
+        if self._closing and not self.conn.streams:
+            transport.close()
+
+    def close(self) -> None:
+        """No new streams; the transport closes once those on it have ended."""
+        if self._closing or self.closed:
+            return
+        self._closing = True
+        if self.transport is None:
+            return
+        self.conn.goaway()
+        self.flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        return f"H2BackendConnection({self.name!r}, {self.conn!r})"
+
+
+Dial = Callable[["H2Upstream"], Awaitable[H2BackendConnection]]
+
+
+class H2Upstream:
+    def __init__(self, dial: Dial, max_calls: int, name: str = "", *,
+                 max_connections: int = 4, spread_at: int = 64) -> None:
+        self._dial = dial
+        self._max_calls = max_calls
+        self._max_connections = max_connections
+        self._spread_at = spread_at
+        self.name = name
+        self.connections: list[H2BackendConnection] = []
+        self._dialing = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.active = 0
+        self.peak = 0
+        self.dials = 0
+        self.dial_failures = 0
+        self._closed = False
+        self.on_room: RoomListener | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stalled(self) -> bool:
+        return self._dialing == 0 and not any(c.can_open for c in self.connections)
+
+    def try_acquire(self) -> H2BackendConnection | None:
+        if self._closed or self.active >= self._max_calls:
+            return None
+        best = None
+        for connection in self.connections:
+            if connection.can_open and (best is None or connection.streams < best.streams):
+                best = connection
+        if best is None:
+            return None
+        if best.streams >= self._spread_at:
+            self._spread()
+        self.active += 1
+        if self.active > self.peak:
+            self.peak = self.active
+        return best
+
+    def _spread(self) -> None:
+        if self._dialing == 0 and len(self.connections) < self._max_connections:
+            self._start_dial()
+
+    def grow(self, wanted: int) -> None:
+        if self._closed or self._dialing or self.active >= self._max_calls:
+            return
+        if any(c.can_open for c in self.connections):
+            return  # room comes back as streams end
+        if len(self.connections) < self._max_connections:
+            self._start_dial()
+
+    def _start_dial(self) -> None:
+        self._dialing += 1
+        self.dials += 1
+        task = asyncio.get_running_loop().create_task(self._dial_one())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial_one(self) -> None:
+        error: BackendError | None = None
+        try:
+            connection = await self._dial(self)
+        except OSError as exc:
+            self.dial_failures += 1
+            error = BackendUnavailable(f"{self.name}: {exc.strerror or exc}")
+        else:
+            if self._closed:
+                connection.close()
+            else:
+                self.connections.append(connection)
+        finally:
+            self._dialing -= 1
+        if self.on_room is not None:
+            self.on_room(error)
+
+    def connection_full(self) -> None:
+        """A connection takes no more streams (GOAWAY): another may be dialled."""
+        if self.on_room is not None:
+            self.on_room(None)
+
+    def connection_lost(self, connection: H2BackendConnection, error: BackendError) -> None:
+        if connection in self.connections:
+            self.connections.remove(connection)
+        if self.on_room is not None:
+            self.on_room(None)
+
+    def start(self, lease: Any, request: Attempt, sink: ReplySink, timeout_s: float) -> None:
+        assert request.forward is not None, "a gRPC backend only carries gRPC calls"
+        request.forward(request)
+
+    def start_fresh(self, request: Attempt, sink: ReplySink, timeout_s: float) -> bool:
+        return False
+
+    def release(self, lease: Any, *, reusable: bool = True) -> None:
+        self.active -= 1
+        if isinstance(lease, H2BackendConnection):
+            lease.flush()  # a closing connection whose last stream ended closes now
+
+    def reconfigure(self, max_calls: int) -> None:
+        self._max_calls = max_calls
+        if self.on_room is not None:
+            self.on_room(None)
+
+    def close(self) -> None:
+        self._closed = True
+        for connection in self.connections:
+            connection.close()
+        if self.on_room is not None:
+            self.on_room(None)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "active_calls": self.active, "peak_calls": self.peak, "max_calls": self._max_calls,
+            "connections": len(self.connections), "dials": self.dials,
+            "dial_failures": self.dial_failures,
+            "streams": [c.streams for c in self.connections],
+        }
+
+    def __repr__(self) -> str:
+        return (f"H2Upstream({self.name!r}, {self.active}/{self._max_calls}, "
+                f"connections={len(self.connections)})")
+
+
+def make_h2_dialer(host: str | None, port: int | None, unix_path: str | None, *,
+                   tls: BackendTls | None = None,
+                   max_frame_size: int = f.DEFAULT_MAX_FRAME_SIZE,
+                   connect_timeout_s: float = 5.0) -> Dial:
+    """Dial a backend over TCP (with ``tls``: its context at each dial, ALPN ``h2``) or its
+    unix socket; ``OSError`` when it cannot be reached (a failed handshake included)."""
+    name = f"unix:{unix_path}" if unix_path is not None else f"{host}:{port}"
+
+    async def dial(upstream: H2Upstream) -> H2BackendConnection:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> H2BackendConnection:
+            return H2BackendConnection(upstream, name, max_frame_size)
+
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                if unix_path is not None:
+                    _, protocol = await loop.create_unix_connection(factory, unix_path)
+                else:
+                    assert host is not None and port is not None
+                    if tls is None:
+                        _, protocol = await loop.create_connection(factory, host, port)
+                    else:
+                        context = tls.context
+                        context.set_alpn_protocols(["h2"])
+                        _, protocol = await loop.create_connection(
+                            factory, host, port, ssl=context, server_hostname=tls.server_name)
+        except TimeoutError:
+            raise OSError(f"connect timed out after {connect_timeout_s}s") from None
+        return protocol
+
+    return dial
