@@ -145,7 +145,7 @@ class RouterApp:
             self.grpc_front = relay = RelayFrontDoor(
                 self.dispatcher, self.registry, self.clock, g, d.request_timeout_s,
                 config.drain.linger_s, self.grpc_stats, self.readiness, self.lifecycle,
-                self.server_tls.get("grpc"),
+                self.server_tls.get("grpc"), self.access_log,
             )
             front_doors.append(relay)
             self.registry.add_join_listener(relay.health_changed)

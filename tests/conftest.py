@@ -17,10 +17,17 @@ import uvloop
 from router.app import RouterApp
 from router.client.frames import FrameClient
 from router.core import config as config_mod
-from tests.grpc_support import grpc_router, kserve_backend
+from tests.grpc_support import grpc_engine, grpc_router, kserve_backend, only_marked_engines
 from tests.support import BASE_CONFIG, BackendProcess, backend_processes
 
-__all__ = ["grpc_router", "kserve_backend"]  # the gRPC fixtures, for every test module
+__all__ = ["grpc_engine", "grpc_router", "kserve_backend"]  # the gRPC fixtures, for every test module
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = only_marked_engines(items)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 STOP_TIMEOUT_S = 15.0
 UVLOOP_MODULES = frozenset({"test_router_integration.py", "test_tls_tcp.py", "test_tls_admin.py"})

@@ -79,15 +79,42 @@ def grpc_backend(address: str, *models: str, **extra: Any) -> dict[str, Any]:
     return {"address": address, "protocol": "grpc", "models": list(models), **extra}
 
 
+ENGINES = ("grpcio", "relay")
+
+
+@pytest.fixture(params=ENGINES)
+def grpc_engine(request: pytest.FixtureRequest) -> str:
+    """Every test of a router's gRPC front door runs on both engines (``grpc.engine``); a
+    test that holds only for one says so with ``@pytest.mark.grpc_engine("name",
+    reason=...)``, and is not collected for the other (``only_marked_engines``)."""
+    return str(request.param)
+
+
+def only_marked_engines(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    """(kept, deselected): a test marked ``grpc_engine`` runs only on the engines it names."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("grpc_engine")
+        callspec = getattr(item, "callspec", None)
+        engine = callspec.params.get("grpc_engine") if callspec is not None else None
+        if marker is not None and engine is not None and engine not in marker.args:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    return kept, dropped
+
+
 @pytest.fixture
-async def grpc_router() -> AsyncIterator[GrpcRouterFactory]:
+async def grpc_router(grpc_engine: str) -> AsyncIterator[GrpcRouterFactory]:
     """Factory: ``await grpc_router([backend tables], overrides)`` -> a serving router."""
     running: list[GrpcRouter] = []
 
     async def start(
         backends: list[dict[str, Any]], overrides: dict[str, Any] | None = None
     ) -> GrpcRouter:
-        data = config_mod.merge(BASE_CONFIG, {"grpc": {"listen": "127.0.0.1:0"}})
+        data = config_mod.merge(
+            BASE_CONFIG, {"grpc": {"listen": "127.0.0.1:0", "engine": grpc_engine}})
         data = config_mod.merge(data, overrides or {})
         data["backends"] = backends
         app = RouterApp(config_mod.from_mapping(data, "<test>"))

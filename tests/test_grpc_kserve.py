@@ -281,7 +281,8 @@ async def test_full_queue_is_resource_exhausted(
     # its bound. Either way RESOURCE_EXHAUSTED; the ones accepted count as OVERLOADED.
     assert sorted(codes) == ["OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
     stats = router.app.stats
-    assert stats.errored == {"OVERLOADED": stats.accepted - 1}
+    # (The relay may refuse both on arrival: they come in one read while the first waits.)
+    assert stats.errored == ({"OVERLOADED": stats.accepted - 1} if stats.accepted > 1 else {})
     assert stats.completed == 1
 
 

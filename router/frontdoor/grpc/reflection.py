@@ -18,7 +18,7 @@ in protobuf's default pool, and reflection reads one pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import grpc
@@ -90,3 +90,17 @@ def enable_reflection(server: grpc.aio.Server, services: Iterable[str]) -> tuple
     for service in (V1, V1ALPHA):
         server.add_registered_method_handlers(service, handlers)
     return tuple(sorted(names))
+
+
+def reflection_answer(services: Iterable[str]) -> Callable[[bytes], bytes]:
+    """For a server that is not grpc.aio's (the relay): the reply to one
+    ServerReflectionRequest message, from the same servicer and pool."""
+    names = (*services, V1, V1ALPHA)
+    servicer = reflection.ReflectionServicer(names, pool=reflection_pool())
+
+    def answer(message: bytes) -> bytes:
+        request = reflection_pb2.ServerReflectionRequest.FromString(message)
+        reply = next(iter(servicer.ServerReflectionInfo(iter((request,)), None)))
+        return bytes(reply.SerializeToString())
+
+    return answer

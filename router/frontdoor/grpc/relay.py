@@ -25,11 +25,12 @@ RESOURCE_EXHAUSTED (OVERLOADED) while the dispatch queue is full; streams past
 ``grpc.max_concurrent_streams`` on a connection are refused (REFUSED_STREAM) and connections
 past ``grpc.max_connections`` closed at once.
 
-Drain: ``start_drain`` sends every client connection GOAWAY with the largest stream id (the
-notice of RFC 9113 section 6.8: clients stop opening streams here), and stops accepting new
-connections; calls in flight go on. ``wait_all_closed`` sends the final GOAWAY (the last stream
-id really taken) once every call has finished, and closes the connections after their last
-bytes; ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at the deadline.
+Drain, as on the grpcio engine: ``start_drain`` turns health and ServerReady to not serving,
+and new calls are refused UNAVAILABLE (DRAINING, so a client knows to go elsewhere) while
+calls in flight go on. ``wait_all_closed`` stops listening once every call has finished, sends
+each connection GOAWAY with the last stream id it took, and closes it after its last bytes
+(within ``linger_s``); ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at the
+deadline.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ from router.core.errors import (
     UnknownService,
     quoted,
 )
+from router.dispatch.access import AccessLog
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.kserve import ANSWERED, ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
-from router.frontdoor.grpc.relay_call import RelayCall, first_message
+from router.frontdoor.grpc.reflection import V1, V1ALPHA, reflection_answer
+from router.frontdoor.grpc.relay_call import RelayCall, first_message, split_messages
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.protocol.h2connection import (
@@ -71,6 +74,7 @@ from router.protocol.h2connection import (
 )
 from router.protocol.kserve import ModelRef, read_model, read_trace_model
 from router.tls.context import ServerTls
+from router.tls.identity import PeerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,8 @@ ROUTE_MODEL_HEADER = "x-route-model"
 HEALTH_SERVICES = frozenset({"", KSERVE_SERVICE})
 _HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"
 _HEALTH_WATCH = f"/{HEALTH_SERVICE}/Watch"
-_LAST_STREAM_ID = (1 << 31) - 1
+_MODEL_METADATA = f"/{KSERVE_SERVICE}/ModelMetadata"
+_REFLECTION = frozenset(f"/{name}/ServerReflectionInfo" for name in (V1, V1ALPHA))
 # Request bytes a call keeps for a retry before any answer: a unary call of up to this much
 # may go to another backend when its first fails before answering.
 MAX_REPLAY_BYTES = 4 << 20
@@ -104,12 +109,21 @@ class ClientConnection(asyncio.Protocol):
         self.conn = H2Connection(client=False,
                                  max_concurrent_streams=config.max_concurrent_streams)
         self.transport: asyncio.Transport | None = None
+        self.peer: Any = None  # the client's address, for the access log
+        self.refusal: RouterError | None = None  # a client certificate off the allow-list
         self._flush_scheduled = False
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        tls = self.door.tls
+        if tls is not None and tls.allow_list.active:
+            identity = PeerIdentity.from_peercert(transport.get_extra_info("peercert"))
+            self.refusal = tls.refusal(identity)  # every call on it gets PERMISSION_DENIED
+            if self.refusal is not None:
+                log.info("refused %s: %s", self.peer, self.refusal.message)
         door = self.door
         if len(door.connections) >= door.config.max_connections:
             door.refused_connections += 1
@@ -200,7 +214,9 @@ class RelayFrontDoor:
         self, dispatcher: Dispatcher, registry: Registry, clock: Clock, config: GrpcConfig,
         request_timeout_s: float, linger_s: float, stats: GrpcStats, readiness: Readiness,
         lifecycle: Lifecycle, tls: ServerTls | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
+        self.access_log = access_log  # None: no access log, one check per call
         self.dispatcher = dispatcher
         self.registry = registry
         self.clock = clock
@@ -215,6 +231,8 @@ class RelayFrontDoor:
         self.kserve = KServeRouting(None, registry, readiness)
         self._answers = {f"/{KSERVE_SERVICE}/{name}": name for name in ANSWERED}
         self._by_model = _by_model()
+        self._metadata: dict[str, bytes] = {}  # ModelMetadata answers by model key
+        self._reflection = reflection_answer((HEALTH_SERVICE, KSERVE_SERVICE))
         self.connections: set[ClientConnection] = set()
         self.calls: set[RelayCall] = set()
         self._watchers: dict[RelayCall, tuple[str, int]] = {}  # Watch: (service, last sent)
@@ -243,12 +261,7 @@ class RelayFrontDoor:
         return host, int(bound[1])
 
     def start_drain(self) -> None:
-        self.health_changed()
-        for connection in list(self.connections):
-            connection.conn.goaway(last_stream_id=_LAST_STREAM_ID)
-            connection.mark()
-        if self._server is not None:
-            self._server.close()
+        self.health_changed()  # watchers hear NOT_SERVING; new calls are refused DRAINING
 
     async def wait_all_closed(self) -> None:
         """Once no call is left: the final GOAWAY, and the connections closed after their
@@ -256,6 +269,8 @@ class RelayFrontDoor:
         for watcher in list(self._watchers):
             watcher.fail(Draining("the router is draining"))
         await self._idle.wait()
+        if self._server is not None:
+            self._server.close()
         for connection in list(self.connections):
             connection.close_when_idle()
         try:
@@ -284,16 +299,26 @@ class RelayFrontDoor:
     def new_call(self, client: ClientConnection, event: HeadersReceived) -> None:
         call = RelayCall(self, client, event.stream, event.headers, event.end_stream)
         event.stream.peer = call
+        if len(self.calls) >= self.config.max_concurrent_calls:
+            self.calls.add(call)
+            call.fail(Overloaded(
+                f"grpc.max_concurrent_calls={self.config.max_concurrent_calls} calls in progress"))
+            return
         self.calls.add(call)
         self._idle.clear()
         self.calls_total += 1
         try:
+            if client.refusal is not None:
+                raise client.refusal
             self._begin(call)
         except RouterError as error:
             call.fail(error)
 
     def _begin(self, call: RelayCall) -> None:
         method = call.method
+        if method in _REFLECTION:
+            self._reflect(call)
+            return
         if method in self._answers or method in (_HEALTH_CHECK, _HEALTH_WATCH):
             if call.client_ended:
                 self._answer(call)
@@ -311,6 +336,9 @@ class RelayFrontDoor:
         """More request data of a call not yet submitted."""
         try:
             method = call.method
+            if method in _REFLECTION:
+                self._reflect(call)
+                return
             routed = self._by_model.get(method)
             if routed is None:
                 if call.client_ended:
@@ -323,7 +351,14 @@ class RelayFrontDoor:
                 return
             reader, needs_model = routed
             named = needs_model or bool(reader(message).name)
-            self._admit(call, self.kserve.model_key(message, reader) if named else None)
+            key = self.kserve.model_key(message, reader) if named else None
+            if method == _MODEL_METADATA and key is not None:
+                cached = self._metadata.get(key)
+                if cached is not None:
+                    self._reply(call, cached, end=True)
+                    return
+                call.capture = (key, [])
+            self._admit(call, key)
         except RouterError as error:
             call.fail(error)
 
@@ -334,8 +369,24 @@ class RelayFrontDoor:
             raise Overloaded("the dispatch queue is full")
         call.submit(model)
 
+    def captured(self, key: str, response: bytes) -> None:
+        """A ModelMetadata answer (one whole message): cached for the router's life, as on
+        the grpcio engine."""
+        try:
+            message = first_message([response], self.config.max_message_bytes)
+        except MalformedMessage:
+            return  # compressed: relayed as it came, not cached
+        if message is not None:
+            self._metadata[key] = message
+
     def call_finished(self, call: RelayCall) -> None:
-        self.stats.count(call.method, call.status, self.clock.now() - call.started)
+        duration = self.clock.now() - call.started
+        self.stats.count(call.method, call.status, duration)
+        entry = call.entry
+        if entry is not None and self.access_log is not None and call.meters is not None:
+            entry.status, entry.duration_s = call.status, duration
+            entry.bytes_in, entry.bytes_out = call.meters[0].total, call.meters[1].total
+            self.access_log.write(entry)
         self.calls.discard(call)
         self._watchers.pop(call, None)
         if not self.calls:
@@ -367,12 +418,40 @@ class RelayFrontDoor:
             conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
         message = b"\0" + len(reply).to_bytes(4) + reply
         conn.send_data(sid, message)
+        if call.meters is not None:
+            call.meters[1].feed(message)
         if end:
-            conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
-            call.done = True
-            call.status = "OK"
-            self.call_finished(call)
+            self._reply_end(call)
         call.client.mark()
+
+    def _reply_end(self, call: RelayCall) -> None:
+        if not call.answered:
+            call.answered = True
+            call.client.conn.send_headers(
+                call.stream.id, [(":status", "200"), ("content-type", "application/grpc")])
+        call.client.conn.send_headers(call.stream.id, [("grpc-status", "0")], end_stream=True)
+        call.client.mark()
+        call.done = True
+        call.status = "OK"
+        self.call_finished(call)
+
+    def _reflect(self, call: RelayCall) -> None:
+        """Server reflection, a stream the router answers: a reply per request message."""
+        messages, rest = split_messages(call.unsent)
+        call.unsent = [rest] if rest else []
+        call.unsent_size = len(rest)
+        for message in messages:
+            try:
+                reply = self._reflection(message)
+            except DecodeError:
+                call.fail(MalformedMessage("not a ServerReflectionRequest"))
+                return
+            self._reply(call, reply, end=False)
+        if call.client_ended and not call.done:
+            if rest:
+                call.fail(MalformedMessage("the stream ended inside a message"))
+                return
+            self._reply_end(call)
 
     def _health_status(self, service: str) -> int:
         if service not in HEALTH_SERVICES:

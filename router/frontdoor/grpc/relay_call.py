@@ -49,6 +49,7 @@ from router.core.errors import (
     MalformedMessage,
     RouterError,
 )
+from router.dispatch.access import AccessEntry
 from router.dispatch.request import Request
 from router.protocol import h2frames as f
 from router.protocol.h2connection import Stream
@@ -76,6 +77,7 @@ _HOP_BY_HOP = frozenset({
 })
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_HEADER = 5  # compressed flag, 4-byte length
+DEADLINE_SLACK_S = 0.05
 
 
 def parse_timeout(value: str) -> float | None:
@@ -123,6 +125,52 @@ def first_message(chunks: list[bytes], max_bytes: int) -> bytes | None:
     return data[_MESSAGE_HEADER:_MESSAGE_HEADER + length]
 
 
+def split_messages(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    """The whole (uncompressed) gRPC messages in ``chunks``, and the bytes after them."""
+    data = b"".join(chunks)
+    messages = []
+    pos = 0
+    while len(data) - pos >= _MESSAGE_HEADER:
+        length = int.from_bytes(data[pos + 1:pos + _MESSAGE_HEADER])
+        end = pos + _MESSAGE_HEADER + length
+        if end > len(data):
+            break
+        messages.append(data[pos + _MESSAGE_HEADER:end])
+        pos = end
+    return messages, data[pos:]
+
+
+class MessageMeter:
+    """Counts the message bytes of a gRPC data stream (without the 5-byte prefixes), for the
+    access log."""
+
+    __slots__ = ("_header", "_left", "total")
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._left = 0
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                self._left -= take
+                self.total += take
+                pos += take
+                continue
+            part = data[pos:pos + _MESSAGE_HEADER - len(self._header)]
+            pos += len(part)
+            self._header += part
+            if len(self._header) == _MESSAGE_HEADER:
+                self._left = int.from_bytes(self._header[1:])
+                self._header = b""
+
+    def __repr__(self) -> str:
+        return f"MessageMeter({self.total})"
+
+
 class RelayCall:
     __slots__ = (
         "_bound_timer",
@@ -130,15 +178,19 @@ class RelayCall:
         "abandoned",
         "answered",
         "attempt_sent",
+        "data_answered",
         "backend",
         "bstream",
+        "capture",
         "client",
         "client_ended",
         "credited",
         "deadline",
         "done",
         "door",
+        "entry",
         "headers",
+        "meters",
         "method",
         "replay",
         "replay_size",
@@ -181,13 +233,25 @@ class RelayCall:
         self.backend: H2BackendConnection | None = None
         self.bstream: Stream | None = None
         self.answered = False  # response headers went to the client
+        self.data_answered = False  # a response message too
+        # ModelMetadata: (cache key, the response so far), kept for the router's cache.
+        self.capture: tuple[str, list[bytes]] | None = None
+        # With an access log: its entry, and the message bytes each way (in, out).
+        self.entry: AccessEntry | None = None
+        self.meters: tuple[MessageMeter, MessageMeter] | None = None
+        if door.access_log is not None:
+            self.entry = AccessEntry("grpc", client.peer, self.method)
+            self.meters = (MessageMeter(), MessageMeter())
         self.done = False  # the client has its answer (or is gone)
         self.abandoned: RouterError | None = None
         self.status = "OK"
         self._deadline_timer: Timer | None = None
         self._bound_timer: Timer | None = None
         if self.deadline is not None:
-            self._deadline_timer = door.clock.call_at(self.deadline, self._deadline_passed)
+            # The client's own timer fires first and it resets the stream; the router's ends
+            # the call if the client did not (it answers DEADLINE_EXCEEDED to a silent one).
+            self._deadline_timer = door.clock.call_at(self.deadline + DEADLINE_SLACK_S,
+                                                      self._deadline_passed)
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -199,6 +263,8 @@ class RelayCall:
 
     def submit(self, model: str | None) -> None:
         """Accept the call: the scheduler answers it exactly once (``request_done``)."""
+        if self.entry is not None:
+            self.entry.model = model
         request = Request(b"", self, self.started, kind="grpc", model=model,
                           forward=self.forward, replayable=self._replayable())
         self.request = request
@@ -214,6 +280,8 @@ class RelayCall:
         if self.done:
             client.consumed(self.stream.id, flow)
             return
+        if self.meters is not None:
+            self.meters[0].feed(data)
         if flow > len(data):
             client.consumed(self.stream.id, flow - len(data))  # padding: nothing to pass on
         if end_stream:
@@ -233,9 +301,25 @@ class RelayCall:
                 self.unsent.append(data)
                 self.unsent_size += len(data)
             if self.request is None:
+                # Read by the router before it is placed (the first message of a call routed
+                # by model, a call it answers): bounded by grpc.max_message_bytes instead of
+                # the window, so a message larger than the window still comes in whole.
+                self._credit_buffered()
                 self.door.waiting_call_data(self)
         if self.request is not None and end_stream:
             self.request.replayable = self._replayable()
+
+    def _credit_buffered(self) -> None:
+        if self.unsent_size > self.door.config.max_message_bytes + _MESSAGE_HEADER:
+            self.fail(MalformedMessage(
+                f"a request message over grpc.max_message_bytes="
+                f"{self.door.config.max_message_bytes}"))
+            return
+        owed = self.unsent_size - self.credited
+        if owed > 0:
+            self.credited = self.unsent_size
+            self.client.conn.consumed(self.stream.id, owed)
+            self.client.mark()
 
     def _keep(self, data: bytes) -> None:
         self.replay_size += len(data)
@@ -264,8 +348,14 @@ class RelayCall:
         """The client reset the stream or went away."""
         if self.done:
             return
-        self._finish("CANCELLED")
-        self._end_attempt(Cancelled("the client cancelled the call"), f.CANCEL)
+        deadline = self.deadline
+        error: RouterError
+        if deadline is not None and self.door.clock.now() >= deadline - DEADLINE_SLACK_S:
+            error = DeadlineExceeded("the client's deadline passed")
+        else:
+            error = Cancelled("the client cancelled the call")
+        self._finish(error.grpc_status)
+        self._end_attempt(error, f.CANCEL)
 
     def _deadline_passed(self) -> None:
         self._deadline_timer = None
@@ -277,7 +367,7 @@ class RelayCall:
         response message, unless the client's own deadline comes first."""
         bound = self.door.request_timeout_s
         clock = self.door.clock
-        if self.answered or self._bound_timer is not None:
+        if self._bound_timer is not None or self.data_answered:
             return
         if self.deadline is not None and self.deadline <= clock.now() + bound:
             return
@@ -285,7 +375,7 @@ class RelayCall:
 
     def _bound_passed(self) -> None:
         self._bound_timer = None
-        if not self.done and not self.answered and self.bstream is not None:
+        if not self.done and self.bstream is not None:
             address = self.request.backend.address if self.request and self.request.backend else ""
             self.fail(BackendTimeout(
                 f"{address} did not answer within request_timeout_s="
@@ -320,6 +410,8 @@ class RelayCall:
             return
         backend = request.lease
         assert isinstance(backend, H2BackendConnection)
+        if self.entry is not None and request.backend is not None:
+            self.entry.backend = request.backend.spec.id
         stream = backend.open_stream(self)
         self.backend, self.bstream = backend, stream
         self.attempt_sent = 0
@@ -366,6 +458,8 @@ class RelayCall:
                 return
             client.conn.send_headers(self.stream.id, relayed, end_stream=True)
             client.mark()
+            if status == "0" and self.capture is not None:
+                self.door.captured(self.capture[0], b"".join(self.capture[1]))
             self._complete(STATUS_NAMES.get(status or "", "UNKNOWN"))
             return
         if not self.answered:
@@ -378,9 +472,6 @@ class RelayCall:
         self.replay = None
         if self.request is not None:
             self.request.replayable = False
-        if self._bound_timer is not None:
-            self._bound_timer.cancel()
-            self._bound_timer = None
 
     def backend_data(self, data: bytes, end_stream: bool, flow: int) -> None:
         backend, bstream = self.backend, self.bstream
@@ -390,6 +481,14 @@ class RelayCall:
             return
         if not self.answered:
             self._answer_started()
+        self.data_answered = True
+        if self._bound_timer is not None:  # a response message: the bound is met
+            self._bound_timer.cancel()
+            self._bound_timer = None
+        if self.capture is not None:
+            self.capture[1].append(data)
+        if self.meters is not None:
+            self.meters[1].feed(data)
         sent = self.client.conn.send_data(self.stream.id, data, end_stream)
         backend.conn.consumed(bstream.id, flow - len(data) + sent)
         self.client.mark()
@@ -433,6 +532,8 @@ class RelayCall:
     # -- the end ------------------------------------------------------------------------------
 
     def _respond_error(self, error: RouterError) -> None:
+        if self.entry is not None:
+            self.entry.error = error.code
         client = self.client
         client.conn.send_headers(self.stream.id, error_trailers(error, not self.answered),
                                  end_stream=True)
