@@ -101,13 +101,15 @@ def _start_kserve(record_path: str) -> tuple[Process, int]:
                          "--delay-ms", str(BACKEND_DELAY_MS), "--record-ids", record_path)
 
 
-def _config_with_grpc(path: Path, echo_ports: list[int], kserve_port: int) -> Path:
+def _config_with_grpc(path: Path, echo_ports: list[int], kserve_port: int,
+                      engine: str = "grpcio") -> Path:
     """The router's config when gRPC clients take part: the echo backends, the KServe
-    backend, and the gRPC front door on a free port."""
+    backend, and the gRPC front door (``grpc.engine``) on a free port."""
     tables = [f'[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in echo_ports]
     tables.append(f'[[backends]]\naddress = "127.0.0.1:{kserve_port}"\nprotocol = "grpc"\n'
                   'models = ["identity"]\n')
-    path.write_text('[grpc]\nlisten = "127.0.0.1:0"\n\n' + "\n".join(tables))
+    path.write_text(f'[grpc]\nlisten = "127.0.0.1:0"\nengine = "{engine}"\n\n'
+                    + "\n".join(tables))
     return path
 
 
@@ -227,7 +229,8 @@ def _read_ids(path: str) -> list[str]:
 
 
 def run(clients: int = 50, requests: int = 100, seed: int | None = None,
-        processes: int = 1, grpc_clients: int = 0) -> dict[str, Any]:
+        processes: int = 1, grpc_clients: int = 0, grpc_engine: str = "grpcio"
+        ) -> dict[str, Any]:
     rng = random.Random(seed)
     procs: list[Process] = []
     with tempfile.TemporaryDirectory(prefix="chaos-drain-") as tmp:
@@ -248,7 +251,8 @@ def run(clients: int = 50, requests: int = 100, seed: int | None = None,
                     procs.append(kserve)
                     backends.append((kserve, kserve_port))
                     config = _config_with_grpc(Path(tmp) / "router.toml",
-                                               [p for _, p in backends[:2]], kserve_port)
+                                               [p for _, p in backends[:2]], kserve_port,
+                                               grpc_engine)
                     router, banner = launch_router([], stderr_file, config_path=config,
                                                    processes=processes)
                     addr, admin = banner.listen, banner.admin_url
@@ -372,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     # --grpc-clients is this scenario's own flag; the shared command line takes the rest.
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--grpc-clients", type=int, default=0)
+    extra.add_argument("--grpc-engine", choices=("grpcio", "relay"), default="grpcio")
     known, rest = extra.parse_known_args(argv)
     if known.grpc_clients < 0:
         extra.error("--grpc-clients must be >= 0")
     return scenario_main("python -m chaos.drain", __doc__,
-                         functools.partial(run, grpc_clients=known.grpc_clients), summary,
+                         functools.partial(run, grpc_clients=known.grpc_clients,
+                                           grpc_engine=known.grpc_engine), summary,
                          DEFAULT_JSON, rest, clients=50, requests=100, supports_processes=True)
 
 

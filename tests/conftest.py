@@ -20,7 +20,8 @@ from router.core import config as config_mod
 from tests.grpc_support import grpc_engine, grpc_router, kserve_backend, only_marked_engines
 from tests.support import BASE_CONFIG, BackendProcess, backend_processes
 
-__all__ = ["grpc_engine", "grpc_router", "kserve_backend"]  # the gRPC fixtures, for every test module
+# The gRPC fixtures, for every test module.
+__all__ = ["grpc_engine", "grpc_router", "kserve_backend"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from router.core.errors import BackendError, BackendProtocolError, BackendUnavailable
 from router.protocol import h2frames as f
@@ -77,8 +77,8 @@ class H2BackendConnection(asyncio.Protocol):
     # -- asyncio ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
@@ -115,8 +115,8 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check.
+        self.transport = transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
         tls = self.door.tls
         if tls is not None and tls.allow_list.active:
