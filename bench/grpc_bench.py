@@ -27,6 +27,9 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,17 +76,18 @@ def make_request(elements: int) -> bytes:
 async def _caller(
     call: Any, spec: LoadSpec, start_at: float, stop_at: float, out: list[float],
     errors: list[int],
-) -> None:
+) -> None:  # errors: [counted errors, every call made]
     # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
     now = time.perf_counter()
     while now < stop_at:
         sent = now
         try:
-            answer = await call(spec.payload, timeout=10.0)
+            answer = await call(spec.payload, timeout=30.0)
             ok = len(answer) >= spec.expect_min
         except grpc.aio.AioRpcError:
             ok = False
         now = time.perf_counter()
+        errors[1] += 1
         if sent >= start_at and now <= stop_at:
             if ok:
                 out.append(now - sent)
@@ -91,21 +95,23 @@ async def _caller(
                 errors[0] += 1
 
 
-async def _load_async(spec: LoadSpec) -> tuple[list[float], int]:
-    async with grpc.aio.insecure_channel(spec.target) as channel:
+async def _load_async(spec: LoadSpec) -> tuple[list[float], int, int]:
+    options = [("grpc.max_send_message_length", 64 << 20),
+               ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), STARTUP_TIMEOUT_S)
         call = channel.unary_unary(MODEL_INFER)
         start_at = time.perf_counter() + spec.warmup_s
         stop_at = start_at + spec.duration_s
         latencies: list[float] = []
-        errors = [0]
+        errors = [0, 0]
         async with asyncio.TaskGroup() as group:
             for _ in range(spec.callers):
                 group.create_task(_caller(call, spec, start_at, stop_at, latencies, errors))
-    return latencies, errors[0]
+    return latencies, errors[0], errors[1]
 
 
-def load_process(spec: LoadSpec) -> tuple[list[float], int]:
+def load_process(spec: LoadSpec) -> tuple[list[float], int, int]:
     """One client process's share of the load (runs in a worker process)."""
     return uvloop.run(_load_async(spec))
 
@@ -119,22 +125,25 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 def run_load(
     pool: ProcessPoolExecutor, target: str, callers: int, procs: int, args: argparse.Namespace,
-    payload: bytes,
+    payload: bytes, elements: int,
 ) -> dict[str, Any]:
     procs = max(1, min(procs, callers))
     shares = [callers // procs + (1 if i < callers % procs else 0) for i in range(procs)]
     specs = [
-        LoadSpec(target, share, args.warmup_s, args.duration_s, payload, args.elements * 4)
+        LoadSpec(target, share, args.warmup_s, args.duration_s, payload, elements * 4)
         for share in shares
     ]
     latencies: list[float] = []
     errors = 0
-    for lat, err in pool.map(load_process, specs):
+    all_calls = 0
+    for lat, err, total in pool.map(load_process, specs):
         latencies.extend(lat)
         errors += err
+        all_calls += total
     latencies.sort()
     return {
         "callers": callers,
+        "all_calls": all_calls,  # warm-up included: the CPU reading spans it too
         "calls": len(latencies),
         "errors": errors,
         "rps": len(latencies) / args.duration_s,
@@ -152,12 +161,12 @@ def start_backend() -> tuple[BlockingProcess[int], int]:
 
 
 def start_router(
-    backend_port: int, config_dir: Path, log: Path
+    backend_port: int, config_dir: Path, log: Path, engine: str
 ) -> tuple[BlockingProcess[Banner], str]:
-    config = config_dir / "router.toml"
+    config = config_dir / f"router-{engine}.toml"
     config.write_text(
         '[listener]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n'
-        '[grpc]\nlisten = "127.0.0.1:0"\n'
+        f'[grpc]\nlisten = "127.0.0.1:0"\nengine = "{engine}"\n'
         f'[[backends]]\naddress = "127.0.0.1:{backend_port}"\nprotocol = "grpc"\n'
         'models = ["identity"]\n'
     )
@@ -173,82 +182,248 @@ def start_router(
     return proc, target
 
 
+# -- peers: nginx grpc_pass and HAProxy h2, each one worker/thread, upstream keep-alive --------
+
+
+def nginx_config(port: int, backend_port: int, tmp: Path) -> str:
+    return f"""\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 64m;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ grpc_pass grpc://backend; }}
+    }}
+}}
+"""
+
+
+def haproxy_config(port: int, backend_port: int) -> str:
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend grpc
+    bind 127.0.0.1:{port} proto h2
+    default_backend backend
+
+backend backend
+    server b1 127.0.0.1:{backend_port} proto h2
+"""
+
+
+@dataclass
+class Proxy:
+    """A proxy under test: its gRPC target and the process whose CPU is its cost."""
+
+    name: str
+    target: str
+    pid: int
+    stop: Any  # () -> None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_accepting(port: int, proc: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:  # bounded: STARTUP_TIMEOUT_S
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with rc={proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not accept on port {port}")
+
+
+def _start_peer(name: str, argv: list[str], port: int, log: Path) -> Proxy:
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    _wait_accepting(port, proc, name)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT_S)
+
+    return Proxy(name, f"127.0.0.1:{port}", proc.pid, stop)
+
+
+def start_peers(backend_port: int, tmp: Path) -> list[Proxy]:
+    peers = []
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                      else None)
+    if nginx:
+        port = _free_port()
+        cfg = tmp / "nginx.conf"
+        cfg.write_text(nginx_config(port, backend_port, tmp))
+        peers.append(_start_peer("nginx", [nginx, "-c", str(cfg), "-e", str(tmp / "ngx.err")],
+                                 port, tmp / "nginx.stderr"))
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy"
+                                          if Path("/usr/sbin/haproxy").exists() else None)
+    if haproxy:
+        port = _free_port()
+        cfg = tmp / "haproxy.cfg"
+        cfg.write_text(haproxy_config(port, backend_port))
+        peers.append(_start_peer("haproxy", [haproxy, "-f", str(cfg), "-db"], port,
+                                 tmp / "haproxy.stderr"))
+    return peers
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (/proc/<pid>/stat fields 14 and 15), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+WORKLOADS = (  # (name, FP32 elements, callers)
+    ("16 FP32", 16, 1), ("16 FP32", 16, 64), ("1 MiB", 1 << 18, 8),
+)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    payload = make_request(args.elements)
     rows: list[dict[str, Any]] = []
     backend, port = start_backend()
-    with tempfile.TemporaryDirectory() as tmp:
+    proxies: list[Proxy] = [Proxy("direct", f"127.0.0.1:{port}", backend.pid, lambda: None)]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         try:
-            router, router_target = start_router(port, Path(tmp), Path(tmp) / "router.log")
-        except BaseException:
-            backend.stop(STOP_TIMEOUT_S)
-            raise
-        try:
+            for engine in args.engines:
+                router, target = start_router(port, tmp, tmp / f"router-{engine}.log", engine)
+                proxies.append(Proxy(f"router ({engine})", target, router.pid,
+                                     lambda r=router: r.stop(STOP_TIMEOUT_S)))
+            if not args.no_peers:
+                proxies += start_peers(port, tmp)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(args.procs, mp_context=context) as pool:
-                for callers in args.callers:
-                    for target_name, target in (
-                        ("direct", f"127.0.0.1:{port}"), ("router", router_target)
-                    ):
-                        row = run_load(pool, target, callers, args.procs, args, payload)
-                        rows.append({"target": target_name, **row})
-                        print(_row_text(rows[-1]), flush=True)
+                for workload, elements, callers in WORKLOADS:
+                    if callers not in args.callers and elements == 16:
+                        continue
+                    if elements > 16 and args.no_large:
+                        continue
+                    payload = make_request(elements)
+                    for round_no in range(1, args.rounds + 1):
+                        for proxy in proxies:  # interleaved: every target once per round
+                            before = cpu_seconds(proxy.pid)
+                            row = run_load(pool, proxy.target, callers, args.procs, args,
+                                           payload, elements)
+                            spent = cpu_seconds(proxy.pid) - before
+                            row["cpu_us_per_call"] = (
+                                spent / row["all_calls"] * 1e6 if row["all_calls"] else None)
+                            rows.append({"target": proxy.name, "workload": workload,
+                                         "round": round_no, **row})
+                            print(_row_text(rows[-1]), flush=True)
         finally:
-            router.stop(STOP_TIMEOUT_S)
+            for proxy in proxies:
+                proxy.stop()
             backend.stop(STOP_TIMEOUT_S)
     return {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, "
                    f"Python {platform.python_version()}, grpcio {grpc.__version__}",
         "settings": {
-            "elements": args.elements, "duration_s": args.duration_s,
-            "warmup_s": args.warmup_s, "procs": args.procs,
+            "duration_s": args.duration_s, "warmup_s": args.warmup_s, "procs": args.procs,
+            "rounds": args.rounds, "engines": args.engines,
         },
         "rows": rows,
     }
 
 
 def _row_text(row: dict[str, Any]) -> str:
+    cpu = row["cpu_us_per_call"]
     return (
-        f"{row['target']:>6} callers={row['callers']:>3} rps={row['rps']:>8.0f} "
-        f"p50={row['p50_ms']:.2f}ms p99={row['p99_ms']:.2f}ms errors={row['errors']}"
+        f"round {row['round']} {row['workload']:>8} callers={row['callers']:>3} "
+        f"{row['target']:>16} rps={row['rps']:>7.0f} p50={row['p50_ms']:.2f}ms "
+        f"p99={row['p99_ms']:.2f}ms cpu/call={cpu or 0:.0f}us errors={row['errors']}"
     )
 
 
 def docs_command(result: dict[str, Any]) -> str:
     """The command that repeats the run, from the settings it recorded."""
     s = result["settings"]
-    callers = sorted({r["callers"] for r in result["rows"]})
     return command_line("bench.grpc_bench", [
-        ("--callers", callers), ("--duration-s", s["duration_s"]), ("--warmup-s", s["warmup_s"]),
-        ("--procs", s["procs"]), ("--elements", s["elements"]),
+        ("--rounds", s["rounds"]), ("--duration-s", s["duration_s"]),
+        ("--warmup-s", s["warmup_s"]), ("--procs", s["procs"]),
     ])
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The run's record for docs/benchmarks.md: command, date, machine, settings, tables."""
+    """The run's record for docs/benchmarks.md: command, date, machine, settings, every
+    round, then the ratios the targets are judged by (medians over the rounds)."""
     s = result["settings"]
     lines = [
         run_header(docs_command(result), result["measured_at"], result["machine"]),
-        f"Unary ModelInfer, model `identity`, one FP32 tensor of {s['elements']} values; "
-        f"{s['procs']} client processes (grpc.aio); {s['warmup_s']} s warm-up, then "
-        f"{s['duration_s']} s counted per row.",
+        f"Unary ModelInfer, model `identity`, one FP32 tensor; {s['procs']} client processes "
+        f"(grpc.aio); {s['warmup_s']} s warm-up, then {s['duration_s']} s counted per row; "
+        "every target once per round, in the same order. CPU per call: the proxy process's "
+        "utime + stime (/proc/PID/stat) over the row's calls (warm-up included); for direct, "
+        "the backend's own.",
         "",
-        "| target | callers | calls/s | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| round | tensor | callers | target | calls/s | p50 ms | p99 ms | CPU us/call | errors |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    by_key = {(r["target"], r["callers"]): r for r in result["rows"]}
     for r in result["rows"]:
+        cpu = r["cpu_us_per_call"]
         lines.append(
-            f"| {r['target']} | {r['callers']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['errors']} |"
+            f"| {r['round']} | {r['workload']} | {r['callers']} | {r['target']} | "
+            f"{r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{'' if cpu is None else f'{cpu:.0f}'} | {r['errors']} |"
         )
-    lines += ["", "| callers | router/direct calls/s | router cost |", "|---:|---:|---:|"]
-    for callers in sorted({r["callers"] for r in result["rows"]}):
-        direct, router = by_key.get(("direct", callers)), by_key.get(("router", callers))
-        if direct and router and direct["rps"]:
-            ratio = router["rps"] / direct["rps"]
-            lines.append(f"| {callers} | {ratio:.2f} | {100 * (1 - ratio):.0f} % |")
+    lines += ["", "| tensor | callers | target | CPU/call vs nginx | calls/s vs direct | "
+              "p50 added ms |", "|---|---:|---|---:|---:|---:|"]
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["workload"], r["callers"], r["target"]), []).append(r)
+
+    def median(values: list[float]) -> float:
+        values = sorted(values)
+        return values[len(values) // 2] if values else float("nan")
+
+    for (workload, callers, target), rows in groups.items():
+        if target == "direct":
+            continue
+        direct = groups.get((workload, callers, "direct"), [])
+        nginx = groups.get((workload, callers, "nginx"), [])
+        cpu = median([r["cpu_us_per_call"] or 0 for r in rows])
+        cpu_nginx = median([r["cpu_us_per_call"] or 0 for r in nginx]) if nginx else None
+        rps = median([r["rps"] for r in rows])
+        rps_direct = median([r["rps"] for r in direct]) if direct else None
+        added = median([r["p50_ms"] for r in rows]) - median([r["p50_ms"] for r in direct])
+        vs_nginx = f"{cpu / cpu_nginx:.2f}" if cpu_nginx else ""
+        vs_direct = f"{rps / rps_direct:.2f}" if rps_direct else ""
+        lines.append(f"| {workload} | {callers} | {target} | {vs_nginx} | {vs_direct} | "
+                     f"{added:.2f} |")
     return "\n".join(lines)
 
 
@@ -265,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--procs", type=int, default=2, help="client processes")
-    parser.add_argument("--elements", type=int, default=16, help="FP32 values in the tensor")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--engines", default="relay,grpcio", type=lambda v: v.split(","),
+                        help="router engines to run (grpc.engine)")
+    parser.add_argument("--no-peers", action="store_true", help="skip nginx and HAProxy")
+    parser.add_argument("--no-large", action="store_true", help="skip the 1 MiB rows")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--update-docs", action="store_true",
                         help=f"replace the text between {MARK_START} and {MARK_END} in "

@@ -61,7 +61,12 @@ from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.kserve import ANSWERED, ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
 from router.frontdoor.grpc.reflection import V1, V1ALPHA, reflection_answer
-from router.frontdoor.grpc.relay_call import RelayCall, first_message, split_messages
+from router.frontdoor.grpc.relay_call import (
+    RelayCall,
+    first_message,
+    message_end,
+    split_messages,
+)
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.protocol.h2connection import (
@@ -344,7 +349,9 @@ class RelayFrontDoor:
                 if call.client_ended:
                     self._answer(call)
                 return
-            message = first_message(call.unsent, self.config.max_message_bytes)
+            # Joined only once whole: a 1 MiB message comes in 64 DATA frames.
+            whole = call.unsent_size >= message_end(call.unsent, self.config.max_message_bytes)
+            message = first_message(call.unsent, self.config.max_message_bytes) if whole else None
             if message is None:
                 if call.client_ended:
                     raise MalformedMessage("the call ended before its first message")

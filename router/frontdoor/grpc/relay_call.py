@@ -109,6 +109,22 @@ def error_trailers(error: RouterError, with_headers: bool) -> Headers:
     return status
 
 
+def message_end(chunks: list[bytes], max_bytes: int) -> int:
+    """How many bytes of request data hold the whole first message (5 until its prefix is
+    in). Raises ``MalformedMessage`` like ``first_message``."""
+    head = chunks[0] if chunks else b""
+    if len(head) < _MESSAGE_HEADER:
+        head = b"".join(chunks)[:_MESSAGE_HEADER]
+        if len(head) < _MESSAGE_HEADER:
+            return _MESSAGE_HEADER
+    if head[0] != 0:
+        raise MalformedMessage("a compressed message cannot be routed by model")
+    length = int.from_bytes(head[1:5])
+    if length > max_bytes:
+        raise MalformedMessage(f"a message of {length} bytes is over grpc.max_message_bytes")
+    return _MESSAGE_HEADER + length
+
+
 def first_message(chunks: list[bytes], max_bytes: int) -> bytes | None:
     """The first whole gRPC message of the request data so far; None if it is incomplete.
     Raises ``MalformedMessage`` for a compressed message (its fields cannot be read)."""
