@@ -31,7 +31,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 STOP_TIMEOUT_S = 15.0
-UVLOOP_MODULES = frozenset({"test_router_integration.py", "test_tls_tcp.py", "test_tls_admin.py"})
+UVLOOP_MODULES = frozenset({
+    "test_router_integration.py", "test_tls_tcp.py", "test_tls_admin.py", "test_grpc_relay.py",
+})
 
 
 def pytest_asyncio_loop_factories(

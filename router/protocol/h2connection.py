@@ -602,7 +602,9 @@ class H2Connection:
     def statistics(self) -> dict[str, Any]:
         return {
             "streams": len(self.streams), "streams_opened": self.streams_opened,
-            "blocked_streams": len(self._blocked), "send_window": self.send_window,
+            "blocked_streams": len(self._blocked),
+            "pending_bytes": sum(len(s.pending) for s in self._blocked.values()),
+            "send_window": self.send_window,
             "recv_window": self.recv_window, "header_blocks_decoded": self._decoder.decoded,
             "header_cache_hits": self._decoder.hits, "goaway_sent": self.goaway_sent,
             "goaway_received": self.goaway_received, "terminated": self.terminated,

@@ -307,6 +307,7 @@ class H2Upstream:
             "connections": len(self.connections), "dials": self.dials,
             "dial_failures": self.dial_failures,
             "streams": [c.streams for c in self.connections],
+            "pending_bytes": sum(c.conn.statistics()["pending_bytes"] for c in self.connections),
         }
 
     def __repr__(self) -> str:

@@ -493,6 +493,9 @@ class RelayFrontDoor:
             "tls": self.tls.statistics() if self.tls is not None else None,
             "connections": len(self.connections),
             "connections_total": self.connections_total,
+            # Response bytes waiting for a client's window (bounded by the credit the
+            # backends were given: a slow reader holds its backend back).
+            "pending_bytes": sum(c.conn.statistics()["pending_bytes"] for c in self.connections),
             "refused_connections": self.refused_connections,
             "calls_in_flight": len(self.calls),
             "calls_total": self.calls_total,

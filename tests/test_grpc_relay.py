@@ -1,0 +1,173 @@
+"""What only the HTTP/2 relay (``grpc.engine = "relay"``) has: multiplexed backend
+connections, credit passed through to a slow reader, retries before an answer, hostile and
+raw HTTP/2 clients (nghttp2's ``nghttp``), on uvloop as in production."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from router.protocol import h2frames as f
+from tests.grpc_support import (
+    CALL_TIMEOUT_S,
+    MODEL_INFER,
+    GrpcRouterFactory,
+    KServeBackend,
+    grpc_backend,
+    infer_request,
+    output_values,
+)
+
+pytestmark = pytest.mark.grpc_engine("relay", reason="the relay's own connections and frames")
+
+Backends = Callable[..., KServeBackend]
+ECHO = "/routertest.Echo/"
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+NGHTTP = shutil.which("nghttp")  # Debian's nghttp2-client, installed by make system-packages
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_many_calls_share_few_backend_connections(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "identity")],
+                               {"grpc": {"relay_connections_per_backend": 2}})
+    own = [("grpc.use_local_subchannel_pool", 1)]  # four client connections, not one shared
+    channels = [grpc.aio.insecure_channel(router.target, options=own) for _ in range(4)]
+    try:
+        calls = [channel.unary_unary(MODEL_INFER) for channel in channels]
+        results = await asyncio.gather(*(
+            calls[i % 4](infer_request("identity", [float(i)]), timeout=CALL_TIMEOUT_S)
+            for i in range(200)))
+    finally:
+        for channel in channels:
+            await channel.close()
+    assert [output_values(r) for r in results] == [[float(i)] for i in range(200)]
+    upstream = router.backend(backend.address)["calls"]
+    assert 1 <= upstream["connections"] <= 2 and upstream["dials"] <= 2
+    front = router.app.statistics()["grpc"]
+    assert front["engine"] == "relay" and front["connections_total"] == 4
+    assert router.app.stats.completed == 200
+
+
+async def test_a_slow_reader_holds_its_backend_back(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """200 answers of 64 KiB (12.8 MiB) to a client that stops reading: the router holds at
+    most what it credited the backend (a 1 MiB stream window), then all arrive in order."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address)])
+    message = b"m" * 65_536
+    options = [("grpc.max_receive_message_length", 1 << 20),
+               ("grpc.http2.lookahead_bytes", 65_536), ("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(router.target, options=options) as channel:
+        stream = channel.unary_stream(ECHO + "ServerStream")(
+            message, timeout=30, metadata=(("x-echo-count", "200"),))
+        assert await stream.read() == message
+        await asyncio.sleep(1.0)  # not reading: the backend may send only what it was credited
+        held = router.app.statistics()["grpc"]["pending_bytes"]
+        upstream = router.backend(backend.address)["calls"]
+        assert held <= (1 << 20) + 65_536, held
+        assert upstream["pending_bytes"] == 0
+        received = 1
+        async with asyncio.timeout(30):
+            while (answer := await stream.read()) is not grpc.aio.EOF:
+                assert answer == message
+                received += 1
+        assert received == 200 and await stream.code() == grpc.StatusCode.OK
+
+
+async def test_a_unary_call_refused_by_one_backend_is_retried_on_another(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    good = kserve_backend()
+    dead = f"127.0.0.1:{_closed_port()}"
+    router = await grpc_router(
+        [grpc_backend(dead, "identity"), grpc_backend(good.address, "identity")],
+        {"dispatch": {"policy": "round_robin", "max_retries": 1},
+         "health": {"interval_s": 60.0}},
+    )
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i in range(6):
+            answer = await infer(infer_request("identity", [float(i)]), timeout=CALL_TIMEOUT_S)
+            assert output_values(answer) == [float(i)]
+    stats = router.app.stats
+    assert stats.retried >= 1 and stats.completed == 6 and not stats.errored
+    assert router.backend(dead)["calls"]["dial_failures"] >= 1
+
+
+async def test_a_client_that_breaks_http2_gets_goaway_and_others_go_on(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "identity")])
+    host, port = router.target.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f.PREFACE + f.encode_settings([]) + f.frame(f.DATA, 0, 7, b"x"))
+    frames: list[f.Frame] = []
+    decoder = f.FrameDecoder(max_frame_size=1 << 20)
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        while not any(kind == f.GOAWAY for kind, *_ in frames):
+            data = await reader.read(65_536)
+            assert data, "closed without GOAWAY"
+            frames += decoder.receive(data)
+        assert await reader.read(65_536) == b""  # and then closed
+    goaway = next(payload for kind, _, _, payload in frames if kind == f.GOAWAY)
+    assert f.read_goaway(goaway, 0)[1] == f.PROTOCOL_ERROR
+    writer.close()
+    async with router.channel() as channel:
+        answer = await channel.unary_unary(MODEL_INFER)(infer_request("identity", [2.0]),
+                                                        timeout=CALL_TIMEOUT_S)
+    assert output_values(answer) == [2.0]
+
+
+async def _nghttp(*args: str) -> str:
+    assert NGHTTP is not None, "nghttp is missing: make system-packages installs it"
+    proc = await asyncio.create_subprocess_exec(
+        NGHTTP, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def _grpc_body(message: bytes) -> bytes:
+    return b"\0" + len(message).to_bytes(4) + message
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # plain
+    ["-w", "1", "-W", "1"],  # 1-byte stream and connection windows: every byte waits for credit
+    ["-c", "0"],  # the client's header table is 0: our blocks must shrink it first
+    ["-m", "20"],  # 20 concurrent streams on one connection
+])
+async def test_nghttp_calls_through_the_relay(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory, tmp_path, extra: list[str]
+) -> None:
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address, "identity")])
+    body = tmp_path / "request"
+    body.write_bytes(_grpc_body(infer_request("identity", [float(i) for i in range(16)])))
+    live = tmp_path / "live"
+    live.write_bytes(_grpc_body(b""))
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers", "-v"]
+    base = f"http://{router.target}"
+    out = await _nghttp(*headers, *extra, "-d", str(body), base + MODEL_INFER)
+    streams = int(extra[1]) if extra[:1] == ["-m"] else 1
+    assert out.count("grpc-status: 0") == streams, out[-2000:]
+    assert "GOAWAY" not in out.split("recv GOAWAY")[0] or "NO_ERROR" in out
+    out = await _nghttp(*headers, *extra, "-d", str(live), base + SERVER_LIVE)
+    assert out.count("grpc-status: 0") == streams
+    assert router.app.stats.completed == streams
