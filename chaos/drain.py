@@ -102,7 +102,7 @@ def _start_kserve(record_path: str) -> tuple[Process, int]:
 
 
 def _config_with_grpc(path: Path, echo_ports: list[int], kserve_port: int,
-                      engine: str = "grpcio") -> Path:
+                      engine: str = "relay") -> Path:
     """The router's config when gRPC clients take part: the echo backends, the KServe
     backend, and the gRPC front door (``grpc.engine``) on a free port."""
     tables = [f'[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in echo_ports]
@@ -229,7 +229,7 @@ def _read_ids(path: str) -> list[str]:
 
 
 def run(clients: int = 50, requests: int = 100, seed: int | None = None,
-        processes: int = 1, grpc_clients: int = 0, grpc_engine: str = "grpcio"
+        processes: int = 1, grpc_clients: int = 0, grpc_engine: str = "relay"
         ) -> dict[str, Any]:
     rng = random.Random(seed)
     procs: list[Process] = []
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     # --grpc-clients is this scenario's own flag; the shared command line takes the rest.
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--grpc-clients", type=int, default=0)
-    extra.add_argument("--grpc-engine", choices=("grpcio", "relay"), default="grpcio")
+    extra.add_argument("--grpc-engine", choices=("relay", "grpcio"), default="relay")
     known, rest = extra.parse_known_args(argv)
     if known.grpc_clients < 0:
         extra.error("--grpc-clients must be >= 0")

@@ -296,7 +296,7 @@ class GrpcConfig(_Section):
         "routed by model. Unset: no gRPC front door.",
     )
     engine: Literal["relay", "grpcio"] = Field(
-        "grpcio", description="How gRPC calls are carried: \"relay\" relays HTTP/2 frames "
+        "relay", description="How gRPC calls are carried: \"relay\" relays HTTP/2 frames "
         "between client and backend connections (pooled, multiplexed; no protobuf decoded "
         "except a KServe request's model fields); \"grpcio\" runs a grpc.aio server and a "
         "grpc.aio client call per call.",
