@@ -433,6 +433,13 @@ class PoolConfig(_Section):
         32, ge=1, le=1024, description="Requests in flight per backend connection (answers "
         "come back in order); 1 sends one request at a time.",
     )
+    # 256: 10,000 clients on one backend fit its 64 connections (64 x 157) with room.
+    max_pipeline_depth: Int = Field(
+        256, ge=1, le=1024, description="Requests in flight per backend connection when "
+        "requests wait and every connection max_connections allows is open: the depth grows "
+        "from pipeline_depth to what carries them, up to this, and falls back as demand does. "
+        "Never below pipeline_depth; a pool with pipeline_depth = 1 is never pipelined.",
+    )
     connect_timeout_s: Seconds = Field(
         2.0, description="Seconds a dial to a backend may take before it fails (and the "
         "request is retried on another backend).",
