@@ -86,10 +86,10 @@ class ReplicaLog:
 
     def _write(self, data: bytes) -> None:
         try:
-            if self._file is not None and self._size and self._size + len(data) > self._max_bytes:
-                self._rotate()
             if self._file is None:
                 self._open()
+            if self._size and self._size + len(data) > self._max_bytes:
+                self._rotate()
             assert self._file is not None
             self._file.write(data)
             self._file.flush()
@@ -114,8 +114,6 @@ class ReplicaLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("ab")
         self._size = self._file.tell()
-        if self._size >= self._max_bytes:
-            self._rotate()
 
     def _rotate(self) -> None:
         self._close_file()
