@@ -206,10 +206,11 @@ class InstanceManager:
                                    "it there and reload")
         del self._instances[name]
         self._save()
+        stopped = instance.all_replicas()
         await self._stop_instance(instance, drain=True)
         self.deleted += 1
         log.info("instance %s deleted", quoted(name))
-        return self._info(instance)
+        return self._info(instance, stopped)
 
     def restart(self, name: str) -> InstanceInfo:
         """Start a rolling restart (one already running goes on); 202."""
@@ -472,13 +473,14 @@ class InstanceManager:
     def _ready(instance: Instance) -> int:
         return sum(1 for r in instance.replicas.values() if r.state in ("ready", "unhealthy"))
 
-    def _info(self, instance: Instance) -> InstanceInfo:
+    def _info(self, instance: Instance, shown: Iterable[Replica] | None = None
+              ) -> InstanceInfo:
+        shown = instance.all_replicas() if shown is None else shown
         return InstanceInfo(
             name=instance.name, origin=instance.origin, definition=instance.definition,
             ready=self._ready(instance), error=instance.error,
             rollout=instance.rollout.model_copy() if instance.rollout else None,
-            replicas=[ReplicaInfo.model_validate(r.statistics())
-                      for r in instance.all_replicas()])
+            replicas=[ReplicaInfo.model_validate(r.statistics()) for r in shown])
 
     def replicas(self) -> Iterable[Replica]:
         for instance in self._instances.values():
