@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,10 +20,12 @@ import pytest
 
 from router.app import RouterApp
 from router.client.frames import FrameClient
+from router.control.launcher import launch
 from router.control.instances.replica import Replica
 from router.core import config as config_mod
+from router.protocol.announce import parse_banner
 from tests.conftest import RouterFactory, RunningRouter
-from tests.support import BASE_CONFIG
+from tests.support import BASE_CONFIG, REPO_ROOT
 
 WAIT_S = 30.0
 TOKEN = "instances-token"
@@ -470,3 +473,56 @@ async def test_a_reload_adds_scales_and_removes_config_instances(tmp_path: Path)
         assert b_pid is not None and not alive(b_pid)
     finally:
         await app.close()
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+async def test_serve_replicas_for_kserve_answers_tritonclient_and_dies_with_the_router(
+        tmp_path: Path) -> None:
+    """``serve --replicas 3 -- CMD``: three KServe replicas behind the router, queried with
+    tritonclient; a SIGKILL of the router takes every replica with it."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    proc = await launch(
+        [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0",
+         "--admin", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0",
+         "--replicas", "3", "--protocol", "grpc", "--model", "sum",
+         "--", "{python}", "-m", "backends.kserve", "--port", "{port}", "--models", "sum"],
+        parse_banner, stderr=tmp_path / "router.stderr", cwd=REPO_ROOT,
+        env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
+             "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        ready_timeout_s=WAIT_S)
+    try:
+        banner = proc.ready
+        assert banner.grpc_target is not None
+        async with aiohttp.ClientSession() as session, session.get(
+                f"{banner.admin_url}/v1/instances/main") as response:
+            info = await response.json()
+        assert [r["state"] for r in info["replicas"]] == ["ready"] * 3
+        replica_pids = [r["pid"] for r in info["replicas"]]
+
+        def infer() -> list[float]:
+            client = triton.InferenceServerClient(banner.grpc_target)
+            try:
+                tensor = triton.InferInput("INPUT0", [3], "FP32")
+                tensor.set_data_from_numpy(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+                answers = [client.infer("sum", [tensor]).as_numpy("OUTPUT0").tolist()
+                           for _ in range(12)]
+            finally:
+                client.close()
+            assert all(a == answers[0] for a in answers)
+            return list(answers[0])
+
+        async with asyncio.timeout(WAIT_S):
+            assert await asyncio.to_thread(infer) == [6.0]
+        assert all(alive(pid) for pid in replica_pids)
+        proc.kill()  # SIGKILL: the router cannot stop anything itself
+        async with asyncio.timeout(WAIT_S):
+            await proc.wait()
+        await wait_for(lambda: not any(alive(pid) for pid in replica_pids),
+                       "every replica gone with the router", timeout_s=10.0)
+    finally:
+        proc.kill()
+        await proc.stop()
