@@ -17,13 +17,24 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.registry import CollectorRegistry
 
 from router.app import RouterApp
 from router.client.frames import FrameClient
-from router.control.launcher import launch
+from router.control.admin import AdminAuth, AdminServer
+from router.control.directory import BackendDirectory
 from router.control.instances.replica import Replica
+from router.control.launcher import launch
+from router.control.store import MemoryStore
 from router.core import config as config_mod
+from router.core.clock import MonotonicClock
+from router.core.config import AdminConfig
+from router.core.config_diff import ReloadOutcome
+from router.dispatch.backends import Backend, Registry
+from router.lifecycle.readiness import Readiness
+from router.lifecycle.state import Lifecycle
 from router.protocol.announce import parse_banner
+from router.upstream.grpc_limiter import GrpcCallLimiter
 from tests.conftest import RouterFactory, RunningRouter
 from tests.support import BASE_CONFIG, REPO_ROOT
 
@@ -117,10 +128,14 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(OSError):  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is not alive
     return True
+
+
+def environment_of(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        return environ.read().split(b"\0")
 
 
 class Traffic:
@@ -301,7 +316,7 @@ async def test_every_error_code_of_the_instances_api(
             await wait_for(all_ready(router, "gpu", 1), "the GPU replica")
             [replica] = replicas(router, "gpu")
             assert replica.pid is not None
-            environ = Path(f"/proc/{replica.pid}/environ").read_bytes().split(b"\0")
+            environ = environment_of(replica.pid)
             assert b"CUDA_VISIBLE_DEVICES=0" in environ and b"WHICH=gpu-0" in environ
             # Without the token, nothing changes.
             async with aiohttp.ClientSession() as session, session.post(
@@ -344,7 +359,7 @@ async def test_a_command_that_exits_at_once_is_a_bounded_crash_loop(
     spawns = tmp_path / "spawns"
     command = ["sh", "-c", f"echo started >> {spawns}; echo dying >&2; exit 3"]
     window_s = 6.0
-    async with managed(router_factory, tmp_path) as (router, api):
+    async with managed(router_factory, tmp_path) as (_router, api):
         status, body = await api.call("POST", "/v1/instances", {
             "name": "broken", "command": command, "env": {"PORT": "{port}"}})
         assert status == 201, body
@@ -526,3 +541,34 @@ async def test_serve_replicas_for_kserve_answers_tritonclient_and_dies_with_the_
     finally:
         proc.kill()
         await proc.stop()
+
+
+async def test_an_admin_api_without_a_replica_manager_answers_not_supported() -> None:
+    registry = Registry()
+    directory = BackendDirectory(registry, MemoryStore(MonotonicClock(asyncio.get_running_loop)),
+                                 lambda spec: Backend(spec, GrpcCallLimiter(1, spec.address)))
+    await directory.start()
+    server = AdminServer(registry, CollectorRegistry(), Readiness(registry, Lifecycle()), dict,
+                         _never_reload, AdminAuth(AdminConfig(), None), reload_certificates=list,
+                         directory=directory)
+    host, port = await server.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://{host}:{port}/v1/instances/x/logs") as response:
+            assert response.status == 501
+            assert (await response.json())["code"] == "NOT_SUPPORTED"
+    finally:
+        await server.close()
+        await directory.close()
+
+
+async def _never_reload() -> ReloadOutcome:
+    raise AssertionError("this test never reloads")
+
+
+def test_the_kserve_example_runs_its_backends_as_managed_replicas() -> None:
+    config = config_mod.load(REPO_ROOT / "examples" / "kserve.toml")
+    [instance] = config.instances
+    assert (instance.protocol, instance.replicas, instance.models) == (
+        "grpc", 2, ("identity", "sum"))
+    assert config.backends == ()

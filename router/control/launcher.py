@@ -25,7 +25,9 @@ event loop of its own, on a thread, for blocking code (bench, chaos, test fixtur
 methods named and shaped like ``subprocess.Popen``'s.
 
 The child's half: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``), for a process that must
-not outlive the process that launched it (the supervisor's router processes call it).
+not outlive the process that launched it (the supervisor's router processes call it); for a
+program that cannot call it, ``launch(..., die_with_parent=SIGNAL)`` runs it behind a prelude
+that sets it and then executes the program (``guarded``; the replica manager's replicas).
 """
 
 from __future__ import annotations

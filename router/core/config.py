@@ -768,10 +768,10 @@ class ManagerConfig(_Section):
         "/proc/driver/nvidia/gpus.",
     )
     health: ManagerHealthConfig = Field(
-        ManagerHealthConfig(), description="The manager's health check of each replica.",
+        ManagerHealthConfig(), description="How replicas are checked once they are ready.",
     )
     restart: ManagerRestartConfig = Field(
-        ManagerRestartConfig(), description="Restart backoff and crash loops.",
+        ManagerRestartConfig(), description="How soon a replica that failed starts again.",
     )
 
     @model_validator(mode="after")

@@ -67,10 +67,10 @@ from router.protocol.announce import ready_port, ready_unix_path
 log = logging.getLogger(__name__)
 
 ReplicaState = Literal["starting", "ready", "unhealthy", "backoff", "crash_loop", "draining",
-                       "stopping", "stopped", "failed"]
+                       "stopping", "stopped"]
 REPLICA_STATES: tuple[ReplicaState, ...] = (
     "starting", "ready", "unhealthy", "backoff", "crash_loop", "draining", "stopping",
-    "stopped", "failed")
+    "stopped")
 # Why a replica was started again, as counted in router_instance_restarts_total{reason}.
 RestartReason = Literal["exited", "health", "startup", "requested"]
 RESTART_REASONS: tuple[RestartReason, ...] = ("exited", "health", "startup", "requested")
