@@ -464,17 +464,20 @@ async def test_a_reload_adds_scales_and_removes_config_instances(tmp_path: Path)
                                 {"manager": {"log_dir": str(tmp_path / "logs")}})
         return config_mod.from_mapping({**data, "instances": instances}, "<test>")
 
-    current = [config([{"name": "a", "command": ECHO}, {"name": "b", "command": ECHO}])]
+    kept = {"name": "d", "command": ECHO}  # unchanged by the reload, scaled by the API
+    current = [config([{"name": "a", "command": ECHO}, {"name": "b", "command": ECHO}, kept])]
     app = RouterApp(current[0], source=lambda: current[0])
     try:
         async with asyncio.timeout(WAIT_S):
             await app.start()
         manager = app.instances
-        assert [i.ready for i in manager.list_instances()] == [1, 1]
+        assert [i.ready for i in manager.list_instances()] == [1, 1, 1]
+        manager.scale("d", 2)
+        assert manager.desired_state().scaled == {"d": 2}
         [b] = [r for r in manager.replicas() if r.instance.name == "b"]
         b_pid = b.pid
         current[0] = config([{"name": "a", "command": ECHO, "replicas": 2},
-                             {"name": "c", "command": ECHO}])
+                             {"name": "c", "command": ECHO}, kept])
         outcome = await app.reload()
         assert outcome.error is None
         assert set(outcome.changes) == {"instance b: removed (drains, then stops)",
@@ -482,7 +485,9 @@ async def test_a_reload_adds_scales_and_removes_config_instances(tmp_path: Path)
 
         def counts() -> dict[str, int]:
             return {i.name: i.ready for i in manager.list_instances()}
-        await wait_for(lambda: counts() == {"a": 2, "c": 1}, "a scaled, b removed, c added")
+        await wait_for(lambda: counts() == {"a": 2, "c": 1, "d": 2},
+                       "a scaled, b removed, c added, d as the API left it")
+        assert manager.desired_state().scaled == {"d": 2}  # a follows the file: not saved
         await wait_for(lambda: not any(r.instance.name == "b" for r in manager.replicas()),
                        "b stopped")
         assert b_pid is not None and not alive(b_pid)

@@ -126,7 +126,7 @@ class InstanceManager:
         self.deleted = 0
         self.restarts: collections.Counter[tuple[str, RestartReason]] = collections.Counter()
         self.health_failures: collections.Counter[str] = collections.Counter()
-        self._config_names: set[str] = set()
+        self._configured: dict[str, InstanceConfig] = {}  # the config file's, as written
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class InstanceManager:
         self._socket_dir = self._make_socket_dir()
         self.departures.start()
         saved = self._state.load() if self._state is not None else DesiredState()
-        self._config_names = {d.name for d in configured}
+        self._configured = {d.name: d for d in configured}
         for definition in configured:
             replicas = saved.scaled.get(definition.name, definition.replicas)
             self._restore(definition.model_copy(update={"replicas": replicas}), "config")
@@ -281,28 +281,31 @@ class InstanceManager:
         return lines, follower, replica_log
 
     async def reconfigure(self, configured: Sequence[InstanceConfig]) -> list[str]:
-        """A reload's instances: those added start, those removed are deleted (in the
-        background), a changed replica count scales and any other change replaces the
-        instance (deleted, then created). One line per change."""
+        """A reload's instances, compared with the config's previous ones: those added
+        start, those removed are deleted (in the background), a changed replica count
+        scales, any other change replaces the instance (its replicas stop, then the new ones
+        start). An entry the file did not change keeps the replica count the API set. One
+        line per change."""
         changes = []
         wanted = {d.name: d for d in configured}
-        for name in sorted(self._config_names - set(wanted)):
-            instance = self._instances.pop(name, None)
-            if instance is not None:
+        for name in sorted(set(self._configured) - set(wanted)):
+            instance = self._instances.get(name)
+            if instance is not None and instance.origin == "config":
+                del self._instances[name]
                 self._own(self._stop_instance(instance, drain=True), f"remove {name}")
                 changes.append(f"instance {name}: removed (drains, then stops)")
         for name, definition in wanted.items():
             current = self._instances.get(name)
+            before = self._configured.get(name)
             if current is not None and current.origin == "api":
                 changes.append(f"instance {name}: not added, an API instance has its name")
-                continue
-            if current is None:
+            elif current is None:
                 self._restore(definition, "config")
                 changes.append(f"instance {name}: added")
-            elif current.definition != definition:
+            elif before != definition:
                 changes.append(self._apply_change(current, definition))
-        self._config_names = set(wanted) - {n for n, i in self._instances.items()
-                                            if i.origin == "api"}
+        self._configured = dict(wanted)
+        self._save()
         return changes
 
     def _apply_change(self, current: Instance, definition: InstanceConfig) -> str:
@@ -489,7 +492,8 @@ class InstanceManager:
     def desired_state(self) -> DesiredState:
         instances = tuple(i.definition for i in self._instances.values() if i.origin == "api")
         scaled = {i.name: i.definition.replicas for i in self._instances.values()
-                  if i.origin == "config"}
+                  if i.origin == "config" and i.name in self._configured
+                  and i.definition.replicas != self._configured[i.name].replicas}
         return DesiredState(instances=instances, scaled=scaled)
 
     def _save(self) -> None:
