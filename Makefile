@@ -94,7 +94,7 @@ chaos: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[protos]'
 	$(PY) -m backends.proto.generate
-	$(PY) -c 'import router.protocol.proto.grpc_predict_v2_pb2_grpc, router.protocol.proto.model_stream_infer_pb2, router.protocol.proto.triton_extensions_pb2'
+	$(PY) -c 'import router.protocol.proto.grpc_predict_v2_pb2_grpc, router.protocol.proto.model_stream_infer_pb2, router.protocol.proto.triton_extensions_pb2, router.protocol.proto.registry_pb2_grpc, router.protocol.proto.anyserve_worker_management_pb2_grpc'
 	$(PY) -m pip check
 
 clean:

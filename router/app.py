@@ -37,6 +37,7 @@ from router.control.metrics import (
     RouterCollector,
     SecurityCollector,
 )
+from router.control.registry_grpc import AdminGrpc
 from router.control.spawner import Spawner
 from router.control.state import StateFile
 from router.control.store import open_store
@@ -78,6 +79,8 @@ class BoundAddresses:
     listen: tuple[str, int]
     admin: tuple[str, int]
     grpc: tuple[str, int] | None = None
+    admin_grpc: tuple[str, int] | None = None
+    anyserve: tuple[str, int] | None = None
 
 
 # Results of a reload, as counted in router_config_reloads_total{result}.
@@ -183,6 +186,8 @@ class RouterApp:
             admin_tls, self.instances,
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
+        # admin.grpc_listen, admin.anyserve_listen: the directory over gRPC.
+        self.admin_grpc = AdminGrpc(config.admin, self.directory, self.admin.auth, admin_tls)
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
@@ -261,7 +266,8 @@ class RouterApp:
 
             grpc_bound = await _listen("grpc.listen", self.config.grpc.listen, start_grpc)
         admin = await _listen("admin.listen", self.config.admin.listen, self.admin.start)
-        self.bound = BoundAddresses(listen, admin, grpc_bound)
+        admin_grpc, anyserve = await self.admin_grpc.start(_listen)
+        self.bound = BoundAddresses(listen, admin, grpc_bound, admin_grpc, anyserve)
         return self.bound
 
     # -- reload -------------------------------------------------------------------------------
@@ -343,6 +349,7 @@ class RouterApp:
 
     async def close(self) -> None:
         await self.instances.close()  # its replicas deregister from the directory
+        await self.admin_grpc.close()  # no call reaches the directory once it is closed
         await self.directory.close()
         await self.fleet.close()
         self.front_door.stop_accepting()
@@ -379,6 +386,7 @@ class RouterApp:
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
             "instances": self.instances.statistics(),
+            "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),
             "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }

@@ -199,9 +199,12 @@ class Signals:
 
 
 def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
-                  admin: tuple[str, int], extra: str) -> None:
+                  admin: tuple[str, int], extra: str, *,
+                  admin_grpc: tuple[str, int] | None = None,
+                  anyserve: tuple[str, int] | None = None) -> None:
     """What it listens on and how to try it (``announce.parse_banner`` reads it back)."""
-    print(announce.format_banner(announce.Banner(listen, admin, grpc), extra), flush=True)
+    banner = announce.Banner(listen, admin, grpc, admin_grpc, anyserve)
+    print(announce.format_banner(banner, extra), flush=True)
 
 
 def _log_dir() -> Path:
@@ -236,8 +239,9 @@ async def _serve(cfg: config_mod.RouterConfig, source: Callable[[], config_mod.R
             # outright leaves no router process behind.
             launcher.die_with_parent(signal.SIGTERM)
             print(announce.format_ready(bound.admin[1]), flush=True)
-        backends = ", ".join(b.address for b in app.registry) or "none yet"
-        _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
+        backends = ", ".join(b.address for b in app.registry)
+        _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}",
+                      admin_grpc=bound.admin_grpc, anyserve=bound.anyserve)
         async with asyncio.TaskGroup() as group:
             reloads = group.create_task(signals.run_reloads(app.reload), name="reloads")
             report = await app.serve(signals.stop.wait())

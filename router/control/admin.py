@@ -101,20 +101,29 @@ class AdminAuth:
             self._token = read_token(self._token_file)
 
     def refusal(self, request: web.Request) -> RouterError | None:
-        certified = False
+        identity = None
         if self._tls is not None and request.transport is not None:
             identity = PeerIdentity.from_peercert(request.transport.get_extra_info("peercert"))
-            if identity is not None:
-                refused = self._tls.refusal(identity)
-                if refused is not None:
-                    return refused
-                certified = True
         needs_credentials = request.method in MUTATING_METHODS or (
             self._reads_need_credentials and request.path not in PROBE_PATHS
         )
-        if certified or not needs_credentials:
+        return self.check(identity, request.headers.get("Authorization"),
+                          needs_credentials=needs_credentials)
+
+    def check(self, identity: PeerIdentity | None, authorization: str | None, *,
+              needs_credentials: bool) -> RouterError | None:
+        """The one decision behind every admin listener (HTTP here, gRPC in
+        ``registry_grpc``): a verified client certificate (``identity``) outside the
+        allow-list is refused, one inside it is enough; otherwise, when the call needs
+        credentials, the bearer token (``authorization``: "Bearer TOKEN") decides."""
+        if self._tls is not None and identity is not None:
+            refused = self._tls.refusal(identity)
+            if refused is not None:
+                return refused
             return None
-        return self._check_token(request.headers.get("Authorization"))
+        if not needs_credentials:
+            return None
+        return self._check_token(authorization)
 
     def _check_token(self, header: str | None) -> RouterError | None:
         scheme, _, token = (header or "").partition(" ")

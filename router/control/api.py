@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pydantic
@@ -46,6 +46,7 @@ from router.core.errors import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Probed by orchestrators (kubelet, load balancers) without credentials; they reveal nothing.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
@@ -101,11 +102,6 @@ def error_response(error: RouterError, status: int | None = None) -> web.Respons
     return json_response(body, status=status or error.http_status)
 
 
-def _problems(exc: pydantic.ValidationError, where: str) -> InvalidInput:
-    return InvalidInput([f"{'.'.join(map(str, e['loc'])) or where}: {e['msg']}"
-                         for e in exc.errors()])
-
-
 def _validating(route: Route, handler: Handler) -> Handler:
     model, query = route.request, route.query
     if model is None and query is None:
@@ -118,15 +114,28 @@ def _validating(route: Route, handler: Handler) -> Handler:
             try:
                 request[QUERY_KEY] = query.model_validate(given)
             except pydantic.ValidationError as exc:
-                raise _problems(exc, "query") from None
+                raise InvalidInput(problems_of(exc)) from None
         if model is not None:
             try:
                 request[BODY_KEY] = model.model_validate_json(await request.read())
             except pydantic.ValidationError as exc:
-                raise _problems(exc, "body") from None
+                raise InvalidInput(problems_of(exc)) from None
         return await handler(request)
 
     return validate
+
+
+def problems_of(exc: pydantic.ValidationError) -> list[str]:
+    """Each wrong field of a request, "path.to.field: why": the HTTP and gRPC APIs alike."""
+    return [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+
+
+def validated(model: type[ModelT], data: Mapping[str, Any]) -> ModelT:
+    """``model`` from ``data``; ``InvalidInput`` naming each wrong field."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise InvalidInput(problems_of(exc)) from None
 
 
 class ApiErrors:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -351,13 +352,26 @@ class GrpcConfig(_Section):
 
 
 class AdminConfig(_Section):
-    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats. Mutating endpoints
-    need an allowed client certificate (``tls.client_ca_file``) or the bearer token of
-    ``token_file``; on an address other than loopback every endpoint but /healthz and /readyz
-    does, and one of the two must be configured."""
+    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats, /v1/backends; and
+    the admin gRPC listener (``grpc_listen``). Mutating endpoints need an allowed client
+    certificate (``tls.client_ca_file``) or the bearer token of ``token_file``; on an address
+    other than loopback every endpoint but /healthz and /readyz does, and one of the two must
+    be configured."""
 
     listen: Address = Field(
         "127.0.0.1:7072", description="Address of the admin HTTP API; port 0 picks a free port."
+    )
+    grpc_listen: Address | None = Field(
+        None, description="Address of the admin gRPC listener: the backend registry "
+        "(inference_router.v1.Registry) and AnyServe's anyserve.WorkerManagement, with the "
+        "credentials of the HTTP API (tls, token_file: `authorization: Bearer TOKEN` "
+        "metadata). Port 0 picks a free port. Unset: no admin gRPC listener.",
+    )
+    anyserve_listen: Address | None = Field(
+        None, description="Address of a listener serving only anyserve.WorkerManagement, "
+        "plaintext and without credentials, as AnyServe's own management port does (its "
+        "workers send none): a loopback address only, since anyone who reaches it can add "
+        "backends. Unset: AnyServe's workers register on grpc_listen, with credentials.",
     )
     token_file: FilePath | None = Field(
         None, description="File holding the bearer token (surrounding whitespace stripped) "
@@ -376,10 +390,18 @@ class AdminConfig(_Section):
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> AdminConfig:
-        if not is_loopback(parse_host_port(self.listen)[0]) and not self.has_credentials:
-            raise _invalid(f"listen {quoted(self.listen)} is reachable from other machines: "
-                           "set token_file or tls.client_ca_file, or listen on a loopback "
-                           "address")
+        for key, address in (("listen", self.listen), ("grpc_listen", self.grpc_listen)):
+            if address is None or is_loopback(parse_host_port(address)[0]):
+                continue
+            if not self.has_credentials:
+                raise _invalid(f"{key} {quoted(address)} is reachable from other machines: "
+                               "set token_file or tls.client_ca_file, or listen on a loopback "
+                               "address")
+        anyserve = self.anyserve_listen
+        if anyserve is not None and not is_loopback(parse_host_port(anyserve)[0]):
+            raise _invalid(f"anyserve_listen {quoted(anyserve)} takes registrations without "
+                           "credentials: it must be a loopback address (workers elsewhere "
+                           "register on grpc_listen with the admin credential)")
         return self
 
 
@@ -482,6 +504,10 @@ class StateConfig(_Section):
         "renamed ``FILE.corrupt-YYYYMMDDTHHMMSSZ`` (UTC) and the router starts from this "
         "config. Unset: nothing is persisted.",
     )
+
+
+def _frames_is_tcp(value: object) -> object:
+    return "tcp" if value == "frames" else value
 
 
 def _check_prefix(value: str) -> str:
@@ -804,9 +830,10 @@ class BackendConfig(_Section):
         (), description='Models this backend serves, "name" (every version) or '
         '"name:version"; gRPC calls are routed by these.',
     )
-    protocol: Literal["tcp", "grpc"] = Field(
-        "tcp", description='"tcp": length-prefixed frames; "grpc": gRPC (KServe v2 or any '
-        "service). A backend only ever gets traffic of its own protocol.",
+    protocol: Annotated[Literal["tcp", "grpc"], BeforeValidator(_frames_is_tcp)] = Field(
+        "tcp", description='"frames" (also spelled "tcp"): length-prefixed frames, the name the '
+        'admin API and the state file use; "grpc": gRPC (KServe v2 or any service). A '
+        "backend only ever gets traffic of its own protocol.",
     )
     dns_refresh_s: Seconds = Field(
         5.0, description="Seconds between two resolutions of a host name in ``address``: "
@@ -876,6 +903,10 @@ class RouterConfig(_Section):
         listeners = [("listener.listen", self.listener.listen), ("admin.listen", self.admin.listen)]
         if self.grpc.listen is not None:
             listeners.insert(1, ("grpc.listen", self.grpc.listen))
+        admin = self.admin
+        listeners += [(f"admin.{key}", address) for key, address in (
+            ("grpc_listen", admin.grpc_listen), ("anyserve_listen", admin.anyserve_listen),
+        ) if address is not None]
         for i, (key, address) in enumerate(listeners):
             for earlier, other in listeners[:i]:
                 if _collide(address, other):
@@ -936,6 +967,20 @@ class RouterConfig(_Section):
         problems = list(self._instance_problems())
         if problems:
             raise PydanticCustomError("keyed", "invalid", {"problems": problems})
+        return self
+
+    @model_validator(mode="after")
+    def _admin_grpc_in_one_process(self) -> RouterConfig:
+        # Each router process holds its own directory; the supervisor of several serves only
+        # the HTTP admin API, which forwards /v1 requests to every process.
+        if self.listener.processes > 1:
+            keys = [key for key, address in (("grpc_listen", self.admin.grpc_listen),
+                                             ("anyserve_listen", self.admin.anyserve_listen))
+                    if address is not None]
+            if keys:
+                raise PydanticCustomError("keyed", "invalid", {"problems": [
+                    (f"admin.{key}", "needs listener.processes = 1 (each router process "
+                     "holds its own backend directory)") for key in keys]})
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,12 @@ def quoted(value: str | bytes, limit: int = QUOTE_LIMIT_BYTES) -> str:
     return f"{head!r}... ({len(data)} bytes)"
 
 
+# gRPC trailing metadata on every status the router itself chose: its stable error code
+# (OVERLOADED, NO_BACKEND, LEASE_NOT_FOUND, ...), so clients match on codes, not on details
+# text. A backend's relayed status never carries it.
+ROUTER_ERROR_HEADER = "x-router-error"
+
+
 class RouterError(Exception):
     """Base of every error the router raises on purpose."""
 
