@@ -577,3 +577,57 @@ def test_the_kserve_example_runs_its_backends_as_managed_replicas() -> None:
     assert (instance.protocol, instance.replicas, instance.models) == (
         "grpc", 2, ("identity", "sum"))
     assert config.backends == ()
+
+
+async def test_a_replica_on_a_unix_socket_and_one_ready_by_its_probe(
+        router_factory: RouterFactory, tmp_path: Path) -> None:
+    quiet = ["sh", "-c", 'exec "$PY" -m backends.echo --port "$PORT" > /dev/null']
+    async with managed(router_factory, tmp_path) as (router, api):
+        status, body = await api.call("POST", "/v1/instances", {
+            "name": "sock", "command": ["{python}", "-m", "backends.echo", "--unix", "{unix}"]})
+        assert status == 201, body
+        # Prints no READY line (stdout is /dev/null): ready once its probe answers.
+        status, body = await api.call("POST", "/v1/instances", {
+            "name": "quiet", "command": quiet, "env": {"PY": "{python}", "PORT": "{port}"}})
+        assert status == 201, body
+        await wait_for(all_ready(router, "sock", 1), "the unix socket replica")
+        await wait_for(all_ready(router, "quiet", 1), "the replica without a READY line")
+        [sock] = replicas(router, "sock")
+        assert sock.address.startswith("unix:/") and sock.address.endswith("/sock-0.sock")
+        client = await router.client()
+        for i in range(20):
+            assert await client.request(f"u{i}".encode()) == f"u{i}".encode()
+        served = {b["id"] for b in router.app.registry.statistics() if b["requests_total"]}
+        assert served == {"sock-0", "quiet-0"}
+
+
+async def test_following_a_log_streams_new_lines_until_the_replica_goes(
+        router_factory: RouterFactory, tmp_path: Path) -> None:
+    chatty = ["sh", "-c", 'echo "READY $PORT"; i=0; while [ $i -lt 600 ]; do '
+              'echo "line $i"; i=$((i+1)); sleep 0.05; done; sleep 60']
+    async with managed(router_factory, tmp_path,
+                       manager={"health": {"max_failures_before_restart": 0}}
+                       ) as (router, api):
+        status, body = await api.call("POST", "/v1/instances", {
+            "name": "chatty", "command": chatty, "env": {"PORT": "{port}"}})
+        assert status == 201, body
+        await wait_for(lambda: any(r.state in ("ready", "unhealthy")
+                                   for r in replicas(router, "chatty")), "announced")
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(router.admin_url, headers=headers) as session, \
+                session.get("/v1/instances/chatty/logs",
+                            params={"follow": "true", "start": "-2"}) as response:
+            assert response.status == 200
+            assert response.content_type == "text/plain"
+            seen: list[str] = []
+            async with asyncio.timeout(WAIT_S):
+                while len(seen) < 12:
+                    seen.append((await response.content.readline()).decode().rstrip("\n"))
+            numbers = [int(line.split()[1]) for line in seen if line.startswith("line ")]
+            assert len(numbers) >= 10
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # no gaps
+            status, _ = await api.call("DELETE", "/v1/instances/chatty")
+            assert status == 200
+            async with asyncio.timeout(WAIT_S):
+                rest = await response.content.read()  # the stream ends with the replica
+            assert rest.count(b"\n") < 100

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from router.control.instances.gpus import check_gpus, count_gpus, visible_devices
 from router.control.instances.logs import FOLLOW_BACKLOG, Follower, ReplicaLog, read_lines
+from router.control.instances.manager import writable_log_dir
 from router.control.instances.ports import PortAllocator, can_bind
 from router.control.instances.restarts import RestartTracker
 from router.core import placeholders
@@ -355,3 +356,16 @@ async def test_a_follower_that_falls_behind_is_ended(tmp_path: Path) -> None:
     write_lines(log, ["x"] * (FOLLOW_BACKLOG + 5))
     assert len(follower.lines) == FOLLOW_BACKLOG + 1 and follower.lines[-1] is None
     assert log.statistics()["followers"] == 0
+
+
+def test_an_unwritable_log_dir_falls_back_to_a_temporary_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log directory should be")
+    assert writable_log_dir(None, tmp_path / "logs") == tmp_path / "logs"
+    fallback = writable_log_dir(str(blocker / "instances"), tmp_path / "unused")
+    try:
+        assert fallback.is_dir() and fallback.name.startswith("inference-router-logs-")
+        assert any("cannot be written" in r.getMessage() for r in caplog.records)
+    finally:
+        fallback.rmdir()

@@ -3,10 +3,13 @@
 ``GET /v1/instances/{name}/logs`` answers JSON (``LogLines``); with ``follow=true`` it
 answers ``text/plain`` instead, the lines of the range and then every new line as the
 replica writes it, one per line, until the replica is removed (scale-down, delete), the
-router stops, or the client has fallen 10,000 lines behind.
+router stops, the client has fallen 10,000 lines behind, or the client has gone (noticed at
+the next line, or within ``CLIENT_CHECK_S`` of a quiet replica).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
@@ -15,6 +18,9 @@ from router.control.instances.manager import InstanceManager
 from router.control.instances.models import InstanceInfo, LogLines, LogQuery, ScaleRequest
 from router.core.config import InstanceConfig
 from router.core.errors import NotSupported
+
+# How often a follow with no new line looks whether its client is still connected.
+CLIENT_CHECK_S = 5.0
 
 
 def _json(info: InstanceInfo, status: int = 200) -> web.Response:
@@ -69,7 +75,16 @@ async def _follow(request: web.Request, manager: InstanceManager, name: str,
         await response.prepare(request)
         if lines.lines:
             await response.write("".join(f"{line}\n" for line in lines.lines).encode())
-        while (line := await follower.next_line()) is not None:
+        while True:
+            try:
+                async with asyncio.timeout(CLIENT_CHECK_S):
+                    line = await follower.next_line()
+            except TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    break  # the client left while the replica was quiet
+                continue
+            if line is None:
+                break
             await response.write(f"{line}\n".encode())
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):

@@ -134,7 +134,7 @@ class InstanceManager:
         """The config's instances (with the replica counts the API set on them) and those
         the state file holds, every replica started at once; returns when each has become
         ready or failed its first start. A replica that fails does not stop the others."""
-        self.log_dir = _writable_log_dir(self.settings.log_dir, self._default_log_dir)
+        self.log_dir = writable_log_dir(self.settings.log_dir, self._default_log_dir)
         self._socket_dir = self._make_socket_dir()
         self.departures.start()
         saved = self._state.load() if self._state is not None else DesiredState()
@@ -536,7 +536,7 @@ async def _logged(coroutine: Any, name: str) -> None:
         log.exception("replica manager task %s failed", name)
 
 
-def _writable_log_dir(configured: str | None, default: Path) -> Path:
+def writable_log_dir(configured: str | None, default: Path) -> Path:
     """The log directory, or a temporary one (with a warning) if it cannot be written."""
     path = Path(configured) if configured is not None else default
     try:
