@@ -134,6 +134,14 @@ def test_the_config_file_reports_instance_problems_at_their_keys() -> None:
     ]
 
 
+@pytest.mark.parametrize("value", [[], [20000], {}, [1, 2, 3]])
+def test_a_port_range_of_the_wrong_shape_is_one_problem_at_its_key(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"manager": {"port_range": value}}, "cfg.toml")
+    [problem] = info.value.problems
+    assert problem.startswith("cfg.toml: manager.port_range: "), problem
+
+
 @pytest.mark.parametrize(("overrides", "fragment"), [
     ({"listener": {"processes": 2}}, "need listener.processes = 1"),
     ({"manager": {"port_range": [80, 90]}}, "below 1024"),

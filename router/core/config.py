@@ -748,9 +748,10 @@ class ManagerConfig(_Section):
         "127.0.0.1", description="{host}: the address replicas listen on, and the one the "
         "router (and, with a shared registry, every router) reaches them at.",
     )
-    port_range: tuple[Port, Port] = Field(
-        (20000, 29999), description="First and last port (inclusive) given to replicas "
-        "without base_port; each is checked free by binding.",
+    # A list of two rather than a fixed pair: a wrong length is one problem at this key.
+    port_range: tuple[Port, ...] = Field(
+        (20000, 29999), min_length=2, max_length=2, description="First and last port "
+        "(inclusive) given to replicas without base_port; each is checked free by binding.",
     )
     max_instances: Int = Field(
         64, ge=0, le=4096, description="Replicas (processes) running at most, over every "

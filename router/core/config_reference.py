@@ -53,8 +53,6 @@ def _type(prop: Schema) -> str:
         kinds = [_type(p) for p in prop["anyOf"] if p.get("type") != "null"]
         return " or ".join(kinds)
     kind = prop.get("type")
-    if kind == "array" and "prefixItems" in prop:  # a tuple of fixed length: [first, last]
-        return "[" + ", ".join(_type(item) for item in prop["prefixItems"]) + "]"
     if kind == "array":
         return f"list of {_type(prop.get('items', {}))}"
     if kind == "string" and "format" in prop:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from router.core.errors import PortAllocationFailed, PortConflict
@@ -39,7 +39,7 @@ def can_bind(host: str, port: int) -> bool:
 
 
 class PortAllocator:
-    def __init__(self, host: str, port_range: tuple[int, int],
+    def __init__(self, host: str, port_range: Sequence[int],
                  is_free: Callable[[str, int], bool] = can_bind) -> None:
         self._host = host
         self._first, self._last = port_range
