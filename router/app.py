@@ -172,6 +172,7 @@ class RouterApp:
         self.directory = BackendDirectory(
             self.registry, open_store(config.registry, self.clock), self._record_backend,
             state_file.part("backends", "static") if state_file is not None else None,
+            allows=config.registry.allows,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
         self.instances = InstanceManager(

@@ -66,6 +66,7 @@ from router.control.store import (
 from router.core.config import Seconds
 from router.core.errors import (
     AddressConflict,
+    AddressNotAllowed,
     BackendExists,
     BackendIsStatic,
     BackendNotFound,
@@ -208,8 +209,13 @@ class BackendDirectory:
         backend_of: Callable[[BackendSpec], Backend],
         state_file: DesiredStateStore | None = None,
         apply_timeout_s: float = APPLY_TIMEOUT_S,
+        allows: Callable[[str], bool] = lambda address: True,
     ) -> None:
+        """``allows(address)``: whether a backend may register there
+        (``RegistryConfig.allows``); replicas the router starts (source managed) are not
+        asked."""
         self._registry = registry
+        self._allows = allows
         self._store = store
         self._backend_of = backend_of
         self._state_file = state_file
@@ -306,6 +312,9 @@ class BackendDirectory:
             **registration.model_dump(exclude={"id", "lease_ttl_s"}), "id": backend_id,
             "source": source,
         })
+        if source != "managed" and not self._allows(record.address):
+            raise AddressNotAllowed(f"{record.address} is outside registry.allowed_networks "
+                                    "(or a unix socket while registry.allow_unix is off)")
         self._check_free(record, replaceable=ttl is not None)
         replaced = backend_id in self._records or any(
             r.address == record.address for r in self._records.values())

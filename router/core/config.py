@@ -510,6 +510,17 @@ def _frames_is_tcp(value: object) -> object:
     return "tcp" if value == "frames" else value
 
 
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:
+        raise ValueError(f"expected a network such as 10.0.0.0/8, got {quoted(value)}") from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
+
+
 def _check_prefix(value: str) -> str:
     if not value.endswith("/"):
         # "/a/b" would also cover the keys of "/a/bc/": one prefix must never hold another's.
@@ -551,6 +562,29 @@ class RegistryConfig(_Section):
         10_000, ge=1, le=1_000_000, description="Backend records the store holds at most; a "
         "new record beyond it is refused with MAX_BACKENDS_REACHED.",
     )
+    allowed_networks: tuple[Network, ...] = Field(
+        (), max_length=256, description='Networks (CIDR, e.g. "10.0.0.0/8") whose addresses '
+        "backends may register or be added at through the admin API; a registration at an "
+        "address outside them, or at a host name, is refused with ADDRESS_NOT_ALLOWED, so a "
+        "caller holding the admin credential cannot point the router at arbitrary hosts. "
+        "Empty: any address. Unix sockets: ``allow_unix``. Replicas the router starts itself "
+        "are not checked.",
+    )
+    allow_unix: Bool = Field(
+        True, description="Whether backends may register at a unix socket (``unix:/path``).",
+    )
+
+    def allows(self, address: str) -> bool:
+        """Whether a backend may register at ``address`` (``HOST:PORT`` or ``unix:/path``)."""
+        if is_unix_address(address):
+            return self.allow_unix
+        if not self.allowed_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(parse_host_port(address)[0])
+        except ValueError:
+            return False  # a host name: what it resolves to can change after the check
+        return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
 
 
 class AccessLogConfig(_Section):

@@ -334,6 +334,16 @@ class AddressConflict(RouterError):
     grpc_status = "ALREADY_EXISTS"
 
 
+class AddressNotAllowed(RouterError):
+    """A registration at an address outside ``registry.allowed_networks`` (or a unix socket
+    while ``registry.allow_unix`` is off)."""
+
+    code = "ADDRESS_NOT_ALLOWED"
+    fault = "client"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
 class BackendIsStatic(RouterError):
     """A deregistration of a backend that the config file names: remove it from the config
     and reload (drain and weight work on it)."""
