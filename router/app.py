@@ -25,9 +25,17 @@ from prometheus_client.registry import CollectorRegistry
 from router.balance.policies import make_policy
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
+from router.control.directory import BackendDirectory
 from router.control.fleet import Fleet, Resolver, system_resolver
-from router.control.metrics import ReloadCollector, RouterCollector, SecurityCollector
+from router.control.metrics import (
+    DirectoryCollector,
+    ReloadCollector,
+    RouterCollector,
+    SecurityCollector,
+)
 from router.control.spawner import Spawner
+from router.control.state import StateFile
+from router.control.store import open_store
 from router.core import config_diff
 from router.core.clock import Clock, MonotonicClock
 from router.core.config import BackendConfig, RouterConfig, ServerTlsConfig, parse_host_port
@@ -153,10 +161,17 @@ class RouterApp:
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self._reload_lock = asyncio.Lock()
         self.metrics.register(ReloadCollector(self.reloads))
+        state_file = StateFile(config.state.file) if config.state.file is not None else None
+        self.directory = BackendDirectory(
+            self.registry, open_store(config.registry, self.clock), self._record_backend,
+            state_file,
+        )
+        self.metrics.register(DirectoryCollector(self.directory, state_file))
         admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
             self.registry, self.metrics, self.readiness, self.statistics, self.reload,
-            AdminAuth(config.admin, admin_tls), self.reload_certificates, admin_tls,
+            AdminAuth(config.admin, admin_tls), self.reload_certificates, self.directory,
+            admin_tls,
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
@@ -170,6 +185,15 @@ class RouterApp:
         if tls_config is not None:
             tls_key = f"{key}.tls" if entry.tls is not None else "backend_tls"
             tls = self.backend_tls[spec.address] = BackendTls(tls_config, tls_key, spec.host)
+        return self.backend_of(spec, tls)
+
+    def _record_backend(self, spec: BackendSpec) -> Backend:
+        """The runtime record of a backend the directory adds (registered, API, managed):
+        reached with ``[backend_tls]`` when it is on, except over a unix socket."""
+        tls = None
+        if self.config.backend_tls.enabled and not spec.is_unix:
+            tls = BackendTls(self.config.backend_tls, "backend_tls", spec.host)
+            self.backend_tls[spec.address] = tls
         return self.backend_of(spec, tls)
 
     def backend_of(self, spec: BackendSpec, tls: BackendTls | None = None) -> Backend:
@@ -208,6 +232,7 @@ class RouterApp:
         if self.access_log is not None:
             self.access_log.start()  # OSError: the file cannot be opened
         await self.fleet.start(self.config.backends)
+        await self.directory.start()  # after the fleet: overrides of static backends apply
         lst = self.config.listener
         listen = await _listen("listener.listen", lst.listen, lambda host, port: (
             self.front_door.start(host, port, backlog=lst.backlog, reuse_port=lst.reuse_port)
@@ -306,6 +331,7 @@ class RouterApp:
         return report
 
     async def close(self) -> None:
+        await self.directory.close()
         await self.fleet.close()
         self.front_door.stop_accepting()
         if self.grpc_front is not None:
@@ -339,6 +365,7 @@ class RouterApp:
             "phase": self.lifecycle.phase.value,
             "spawned": self.spawner.statistics(),
             "fleet": self.fleet.statistics(),
+            "directory": self.directory.statistics(),
             "reloads": dict(self.reloads),
             "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }

@@ -4,6 +4,7 @@ real ``AdminServer`` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,9 @@ from prometheus_client.registry import CollectorRegistry
 from router.control import admin_routes
 from router.control.admin import AdminAuth, AdminServer, start_app
 from router.control.api import BODY_KEY, Route, build_app, json_response
+from router.control.directory import BackendDirectory
+from router.control.store import MemoryStore
+from router.core.clock import MonotonicClock
 from router.core.config import AdminConfig
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import InvalidInput, RestartRequired
@@ -46,10 +50,10 @@ def _refs(node: Any) -> Iterator[str]:
 def test_every_declared_route_is_in_the_document_with_its_statuses() -> None:
     document = admin_routes.document()
     assert document["openapi"] == "3.1.0"
-    declared = {(r.method.lower(), r.path) for r in admin_routes.ROUTES}
+    declared = {(r.method.lower(), r.path) for r in admin_routes.ALL_ROUTES}
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert documented == declared
-    for route in admin_routes.ROUTES:
+    for route in admin_routes.ALL_ROUTES:
         operation = document["paths"][route.path][route.method.lower()]
         assert set(operation["responses"]) == {*map(str, route.responses), "default"}
         assert ("security" in operation) == route.mutates
@@ -130,15 +134,19 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
     async def reload() -> ReloadOutcome:
         return outcomes[-1]
 
+    directory = BackendDirectory(registry, MemoryStore(MonotonicClock(asyncio.get_running_loop)),
+                                 lambda spec: make_backend(spec.address, spec.protocol))
+    await directory.start()
     server = AdminServer(registry, metrics, Readiness(registry, Lifecycle()), _failing_stats,
                          reload, AdminAuth(AdminConfig(token_file=str(token)), None),
-                         reload_certificates=list)
+                         reload_certificates=list, directory=directory)
     host, port = await server.start("127.0.0.1", 0)
     handle = Admin(f"http://{host}:{port}", metrics, outcomes)
     try:
         yield handle
     finally:
         await server.close()
+        await directory.close()
 
 
 def _assert_error(status: int, body: Any, want_status: int, want_code: str) -> None:

@@ -35,7 +35,7 @@ import collections
 import hmac
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ from router.control.api import (
     json_response,
     timestamp,
 )
+from router.control.directory import BackendDirectory
+from router.control.directory_api import directory_handlers
 from router.core.config import AdminConfig, is_loopback, parse_host_port
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
@@ -152,9 +154,11 @@ async def start_app(app: web.Application, host: str, port: int,
 
 def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: Handler,
               backend: Handler, stats: Handler, reload: Handler, auth: AdminAuth,
-              reload_certificates: Callable[[], list[str]]) -> tuple[web.Application, ApiErrors]:
-    """The routes of ``admin_routes.ROUTES`` behind the error middleware, then ``auth``: one
-    router process and the federation over several serve the same table."""
+              reload_certificates: Callable[[], list[str]], v1: Mapping[str, Handler],
+              ) -> tuple[web.Application, ApiErrors]:
+    """The routes of ``admin_routes.ALL_ROUTES`` behind the error middleware, then ``auth``:
+    one router process and the federation over several serve the same table (``v1``: the
+    handlers of ``V1_ROUTES``)."""
     document = json_response(admin_routes.document())
 
     async def get_openapi(request: web.Request) -> web.Response:
@@ -167,8 +171,8 @@ def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: 
 
     handlers = {"metrics": metrics, "healthz": healthz, "readyz": readyz, "backends": backends,
                 "backend": backend, "stats": stats, "openapi": get_openapi, "reload": reload,
-                "reload_certificates": post_reload_certificates}
-    return build_app(admin_routes.ROUTES, handlers, [auth.middleware])
+                "reload_certificates": post_reload_certificates, **v1}
+    return build_app(admin_routes.ALL_ROUTES, handlers, [auth.middleware])
 
 
 def reload_response(outcome: ReloadOutcome) -> web.Response:
@@ -194,6 +198,7 @@ class AdminServer:
         reload: Callable[[], Awaitable[ReloadOutcome]],
         auth: AdminAuth,
         reload_certificates: Callable[[], list[str]],
+        directory: BackendDirectory,
         tls: ServerTls | None = None,
     ) -> None:
         self._registry = registry
@@ -208,6 +213,7 @@ class AdminServer:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
+            v1=directory_handlers(directory),
         )
         metrics.register(errors.collector())
 

@@ -10,6 +10,14 @@ from typing import Any, Literal
 import pydantic
 
 from router.control.api import ErrorBody, Route, endpoint_table, openapi
+from router.control.directory import (
+    BackendInfo,
+    DirectoryList,
+    LoadReport,
+    Registered,
+    Registration,
+    WeightChange,
+)
 
 TITLE = "inference-router admin API"
 PROMETHEUS_TEXT = "text/plain"
@@ -116,6 +124,30 @@ ROUTES: tuple[Route, ...] = (
                                             422: CertificatesReloaded}, mutates=True),
 )
 
+# The directory (control.directory): backends that register themselves, and operators' changes.
+_NOT_FOUND = {404: ErrorBody}
+V1_ROUTES: tuple[Route, ...] = (
+    Route("v1_register", "POST", "/v1/backends", "Register a backend (leased), or add one "
+          "(lease_ttl_s null)", {201: Registered, 409: ErrorBody, 422: ErrorBody},
+          request=Registration, mutates=True),
+    Route("v1_list", "GET", "/v1/backends", "Every backend, every source, with its state",
+          {200: DirectoryList}),
+    Route("v1_get", "GET", "/v1/backends/{id}", "One backend", {200: BackendInfo, **_NOT_FOUND}),
+    Route("v1_heartbeat", "PUT", "/v1/backends/{id}/lease", "Renew a backend's lease "
+          "(heartbeat), with its load report", {200: Registered, **_NOT_FOUND},
+          request=LoadReport, mutates=True),
+    Route("v1_deregister", "DELETE", "/v1/backends/{id}", "Deregister: the backend drains, "
+          "then leaves", {202: BackendInfo, 409: ErrorBody, **_NOT_FOUND}, mutates=True),
+    Route("v1_drain", "POST", "/v1/backends/{id}/drain", "Take a backend out of rotation "
+          "(kept, probed; in-flight requests finish)", {200: BackendInfo, **_NOT_FOUND},
+          mutates=True),
+    Route("v1_undrain", "POST", "/v1/backends/{id}/undrain", "Put a drained backend back "
+          "in rotation", {200: BackendInfo, **_NOT_FOUND}, mutates=True),
+    Route("v1_weight", "PUT", "/v1/backends/{id}/weight", "Set a backend's weight",
+          {200: BackendInfo, **_NOT_FOUND}, request=WeightChange, mutates=True),
+)
+ALL_ROUTES = ROUTES + V1_ROUTES
+
 
 def _version() -> str:
     try:
@@ -125,8 +157,8 @@ def _version() -> str:
 
 
 def document() -> dict[str, Any]:
-    return openapi(ROUTES, TITLE, _version())
+    return openapi(ALL_ROUTES, TITLE, _version())
 
 
 def table() -> str:
-    return endpoint_table(ROUTES)
+    return endpoint_table(ALL_ROUTES)

@@ -86,6 +86,9 @@ HEARTBEAT_RESULTS = ("ok", "lease_not_found", "failed")
 # A watcher of the directory reads at most this many events behind before it is dropped.
 MAX_WATCH_BACKLOG = 4096
 
+# Registry change reasons that come from the directory's own changes, not from health.
+_OWN_REASONS = frozenset({"drained", "undrained", "draining"})
+
 BackendState = Literal["starting", "healthy", "unhealthy", "draining", "removed"]
 EventKind = Literal["joined", "changed", "left"]
 
@@ -149,7 +152,7 @@ class BackendInfo(pydantic.BaseModel):
         None, description="the backend's last heartbeat report (this router's)")
 
 
-class BackendList(pydantic.RootModel[list[BackendInfo]]):
+class DirectoryList(pydantic.RootModel[list[BackendInfo]]):
     pass
 
 
@@ -267,11 +270,11 @@ class BackendDirectory:
             spec = backend.spec
             if spec.source != "static":
                 continue
-            if spec.id == record.id:
-                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
             if spec.address == record.address:
                 raise AddressConflict(f"{record.address} is the address of backend "
                                       f"{quoted(spec.id)} of the config file")
+            if spec.id == record.id:
+                raise BackendExists(f"backend {quoted(record.id)} is in the config file")
         for other in self._records.values():
             mine = other.id == record.id
             if not mine and other.address != record.address:
@@ -477,8 +480,8 @@ class BackendDirectory:
         self._registry.set_drained(backend.address, override.drained)
 
     def _health_changed(self, backend: Backend, reason: str) -> None:
-        if not self._watchers or backend.draining:
-            return
+        if not self._watchers or backend.draining or reason in _OWN_REASONS:
+            return  # the directory's own changes publish themselves
         owner = self._owner(backend)
         if owner is not None and owner in self._records:
             self._publish("changed", self._records[owner], backend)

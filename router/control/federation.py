@@ -35,9 +35,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
 from router.control.admin import AdminAuth, admin_app, reload_response, start_app
+from router.control.admin_routes import V1_ROUTES
 from router.control.api import json_response
 from router.core.config_diff import ReloadOutcome
-from router.core.errors import BackendNotFound, quoted
+from router.core.errors import BackendNotFound, StoreUnavailable, quoted
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
 
@@ -99,6 +100,7 @@ class FederatedAdmin:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
+            v1={route.name: self._forward for route in V1_ROUTES},
         )
         self._own_requests = CollectorRegistry(auto_describe=False)
         self._own_requests.register(errors.collector())
@@ -121,6 +123,35 @@ class FederatedAdmin:
             return None
         try:
             async with self._session.get(info.admin_url + path) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        """A ``/v1`` request, sent to every live process (each holds its own directory unless
+        they share etcd, where a repeated registration replaces itself): the answer of the
+        first process, unless another one's is an error, which then is the answer."""
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type")}
+        infos = [info for info in self._processes() if info.alive and info.admin_url]
+        if request.method == "GET":
+            infos = infos[:1]
+        answers = await asyncio.gather(*(self._send(info, request.method, request.path_qs,
+                                                    body, headers) for info in infos))
+        got = [answer for answer in answers if answer is not None]
+        if not got:
+            raise StoreUnavailable("no router process answered")
+        status, payload = max(got, key=lambda answer: answer[0] >= 400)
+        return web.Response(status=status, body=payload, content_type="application/json")
+
+    async def _send(self, info: ProcessInfo, method: str, path: str, body: bytes,
+                    headers: dict[str, str]) -> tuple[int, bytes] | None:
+        if self._session is None or info.admin_url is None:
+            return None
+        try:
+            async with self._session.request(method, info.admin_url + path, data=body,
+                                             headers=headers) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError):
             return None

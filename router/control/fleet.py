@@ -221,7 +221,8 @@ class Fleet:
             del self._stop_on_leave[address]  # its port was given again: not ours to stop
 
     def _left(self, backend: Backend) -> None:
-        log.info("backend %s left: drained", backend.address)
+        if backend.spec.source == "static":  # the directory logs the others
+            log.info("backend %s left: drained", backend.address)
         if self._release is not None:
             self._own(self._release(backend))
         spawned = self._stop_on_leave.pop(backend.address, None)

@@ -15,6 +15,8 @@ from prometheus_client.registry import Collector
 
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth
+from router.control.directory import BackendDirectory
+from router.control.state import StateFile
 from router.dispatch.backends import Registry
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.tls.context import ServerTls
@@ -232,3 +234,41 @@ class SecurityCollector(Collector):
             for code, count in sorted(self._admin_auth.refused.items()):
                 admin.add_metric([code], count)
             yield admin
+
+
+class DirectoryCollector(Collector):
+    """The directory's backends by state and source, and its registration, heartbeat, lease
+    and state-file counters."""
+
+    def __init__(self, directory: BackendDirectory, state_file: StateFile | None) -> None:
+        self._directory = directory
+        self._state_file = state_file
+
+    def collect(self) -> Iterator[Metric]:
+        d = self._directory
+        backends = GaugeMetricFamily(
+            "router_backends", "Backends by state and source.", labels=["state", "source"])
+        for state, source, count in d.counts():
+            backends.add_metric([state, source], count)
+        yield backends
+        registrations = CounterMetricFamily(
+            "router_registrations", "Registrations (HTTP, gRPC, AnyServe) by result.",
+            labels=["result"])
+        for result, count in d.registrations.items():
+            registrations.add_metric([result], count)
+        yield registrations
+        heartbeats = CounterMetricFamily(
+            "router_heartbeats", "Lease renewals by result (lease_not_found: the backend "
+            "registers again).", labels=["result"])
+        for result, count in d.heartbeats.items():
+            heartbeats.add_metric([result], count)
+        yield heartbeats
+        yield CounterMetricFamily(
+            "router_lease_expirations", "Leases not renewed in time: the backend drained.",
+            value=d.lease_expirations)
+        saves = CounterMetricFamily(
+            "router_state_saves", "Writes of the state file by result.", labels=["result"])
+        stats = self._state_file.statistics() if self._state_file is not None else None
+        saves.add_metric(["ok"], stats["saves_ok"] if stats else 0)
+        saves.add_metric(["failed"], stats["saves_failed"] if stats else 0)
+        yield saves

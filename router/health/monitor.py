@@ -111,7 +111,8 @@ class HealthMonitor:
     def _log_change(self, backend: Backend, reason: str) -> None:
         if backend.draining:
             return  # the fleet logs joins, drains and leaves
-        state = "back in rotation" if backend.healthy else "out of rotation"
+        state = "back in rotation" if backend.healthy and not backend.drained else \
+            "out of rotation"
         log.info("%s backend %s %s: %s", backend.kind, backend.address, state, reason)
 
     def statistics(self) -> dict[str, int]:
