@@ -67,9 +67,15 @@ async def register_all(admin_url: str, token: str, registrations: Sequence[dict[
                 await one(body)
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             return answered
-        async with asyncio.TaskGroup() as group:
-            for body in registrations:
-                group.create_task(one(body))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for body in registrations:
+                    group.create_task(one(body))
+        except ExceptionGroup as failed:  # the first refusal says enough
+            first = failed.exceptions[0]
+            if isinstance(first, AdminError):
+                raise first from None
+            raise
     return answered
 
 

@@ -314,21 +314,26 @@ def _window(r: Router, ids: list[str], args: argparse.Namespace) -> dict[str, An
     beats = r.heartbeats(ids, len(ids) / args.heartbeat_rate)
     try:
         time.sleep(1.0)  # the first round of heartbeats opens the connections
-        beats.snapshot()
+        before = beats.snapshot()
         t0, cpu0 = time.monotonic(), r.cpu_s()
         time.sleep(args.window_s)
         wall, cpu = time.monotonic() - t0, r.cpu_s() - cpu0
         counts = beats.snapshot()
     finally:
         beats.stop()
-    return {"heartbeats": _beat_summary(counts), "seconds": round(wall, 3),
+    return {"heartbeats": _beat_summary(counts, before), "seconds": round(wall, 3),
             "router_core": round(cpu / wall, 4)}
 
 
-def _beat_summary(counts: HeartbeatCounts) -> dict[str, Any]:
+def _beat_summary(counts: HeartbeatCounts, since: HeartbeatCounts | None = None
+                  ) -> dict[str, Any]:
+    """The heartbeats of ``counts`` (latencies: those since the previous snapshot) less
+    those of the earlier snapshot ``since``."""
     latencies = sorted(counts["latencies_us"])
-    return {"ok": counts["ok"], "not_found": counts["not_found"], "failed": counts["failed"],
-            "late": counts["late"], "p50_us": percentile(latencies, 0.5),
+    summary: dict[str, Any] = {
+        key: counts[key] - (since[key] if since else 0)
+        for key in ("ok", "not_found", "failed", "late")}
+    return {**summary, "p50_us": percentile(latencies, 0.5),
             "p99_us": percentile(latencies, 0.99)}
 
 
