@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from router.balance.policies import make_policy
+from router.balance.policies import SCAN_MAX, Snapshot, WeightedRandom, make_policy
 from router.core.clock import ManualClock
 from router.core.config import DispatchConfig, PoolConfig
 from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
@@ -852,3 +852,21 @@ async def test_a_new_panic_threshold_applies_at_once_through_every_view(
     assert view.candidates() == [h.backends[1]]  # the answer is cached per (kind, model)
     h.registry.panic_threshold = 1.0  # a reload: fewer than all healthy means all are tried
     assert view.candidates() == h.backends and view.panic_threshold == 1.0
+
+
+def test_a_weight_or_health_change_reaches_the_cached_candidates_of_a_large_registry() -> None:
+    # Policies keep the cumulative weights on the registry's candidate list (a Snapshot):
+    # every change must give a new list, never stale weights.
+    h = Harness([FakeService() for _ in range(SCAN_MAX + 4)], DispatchConfig(), "random")
+    first = h.registry.candidates()
+    assert isinstance(first, Snapshot) and h.registry.candidates() is first
+    h.registry.set_weight(h.backends[0].address, 1000)
+    weighted = h.registry.candidates()
+    assert weighted is not first
+    policy, rng = WeightedRandom(), random.Random(5)
+    picks = [weighted[policy.choose(weighted, rng)] for _ in range(1000)]
+    assert picks.count(h.backends[0]) >= 950  # 1000 / 1019 of the weight
+    h.backends[0].mark_down("test")
+    healthy = h.registry.candidates()
+    assert h.backends[0] not in healthy and len(healthy) == SCAN_MAX + 3
+    assert h.backends[0] not in {healthy[policy.choose(healthy, rng)] for _ in range(200)}

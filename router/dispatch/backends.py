@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from router.balance.policies import Snapshot
 from router.core.errors import NoBackend, UnknownModel, quoted
 from router.core.types import BackendSpec
 from router.upstream.base import Upstream
@@ -211,7 +212,8 @@ class Registry:
         self._leave_listeners: list[Callable[[Backend], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
         # and cleared whenever a backend joins, leaves, drains, changes spec or flips health.
-        self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
+        # A list is never modified once built: policies keep derived state on it (Snapshot).
+        self._in_rotation: dict[tuple[str, str | None], Snapshot[Backend]] = {}
 
     def view(self, kind: str) -> Registry:
         view = Registry(self._on_failure)
@@ -348,12 +350,12 @@ class Registry:
             if len(self._in_rotation) >= _MAX_CACHED_KEYS:
                 self._in_rotation.clear()  # model keys come from clients: stay bounded
             serving = self.serving(kind, model)
-            candidates = [b for b in serving if b.healthy]
+            candidates = Snapshot(b for b in serving if b.healthy)
             if len(candidates) < self._panic[0] * len(serving):
-                candidates = serving
+                candidates = Snapshot(serving)
             self._in_rotation[(kind, model)] = candidates
         if exclude:
-            return [b for b in candidates if b not in exclude]
+            return Snapshot(b for b in candidates if b not in exclude)
         return candidates
 
     def serving(self, kind: str, model: str | None = None) -> list[Backend]:
