@@ -79,6 +79,24 @@ async def register_all(admin_url: str, token: str, registrations: Sequence[dict[
     return answered
 
 
+async def drain_all(admin_url: str, token: str, ids: Sequence[str], concurrency: int = 16
+                    ) -> None:
+    """``POST /v1/backends/{id}/drain`` for each: out of rotation, still members."""
+    slots = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(headers=headers(token), timeout=timeout) as session:
+
+        async def one(backend_id: str) -> None:
+            url = f"{admin_url}/v1/backends/{backend_id}/drain"
+            async with slots, session.post(url) as response:
+                if response.status != 200:
+                    raise AdminError(f"POST {url}: {response.status} {await response.text()}")
+
+        async with asyncio.TaskGroup() as group:
+            for backend_id in ids:
+                group.create_task(one(backend_id))
+
+
 @dataclass(frozen=True, slots=True)
 class HeartbeatSpec:
     admin_url: str

@@ -17,22 +17,29 @@ widest candidate list the fleet can give it.
 Three phases, one after the other, each with routers of its own (only one router runs at a
 time, so neither steals CPU from the other):
 
-1. *Throughput*: ``--rounds`` rounds; each round measures the ``2``-backend and the
-   ``1000``-backend router (the order alternating from round to round), each a fresh router:
-   register, start heartbeats (every TTL/3, the default), warm up, then ``--clients`` clients
-   x ``--requests`` requests. Router CPU per request comes from ``/proc/<pid>/stat``. The
-   ratio is the median round of 1,000 over the median of 2; every round is listed.
+1. *Throughput*: ``--rounds`` rounds; each round measures three routers, each fresh
+   (register, drain, start heartbeats every TTL/3 as backends do, warm up, then
+   ``--clients`` clients x ``--requests`` requests), the order reversed every other round:
+   ``2`` (2 backends), ``1000`` (every request to any of 1,000) and ``1000, 2 routed``
+   (1,000 registered, renewed and probed, 998 of them drained: the fleet's bookkeeping
+   without spreading the traffic thinner). Router CPU per request comes from
+   ``/proc/<pid>/stat``. The ratios are median rounds over the median of ``2``; every round
+   is listed.
 2. *Heartbeat CPU*: a router with the 1,000 backends on long leases; windows of
    ``--window-s`` alternate idle (no heartbeats) and ``--heartbeat-rate`` heartbeats per
    second, idle first and last. The cost is the router's CPU (utime + stime) per second in
-   the heartbeat windows minus that in the idle windows, as a share of one core.
+   the heartbeat windows minus that in the idle windows, as a share of one core. After each
+   heartbeat window the same heartbeats go to ``bench.bare_admin`` (the route on aiohttp
+   alone): the HTTP floor, in the same sitting.
 3. *Join and leave under load*: a router with the 1,000 backends and traffic from the same
    clients. ``--expire`` backends stop heartbeating: from each lease's deadline (its last
    renewal's send time + TTL, an upper bound on the router's) to its record being gone
    (``GET /v1/backends/{id}`` 404, polled every 10 ms from the deadline on; then checked
    against ``GET /v1/backends``), and to the last request it was sent (the backend's own
-   stamp). Then the ``--spares`` backends register one at a time: from the 201 to the first
-   request each is sent.
+   stamp). Then half the ``--spares`` register one at a time among the others: from the 201
+   to the first request each is sent, which is mostly the wait for a backend's turn when
+   traffic is spread over 1,000; then all but 2 are drained and the other half register:
+   the same latency with few candidates, the router's own part.
 
 Prints the tables, writes ``bench/results/registry.json`` (every figure, every round, the
 load average before and after) and, with ``--update-docs``, the registry block of
@@ -68,6 +75,7 @@ from bench.admin_load import (
     HeartbeatCounts,
     HeartbeatLoad,
     HeartbeatSpec,
+    drain_all,
     headers,
     register_all,
 )
@@ -75,7 +83,7 @@ from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from bench.load import LoadReport, percentile, run_load
 from bench.run import markdown_table, median_run, text_table
 from router.control.launcher import BlockingProcess, launch_blocking
-from router.protocol.announce import Banner, parse_banner, ready_unix_path
+from router.protocol.announce import Banner, parse_banner, ready_port, ready_unix_path
 from router.protocol.frames import FrameDecoder, encode_frame
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,14 +244,32 @@ def load(router_: Router, args: argparse.Namespace, requests: int,
 # -- phase 1: throughput -------------------------------------------------------------------------
 
 
-def throughput_round(fleet_: Fleet, size: int, args: argparse.Namespace, log_dir: Path
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A router of the throughput phase: ``registered`` backends, ``routed`` of them in
+    rotation (the others drained: members, probed, renewed, never sent a request)."""
+
+    registered: int
+    routed: int
+
+    @property
+    def name(self) -> str:
+        if self.routed == self.registered:
+            return f"{self.registered} backends"
+        return f"{self.registered} backends, {self.routed} routed"
+
+
+def throughput_round(fleet_: Fleet, target: Target, args: argparse.Namespace, log_dir: Path
                      ) -> dict[str, Any]:
-    backends = fleet_.registered(size)
-    with router(log_dir, f"router-{size}") as r:
+    backends = fleet_.registered(target.registered)
+    ids = [bid for bid, _ in backends]
+    with router(log_dir, f"router-{target.registered}-{target.routed}") as r:
         t0 = time.monotonic()
         r.register(registrations(backends, args.models, LEASE_TTL_S))
         registered_s = time.monotonic() - t0
-        beats = r.heartbeats([bid for bid, _ in backends], LEASE_TTL_S / 3)
+        if target.routed < target.registered:
+            asyncio.run(drain_all(r.admin_url, r.token, ids[target.routed:]))
+        beats = r.heartbeats(ids, LEASE_TTL_S / 3)
         try:
             load(r, args, WARMUP_REQUESTS)
             cpu0 = r.cpu_s()
@@ -252,7 +278,7 @@ def throughput_round(fleet_: Fleet, size: int, args: argparse.Namespace, log_dir
         finally:
             counts = beats.stop()
     return {
-        "backends": size, "registration_s": round(registered_s, 3), "report": report,
+        "target": target.name, "registration_s": round(registered_s, 3), "report": report,
         "router_cpu_us_per_request": round(cpu / report["ok"] * 1e6, 1) if report["ok"] else None,
         "heartbeats": _beat_summary(counts),
     }
@@ -260,17 +286,17 @@ def throughput_round(fleet_: Fleet, size: int, args: argparse.Namespace, log_dir
 
 def phase_throughput(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
                      ) -> dict[str, Any]:
-    sizes = [2, args.backends]
-    rounds: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    targets = [Target(2, 2), Target(args.backends, args.backends), Target(args.backends, 2)]
+    rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     for round_no in range(args.rounds):
-        for size in sizes if round_no % 2 == 0 else reversed(sizes):
-            _progress(f"throughput: {size} backends, round {round_no + 1}/{args.rounds}")
-            rounds[size].append(throughput_round(fleet_, size, args, log_dir))
-    medians = {size: median_run([r["report"] for r in runs]) for size, runs in rounds.items()}
-    base, big = medians[2]["requests_per_s"], medians[args.backends]["requests_per_s"]
-    return {"rounds": {str(size): runs for size, runs in rounds.items()},
-            "median": {str(size): report for size, report in medians.items()},
-            "ratio": round(big / base, 3) if base else None}
+        for target in targets if round_no % 2 == 0 else reversed(targets):
+            _progress(f"throughput: {target.name}, round {round_no + 1}/{args.rounds}")
+            rounds[target.name].append(throughput_round(fleet_, target, args, log_dir))
+    medians = {name: median_run([r["report"] for r in runs]) for name, runs in rounds.items()}
+    base = medians[targets[0].name]["requests_per_s"]
+    return {"rounds": rounds, "median": medians,
+            "ratios": {t.name: round(medians[t.name]["requests_per_s"] / base, 3)
+                       if base else None for t in targets[1:]}}
 
 
 # -- phase 2: heartbeat CPU ----------------------------------------------------------------------
@@ -281,26 +307,65 @@ def phase_heartbeat_cpu(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
     backends = fleet_.registered(args.backends)
     ids = [bid for bid, _ in backends]
     windows: list[dict[str, Any]] = []
-    with router(log_dir, "router-heartbeats") as r:
+    with router(log_dir, "router-heartbeats") as r, bare_admin(log_dir) as bare:
         r.register(registrations(backends, args.models, LONG_TTL_S))
         for index in range(2 * args.heartbeat_windows + 1):
             beating = index % 2 == 1
             _progress(f"heartbeat CPU: window {index + 1}, "
                       f"{'heartbeats' if beating else 'idle'}")
             windows.append(_window(r, ids, args) if beating else _idle_window(r, args.window_s))
-    idle = [w["router_core"] for w in windows if not w["heartbeats"]]
-    busy = [w for w in windows if w["heartbeats"]]
+            if beating:
+                _progress("heartbeat CPU: the same heartbeats to a bare aiohttp app")
+                windows.append({**_window(bare, ids, args), "bare": True})
+    routed = [w for w in windows if not w.get("bare")]
+    idle = [w["router_core"] for w in routed if not w["heartbeats"]]
+    busy = [w for w in routed if w["heartbeats"]]
+    floor = [w for w in windows if w.get("bare")]
     idle_core = sum(idle) / len(idle)
     busy_core = sum(w["router_core"] for w in busy) / len(busy)
+    floor_core = sum(w["router_core"] for w in floor) / len(floor)
     beats = sum(w["heartbeats"]["ok"] for w in busy)
+    floor_beats = sum(w["heartbeats"]["ok"] for w in floor)
     seconds = sum(w["seconds"] for w in busy)
+    floor_seconds = sum(w["seconds"] for w in floor)
     return {
         "windows": windows, "idle_core": round(idle_core, 4),
         "heartbeat_core": round(busy_core, 4), "cost_core": round(busy_core - idle_core, 4),
         "achieved_per_s": round(beats / seconds, 1),
-        "router_us_per_heartbeat": round((busy_core - idle_core) * seconds / beats * 1e6, 1)
-        if beats else None,
+        "router_us_per_heartbeat": _us_each(busy_core - idle_core, seconds, beats),
+        "floor_core": round(floor_core, 4),
+        "floor_us_per_heartbeat": _us_each(floor_core, floor_seconds, floor_beats),
     }
+
+
+def _us_each(core: float, seconds: float, count: int) -> float | None:
+    return round(core * seconds / count * 1e6, 1) if count else None
+
+
+@dataclass
+class BareAdmin:
+    """``bench.bare_admin``: the heartbeat route on aiohttp alone."""
+
+    process: BlockingProcess[int]
+    admin_url: str
+    token: str = "unused"
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def heartbeats(self, ids: Sequence[str], interval_s: float) -> HeartbeatLoad:
+        return HeartbeatLoad(HeartbeatSpec(self.admin_url, self.token, tuple(ids), interval_s))
+
+
+@contextmanager
+def bare_admin(log_dir: Path) -> Iterator[BareAdmin]:
+    process = launch_blocking([sys.executable, "-m", "bench.bare_admin"], ready_port, cwd=ROOT,
+                              stderr=log_dir / "bare-admin.stderr.log",
+                              ready_timeout_s=READY_TIMEOUT_S, new_session=True)
+    try:
+        yield BareAdmin(process, f"http://127.0.0.1:{process.ready}")
+    finally:
+        process.stop(STOP_TIMEOUT_S)
 
 
 def _idle_window(r: Router, seconds: float) -> dict[str, Any]:
@@ -310,7 +375,8 @@ def _idle_window(r: Router, seconds: float) -> dict[str, Any]:
     return {"heartbeats": None, "seconds": round(wall, 3), "router_core": round(cpu / wall, 4)}
 
 
-def _window(r: Router, ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def _window(r: Router | BareAdmin, ids: list[str], args: argparse.Namespace
+            ) -> dict[str, Any]:
     beats = r.heartbeats(ids, len(ids) / args.heartbeat_rate)
     try:
         time.sleep(1.0)  # the first round of heartbeats opens the connections
@@ -365,7 +431,9 @@ def phase_join_leave(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
     leaving = backends[:: max(1, len(backends) // args.expire)][: args.expire]
     staying = [b for b in backends if b not in leaving]
     spares = fleet_.spare()
-    duration_s = LEASE_TTL_S / 3 + 1.0 + LEASE_TTL_S + 3.0 + len(spares) * SPARE_SPACING_S + 3.0
+    wide, narrow = spares[: len(spares) // 2], spares[len(spares) // 2:]
+    duration_s = (LEASE_TTL_S / 3 + 1.0 + LEASE_TTL_S + 3.0 + len(spares) * SPARE_SPACING_S
+                  + 5.0)
     with router(log_dir, "router-join-leave") as r:
         r.register(registrations(backends, args.models, LEASE_TTL_S))
         keep = r.heartbeats([bid for bid, _ in staying], LEASE_TTL_S / 3)
@@ -380,15 +448,25 @@ def phase_join_leave(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
             last_sent = doomed.stop()["last_ok_sent_ns"]
             deadlines = {bid: last_sent[bid] + int(LEASE_TTL_S * 1e9) for bid, _ in leaving}
             gone = asyncio.run(_wait_gone(r, deadlines))
-            _progress(f"join/leave: {len(spares)} backends register one at a time")
-            joined = r.register(registrations(spares, args.models, SPARE_TTL_S),
-                                spacing_s=SPARE_SPACING_S)
+            joined_wide = _join_one_by_one(r, wide, args, f"among {len(staying)} routed")
+            asyncio.run(drain_all(r.admin_url, r.token,
+                                  [bid for bid, _ in staying[2:]] + [bid for bid, _ in wide]))
+            joined_narrow = _join_one_by_one(r, narrow, args, "beside 2 routed")
             report = traffic.join(duration_s + 120.0)
         finally:
             keep.close()
             doomed.close()
         tallies = fleet_.tallies()
-    return _join_leave_result(deadlines, gone, joined, tallies, report)
+    return {**_leave_result(deadlines, gone, tallies),
+            "first_request": _first_requests(joined_wide, tallies),
+            "first_request_narrow": _first_requests(joined_narrow, tallies),
+            "routed_wide": len(staying) + len(wide), "traffic": report}
+
+
+def _join_one_by_one(r: Router, spares: list[tuple[str, str]], args: argparse.Namespace,
+                     where: str) -> dict[str, int]:
+    _progress(f"join/leave: {len(spares)} backends register one at a time, {where}")
+    return r.register(registrations(spares, args.models, SPARE_TTL_S), spacing_s=SPARE_SPACING_S)
 
 
 async def _wait_gone(r: Router, deadlines: dict[str, int]) -> dict[str, Any]:
@@ -423,20 +501,20 @@ def _ms_stats(values_ns: list[int]) -> dict[str, float | None]:
             "max_ms": ms(ordered[-1] if ordered else None)}
 
 
-def _join_leave_result(deadlines: dict[str, int], gone: dict[str, Any], joined: dict[str, int],
-                       tallies: dict[str, list[int]], report: LoadReport) -> dict[str, Any]:
+def _leave_result(deadlines: dict[str, int], gone: dict[str, Any],
+                  tallies: dict[str, list[int]]) -> dict[str, Any]:
     removal = [gone["gone_ns"][bid] - due for bid, due in deadlines.items()
                if bid in gone["gone_ns"]]
     last_request = [tallies[bid][2] - due for bid, due in deadlines.items() if tallies[bid][0]]
+    return {"expired": len(deadlines), "removal": _ms_stats(removal),
+            "last_request_after_deadline": _ms_stats(last_request),
+            "still_listed": gone["still_listed"], "never_gone": gone["never_gone"]}
+
+
+def _first_requests(joined: dict[str, int], tallies: dict[str, list[int]]) -> dict[str, Any]:
+    """From each registration's 201 to the first request its backend saw."""
     first = [tallies[bid][1] - at for bid, at in joined.items() if tallies[bid][0]]
-    return {
-        "expired": len(deadlines), "removal": _ms_stats(removal),
-        "last_request_after_deadline": _ms_stats(last_request),
-        "still_listed": gone["still_listed"], "never_gone": gone["never_gone"],
-        "joined": len(joined), "first_request": _ms_stats(first),
-        "joined_never_served": sorted(bid for bid in joined if not tallies[bid][0]),
-        "traffic": report,
-    }
+    return {**_ms_stats(first), "never_served": sorted(b for b in joined if not tallies[b][0])}
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -452,33 +530,41 @@ def _ms(us: int | None) -> str:
 
 def throughput_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for size, runs in result["throughput"]["rounds"].items():
+    for name, runs in result["throughput"]["rounds"].items():
         for number, run in enumerate(runs, 1):
             r = run["report"]
-            rows.append([size, str(number), f"{r['requests_per_s']:.0f}", _ms(r["p50_us"]),
+            rows.append([name, str(number), f"{r['requests_per_s']:.0f}", _ms(r["p50_us"]),
                          _ms(r["p99_us"]), str(r["error_total"]),
                          f"{run['router_cpu_us_per_request']}",
                          f"{run['registration_s']:.2f}"])
     return rows
 
 
-THROUGHPUT_HEADER = ["backends", "round", "req/s", "p50 ms", "p99 ms", "errors",
+THROUGHPUT_HEADER = ["router", "round", "req/s", "p50 ms", "p99 ms", "errors",
                      "router us/req", "register s"]
 
 
 def summary_rows(result: dict[str, Any]) -> list[list[str]]:
     t, h, j = result["throughput"], result["heartbeat_cpu"], result["join_leave"]
     f, rm, last = j["first_request"], j["removal"], j["last_request_after_deadline"]
-    size = str(result["settings"]["backends"])
+    n, rate = j["first_request_narrow"], j["traffic"]["requests_per_s"] or 1.0
+    size = result["settings"]["backends"]
     return [
-        [f"req/s, {size} backends / 2 (median rounds)", f"{t['ratio']:.2f}", ">= 0.90"],
+        *([f"req/s, {name} / 2 backends (median rounds)", f"{ratio:.2f}", ">= 0.90"]
+          for name, ratio in t["ratios"].items()),
         [f"router CPU for {h['achieved_per_s']:.0f} heartbeats/s",
-         f"{h['cost_core'] * 100:.1f} % of a core "
-         f"({h['router_us_per_heartbeat']} us each)", "< 10 %"],
+         f"{h['cost_core'] * 100:.1f} % of a core ({h['router_us_per_heartbeat']} us each)",
+         "< 10 %"],
+        ["the same heartbeats to a bare aiohttp app (the HTTP floor)",
+         f"{h['floor_core'] * 100:.1f} % of a core ({h['floor_us_per_heartbeat']} us each)",
+         ""],
         [f"router CPU idle with {size} backends (probes every 2 s)",
          f"{h['idle_core'] * 100:.1f} % of a core", ""],
-        ["registration -> first request (p50 / p99)",
-         f"{f['p50_ms']} / {f['p99_ms']} ms (of {f['count']})", ""],
+        [f"registration -> first request, among {j['routed_wide']} routed (p50 / p99)",
+         f"{f['p50_ms']} / {f['p99_ms']} ms (of {f['count']}; one request per "
+         f"{1000 * j['routed_wide'] / rate:.0f} ms per backend)", ""],
+        ["registration -> first request, beside 2 routed (p50 / p99)",
+         f"{n['p50_ms']} / {n['p99_ms']} ms (of {n['count']})", ""],
         ["lease deadline -> record gone (p50 / max)",
          f"{rm['p50_ms']} / {rm['max_ms']} ms (of {rm['count']})", ""],
         ["lease deadline -> last request to it (p50 / max)",
@@ -504,10 +590,11 @@ def docs_block(result: dict[str, Any]) -> str:
     return "\n".join([
         run_header(command, result["timestamp"], machine),
         f"{s['backends']} backends ({s['echo_processes']} `backends.echo_many` processes, unix "
-        f"sockets), {s['models']} models, registered through `POST /v1/backends`; "
-        f"{s['clients']} clients of length-prefixed traffic with no model (any backend), "
-        f"{PAYLOAD_BYTES}-byte payloads, {s['requests']} requests per connection; every "
-        "round of both routers listed, interleaved.",
+        f"sockets), {s['models']} models, registered through `POST /v1/backends` and renewed "
+        f"every {LEASE_TTL_S / 3:.1f} s; {s['clients']} clients of length-prefixed traffic "
+        f"with no model (any backend), {PAYLOAD_BYTES}-byte payloads, {s['requests']} requests "
+        f"per connection, {s['load_processes']} load processes; {s['rounds']} interleaved "
+        "rounds of each router, all listed.",
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(result)),
         "",
