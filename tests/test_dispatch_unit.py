@@ -12,7 +12,7 @@ import pytest
 from router.balance.policies import SCAN_MAX, Snapshot, WeightedRandom, make_policy
 from router.core.clock import ManualClock
 from router.core.config import DispatchConfig, PoolConfig
-from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
+from router.core.errors import BackendError, BackendTimeout, BackendUnavailable, UnknownModel
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.request import Request
@@ -870,3 +870,65 @@ def test_a_weight_or_health_change_reaches_the_cached_candidates_of_a_large_regi
     healthy = h.registry.candidates()
     assert h.backends[0] not in healthy and len(healthy) == SCAN_MAX + 3
     assert h.backends[0] not in {healthy[policy.choose(healthy, rng)] for _ in range(200)}
+
+
+def _model_registry(count: int, models: int) -> Registry:
+    registry, clock = Registry(), ManualClock()
+    limits = PoolConfig(max_connections=1, pipeline_depth=1)
+    for index in range(count):
+        address = f"10.0.{index // 250}.{index % 250 + 1}:9000"
+        spec = BackendSpec(id=address, address=address, protocol="grpc",
+                           models=(f"m{index % models}",))
+        registry.add(Backend(spec, Pool(FakeService().dial, limits, clock, address)))
+    return registry
+
+
+def _count_looks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often ``Backend.serves`` is asked from now on: a look at one backend."""
+    looked = [0]
+    serves = Backend.serves
+
+    def counted(backend: Backend, model: str) -> bool:
+        looked[0] += 1
+        return serves(backend, model)
+
+    monkeypatch.setattr(Backend, "serves", counted)
+    return looked
+
+
+def test_a_known_model_is_checked_without_looking_at_every_backend(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gRPC request checks its model before it is placed: over 1,000 registered backends a
+    # look at each per request costs more than the rest of the routing.
+    registry = _model_registry(1000, 100)
+    looked = _count_looks(monkeypatch)
+    for _ in range(100):
+        registry.check_model("m7", "grpc")
+        assert len(registry.candidates((), "grpc", "m7")) == 10
+    assert looked[0] <= 1000 * 2  # the first check and the first placement build the cache
+
+
+def test_unknown_model_names_do_not_evict_the_known_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = _model_registry(20, 4)
+    registry.check_model("m1", "grpc")
+    looked = _count_looks(monkeypatch)
+    for index in range(1100):  # more names than the cache holds keys
+        with pytest.raises(UnknownModel):
+            registry.check_model(f"nobody-{index}", "grpc")
+    looked[0] = 0
+    registry.check_model("m1", "grpc")
+    assert looked[0] == 0
+
+
+def test_the_model_cache_follows_joins_and_drains() -> None:
+    registry = _model_registry(20, 20)
+    registry.check_model("m3", "grpc")
+    with pytest.raises(UnknownModel):
+        registry.check_model("m20", "grpc")
+    spec = BackendSpec(id="new:9000", address="10.9.9.9:9000", protocol="grpc", models=("m20",))
+    registry.add(Backend(spec, Pool(FakeService().dial, PoolConfig(), ManualClock(), "new")))
+    registry.check_model("m20", "grpc")  # joined: known at once
+    registry.drain("10.0.0.4:9000")  # the only backend of m3
+    with pytest.raises(UnknownModel):
+        registry.check_model("m3", "grpc")
