@@ -20,9 +20,10 @@ time, so neither steals CPU from the other):
 1. *Throughput*: ``--rounds`` rounds; each round measures three routers, each fresh
    (register, drain, start heartbeats every TTL/3 as backends do, warm up, then
    ``--clients`` clients x ``--requests`` requests), the order reversed every other round:
-   ``2`` (2 backends), ``1000`` (every request to any of 1,000) and ``1000, 2 routed``
+   ``2`` (2 backends), ``1000`` (every request to any of 1,000), ``1000, 2 routed``
    (1,000 registered, renewed and probed, 998 of them drained: the fleet's bookkeeping
-   without spreading the traffic thinner). Router CPU per request comes from
+   without spreading the traffic thinner) and the same with leases long enough to need no
+   heartbeat during the run (the registry's size alone). Router CPU per request comes from
    ``/proc/<pid>/stat``. The ratios are median rounds over the median of ``2``; every round
    is listed.
 2. *Heartbeat CPU*: a router with the 1,000 backends on long leases; windows of
@@ -251,12 +252,14 @@ class Target:
 
     registered: int
     routed: int
+    heartbeats: bool = True  # False: leases long enough to need none during the run
 
     @property
     def name(self) -> str:
-        if self.routed == self.registered:
-            return f"{self.registered} backends"
-        return f"{self.registered} backends, {self.routed} routed"
+        name = f"{self.registered} backends"
+        if self.routed < self.registered:
+            name += f", {self.routed} routed"
+        return name if self.heartbeats else f"{name}, no heartbeats"
 
 
 def throughput_round(fleet_: Fleet, target: Target, args: argparse.Namespace, log_dir: Path
@@ -265,28 +268,30 @@ def throughput_round(fleet_: Fleet, target: Target, args: argparse.Namespace, lo
     ids = [bid for bid, _ in backends]
     with router(log_dir, f"router-{target.registered}-{target.routed}") as r:
         t0 = time.monotonic()
-        r.register(registrations(backends, args.models, LEASE_TTL_S))
+        r.register(registrations(backends, args.models,
+                                 LEASE_TTL_S if target.heartbeats else LONG_TTL_S))
         registered_s = time.monotonic() - t0
         if target.routed < target.registered:
             asyncio.run(drain_all(r.admin_url, r.token, ids[target.routed:]))
-        beats = r.heartbeats(ids, LEASE_TTL_S / 3)
+        beats = r.heartbeats(ids, LEASE_TTL_S / 3) if target.heartbeats else None
         try:
             load(r, args, WARMUP_REQUESTS)
             cpu0 = r.cpu_s()
             report = load(r, args, args.requests)
             cpu = r.cpu_s() - cpu0
         finally:
-            counts = beats.stop()
+            counts = beats.stop() if beats is not None else None
     return {
         "target": target.name, "registration_s": round(registered_s, 3), "report": report,
         "router_cpu_us_per_request": round(cpu / report["ok"] * 1e6, 1) if report["ok"] else None,
-        "heartbeats": _beat_summary(counts),
+        "heartbeats": _beat_summary(counts) if counts is not None else None,
     }
 
 
 def phase_throughput(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
                      ) -> dict[str, Any]:
-    targets = [Target(2, 2), Target(args.backends, args.backends), Target(args.backends, 2)]
+    targets = [Target(2, 2), Target(args.backends, args.backends), Target(args.backends, 2),
+               Target(args.backends, 2, heartbeats=False)]
     rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     for round_no in range(args.rounds):
         for target in targets if round_no % 2 == 0 else reversed(targets):
