@@ -56,6 +56,7 @@ import os
 import platform
 import secrets
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -298,10 +299,14 @@ def phase_throughput(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
             _progress(f"throughput: {target.name}, round {round_no + 1}/{args.rounds}")
             rounds[target.name].append(throughput_round(fleet_, target, args, log_dir))
     medians = {name: median_run([r["report"] for r in runs]) for name, runs in rounds.items()}
-    base = medians[targets[0].name]["requests_per_s"]
-    return {"rounds": rounds, "median": medians,
+    cpu = {name: statistics.median(r["router_cpu_us_per_request"] or 0.0 for r in runs)
+           for name, runs in rounds.items()}
+    base, base_cpu = medians[targets[0].name]["requests_per_s"], cpu[targets[0].name]
+    return {"rounds": rounds, "median": medians, "median_cpu_us_per_request": cpu,
             "ratios": {t.name: round(medians[t.name]["requests_per_s"] / base, 3)
-                       if base else None for t in targets[1:]}}
+                       if base else None for t in targets[1:]},
+            "cpu_ratios": {t.name: round(cpu[t.name] / base_cpu, 3) if base_cpu else None
+                           for t in targets[1:]}}
 
 
 # -- phase 2: heartbeat CPU ----------------------------------------------------------------------
@@ -557,6 +562,8 @@ def summary_rows(result: dict[str, Any]) -> list[list[str]]:
     return [
         *([f"req/s, {name} / 2 backends (median rounds)", f"{ratio:.2f}", ">= 0.90"]
           for name, ratio in t["ratios"].items()),
+        *([f"router CPU per request, {name} / 2 backends (medians)", f"{ratio:.2f}", ""]
+          for name, ratio in t["cpu_ratios"].items()),
         [f"router CPU for {h['achieved_per_s']:.0f} heartbeats/s",
          f"{h['cost_core'] * 100:.1f} % of a core ({h['router_us_per_heartbeat']} us each)",
          "< 10 %"],
