@@ -83,7 +83,7 @@ from bench.admin_load import (
 )
 from bench.docs import BENCHMARKS_MD, command_line, replace_block, run_header
 from bench.load import LoadReport, percentile, run_load
-from bench.run import markdown_table, median_run, text_table
+from bench.run import markdown_table, text_table
 from router.control.launcher import BlockingProcess, launch_blocking
 from router.protocol.announce import Banner, parse_banner, ready_port, ready_unix_path
 from router.protocol.frames import FrameDecoder, encode_frame
@@ -289,6 +289,11 @@ def throughput_round(fleet_: Fleet, target: Target, args: argparse.Namespace, lo
     }
 
 
+def median_report(reports: list[LoadReport]) -> LoadReport:
+    """The round with the median req/s (the lower middle for an even count)."""
+    return sorted(reports, key=lambda r: r["requests_per_s"])[(len(reports) - 1) // 2]
+
+
 def phase_throughput(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
                      ) -> dict[str, Any]:
     targets = [Target(2, 2), Target(args.backends, args.backends), Target(args.backends, 2),
@@ -298,7 +303,7 @@ def phase_throughput(fleet_: Fleet, args: argparse.Namespace, log_dir: Path
         for target in targets if round_no % 2 == 0 else reversed(targets):
             _progress(f"throughput: {target.name}, round {round_no + 1}/{args.rounds}")
             rounds[target.name].append(throughput_round(fleet_, target, args, log_dir))
-    medians = {name: median_run([r["report"] for r in runs]) for name, runs in rounds.items()}
+    medians = {name: median_report([r["report"] for r in runs]) for name, runs in rounds.items()}
     cpu = {name: statistics.median(r["router_cpu_us_per_request"] or 0.0 for r in runs)
            for name, runs in rounds.items()}
     base, base_cpu = medians[targets[0].name]["requests_per_s"], cpu[targets[0].name]
