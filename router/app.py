@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,10 @@ from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
 from router.control.directory import BackendDirectory
 from router.control.fleet import Fleet, Resolver, system_resolver
+from router.control.instances.manager import InstanceManager
 from router.control.metrics import (
     DirectoryCollector,
+    InstanceCollector,
     ReloadCollector,
     RouterCollector,
     SecurityCollector,
@@ -177,14 +181,20 @@ class RouterApp:
         state_file = StateFile(config.state.file) if config.state.file is not None else None
         self.directory = BackendDirectory(
             self.registry, open_store(config.registry, self.clock), self._record_backend,
-            state_file, allows=config.registry.allows,
+            state_file.part("backends", "static") if state_file is not None else None,
+            allows=config.registry.allows,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
+        self.instances = InstanceManager(
+            config.manager, self.directory, self.clock, _instance_log_dir(log_dir),
+            state_file.part("instances", "scaled") if state_file is not None else None,
+        )
+        self.metrics.register(InstanceCollector(self.instances))
         admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
             self.registry, self.metrics, self.readiness, self.statistics, self.reload,
             AdminAuth(config.admin, admin_tls), self.reload_certificates, self.directory,
-            admin_tls,
+            admin_tls, self.instances,
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         # admin.grpc_listen, admin.anyserve_listen: the directory over gRPC.
@@ -255,6 +265,7 @@ class RouterApp:
             self.access_log.start()  # OSError: the file cannot be opened
         await self.fleet.start(self.config.backends)
         await self.directory.start()  # after the fleet: overrides of static backends apply
+        await self.instances.start(self.config.instances)  # each replica ready, or failed
         lst = self.config.listener
         listen = await _listen("listener.listen", lst.listen, lambda host, port: (
             self.front_door.start(host, port, backlog=lst.backlog, reuse_port=lst.reuse_port)
@@ -314,7 +325,8 @@ class RouterApp:
         self.config = new  # new backends' pools and limiters are made from it
         self._reconfigure(old, new)
         self.fleet.commit(new.backends, diff, fresh)
-        return ReloadOutcome(tuple(diff.describe(old, new)))
+        instances = await self.instances.reconfigure(new.instances)
+        return ReloadOutcome((*diff.describe(old, new), *instances))
 
     def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
         """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
@@ -356,6 +368,7 @@ class RouterApp:
         return report
 
     async def close(self) -> None:
+        await self.instances.close()  # its replicas deregister from the directory
         await self.admin_grpc.close()  # no call reaches the directory once it is closed
         await self.directory.close()
         await self.fleet.close()
@@ -392,6 +405,7 @@ class RouterApp:
             "spawned": self.spawner.statistics(),
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
+            "instances": self.instances.statistics(),
             "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),
             "access_log": self.access_log.statistics() if self.access_log is not None else None,
@@ -399,6 +413,14 @@ class RouterApp:
 
     def __repr__(self) -> str:
         return f"RouterApp(bound={self.bound}, backends={len(self.registry)})"
+
+
+def _instance_log_dir(log_dir: Path | None) -> Path:
+    """Where replicas log unless manager.log_dir says: beside the router's own logs, or (a
+    router without a log directory, as in tests) in a temporary directory of its own."""
+    if log_dir is not None:
+        return log_dir / "instances"
+    return Path(tempfile.gettempdir()) / f"inference-router-{os.getpid()}" / "instances"
 
 
 async def _listen(

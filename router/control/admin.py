@@ -56,6 +56,8 @@ from router.control.api import (
 )
 from router.control.directory import BackendDirectory
 from router.control.directory_api import directory_handlers
+from router.control.instances.api import instance_handlers, unsupported_handlers
+from router.control.instances.manager import InstanceManager
 from router.core.config import AdminConfig, is_loopback, parse_host_port
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
@@ -167,7 +169,7 @@ def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: 
               ) -> tuple[web.Application, ApiErrors]:
     """The routes of ``admin_routes.ALL_ROUTES`` behind the error middleware, then ``auth``:
     one router process and the federation over several serve the same table (``v1``: the
-    handlers of ``V1_ROUTES``)."""
+    handlers of ``V1_ROUTES`` and ``INSTANCE_ROUTES``)."""
     document = json_response(admin_routes.document())
 
     async def get_openapi(request: web.Request) -> web.Response:
@@ -209,7 +211,10 @@ class AdminServer:
         reload_certificates: Callable[[], list[str]],
         directory: BackendDirectory,
         tls: ServerTls | None = None,
+        instances: InstanceManager | None = None,
     ) -> None:
+        """``instances``: the replica manager; without one, its routes answer
+        NOT_SUPPORTED."""
         self._registry = registry
         self._reload = reload
         self.auth = auth
@@ -222,7 +227,9 @@ class AdminServer:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
-            v1=directory_handlers(directory),
+            v1={**directory_handlers(directory), **(
+                instance_handlers(instances) if instances is not None
+                else unsupported_handlers([r.name for r in admin_routes.INSTANCE_ROUTES]))},
         )
         metrics.register(errors.collector())
 

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from router.control.state import ApiBackend, DesiredState, StateFile, StaticOverride
+from router.control.state import ApiBackend, DesiredState, DesiredStateStore, StaticOverride
 from router.control.store import (
     BackendAddress,
     BackendId,
@@ -207,7 +207,7 @@ class BackendDirectory:
         registry: Registry,
         store: RegistryStore,
         backend_of: Callable[[BackendSpec], Backend],
-        state_file: StateFile | None = None,
+        state_file: DesiredStateStore | None = None,
         apply_timeout_s: float = APPLY_TIMEOUT_S,
         allows: Callable[[str], bool] = lambda address: True,
     ) -> None:
