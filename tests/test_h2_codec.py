@@ -163,3 +163,29 @@ def test_hostile_header_blocks_end_in_an_h2_error_only(block):
         HeaderDecoder(4096).decode(block)
     except H2Error as error:
         assert error.code in (f.COMPRESSION_ERROR, f.ENHANCE_YOUR_CALM)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.tuples(
+    st.sampled_from([":path", "grpc-timeout", "content-type", "x-id", "user-agent", "te"]),
+    st.text(max_size=40)), max_size=12), st.booleans())
+def test_blocks_for_a_table_of_zero_decode_field_by_field_as_hpack_does(headers, huffman):
+    peer = Encoder()
+    peer.header_table_size = 0  # our SETTINGS acknowledged: no dynamic table
+    block = peer.encode(headers, huffman=huffman)
+    reference = HeaderDecoder(65_536)
+    fast = HeaderDecoder(65_536)
+    fast.table_size_acknowledged(0)
+    assert fast.decode(block) == reference.decode(block) == [(n, v) for n, v in headers]
+    assert fast.decode(block) == reference.decode(block)  # again: from the caches
+
+
+@settings(deadline=None, max_examples=500)
+@given(st.binary(max_size=200))
+def test_hostile_blocks_for_a_table_of_zero_end_in_an_h2_error_only(block):
+    decoder = HeaderDecoder(4096)
+    decoder.table_size_acknowledged(0)
+    try:
+        decoder.decode(block)
+    except H2Error as error:
+        assert error.code in (f.COMPRESSION_ERROR, f.ENHANCE_YOUR_CALM)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from hpack import Decoder, HPACKDecodingError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 from router.protocol.h2frames import COMPRESSION_ERROR, ENHANCE_YOUR_CALM, H2Error
@@ -67,14 +68,25 @@ class HeaderDecoder:
         return table.maxsize == 0 and not table.dynamic_entries
 
     def decode(self, block: bytes) -> Headers:
-        headers = self._cache.get(block)
-        if headers is not None and self._stateless():
-            self.hits += 1
-            return headers
+        stateless = self._stateless()
+        if stateless:
+            headers = self._cache.get(block)
+            if headers is not None:
+                self.hits += 1
+                return headers
         if len(block) > self.max_header_list_size:
             raise H2Error(ENHANCE_YOUR_CALM, f"header block of {len(block)} bytes over "
                           f"the limit of {self.max_header_list_size}")
-        cacheable = self._stateless()
+        if stateless and self._decoder.max_allowed_table_size == 0:
+            # A block that differs in one field (grpc-timeout, a request id): decoded field by
+            # field, each field's bytes looked up in the cache of fields.
+            headers = decode_static(block, self.max_header_list_size)
+            self.decoded += 1
+            if len(self._cache) >= _BLOCK_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[block] = headers
+            return headers
+        cacheable = stateless
         try:
             # raw=False: names and values as str (the library's annotation says bytes).
             headers = [(str(name), str(value)) for name, value in self._decoder.decode(block)]
@@ -86,6 +98,130 @@ class HeaderDecoder:
                 self._cache.clear()
             self._cache[block] = headers
         return headers
+
+
+_STATIC_ENTRIES = [(n.decode(), v.decode()) for n, v in HeaderTable.STATIC_TABLE]
+_decoded_fields: dict[bytes, tuple[str, str]] = {}
+
+
+def _read_integer(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """RFC 7541 section 5.1 at ``pos``: (value, position after it)."""
+    limit = (1 << prefix_bits) - 1
+    value = block[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(block) or shift > 28:
+            raise H2Error(COMPRESSION_ERROR, "bad integer in a header block")
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _read_string(block: bytes, pos: int) -> tuple[str, int]:
+    if pos >= len(block):
+        raise H2Error(COMPRESSION_ERROR, "truncated header block")
+    huffman = block[pos] & 0x80
+    length, pos = _read_integer(block, pos, 7)
+    end = pos + length
+    if end > len(block):
+        raise H2Error(COMPRESSION_ERROR, "truncated header block")
+    raw = block[pos:end]
+    try:
+        text = (decode_huffman(raw) if huffman else raw).decode()
+    except (HPACKDecodingError, UnicodeDecodeError):
+        raise H2Error(COMPRESSION_ERROR, "bad string in a header block") from None
+    return text, end
+
+
+def _static_entry(index: int) -> tuple[str, str]:
+    if not 0 < index <= len(_STATIC_ENTRIES):
+        raise H2Error(COMPRESSION_ERROR, f"header index {index} outside the static table")
+    return _STATIC_ENTRIES[index - 1]
+
+
+def _field(block: bytes, pos: int) -> tuple[tuple[str, str] | None, int]:
+    """The field at ``pos`` of a block decoded with a dynamic table of size 0: indexed
+    (static only), or a literal, whose insertion (0x40) evicts at once; None for a table size
+    update, which may only shrink the table to 0."""
+    first = block[pos]
+    if first & 0x80:
+        index, pos = _read_integer(block, pos, 7)
+        return _static_entry(index), pos
+    if first & 0x40:
+        prefix = 6
+    elif first & 0x20:
+        size, pos = _read_integer(block, pos, 5)
+        if size:
+            raise H2Error(COMPRESSION_ERROR, "a header table over the size we allow (0)")
+        return None, pos
+    else:
+        prefix = 4
+    index, pos = _read_integer(block, pos, prefix)
+    if index:
+        name = _static_entry(index)[0]
+    else:
+        name, pos = _read_string(block, pos)
+    value, pos = _read_string(block, pos)
+    return (name, value), pos
+
+
+def _skip_string(block: bytes, pos: int) -> int:
+    if pos >= len(block):
+        raise H2Error(COMPRESSION_ERROR, "truncated header block")
+    length, pos = _read_integer(block, pos, 7)
+    return pos + length
+
+
+def _field_end(block: bytes, pos: int) -> int:
+    """Where the field at ``pos`` ends, found from its lengths alone (nothing decoded)."""
+    first = block[pos]
+    if first & 0x80:
+        return _read_integer(block, pos, 7)[1]
+    if first & 0x40:
+        index, pos = _read_integer(block, pos, 6)
+    elif first & 0x20:
+        return _read_integer(block, pos, 5)[1]
+    else:
+        index, pos = _read_integer(block, pos, 4)
+    if not index:
+        pos = _skip_string(block, pos)
+    return _skip_string(block, pos)
+
+
+def decode_static(block: bytes, max_header_list_size: int) -> Headers:
+    """A header block for a dynamic table of size 0, whose decoding depends on its bytes
+    alone. Each field's bytes are looked up first in one cache for the process, so a block
+    that differs from the last in one field decodes (Huffman included) only that field."""
+    headers: Headers = []
+    cache = _decoded_fields
+    pos, end, size = 0, len(block), 0
+    while pos < end:
+        start = pos
+        pos = _field_end(block, pos)
+        if pos > end:
+            raise H2Error(COMPRESSION_ERROR, "truncated header block")
+        raw = block[start:pos]
+        cached = cache.get(raw)
+        if cached is None:
+            field, _ = _field(raw, 0)
+            if field is None:
+                if headers:
+                    raise H2Error(COMPRESSION_ERROR, "table size update after a field")
+                continue
+            if len(cache) >= _FIELD_CACHE_SIZE:
+                cache.clear()
+            cache[raw] = cached = field
+        headers.append(cached)
+        size += len(cached[0]) + len(cached[1]) + 32
+        if size > max_header_list_size:
+            raise H2Error(COMPRESSION_ERROR, "a header list over the limit")
+    return headers
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:

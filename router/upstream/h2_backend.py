@@ -72,6 +72,8 @@ class H2BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._flush_scheduled = False
         self._closing = False
+        # Once per connection: get_running_loop() costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
         self.closed = False
 
     # -- asyncio ------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class H2BackendConnection(asyncio.Protocol):
         """Something was put on the connection: write it on the next loop iteration."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

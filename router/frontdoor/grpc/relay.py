@@ -118,6 +118,8 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: RouterError | None = None  # a client certificate off the allow-list
         self._flush_scheduled = False
         self._closing = False
+        # Once per connection: get_running_loop() costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check.
@@ -187,7 +189,7 @@ class ClientConnection(asyncio.Protocol):
     def mark(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
