@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from router.protocol import h2frames as f
+from router.protocol.h2headers import encode_block
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
     MODEL_INFER,
@@ -115,7 +116,11 @@ async def test_a_client_that_breaks_http2_gets_goaway_and_others_go_on(
     router = await grpc_router([grpc_backend(backend.address, "identity")])
     host, port = router.target.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f.PREFACE + f.encode_settings([]) + f.frame(f.DATA, 0, 7, b"x"))
+    open_call = f.encode_headers(1, encode_block([  # a call in progress when it happens
+        (":method", "POST"), (":scheme", "http"), (":path", SERVER_LIVE),
+        (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]),
+        False, 16_384)
+    writer.write(f.PREFACE + f.encode_settings([]) + open_call + f.frame(f.DATA, 0, 7, b"x"))
     frames: list[f.Frame] = []
     decoder = f.FrameDecoder(max_frame_size=1 << 20)
     async with asyncio.timeout(CALL_TIMEOUT_S):

@@ -199,8 +199,8 @@ class ClientConnection(asyncio.Protocol):
         data = self.conn.data_to_send()
         if data:
             transport.write(data)
-        if self._closing and not self.conn.streams:
-            transport.close()
+        if self._closing and (self.conn.terminated or not self.conn.streams):
+            transport.close()  # after a protocol error, at once: its streams are gone
 
     def close_when_idle(self) -> None:
         """The final GOAWAY; close once the streams left have ended."""
