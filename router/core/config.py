@@ -275,6 +275,12 @@ class ListenerConfig(_Section):
         "whole size; one that does not fit waits, its connection unread, until there is room; "
         "a frame larger than this is answered FRAME_TOO_LARGE (docs/operations.md, Limits).",
     )
+    keyed: Bool = Field(
+        False, description="Keyed mode: each request frame's payload starts with a 1-byte "
+        "key length and a routing key, the model (docs/protocol.md, Keyed frames); requests "
+        "go only to backends serving it and are forwarded unchanged. Off: plain frames, "
+        "never looked into.",
+    )
     reuse_port: Bool = Field(
         False, description="SO_REUSEPORT on the TCP and gRPC listeners, so another router may "
         "share the ports (rolling restarts).",
@@ -553,7 +559,8 @@ class BackendConfig(_Section):
     )
     models: tuple[ModelName, ...] = Field(
         (), description='Models this backend serves, "name" (every version) or '
-        '"name:version"; gRPC calls are routed by these.',
+        '"name:version", or "*" for any model (a server that loads models on demand); gRPC '
+        "calls and keyed frames are routed by these.",
     )
     protocol: Annotated[Literal["tcp", "grpc"], BeforeValidator(_frames_is_tcp)] = Field(
         "tcp", description='"frames" (also spelled "tcp"): length-prefixed frames, the name the '

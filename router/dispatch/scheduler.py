@@ -134,6 +134,19 @@ class Dispatcher:
         request.epoch = self._epoch
         self._place(request)
 
+    def refuse(self, request: Request, error: RouterError) -> None:
+        """Accept a request and answer it with ``error`` at once (a front door found it
+        unroutable: a bad routing key, a model nobody serves); counted as ``submit`` counts."""
+        stats = self.stats
+        stats.accepted += 1
+        stats.inflight += 1
+        request.epoch = self._epoch
+        self.finish(request, None, error)
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
     # -- placement ----------------------------------------------------------------------------
 
     def _place(self, request: Request) -> None:
