@@ -4,13 +4,21 @@ A policy gets the candidates (already filtered to healthy backends the request h
 their in-flight counts and weights, and an injected RNG; it returns an index. No I/O, no clock.
 Ties are broken at random: with deterministic "first wins" tie-breaking, traffic at concurrency 1
 (every backend at zero in flight) would all go to the first backend.
+
+A *keyed* policy (``KeyedPolicy``: ``consistent_hash_bounded``, ``affinity``) also sees the
+request's model and routing key, and may follow the request: ``place`` returns, beside the
+index, a ``Placed`` token that the scheduler tells when the attempt starts and when the
+request leaves the backend (answered, failed, moved or expired), exactly once.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from router.balance.rendezvous import Rendezvous
 
 
 class Candidate(Protocol):
@@ -27,6 +35,42 @@ class Policy(Protocol):
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
         """Index of the chosen candidate; ``candidates`` is never empty."""
         ...
+
+
+class KeyedCandidate(Candidate, Protocol):
+    @property
+    def id(self) -> str:
+        """The backend's id: the same in every router that knows it (rendezvous ranks on it)."""
+        ...
+
+
+class Placed(Protocol):
+    """What a keyed policy follows of one placement."""
+
+    def started(self, now: float) -> None:
+        """The attempt on the chosen backend starts (sent to it)."""
+        ...
+
+    def done(self, served: bool, now: float) -> None:
+        """The request left the backend: ``served`` (answered by it) or not (failed, moved
+        elsewhere, or expired waiting). Called once."""
+        ...
+
+
+@runtime_checkable
+class KeyedPolicy(Protocol):
+    name: str
+
+    def place(
+        self, model: str | None, key: str | None, candidates: Sequence[KeyedCandidate],
+        rng: random.Random, moved: bool = False,
+    ) -> tuple[int, Placed | None]:
+        """(index of the chosen candidate, the token to tell, or None). ``key``: what to hash
+        (a routing key, else the model); ``moved``: the request was placed before (a retry,
+        or moved off a backend), so it is not a new arrival."""
+        ...
+
+    def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int: ...
 
 
 def _load(candidate: Candidate) -> float:
@@ -108,13 +152,82 @@ class PowerOfTwoChoices:
         return first if _load(candidates[first]) <= _load(candidates[second]) else second
 
 
-def make_policy(name: str) -> Policy:
-    policies: dict[str, type[Policy]] = {
+class CommonQueue:
+    """The seed experiment's RANDOM_DISPATCH baseline: the next free backend takes the next
+    request, whatever its model (fewest in flight, weights ignored, random among ties). With
+    requests waiting on the backend they were placed on, this is join-the-shortest-queue."""
+
+    name = "common_queue"
+
+    def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
+        least = min(c.inflight for c in candidates)
+        tied = [i for i, c in enumerate(candidates) if c.inflight == least]
+        return tied[0] if len(tied) == 1 else tied[rng.randrange(len(tied))]
+
+
+class ConsistentHashBounded:
+    """Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018), on
+    rendezvous hashing: the candidates ranked for the request's key, the first one whose
+    in-flight count is under its bound wins. The bound is ``load_bound`` x the mean load,
+    the new request counted, in proportion to weight: ``ceil(c x (total + 1) x w / W)``. So
+    a key sticks to one backend until that backend is ``c`` times as busy as the mean, then
+    spills to the next in its ranking, the same in every router. A request without a key goes
+    by least connections."""
+
+    name = "consistent_hash_bounded"
+
+    def __init__(self, load_bound: float = 1.25) -> None:
+        if load_bound < 1.0:
+            raise ValueError(f"load_bound must be >= 1, got {load_bound}")
+        self.load_bound = load_bound
+        self._rendezvous = Rendezvous()
+        self._fallback = LeastConnections()
+        self.spilled = 0  # placements past a key's first backend (it was over its bound)
+
+    def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
+        return self._fallback.choose(candidates, rng)
+
+    def place(
+        self, model: str | None, key: str | None, candidates: Sequence[KeyedCandidate],
+        rng: random.Random, moved: bool = False,
+    ) -> tuple[int, Placed | None]:
+        key = key or model
+        if key is None:
+            return self._fallback.choose(candidates, rng), None
+        return self.pick(key, candidates), None
+
+    def pick(self, key: str, candidates: Sequence[KeyedCandidate]) -> int:
+        total = sum(c.inflight for c in candidates) + 1
+        weights = sum(c.weight for c in candidates)
+        score = self._rendezvous.score
+        best, best_score, first = -1, -1.0, -1
+        first_score = -1.0
+        for index, c in enumerate(candidates):
+            value = score(key, c.id, c.weight)
+            if value > first_score:
+                first, first_score = index, value
+            if value > best_score and c.inflight < math.ceil(
+                    self.load_bound * total * c.weight / weights):
+                best, best_score = index, value
+        if best != first:
+            self.spilled += 1
+        return best if best >= 0 else first
+
+
+def make_policy(name: str, affinity: Callable[[], Policy] | None = None,
+                load_bound: float = 1.25) -> Policy:
+    """The policy called ``name``; ``affinity`` builds the affinity policy (it needs the
+    residency view and the clock), ``load_bound`` is the bound of the hashing policies."""
+    policies: dict[str, Callable[[], Policy]] = {
         "least_connections": LeastConnections,
         "round_robin": RoundRobin,
         "random": WeightedRandom,
         "power_of_two_choices": PowerOfTwoChoices,
+        "common_queue": CommonQueue,
+        "consistent_hash_bounded": lambda: ConsistentHashBounded(load_bound),
     }
+    if affinity is not None:
+        policies["affinity"] = affinity
     try:
         return policies[name]()
     except KeyError:

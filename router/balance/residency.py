@@ -1,0 +1,244 @@
+"""The residency view: which models each backend holds, pure and bounded.
+
+Per backend: its model slots and concurrency (``shape``), and per model it holds a
+``Resident``: *loading* (a request for it was sent to a backend that did not hold it, and
+has not been answered yet) or *loaded*, with when it was last used and how many requests for
+it are in flight there. Models a backend does not hold are *absent*.
+
+Two sources, the backend's word first:
+
+* ``report(backend, loaded, loading)``: what the backend says it holds (a heartbeat, KServe
+  ``RepositoryIndex``). It replaces the view of that backend, except that a model the router
+  has requests in flight for stays (as loading): the backend may not have reached them yet.
+* ``routed`` / ``finished``: the router's own decisions between reports. A request sent for an
+  absent model makes the backend load it, and the backend makes room as an LRU cache does: the
+  least recently used model with nothing in flight goes (``routed`` returns it). A model with
+  requests in flight is never predicted evicted, so the view goes over the slots instead, as
+  ``backends.modelsim`` does.
+
+Bounds: at most ``max_backends`` backends (the least recently touched is forgotten past it)
+and, per backend, at most ``max(slots, max_models)`` models (a report listing more keeps the
+first ones). So memory is bounded whatever backends report or clients ask for.
+
+No clock of its own: every call takes ``now``. No I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LOADING: Literal["loading"] = "loading"
+LOADED: Literal["loaded"] = "loaded"
+State = Literal["loading", "loaded"]
+
+
+@dataclass(slots=True)
+class Resident:
+    """One model on one backend."""
+
+    state: State
+    since: float  # when it became resident (its load began, or a report first showed it)
+    last_used: float
+    inflight: int = 0  # requests for it sent there and not answered yet
+
+
+@dataclass(slots=True)
+class Shape:
+    slots: int
+    concurrency: int
+
+
+class _Backend:
+    __slots__ = ("models", "reported_at", "shape")
+
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        self.models: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        self.reported_at: float | None = None
+
+
+class ResidencyView:
+    def __init__(
+        self, default_slots: int = 4, default_concurrency: int = 1, *,
+        max_backends: int = 4096, max_models: int = 1024,
+    ) -> None:
+        if min(default_slots, default_concurrency, max_backends, max_models) < 1:
+            raise ValueError("slots, concurrency and the bounds must be >= 1")
+        self.default = Shape(default_slots, default_concurrency)
+        self.max_backends = max_backends
+        self.max_models = max_models
+        self._backends: OrderedDict[str, _Backend] = OrderedDict()
+        # model -> backend id -> its Resident: the holders of a model in one lookup.
+        self._holders: dict[str, dict[str, Resident]] = {}
+        self.forgotten = 0  # backends dropped past max_backends
+
+    # -- what backends are -------------------------------------------------------------------
+
+    def shape(self, backend: str, slots: int | None = None,
+              concurrency: int | None = None) -> Shape:
+        """Set (each one given) and return a backend's slots and concurrency."""
+        record = self._backend(backend)
+        if slots is not None:
+            record.shape.slots = max(1, slots)
+        if concurrency is not None:
+            record.shape.concurrency = max(1, concurrency)
+        return record.shape
+
+    def shape_of(self, backend: str) -> Shape:
+        record = self._backends.get(backend)
+        return record.shape if record is not None else self.default
+
+    def forget(self, backend: str) -> None:
+        """A backend left: drop everything known of it."""
+        record = self._backends.pop(backend, None)
+        if record is not None:
+            for model in record.models:
+                self._unindex(model, backend)
+
+    # -- what they hold ----------------------------------------------------------------------
+
+    def holders(self, model: str) -> dict[str, Resident]:
+        """backend id -> Resident for every backend holding ``model`` (loading or loaded).
+        Shared: do not modify it."""
+        return self._holders.get(model, _EMPTY)
+
+    def models_of(self, backend: str) -> OrderedDict[str, Resident]:
+        """The models of ``backend``, least recently used first. Shared: do not modify."""
+        record = self._backends.get(backend)
+        return record.models if record is not None else OrderedDict()
+
+    def get(self, backend: str, model: str) -> Resident | None:
+        return self._holders.get(model, _EMPTY).get(backend)
+
+    def victim(self, backend: str) -> tuple[str, Resident] | None:
+        """The model ``backend`` would evict to load another: its least recently used model
+        with nothing in flight, once its slots are full; None while a slot is free or when
+        every model is in use."""
+        record = self._backends.get(backend)
+        if record is None or len(record.models) < record.shape.slots:
+            return None
+        return next(((name, r) for name, r in record.models.items()
+                     if not r.inflight and r.state == LOADED), None)
+
+    def free_slot(self, backend: str) -> bool:
+        record = self._backends.get(backend)
+        slots = record.shape.slots if record is not None else self.default.slots
+        return record is None or len(record.models) < slots
+
+    # -- the router's own decisions ----------------------------------------------------------
+
+    def routed(self, backend: str, model: str, now: float) -> str | None:
+        """A request for ``model`` is sent to ``backend``: it is in flight there, and a load
+        begins if the model was absent. Returns the model that load evicts, if any."""
+        record = self._backend(backend)
+        resident = record.models.get(model)
+        evicted = None
+        if resident is None:
+            if len(record.models) >= max(record.shape.slots, 1):
+                found = self.victim(backend)
+                if found is not None:
+                    evicted = found[0]
+                    self._drop(record, backend, evicted)
+            resident = Resident(LOADING, now, now)
+            self._put(record, backend, model, resident)
+        else:
+            record.models.move_to_end(model)
+            resident.last_used = now
+        resident.inflight += 1
+        return evicted
+
+    def finished(self, backend: str, model: str, now: float, *, served: bool) -> None:
+        """A request routed there for ``model`` is over: ``served`` (answered by the
+        backend: the model is loaded now) or not (failed, or taken back before it was sent:
+        a load nobody else waits for is forgotten)."""
+        record = self._backends.get(backend)
+        resident = record.models.get(model) if record is not None else None
+        if record is None or resident is None:
+            return
+        resident.inflight = max(0, resident.inflight - 1)
+        if served:
+            resident.state = LOADED
+            resident.last_used = now
+        elif resident.state == LOADING and not resident.inflight:
+            self._drop(record, backend, model)
+
+    # -- the backend's word ------------------------------------------------------------------
+
+    def report(self, backend: str, loaded: Iterable[str], now: float,
+               loading: Iterable[str] = ()) -> None:
+        """What ``backend`` says it holds now; models with requests in flight stay."""
+        record = self._backend(backend)
+        record.reported_at = now
+        said: dict[str, State] = {}
+        for state, names in ((LOADED, loaded), (LOADING, loading)):
+            for name in names:
+                if len(said) >= max(record.shape.slots, self.max_models):
+                    break
+                said.setdefault(name, state)
+        for name in [n for n, r in record.models.items() if n not in said and not r.inflight]:
+            self._drop(record, backend, name)
+        for name, state in said.items():
+            resident = record.models.get(name)
+            if resident is None:
+                self._put(record, backend, name, Resident(state, now, now))
+            elif state == LOADED or not resident.inflight:
+                resident.state = state
+
+    # -- views -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._backends)
+
+    def models(self) -> dict[str, dict[str, Resident]]:
+        """model -> its holders, for every model some backend holds."""
+        return self._holders
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "backends": len(self._backends),
+            "models": len(self._holders),
+            "residents": sum(len(b.models) for b in self._backends.values()),
+            "forgotten": self.forgotten,
+        }
+
+    def __repr__(self) -> str:
+        return (f"ResidencyView(backends={len(self._backends)}, models={len(self._holders)}, "
+                f"default={self.default})")
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _backend(self, backend: str) -> _Backend:
+        record = self._backends.get(backend)
+        if record is None:
+            if len(self._backends) >= self.max_backends:
+                oldest = next(iter(self._backends))
+                self.forget(oldest)
+                self.forgotten += 1
+            record = self._backends[backend] = _Backend(
+                Shape(self.default.slots, self.default.concurrency))
+        else:
+            self._backends.move_to_end(backend)
+        return record
+
+    def _put(self, record: _Backend, backend: str, model: str, resident: Resident) -> None:
+        if len(record.models) >= max(record.shape.slots, self.max_models):
+            self._drop(record, backend, next(iter(record.models)))  # the bound, past any slots
+        record.models[model] = resident
+        self._holders.setdefault(model, {})[backend] = resident
+
+    def _drop(self, record: _Backend, backend: str, model: str) -> None:
+        del record.models[model]
+        self._unindex(model, backend)
+
+    def _unindex(self, model: str, backend: str) -> None:
+        holders = self._holders.get(model)
+        if holders is not None:
+            holders.pop(backend, None)
+            if not holders:
+                del self._holders[model]
+
+
+_EMPTY: dict[str, Resident] = {}
