@@ -190,15 +190,15 @@ def test_load_prefers_a_backend_that_can_start_then_fewer_models_then_less_load(
 
 
 def test_a_model_with_requests_in_flight_is_never_evicted() -> None:
-    policy, clock = make(slots=1, min_residency_s=0.0)
+    policy, clock = make(slots=1, concurrency=2, min_residency_s=0.0)
     a, b = Cand("a"), Cand("b")
     warm(policy, clock, a, "x")
-    warm(policy, clock, b, "y")
-    user, token = place(policy, "x", [a, b])
+    user, token = place(policy, "x", [a])
     assert user is a
     token.started(clock.now())
     clock.advance(1)
-    # a's only model is in use: m goes to b, which evicts y (nothing in flight there).
+    warm(policy, clock, b, "y")  # y is newer than x, and a has a worker free
+    # Still a's only model is in use: m goes to b, which evicts y (nothing in flight there).
     chosen, _ = place(policy, "m", [a, b])
     assert chosen is b and "x" in policy.view.models_of("a")
 
