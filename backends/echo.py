@@ -9,6 +9,13 @@ requests reached it. With ``--tls-cert`` it speaks TLS (``--tls-client-ca``: and
 client certificate signed by that CA), built with the standard library alone so it checks the
 router's TLS independently.
 
+With ``--register URL`` it joins the router's fleet by itself (``backends.registering``):
+registered before it prints ``READY``, renewed by heartbeat (carrying the requests it holds),
+and on SIGTERM deregistered first, so the router stops sending; it then stops listening and
+waits (at most ``--drain-grace-s``) for the router to close its connections, which the router
+does once nothing is in flight there, before it exits. Without ``--register`` SIGTERM closes
+everything at once.
+
 One ``asyncio.Protocol`` per connection under uvloop; replies go out in request order. The
 replies produced by one ``data_received`` are joined into one write (each frame is written
 whole, header and payload together), which halves the syscalls under pipelined load.
@@ -20,18 +27,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import signal
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
 import uvloop
 
+from backends import registering
+from backends.registering import RegisterOptions
 from backends.unix import remove_stale_socket
 from router.core.errors import FrameTooLarge, TruncatedFrame
 from router.protocol.announce import format_ready, format_ready_unix
@@ -54,6 +64,8 @@ class EchoConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # require client certificates signed by this CA
     greet: bytes | None = None  # written as one frame as soon as a connection is made
+    register: RegisterOptions | None = None  # join this router's fleet (--register)
+    models: tuple[str, ...] = ()  # the models it registers as serving (it echoes any)
 
     def __post_init__(self) -> None:
         if self.unix is not None and self.tls_cert:
@@ -91,12 +103,41 @@ class IdRecorder:
         os.close(self._fd)
 
 
+class Connections:
+    """The open client connections, and an event set while there are none (a drain waits on
+    it: the router closes its connections once nothing is in flight on them)."""
+
+    def __init__(self) -> None:
+        self._open: set[EchoProtocol] = set()
+        self.none_open = asyncio.Event()
+        self.none_open.set()
+
+    def add(self, connection: EchoProtocol) -> None:
+        self._open.add(connection)
+        self.none_open.clear()
+
+    def discard(self, connection: EchoProtocol) -> None:
+        self._open.discard(connection)
+        if not self._open:
+            self.none_open.set()
+
+    def inflight(self) -> int:
+        """Requests read and not yet answered (only ``--delay-ms`` holds any)."""
+        return sum(connection.pending for connection in self._open)
+
+    def __iter__(self) -> Iterator[EchoProtocol]:
+        return iter(list(self._open))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
 class EchoProtocol(asyncio.Protocol):
     """One client connection: decode frames, answer each in order."""
 
     def __init__(
         self, config: EchoConfig, rng: random.Random, recorder: IdRecorder | None,
-        connections: set[EchoProtocol],
+        connections: Connections,
     ) -> None:
         self._config = config
         self._rng = rng
@@ -151,6 +192,10 @@ class EchoProtocol(asyncio.Protocol):
         # Half-closed by the client: finish the delayed replies, then close.
         self._eof = True
         return bool(self._pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def abort(self) -> None:
         self._closing = True
@@ -224,7 +269,7 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     ``stop`` is set, then close everything."""
     rng = random.Random(config.seed)
     recorder = IdRecorder(config.record_ids) if config.record_ids else None
-    connections: set[EchoProtocol] = set()
+    connections = Connections()
     tls = None
     if config.tls_cert:
         tls = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -232,9 +277,17 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
         return EchoProtocol(config, rng, recorder, connections)
 
     server, ready = await listen_frames(factory, config.host, config.port, config.unix, tls)
+    port = 0 if config.unix is not None else server.sockets[0].getsockname()[1]
+    address = "" if config.register is None else registering.advertised(
+        config.register, host=config.host, port=port, unix=config.unix)
     try:
-        print(ready, flush=True)
-        await stop.wait()
+        async with registering.lease(config.register, address=address, protocol="frames",
+                                     models=config.models, inflight=connections.inflight):
+            print(ready, flush=True)
+            await stop.wait()
+        if config.register is not None:  # deregistered: the router sends nothing new
+            server.close()
+            await _drained(connections, config.register.drain_grace_s)
     finally:
         if config.unix is not None:
             remove_stale_socket(config.unix)
@@ -244,6 +297,17 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
         await server.wait_closed()
         if recorder is not None:
             recorder.close()
+
+
+async def _drained(connections: Connections, grace_s: float) -> None:
+    """Until the router has closed every connection, at most ``grace_s``."""
+    try:
+        async with asyncio.timeout(grace_s):
+            await connections.none_open.wait()
+    except TimeoutError:
+        logging.getLogger(__name__).warning(
+            "drain: %d connections still open after %gs (%d requests unanswered); closing",
+            len(connections), grace_s, connections.inflight())
 
 
 async def _main_async(config: EchoConfig) -> None:
@@ -275,7 +339,11 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
                         help="require client certificates signed by this CA")
     parser.add_argument("--greet", default=None, metavar="TEXT",
                         help="write TEXT as a frame on every connection before reading")
+    parser.add_argument("--models", default="", metavar="M1,M2",
+                        help="with --register: the models it registers as serving")
+    registering.add_arguments(parser)
     args = parser.parse_args(argv)
+    register = registering.options(args, parser)
     try:
         return EchoConfig(
             host=args.host, port=args.port or 0, unix=args.unix, delay_s=args.delay_ms / 1000.0,
@@ -283,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
             record_ids=args.record_ids, seed=args.seed, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
             greet=None if args.greet is None else args.greet.encode(),
+            register=register, models=tuple(m for m in args.models.split(",") if m),
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -290,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> EchoConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
     uvloop.run(_main_async(config))
 
 

@@ -26,13 +26,18 @@ exits the process (status 3) as soon as an inference arrives, before answering i
 serves TLS (``--tls-client-ca``: and requires client certificates signed by that CA).
 
 Prints ``READY <port>`` once listening (``READY unix:<path>`` with ``--unix PATH``); SIGTERM
-stops it after a short grace.
+stops it after a short grace. With ``--register URL`` it joins the router's fleet by itself
+(``backends.registering``): registered with its models before ``READY``, renewed by
+heartbeat (carrying its inferences in flight and its loaded models), and on SIGTERM
+deregistered first, so the router stops sending, then drained (calls in flight finish, at
+most ``--drain-grace-s``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -46,7 +51,9 @@ import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from backends import registering
 from backends.grpc_echo import EchoService
+from backends.registering import RegisterOptions
 from backends.unix import remove_stale_socket
 from router.protocol.announce import format_ready, format_ready_unix
 from router.protocol.kserve import read_repository_model, read_trace_model
@@ -83,6 +90,7 @@ class KServeConfig:
     tls_cert: str | None = None  # PEM certificate chain: serve TLS
     tls_key: str | None = None  # PEM private key (default: in tls_cert)
     tls_client_ca: str | None = None  # require client certificates signed by this CA
+    register: RegisterOptions | None = None  # join this router's fleet (--register)
 
 
 def _input_bytes(request: pb.ModelInferRequest, index: int) -> bytes:
@@ -141,6 +149,7 @@ class KServeBackend:
         )
         self.port = port
         self.inferences = 0
+        self.inflight = 0  # inferences started and not yet answered
         self._unloaded: set[str] = set()  # served, but unloaded by RepositoryModelUnload
         self._counts = dict.fromkeys(config.models, 0)  # inferences answered, per model
 
@@ -158,7 +167,17 @@ class KServeBackend:
         if name not in self._config.models:
             raise InferError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
 
+    def loaded_models(self) -> list[str]:
+        return [m for m in self._config.models if m not in self._unloaded]
+
     async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        self.inflight += 1
+        try:
+            return await self._infer(request)
+        finally:
+            self.inflight -= 1
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self._config.crash_on_infer:
             os._exit(3)  # die before answering: what a retry must hide
         model = self._model(request.model_name)
@@ -348,11 +367,21 @@ async def serve(
     name = port if config.unix is None else address
     server.add_generic_rpc_handlers([backend.handler(), EchoService(name).handler()])
     await server.start()
+    grace_s = STOP_GRACE_S
+    if config.register is not None:
+        grace_s = config.register.drain_grace_s
+        address = registering.advertised(config.register, host=config.host, port=port,
+                                         unix=config.unix)
     try:
-        print(ready, flush=True)
-        await stop.wait()
+        async with registering.lease(
+                config.register, address=address if config.register else "", protocol="grpc",
+                models=config.models, inflight=lambda: backend.inflight,
+                loaded_models=backend.loaded_models):
+            print(ready, flush=True)
+            await stop.wait()
+        # Deregistered (with --register): the router places nothing new here.
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(STOP_GRACE_S)
+        await server.stop(grace_s)
     finally:
         await server.stop(None)
         backend.close()
@@ -391,6 +420,7 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
     parser.add_argument("--tls-key", default=None, metavar="PEM")
     parser.add_argument("--tls-client-ca", default=None, metavar="PEM",
                         help="require client certificates signed by this CA")
+    registering.add_arguments(parser)
     args = parser.parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     unknown = sorted(set(models) - set(MODELS))
@@ -402,16 +432,21 @@ def parse_args(argv: list[str] | None = None) -> KServeConfig:
         parser.error("--unix serves plaintext: drop --tls-cert")
     if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
         parser.error("--tls-key and --tls-client-ca need --tls-cert")
+    register = registering.options(args, parser)
     return KServeConfig(
         host=args.host, port=args.port or 0, unix=args.unix, models=models,
         delay_s=args.delay_ms / 1000.0, fail_rate=args.fail_rate,
         crash_on_infer=args.crash_on_infer, record_ids=args.record_ids, seed=args.seed,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        register=register,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    uvloop.run(_main_async(parse_args(argv)))
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    uvloop.run(_main_async(config))
 
 
 if __name__ == "__main__":

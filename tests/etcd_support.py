@@ -4,9 +4,10 @@ tests.etcd_support import etcd_server``).
 
 ``etcd_server`` starts ``etcd`` (Debian's ``etcd-server``; ``make test`` installs it) on two
 free loopback ports with a data directory under the test's tmp_path, and waits for the line
-in which it says it serves clients (bounded). ``stop``/``start`` restart the same server: same
-data directory, same ports. Its heartbeat and election timeout are shortened (50 ms / 500 ms)
-so that etcd's shortest lease, 1.5 election timeouts rounded up to whole seconds, is 1 s.
+in which it says it serves clients (bounded). ``stop`` (or ``kill``) then ``start`` restart
+the same server: same data directory, same ports. Its heartbeat and election timeout are
+shortened (50 ms / 500 ms) so that etcd's shortest lease, 1.5 election timeouts rounded up
+to whole seconds, is 1 s.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ class EtcdServer:
         """SIGTERM (SIGKILL after STOP_TIMEOUT_S), reaped."""
         if self.process is not None:
             process, self.process = self.process, None
+            await process.stop(STOP_TIMEOUT_S)
+
+    async def kill(self) -> None:
+        """SIGKILL, reaped: etcd gets no chance to shut down cleanly."""
+        if self.process is not None:
+            process, self.process = self.process, None
+            process.kill()
             await process.stop(STOP_TIMEOUT_S)
 
     async def restart(self) -> None:

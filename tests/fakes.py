@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from router.control.directory import BackendDirectory
+from router.control.store import MemoryStore
 from router.core.clock import ManualClock
 from router.core.config import PoolConfig
 from router.core.types import BackendSpec, Protocol
-from router.dispatch.backends import Backend
+from router.dispatch.backends import Backend, Registry
 from router.upstream.base import Upstream
 from router.upstream.grpc_limiter import GrpcCallLimiter
 from router.upstream.pool import Connection, Pool
@@ -28,3 +30,10 @@ def make_backend(
             upstream = Pool(no_dial, PoolConfig(), ManualClock(), name=address)
     spec = BackendSpec(id=address, address=address, protocol=protocol, models=models)
     return Backend(spec, upstream)
+
+
+def memory_directory(registry: Registry) -> BackendDirectory:
+    """A directory over ``registry`` whose records live in a MemoryStore on a ManualClock
+    (leases never expire unless the clock is advanced); its backends never dial."""
+    return BackendDirectory(registry, MemoryStore(ManualClock()),
+                            lambda spec: make_backend(spec.address, spec.protocol, spec.models))

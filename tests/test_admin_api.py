@@ -4,7 +4,6 @@ real ``AdminServer`` on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,16 +19,13 @@ from prometheus_client.registry import CollectorRegistry
 from router.control import admin_routes
 from router.control.admin import AdminAuth, AdminServer, start_app
 from router.control.api import BODY_KEY, Route, build_app, json_response
-from router.control.directory import BackendDirectory
-from router.control.store import MemoryStore
-from router.core.clock import MonotonicClock
 from router.core.config import AdminConfig
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import InvalidInput, RestartRequired
 from router.dispatch.backends import Registry
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
-from tests.fakes import make_backend
+from tests.fakes import make_backend, memory_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "api-test-token"
@@ -134,8 +130,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
     async def reload() -> ReloadOutcome:
         return outcomes[-1]
 
-    directory = BackendDirectory(registry, MemoryStore(MonotonicClock(asyncio.get_running_loop)),
-                                 lambda spec: make_backend(spec.address, spec.protocol))
+    directory = memory_directory(registry)
     await directory.start()
     server = AdminServer(registry, metrics, Readiness(registry, Lifecycle()), _failing_stats,
                          reload, AdminAuth(AdminConfig(token_file=str(token)), None),

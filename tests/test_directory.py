@@ -294,3 +294,20 @@ async def test_a_watch_sees_every_backend_then_joins_changes_and_leaves(world: W
         ("left", "127.0.0.1:9001", "removed"),
     ]
     await watch.aclose()
+
+
+async def test_a_batch_renews_each_lease_and_names_the_ones_to_register_again(
+        world: World) -> None:
+    from router.control.directory import LeaseRenewal
+    await world.directory.register(reg("127.0.0.1:9001", lease_ttl_s=3.0))
+    await world.directory.register(reg("127.0.0.1:9002", lease_ttl_s=3.0))
+    await world.expire(2.0)
+    result = await world.directory.heartbeat_many([
+        LeaseRenewal(id="127.0.0.1:9001", inflight=5), LeaseRenewal(id="gone")])
+    assert (result.renewed, result.not_found) == (["127.0.0.1:9001"], ["gone"])
+    await world.expire(2.0)  # 4 s: past the unrenewed lease of 9002, within 9001's
+    assert world.registry.get("127.0.0.1:9002") is None
+    assert world.member("127.0.0.1:9001") is not None
+    assert world.directory.reported("127.0.0.1:9001") == LoadReport(inflight=5)
+    assert world.directory.heartbeats["ok"] == 1
+    assert world.directory.heartbeats["lease_not_found"] == 1

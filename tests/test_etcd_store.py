@@ -17,7 +17,7 @@ from router.control.etcd_store import TOMBSTONE, EtcdStore, lease_ttl_for_etcd
 from router.control.store import BackendRecord, open_store
 from router.core.clock import ManualClock
 from router.core.config import RegistryConfig
-from router.core.errors import StoreFull, StoreUnavailable
+from router.core.errors import InvalidInput, StoreFull, StoreTimeout, StoreUnavailable
 from tests.etcd_support import Collector, EtcdServer, Relay, etcd_server, free_port
 
 __all__ = ["etcd_server"]  # the fixture, used by name
@@ -111,6 +111,32 @@ async def test_refresh_through_either_store_keeps_a_lease(
         await asyncio.sleep(0.25)  # a heartbeat every TTL/4
     assert await a.get("r1") is not None
     assert b.statistics()["refreshes"] + a.statistics()["refreshes"] >= 8
+
+
+async def test_an_update_keeps_the_lease_and_reaches_the_other_store(
+    two_stores: tuple[EtcdStore, EtcdStore],
+) -> None:
+    a, b = two_stores
+    cb, = await collectors(b)
+    lease = await a.put(record("r1", "127.0.0.1:9001"), lease_ttl_s=30)
+    stored = await a.update(record("r1", "127.0.0.1:9001", weight=4, drained=True))
+    assert stored is not None and (stored.lease_id, stored.weight) == (lease, 4)
+    await cb.wait_until(lambda c: "r1" in c.view and c.view["r1"].drained, SEEN_WITHIN_S)
+    assert cb.view["r1"].lease_id == lease
+    assert await b.refresh(lease) is True  # the same lease: heartbeats go on
+    assert await a.update(record("gone", "127.0.0.1:9002")) is None
+    with pytest.raises(InvalidInput):  # moving a record is a new registration
+        await a.update(record("r1", "127.0.0.1:9009"))
+    await stop_all([cb])
+
+
+async def test_an_operation_past_its_bound_is_timeout_504() -> None:
+    store = make_store("127.0.0.1:1", timeout_s=0.05)
+    with pytest.raises(StoreTimeout) as raised:
+        async with store._deadline("a slow put"):
+            await asyncio.sleep(1.0)  # several calls that each kept within timeout_s
+    assert (raised.value.code, raised.value.http_status) == ("TIMEOUT", 504)
+    await store.close()
 
 
 async def test_a_delete_is_a_delete_for_every_store_not_an_expiry(

@@ -13,7 +13,7 @@ from router.core.types import Protocol
 from router.dispatch.backends import Backend, Registry
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
-from tests.fakes import make_backend
+from tests.fakes import make_backend, memory_directory
 
 
 def _backend(port: int, kind: Protocol, models: tuple[str, ...] = ()) -> Backend:
@@ -80,7 +80,8 @@ async def test_readyz_answers_with_the_readiness_reason() -> None:
     tcp = _backend(1, "tcp")
     s = Setup(tcp)
     admin = AdminServer(s.registry, CollectorRegistry(), s.readiness, dict, no_reload,
-                        AdminAuth(AdminConfig(), None), reload_certificates=list)
+                        AdminAuth(AdminConfig(), None), reload_certificates=list,
+                        directory=memory_directory(s.registry))
     host, port = await admin.start("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as session:

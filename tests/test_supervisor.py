@@ -44,13 +44,13 @@ class Supervised:
 
 @contextlib.asynccontextmanager
 async def supervised_router(
-    backend: EchoBackend, tmp_path: Path, processes: int = 2
+    backend: EchoBackend, tmp_path: Path, processes: int = 2, extra: tuple[str, ...] = ()
 ) -> AsyncIterator[Supervised]:
     stderr_path = tmp_path / "router.stderr"
     proc = await launch(
         [sys.executable, "-m", "router", "serve", "--processes", str(processes),
          "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", backend.address,
-         "--shutdown-grace", "10"],
+         "--shutdown-grace", "10", *extra],
         parse_banner, stderr=stderr_path, cwd=REPO_ROOT, ready_timeout_s=WAIT_S,
         env={"PYTHONPATH": str(REPO_ROOT), "ROUTER_LOG_DIR": str(tmp_path / "logs"),
              "PATH": "/usr/bin:/bin"},
@@ -60,6 +60,47 @@ async def supervised_router(
         yield Supervised(proc, host, port, proc.ready.admin_url, stderr_path)
     finally:
         await proc.stop(WAIT_S)
+
+
+async def test_a_registration_through_the_supervisor_reaches_every_process(
+    echo_backend: Callable[..., EchoBackend], tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("sv-token")
+    static, registered = echo_backend(), echo_backend()
+    async with supervised_router(static, tmp_path,
+                                 extra=("--admin-token-file", str(token))) as router:
+        headers = {"Authorization": "Bearer sv-token"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(router.admin + "/v1/backends", json={
+                    "address": registered.address, "lease_ttl_s": 30}) as resp:
+                assert resp.status == 201, await resp.text()
+            async with session.put(router.admin + f"/v1/backends/{registered.address}/lease",
+                                   json={}) as resp:
+                assert resp.status == 200
+            async with session.post(router.admin + f"/v1/backends/{static.address}/drain",
+                                    ) as resp:
+                assert resp.status == 200
+            async with session.put(router.admin + "/v1/backends/nobody/lease",
+                                   json={}) as resp:
+                assert (resp.status, (await resp.json())["code"]) == (404, "LEASE_NOT_FOUND")
+        status, backends = await router.get("/backends")
+        by_process = sorted((b["process"], b["address"], b["drained"]) for b in backends)
+        assert by_process == sorted([(i, a, a == static.address) for i in (0, 1)
+                                     for a in (static.address, registered.address)])
+        clients = [await FrameClient.connect(router.host, router.port) for _ in range(8)]
+        async with asyncio.timeout(WAIT_S):  # every process routes to the registered one
+            answers = await asyncio.gather(*(c.request(b"r%d" % i)
+                                             for i, c in enumerate(clients)))
+        assert answers == [b"r%d" % i for i in range(8)]
+        status, after = await router.get("/backends")
+        assert status == 200
+        served = {b["address"]: 0 for b in after}
+        for b in after:
+            served[b["address"]] += b["requests_total"]
+        assert served == {static.address: 0, registered.address: 8}
+        for client in clients:
+            await client.close()
 
 
 def per_process(metrics_text: str, sample_name: str) -> dict[str, float]:

@@ -13,6 +13,8 @@ from router.control.api import ErrorBody, Route, endpoint_table, openapi
 from router.control.directory import (
     BackendInfo,
     DirectoryList,
+    LeaseBatch,
+    LeaseBatchResult,
     LoadReport,
     Registered,
     Registration,
@@ -136,6 +138,8 @@ V1_ROUTES: tuple[Route, ...] = (
     Route("v1_heartbeat", "PUT", "/v1/backends/{id}/lease", "Renew a backend's lease "
           "(heartbeat), with its load report", {200: Registered, **_NOT_FOUND},
           request=LoadReport, mutates=True),
+    Route("v1_heartbeat_many", "PUT", "/v1/leases", "Renew many leases at once (a process "
+          "running many backends)", {200: LeaseBatchResult}, request=LeaseBatch, mutates=True),
     Route("v1_deregister", "DELETE", "/v1/backends/{id}", "Deregister: the backend drains, "
           "then leaves", {202: BackendInfo, 409: ErrorBody, **_NOT_FOUND}, mutates=True),
     Route("v1_drain", "POST", "/v1/backends/{id}/drain", "Take a backend out of rotation "

@@ -32,7 +32,10 @@ operator), ``removed`` (only in watch events: it has left).
 
 Persistence: API backends (with their drain flag) and drain and weight overrides of static
 backends are the desired state saved to ``state.file`` on every change and restored on
-start; leased records are not (they register again on NOT_FOUND).
+start; leased records are not (they register again on NOT_FOUND). A shared store (etcd)
+keeps API backends itself, so the state file then holds only this router's overrides of its
+static backends: a router's copy of a shared record is stale once another router changes or
+deletes it, and restoring it would undo that change.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,6 +72,7 @@ from router.core.errors import (
     InvalidInput,
     LeaseNotFound,
     RouterError,
+    StoreUnavailable,
     quoted,
 )
 from router.core.types import BackendSpec, Source
@@ -83,6 +87,8 @@ APPLY_TIMEOUT_S = 2.0
 # Registration results, as counted in router_registrations_total{result}.
 REGISTRATION_RESULTS = ("created", "replaced", "rejected", "failed")
 HEARTBEAT_RESULTS = ("ok", "lease_not_found", "failed")
+# Leases renewed by one batch at most: a request of about 1 MiB.
+MAX_BATCH = 10_000
 # A watcher of the directory reads at most this many events behind before it is dropped.
 MAX_WATCH_BACKLOG = 4096
 
@@ -126,6 +132,28 @@ class LoadReport(pydantic.BaseModel):
 
     inflight: int | None = pydantic.Field(None, ge=0, le=1_000_000_000, strict=True)
     loaded_models: tuple[Model, ...] | None = pydantic.Field(None, max_length=1024)
+
+
+class LeaseRenewal(LoadReport):
+    """One lease of a batch (``PUT /v1/leases``): the backend's id and its report."""
+
+    id: BackendId
+
+    def report(self) -> LoadReport | None:
+        if self.inflight is None and self.loaded_models is None:
+            return None
+        return LoadReport(inflight=self.inflight, loaded_models=self.loaded_models)
+
+
+class LeaseBatch(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    leases: tuple[LeaseRenewal, ...] = pydantic.Field(max_length=MAX_BATCH)
+
+
+class LeaseBatchResult(pydantic.BaseModel):
+    renewed: list[str]
+    not_found: list[str] = pydantic.Field(description="register these again")
 
 
 class WeightChange(pydantic.BaseModel):
@@ -204,18 +232,41 @@ class BackendDirectory:
     # -- start and stop -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the saved state, then follow the store. Static backends are in the registry
-        already (the fleet started first), so their overrides apply now."""
+        """Restore the saved state, then follow the store, and return once the data plane
+        holds what the store holds: a router that starts on a shared store routes to its fleet
+        from the first request. Static backends are in the registry already (the fleet
+        started first), so their overrides apply now."""
         saved = self._state_file.load() if self._state_file is not None else DesiredState()
         self._overrides = dict(saved.static)
         for backend in list(self._registry):
             self._static_joined(backend)
         self._follow_task = asyncio.create_task(self._follow(), name="directory-follow")
-        for api in saved.backends:
+        await self._wait_applied_all(await self._stored_ids())
+        restored = self._restorable(saved)
+        for api in restored:
             record = BackendRecord.parse({**api.model_dump(exclude={"drained"}), "source": "api",
                                           "drained": api.drained})
             await self._store.put(record)
-        await self._wait_applied_all(saved.backends)
+        await self._wait_applied_all(api.id for api in restored)
+
+    async def _stored_ids(self) -> list[str]:
+        """The ids of the records in the store now; none when it cannot be reached (its watch
+        brings them once it is back)."""
+        try:
+            return [record.id for record in await self._store.list()]
+        except StoreUnavailable as exc:
+            log.warning("registry: the store cannot be reached (%s); starting without its "
+                        "backends, which join once it is back", exc.message)
+            return []
+
+    def _restorable(self, saved: DesiredState) -> tuple[ApiBackend, ...]:
+        """The saved API backends to put back: none into a shared store, which has kept them
+        (module docstring: persistence)."""
+        if self._store.shared and saved.backends:
+            log.warning("registry: %d API backends in the state file are not restored: the "
+                        "shared store keeps API backends", len(saved.backends))
+            return ()
+        return saved.backends
 
     async def flush_state(self) -> None:
         """Wait for the state-file writes queued so far."""
@@ -311,6 +362,20 @@ class BackendDirectory:
         if report is not None and backend_id in self._records:
             self._reports[backend_id] = report
         return _registered(backend_id, record.lease_ttl_s)
+
+    async def heartbeat_many(self, renewals: Sequence[LeaseRenewal]) -> LeaseBatchResult:
+        """Renew many leases in one call (a process that runs many backends sends one request
+        per interval, not one per backend): each renewal as ``heartbeat``; the ids whose lease
+        the router does not hold are listed, and those backends register again."""
+        renewed, not_found = [], []
+        for renewal in renewals:
+            try:
+                await self.heartbeat(renewal.id, renewal.report())
+            except LeaseNotFound:
+                not_found.append(renewal.id)
+            else:
+                renewed.append(renewal.id)
+        return LeaseBatchResult(renewed=renewed, not_found=not_found)
 
     async def deregister(self, backend_id: str) -> BackendInfo:
         """Remove a registered, API or managed backend: it drains, then leaves."""
@@ -512,9 +577,16 @@ class BackendDirectory:
             if not waiting:
                 self._applied.pop(backend_id, None)
 
-    async def _wait_applied_all(self, backends: tuple[ApiBackend, ...]) -> None:
-        for api in backends:
-            await self._wait_applied(api.id, _has(self._records, api.id))
+    async def _wait_applied_all(self, backend_ids: Iterable[str]) -> None:
+        """Wait until the watch has brought a record for each id, at most
+        ``apply_timeout_s`` in all."""
+        try:
+            async with asyncio.timeout(self._apply_timeout_s):
+                for backend_id in backend_ids:
+                    await self._wait_applied(backend_id, _has(self._records, backend_id))
+        except TimeoutError:
+            log.warning("registry: the store's watch has not brought every record within %gs; "
+                        "they join when it does", self._apply_timeout_s)
 
     def _wake(self, backend_id: str) -> None:
         for done, future in list(self._applied.get(backend_id, ())):
@@ -556,7 +628,7 @@ class BackendDirectory:
             watcher.wakeup.set()
 
     def desired_state(self) -> DesiredState:
-        backends = tuple(
+        backends = () if self._store.shared else tuple(
             ApiBackend(id=r.id, address=r.address, protocol=r.protocol, models=r.models,
                        weight=r.weight, labels=dict(r.labels), drained=r.drained)
             for r in self._records.values() if r.source == "api")

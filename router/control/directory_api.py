@@ -10,6 +10,7 @@ from router.control.api import BODY_KEY, Handler, json_response
 from router.control.directory import (
     BackendDirectory,
     BackendInfo,
+    LeaseBatch,
     LoadReport,
     Registration,
     WeightChange,
@@ -41,6 +42,12 @@ def directory_handlers(directory: BackendDirectory) -> dict[str, Handler]:
         registered = await directory.heartbeat(request.match_info["id"], report)
         return json_response(registered.model_dump(mode="json"))
 
+    async def heartbeat_many(request: web.Request) -> web.Response:
+        batch = request[BODY_KEY]
+        assert isinstance(batch, LeaseBatch)
+        result = await directory.heartbeat_many(batch.leases)
+        return json_response(result.model_dump(mode="json"))
+
     async def deregister(request: web.Request) -> web.Response:
         return _json(await directory.deregister(request.match_info["id"]), status=202)
 
@@ -56,5 +63,6 @@ def directory_handlers(directory: BackendDirectory) -> dict[str, Handler]:
         return _json(await directory.set_weight(request.match_info["id"], change.weight))
 
     return {"v1_register": register, "v1_list": list_backends, "v1_get": get_backend,
-            "v1_heartbeat": heartbeat, "v1_deregister": deregister, "v1_drain": drain,
+            "v1_heartbeat": heartbeat, "v1_heartbeat_many": heartbeat_many,
+            "v1_deregister": deregister, "v1_drain": drain,
             "v1_undrain": undrain, "v1_weight": weight}

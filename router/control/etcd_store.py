@@ -141,6 +141,8 @@ class _Backoff:
 class EtcdStore:
     """The ``RegistryStore`` in etcd (module docstring: layout, watching, failures)."""
 
+    shared = True  # etcd keeps the records on its disk; every router on the prefix changes them
+
     def __init__(self, endpoints: Sequence[str], *, prefix: str = "/inference-router/backends/",
                  timeout_s: float = 2.0, reconnect_backoff_max_s: float = 1.0,
                  max_backends: int = 10_000, rng: random.Random | None = None) -> None:

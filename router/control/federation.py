@@ -12,6 +12,9 @@ admin API on a loopback port. Requests here fan out to the processes concurrentl
 - ``/backends``: each process's backend list, every entry tagged with its ``process``.
 - ``/backends/{id}``: the entry of the first process (by index) that knows the id, tagged.
 - ``/stats``: each process's ``/stats`` under its index.
+- ``/v1/...`` (the directory): a change goes to every live process, a read to the first;
+  the answer is the first process's, or the first error. The processes' admin APIs take
+  changes only with a token the supervisor generates and keeps (``child_token``).
 - ``POST /admin/reload``: the supervisor's reload (it validates, then every process reloads
   on SIGHUP); each process's own outcome is in its ``router_config_reloads_total``.
 
@@ -87,8 +90,11 @@ class FederatedAdmin:
         reload_certificates: Callable[[], list[str]],
         tls: ServerTls | None = None,
         timeout_s: float = 2.0,
+        child_token: str | None = None,
     ) -> None:
+        """``child_token``: the bearer token the processes' admin APIs take changes with."""
         self._processes = processes
+        self._child_token = child_token
         self._reload = reload
         self.auth = auth
         self.tls = tls
@@ -132,8 +138,9 @@ class FederatedAdmin:
         they share etcd, where a repeated registration replaces itself): the answer of the
         first process, unless another one's is an error, which then is the answer."""
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "content-type")}
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        if self._child_token is not None:  # this request passed our own AdminAuth
+            headers["Authorization"] = f"Bearer {self._child_token}"
         infos = [info for info in self._processes() if info.alive and info.admin_url]
         if request.method == "GET":
             infos = infos[:1]

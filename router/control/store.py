@@ -219,6 +219,10 @@ def apply(view: dict[str, BackendRecord], event: StoreEvent) -> None:
 class RegistryStore(Protocol):
     """What the registry keeps its records in (module docstring: the contract)."""
 
+    # Whether the records outlive this router and other routers change them (etcd): then the
+    # store, not this router's state file, is where API backends are kept.
+    shared: bool
+
     async def put(self, record: BackendRecord, lease_ttl_s: float | None = None) -> LeaseId | None:
         """Store ``record`` (its own lease fields are ignored); leased when ``lease_ttl_s`` is
         given. Returns the new lease id, or None."""
@@ -286,6 +290,8 @@ class MemoryStore:
     Memory is bounded: at most ``max_backends`` records and leases, and per watcher its view
     (at most the records) and ``max_pending_events`` events.
     """
+
+    shared = False
 
     def __init__(self, clock: Clock, *, max_backends: int = 10_000,
                  max_pending_events: int = MAX_PENDING_EVENTS,

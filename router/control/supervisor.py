@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -134,9 +135,12 @@ class Supervisor:
         self.lifecycle = Lifecycle()
         admin = config.admin
         self.admin_tls = ServerTls(admin.tls, "admin.tls") if admin.tls is not None else None
+        # The children's admin APIs take changes only with this token, which only we hold:
+        # a request the supervisor has authorized is forwarded with it.
+        self._child_token = secrets.token_urlsafe(32)
         self.admin = FederatedAdmin(
             self.processes, self.lifecycle, self.reload, AdminAuth(admin, self.admin_tls),
-            self.reload_certificates, self.admin_tls,
+            self.reload_certificates, self.admin_tls, child_token=self._child_token,
         )
         self.reloads = 0
 
@@ -157,6 +161,7 @@ class Supervisor:
             grpc = (ghost, gport)
         self._tmp = tempfile.TemporaryDirectory(prefix="inference-router-")
         self._child_config = Path(self._tmp.name) / "process.toml"
+        (Path(self._tmp.name) / "admin.token").write_text(self._child_token)  # dir is 0700
         self._write_child_config(self.config)
         await asyncio.gather(*(self._start_child(child) for child in self._children))
         admin_host, admin_port = parse_host_port(self.config.admin.listen)
@@ -177,7 +182,9 @@ class Supervisor:
                                 processes=1)
         if "grpc" in self._addresses:
             data["grpc"]["listen"] = self._addresses["grpc"]
-        data["admin"] = {"listen": "127.0.0.1:0"}  # plain, loopback: only we call it
+        # Plain, loopback: only we call it.
+        data["admin"] = {"listen": "127.0.0.1:0",
+                         "token_file": str(self._child_config.with_name("admin.token"))}
         staged = self._child_config.with_suffix(".toml.new")
         staged.write_bytes(tomli_w.dumps(data).encode())
         os.replace(staged, self._child_config)
