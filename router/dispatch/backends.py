@@ -110,6 +110,11 @@ class Backend:
         self._take_spec(spec)
 
     @property
+    def id(self) -> str:
+        """The backend's id (the keyed policies rank on it: the same in every router)."""
+        return self.spec.id
+
+    @property
     def pool(self) -> Pool | None:
         """The frame pool, for a length-prefixed backend (a gRPC backend has none)."""
         upstream = self.upstream
