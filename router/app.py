@@ -22,17 +22,22 @@ from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
 
-from router.balance.policies import make_policy
+from router.balance.affinity import AffinityPolicy, AffinitySettings
+from router.balance.policies import Policy, make_policy
+from router.balance.residency import ResidencyView
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
 from router.control.directory import BackendDirectory
 from router.control.fleet import Fleet, Resolver, system_resolver
 from router.control.metrics import (
     DirectoryCollector,
+    ModelCollector,
     ReloadCollector,
     RouterCollector,
     SecurityCollector,
 )
+from router.control.models_api import ModelRouting, model_handlers
+from router.control.residency import ResidencyFeed
 from router.control.spawner import Spawner
 from router.control.state import StateFile
 from router.control.store import open_store
@@ -113,8 +118,10 @@ class RouterApp:
             JsonLinesAccessLog(a.path, a.buffer_lines) if a.path is not None else None
         )
         d = config.dispatch
+        # Which models each backend holds, for the affinity policy (kept across reloads).
+        self.residency = ResidencyView(config.affinity.model_slots, config.affinity.concurrency)
         self.dispatcher = Dispatcher(
-            self.registry, make_policy(d.policy), d, self.clock, self.stats,
+            self.registry, self._policy(d.policy), d, self.clock, self.stats,
             access_log=self.access_log,
         )
         self.lifecycle = Lifecycle()
@@ -167,16 +174,34 @@ class RouterApp:
             state_file,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
+        self.residency_feed = ResidencyFeed(
+            self.registry, self.residency, self.clock, self.grpc_channels,
+            config.affinity.index_interval_s,
+            active=lambda: isinstance(self.dispatcher.policy, AffinityPolicy),
+        )
+        self.directory.add_report_listener(self.residency_feed.reported)
+        self.metrics.register(ModelCollector(self.dispatcher))
         admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
             self.registry, self.metrics, self.readiness, self.statistics, self.reload,
             AdminAuth(config.admin, admin_tls), self.reload_certificates, self.directory,
-            admin_tls,
+            admin_tls, model_handlers(ModelRouting(self.dispatcher, self.residency,
+                                                   self.clock.now)),
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
+
+    def _policy(self, name: str) -> Policy:
+        """The policy called ``name``; the affinity policy reads the residency view."""
+        a = self.config.affinity
+        settings = AffinitySettings(
+            load_bound=a.load_bound, min_residency_s=a.min_residency_s, load_s=a.load_time_s,
+            service_s=a.service_time_s, demand_window_s=a.demand_window_s,
+        )
+        return make_policy(name, lambda: AffinityPolicy(self.residency, settings, self.clock.now),
+                           a.load_bound)
 
     def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
@@ -296,7 +321,7 @@ class RouterApp:
     def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
         """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
         d = new.dispatch
-        policy = make_policy(d.policy) if d.policy != old.dispatch.policy else None
+        policy = self._policy(d.policy) if d.policy != old.dispatch.policy else None
         self.dispatcher.reconfigure(d, policy)
         if self.grpc_front is not None:
             self.grpc_front.forwarder.reconfigure(d.request_timeout_s)
@@ -326,8 +351,10 @@ class RouterApp:
     async def serve(self, stop: Awaitable[object]) -> DrainReport:
         async with asyncio.TaskGroup() as group:
             health = group.create_task(self.health.run(), name="health")
+            residency = group.create_task(self.residency_feed.run(), name="residency")
             report = await self.drain.wait_and_drain(stop)
             health.cancel()
+            residency.cancel()
         return report
 
     async def close(self) -> None:
@@ -366,6 +393,7 @@ class RouterApp:
             "spawned": self.spawner.statistics(),
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
+            "residency": self.residency_feed.statistics(),
             "reloads": dict(self.reloads),
             "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }

@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from router.balance.policies import Candidate, KeyedCandidate, LeastConnections, Placed
 from router.balance.rendezvous import Rendezvous
-from router.balance.residency import LOADED, Resident, ResidencyView
+from router.balance.residency import LOADED, ResidencyView, Resident
 
 Outcome = Literal["hit", "load", "waited"]
 REASONS = ("hit", "spill", "waited", "copy", "load", "forced", "overcommit", "no_model")

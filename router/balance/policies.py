@@ -182,7 +182,8 @@ class ConsistentHashBounded:
         self.load_bound = load_bound
         self._rendezvous = Rendezvous()
         self._fallback = LeastConnections()
-        self.spilled = 0  # placements past a key's first backend (it was over its bound)
+        self.placed = 0  # placements by key
+        self.spilled = 0  # of them, past the key's first backend (it was over its bound)
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
         return self._fallback.choose(candidates, rng)
@@ -194,9 +195,15 @@ class ConsistentHashBounded:
         key = key or model
         if key is None:
             return self._fallback.choose(candidates, rng), None
-        return self.pick(key, candidates), None
+        index, first = self.pick(key, candidates)
+        self.placed += 1
+        if not first:
+            self.spilled += 1
+        return index, None
 
-    def pick(self, key: str, candidates: Sequence[KeyedCandidate]) -> int:
+    def pick(self, key: str, candidates: Sequence[KeyedCandidate]) -> tuple[int, bool]:
+        """(the index for ``key``, whether it is the key's first-ranked backend); no state
+        changes (a dry run may call it)."""
         total = sum(c.inflight for c in candidates) + 1
         weights = sum(c.weight for c in candidates)
         score = self._rendezvous.score
@@ -209,9 +216,9 @@ class ConsistentHashBounded:
             if value > best_score and c.inflight < math.ceil(
                     self.load_bound * total * c.weight / weights):
                 best, best_score = index, value
-        if best != first:
-            self.spilled += 1
-        return best if best >= 0 else first
+        if best < 0:
+            return first, True
+        return best, best == first
 
 
 def make_policy(name: str, affinity: Callable[[], Policy] | None = None,

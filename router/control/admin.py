@@ -62,6 +62,7 @@ from router.core.errors import (
     BackendNotFound,
     ConfigError,
     Forbidden,
+    RouteNotFound,
     RouterError,
     Unauthorized,
     quoted,
@@ -188,6 +189,13 @@ def reload_response(outcome: ReloadOutcome) -> web.Response:
     )
 
 
+def _no_model_routing() -> dict[str, Handler]:
+    async def not_wired(request: web.Request) -> web.Response:
+        raise RouteNotFound(f"{request.path}: this admin API has no model routing")
+
+    return {"v1_models": not_wired, "v1_debug_route": not_wired}
+
+
 class AdminServer:
     def __init__(
         self,
@@ -200,7 +208,10 @@ class AdminServer:
         reload_certificates: Callable[[], list[str]],
         directory: BackendDirectory,
         tls: ServerTls | None = None,
+        models: Mapping[str, Handler] | None = None,
     ) -> None:
+        """``models``: the handlers of /v1/models and /v1/debug/route
+        (``control.models_api.model_handlers``); without them both are 404."""
         self._registry = registry
         self._reload = reload
         self.auth = auth
@@ -213,7 +224,7 @@ class AdminServer:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
-            v1=directory_handlers(directory),
+            v1={**directory_handlers(directory), **(models or _no_model_routing())},
         )
         metrics.register(errors.collector())
 

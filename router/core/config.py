@@ -44,7 +44,8 @@ MAX_DURATION_S = 86_400.0
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Seconds = Annotated[float, Strict(), Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
-Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices"]
+Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices",
+                 "common_queue", "consistent_hash_bounded", "affinity"]
 C_INT_MAX = 0x7FFF_FFFF  # the largest value a C int (listen backlog, gRPC channel argument) holds
 
 
@@ -110,6 +111,9 @@ ModelName = Annotated[
     str, AfterValidator(_check_model),
     Field(json_schema_extra={"format": '"name" or "name:version"'}),
 ]
+
+
+LabelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 
 
 class _Section(BaseModel):
@@ -403,7 +407,10 @@ class DispatchConfig(_Section):
     )
     policy: Policy = Field(
         "least_connections", description="How a backend is chosen among the healthy ones "
-        "that serve the request.",
+        "that serve the request. ``affinity``: where its model is loaded, loaded where that "
+        "costs least ([affinity]); ``consistent_hash_bounded``: sticky on the routing key "
+        "(``x-route-key``, else the model) with bounded load; ``common_queue``: the least busy "
+        "backend, whatever its model.",
     )
 
 
@@ -530,6 +537,46 @@ class RegistryConfig(_Section):
     )
 
 
+class AffinityConfig(_Section):
+    """Model-affinity routing (``dispatch.policy = "affinity"``) and the bound of
+    ``consistent_hash_bounded``. A backend's ``model_slots`` and ``concurrency`` labels
+    override the defaults here."""
+
+    load_bound: float = Field(
+        1.25, ge=1.0, le=100.0, allow_inf_nan=False, strict=True,
+        description="c: a model's copies (and a hash key's backend) take at most c x the mean "
+        "load before the next one takes the request.",
+    )
+    min_residency_s: float = Field(
+        10.0, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
+        description="Churn guard: a model used within this many seconds is not evicted to "
+        "load another, unless no backend could load otherwise.",
+    )
+    load_time_s: Seconds = Field(
+        1.0, description="A model's load time until the router has measured it.",
+    )
+    service_time_s: Seconds = Field(
+        0.05, description="A request's service time until the router has measured it.",
+    )
+    demand_window_s: Seconds = Field(
+        10.0, description="How far back a model's demand is remembered (the decay "
+        "constant of its arrival rate), for the copies it wants.",
+    )
+    model_slots: Int = Field(
+        4, ge=1, le=4096, description="Models a backend holds at once, unless its "
+        "``model_slots`` label says otherwise.",
+    )
+    concurrency: Int = Field(
+        1, ge=1, le=1_000_000, description="Requests a backend works on at once, unless its "
+        "``concurrency`` label says otherwise: past it a request waits.",
+    )
+    index_interval_s: float = Field(
+        5.0, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
+        description="Seconds between two reads of each gRPC backend's ``RepositoryIndex`` "
+        "(what it holds) while the policy is ``affinity``; 0: never.",
+    )
+
+
 class AccessLogConfig(_Section):
     """One JSON line per TCP request and per gRPC call (off unless ``path`` is set)."""
 
@@ -580,6 +627,10 @@ class BackendConfig(_Section):
     tls: BackendTlsConfig | None = Field(
         None, description="TLS to this backend; unset: [backend_tls].",
     )
+    labels: dict[LabelName, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=64, description="Free-form labels; "
+        "``model_slots`` and ``concurrency`` tell the affinity policy the backend's shape.",
+    )
 
     @property
     def is_unix(self) -> bool:
@@ -619,6 +670,7 @@ class RouterConfig(_Section):
     backend_tls: BackendTlsConfig = BackendTlsConfig()
     registry: RegistryConfig = RegistryConfig()
     access_log: AccessLogConfig = AccessLogConfig()
+    affinity: AffinityConfig = AffinityConfig()
     backends: tuple[BackendConfig, ...] = ()
 
     def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:

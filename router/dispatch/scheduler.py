@@ -150,6 +150,11 @@ class Dispatcher:
     def registry(self) -> Registry:
         return self._registry
 
+    @property
+    def policy(self) -> Policy:
+        """The policy placements use now (a reload may change it)."""
+        return self._policy
+
     # -- placement ----------------------------------------------------------------------------
 
     def _place(self, request: Request) -> None:
