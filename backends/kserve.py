@@ -167,6 +167,10 @@ class KServeBackend:
         if name not in self._config.models:
             raise InferError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
 
+    def labels(self) -> dict[str, str]:
+        """The labels it registers with (``--register``)."""
+        return {}
+
     def loaded_models(self) -> list[str]:
         return [m for m in self._config.models if m not in self._unloaded]
 
@@ -376,7 +380,7 @@ async def serve(
         async with registering.lease(
                 config.register, address=address if config.register else "", protocol="grpc",
                 models=config.models, inflight=lambda: backend.inflight,
-                loaded_models=backend.loaded_models):
+                loaded_models=backend.loaded_models, labels=backend.labels()):
             print(ready, flush=True)
             await stop.wait()
         # Deregistered (with --register): the router places nothing new here.

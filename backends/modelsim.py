@@ -29,6 +29,11 @@ Worker-side statistics (requests, misses = requests that found their model not l
 evictions, and the worker-side time of each request from the moment a worker takes it, load
 included) are written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints
 ``READY <port>`` (``READY unix:<path>``) once listening.
+
+With ``--register URL`` it joins a router's fleet by itself (``backends.registering``): its
+catalogue (or ``"*"``) as its models, ``model_slots`` and ``concurrency`` labels, and every
+heartbeat carries the models it holds (``loaded_models``): what an affinity router's
+residency view reads.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ from typing import Any, Literal, cast
 import grpc
 import uvloop
 
-from backends import kserve
+from backends import kserve, registering
 from backends.echo import listen_frames
+from backends.registering import RegisterOptions
 from router.core.errors import BadRoutingKey, FrameTooLarge
 from router.protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frames
 from router.protocol.keyed import split
@@ -75,6 +81,7 @@ class ModelSimConfig:
     preload: tuple[str, ...] = ()
     control: Control = "implicit"
     stats: str | None = None
+    register: RegisterOptions | None = None  # join this router's fleet (--register)
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.concurrency < 1:
@@ -358,7 +365,13 @@ class ModelSimServicer(kserve.KServeBackend):
         except UnknownModel as exc:
             raise kserve.InferError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
-    async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def labels(self) -> dict[str, str]:
+        return shape_labels(self.sim.config)
+
+    def loaded_models(self) -> list[str]:
+        return self.sim.resident()
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self._served(request.model_name)
         try:
             await self.sim.infer(request.model_name)
@@ -431,6 +444,16 @@ class ModelSimServicer(kserve.KServeBackend):
 # -- running -----------------------------------------------------------------------------------
 
 
+def registered_models(config: ModelSimConfig) -> tuple[str, ...]:
+    """What it registers as serving: its catalogue, or "*" (any model) without one."""
+    return config.models or ("*",)
+
+
+def shape_labels(config: ModelSimConfig) -> dict[str, str]:
+    """The labels that tell an affinity router its slots and concurrency."""
+    return {"model_slots": str(config.slots), "concurrency": str(config.concurrency)}
+
+
 async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
     """Preload, listen, announce, serve until ``stop`` is set; the sim, for its statistics."""
     sim = ModelSim(config)
@@ -438,7 +461,8 @@ async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
         await sim.load(model)
     if config.protocol == "grpc":
         grpc_config = kserve.KServeConfig(host=config.host, port=config.port, unix=config.unix,
-                                          models=config.models)
+                                          models=registered_models(config),
+                                          register=config.register)
         await kserve.serve(grpc_config, stop, lambda c, port: ModelSimServicer(c, port, sim))
         return sim
     tasks: set[asyncio.Task[bytes]] = set()
@@ -446,9 +470,16 @@ async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
     server, ready = await listen_frames(
         lambda: FramesProtocol(sim, tasks, connections), config.host, config.port, config.unix,
     )
+    port = 0 if config.unix is not None else server.sockets[0].getsockname()[1]
+    address = "" if config.register is None else registering.advertised(
+        config.register, host=config.host, port=port, unix=config.unix)
     try:
-        print(ready, flush=True)
-        await stop.wait()
+        async with registering.lease(
+                config.register, address=address, protocol="frames",
+                models=registered_models(config), inflight=lambda: len(tasks),
+                loaded_models=sim.resident, labels=shape_labels(config)):
+            print(ready, flush=True)
+            await stop.wait()
     finally:
         server.close()
         for conn in list(connections):
@@ -492,13 +523,16 @@ def parse_args(argv: list[str] | None = None) -> ModelSimConfig:
                         help="explicit: only RepositoryModelLoad loads (gRPC)")
     parser.add_argument("--stats", metavar="FILE", default=None,
                         help="write worker-side statistics as JSON to FILE on exit")
+    registering.add_arguments(parser)
     args = parser.parse_args(argv)
+    register = registering.options(args, parser)
     try:
         return ModelSimConfig(
             host=args.host, port=args.port or 0, unix=args.unix, protocol=args.protocol,
             slots=args.slots, load_s=args.load_ms / 1000.0, service_s=args.service_ms / 1000.0,
             concurrency=args.concurrency, models=_names(args.models),
             preload=_names(args.preload), control=args.model_control, stats=args.stats,
+            register=register,
         )
     except ValueError as exc:
         parser.error(str(exc))

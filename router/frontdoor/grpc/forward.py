@@ -62,6 +62,18 @@ _HOP_BY_HOP = frozenset({
 })
 
 
+# What the hashing policies place a call by, when it is not its model (sticky sessions).
+ROUTE_KEY_HEADER = "x-route-key"
+
+
+def route_key(metadata: Metadata) -> str | None:
+    """The ``x-route-key`` of a call's (forwardable) metadata, if any."""
+    for key, value in metadata:
+        if key == ROUTE_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
 def forwardable(metadata: Sequence[tuple[str, MetadataValue]] | None) -> Metadata:
     """The client's metadata minus hop-by-hop, pseudo (":...") and reserved ("grpc-...")."""
     if not metadata:
@@ -185,6 +197,7 @@ class GrpcForwarder:
         request = Request(
             payload, call, self._clock.now(), kind="grpc", model=model, forward=call.forward
         )
+        request.route_key = route_key(call.metadata)
         dispatcher = self._dispatcher
         dispatcher.submit(request)
         loop = asyncio.get_running_loop()
@@ -257,6 +270,7 @@ class GrpcForwarder:
             b"", call, self._clock.now(), kind="grpc", model=model, forward=call.forward,
             replayable=False,
         )
+        request.route_key = route_key(call.metadata)
         dispatcher = self._dispatcher
         dispatcher.submit(request)
         try:
