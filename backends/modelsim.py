@@ -1,12 +1,14 @@
 """A simulated model server, for the affinity tests and benchmarks.
 
 It holds at most ``--slots`` models at once. A request for a model it holds costs
-``--service-ms``; one for a model it does not hold first loads it (``--load-ms``), evicting
-the least recently used model that no request is using (a model in use is never evicted: the
-server goes over its slots instead, and counts it). ``--concurrency`` requests are worked on
-at once (1: one task at a time, as in the seed experiment); the others wait in arrival order,
-and a load takes the worker that asked for it. A request for a model that another worker is
-loading waits for that load rather than loading it twice.
+``--service-ms``; one for a model it does not hold first loads it (``--load-ms``).
+``--concurrency`` requests are worked on at once (1: one task at a time, as in the seed
+experiment); the others wait in arrival order. Its slots are kept as an LRU cache at the
+moment a request arrives: the request's model moves to the most recently used end and stays
+while any request for it waits or runs (a model in use is never evicted: the server goes over
+its slots instead, and counts it); a model it lacks takes a slot at once, evicting the least
+recently used model not in use, and is loaded by the first request for it that a worker
+takes (that worker spends the load), the others waiting for that one load.
 
 Two ways in (``--protocol``):
 
@@ -25,10 +27,11 @@ Two ways in (``--protocol``):
 connection on frames); without it every model key is served. ``--preload`` loads models
 before the server announces itself.
 
-Worker-side statistics (requests, misses = requests that found their model not loaded, loads,
-evictions, and the worker-side time of each request from the moment a worker takes it, load
-included) are written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints
-``READY <port>`` (``READY unix:<path>``) once listening.
+Worker-side statistics (requests; misses, the requests whose model was not loaded when a
+worker took them, so that their worker-side time has a load in it; loads; evictions; and
+each request's worker-side time, from the moment a worker takes it, load included) are
+written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints ``READY <port>``
+(``READY unix:<path>``) once listening.
 
 With ``--register URL`` it joins a router's fleet by itself (``backends.registering``): its
 catalogue (or ``"*"``) as its models, ``model_slots`` and ``concurrency`` labels, and every
@@ -109,7 +112,8 @@ class _Resident:
     """A model in a slot: being loaded (``ready`` unset) or loaded."""
 
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    users: int = 0  # requests using it, or waiting for its load
+    users: int = 0  # requests that arrived for it and are not answered yet
+    loading: bool = False  # a worker is loading it now
 
 
 @dataclass
@@ -151,45 +155,62 @@ class ModelSim:
 
     async def infer(self, model: str | None) -> float:
         """Serve one request for ``model`` (None: no model); its worker-side time."""
+        resident = None
         if model is not None:
             self.check(model)
             if self.config.control == "explicit" and model not in self._slots:
                 raise NotLoaded(f"model {model!r} is not loaded")
+            resident = self._arrive(model)
         self.counts.requests += 1
-        async with self._workers:
-            began = self._now()
-            if model is None:
+        try:
+            async with self._workers:
+                began = self._now()
+                if resident is not None:
+                    await self._use(model or "", resident)
                 await self._sleep(self.config.service_s)
-            else:
-                await self._serve(model)
-            elapsed = self._now() - began
+                elapsed = self._now() - began
+        finally:
+            if resident is not None:
+                self._leave(model or "", resident)
         self.worker_time_s += elapsed
         self.samples.append(elapsed)
         return elapsed
 
-    async def _serve(self, model: str) -> None:
-        counts = self.by_model.setdefault(model, _Counts())
-        counts.requests += 1
+    def _arrive(self, model: str) -> _Resident:
+        """A request for ``model`` arrives: the model is used now (it moves to the end of the
+        LRU order) and kept while the request waits or runs; one it lacks takes a slot now,
+        loaded by the first request for it that a worker takes."""
+        self.by_model.setdefault(model, _Counts()).requests += 1
         resident = self._slots.get(model)
-        if resident is None or not resident.ready.is_set():
-            self.counts.misses += 1
-            counts.misses += 1
         if resident is None:
             resident = self._begin_load(model)
-            resident.users += 1
-            try:
-                await self._finish_load(model, resident)
-            except BaseException:
-                resident.users -= 1
-                raise
         else:
-            resident.users += 1
             self._slots.move_to_end(model)
-        try:
+        resident.users += 1
+        return resident
+
+    async def _use(self, model: str, resident: _Resident) -> None:
+        """On a worker: load the model if it is owed a load, else wait for its load; either
+        way the request is a miss (its worker-side time has load in it)."""
+        if resident.ready.is_set():
+            return
+        self.counts.misses += 1
+        self.by_model[model].misses += 1
+        if resident.loading:
             await resident.ready.wait()
-            await self._sleep(self.config.service_s)
+            return
+        resident.loading = True
+        try:
+            await self._sleep(self.config.load_s)
         finally:
-            resident.users -= 1
+            resident.loading = False
+        resident.ready.set()
+
+    def _leave(self, model: str, resident: _Resident) -> None:
+        resident.users -= 1
+        if not resident.users and not resident.ready.is_set() and not resident.loading \
+                and self._slots.get(model) is resident:
+            del self._slots[model]  # its load never happened (cancelled): the slot is free
 
     def _begin_load(self, model: str) -> _Resident:
         """Take a slot for ``model`` (evicting the least recently used model not in use)."""
@@ -207,25 +228,27 @@ class ModelSim:
         self.by_model.setdefault(model, _Counts()).loads += 1
         return resident
 
-    async def _finish_load(self, model: str, resident: _Resident) -> None:
-        try:
-            await self._sleep(self.config.load_s)
-        except BaseException:
-            if self._slots.get(model) is resident:
-                del self._slots[model]  # cancelled mid-load: the slot is free again
-            raise
-        resident.ready.set()
-
     async def load(self, model: str) -> None:
         """Load ``model`` (RepositoryModelLoad), without a worker; at once if resident."""
         self.check(model)
         resident = self._slots.get(model)
         if resident is None:
             resident = self._begin_load(model)
-            await self._finish_load(model, resident)
         else:
             self._slots.move_to_end(model)
-            await resident.ready.wait()
+        resident.users += 1  # kept while it loads
+        try:
+            if resident.loading:
+                await resident.ready.wait()
+            elif not resident.ready.is_set():
+                resident.loading = True
+                try:
+                    await self._sleep(self.config.load_s)
+                finally:
+                    resident.loading = False
+                resident.ready.set()
+        finally:
+            self._leave(model, resident)
 
     def unload(self, model: str) -> bool:
         """Unload ``model`` (RepositoryModelUnload) unless a request uses it; True if it was

@@ -14,6 +14,7 @@ the measurement; this is the model.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import random
@@ -30,7 +31,8 @@ from router.balance.residency import ResidencyView
 
 @dataclass(frozen=True, slots=True)
 class SeedRun:
-    """One of the seed's two runs (times in seconds, unscaled)."""
+    """One of the seed's two runs (times in seconds, unscaled); the Zipf scenario reuses it
+    for its fleet (``backends`` x ``slots``)."""
 
     labels: int
     wait_avg_s: float
@@ -57,22 +59,60 @@ def workload(run: SeedRun, seed: int) -> list[list[tuple[float, str]]]:
             for _ in range(run.producers)]
 
 
+@dataclass(eq=False, slots=True)
+class Slot:
+    users: int = 0  # requests that arrived for it and are not answered
+    ready_at: float | None = None  # when its load is (was) done; None: not begun
+
+
 @dataclass(eq=False)
 class SimBackend:
+    """A backend as ``backends.modelsim`` behaves: its slots are kept when a request
+    arrives (LRU touch, a model in use never evicted), a model it lacks is loaded by the
+    first of its requests that a worker takes, the others wait in arrival order."""
+
     id: str
     slots: int
     concurrency: int = 1
     weight: int = 1
-    models: OrderedDict[str, int] = field(default_factory=OrderedDict)  # model -> users
-    waiting: deque[Job] = field(default_factory=deque)
+    models: OrderedDict[str, Slot] = field(default_factory=OrderedDict)
+    waiting: deque[Job] = field(default_factory=deque)  # arrived, no worker yet
     running: int = 0
     misses: int = 0
     loads: int = 0
     evictions: int = 0
+    busy_s: float = 0.0
+    served: dict[str, int] = field(default_factory=dict)
 
     @property
     def inflight(self) -> int:
         return self.running + len(self.waiting)
+
+    def arrive(self, model: str, now: float) -> None:
+        slot = self.models.get(model)
+        if slot is None:
+            if len(self.models) >= self.slots:
+                victim = next((m for m, s in self.models.items()
+                               if not s.users and s.ready_at is not None and s.ready_at <= now),
+                              None)
+                if victim is not None:
+                    del self.models[victim]
+                    self.evictions += 1
+            slot = self.models[model] = Slot()
+        else:
+            self.models.move_to_end(model)
+        slot.users += 1
+
+    def work_time(self, model: str, now: float, load_s: float, service_s: float) -> float:
+        """What a worker taking a request for ``model`` now spends on it."""
+        slot = self.models[model]
+        if slot.ready_at is None or slot.ready_at > now:
+            self.misses += 1  # its worker time has (part of) a load in it
+        if slot.ready_at is None:
+            self.loads += 1
+            slot.ready_at = now + load_s
+            return load_s + service_s
+        return max(0.0, slot.ready_at - now) + service_s
 
 
 @dataclass(eq=False)
@@ -94,6 +134,24 @@ class Result:
     mean_latency_s: float
     p99_latency_s: float
     reasons: dict[str, int]
+    requests: int = 0
+    max_over_mean_busy: float = 0.0
+    hottest_copies: int = 0  # backends that served the most requested model
+
+
+def zipf_arrivals(models: int, s: float, rate: float, count: int, seed: int
+                  ) -> list[tuple[float, str]]:
+    """(arrival time, model) of ``count`` Poisson arrivals at ``rate`` per second, models
+    ``z0``.. of Zipf(``s``) popularity (``z0`` the most popular)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (k ** s) for k in range(1, models + 1)]
+    names = [f"z{k}" for k in range(models)]
+    at = 0.0
+    out: list[tuple[float, str]] = []
+    for label in rng.choices(names, weights, k=count):
+        at += rng.expovariate(rate)
+        out.append((at, label))
+    return out
 
 
 class Fleet:
@@ -123,7 +181,23 @@ class Fleet:
             action()
         return self._result()
 
+    def play_open(self, arrivals: list[tuple[float, str]]) -> Result:
+        """Each request at its arrival time, whatever is in flight."""
+        for at, model in arrivals:
+            self.at(at, functools.partial(self._arrive, model))
+        for _ in range(10 * len(arrivals) + 10):
+            if not self._events:
+                break
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+        return self._result()
+
+    def _arrive(self, model: str) -> None:
+        self._send(Job(-1, model, self.now))
+
     def _next(self, producer: int, requests: Any) -> None:
+        if requests is None:
+            return
         item = next(requests, None)
         if item is None:
             return
@@ -131,6 +205,7 @@ class Fleet:
         self.at(self.now + think, lambda: self._send(Job(producer, model, self.now, requests)))
 
     def _send(self, job: Job) -> None:
+        """Placed and sent at once: the request waits at the backend (pipelined)."""
         job.sent_at = self.now
         candidates = self.backends
         policy = self.policy
@@ -139,6 +214,9 @@ class Fleet:
         else:
             index = policy.choose(candidates, self.rng)
         backend = candidates[index]
+        if job.token is not None:
+            job.token.started(self.now)
+        backend.arrive(job.model, self.now)
         backend.waiting.append(job)
         self._start_next(backend)
 
@@ -146,31 +224,16 @@ class Fleet:
         while backend.waiting and backend.running < backend.concurrency:
             job = backend.waiting.popleft()
             backend.running += 1
-            if job.token is not None:
-                job.token.started(self.now)
-            self._work(backend, job)
-
-    def _work(self, backend: SimBackend, job: Job) -> None:
-        spec = self.run_spec
-        took = spec.service_s
-        if job.model not in backend.models:
-            backend.misses += 1
-            backend.loads += 1
-            took += spec.load_s
-            if len(backend.models) >= backend.slots:
-                victim = next((m for m, users in backend.models.items() if not users), None)
-                if victim is not None:
-                    del backend.models[victim]
-                    backend.evictions += 1
-            backend.models[job.model] = 0
-        backend.models[job.model] += 1
-        backend.models.move_to_end(job.model)
-        job.worker_s = took
-        self.at(self.now + took, lambda: self._finish(backend, job))
+            spec = self.run_spec
+            took = backend.work_time(job.model, self.now, spec.load_s, spec.service_s)
+            backend.busy_s += took
+            backend.served[job.model] = backend.served.get(job.model, 0) + 1
+            job.worker_s = took
+            self.at(self.now + took, functools.partial(self._finish, backend, job))
 
     def _finish(self, backend: SimBackend, job: Job) -> None:
         backend.running -= 1
-        backend.models[job.model] -= 1
+        backend.models[job.model].users -= 1
         self.task_times.append(job.worker_s)
         self.latencies.append(self.now - job.sent_at)
         if job.token is not None:
@@ -181,7 +244,16 @@ class Fleet:
     def _result(self) -> Result:
         latencies = sorted(self.latencies)
         policy = self.policy
+        busy = [b.busy_s for b in self.backends]
+        counts: dict[str, int] = {}
+        for b in self.backends:
+            for model, n in b.served.items():
+                counts[model] = counts.get(model, 0) + n
+        hottest = max(counts, key=counts.__getitem__) if counts else ""
         return Result(
+            requests=len(latencies),
+            max_over_mean_busy=max(busy) / statistics.fmean(busy) if any(busy) else 0.0,
+            hottest_copies=sum(1 for b in self.backends if b.served.get(hottest)),
             misses=sum(b.misses for b in self.backends),
             loads=sum(b.loads for b in self.backends),
             evictions=sum(b.evictions for b in self.backends),
@@ -206,11 +278,33 @@ def simulate(run: SeedRun, policy_name: str, seed: int,
     return fleet.play(workload(run, seed))
 
 
+ZIPF = SeedRun(labels=64, wait_avg_s=0.0, service_s=0.04, load_s=0.4, backends=16, slots=4,
+               requests=20_000)
+
+
+def simulate_zipf(policy_name: str, seed: int, requests: int = 20_000, load: float = 0.7,
+                  settings: AffinitySettings | None = None) -> Result:
+    """The 16 x 4 Zipf(1.1) scenario, open loop at ``load`` of the fleet's capacity."""
+    run = ZIPF
+    rate = load * run.backends / run.service_s
+    arrivals = zipf_arrivals(run.labels, 1.1, rate, requests, seed)
+    fleet_box: list[Fleet] = []
+
+    def affinity() -> Policy:
+        return AffinityPolicy(ResidencyView(run.slots, 1), settings or AffinitySettings(
+            load_s=run.load_s, service_s=run.service_s, min_residency_s=10 * run.load_s,
+            demand_window_s=2.0), lambda: fleet_box[0].now)
+
+    fleet = Fleet(run, make_policy(policy_name, affinity), random.Random(seed + 1))
+    fleet_box.append(fleet)
+    return fleet.play_open(arrivals)
+
+
 def seed_settings(run: SeedRun) -> AffinitySettings:
     """The affinity settings the benchmark runs with: priors at the run's own times (an
     operator knows roughly what a load costs), the churn guard at two loads."""
     return AffinitySettings(load_s=run.load_s, service_s=run.service_s,
-                            min_residency_s=2 * run.load_s, demand_window_s=10 * run.wait_avg_s)
+                            min_residency_s=10 * run.load_s, demand_window_s=10 * run.wait_avg_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,11 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=int, choices=(1, 2), default=1)
     parser.add_argument("--policy", default="affinity")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--zipf", action="store_true", help="the 16 x 4 Zipf scenario instead")
     args = parser.parse_args(argv)
     for seed in range(args.seeds):
-        r = simulate(RUNS[args.run], args.policy, seed)
+        r = (simulate_zipf(args.policy, seed) if args.zipf
+             else simulate(RUNS[args.run], args.policy, seed))
         print(f"seed {seed}: misses {r.misses:5d}  task {r.mean_task_s:.4f} s  latency "
-              f"{r.mean_latency_s:.4f} s  p99 {r.p99_latency_s:.4f} s  {r.reasons}")
+              f"{r.mean_latency_s:.4f} s  p99 {r.p99_latency_s:.4f} s  busy max/mean "
+              f"{r.max_over_mean_busy:.2f}  hottest on {r.hottest_copies}  {r.reasons}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from bench.affinity_sim import RUNS, simulate
 from router.balance.affinity import AffinityPolicy, AffinitySettings, Placement
 from router.balance.policies import CommonQueue, ConsistentHashBounded, make_policy
-from router.balance.residency import LOADED, LOADING, ResidencyView
+from router.balance.residency import LOADED, LOADING, PENDING, ResidencyView
 from router.core.clock import ManualClock
 
 SERVICE_S, LOAD_S = 0.05, 1.0
@@ -93,11 +93,12 @@ def test_bounded_load_spreads_a_hot_model_over_its_active_copies() -> None:
     for _ in range(400):  # 400 arrivals within the window, each 0.05 s of work: 20 busy
         policy._arrived("m", clock.now())
     assert policy.copies_wanted("m", clock.now()) >= 4
-    for placed in range(1, 41):
-        place(policy, "m", cands)
+    for placed in range(1, 33):  # as many as the four copies start at once
+        _, token = place(policy, "m", cands)
+        assert token.outcome == "hit"  # the preferred copy, or another that can start
         # c = 1.25: no copy ever above ceil(1.25 x the mean), the new request counted.
         assert max(c.inflight for c in cands) <= -(-5 * placed // 16)
-    assert all(c.inflight >= 8 for c in cands)  # and every copy took its share
+    assert [c.inflight for c in cands] == [8, 8, 8, 8]  # and every copy took its share
 
 
 def test_spill_to_another_holder_when_the_preferred_one_is_busy() -> None:
@@ -132,7 +133,10 @@ def test_loads_a_copy_when_the_holder_queue_is_longer_than_a_load() -> None:
         policy.place("m", "m", [holder], random.Random(1))
     chosen, token = place(policy, "m", [holder, cold])
     assert chosen is cold and token.reason == "copy" and token.outcome == "load"
-    assert policy.view.get("c", "m") is not None and policy.view.get("c", "m").state == LOADING  # type: ignore[union-attr]
+    copy = policy.view.get("c", "m")
+    assert copy is not None and copy.state == PENDING  # placed there; loads once it is sent
+    token.started(clock.now())
+    assert copy.state == LOADING and policy.loads == 1
 
 
 def test_a_loading_holder_is_joined_not_loaded_twice() -> None:
@@ -172,6 +176,7 @@ def test_load_prefers_a_free_slot_then_the_oldest_lru_model() -> None:
     clock2.advance(2)
     chosen, token = place(policy2, "m", [a, b])
     assert chosen is a and token.reason == "load"
+    token.started(clock2.now())  # it reaches a: a makes room, as an LRU cache does
     assert "m" in policy2.view.models_of("a") and "x" not in policy2.view.models_of("a")
     assert policy2.evictions == 1
 
@@ -229,6 +234,30 @@ def test_churn_guard_spares_recent_models_and_gives_way_only_when_nothing_else_c
     assert decision.reason == "forced" and decision.candidates[0].can_load == "churn guard"
     chosen2, token2 = place(policy2, "m", [only])
     assert chosen2 is only and token2.reason == "forced"
+
+
+def test_the_churn_guard_gives_way_rather_than_queue_a_load_behind_busy_backends() -> None:
+    policy, clock = make(slots=1, min_residency_s=5.0)
+    recent, busy_stale = Cand("recent"), Cand("stale", inflight=1)
+    warm(policy, clock, busy_stale, "x")
+    clock.advance(6)
+    warm(policy, clock, recent, "y")
+    # The only unguarded backend is busy: the idle one loads now, its guard broken.
+    chosen, token = place(policy, "m", [recent, busy_stale])
+    assert chosen is recent and token.reason == "forced"
+
+
+def test_a_copy_is_added_while_the_copies_are_fewer_than_demand_wants() -> None:
+    policy, clock = make(demand_window_s=1.0)
+    holder, cold = Cand("h"), Cand("c")
+    warm(policy, clock, holder, "m")
+    _, running = place(policy, "m", [holder, cold])
+    running.started(clock.now())
+    for _ in range(100):  # 100 arrivals in the window, 0.05 s each: 5 backends busy
+        policy._arrived("m", clock.now())
+    assert policy.copies_wanted("m", clock.now()) > 1
+    chosen, token = place(policy, "m", [holder, cold])  # waiting (0.05 s) beats a 1 s load...
+    assert chosen is cold and token.reason == "copy"  # ...but one copy is too few
 
 
 def test_no_model_goes_to_the_least_waited_backend() -> None:
@@ -312,6 +341,8 @@ def test_a_report_replaces_the_view_but_keeps_models_with_requests_in_flight() -
     view.routed("b", "inflight", 1.0)
     view.report("b", ["x", "y"], 2.0)
     assert set(view.models_of("b")) == {"x", "y", "inflight"}
+    assert view.get("b", "inflight").state == PENDING  # type: ignore[union-attr]
+    view.started("b", "inflight", 2.5)
     assert view.get("b", "inflight").state == LOADING  # type: ignore[union-attr]
     view.report("b", ["inflight"], 3.0)
     assert set(view.models_of("b")) == {"inflight"} and view.get("b", "inflight").state == LOADED  # type: ignore[union-attr]
@@ -330,13 +361,18 @@ def test_the_view_is_bounded_in_backends_and_models() -> None:
 
 def test_routed_predicts_the_backend_lru_eviction() -> None:
     view = ResidencyView(default_slots=2)
-    for model, now in (("x", 1.0), ("y", 2.0)):
+    for model, now in (("x", 1.0), ("y", 2.0), ("x", 3.0)):  # x used again: y is the LRU
         view.routed("b", model, now)
+        view.started("b", model, now)
         view.finished("b", model, now, served=True)
-    view.routed("b", "x", 3.0)  # x used again: y is the least recently used
-    view.finished("b", "x", 3.0, served=True)
-    assert view.routed("b", "z", 4.0) == "y"
+    view.routed("b", "z", 4.0)
+    assert set(view.models_of("b")) == {"x", "y", "z"}  # z pending: not at the backend yet
+    view.routed("b", "y", 4.5)  # y waits in the router: the backend does not know it
+    assert view.started("b", "z", 5.0) == "y"  # z reaches it: y goes, its waiter will miss
     assert set(view.models_of("b")) == {"x", "z"}
+    assert view.victim("b") == ("x", view.get("b", "x"))  # next time: x, z is running
+    view.routed("b", "x", 5.5)
+    assert view.victim("b", spare_queued=True) is None  # x has a waiter now, z runs
 
 
 # -- the hashing policies -------------------------------------------------------------------

@@ -3,39 +3,41 @@ costs least, and never pile a hot model onto one backend.
 
 For a request for model M, over the candidates (healthy backends serving M, not yet tried):
 
-1. **Hit.** The *holders* of M (``ResidencyView``: loaded or loading there) are ranked by
-   rendezvous hashing on M, so every router ranks them alike. The first ``copies_wanted(M)``
-   of them are M's active copies; among those the first whose load is under the bound
-   (``load_bound`` x the mean load of the active copies, the new request counted, rounded
-   up) is preferred. If it can start the request now (fewer in flight than its
-   concurrency, M loaded), it takes it: reason ``hit``. Otherwise any holder that can start
-   it now takes it, in rank order: ``spill``.
-2. **Wait or load.** Every holder is busy: the expected wait at each (the measured remaining
-   work of the requests placed there, over its concurrency, and what is left of M's load if
-   it is loading) is weighed against loading M on a backend that does not hold it (that
-   backend's own wait, plus M's measured load time). The cheaper wins: ``waited`` at the
-   holder with the least wait, or ``copy``, a load beside the existing copies.
-3. **Where to load** (also when nobody holds M: ``load``), as ModelMesh ranks pods: a backend
-   that can start now before one that cannot (then the least wait), then one with a free
-   slot, else the one whose least recently used model is oldest, then the fewest models, the
-   least loaded, the rendezvous rank. A backend may load only if it has a free slot or a
-   victim: its least recently used model with nothing in flight (never evict a model in
-   use) and unused for ``min_residency_s`` (the churn guard). A backend loading M already is
-   a holder, so a model is never loaded twice on one backend at a time. When no backend may
-   load, the churn guard gives way (``forced``), and past that the cheapest backend takes
-   the request and goes over its slots (``overcommit``).
+1. **Hit.** The *holders* of M (``ResidencyView``: loaded, loading, or pending: placed there
+   to be loaded) are ranked by rendezvous hashing on M, so every router ranks them alike. The
+   first ``copies_wanted(M)`` of them are M's active copies; among those the first whose load
+   is under the bound (``load_bound`` x the mean load of the active copies, the new request
+   counted, rounded up) is preferred. If it can start the request now (fewer in flight than
+   its concurrency, M loaded), it takes it: reason ``hit``. Otherwise any holder that can
+   start it now takes it, in rank order: ``spill``.
+2. **Wait or load.** Every holder is busy: the expected wait at each (its placements worked
+   through first come, first served by its workers, from their measured times; what is left
+   of M's load if it is loading) is weighed against loading M on a backend that does not hold
+   it (that backend's own wait, plus M's measured load time). The cheaper wins: ``waited`` at
+   the holder with the least wait, or ``copy``, a load beside the existing copies. While the
+   holders are fewer than ``copies_wanted(M)``, a copy is added whichever is cheaper now.
+3. **Where to load** (also when nobody holds M: ``load``), as ModelMesh ranks pods, after
+   two rules: a backend that can start now before one that cannot (then the least wait), and
+   among those one whose least recently used model was not used within ``min_residency_s``
+   (the churn guard; a load that breaks it is ``forced``); then a free slot, else the oldest
+   least recently used model, the fewest models, the least load, the rendezvous rank. A
+   backend may load only if it has a free slot or a victim: a model with no request running
+   there (never evict a model in use) and none waiting for it in the router. A backend
+   holding M in any state is a holder, so a model is never loaded twice on one backend at a
+   time. When no backend may load, the cheapest backend takes the request and goes over its
+   slots (``overcommit``).
 
 Copies follow demand: ``copies_wanted(M)`` is M's measured demand (its arrival rate, decayed
 over ``demand_window_s``, times its service time: how many backends it keeps busy) x
-``load_bound``, over the holders' mean concurrency, rounded up. While the active copies are
-busy the wait-or-load step adds copies; holders beyond the active ones get requests only when
-the active ones cannot start them (spill), so when demand falls they age out of the
-backends' LRU slots.
+``load_bound``, over the holders' mean concurrency, rounded up. Holders beyond the active
+ones get requests only when the active ones are over their bound or cannot start them, so
+when demand falls they age out of the backends' LRU slots.
 
-Measured numbers: a placement's token (``Placement``) is told when its attempt starts and
-when it ends. A hit that started on a backend with a free worker gives a service-time sample
-of its model, a load a load-time sample (elapsed minus service); both are exponentially
-smoothed. Until measured, ``service_s`` and ``load_s`` of the settings stand in.
+Measured numbers: a placement's token (``Placement``) is told when its attempt starts (the
+request reaches the backend) and when it ends. A hit that started on a backend with a free
+worker gives a service-time sample of its model, a load a load-time sample (elapsed minus
+service); both are exponentially smoothed. Until measured, ``service_s`` and ``load_s`` of
+the settings stand in.
 
 A request without a model goes to the candidate with the least wait (``no_model``). Pure:
 time comes from ``now``, randomness from the RNG given (only to break exact ties), no I/O.
@@ -43,6 +45,7 @@ time comes from ``now``, randomness from the RNG given (only to break exact ties
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import Counter, OrderedDict
@@ -52,7 +55,7 @@ from typing import Any, Literal
 
 from router.balance.policies import Candidate, KeyedCandidate, LeastConnections, Placed
 from router.balance.rendezvous import Rendezvous
-from router.balance.residency import LOADED, ResidencyView, Resident
+from router.balance.residency import LOADED, PENDING, ResidencyView, Resident
 
 Outcome = Literal["hit", "load", "waited"]
 REASONS = ("hit", "spill", "waited", "copy", "load", "forced", "overcommit", "no_model")
@@ -60,6 +63,7 @@ OUTCOME_OF: dict[str, Outcome] = {
     "hit": "hit", "spill": "hit", "no_model": "hit", "waited": "waited",
     "copy": "load", "load": "load", "forced": "load", "overcommit": "load",
 }
+MAX_BACKENDS = 4096  # backends whose last answer time is kept
 # router_model_load_seconds: from a 10 ms load (a time-scaled benchmark) to minutes.
 LOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         120.0, 300.0)
@@ -161,6 +165,7 @@ class AffinityPolicy:
         self._fallback = LeastConnections()
         self._numbers: OrderedDict[str, ModelNumbers] = OrderedDict()
         self._work: dict[str, list[Placement]] = {}  # backend -> placements not done
+        self._last_done: dict[str, float] = {}  # backend -> when a placement there last ended
         self._service_all: float | None = None  # every model's service time, smoothed
         self.reasons: Counter[str] = Counter()
         self.loads = 0
@@ -187,26 +192,28 @@ class AffinityPolicy:
         self._work.setdefault(backend, []).append(placement)
         self.reasons[decision.reason] += 1
         if model is not None:
-            self._apply(placement, model, now)
+            self._numbers_of(model).outcomes[placement.outcome] += 1
+            self.view.routed(backend, model, now)
         return decision.index, placement
-
-    def _apply(self, placement: Placement, model: str, now: float) -> None:
-        numbers = self._numbers_of(model)
-        numbers.outcomes[placement.outcome] += 1
-        was_absent = self.view.get(placement.backend, model) is None
-        evicted = self.view.routed(placement.backend, model, now)
-        if was_absent:
-            self.loads += 1
-            numbers.loads += 1
-        if evicted is not None:
-            self.evictions += 1
-            self._numbers_of(evicted).evictions += 1
 
     def started(self, placement: Placement, now: float) -> None:
         work = self._work.get(placement.backend, ())
         running = sum(1 for p in work if p.started_at is not None and p is not placement)
         placement.clean = running < self.view.shape_of(placement.backend).concurrency
+        first = placement.started_at is None
         placement.started_at = now
+        model = placement.model
+        if model is None or not first:
+            return
+        resident = self.view.get(placement.backend, model)
+        loads = resident is not None and resident.state == PENDING
+        evicted = self.view.started(placement.backend, model, now)
+        if loads:
+            self.loads += 1
+            self._numbers_of(model).loads += 1
+        if evicted is not None:
+            self.evictions += 1
+            self._numbers_of(evicted).evictions += 1
 
     def done(self, placement: Placement, served: bool, now: float) -> None:
         work = self._work.get(placement.backend)
@@ -215,9 +222,13 @@ class AffinityPolicy:
             if not work:
                 del self._work[placement.backend]
         started = placement.started_at is not None
+        if started:
+            if len(self._last_done) >= MAX_BACKENDS and placement.backend not in self._last_done:
+                self._last_done.clear()  # ids come and go: stay bounded
+            self._last_done[placement.backend] = now
         if placement.model is not None:
             self.view.finished(placement.backend, placement.model, now,
-                               served=served and started)
+                               served=served and started, started=started)
         if served and started and placement.clean:
             assert placement.started_at is not None
             self._measured(placement, now - placement.started_at)
@@ -234,7 +245,7 @@ class AffinityPolicy:
         wanted = self.copies_wanted(model, now)
         index, reason = self._hit(rows, wanted)
         if index is None:
-            index, reason = self._wait_or_load(rows)
+            index, reason = self._wait_or_load(rows, wanted)
         return Decision(index, reason, wanted, rows.explain(explain))
 
     def _hit(self, rows: _Rows, wanted: int) -> tuple[int | None, str]:
@@ -250,19 +261,17 @@ class AffinityPolicy:
         spill = next((i for i in held if rows.can_start(i)), None)
         return (spill, "spill") if spill is not None else (None, "")
 
-    def _wait_or_load(self, rows: _Rows) -> tuple[int, str]:
+    def _wait_or_load(self, rows: _Rows, wanted: int) -> tuple[int, str]:
         held = rows.held
-        cold = rows.cold_choice(guard=True)
+        cold, forced = rows.cold_choice()
         if held:
             warm = min(held, key=lambda i: (rows.cost[i], rows.rank[i]))
-            if cold is not None and rows.cost[cold] < rows.cost[warm]:
+            # Fewer copies than its demand wants, all busy: add one (cheaper or not now).
+            if cold is not None and (len(held) < wanted or rows.cost[cold] < rows.cost[warm]):
                 return cold, "copy"
             return warm, "waited"
         if cold is not None:
-            return cold, "load"
-        forced = rows.cold_choice(guard=False)
-        if forced is not None:
-            return forced, "forced"
+            return cold, "forced" if forced else "load"
         return min(range(len(rows.ids)), key=lambda i: (rows.cost[i], rows.rank[i])), \
             "overcommit"
 
@@ -298,22 +307,34 @@ class AffinityPolicy:
         wanted = self.demand(model, now) * self.settings.load_bound / concurrency
         return max(1, math.ceil(wanted - 1e-9))
 
-    def remaining_s(self, placement: Placement, now: float) -> float:
-        """Expected time left until ``placement`` is answered, once it runs."""
+    def duration_s(self, placement: Placement) -> float:
+        """Expected time ``placement`` keeps a worker busy: its service, and its load."""
         expected = self.service_s(placement.model)
         if placement.outcome == "load" and placement.model is not None:
             expected += self.load_s(placement.model)
-        if placement.started_at is None:
-            return expected
-        return max(0.0, expected - (now - placement.started_at))
+        return expected
 
     def wait_s(self, backend: str, inflight: int, now: float) -> float:
-        """Expected wait before a new request starts on ``backend``."""
+        """Expected wait before a new request starts on ``backend``: the placements there
+        worked through first come, first served (in the order they reached it, then those
+        still waiting in the router) by its ``concurrency`` workers. The first of them began
+        when it reached the backend or when the last one before it ended, whichever is
+        later."""
         concurrency = self.view.shape_of(backend).concurrency
         if inflight < concurrency:
             return 0.0
         work = self._work.get(backend, ())
-        return sum(self.remaining_s(p, now) for p in work) / concurrency
+        ordered = sorted(work, key=_arrival_order)
+        free: list[float] = []
+        began_after = self._last_done.get(backend, -math.inf)
+        for placement in ordered[:concurrency]:
+            start = placement.started_at if placement.started_at is not None else now
+            free.append(max(now, max(start, began_after) + self.duration_s(placement)))
+        free += [now] * (concurrency - len(free))
+        heapq.heapify(free)
+        for placement in ordered[concurrency:]:
+            heapq.heappush(free, heapq.heappop(free) + self.duration_s(placement))
+        return max(0.0, free[0] - now)
 
     def _arrived(self, model: str, now: float) -> None:
         numbers = self._numbers_of(model)
@@ -378,6 +399,11 @@ class AffinityPolicy:
         return f"AffinityPolicy(loads={self.loads}, {self.view!r})"
 
 
+def _arrival_order(placement: Placement) -> tuple[bool, float]:
+    started = placement.started_at
+    return (started is None, started if started is not None else placement.placed_at)
+
+
 def _smooth(old: float | None, sample: float, alpha: float) -> float:
     return sample if old is None else old + alpha * (sample - old)
 
@@ -414,6 +440,8 @@ class _Rows:
             return self.wait[i] + load + service
         if state == LOADED:
             return self.wait[i] + service
+        if state == PENDING:  # its load waits in the router: in the wait, or all of it ahead
+            return max(self.wait[i], load) + service
         left = max(0.0, load - (self.now - holders[self.ids[i]].since))
         return max(self.wait[i], left) + service
 
@@ -431,7 +459,7 @@ class _Rows:
         backend = self.ids[i]
         if view.free_slot(backend):
             return True, math.inf, "free slot"
-        victim = view.victim(backend)
+        victim = view.victim(backend, spare_queued=True)
         if victim is None:
             return False, 0.0, "in use"
         name, resident = victim
@@ -440,23 +468,28 @@ class _Rows:
             return False, age, "churn guard"
         return True, age, f"evicts {name}"
 
-    def cold_choice(self, guard: bool) -> int | None:
-        """The backend to load the model on (ModelMesh's order), or None."""
+    def cold_choice(self) -> tuple[int | None, bool]:
+        """(the backend to load the model on, whether that breaks the churn guard), or
+        (None, False) when none may load it. ModelMesh's order, after two rules: a backend
+        that can start the load now first, and among those one whose LRU model is not
+        guarded."""
         best: tuple[Any, ...] | None = None
-        choice = None
+        choice, forced = None, False
         view = self.policy.view
+        guard_s = self.policy.settings.min_residency_s
         for i, state in enumerate(self.state):
             if state != "absent":
                 continue
-            ok, age, _ = self.loadable(i, guard)
+            ok, age, _ = self.loadable(i, False)
             if not ok:
                 continue
+            guarded = age < guard_s
             busy = self.inflight[i] >= self.concurrency[i]
-            key = (busy, self.wait[i] if busy else 0.0, -age,
+            key = (busy, guarded, self.wait[i] if busy else 0.0, -age,
                    len(view.models_of(self.ids[i])), self.inflight[i], self.rank[i])
             if best is None or key < best:
-                best, choice = key, i
-        return choice
+                best, choice, forced = key, i, guarded
+        return choice, forced
 
     def explain(self, explain: bool) -> tuple[Scored, ...]:
         if not explain:

@@ -1,20 +1,22 @@
 """The residency view: which models each backend holds, pure and bounded.
 
 Per backend: its model slots and concurrency (``shape``), and per model it holds a
-``Resident``: *loading* (a request for it was sent to a backend that did not hold it, and
-has not been answered yet) or *loaded*, with when it was last used and how many requests for
-it are in flight there. Models a backend does not hold are *absent*.
+``Resident``: *pending* (a request for it was placed there, to be loaded, and waits in the
+router), *loading* (such a request reached the backend: the load is under way) or *loaded*,
+with when a request for it last reached the backend and how many requests for it wait in the
+router (``queued``) or run there (``running``). Models a backend does not hold are *absent*.
 
 Two sources, the backend's word first:
 
 * ``report(backend, loaded, loading)``: what the backend says it holds (a heartbeat, KServe
   ``RepositoryIndex``). It replaces the view of that backend, except that a model the router
   has requests in flight for stays (as loading): the backend may not have reached them yet.
-* ``routed`` / ``finished``: the router's own decisions between reports. A request sent for an
-  absent model makes the backend load it, and the backend makes room as an LRU cache does: the
-  least recently used model with nothing in flight goes (``routed`` returns it). A model with
-  requests in flight is never predicted evicted, so the view goes over the slots instead, as
-  ``backends.modelsim`` does.
+* ``routed`` / ``started`` / ``finished``: the router's own decisions between reports. The
+  backend is modelled as ``backends.modelsim`` behaves (an LRU cache whose bookkeeping happens
+  when a request reaches it): a request reaching it touches its model, and one for a model it
+  lacks makes it load that model, making room by evicting its least recently used model with
+  no request running there (``started`` returns it); a model with requests running is never
+  evicted, so the backend goes over its slots instead. A pending model takes no slot.
 
 Bounds: at most ``max_backends`` backends (the least recently touched is forgotten past it)
 and, per backend, at most ``max(slots, max_models)`` models (a report listing more keeps the
@@ -30,9 +32,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+PENDING: Literal["pending"] = "pending"
 LOADING: Literal["loading"] = "loading"
 LOADED: Literal["loaded"] = "loaded"
-State = Literal["loading", "loaded"]
+State = Literal["pending", "loading", "loaded"]
 
 
 @dataclass(slots=True)
@@ -41,8 +44,18 @@ class Resident:
 
     state: State
     since: float  # when it became resident (its load began, or a report first showed it)
-    last_used: float
-    inflight: int = 0  # requests for it sent there and not answered yet
+    last_used: float  # when a request for it last reached the backend
+    queued: int = 0  # requests for it placed there, not sent yet (waiting in the router)
+    running: int = 0  # requests for it sent there and not answered yet
+
+    @property
+    def inflight(self) -> int:
+        return self.queued + self.running
+
+    @property
+    def in_slot(self) -> bool:
+        """Whether it takes a slot at the backend (a pending model is not there yet)."""
+        return self.state != PENDING
 
 
 @dataclass(slots=True)
@@ -58,6 +71,9 @@ class _Backend:
         self.shape = shape
         self.models: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.reported_at: float | None = None
+
+    def occupied(self) -> int:
+        return sum(1 for r in self.models.values() if r.in_slot)
 
 
 class ResidencyView:
@@ -113,79 +129,101 @@ class ResidencyView:
     def get(self, backend: str, model: str) -> Resident | None:
         return self._holders.get(model, _EMPTY).get(backend)
 
-    def victim(self, backend: str) -> tuple[str, Resident] | None:
-        """The model ``backend`` would evict to load another: its least recently used model
-        with nothing in flight, once its slots are full; None while a slot is free or when
-        every model is in use."""
+    def victim(self, backend: str, *, spare_queued: bool = False) -> tuple[str, Resident] | None:
+        """The model ``backend`` would evict to load another: its least recently used loaded
+        model with no request running there, once its slots are full; None while a slot is
+        free or when every model is in use. ``spare_queued``: nor one with requests waiting
+        for it in the router (a load the router plans should not cost them a reload)."""
         record = self._backends.get(backend)
-        if record is None or len(record.models) < record.shape.slots:
+        if record is None or record.occupied() < record.shape.slots:
             return None
         return next(((name, r) for name, r in record.models.items()
-                     if not r.inflight and r.state == LOADED), None)
+                     if r.state == LOADED and not r.running
+                     and not (spare_queued and r.queued)), None)
 
     def free_slot(self, backend: str) -> bool:
         record = self._backends.get(backend)
-        slots = record.shape.slots if record is not None else self.default.slots
-        return record is None or len(record.models) < slots
+        return record is None or record.occupied() < record.shape.slots
 
     # -- the router's own decisions ----------------------------------------------------------
 
-    def routed(self, backend: str, model: str, now: float) -> str | None:
-        """A request for ``model`` is sent to ``backend``: it is in flight there, and a load
-        begins if the model was absent. Returns the model that load evicts, if any."""
+    def routed(self, backend: str, model: str, now: float) -> None:
+        """A request for ``model`` is placed on ``backend`` (it may wait in the router): the
+        model is pending there if it was absent."""
         record = self._backend(backend)
         resident = record.models.get(model)
-        evicted = None
         if resident is None:
-            if len(record.models) >= max(record.shape.slots, 1):
-                found = self.victim(backend)
-                if found is not None:
-                    evicted = found[0]
-                    self._drop(record, backend, evicted)
-            resident = Resident(LOADING, now, now)
+            resident = Resident(PENDING, now, now)
             self._put(record, backend, model, resident)
-        else:
-            record.models.move_to_end(model)
-            resident.last_used = now
-        resident.inflight += 1
-        return evicted
+        resident.queued += 1
 
-    def finished(self, backend: str, model: str, now: float, *, served: bool) -> None:
-        """A request routed there for ``model`` is over: ``served`` (answered by the
+    def started(self, backend: str, model: str, now: float) -> str | None:
+        """That request reaches the backend: its model is used now, and loads if it was
+        pending there. Returns the model the load evicts, if any."""
+        record = self._backends.get(backend)
+        resident = record.models.get(model) if record is not None else None
+        if record is None or resident is None:
+            return None
+        resident.queued = max(0, resident.queued - 1)
+        resident.running += 1
+        resident.last_used = now
+        record.models.move_to_end(model)
+        if resident.state != PENDING:
+            return None
+        found = self.victim(backend)  # the backend's own rule: only running models are kept
+        if found is not None:
+            self._drop(record, backend, found[0])
+        resident.state = LOADING
+        resident.since = now
+        return found[0] if found is not None else None
+
+    def finished(self, backend: str, model: str, now: float, *, served: bool,
+                 started: bool = True) -> None:
+        """A request placed there for ``model`` is over: ``served`` (answered by the
         backend: the model is loaded now) or not (failed, or taken back before it was sent:
-        a load nobody else waits for is forgotten)."""
+        a pending or loading model nobody else waits for is forgotten). ``started``: it had
+        reached the backend."""
         record = self._backends.get(backend)
         resident = record.models.get(model) if record is not None else None
         if record is None or resident is None:
             return
-        resident.inflight = max(0, resident.inflight - 1)
+        if started:
+            resident.running = max(0, resident.running - 1)
+        else:
+            resident.queued = max(0, resident.queued - 1)
         if served:
             resident.state = LOADED
             resident.last_used = now
-        elif resident.state == LOADING and not resident.inflight:
+        elif resident.state != LOADED and not resident.inflight:
             self._drop(record, backend, model)
 
     # -- the backend's word ------------------------------------------------------------------
 
     def report(self, backend: str, loaded: Iterable[str], now: float,
                loading: Iterable[str] = ()) -> None:
-        """What ``backend`` says it holds now; models with requests in flight stay."""
+        """What ``backend`` says it holds now; models with requests placed there stay."""
         record = self._backend(backend)
         record.reported_at = now
         said: dict[str, State] = {}
-        for state, names in ((LOADED, loaded), (LOADING, loading)):
+        pairs: tuple[tuple[State, Iterable[str]], ...] = ((LOADED, loaded), (LOADING, loading))
+        for told, names in pairs:
             for name in names:
                 if len(said) >= max(record.shape.slots, self.max_models):
                     break
-                said.setdefault(name, state)
-        for name in [n for n, r in record.models.items() if n not in said and not r.inflight]:
-            self._drop(record, backend, name)
+                said.setdefault(name, told)
+        for name, resident in list(record.models.items()):
+            if name in said:
+                continue
+            if not resident.inflight:
+                self._drop(record, backend, name)
+            else:  # not there (yet, or any more), but requests are on their way to it
+                resident.state = LOADING if resident.running else PENDING
         for name, state in said.items():
-            resident = record.models.get(name)
-            if resident is None:
+            held = record.models.get(name)
+            if held is None:
                 self._put(record, backend, name, Resident(state, now, now))
-            elif state == LOADED or not resident.inflight:
-                resident.state = state
+            else:
+                held.state = state
 
     # -- views -------------------------------------------------------------------------------
 
