@@ -139,3 +139,22 @@ async def test_heartbeat_reports_tell_the_router_what_a_registered_backend_holds
     assert await client.request(encode_keyed("x", b"hello")) == b"hello"
     stats = stats_of(backend, tmp_path, "registered")
     assert stats["models"]["x"] == {"requests": 1, "misses": 0, "loads": 1, "evictions": 0}
+
+
+async def test_explicit_model_control_the_router_loads_and_unloads_before_sending(
+    modelsim: Callable[..., BackendProcess], grpc_router: GrpcRouterFactory, tmp_path: Path
+) -> None:
+    """Triton's explicit model control: the backend serves only what was loaded through
+    RepositoryModelLoad, so the router loads a model (unloading one to make room) first."""
+    backend = modelsim("explicit", "--protocol", "grpc", "--models", "a,b", "--slots", "1",
+                       "--model-control", "explicit")
+    labels = {"model_slots": "1", "model_control": "explicit"}
+    router = await grpc_router([grpc_backend(backend.address, "*", labels=labels)], AFFINITY)
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i, model in enumerate(["a", "a", "b", "a"]):
+            reply = await infer(infer_request(model, [1.0], id=str(i)), timeout=IO_TIMEOUT_S)
+            assert pb.ModelInferResponse.FromString(reply).model_name == model
+    stats = stats_of(backend, tmp_path, "explicit")
+    assert (stats["loads"], stats["unloads"], stats["evictions"]) == (3, 2, 0)
+    assert stats["models"]["a"]["requests"] == 3 and stats["models"]["b"]["requests"] == 1

@@ -53,7 +53,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from router.balance.policies import Candidate, KeyedCandidate, LeastConnections, Placed
+from router.balance.policies import (
+    Candidate,
+    KeyedCandidate,
+    LeastConnections,
+    ModelControl,
+    Placed,
+)
 from router.balance.rendezvous import Rendezvous
 from router.balance.residency import LOADED, PENDING, ResidencyView, Resident
 
@@ -103,8 +109,8 @@ class ModelNumbers:
 class Placement:
     """One request on one backend, as the policy follows it (``Placed``)."""
 
-    __slots__ = ("backend", "clean", "model", "outcome", "placed_at", "policy", "reason",
-                 "started_at")
+    __slots__ = ("backend", "clean", "control", "model", "outcome", "placed_at", "policy",
+                 "reason", "started_at")
 
     def __init__(self, policy: AffinityPolicy, backend: str, model: str | None, reason: str,
                  now: float) -> None:
@@ -116,6 +122,7 @@ class Placement:
         self.placed_at = now
         self.started_at: float | None = None
         self.clean = False  # started with a worker free there: its time is a clean sample
+        self.control: ModelControl | None = None  # explicit load (and unload) before sending
 
     def started(self, now: float) -> None:
         self.policy.started(self, now)
@@ -211,6 +218,8 @@ class AffinityPolicy:
         if loads:
             self.loads += 1
             self._numbers_of(model).loads += 1
+            if self.view.shape_of(placement.backend).explicit:
+                placement.control = ModelControl(model, evicted)
         if evicted is not None:
             self.evictions += 1
             self._numbers_of(evicted).evictions += 1

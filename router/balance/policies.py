@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from router.balance.rendezvous import Rendezvous
@@ -44,8 +45,22 @@ class KeyedCandidate(Candidate, Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ModelControl:
+    """Explicit model control for one attempt: before the request is sent, the router loads
+    ``load`` on the backend (KServe ``RepositoryModelLoad``), unloading ``unload`` first to
+    make room."""
+
+    load: str
+    unload: str | None = None
+
+
 class Placed(Protocol):
-    """What a keyed policy follows of one placement."""
+    """What a keyed policy follows of one placement. ``control``: what the router must load
+    (and unload) on the backend before sending the attempt, set once it starts; None for a
+    backend that loads by itself."""
+
+    control: ModelControl | None
 
     def started(self, now: float) -> None:
         """The attempt on the chosen backend starts (sent to it)."""

@@ -62,6 +62,7 @@ class Resident:
 class Shape:
     slots: int
     concurrency: int
+    explicit: bool = False  # the router loads and unloads its models (Triton's explicit mode)
 
 
 class _Backend:
@@ -93,14 +94,17 @@ class ResidencyView:
 
     # -- what backends are -------------------------------------------------------------------
 
-    def shape(self, backend: str, slots: int | None = None,
-              concurrency: int | None = None) -> Shape:
-        """Set (each one given) and return a backend's slots and concurrency."""
+    def shape(self, backend: str, slots: int | None = None, concurrency: int | None = None,
+              explicit: bool | None = None) -> Shape:
+        """Set (each one given) and return a backend's slots, concurrency and model
+        control."""
         record = self._backend(backend)
         if slots is not None:
             record.shape.slots = max(1, slots)
         if concurrency is not None:
             record.shape.concurrency = max(1, concurrency)
+        if explicit is not None:
+            record.shape.explicit = explicit
         return record.shape
 
     def shape_of(self, backend: str) -> Shape:

@@ -3,8 +3,10 @@
 Three sources, beside the policy's own routing decisions:
 
 * a backend's *shape* when it joins: its ``model_slots`` and ``concurrency`` labels (config
-  ``labels``, or a registration's), else ``[affinity]``'s defaults; a backend that leaves is
-  forgotten;
+  ``labels``, or a registration's), else ``[affinity]``'s defaults, and ``model_control =
+  "explicit"`` for a gRPC backend whose models the router loads and unloads itself (KServe
+  ``RepositoryModelLoad``/``Unload``, Triton's explicit model control); a backend that
+  leaves is forgotten;
 * heartbeat reports (``LoadReport.loaded_models``, through the directory's report listener):
   what a registered backend holds, in every router process it heartbeats to;
 * KServe for gRPC backends: every ``affinity.index_interval_s`` each one's Triton
@@ -38,6 +40,7 @@ REPOSITORY_INDEX = "/inference.GRPCInferenceService/RepositoryIndex"
 INDEX_TIMEOUT_S = 2.0
 SLOTS_LABEL = "model_slots"
 CONCURRENCY_LABEL = "concurrency"
+CONTROL_LABEL = "model_control"  # "explicit": the router loads and unloads (gRPC only)
 _STATES = {"READY": "loaded", "LOADING": "loading"}
 
 
@@ -77,8 +80,9 @@ class ResidencyFeed:
             self._joined(backend)
 
     def _joined(self, backend: Backend) -> None:
+        control = dict(backend.spec.labels).get(CONTROL_LABEL)
         self.view.shape(backend.id, _label(backend, SLOTS_LABEL),
-                        _label(backend, CONCURRENCY_LABEL))
+                        _label(backend, CONCURRENCY_LABEL), control == "explicit")
         self._no_index.discard(backend)
 
     def _left(self, backend: Backend) -> None:
