@@ -273,7 +273,9 @@ class ModelSim:
         return "READY" if resident.ready.is_set() else "LOADING"
 
     def resident(self) -> list[str]:
-        return [name for name, r in self._slots.items() if r.ready.is_set()]
+        """The models it holds: loaded, or taking a slot while their load is owed or under
+        way (requests for them are served here once it is done)."""
+        return list(self._slots)
 
     def statistics(self) -> dict[str, Any]:
         samples = sorted(self.samples)

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,8 @@ DOCS_START = "<!-- bench-affinity:start -->"
 DOCS_END = "<!-- bench-affinity:end -->"
 PAYLOAD = b"x" * 64
 STATS_TIMEOUT_S = 15.0
+# Registered backends renew their lease, with what they hold, this often (real seconds).
+HEARTBEAT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,9 @@ class PolicyResult:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def start_modelsims(fleet: Fleet, scale: float, log_dir: Path, tag: str) -> list[Service]:
+def start_modelsims(fleet: Fleet, scale: float, log_dir: Path, tag: str,
+                    register: Sequence[str] = ()) -> list[Service]:
+    """``register``: the flags that make each one register itself (with heartbeats)."""
     started: list[Service] = []
     for index in range(fleet.backends):
         name = f"{tag}-b{index}"
@@ -105,7 +110,7 @@ def start_modelsims(fleet: Fleet, scale: float, log_dir: Path, tag: str) -> list
                 "--slots", str(fleet.slots), "--concurrency", str(fleet.concurrency),
                 "--load-ms", f"{fleet.load_s * scale * 1000:.6f}",
                 "--service-ms", f"{fleet.service_s * scale * 1000:.6f}",
-                "--stats", str(log_dir / f"{name}.json")]
+                "--stats", str(log_dir / f"{name}.json"), *register]
         service = _spawn(name, argv, log_dir, ready_port)
         service.port = service.process.ready
         started.append(service)
@@ -242,15 +247,34 @@ def summarise(policy: str, processes: int, stats: list[dict[str, Any]], latencie
 
 
 async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: float,
-                     load: Any, log_dir: Path, tag: str, processes: int = 1) -> PolicyResult:
-    backends = start_modelsims(fleet, scale, log_dir, tag)
+                     load: Any, log_dir: Path, tag: str, processes: int = 1,
+                     registered: bool = False) -> PolicyResult:
+    """One router (``processes`` processes) and its fleet under ``load``. ``registered``: the
+    backends join by registering, their heartbeats (every ``HEARTBEAT_S``) carrying the
+    models they hold to every router process; otherwise they are in the config."""
+    backends: list[Service] = []
     router: Service | None = None
     try:
         config = log_dir / f"{tag}.toml"
-        config.write_text(tomli_w.dumps(router_config(
-            policy, [b.port for b in backends], fleet, scale, demand_window_s)))
-        router, admin = await asyncio.to_thread(start_router, [], log_dir, config, processes,
-                                                f"{tag}-router")
+        if registered:
+            token = log_dir / "admin.token"
+            token.write_text("bench-affinity\n")
+            data = router_config(policy, [], fleet, scale, demand_window_s)
+            data["admin"] = {"token_file": str(token)}
+            config.write_text(tomli_w.dumps(data))
+            router, admin = await asyncio.to_thread(
+                start_router, [], log_dir, config, processes, f"{tag}-router")
+            backends = await asyncio.to_thread(
+                start_modelsims, fleet, scale, log_dir, tag,
+                ["--register", f"http://127.0.0.1:{admin}", "--lease-ttl",
+                 str(3 * HEARTBEAT_S), "--token-file", str(token)])
+            await asyncio.to_thread(_wait_registered, admin, fleet.backends)
+        else:
+            backends = start_modelsims(fleet, scale, log_dir, tag)
+            config.write_text(tomli_w.dumps(router_config(
+                policy, [b.port for b in backends], fleet, scale, demand_window_s)))
+            router, admin = await asyncio.to_thread(
+                start_router, [], log_dir, config, processes, f"{tag}-router")
         latencies, errors = await load(router.port)  # type: ignore[union-attr]
         reasons = _reasons(admin) if policy == "affinity" else {}
         hottest = _hottest_copies(admin, backends) if policy == "affinity" else None
@@ -264,6 +288,17 @@ async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: f
     result.reasons = reasons
     result.hottest_copies = hottest if hottest is not None else _served_by(stats, "z0")
     return result
+
+
+def _wait_registered(admin_port: int, count: int) -> None:
+    """Until ``count`` backends are healthy in the directory (bounded: 30 s)."""
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        listed = admin_json(admin_port, "/v1/backends")
+        if sum(1 for b in listed if b["state"] == "healthy") >= count:
+            return
+        time.sleep(0.1)  # a benchmark's setup, not a test: nothing to wait on but the API
+    raise RuntimeError(f"only {len(listed)} of {count} backends registered within 30 s")
 
 
 def _reasons(admin_port: int) -> dict[str, int]:
@@ -324,7 +359,7 @@ async def zipf_run(scale: float, seed: int, policies: tuple[str, ...], requests:
     fleet = Fleet(backends=16, slots=4, load_s=0.4, service_s=0.04)
     capacity = fleet.backends * fleet.concurrency / (fleet.service_s * scale)
     arrivals = zipf_arrivals(64, 1.1, 0.7 * capacity, requests, seed)
-    window = 2.0 * scale * 10
+    window = 2.0 * scale  # demand over 2 s (5 loads), as bench.affinity_sim
 
     async def load_for(port: int) -> tuple[list[float], int]:
         return await open_loop(port, arrivals)
@@ -335,7 +370,7 @@ async def zipf_run(scale: float, seed: int, policies: tuple[str, ...], requests:
                                         f"zipf-{policy}"))
     if "affinity" in policies:
         results.append(await run_policy("affinity", fleet, scale, window, load_for, log_dir,
-                                        "zipf-affinity-2p", processes=2))
+                                        "zipf-affinity-2p", processes=2, registered=True))
     total = sum(1.0 / k ** 1.1 for k in range(1, 65))
     hottest_share = 1.0 / total
     needed = math.ceil(0.7 * fleet.backends * hottest_share)
@@ -405,10 +440,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests per seed run (default: the seed's 2,400)")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--zipf", action="store_true", help="also the 16 x 4 Zipf scenario")
-    parser.add_argument("--zipf-requests", type=int, default=6000)
-    parser.add_argument("--zipf-scale", type=float, default=0.25)
+    parser.add_argument("--zipf-requests", type=int, default=20000)
+    parser.add_argument("--zipf-scale", type=float, default=0.5)
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "affinity.json")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep the processes' logs and stats files here (default: a "
+                             "temporary directory, removed)")
     return parser.parse_args(argv)
 
 
@@ -416,7 +454,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     policies = tuple(p for p in args.policies.split(",") if p)
     runs = [int(r) for r in args.runs.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="bench-affinity-") as tmp:
-        log_dir = Path(tmp)
+        log_dir = args.log_dir or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         seed_runs = []
         for number in runs:
             seed_runs.append(await seed_run(number, args.scale, args.seed, policies, log_dir,

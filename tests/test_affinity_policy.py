@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.affinity_sim import RUNS, simulate
 from router.balance.affinity import AffinityPolicy, AffinitySettings, Placement
@@ -432,3 +434,40 @@ def test_the_policy_meets_the_seed_targets_in_a_simulated_fleet(
     assert result.misses <= max_misses and result.mean_task_s <= max_task_s
     assert result.mean_latency_s < baseline.mean_latency_s
     assert baseline.misses > 2 * result.misses
+
+
+ops = st.lists(st.tuples(
+    st.sampled_from(["routed", "started", "served", "failed", "taken_back", "report", "forget"]),
+    st.sampled_from(["b0", "b1", "b2"]), st.sampled_from(["m0", "m1", "m2", "m3", "m4"]),
+), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops)
+def test_the_view_stays_consistent_whatever_happens(ops: list[tuple[str, str, str]]) -> None:
+    """Its holders index, slot counts and in-flight counts agree with its backends' models,
+    and it stays within its bound."""
+    view = ResidencyView(default_slots=2, max_models=3)
+    for step, (op, backend, model) in enumerate(ops):
+        now = float(step)
+        resident = view.get(backend, model)
+        if op == "routed":
+            view.routed(backend, model, now)
+        elif op == "started" and resident is not None and resident.queued:
+            view.started(backend, model, now)
+        elif op in ("served", "failed") and resident is not None and resident.running:
+            view.finished(backend, model, now, served=op == "served")
+        elif op == "taken_back" and resident is not None and resident.queued:
+            view.finished(backend, model, now, served=False, started=False)
+        elif op == "report":
+            view.report(backend, [model], now)
+        elif op == "forget":
+            view.forget(backend)
+        for b in view:
+            models = view.models_of(b)
+            assert view.occupied(b) == sum(1 for r in models.values() if r.in_slot)
+            assert len(models) <= max(2, 3)
+            for name, r in models.items():
+                assert view.holders(name)[b] is r and r.queued >= 0 and r.running >= 0
+        for name, holders in view.models().items():
+            assert holders and all(view.models_of(b).get(name) is r for b, r in holders.items())

@@ -45,7 +45,6 @@ time comes from ``now``, randomness from the RNG given (only to break exact ties
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections import Counter, OrderedDict
@@ -109,8 +108,8 @@ class ModelNumbers:
 class Placement:
     """One request on one backend, as the policy follows it (``Placed``)."""
 
-    __slots__ = ("backend", "clean", "control", "model", "outcome", "placed_at", "policy",
-                 "reason", "started_at")
+    __slots__ = ("backend", "clean", "control", "expected_s", "model", "outcome", "placed_at",
+                 "policy", "reason", "started_at")
 
     def __init__(self, policy: AffinityPolicy, backend: str, model: str | None, reason: str,
                  now: float) -> None:
@@ -123,6 +122,7 @@ class Placement:
         self.started_at: float | None = None
         self.clean = False  # started with a worker free there: its time is a clean sample
         self.control: ModelControl | None = None  # explicit load (and unload) before sending
+        self.expected_s = 0.0  # how long it keeps a worker busy, as estimated when placed
 
     def started(self, now: float) -> None:
         self.policy.started(self, now)
@@ -171,8 +171,7 @@ class AffinityPolicy:
         self._rendezvous = Rendezvous()
         self._fallback = LeastConnections()
         self._numbers: OrderedDict[str, ModelNumbers] = OrderedDict()
-        self._work: dict[str, list[Placement]] = {}  # backend -> placements not done
-        self._last_done: dict[str, float] = {}  # backend -> when a placement there last ended
+        self._work: dict[str, _Work] = {}  # backend -> its placements not done
         self._service_all: float | None = None  # every model's service time, smoothed
         self.reasons: Counter[str] = Counter()
         self.loads = 0
@@ -196,7 +195,13 @@ class AffinityPolicy:
         decision = self.decide(model, candidates, now, rng)
         backend = candidates[decision.index].id
         placement = Placement(self, backend, model, decision.reason, now)
-        self._work.setdefault(backend, []).append(placement)
+        placement.expected_s = self.duration_s(placement)
+        work = self._work.get(backend)
+        if work is None:
+            if len(self._work) >= MAX_BACKENDS:
+                self._forget_idle_work()
+            work = self._work[backend] = _Work()
+        work.add(placement)
         self.reasons[decision.reason] += 1
         if model is not None:
             self._numbers_of(model).outcomes[placement.outcome] += 1
@@ -204,11 +209,13 @@ class AffinityPolicy:
         return decision.index, placement
 
     def started(self, placement: Placement, now: float) -> None:
-        work = self._work.get(placement.backend, ())
-        running = sum(1 for p in work if p.started_at is not None and p is not placement)
-        placement.clean = running < self.view.shape_of(placement.backend).concurrency
+        work = self._work.get(placement.backend)
         first = placement.started_at is None
+        running = work.running - (0 if first else 1) if work is not None else 0
+        placement.clean = running < self.view.shape_of(placement.backend).concurrency
         placement.started_at = now
+        if work is not None and first and placement in work.placements:
+            work.running += 1
         model = placement.model
         if model is None or not first:
             return
@@ -225,16 +232,10 @@ class AffinityPolicy:
             self._numbers_of(evicted).evictions += 1
 
     def done(self, placement: Placement, served: bool, now: float) -> None:
-        work = self._work.get(placement.backend)
-        if work is not None and placement in work:
-            work.remove(placement)
-            if not work:
-                del self._work[placement.backend]
         started = placement.started_at is not None
-        if started:
-            if len(self._last_done) >= MAX_BACKENDS and placement.backend not in self._last_done:
-                self._last_done.clear()  # ids come and go: stay bounded
-            self._last_done[placement.backend] = now
+        work = self._work.get(placement.backend)
+        if work is not None:
+            work.remove(placement, now, started)
         if placement.model is not None:
             self.view.finished(placement.backend, placement.model, now,
                                served=served and started, started=started)
@@ -324,26 +325,27 @@ class AffinityPolicy:
         return expected
 
     def wait_s(self, backend: str, inflight: int, now: float) -> float:
-        """Expected wait before a new request starts on ``backend``: the placements there
-        worked through first come, first served (in the order they reached it, then those
-        still waiting in the router) by its ``concurrency`` workers. The first of them began
-        when it reached the backend or when the last one before it ended, whichever is
-        later."""
+        """Expected wait before a new request starts on ``backend``: the work placed there
+        (each placement's expected duration, as estimated when it was placed), worked
+        through first come, first served by its ``concurrency`` workers, less what the oldest
+        running one has done since it began (when it reached the backend, or when the one
+        before it ended, whichever is later). O(1): it runs for every candidate of every
+        request."""
         concurrency = self.view.shape_of(backend).concurrency
-        if inflight < concurrency:
+        work = self._work.get(backend)
+        if inflight < concurrency or work is None or not work.placements:
             return 0.0
-        work = self._work.get(backend, ())
-        ordered = sorted(work, key=_arrival_order)
-        free: list[float] = []
-        began_after = self._last_done.get(backend, -math.inf)
-        for placement in ordered[:concurrency]:
-            start = placement.started_at if placement.started_at is not None else now
-            free.append(max(now, max(start, began_after) + self.duration_s(placement)))
-        free += [now] * (concurrency - len(free))
-        heapq.heapify(free)
-        for placement in ordered[concurrency:]:
-            heapq.heappush(free, heapq.heappop(free) + self.duration_s(placement))
-        return max(0.0, free[0] - now)
+        head = next(iter(work.placements))
+        began = max(head.started_at if head.started_at is not None else now, work.last_done)
+        elapsed = max(0.0, now - began)
+        running = max(1, min(len(work.placements), concurrency))
+        ahead = work.expected_s - running * min(elapsed, head.expected_s)
+        return max(0.0, ahead / concurrency)
+
+    def _forget_idle_work(self) -> None:
+        """Past ``MAX_BACKENDS``: drop the records of backends with nothing placed there."""
+        for backend in [b for b, w in self._work.items() if not w.placements]:
+            del self._work[backend]
 
     def _arrived(self, model: str, now: float) -> None:
         numbers = self._numbers_of(model)
@@ -399,7 +401,7 @@ class AffinityPolicy:
             "loads": self.loads,
             "evictions": self.evictions,
             "models_measured": len(self._numbers),
-            "placements_in_flight": sum(len(w) for w in self._work.values()),
+            "placements_in_flight": sum(len(w.placements) for w in self._work.values()),
             "service_s": self._service_all,
             "view": self.view.statistics(),
         }
@@ -408,9 +410,31 @@ class AffinityPolicy:
         return f"AffinityPolicy(loads={self.loads}, {self.view!r})"
 
 
-def _arrival_order(placement: Placement) -> tuple[bool, float]:
-    started = placement.started_at
-    return (started is None, started if started is not None else placement.placed_at)
+class _Work:
+    """The placements not done on one backend, in placement order, and their sums."""
+
+    __slots__ = ("expected_s", "last_done", "placements", "running")
+
+    def __init__(self) -> None:
+        self.placements: dict[Placement, None] = {}  # ordered; O(1) removal
+        self.expected_s = 0.0
+        self.running = 0  # started (reached the backend), not done
+        self.last_done = -math.inf
+
+    def add(self, placement: Placement) -> None:
+        self.placements[placement] = None
+        self.expected_s += placement.expected_s
+
+    def remove(self, placement: Placement, now: float, started: bool) -> None:
+        if placement not in self.placements:
+            return  # told twice
+        del self.placements[placement]
+        self.expected_s = max(0.0, self.expected_s - placement.expected_s)
+        if started:
+            self.running = max(0, self.running - 1)
+            self.last_done = now
+        if not self.placements:
+            self.expected_s = 0.0  # no drift from float sums
 
 
 def _smooth(old: float | None, sample: float, alpha: float) -> float:

@@ -66,15 +66,18 @@ class Shape:
 
 
 class _Backend:
-    __slots__ = ("models", "reported_at", "shape")
+    __slots__ = ("models", "occupied", "reported_at", "shape")
 
     def __init__(self, shape: Shape) -> None:
         self.shape = shape
         self.models: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        self.occupied = 0  # models that take a slot (not pending): kept by set, _put, _drop
         self.reported_at: float | None = None
 
-    def occupied(self) -> int:
-        return sum(1 for r in self.models.values() if r.in_slot)
+    def set(self, resident: Resident, state: State) -> None:
+        """Every change of a resident's state goes through here (``occupied`` follows)."""
+        self.occupied += (state != PENDING) - resident.in_slot
+        resident.state = state
 
 
 class ResidencyView:
@@ -139,15 +142,20 @@ class ResidencyView:
         free or when every model is in use. ``spare_queued``: nor one with requests waiting
         for it in the router (a load the router plans should not cost them a reload)."""
         record = self._backends.get(backend)
-        if record is None or record.occupied() < record.shape.slots:
+        if record is None or record.occupied < record.shape.slots:
             return None
         return next(((name, r) for name, r in record.models.items()
                      if r.state == LOADED and not r.running
                      and not (spare_queued and r.queued)), None)
 
+    def occupied(self, backend: str) -> int:
+        """Slots its models take (a pending model takes none yet)."""
+        record = self._backends.get(backend)
+        return record.occupied if record is not None else 0
+
     def free_slot(self, backend: str) -> bool:
         record = self._backends.get(backend)
-        return record is None or record.occupied() < record.shape.slots
+        return record is None or record.occupied < record.shape.slots
 
     # -- the router's own decisions ----------------------------------------------------------
 
@@ -177,7 +185,7 @@ class ResidencyView:
         found = self.victim(backend)  # the backend's own rule: only running models are kept
         if found is not None:
             self._drop(record, backend, found[0])
-        resident.state = LOADING
+        record.set(resident, LOADING)
         resident.since = now
         return found[0] if found is not None else None
 
@@ -196,7 +204,7 @@ class ResidencyView:
         else:
             resident.queued = max(0, resident.queued - 1)
         if served:
-            resident.state = LOADED
+            record.set(resident, LOADED)
             resident.last_used = now
         elif resident.state != LOADED and not resident.inflight:
             self._drop(record, backend, model)
@@ -221,13 +229,13 @@ class ResidencyView:
             if not resident.inflight:
                 self._drop(record, backend, name)
             else:  # not there (yet, or any more), but requests are on their way to it
-                resident.state = LOADING if resident.running else PENDING
+                record.set(resident, LOADING if resident.running else PENDING)
         for name, state in said.items():
             held = record.models.get(name)
             if held is None:
                 self._put(record, backend, name, Resident(state, now, now))
             else:
-                held.state = state
+                record.set(held, state)
 
     # -- views -------------------------------------------------------------------------------
 
@@ -269,10 +277,11 @@ class ResidencyView:
         if len(record.models) >= max(record.shape.slots, self.max_models):
             self._drop(record, backend, next(iter(record.models)))  # the bound, past any slots
         record.models[model] = resident
+        record.occupied += resident.in_slot
         self._holders.setdefault(model, {})[backend] = resident
 
     def _drop(self, record: _Backend, backend: str, model: str) -> None:
-        del record.models[model]
+        record.occupied -= record.models.pop(model).in_slot
         self._unindex(model, backend)
 
     def _unindex(self, model: str, backend: str) -> None:
