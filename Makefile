@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-packages docs fuzz bench bench-tls bench-smoke bench-10k bench-grpc bench-affinity locust chaos protos clean
+.PHONY: run test lint system-packages docs fuzz bench bench-peer bench-tls bench-smoke bench-10k bench-grpc bench-registry bench-affinity locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,21 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --update-docs
+	$(PY) -m bench.run --mode per-request --name per-request --update-docs
+	$(PY) -m bench.registry_scale --update-docs
+
+# The C++ inference-router, the connection-per-request peer of `make bench`, from a clone in
+# bench/peers/inference-router (docs/benchmarks.md): its tests off, so its build fetches nothing.
+PEER_SRC ?= bench/peers/inference-router
+bench-peer:
+	cmake -S $(PEER_SRC) -B $(PEER_SRC)/build -DIR_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(PEER_SRC)/build --target inference-router load_bench
+
+# 1,000 registered backends (two backends.echo_many processes) against 2: throughput, router CPU
+# for 1,000 heartbeats/s, registration-to-first-request and lease-expiry-to-removal; writes
+# bench/results/registry.json and the registry table of docs/benchmarks.md.
+bench-registry: $(STAMP)
+	$(PY) -m bench.registry_scale --update-docs
 
 # TLS on the router's listener against the plain router, 50 clients; the TLS table of
 # docs/benchmarks.md and bench/results/tls.json.
@@ -100,7 +115,7 @@ chaos: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[protos]'
 	$(PY) -m backends.proto.generate
-	$(PY) -c 'import router.protocol.proto.grpc_predict_v2_pb2_grpc, router.protocol.proto.model_stream_infer_pb2, router.protocol.proto.triton_extensions_pb2'
+	$(PY) -c 'import router.protocol.proto.grpc_predict_v2_pb2_grpc, router.protocol.proto.model_stream_infer_pb2, router.protocol.proto.triton_extensions_pb2, router.protocol.proto.registry_pb2_grpc, router.protocol.proto.anyserve_worker_management_pb2_grpc'
 	$(PY) -m pip check
 
 clean:

@@ -1,29 +1,41 @@
-"""Benchmark: the router against direct connections and HAProxy, same backends, same load.
+"""Benchmark: the router against direct connections, HAProxy and the C++ router, same load.
 
-``python -m bench.run [--clients 50,200] [--requests N] [--name NAME] [--update-docs]``
+``python -m bench.run [--clients 50,200] [--mode persistent|per-request] [--requests N]
+[--processes K] [--cxx-build DIR] [--name NAME] [--update-docs]``
 
 Starts two echo backends, the router (a subprocess, ``--backend`` flags, no config file) and,
-when ``haproxy`` is on PATH, an HAProxy in TCP mode (``balance leastconn``) in front of the
-same two backends. For each client count it runs ``bench.load`` in persistent mode (64-byte
-payloads, no pipelining, ``N`` requests per connection) against:
+when ``haproxy`` is on PATH, an HAProxy in TCP mode (``balance leastconn``, one thread) in
+front of the same two backends. For each client count it runs the same load against every
+target, ``--rounds`` times, interleaved:
 
 - ``direct``: half the clients to each backend (lane k goes to backend k mod 2), started
   together and merged into one report, so latencies are exact percentiles over all requests;
-- ``router``: every client to the router;
+- ``router``: every client to the router (``router-Np``: N router processes on one port);
 - ``router+tls``: every client to a router whose listener speaks TLS (a certificate made for
   the run with trustme; the clients verify it), at the ``--tls-clients`` counts only (default
-  50); its ratio to ``router`` is the cost of TLS;
-- ``haproxy``: every client to HAProxy.
+  50; persistent mode); its ratio to ``router`` is the cost of TLS;
+- ``haproxy``: every client to HAProxy;
+- ``cxx-router``: the C++ inference-router (github.com/SAY-5/inference-router), in
+  ``--mode per-request`` only, when its build directory (``--cxx-build``, default
+  ``bench/peers/inference-router/build``; ``make bench-peer`` builds it) holds it. Nothing is
+  fetched at run time: without the build the row is skipped.
 
-Every target is measured at each load-generator process count in ``--processes`` (default
-1 and 2) and keeps the count that served it best. On two shared cores the load generator's
-split moves CPU between it and the target: one load process leaves a whole core to the router,
-while HAProxy, cheaper per request, is held back by one load process and does best with two.
-``direct`` always runs one load process per backend.
+``--mode persistent`` (default): ``bench.load``, 64-byte payloads, one request in flight per
+connection, ``N`` requests per connection. ``--mode per-request``: one connection per request
+(connect, send, read, close), from the C++ router's own load tool (``load_bench`` in the same
+build directory, SO_LINGER 0 on close, as that project measures itself) when it is built, else
+from ``bench.load``'s per-request mode; either way one tool drives every target of the run.
 
-It prints a table and the ratios router/direct and router/haproxy, and writes
-``bench/results/<name>.json`` with every figure, the machine and a timestamp. Every wait is
-bounded, and every process it started is stopped in ``finally``.
+One load generator for every target: ``--processes`` load processes (default 2) for all of
+them, direct included. Every target's CPU time is read from ``/proc/<pid>/stat`` (utime +
+stime of the process and its children that are still running) before and after each round:
+the report gives microseconds of target CPU per request (for ``direct``, the two backends'),
+and of the backends' CPU per request for every target (a proxy that pipelines saves them
+work), for every round.
+
+It prints a table and the ratios of each router variant to direct, HAProxy and the C++
+router, and writes ``bench/results/<name>.json`` with every round's figures, the machine and
+a timestamp. Every wait is bounded, and every process it started is stopped in ``finally``.
 """
 
 from __future__ import annotations
@@ -65,6 +77,8 @@ PAYLOAD_BYTES = 64
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 ROUTER_GRACE_S = 5.0
+CXX_BUILD = ROOT / "bench" / "peers" / "inference-router" / "build"
+CXX_LOAD_TIMEOUT_S = 600.0
 DIRECT_SPLIT = "half the clients to each backend (lane k -> backend k mod 2), merged"
 
 
@@ -160,6 +174,8 @@ def haproxy_config(port: int, backends: list[int]) -> str:
 global
     # Each connection costs HAProxy two fds; 4096 fits a 20,000-fd hard limit with room.
     maxconn 4096
+    # One thread, like the router's one event loop: CPU per request compares like with like.
+    nbthread 1
 
 defaults
     mode tcp
@@ -199,6 +215,38 @@ def start_haproxy(binary: str, backends: list[int], log_dir: Path) -> Service:
     return service
 
 
+def start_cxx_router(build: Path, backends: list[int], log_dir: Path) -> Service:
+    """The C++ inference-router from ``build`` in front of the same backends."""
+    port = free_port()
+    argv = [str(build / "inference-router"), "--listen", f"127.0.0.1:{port}", "--log-level", "0"]
+    for backend in backends:
+        argv += ["--backend", f"127.0.0.1:{backend}"]
+    service = _spawn("cxx-router", argv, log_dir, started)
+    service.port = port
+    wait_accepting(service, READY_TIMEOUT_S)
+    return service
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its live children (a supervisor's router processes)."""
+    total = 0.0
+    for each in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
 def haproxy_version(binary: str) -> str:
     try:
         out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
@@ -225,6 +273,32 @@ def run_split(ports: list[int], connections: int, requests: int, processes: int,
     return run_specs(specs)
 
 
+def run_cxx_load(build: Path, port: int, connections: int, requests: int) -> LoadReport:
+    """The C++ router's ``load_bench``: ``connections`` client threads, each ``requests``
+    times connect, send 64 bytes, read the echo, close; its JSON as a ``LoadReport``."""
+    with tempfile.TemporaryDirectory(prefix="bench-cxx-") as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run(
+            [str(build / "load_bench"), "--no-inproc", "--port", str(port), "--clients",
+             str(connections), "--reqs-per-client", str(requests), "--payload-bytes",
+             str(PAYLOAD_BYTES), "--out", str(out)],
+            check=True, capture_output=True, timeout=CXX_LOAD_TIMEOUT_S,
+        )
+        body = json.loads(out.read_text())
+    ok, errors = int(body["ok"]), int(body["err"])
+    elapsed = float(body["total_ms"]) / 1000.0
+    return LoadReport(
+        mode="per-request", connections=connections, requests_per_connection=requests,
+        pipeline=1, payload_bytes=PAYLOAD_BYTES, processes=1, ok=ok,
+        errors={"failed": errors} if errors else {}, error_total=errors,
+        connect_failures=0, sent=ok + errors, unsent=connections * requests - ok - errors,
+        connections_opened=ok + errors, elapsed_s=elapsed,
+        requests_per_s=float(body["throughput_rps"]), p50_us=int(body["p50_us"]),
+        p95_us=int(body["p95_us"]), p99_us=int(body["p99_us"]), p999_us=int(body["p999_us"]),
+        max_us=None, mean_us=None, timed_out=False, workers_lost=0, worker_errors=[],
+    )
+
+
 def admin_stats(port: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/stats"
     with urllib.request.urlopen(url, timeout=5.0) as response:
@@ -244,9 +318,10 @@ def _ratio(a: float | int | None, b: float | int | None) -> float | None:
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each router variant ("router", "router-2p", ...) against direct and HAProxy, and
-    "router+tls" against the plain "router"."""
-    by_key = {(r["target"], r["clients"]): r["report"] for r in runs}
+    """Each router variant ("router", "router-2p", ...) against direct, HAProxy and the C++
+    router, and "router+tls" against the plain "router": req/s, latency and CPU per request
+    of the median rounds."""
+    by_key = {(r["target"], r["clients"]): r for r in runs}
     variants = sorted({r["target"] for r in runs if r["target"].startswith("router")})
     out = []
     for clients in sorted({r["clients"] for r in runs}):
@@ -254,38 +329,52 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             router = by_key.get((variant, clients))
             if router is None:
                 continue
-            others = ("router",) if variant.endswith("+tls") else ("direct", "haproxy")
+            others = (("router",) if variant.endswith("+tls")
+                      else ("direct", "haproxy", "cxx-router"))
             for other in others:
                 base = by_key.get((other, clients))
                 if base is None:
                     continue
+                mine, theirs = router["report"], base["report"]
                 out.append({
                     "clients": clients, "ratio": f"{variant}/{other}",
-                    "requests_per_s": _ratio(router["requests_per_s"], base["requests_per_s"]),
-                    "p50": _ratio(router["p50_us"], base["p50_us"]),
-                    "p99": _ratio(router["p99_us"], base["p99_us"]),
+                    "requests_per_s": _ratio(mine["requests_per_s"], theirs["requests_per_s"]),
+                    "p50": _ratio(mine["p50_us"], theirs["p50_us"]),
+                    "p99": _ratio(mine["p99_us"], theirs["p99_us"]),
+                    "cpu_per_request": _ratio(router["cpu_us_per_request"],
+                                              base["cpu_us_per_request"]),
                 })
     return out
 
 
-def median_run(reports: list[LoadReport]) -> LoadReport:
+def median_index(rounds: list[dict[str, Any]]) -> int:
     """The round with the median throughput (the lower middle for an even count)."""
-    ranked = sorted(reports, key=lambda r: r["requests_per_s"])
+    ranked = sorted(range(len(rounds)), key=lambda i: rounds[i]["report"]["requests_per_s"])
     return ranked[(len(ranked) - 1) // 2]
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for run in runs:
         r = run["report"]
-        rows.append([run["target"], str(run["clients"]), str(run.get("load_processes", "-")),
-                     f"{r['requests_per_s']:.0f}",
-                     _ms(r["p50_us"]), _ms(r["p99_us"]), str(r["error_total"])])
+        rounds = run.get("rounds", [])
+        rows.append([
+            run["target"], str(run["clients"]), f"{r['requests_per_s']:.0f}",
+            _ms(r["p50_us"]), _ms(r["p99_us"]), str(r["error_total"]),
+            _us(run.get("cpu_us_per_request")), _us(run.get("backend_cpu_us_per_request")),
+            " / ".join(f"{x['requests_per_s']:.0f}" for x in rounds) or "-",
+            " / ".join(_us(x["cpu_us_per_request"]) for x in rounds) or "-",
+        ])
     return rows
 
 
-HEADER = ["target", "clients", "load procs", "req/s", "p50 ms", "p99 ms", "errors"]
-RATIO_HEADER = ["clients", "ratio", "req/s", "p50", "p99"]
+HEADER = ["target", "clients", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req",
+          "backends CPU us/req", "every round: req/s", "every round: CPU us/req"]
+RATIO_HEADER = ["clients", "ratio", "req/s", "p50", "p99", "CPU/req"]
 
 
 def _fmt(value: float | None) -> str:
@@ -294,7 +383,7 @@ def _fmt(value: float | None) -> str:
 
 def ratio_rows(items: list[dict[str, Any]]) -> list[list[str]]:
     return [[str(i["clients"]), i["ratio"], _fmt(i["requests_per_s"]), _fmt(i["p50"]),
-             _fmt(i["p99"])] for i in items]
+             _fmt(i["p99"]), _fmt(i.get("cpu_per_request"))] for i in items]
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -314,9 +403,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def docs_command(result: dict[str, Any]) -> str:
     """The command that repeats the run, from the settings it recorded."""
     s = result["settings"]
+    processes = s.get("load_processes")
+    if isinstance(processes, list):  # older results: one count per target, the best kept
+        processes = ",".join(map(str, processes))
     return command_line("bench.run", [
+        ("--mode", None if s.get("mode", "persistent") == "persistent" else s["mode"]),
         ("--clients", s.get("clients")), ("--requests", s["requests_per_connection"]),
-        ("--max-seconds", s.get("max_seconds")), ("--processes", s.get("load_processes")),
+        ("--max-seconds", s.get("max_seconds")), ("--processes", processes),
         ("--router-processes", s.get("router_processes")), ("--rounds", s.get("rounds")),
         ("--tls-clients", s.get("tls_clients")), ("--name", result["name"]),
     ])
@@ -327,13 +420,19 @@ def docs_block(result: dict[str, Any]) -> str:
     m = result["machine"]
     s = result["settings"]
     haproxy = f", {m['haproxy']}" if m.get("haproxy") else ", no HAProxy"
-    machine = f"{m['nproc']} CPUs, {m['platform']}, Python {m['python']}{haproxy}"
+    cxx = ", the C++ inference-router" if m.get("cxx_router") else ""
+    machine = f"{m['nproc']} CPUs, {m['platform']}, Python {m['python']}{haproxy}{cxx}"
+    per_request = s.get("mode") == "per-request"
+    shape = ("one connection per request" if per_request
+             else "one request in flight per connection")
+    load = s.get("load_tool", "bench.load")
     return "\n".join([
         run_header(docs_command(result), result["timestamp"], machine),
-        f"{s['payload_bytes']}-byte payloads, one request in flight per connection, "
-        f"{s['requests_per_connection']} requests per connection; direct = {s['direct']}; "
-        f"median of {s.get('rounds', 1)} interleaved rounds, at the load process count (of "
-        f"{', '.join(map(str, s.get('load_processes') or []))}) that served the target best.",
+        f"{s['payload_bytes']}-byte payloads, {shape}, {s['requests_per_connection']} "
+        f"requests per {'client' if per_request else 'connection'}; load from {load} "
+        f"({s.get('load_processes')} processes) for every target; direct = {s['direct']}; "
+        f"median of {s.get('rounds', 1)} interleaved rounds, every round listed; CPU from "
+        "/proc/<pid>/stat.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
         "",
@@ -357,28 +456,37 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="50,200",
                         help="comma-separated client (connection) counts (default: 50,200)")
-    parser.add_argument("--requests", type=int, default=2000,
-                        help="requests per connection (default: 2000)")
+    parser.add_argument("--mode", choices=["persistent", "per-request"], default="persistent",
+                        help="persistent connections, or one connection per request")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per connection (persistent, default 2000) or per "
+                             "client (per-request, default 200)")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="stop sending after this long in one run (default: 30)")
-    parser.add_argument("--processes", default="1,2",
-                        help="comma-separated load generator process counts; each target "
-                             "keeps its best (default: 1,2)")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="load generator processes, the same for every target "
+                             "(default: 2)")
     parser.add_argument("--name", default="latest", help="bench/results/<name>.json")
     parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy")
+    parser.add_argument("--cxx-build", type=Path, default=CXX_BUILD,
+                        help="build directory of the C++ inference-router (its "
+                             "inference-router and load_bench binaries); skipped if absent")
     parser.add_argument("--router-processes", default="1,2",
                         help="comma-separated router process counts, one router each "
                              "(default: 1,2; 'router' is 1, 'router-Np' is N)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="measure every target this many times, interleaved, and keep "
-                             "the median round (default: 3)")
+                        help="measure every target this many times, interleaved, and report "
+                             "the median round beside every round (default: 3)")
     parser.add_argument("--tls-clients", default="50",
                         help="comma-separated client counts (of --clients) at which the "
-                             "router+tls target runs too; '' for none (default: 50)")
+                             "router+tls target runs too, persistent mode; '' for none "
+                             "(default: 50)")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"replace the text between {DOCS_START} and {DOCS_END} in "
                              "docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.requests is None:
+        args.requests = 200 if args.mode == "per-request" else 2000
     try:
         args.client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:
@@ -391,103 +499,141 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--router-processes: expected integers, got {args.router_processes!r}")
     if not args.process_counts or min(args.process_counts) < 1 or args.rounds < 1:
         parser.error("--router-processes and --rounds must be >= 1")
-    try:
-        args.load_counts = sorted({int(p) for p in args.processes.split(",") if p.strip()})
-    except ValueError:
-        parser.error(f"--processes: expected integers, got {args.processes!r}")
-    if not args.load_counts or min(args.load_counts) < 1:
+    if args.processes < 1:
         parser.error("--processes must be >= 1")
     try:
         args.tls_counts = [int(c) for c in args.tls_clients.split(",") if c.strip()]
     except ValueError:
         parser.error(f"--tls-clients: expected integers, got {args.tls_clients!r}")
+    if args.mode == "per-request":
+        args.tls_counts = []
     if not re.fullmatch(r"[\w.-]+", args.name):
         parser.error("--name: letters, digits, '.', '_' and '-' only")
     return args
 
 
-def load_counts_for(target: str, counts: list[int], backends: int) -> list[int]:
-    """The load process counts to measure ``target`` at (direct: one per backend)."""
-    return [backends] if target == "direct" else counts
+@dataclass
+class Target:
+    """One thing measured: where the load goes, and whose CPU it costs."""
+
+    name: str
+    port: int  # 0 for direct (the backends' own ports)
+    pids: list[int]
+    tls_ca: Path | None = None
 
 
-def _one_run(target: str, clients: int, port: int, backends: list[int], processes: int,
-             args: argparse.Namespace, tls_ca: Path | None = None) -> LoadReport:
-    if target == "direct":
-        return run_split(backends, clients, args.requests, processes, args.max_seconds)
-    return run_load("127.0.0.1", port, connections=clients, requests=args.requests,
+def cxx_available(build: Path) -> bool:
+    return all(os.access(build / tool, os.X_OK) for tool in ("inference-router", "load_bench"))
+
+
+def _one_run(target: Target, clients: int, backends: list[int], args: argparse.Namespace,
+             cxx_load: Path | None) -> LoadReport:
+    if cxx_load is not None:  # per-request mode with the C++ load tool: for every target
+        if target.name == "direct":
+            raise ValueError("direct has no single port for load_bench")
+        return run_cxx_load(cxx_load, target.port, clients, args.requests)
+    if target.name == "direct":
+        return run_split(backends, clients, args.requests, args.processes, args.max_seconds)
+    return run_load("127.0.0.1", target.port, connections=clients, requests=args.requests,
                     duration_s=args.max_seconds, payload_bytes=PAYLOAD_BYTES,
-                    mode="persistent", processes=processes,
-                    tls_ca=str(tls_ca) if tls_ca is not None else None)
+                    mode=args.mode, processes=args.processes,
+                    tls_ca=str(target.tls_ca) if target.tls_ca is not None else None)
 
 
-def best_split(rounds: dict[int, list[LoadReport]]) -> tuple[int, LoadReport]:
-    """(load processes, median report) of the process count whose median round was fastest."""
-    medians = {count: median_run(reports) for count, reports in rounds.items()}
-    best = max(medians, key=lambda count: medians[count]["requests_per_s"])
-    return best, medians[best]
+def measure_round(target: Target, clients: int, backends: list[int], backend_pids: list[int],
+                  args: argparse.Namespace, cxx_load: Path | None) -> dict[str, Any]:
+    """One round of one target: its report and CPU per request, its own and the backends'."""
+    before = [cpu_seconds(pid) for pid in target.pids]
+    backends_before = [cpu_seconds(pid) for pid in backend_pids]
+    report = _one_run(target, clients, backends, args, cxx_load)
+    spent = sum(cpu_seconds(pid) for pid in target.pids) - sum(before)
+    backends_spent = sum(cpu_seconds(pid) for pid in backend_pids) - sum(backends_before)
+    ok = report["ok"]
+    return {
+        "report": report,
+        "requests_per_s": report["requests_per_s"],
+        "cpu_us_per_request": round(spent / ok * 1e6, 2) if ok else None,
+        "backend_cpu_us_per_request": round(backends_spent / ok * 1e6, 2) if ok else None,
+    }
+
+
+def _summary(target: str, clients: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    median = rounds[median_index(rounds)]
+    return {
+        "target": target, "clients": clients, "report": median["report"],
+        "cpu_us_per_request": median["cpu_us_per_request"],
+        "backend_cpu_us_per_request": median["backend_cpu_us_per_request"],
+        "rounds": [{k: v for k, v in r.items() if k != "report"} | {
+            "p50_us": r["report"]["p50_us"], "p99_us": r["report"]["p99_us"],
+            "errors": r["report"]["error_total"]} for r in rounds],
+    }
+
+
+def start_targets(args: argparse.Namespace, backends: list[Service], log_dir: Path,
+                  services: list[Service]) -> tuple[dict[str, Target], int]:
+    """Every target of the run (started, appended to ``services``) and the admin port of
+    the first router."""
+    ports = [b.port for b in backends]
+    targets = {"direct": Target("direct", 0, [b.process.pid for b in backends])}
+    admin_port = 0
+    for count in args.process_counts:
+        router, admin = start_router(ports, log_dir, processes=count)
+        services.append(router)
+        name = "router" if count == 1 else f"router-{count}p"
+        targets[name] = Target(name, router.port, [router.process.pid])
+        admin_port = admin_port or admin
+    if set(args.tls_counts) & set(args.client_counts):
+        tls_router, tls_ca = start_tls_router(ports, log_dir)
+        services.append(tls_router)
+        targets["router+tls"] = Target("router+tls", tls_router.port, [tls_router.process.pid],
+                                       tls_ca)
+    binary = None if args.no_haproxy else shutil.which("haproxy")
+    if binary is not None:
+        haproxy = start_haproxy(binary, ports, log_dir)
+        services.append(haproxy)
+        targets["haproxy"] = Target("haproxy", haproxy.port, [haproxy.process.pid])
+    else:
+        print("haproxy not found (or --no-haproxy): skipping it", file=sys.stderr)
+    if args.mode == "per-request" and cxx_available(args.cxx_build):
+        cxx = start_cxx_router(args.cxx_build, ports, log_dir)
+        services.append(cxx)
+        targets["cxx-router"] = Target("cxx-router", cxx.port, [cxx.process.pid])
+    elif args.mode == "per-request":
+        print(f"no C++ inference-router build in {args.cxx_build} (make bench-peer): "
+              "skipping it", file=sys.stderr)
+    return targets, admin_port
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     binary = None if args.no_haproxy else shutil.which("haproxy")
+    cxx_load = (args.cxx_build if args.mode == "per-request" and cxx_available(args.cxx_build)
+                else None)
     services: list[Service] = []
     runs: list[dict[str, Any]] = []
     router_stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         log_dir = Path(tmp)
         try:
-            backends = []
-            for index in (1, 2):
-                echo = start_echo(f"echo{index}", log_dir)
-                services.append(echo)
-                backends.append(echo.port)
-            targets = {"direct": 0}
-            admin_port = 0
-            for count in args.process_counts:
-                router, admin = start_router(backends, log_dir, processes=count)
-                services.append(router)
-                targets["router" if count == 1 else f"router-{count}p"] = router.port
-                admin_port = admin_port or admin
-            tls_ca: Path | None = None
-            if set(args.tls_counts) & set(args.client_counts):
-                tls_router, tls_ca = start_tls_router(backends, log_dir)
-                services.append(tls_router)
-                targets["router+tls"] = tls_router.port
-            if binary is not None:
-                haproxy = start_haproxy(binary, backends, log_dir)
-                services.append(haproxy)
-                targets["haproxy"] = haproxy.port
-            else:
-                print("haproxy not found (or --no-haproxy): skipping it", file=sys.stderr)
+            backends = [start_echo(f"echo{index}", log_dir) for index in (1, 2)]
+            services += backends
+            backend_pids = [b.process.pid for b in backends]
+            targets, admin_port = start_targets(args, backends, log_dir, services)
+            if cxx_load is not None:
+                del targets["direct"]  # load_bench drives one port
             for clients in args.client_counts:
-                rounds: dict[str, dict[int, list[LoadReport]]] = {
-                    target: {n: [] for n in load_counts_for(target, args.load_counts,
-                                                            len(backends))}
-                    for target in targets
-                    if target != "router+tls" or clients in args.tls_counts
+                rounds: dict[str, list[dict[str, Any]]] = {
+                    name: [] for name in targets
+                    if name != "router+tls" or clients in args.tls_counts
                 }
                 for round_no in range(args.rounds):  # interleaved: drift hits every target
-                    for target, by_procs in rounds.items():
-                        port = targets[target]
-                        for procs, reports in by_procs.items():
-                            print(f"running {target} with {clients} clients, {procs} load "
-                                  f"processes (round {round_no + 1}/{args.rounds}) ...",
-                                  file=sys.stderr, flush=True)
-                            reports.append(_one_run(
-                                target, clients, port, backends, procs, args,
-                                tls_ca if target == "router+tls" else None,
-                            ))
-                for target, by_count in rounds.items():
-                    procs, report = best_split(by_count)
-                    runs.append({
-                        "target": target, "clients": clients, "load_processes": procs,
-                        "report": report,
-                        "rounds_requests_per_s": {
-                            str(n): [r["requests_per_s"] for r in reports]
-                            for n, reports in by_count.items()
-                        },
-                    })
+                    for name, measured in rounds.items():
+                        print(f"running {name} with {clients} clients ({args.mode}, round "
+                              f"{round_no + 1}/{args.rounds}) ...", file=sys.stderr, flush=True)
+                        measured.append(measure_round(
+                            targets[name], clients, [b.port for b in backends], backend_pids,
+                            args, cxx_load))
+                runs += [_summary(name, clients, measured) for name, measured in rounds.items()]
             if admin_port:
                 router_stats = admin_stats(admin_port)
         finally:
@@ -500,14 +646,18 @@ def main(argv: list[str] | None = None) -> None:
             "nproc": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(),
             "haproxy": haproxy_version(binary) if binary else None,
+            "cxx_router": str(args.cxx_build) if cxx_load is not None else None,
+            "load_before": os.getloadavg()[0],
         },
         "settings": {
-            "mode": "persistent", "pipeline": 1, "payload_bytes": PAYLOAD_BYTES,
+            "mode": args.mode, "pipeline": 1, "payload_bytes": PAYLOAD_BYTES,
             "requests_per_connection": args.requests, "max_seconds": args.max_seconds,
-            "load_processes": args.load_counts, "clients": args.client_counts,
+            "load_processes": args.processes, "clients": args.client_counts,
+            "load_tool": "load_bench (the C++ router's)" if cxx_load is not None else "bench.load",
             "router_processes": args.process_counts, "rounds": args.rounds,
             "tls_clients": args.tls_counts,
-            "direct": DIRECT_SPLIT, "haproxy": "mode tcp, balance leastconn, no health checks",
+            "direct": DIRECT_SPLIT,
+            "haproxy": "mode tcp, balance leastconn, no health checks, nbthread 1",
         },
         "runs": runs,
         "ratios": ratios(runs),

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +31,17 @@ from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
 from router.control.directory import BackendDirectory
 from router.control.fleet import Fleet, Resolver, system_resolver
+from router.control.instances.manager import InstanceManager
 from router.control.metrics import (
     DirectoryCollector,
+    InstanceCollector,
     ModelCollector,
     ReloadCollector,
     RouterCollector,
     SecurityCollector,
 )
 from router.control.models_api import ModelRouting, model_handlers
+from router.control.registry_grpc import AdminGrpc
 from router.control.residency import ResidencyFeed
 from router.control.spawner import Spawner
 from router.control.state import StateFile
@@ -79,6 +84,8 @@ class BoundAddresses:
     listen: tuple[str, int]
     admin: tuple[str, int]
     grpc: tuple[str, int] | None = None
+    admin_grpc: tuple[str, int] | None = None
+    anyserve: tuple[str, int] | None = None
 
 
 # Results of a reload, as counted in router_config_reloads_total{result}.
@@ -171,7 +178,8 @@ class RouterApp:
         state_file = StateFile(config.state.file) if config.state.file is not None else None
         self.directory = BackendDirectory(
             self.registry, open_store(config.registry, self.clock), self._record_backend,
-            state_file,
+            state_file.part("backends", "static") if state_file is not None else None,
+            allows=config.registry.allows,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
         self.residency_feed = ResidencyFeed(
@@ -181,14 +189,21 @@ class RouterApp:
         )
         self.directory.add_report_listener(self.residency_feed.reported)
         self.metrics.register(ModelCollector(self.dispatcher))
+        self.instances = InstanceManager(
+            config.manager, self.directory, self.clock, _instance_log_dir(log_dir),
+            state_file.part("instances", "scaled") if state_file is not None else None,
+        )
+        self.metrics.register(InstanceCollector(self.instances))
         admin_tls = self.server_tls.get("admin")
         self.admin = AdminServer(
             self.registry, self.metrics, self.readiness, self.statistics, self.reload,
             AdminAuth(config.admin, admin_tls), self.reload_certificates, self.directory,
-            admin_tls, model_handlers(ModelRouting(self.dispatcher, self.residency,
-                                                   self.clock.now)),
+            admin_tls, self.instances,
+            model_handlers(ModelRouting(self.dispatcher, self.residency, self.clock.now)),
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
+        # admin.grpc_listen, admin.anyserve_listen: the directory over gRPC.
+        self.admin_grpc = AdminGrpc(config.admin, self.directory, self.admin.auth, admin_tls)
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
@@ -258,6 +273,7 @@ class RouterApp:
             self.access_log.start()  # OSError: the file cannot be opened
         await self.fleet.start(self.config.backends)
         await self.directory.start()  # after the fleet: overrides of static backends apply
+        await self.instances.start(self.config.instances)  # each replica ready, or failed
         lst = self.config.listener
         listen = await _listen("listener.listen", lst.listen, lambda host, port: (
             self.front_door.start(host, port, backlog=lst.backlog, reuse_port=lst.reuse_port)
@@ -276,7 +292,8 @@ class RouterApp:
 
             grpc_bound = await _listen("grpc.listen", self.config.grpc.listen, start_grpc)
         admin = await _listen("admin.listen", self.config.admin.listen, self.admin.start)
-        self.bound = BoundAddresses(listen, admin, grpc_bound)
+        admin_grpc, anyserve = await self.admin_grpc.start(_listen)
+        self.bound = BoundAddresses(listen, admin, grpc_bound, admin_grpc, anyserve)
         return self.bound
 
     # -- reload -------------------------------------------------------------------------------
@@ -316,7 +333,8 @@ class RouterApp:
         self.config = new  # new backends' pools and limiters are made from it
         self._reconfigure(old, new)
         self.fleet.commit(new.backends, diff, fresh)
-        return ReloadOutcome(tuple(diff.describe(old, new)))
+        instances = await self.instances.reconfigure(new.instances)
+        return ReloadOutcome((*diff.describe(old, new), *instances))
 
     def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
         """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
@@ -358,6 +376,8 @@ class RouterApp:
         return report
 
     async def close(self) -> None:
+        await self.instances.close()  # its replicas deregister from the directory
+        await self.admin_grpc.close()  # no call reaches the directory once it is closed
         await self.directory.close()
         await self.fleet.close()
         self.front_door.stop_accepting()
@@ -394,12 +414,22 @@ class RouterApp:
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
             "residency": self.residency_feed.statistics(),
+            "instances": self.instances.statistics(),
+            "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),
             "access_log": self.access_log.statistics() if self.access_log is not None else None,
         }
 
     def __repr__(self) -> str:
         return f"RouterApp(bound={self.bound}, backends={len(self.registry)})"
+
+
+def _instance_log_dir(log_dir: Path | None) -> Path:
+    """Where replicas log unless manager.log_dir says: beside the router's own logs, or (a
+    router without a log directory, as in tests) in a temporary directory of its own."""
+    if log_dir is not None:
+        return log_dir / "instances"
+    return Path(tempfile.gettempdir()) / f"inference-router-{os.getpid()}" / "instances"
 
 
 async def _listen(

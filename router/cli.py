@@ -39,6 +39,19 @@ def _backend_flag(value: str) -> dict[str, Any]:
     return {"address": value}
 
 
+# The instance ``serve --replicas N -- CMD`` runs: its replicas are backends main-0, main-1...
+COMMAND_LINE_INSTANCE = "main"
+
+
+def _replicas_flag(args: argparse.Namespace) -> dict[str, Any]:
+    """--replicas N [--protocol P] [--model M]... -- CMD ARGS -> an instances table entry."""
+    if not args.replica_command:
+        raise ConfigError(["<command line>: --replicas needs the command after --, as in "
+                           "--replicas 2 -- python -m backends.echo --port {port}"])
+    return {"name": COMMAND_LINE_INSTANCE, "command": list(args.replica_command),
+            "replicas": args.replicas, "protocol": args.protocol, "models": list(args.model)}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inference-router", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", metavar="FILE",
                        help='JSON lines, one per request, to FILE ("-": stdout) '
                             "(access_log.path; off by default)")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="run N replicas of the command after -- (placeholders such as "
+                            "{port} substituted) behind the router; replaces the file's "
+                            "[[instances]]")
+    serve.add_argument("--protocol", choices=("frames", "grpc"), default="frames",
+                       help="with --replicas: the protocol the replicas speak")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME[:VERSION]",
+                       help="with --replicas: a model the replicas serve (repeatable)")
+    serve.add_argument("replica_command", nargs="*", metavar="-- CMD ARGS",
+                       help="with --replicas: the command of each replica")
     # Set by the supervisor for its children: announce "READY <admin port>" on stdout.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
@@ -91,7 +114,7 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
     if args.config is not None:
         base: dict[str, Any] = config_mod.read_toml(args.config)
         source = str(args.config)
-    elif args.backend:
+    elif args.backend or args.replicas is not None:
         base, source = {}, "<command line>"
     else:
         base, source = config_mod.EMBEDDED_DEFAULT, "<embedded default>"
@@ -113,6 +136,10 @@ def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
             overrides.setdefault(section, {})[key] = value
     if args.backend:
         overrides["backends"] = [_backend_flag(b) for b in args.backend]
+    if args.replicas is not None:
+        overrides["instances"] = [_replicas_flag(args)]
+    elif args.replica_command:
+        raise ConfigError(["<command line>: a command after -- needs --replicas N"])
     if overrides and args.config is not None:
         # A bad value may come from a flag rather than the file: name both.
         source = f"{source} + command-line flags"
@@ -172,9 +199,12 @@ class Signals:
 
 
 def _print_banner(listen: tuple[str, int], grpc: tuple[str, int] | None,
-                  admin: tuple[str, int], extra: str) -> None:
+                  admin: tuple[str, int], extra: str, *,
+                  admin_grpc: tuple[str, int] | None = None,
+                  anyserve: tuple[str, int] | None = None) -> None:
     """What it listens on and how to try it (``announce.parse_banner`` reads it back)."""
-    print(announce.format_banner(announce.Banner(listen, admin, grpc), extra), flush=True)
+    banner = announce.Banner(listen, admin, grpc, admin_grpc, anyserve)
+    print(announce.format_banner(banner, extra), flush=True)
 
 
 def _log_dir() -> Path:
@@ -210,7 +240,8 @@ async def _serve(cfg: config_mod.RouterConfig, source: Callable[[], config_mod.R
             launcher.die_with_parent(signal.SIGTERM)
             print(announce.format_ready(bound.admin[1]), flush=True)
         backends = ", ".join(b.address for b in app.registry)
-        _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}")
+        _print_banner(bound.listen, bound.grpc, bound.admin, f"backends: {backends}",
+                      admin_grpc=bound.admin_grpc, anyserve=bound.anyserve)
         async with asyncio.TaskGroup() as group:
             reloads = group.create_task(signals.run_reloads(app.reload), name="reloads")
             report = await app.serve(signals.stop.wait())

@@ -19,6 +19,7 @@ from router.core.config import (
     MAX_DURATION_S,
     BackendConfig,
     HealthConfig,
+    InstanceConfig,
     RouterConfig,
     from_mapping,
     load,
@@ -212,6 +213,8 @@ def _fields_of_type(kind: type) -> list[tuple[str, str]]:
         model = info.annotation
         if section == "backends":
             model = BackendConfig
+        if section == "instances":
+            model = InstanceConfig
         assert isinstance(model, type) and issubclass(model, BaseModel), section
         for key, field in model.model_fields.items():
             if field.annotation is kind:
@@ -230,11 +233,15 @@ INTEGERS = _fields_of_type(int)
 def _entry(section: str, key: str, value: object) -> dict[str, Any]:
     if section == "backends":
         return {"backends": [{"address": "127.0.0.1:9001", key: value}]}
+    if section == "instances":
+        return {"instances": [{"name": "x", "command": ["x", "{port}"], key: value}]}
     return {section: {key: value}}
 
 
 def _key_path(section: str, key: str) -> str:
-    return f"backends[0].{key}" if section == "backends" else f"{section}.{key}"
+    if section in ("backends", "instances"):
+        return f"{section}[0].{key}"
+    return f"{section}.{key}"
 
 
 def test_every_duration_is_named_in_seconds() -> None:
@@ -458,10 +465,10 @@ def test_backend_flag_with_ipv6_and_weight() -> None:
 
 def test_no_file_and_no_backend_gives_the_embedded_default() -> None:
     cfg = build()
-    assert len(cfg.backends) == 2
-    for backend in cfg.backends:
-        assert backend.command == ECHO_COMMAND
-        assert config_mod.parse_host_port(backend.address)[1] == 0  # spawned on a free port
+    assert cfg.backends == ()
+    [instance] = cfg.instances  # two managed echo replicas, each on a port of its own
+    assert (instance.name, instance.command, instance.replicas) == ("echo", ECHO_COMMAND, 2)
+    assert instance.base_port is None
     assert cfg.dispatch == RouterConfig().dispatch
 
 
@@ -469,8 +476,24 @@ def test_flags_apply_on_top_of_the_embedded_default() -> None:
     cfg = build("--queue-size", "10", "--shutdown-grace", "1.5")
     assert cfg.dispatch.queue_size == 10
     assert cfg.drain.shutdown_grace_s == 1.5
-    assert len(cfg.backends) == 2
+    assert [i.replicas for i in cfg.instances] == [2]
     assert "dispatch" not in config_mod.EMBEDDED_DEFAULT  # the default itself is untouched
+
+
+def test_replicas_flag_runs_the_command_after_the_dashes() -> None:
+    cfg = build("--replicas", "3", "--protocol", "grpc", "--model", "identity", "--",
+                "python", "-m", "backends.kserve", "--port", "{port}")
+    [instance] = cfg.instances
+    assert instance.command == ("python", "-m", "backends.kserve", "--port", "{port}")
+    assert (instance.replicas, instance.protocol, instance.models) == (3, "grpc", ("identity",))
+    assert cfg.backends == ()  # not the embedded default's echo replicas as well
+
+
+def test_replicas_flag_needs_a_command_and_a_command_needs_the_flag() -> None:
+    with pytest.raises(ConfigError, match="needs the command after --"):
+        build("--replicas", "2")
+    with pytest.raises(ConfigError, match="needs --replicas N"):
+        build("--", "python", "-m", "backends.echo")
 
 
 def test_bad_flag_value_is_a_config_error_naming_the_command_line() -> None:
@@ -495,7 +518,7 @@ def test_the_example_lists_every_key_at_its_default() -> None:
     cfg = load(path)
     data = tomllib.loads(path.read_text())
     for section, info in RouterConfig.model_fields.items():
-        if section == "backends":
+        if section in ("backends", "instances"):
             continue
         assert getattr(cfg, section) == info.default, section
         model = type(info.default)
@@ -506,6 +529,7 @@ def test_the_example_lists_every_key_at_its_default() -> None:
         commented |= {key for key, field in model.model_fields.items() if field.default is None}
         assert set(data[section]) | commented == set(model.model_fields), section
     assert len(cfg.backends) >= 2
+    assert cfg.instances and data["instances"]  # an example instance, at least
 
 
 @pytest.mark.parametrize("value", [0.5, -1.0, 101.0, math.inf, math.nan, True, "2"])

@@ -194,8 +194,13 @@ async def test_deregistration_drains_and_static_backends_cannot_be_deregistered(
         await world.directory.deregister("127.0.0.1:9001")
     with pytest.raises(BackendIsStatic):
         await world.directory.deregister(STATIC)
+    assert world.directory.get("127.0.0.1:9001").state == "draining"  # while in flight
+    assert [i.state for i in world.directory.list() if i.id != STATIC] == ["draining"]
+    backend.inflight = 0
+    world.registry.settle(backend)
     with pytest.raises(BackendNotFound):
         world.directory.get("127.0.0.1:9001")
+    assert [i.id for i in world.directory.list()] == [STATIC]
 
 
 async def test_drain_and_weight_on_a_record_keep_its_lease_and_membership(

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from router.balance.policies import make_policy
+from router.balance.policies import SCAN_MAX, Snapshot, WeightedRandom, make_policy
 from router.core.clock import ManualClock
 from router.core.config import DispatchConfig, PoolConfig
-from router.core.errors import BackendError, BackendTimeout, BackendUnavailable
+from router.core.errors import BackendError, BackendTimeout, BackendUnavailable, UnknownModel
 from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.request import Request
@@ -852,3 +852,83 @@ async def test_a_new_panic_threshold_applies_at_once_through_every_view(
     assert view.candidates() == [h.backends[1]]  # the answer is cached per (kind, model)
     h.registry.panic_threshold = 1.0  # a reload: fewer than all healthy means all are tried
     assert view.candidates() == h.backends and view.panic_threshold == 1.0
+
+
+def test_a_weight_or_health_change_reaches_the_cached_candidates_of_a_large_registry() -> None:
+    # Policies keep the cumulative weights on the registry's candidate list (a Snapshot):
+    # every change must give a new list, never stale weights.
+    h = Harness([FakeService() for _ in range(SCAN_MAX + 4)], DispatchConfig(), "random")
+    first = h.registry.candidates()
+    assert isinstance(first, Snapshot) and h.registry.candidates() is first
+    h.registry.set_weight(h.backends[0].address, 1000)
+    weighted = h.registry.candidates()
+    assert weighted is not first
+    policy, rng = WeightedRandom(), random.Random(5)
+    picks = [weighted[policy.choose(weighted, rng)] for _ in range(1000)]
+    assert picks.count(h.backends[0]) >= 950  # 1000 / 1019 of the weight
+    h.backends[0].mark_down("test")
+    healthy = h.registry.candidates()
+    assert h.backends[0] not in healthy and len(healthy) == SCAN_MAX + 3
+    assert h.backends[0] not in {healthy[policy.choose(healthy, rng)] for _ in range(200)}
+
+
+def _model_registry(count: int, models: int) -> Registry:
+    registry, clock = Registry(), ManualClock()
+    limits = PoolConfig(max_connections=1, pipeline_depth=1)
+    for index in range(count):
+        address = f"10.0.{index // 250}.{index % 250 + 1}:9000"
+        spec = BackendSpec(id=address, address=address, protocol="grpc",
+                           models=(f"m{index % models}",))
+        registry.add(Backend(spec, Pool(FakeService().dial, limits, clock, address)))
+    return registry
+
+
+def _count_looks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often ``Backend.serves`` is asked from now on: a look at one backend."""
+    looked = [0]
+    serves = Backend.serves
+
+    def counted(backend: Backend, model: str) -> bool:
+        looked[0] += 1
+        return serves(backend, model)
+
+    monkeypatch.setattr(Backend, "serves", counted)
+    return looked
+
+
+def test_a_known_model_is_checked_without_looking_at_every_backend(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gRPC request checks its model before it is placed: over 1,000 registered backends a
+    # look at each per request costs more than the rest of the routing.
+    registry = _model_registry(1000, 100)
+    looked = _count_looks(monkeypatch)
+    for _ in range(100):
+        registry.check_model("m7", "grpc")
+        assert len(registry.candidates((), "grpc", "m7")) == 10
+    assert looked[0] <= 1000 * 2  # the first check and the first placement build the cache
+
+
+def test_unknown_model_names_do_not_evict_the_known_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = _model_registry(20, 4)
+    registry.check_model("m1", "grpc")
+    looked = _count_looks(monkeypatch)
+    for index in range(1100):  # more names than the cache holds keys
+        with pytest.raises(UnknownModel):
+            registry.check_model(f"nobody-{index}", "grpc")
+    looked[0] = 0
+    registry.check_model("m1", "grpc")
+    assert looked[0] == 0
+
+
+def test_the_model_cache_follows_joins_and_drains() -> None:
+    registry = _model_registry(20, 20)
+    registry.check_model("m3", "grpc")
+    with pytest.raises(UnknownModel):
+        registry.check_model("m20", "grpc")
+    spec = BackendSpec(id="new:9000", address="10.9.9.9:9000", protocol="grpc", models=("m20",))
+    registry.add(Backend(spec, Pool(FakeService().dial, PoolConfig(), ManualClock(), "new")))
+    registry.check_model("m20", "grpc")  # joined: known at once
+    registry.drain("10.0.0.4:9000")  # the only backend of m3
+    with pytest.raises(UnknownModel):
+        registry.check_model("m3", "grpc")

@@ -215,10 +215,12 @@ ports = st.integers(min_value=1, max_value=65535)
 addresses = st.tuples(hosts, ports)
 
 
-@given(addresses, addresses, st.none() | addresses, st.text(max_size=30).filter(str.isprintable))
+@given(addresses, addresses, st.none() | addresses, st.none() | addresses,
+       st.none() | addresses, st.text(max_size=30).filter(str.isprintable))
 def test_banner_round_trip(listen: tuple[str, int], admin: tuple[str, int],
-                           grpc: tuple[str, int] | None, extra: str) -> None:
-    banner = Banner(listen, admin, grpc)
+                           grpc: tuple[str, int] | None, admin_grpc: tuple[str, int] | None,
+                           anyserve: tuple[str, int] | None, extra: str) -> None:
+    banner = Banner(listen, admin, grpc, admin_grpc, anyserve)
     lines = format_banner(banner, f"backends: {extra}").splitlines()
     assert parse_banner(lines) == banner
     # Log lines around it change nothing; until the admin line is out there is no banner.

@@ -726,3 +726,73 @@ async def test_pipelined_pool_never_exceeds_depth_or_max_connections(
     handed = pool.try_acquire()
     assert handed is slots[0] and handed.active == 3
     assert dialer.dials == 2
+
+
+# -- the depth follows demand (max_pipeline_depth) --------------------------------------------
+
+
+async def test_depth_grows_with_waiting_requests_once_every_connection_is_open(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=2, pipeline_depth=3, max_pipeline_depth=8)
+    slots = [await pool.acquire() for _ in range(6)]  # both connections full at depth 3
+    assert pool.try_acquire() is None
+    pool.grow(3)  # three more wait, and no connection may be dialled: 9 over 2 -> depth 5
+    stats = pool.statistics()
+    assert (stats["pipeline_depth"], stats["in_flight"], stats["dialing"]) == (5, 6, 0)
+    # A connection filled at depth 3 takes new requests from its next answer on.
+    assert pool.try_acquire() is None
+    pool.release(slots[0])
+    more = [pool.try_acquire() for _ in range(3)]
+    assert more == [slots[0]] * 3 and slots[0].active == 5
+    assert pool.try_acquire() is None  # at the new depth: full again
+    pool.grow(100)  # a burst past the ceiling: deepened to max_pipeline_depth, not beyond
+    assert pool.statistics()["pipeline_depth"] == 8
+    assert dialer.dials == 2
+
+
+async def test_depth_does_not_grow_while_connections_can_still_be_dialled(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=4, pipeline_depth=2, max_pipeline_depth=16)
+    room = RoomEvents(pool)
+    [await pool.acquire() for _ in range(2)]  # one connection, full
+    pool.grow(6)  # room for three more connections: dial them, keep the depth
+    assert pool.statistics()["pipeline_depth"] == 2
+    await room.wait(1)
+    assert pool.statistics()["dialing"] == 0 and dialer.dials == 4
+
+
+async def test_depth_falls_back_to_pipeline_depth_as_demand_falls(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1, pipeline_depth=2, max_pipeline_depth=64)
+    slots = [await pool.acquire() for _ in range(2)]
+    pool.grow(30)  # 32 wanted on one connection
+    assert pool.statistics()["pipeline_depth"] == 32
+    pool.release(slots.pop())  # its next answer lends the connection again
+    slots += [pool.try_acquire() for _ in range(9)]  # ten in flight now, the rest not come
+    assert all(slot is slots[0] for slot in slots) and slots[0].active == 10
+    pool.expire()  # the pass after the burst: what it asked for still counts
+    assert pool.statistics()["pipeline_depth"] == 32
+    pool.expire()  # nothing waited since: down to the ten in flight
+    assert pool.statistics()["pipeline_depth"] == 10
+    for slot in slots[:9]:
+        assert slot is not None
+        pool.release(slot)
+    pool.expire()
+    pool.expire()
+    stats = pool.statistics()
+    assert (stats["pipeline_depth"], stats["in_flight"]) == (2, 1)  # never below the base
+    assert pool.try_acquire() is slots[0]  # room at the base depth again
+
+
+async def test_a_pool_of_depth_one_is_never_pipelined(
+    dialer: FakeDialer, clock: ManualClock
+) -> None:
+    pool = make_pool(dialer, clock, max_connections=1, pipeline_depth=1, max_pipeline_depth=64)
+    slot = await pool.acquire()
+    pool.grow(50)
+    stats = pool.statistics()
+    assert (stats["pipeline_depth"], stats["max_pipeline_depth"]) == (1, 1)
+    assert pool.try_acquire() is None and slot.active == 1

@@ -128,7 +128,8 @@ async def test_every_error_code_of_the_registry_routes(
         tmp_path: Path) -> None:
     static = echo_backend()
     router, api = await _router(router_factory, tmp_path, [static.address],
-                                registry={"max_backends": 2})
+                                registry={"max_backends": 2,
+                                          "allowed_networks": ["127.0.0.0/8", "::1/128"]})
     cases: list[tuple[str, str, Any, int, str]] = [
         ("POST", "/v1/backends", {"address": "nowhere"}, 400, "VALIDATION_ERROR"),
         ("POST", "/v1/backends", {"address": "127.0.0.1:1", "weight": 0}, 400,
@@ -139,6 +140,8 @@ async def test_every_error_code_of_the_registry_routes(
         ("POST", "/v1/backends", {"address": static.address}, 409, "ADDRESS_CONFLICT"),
         ("POST", "/v1/backends", {"address": "127.0.0.1:2", "id": static.address}, 409,
          "BACKEND_EXISTS"),
+        ("POST", "/v1/backends", {"address": "10.0.0.1:9000"}, 403, "ADDRESS_NOT_ALLOWED"),
+        ("POST", "/v1/backends", {"address": "localhost:9000"}, 403, "ADDRESS_NOT_ALLOWED"),
         ("PUT", "/v1/backends/nobody/lease", {}, 404, "LEASE_NOT_FOUND"),
         ("PUT", f"/v1/backends/{static.address}/lease", {}, 404, "LEASE_NOT_FOUND"),
         ("DELETE", "/v1/backends/nobody", None, 404, "BACKEND_NOT_FOUND"),
@@ -165,7 +168,7 @@ async def test_every_error_code_of_the_registry_routes(
     async with aiohttp.ClientSession() as session, session.get(
             router.admin_url + "/metrics") as response:
         text = await response.text()
-    assert 'router_registrations_total{result="rejected"} 3.0' in text
+    assert 'router_registrations_total{result="rejected"} 5.0' in text
     assert 'router_registrations_total{result="created"} 2.0' in text
     assert 'router_heartbeats_total{result="lease_not_found"} 2.0' in text
     assert 'router_backends{source="registered",state="healthy"} 0.0' not in text

@@ -60,8 +60,9 @@ FULL = DesiredState(
     instances=(
         ManagedInstance(name="echo", command=("{python}", "-m", "backends.echo"), replicas=2,
                         models=("echo",), env={"LOG_LEVEL": "debug"}, workdir="/srv",
-                        ports=(9101, 9102)),
+                        base_port=9100, gpu=(0, 1)),
     ),
+    scaled={"from-config": 3},
 )
 
 
@@ -137,7 +138,10 @@ def test_a_save_creates_the_missing_directory(tmp_path: Path) -> None:
         (lambda: ManagedInstance(name="x", command=("",)), "program"),
         (lambda: ManagedInstance(name="x", command=("a\x00b",)), "NUL"),
         (lambda: ManagedInstance(name="../x", command=("a",)), "pattern"),
-        (lambda: ManagedInstance(name="x", command=("a",), ports=(9000, 9000)), "twice"),
+        (lambda: ManagedInstance(name="x", command=("a",), base_port=0),
+         "greater than or equal to 1"),
+        (lambda: ManagedInstance(name="x", command=("a",), gpu=-1), "greater than or equal to 0"),
+        (lambda: ManagedInstance(name="..", command=("a",)), "pattern"),
         (lambda: ManagedInstance(name="x", command=("a",), env={"A=B": "c"}), "pattern"),
         (lambda: StaticOverride(drained=1), "valid boolean"),
     ],
@@ -502,14 +506,18 @@ instances = st.fixed_dictionaries(
         "env": st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True),
                                args, max_size=3),
         "workdir": args.filter(bool),
-        "ports": st.lists(st.integers(1, 65535), unique=True, max_size=4),
+        "base_port": st.integers(1, 65535),
+        "gpu": st.one_of(st.integers(0, 1023), st.lists(st.integers(0, 1023), max_size=3)),
     },
 )
 states = st.builds(
-    lambda b, s, i: DesiredState.model_validate({"backends": b, "static": s, "instances": i}),
+    lambda b, s, i, n: DesiredState.model_validate({"backends": b, "static": s, "instances": i,
+                                                    "scaled": n}),
     st.lists(backends, max_size=4, unique_by=(lambda b: b["id"], lambda b: b["address"])),
     st.dictionaries(ids, overrides, max_size=4),
     st.lists(instances, max_size=3, unique_by=lambda i: i["name"]),
+    st.dictionaries(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}", fullmatch=True),
+                    st.integers(0, 256), max_size=3),
 )
 
 

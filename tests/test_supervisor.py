@@ -141,6 +141,9 @@ async def test_processes_share_the_port_and_the_admin_api_speaks_for_all(
         assert (status, one["id"], one["process"]) == (200, backends[0]["id"], 0)
         status, missing = await router.get("/backends/nobody")
         assert (status, missing["code"]) == (404, "BACKEND_NOT_FOUND")
+        # Each process would run its own replicas: the replica manager needs one process.
+        status, refused = await router.get("/v1/instances")
+        assert (status, refused["code"]) == (501, "NOT_SUPPORTED")
         status, text = await router.get("/metrics")
         requests = {(s.labels["process"], s.labels["route"], s.labels["code"]): s.value
                     for f in text_string_to_metric_families(text) for s in f.samples

@@ -19,8 +19,11 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent.parent
 PACKAGE = "router/protocol/proto"  # relative to ROOT, which is protoc's include path
 OUT = ROOT / PACKAGE
-PROTOS = ("grpc_predict_v2.proto", "model_stream_infer.proto", "triton_extensions.proto")
-WITH_SERVICE = ("grpc_predict_v2.proto",)
+PROTOS = (
+    "grpc_predict_v2.proto", "model_stream_infer.proto", "triton_extensions.proto",
+    "registry.proto", "anyserve_worker_management.proto",
+)
+WITH_SERVICE = ("grpc_predict_v2.proto", "registry.proto", "anyserve_worker_management.proto")
 DEFAULT_POOL = "_descriptor_pool.Default()"
 PRIVATE_POOL = "_pool.POOL"
 POOL_IMPORT = f"from {PACKAGE.replace('/', '.')} import _pool\n"

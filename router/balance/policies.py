@@ -5,6 +5,16 @@ their in-flight counts and weights, and an injected RNG; it returns an index. No
 Ties are broken at random: with deterministic "first wins" tie-breaking, traffic at concurrency 1
 (every backend at zero in flight) would all go to the first backend.
 
+Large candidate lists. A policy runs once per request, so its cost must not grow with the
+fleet: up to ``SCAN_MAX`` candidates each policy looks at every one (exact, and cheapest at
+that size); beyond it, a weighted pick is a bisection of the cumulative weights, and least
+connections becomes the power of two choices (the less loaded of two weighted random picks,
+as Envoy's least_request does with equal weights), so a pick costs O(log n), not O(n): the
+exact scan with its random tie-break measured 765 us per request over 1,000 backends, against
+24 us over 2. The cumulative weights are computed once per ``Snapshot``, the registry's
+candidate list, which is rebuilt rather than modified whenever a backend joins, leaves, or
+changes weight or health; any other sequence gets them computed on each pick.
+
 A *keyed* policy (``KeyedPolicy``: ``consistent_hash_bounded``, ``affinity``) also sees the
 request's model and routing key, and may follow the request: ``place`` returns, beside the
 index, a ``Placed`` token that the scheduler tells when the attempt starts and when the
@@ -13,11 +23,13 @@ request leaves the backend (answered, failed, moved or expired), exactly once.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from router.balance.rendezvous import Rendezvous
 
@@ -88,17 +100,54 @@ class KeyedPolicy(Protocol):
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int: ...
 
 
+# Up to this many candidates a policy scans them all; beyond it, picks bisect (module
+# docstring). 16: a scan of 16 costs about what two bisections and their random draws do.
+SCAN_MAX = 16
+
+C = TypeVar("C", bound=Candidate)
+
+
+class Snapshot(list[C]):
+    """Candidates that are not modified while in use (the registry's candidate lists), with
+    their cumulative weights computed on first use and kept."""
+
+    __slots__ = ("_cumulative",)
+
+    def __init__(self, candidates: Iterable[C] = ()) -> None:
+        super().__init__(candidates)
+        self._cumulative: list[int] | None = None
+
+    @property
+    def cumulative_weights(self) -> list[int]:
+        if self._cumulative is None:
+            self._cumulative = list(itertools.accumulate(c.weight for c in self))
+        return self._cumulative
+
+
+def _cumulative_weights(candidates: Sequence[Candidate]) -> list[int]:
+    if isinstance(candidates, Snapshot):
+        return candidates.cumulative_weights
+    return list(itertools.accumulate(c.weight for c in candidates))
+
+
 def _load(candidate: Candidate) -> float:
     # +1 so that weight matters even at zero in flight: the next request's share is what counts.
     return (candidate.inflight + 1) / candidate.weight
 
 
 def _total_weight(candidates: Sequence[Candidate]) -> int:
+    if len(candidates) > SCAN_MAX:
+        return _cumulative_weights(candidates)[-1]
     return sum(c.weight for c in candidates)
 
 
 def _index_at(candidates: Sequence[Candidate], point: int) -> int:
     """The candidate whose share of [0, total weight) contains ``point``."""
+    if len(candidates) > SCAN_MAX:
+        cumulative = _cumulative_weights(candidates)
+        if 0 <= point < cumulative[-1]:
+            return bisect.bisect_right(cumulative, point)
+        raise ValueError(f"point {point} is beyond the total weight")
     for index, candidate in enumerate(candidates):
         if point < candidate.weight:
             return index
@@ -107,11 +156,17 @@ def _index_at(candidates: Sequence[Candidate], point: int) -> int:
 
 
 class LeastConnections:
-    """Weighted least-connections: lowest (in-flight + 1) / weight, random among ties."""
+    """Weighted least-connections: lowest (in-flight + 1) / weight, random among ties; over
+    more than ``SCAN_MAX`` candidates, the power of two choices (module docstring)."""
 
     name = "least_connections"
 
+    def __init__(self) -> None:
+        self._sampled = PowerOfTwoChoices()
+
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int:
+        if len(candidates) > SCAN_MAX:
+            return self._sampled.choose(candidates, rng)
         best = 0
         first = candidates[0]
         best_load = (first.inflight + 1) / first.weight  # _load, inlined: runs per request

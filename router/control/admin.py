@@ -56,13 +56,14 @@ from router.control.api import (
 )
 from router.control.directory import BackendDirectory
 from router.control.directory_api import directory_handlers
+from router.control.instances.api import instance_handlers, unsupported_handlers
+from router.control.instances.manager import InstanceManager
 from router.core.config import AdminConfig, is_loopback, parse_host_port
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import (
     BackendNotFound,
     ConfigError,
     Forbidden,
-    RouteNotFound,
     RouterError,
     Unauthorized,
     quoted,
@@ -100,20 +101,29 @@ class AdminAuth:
             self._token = read_token(self._token_file)
 
     def refusal(self, request: web.Request) -> RouterError | None:
-        certified = False
+        identity = None
         if self._tls is not None and request.transport is not None:
             identity = PeerIdentity.from_peercert(request.transport.get_extra_info("peercert"))
-            if identity is not None:
-                refused = self._tls.refusal(identity)
-                if refused is not None:
-                    return refused
-                certified = True
         needs_credentials = request.method in MUTATING_METHODS or (
             self._reads_need_credentials and request.path not in PROBE_PATHS
         )
-        if certified or not needs_credentials:
+        return self.check(identity, request.headers.get("Authorization"),
+                          needs_credentials=needs_credentials)
+
+    def check(self, identity: PeerIdentity | None, authorization: str | None, *,
+              needs_credentials: bool) -> RouterError | None:
+        """The one decision behind every admin listener (HTTP here, gRPC in
+        ``registry_grpc``): a verified client certificate (``identity``) outside the
+        allow-list is refused, one inside it is enough; otherwise, when the call needs
+        credentials, the bearer token (``authorization``: "Bearer TOKEN") decides."""
+        if self._tls is not None and identity is not None:
+            refused = self._tls.refusal(identity)
+            if refused is not None:
+                return refused
             return None
-        return self._check_token(request.headers.get("Authorization"))
+        if not needs_credentials:
+            return None
+        return self._check_token(authorization)
 
     def _check_token(self, header: str | None) -> RouterError | None:
         scheme, _, token = (header or "").partition(" ")
@@ -159,7 +169,7 @@ def admin_app(*, metrics: Handler, healthz: Handler, readyz: Handler, backends: 
               ) -> tuple[web.Application, ApiErrors]:
     """The routes of ``admin_routes.ALL_ROUTES`` behind the error middleware, then ``auth``:
     one router process and the federation over several serve the same table (``v1``: the
-    handlers of ``V1_ROUTES``)."""
+    handlers of ``V1_ROUTES`` and ``INSTANCE_ROUTES``)."""
     document = json_response(admin_routes.document())
 
     async def get_openapi(request: web.Request) -> web.Response:
@@ -189,13 +199,6 @@ def reload_response(outcome: ReloadOutcome) -> web.Response:
     )
 
 
-def _no_model_routing() -> dict[str, Handler]:
-    async def not_wired(request: web.Request) -> web.Response:
-        raise RouteNotFound(f"{request.path}: this admin API has no model routing")
-
-    return {"v1_models": not_wired, "v1_debug_route": not_wired}
-
-
 class AdminServer:
     def __init__(
         self,
@@ -208,10 +211,12 @@ class AdminServer:
         reload_certificates: Callable[[], list[str]],
         directory: BackendDirectory,
         tls: ServerTls | None = None,
+        instances: InstanceManager | None = None,
         models: Mapping[str, Handler] | None = None,
     ) -> None:
-        """``models``: the handlers of /v1/models and /v1/debug/route
-        (``control.models_api.model_handlers``); without them both are 404."""
+        """``instances``: the replica manager; without one, its routes answer
+        NOT_SUPPORTED. ``models``: the handlers of /v1/models and /v1/debug/route
+        (``control.models_api.model_handlers``); without them they answer NOT_SUPPORTED."""
         self._registry = registry
         self._reload = reload
         self.auth = auth
@@ -224,7 +229,10 @@ class AdminServer:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
-            v1={**directory_handlers(directory), **(models or _no_model_routing())},
+            v1={**directory_handlers(directory), **(
+                instance_handlers(instances) if instances is not None
+                else unsupported_handlers([r.name for r in admin_routes.INSTANCE_ROUTES])),
+                **(models or unsupported_handlers(["v1_models", "v1_debug_route"]))},
         )
         metrics.register(errors.collector())
 

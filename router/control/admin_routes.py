@@ -20,7 +20,15 @@ from router.control.directory import (
     Registration,
     WeightChange,
 )
+from router.control.instances.models import (
+    InstanceInfo,
+    InstanceList,
+    LogLines,
+    LogQuery,
+    ScaleRequest,
+)
 from router.control.models_api import ModelList, RouteDecision
+from router.core.config import InstanceConfig
 
 TITLE = "inference-router admin API"
 PROMETHEUS_TEXT = "text/plain"
@@ -158,7 +166,32 @@ V1_ROUTES: tuple[Route, ...] = (
           "?model=NAME (&kind=tcp|grpc, &key=ROUTING_KEY); the candidates, their scores, the "
           "choice and its reason", {200: RouteDecision, 400: ErrorBody}),
 )
-ALL_ROUTES = ROUTES + V1_ROUTES
+# The replica manager (control.instances): managed instances and their replicas' logs.
+_INVALID = {400: ErrorBody}
+INSTANCE_ROUTES: tuple[Route, ...] = (
+    Route("instances_list", "GET", "/v1/instances", "Every managed instance and its replicas",
+          {200: InstanceList}),
+    Route("instances_create", "POST", "/v1/instances", "Add an instance and start its "
+          "replicas (they answer starting)", {201: InstanceInfo, **_INVALID, 409: ErrorBody,
+                                              422: ErrorBody},
+          request=InstanceConfig, mutates=True),
+    Route("instance_get", "GET", "/v1/instances/{name}", "One instance and its replicas",
+          {200: InstanceInfo, **_NOT_FOUND}),
+    Route("instance_delete", "DELETE", "/v1/instances/{name}", "Drain and stop every replica, "
+          "then forget the instance (answers once they have stopped)",
+          {200: InstanceInfo, 409: ErrorBody, **_NOT_FOUND}, mutates=True),
+    Route("instance_restart", "POST", "/v1/instances/{name}/restart", "Rolling restart: one "
+          "replica at a time drained, stopped, started and ready",
+          {202: InstanceInfo, **_NOT_FOUND}, mutates=True),
+    Route("instance_scale", "PUT", "/v1/instances/{name}/replicas", "Scale up (new replicas "
+          "start) or down (the highest drain, then stop)",
+          {202: InstanceInfo, **_INVALID, 409: ErrorBody, 422: ErrorBody, **_NOT_FOUND},
+          request=ScaleRequest, mutates=True),
+    Route("instance_logs", "GET", "/v1/instances/{name}/logs", "Lines of a replica's log "
+          "(Python slice semantics); follow=true streams new lines as text/plain",
+          {200: LogLines, **_INVALID, **_NOT_FOUND}, query=LogQuery),
+)
+ALL_ROUTES = ROUTES + V1_ROUTES + INSTANCE_ROUTES
 
 
 def _version() -> str:

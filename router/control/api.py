@@ -4,9 +4,10 @@ every failure into a JSON error and counts every request.
 
 A route names its method, path template, summary, the pydantic model of its JSON body (if it
 takes one; a body that fails it is 400 VALIDATION_ERROR before the handler runs), the model of
-each response by status (or a media type for a body that is not JSON, such as /metrics), and
-whether it mutates (those need the admin credential, see ``AdminAuth``). Handlers are bound to
-the table by name, so the document and docs/api.md are generated without a running server.
+its query parameters (likewise), the model of each response by status (or a media type for a
+body that is not JSON, such as /metrics), and whether it mutates (those need the admin
+credential, see ``AdminAuth``). Handlers are bound to the table by name, so the document and
+docs/api.md are generated without a running server.
 
 Every error is ``{"error": message, "code": CODE, "timestamp": RFC 3339 UTC}`` with the status
 of its ``RouterError`` class: unknown paths 404 NOT_FOUND, wrong methods 405
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pydantic
@@ -45,12 +46,14 @@ from router.core.errors import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Probed by orchestrators (kubelet, load balancers) without credentials; they reveal nothing.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 # The route label of a request that matched no declared route (404, 405).
 UNMATCHED = "<unmatched>"
 BODY_KEY = web.RequestKey("body", pydantic.BaseModel)
+QUERY_KEY = web.RequestKey("query", pydantic.BaseModel)
 _PARAMETER = re.compile(r"\{(\w+)\}")
 
 
@@ -72,6 +75,9 @@ class Route:
     responses: Mapping[int, type[pydantic.BaseModel] | str]
     request: type[pydantic.BaseModel] | None = None
     mutates: bool = False
+    # The query parameters, one field each (values arrive as text: the model's fields are
+    # not strict); a request whose query fails it is 400 VALIDATION_ERROR.
+    query: type[pydantic.BaseModel] | None = None
     parameters: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,19 +103,39 @@ def error_response(error: RouterError, status: int | None = None) -> web.Respons
 
 
 def _validating(route: Route, handler: Handler) -> Handler:
-    model = route.request
-    if model is None:
+    model, query = route.request, route.query
+    if model is None and query is None:
         return handler
 
     async def validate(request: web.Request) -> web.StreamResponse:
-        try:
-            request[BODY_KEY] = model.model_validate_json(await request.read())
-        except pydantic.ValidationError as exc:
-            raise InvalidInput([f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                                for e in exc.errors()]) from None
+        if query is not None:
+            # An empty value (?end=) is the parameter left out: a slice's open end.
+            given = {key: value for key, value in request.query.items() if value != ""}
+            try:
+                request[QUERY_KEY] = query.model_validate(given)
+            except pydantic.ValidationError as exc:
+                raise InvalidInput(problems_of(exc)) from None
+        if model is not None:
+            try:
+                request[BODY_KEY] = model.model_validate_json(await request.read())
+            except pydantic.ValidationError as exc:
+                raise InvalidInput(problems_of(exc)) from None
         return await handler(request)
 
     return validate
+
+
+def problems_of(exc: pydantic.ValidationError) -> list[str]:
+    """Each wrong field of a request, "path.to.field: why": the HTTP and gRPC APIs alike."""
+    return [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+
+
+def validated(model: type[ModelT], data: Mapping[str, Any]) -> ModelT:
+    """``model`` from ``data``; ``InvalidInput`` naming each wrong field."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise InvalidInput(problems_of(exc)) from None
 
 
 class ApiErrors:
@@ -212,10 +238,12 @@ def openapi(routes: Iterable[Route], title: str, version: str) -> dict[str, Any]
         responses["default"] = {"description": "An error", "content": content(ErrorBody)}
         operation: dict[str, Any] = {"operationId": route.name, "summary": route.summary,
                                      "responses": responses}
-        if route.parameters:
-            operation["parameters"] = [{"name": name, "in": "path", "required": True,
-                                        "schema": {"type": "string"}}
-                                       for name in route.parameters]
+        parameters = [{"name": name, "in": "path", "required": True,
+                       "schema": {"type": "string"}} for name in route.parameters]
+        if route.query is not None:
+            parameters += _query_parameters(route.query)
+        if parameters:
+            operation["parameters"] = parameters
         if route.request is not None:
             operation["requestBody"] = {"required": True, "content": content(route.request)}
         if route.mutates:
@@ -232,6 +260,22 @@ def openapi(routes: Iterable[Route], title: str, version: str) -> dict[str, Any]
                                   "description": "a certificate admin.tls lets in"},
         }},
     }
+
+
+def _query_parameters(model: type[pydantic.BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        parameter = {"name": name, "in": "query", "required": name in required,
+                     "schema": prop}
+        if description:
+            parameter["description"] = description
+        out.append(parameter)
+    return out
 
 
 def _add(schemas: dict[str, Any], name: str, schema: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from router.control.state import ApiBackend, DesiredState, StateFile, StaticOverride
+from router.control.state import ApiBackend, DesiredState, DesiredStateStore, StaticOverride
 from router.control.store import (
     BackendAddress,
     BackendId,
@@ -66,6 +66,7 @@ from router.control.store import (
 from router.core.config import Seconds
 from router.core.errors import (
     AddressConflict,
+    AddressNotAllowed,
     BackendExists,
     BackendIsStatic,
     BackendNotFound,
@@ -206,10 +207,15 @@ class BackendDirectory:
         registry: Registry,
         store: RegistryStore,
         backend_of: Callable[[BackendSpec], Backend],
-        state_file: StateFile | None = None,
+        state_file: DesiredStateStore | None = None,
         apply_timeout_s: float = APPLY_TIMEOUT_S,
+        allows: Callable[[str], bool] = lambda address: True,
     ) -> None:
+        """``allows(address)``: whether a backend may register there
+        (``RegistryConfig.allows``); replicas the router starts (source managed) are not
+        asked."""
         self._registry = registry
+        self._allows = allows
         self._store = store
         self._backend_of = backend_of
         self._state_file = state_file
@@ -308,6 +314,9 @@ class BackendDirectory:
             **registration.model_dump(exclude={"id", "lease_ttl_s"}), "id": backend_id,
             "source": source,
         })
+        if source != "managed" and not self._allows(record.address):
+            raise AddressNotAllowed(f"{record.address} is outside registry.allowed_networks "
+                                    "(or a unix socket while registry.allow_unix is off)")
         self._check_free(record, replaceable=ttl is not None)
         replaced = backend_id in self._records or any(
             r.address == record.address for r in self._records.values())
@@ -430,13 +439,20 @@ class BackendDirectory:
         raise BackendNotFound(f"no backend has the id {quoted(backend_id)}")
 
     def list(self) -> list[BackendInfo]:
+        """Every backend: static, then records, then those leaving (``draining`` until what
+        is in flight on them has finished)."""
         static = [self._static_info(b) for b in self._registry if b.spec.source == "static"]
-        return static + [self._info(r, self._joined.get(r.id)) for r in self._records.values()]
+        records = [self._info(r, self._joined.get(r.id)) for r in self._records.values()]
+        return static + records + [self._info(r, b, "draining") for b, r in
+                                   self._leaving.items() if r.id not in self._records]
 
     def get(self, backend_id: str) -> BackendInfo:
         record = self._records.get(backend_id)
         if record is not None:
             return self._info(record, self._joined.get(backend_id))
+        for backend, left in self._leaving.items():
+            if left.id == backend_id:
+                return self._info(left, backend, "draining")
         return self._static_info(self._static(backend_id))
 
     def add_report_listener(self, listener: Callable[[str, LoadReport], None]) -> None:

@@ -38,8 +38,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
 from router.control.admin import AdminAuth, admin_app, reload_response, start_app
-from router.control.admin_routes import V1_ROUTES
+from router.control.admin_routes import INSTANCE_ROUTES, V1_ROUTES
 from router.control.api import json_response
+from router.control.instances.api import unsupported_handlers
 from router.core.config_diff import ReloadOutcome
 from router.core.errors import BackendNotFound, StoreUnavailable, quoted
 from router.lifecycle.state import Lifecycle
@@ -106,7 +107,9 @@ class FederatedAdmin:
             metrics=self._get_metrics, healthz=self._get_healthz, readyz=self._get_readyz,
             backends=self._get_backends, backend=self._get_backend, stats=self._get_stats,
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
-            v1={route.name: self._forward for route in V1_ROUTES},
+            v1={**{route.name: self._forward for route in V1_ROUTES},
+                # Each process would run its own replicas: instances need one process.
+                **unsupported_handlers([route.name for route in INSTANCE_ROUTES])},
         )
         self._own_requests = CollectorRegistry(auto_describe=False)
         self._own_requests.register(errors.collector())

@@ -25,7 +25,9 @@ event loop of its own, on a thread, for blocking code (bench, chaos, test fixtur
 methods named and shaped like ``subprocess.Popen``'s.
 
 The child's half: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``), for a process that must
-not outlive the process that launched it (the supervisor's router processes call it).
+not outlive the process that launched it (the supervisor's router processes call it); for a
+program that cannot call it, ``launch(..., die_with_parent=SIGNAL)`` runs it behind a prelude
+that sets it and then executes the program (``guarded``; the replica manager's replicas).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Generic, TypeVar
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from router.core.errors import SpawnError, quoted
 
@@ -68,6 +70,21 @@ OUTPUT_DRAIN_S = 1.0
 STDERR_TAIL_BYTES = 8192
 
 ReadyReader = Callable[[Sequence[str]], T | None]
+
+
+class LogSink(Protocol):
+    """Where a process's output lines go: a file opened for appending, or anything that
+    writes, flushes and closes like one."""
+
+    @property
+    def name(self) -> Any: ...
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
 # Where stderr goes: a file path (opened for append, quoted in errors), an open file, a
 # ``subprocess`` constant such as STDOUT or DEVNULL, or None (inherited).
 Stderr = Path | IO[Any] | int | None
@@ -87,9 +104,11 @@ def started(lines: Sequence[str]) -> bool:
 class _Output:
     """One process's stdout, read line by line into a tail and, optionally, a log file."""
 
-    def __init__(self, stream: asyncio.StreamReader, log_file: IO[bytes] | None) -> None:
+    def __init__(self, stream: asyncio.StreamReader, log_file: LogSink | None,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self._stream = stream
         self._log_file = log_file
+        self._on_line = on_line
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
 
     async def next_line(self) -> str | None:
@@ -110,6 +129,8 @@ class _Output:
                 self._log_file = None
         line = raw.decode(errors="replace").rstrip("\r\n")
         self.tail.append(line)
+        if self._on_line is not None:
+            self._on_line(line)
         return line
 
     async def drain(self) -> None:
@@ -251,19 +272,24 @@ async def launch(
     argv: Sequence[str], ready: ReadyReader[T], *, env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None, stderr: Stderr = None,
     log_path: Callable[[int], Path] | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
-    new_session: bool = False,
+    new_session: bool = False, log_file: LogSink | None = None,
+    on_line: Callable[[str], None] | None = None, die_with_parent: int | None = None,
 ) -> LaunchedProcess[T]:
     """Start ``argv`` and return it once ``ready`` finds its announcement.
 
-    ``log_path(pid)``: the file that gets all of its stdout. ``new_session``: its own session,
-    so a Ctrl-C on the launcher's terminal reaches the launcher only (which then stops it).
-    Raises ``SpawnError`` (the process killed and reaped) or ``OSError`` (not started).
+    ``log_path(pid)``: the file that gets all of its stdout; or ``log_file``, an open one
+    (closed when the process ends). ``on_line``: told every line of stdout, before and after
+    readiness. ``new_session``: its own session, so a Ctrl-C on the launcher's terminal
+    reaches the launcher only (which then stops it). ``die_with_parent``: the signal the
+    process gets when this one dies, even by SIGKILL (Linux; see ``guarded``). Raises
+    ``SpawnError`` (the process killed and reaped) or ``OSError`` (not started).
     """
     args = tuple(argv)
+    exec_args = guarded(args, die_with_parent) if die_with_parent is not None else args
     child_stderr, stderr_path, opened = _stderr_target(stderr)
     try:
         process = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=child_stderr,
+            *exec_args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=child_stderr,
             env=None if env is None else dict(env), cwd=cwd, start_new_session=new_session,
         )
     finally:
@@ -271,12 +297,12 @@ async def launch(
             assert not isinstance(child_stderr, int) and child_stderr is not None
             child_stderr.close()  # the child has its own copy
     assert process.stdout is not None
-    output = _Output(process.stdout, None)
+    output = _Output(process.stdout, log_file, on_line)
     try:
         if log_path is not None:
             path = log_path(process.pid)
             path.parent.mkdir(parents=True, exist_ok=True)
-            output = _Output(process.stdout, path.open("ab"))
+            output = _Output(process.stdout, path.open("ab"), on_line)
         value = await _await_ready(output, ready, ready_timeout_s)
     except TimeoutError:
         await _abort(process, output)
@@ -437,6 +463,33 @@ def launch_blocking(
 
 
 # -- the child's half -------------------------------------------------------------------------
+
+
+# Run by ``guarded`` as ``python -I -S -c GUARD PARENT_PID SIGNAL PROGRAM ARGS...``: set
+# PR_SET_PDEATHSIG, make sure the parent did not die before it took effect, then become the
+# program (execve keeps the setting, except for set-user-ID programs).
+_GUARD = """\
+import ctypes, os, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[2]))
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+try:
+    os.execvp(sys.argv[3], sys.argv[3:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {sys.argv[3]!r}: {exc.strerror}\\n")
+    os._exit(127)
+"""
+
+
+def guarded(argv: Sequence[str], signum: int) -> tuple[str, ...]:
+    """``argv`` run so that it gets ``signum`` when this process dies, for a program that
+    cannot call ``die_with_parent`` itself: a short Python prelude (some 20 ms) that sets
+    it and then executes the program in its place, same pid. Not done with ``preexec_fn``,
+    which is unsafe in a process with threads. Linux only; elsewhere ``argv`` unchanged."""
+    if sys.platform != "linux":
+        return tuple(argv)
+    return (sys.executable, "-I", "-S", "-c", _GUARD, str(os.getpid()), str(int(signum)),
+            *argv)
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -18,6 +18,8 @@ from router.balance.policies import ConsistentHashBounded
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth
 from router.control.directory import BackendDirectory
+from router.control.instances.manager import InstanceManager
+from router.control.instances.replica import REPLICA_STATES
 from router.control.state import StateFile
 from router.dispatch.backends import Registry
 from router.dispatch.scheduler import Dispatcher
@@ -323,3 +325,38 @@ class ModelCollector(Collector):
         yield CounterMetricFamily("router_model_evictions", "Models the router predicted "
                                   "evicted to make room for a load.", value=evictions)
         yield hist
+class InstanceCollector(Collector):
+    """The replica manager: instances created, deleted and active, restarts by instance and
+    reason, failed health checks by instance, and each replica's state (1 for the state it
+    is in, 0 for the others, so a series never disappears while its replica exists)."""
+
+    def __init__(self, manager: InstanceManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._manager
+        yield CounterMetricFamily("router_instances_created", "Instances added through the "
+                                  "admin API.", value=m.created)
+        yield CounterMetricFamily("router_instances_deleted", "Instances deleted through the "
+                                  "admin API.", value=m.deleted)
+        yield GaugeMetricFamily("router_instances_active", "Managed instances.", value=m.active)
+        restarts = CounterMetricFamily(
+            "router_instance_restarts", "Replica restarts by instance and reason (exited, "
+            "health, startup, requested).", labels=["instance", "reason"])
+        for (instance, reason), count in sorted(m.restarts.items()):
+            restarts.add_metric([instance, reason], count)
+        yield restarts
+        failures = CounterMetricFamily(
+            "router_instance_health_check_failures", "Failed health checks of replicas, by "
+            "instance.", labels=["instance"])
+        for instance, count in sorted(m.health_failures.items()):
+            failures.add_metric([instance], count)
+        yield failures
+        states = GaugeMetricFamily(
+            "router_instance_state", "1 for the state each replica is in.",
+            labels=["instance", "replica", "state"])
+        for replica in m.replicas():
+            for state in REPLICA_STATES:
+                states.add_metric([replica.instance.name, str(replica.index), state],
+                                  1.0 if replica.state == state else 0.0)
+        yield states

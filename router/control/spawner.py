@@ -3,7 +3,8 @@ router processes), and stops them on exit.
 
 Each one must print ``READY <port>`` on stdout once it listens (``launcher.ready_port``), so
 ``--port 0`` lets it choose a free port; its whole stdout goes to a log file named after its
-pid. This is the seed of the replica manager.
+pid. These processes are started once and stopped with the router; the replica manager
+(``control.instances``) is what checks, restarts and scales processes.
 """
 
 from __future__ import annotations

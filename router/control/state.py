@@ -3,7 +3,10 @@ hold, saved as one TOML file and restored on start.
 
 What is persisted (``DesiredState``, format version 1): backends added through the admin API
 (with their drain flag), drain flags and weight overrides on static backends (by backend id),
-and managed instances (definitions for the replica manager). Registered (leased) backends are
+managed instances added through the admin API (their definitions, replica count included),
+and the replica counts set through the API on instances of the config file. The directory
+and the replica manager each own some of these fields and save them through a ``StatePart``
+of the one file. Registered (leased) backends are
 not: after a restart their next heartbeat gets NOT_FOUND and they register again, within one
 heartbeat interval, so a persisted copy could only be stale.
 
@@ -43,7 +46,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Literal, Protocol, TypedDict
 
 import tomli_w
 from pydantic import (
@@ -58,7 +61,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from router.core.config import Bool, ModelName, _format_location, parse_host_port
+from router.core.config import (
+    MAX_REPLICAS,
+    Bool,
+    InstanceConfig,
+    InstanceName,
+    ModelName,
+    _format_location,
+    parse_host_port,
+)
 from router.core.errors import quoted
 
 log = logging.getLogger(__name__)
@@ -115,7 +126,6 @@ def _check_backend_address(value: str) -> str:
 
 
 Text = Annotated[str, Strict(), AfterValidator(_check_text)]
-Arg = Annotated[str, Strict(), AfterValidator(_check_arg)]
 BackendId = Annotated[str, Strict(), AfterValidator(_check_id)]
 BackendAddress = Annotated[
     str, Strict(), AfterValidator(_check_backend_address),
@@ -123,10 +133,6 @@ BackendAddress = Annotated[
 ]
 LabelKey = Annotated[Text, Field(min_length=1, max_length=256)]
 Weight = Annotated[int, Strict(), Field(ge=1, le=1000)]  # the range of a config backend's weight
-Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
-# An instance name names its replicas and their log files: no path separators, no spaces.
-InstanceName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-EnvName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class _Record(BaseModel):
@@ -152,32 +158,10 @@ class StaticOverride(_Record):
     weight: Weight | None = None  # None: the config's weight
 
 
-class ManagedInstance(_Record):
-    """A backend process definition for the replica manager: ``replicas`` copies of
-    ``command``, each serving ``models`` over ``protocol``."""
-
-    name: InstanceName
-    command: tuple[Arg, ...] = Field(min_length=1)
-    replicas: Annotated[int, Strict(), Field(ge=0, le=256)] = 1
-    protocol: StateProtocol = "frames"
-    models: tuple[ModelName, ...] = ()
-    env: dict[EnvName, Arg] = {}
-    workdir: Annotated[Arg, Field(min_length=1)] | None = None
-    ports: tuple[Port, ...] = ()  # the replicas' ports, in order; empty: each gets a free one
-
-    @field_validator("command")
-    @classmethod
-    def _program_named(cls, command: tuple[str, ...]) -> tuple[str, ...]:
-        if not command[0]:
-            raise ValueError("the program (first argument) is empty")
-        return command
-
-    @field_validator("ports")
-    @classmethod
-    def _ports_distinct(cls, ports: tuple[int, ...]) -> tuple[int, ...]:
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"a port is listed twice in {list(ports)}")
-        return ports
+# A managed instance as the replica manager runs it: the config's definition, one schema for
+# the config file, the admin API and this file.
+ManagedInstance = InstanceConfig
+Replicas = Annotated[int, Strict(), Field(ge=0, le=MAX_REPLICAS)]
 
 
 class DesiredState(_Record):
@@ -186,7 +170,9 @@ class DesiredState(_Record):
     version: Annotated[int, Strict()] = STATE_VERSION
     backends: tuple[ApiBackend, ...] = ()
     static: dict[BackendId, StaticOverride] = {}
-    instances: tuple[ManagedInstance, ...] = ()
+    instances: tuple[ManagedInstance, ...] = ()  # added through the admin API
+    # Replica counts the admin API set on instances of the config file (by name).
+    scaled: dict[InstanceName, Replicas] = {}
 
     @field_validator("version")
     @classmethod
@@ -310,6 +296,7 @@ class StateFile:
         self._saves_superseded = 0
         self._set_aside = 0
         self._last_error: str | None = None
+        self.current: DesiredState | None = None  # loaded, then as the parts last saved it
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -320,7 +307,8 @@ class StateFile:
                 data = fh.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
             log.info("no state file at %s: starting from the config", self.path)
-            return DesiredState()
+            self.current = DesiredState()
+            return self.current
         except OSError as exc:
             return self._set_aside_corrupt(f"cannot be read: {_strerror(exc)}")
         if len(data) > MAX_STATE_BYTES:
@@ -333,6 +321,7 @@ class StateFile:
             "state restored from %s: %d API backends, %d overrides, %d managed instances",
             self.path, len(state.backends), len(state.static), len(state.instances),
         )
+        self.current = state
         return state
 
     def _set_aside_corrupt(self, problem: str) -> DesiredState:
@@ -350,7 +339,8 @@ class StateFile:
             with contextlib.suppress(OSError):
                 _fsync_directory(self.path.parent)
         log.error("state file %s %s; %s; starting from the config", self.path, problem, outcome)
-        return DesiredState()
+        self.current = DesiredState()
+        return self.current
 
     def _free_name(self, name: str) -> Path:
         suffixed = (f"{name}-{i}" for i in range(1, MAX_SET_ASIDE_SUFFIX))
@@ -431,6 +421,14 @@ class StateFile:
             raise
         _fsync_directory(directory)
 
+    def part(self, *fields: str) -> StatePart:
+        """The view of one owner of some of the state's fields (the directory's backends and
+        overrides, the replica manager's instances): see ``StatePart``."""
+        unknown = set(fields) - set(DesiredState.model_fields)
+        if unknown:
+            raise ValueError(f"DesiredState has no fields {sorted(unknown)}")
+        return StatePart(self, fields)
+
     # -- introspection -------------------------------------------------------------------------
 
     def statistics(self) -> StateStatistics:
@@ -447,3 +445,40 @@ class StateFile:
         return (f"StateFile({str(self.path)!r}, saves_ok={self._saves_ok}, "
                 f"saves_failed={self._saves_failed})")
 
+
+
+class DesiredStateStore(Protocol):
+    """What an owner of desired state is given: a ``StateFile``, or one ``StatePart`` of it."""
+
+    def load(self) -> DesiredState: ...
+
+    def save_async(self, state: DesiredState) -> asyncio.Future[bool]: ...
+
+    async def flush(self) -> None: ...
+
+
+class StatePart:
+    """Several owners share one state file, each saving only its own fields: ``save_async``
+    takes ``fields`` from the state it is given and the other fields from the state the
+    file last loaded or saved, so no owner's save loses another's. ``load`` reads the file
+    once, however many parts ask."""
+
+    def __init__(self, file: StateFile, fields: tuple[str, ...]) -> None:
+        self.file = file
+        self.fields = fields
+
+    def load(self) -> DesiredState:
+        current = self.file.current
+        return current if current is not None else self.file.load()
+
+    def save_async(self, state: DesiredState) -> asyncio.Future[bool]:
+        base = self.file.current if self.file.current is not None else DesiredState()
+        merged = base.model_copy(update={name: getattr(state, name) for name in self.fields})
+        self.file.current = merged
+        return self.file.save_async(merged)
+
+    async def flush(self) -> None:
+        await self.file.flush()
+
+    def __repr__(self) -> str:
+        return f"StatePart({self.file!r}, fields={self.fields})"

@@ -27,11 +27,19 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from router.core.errors import ConfigError, quoted
+from router.core import placeholders
+from router.core.errors import (
+    ConfigError,
+    InvalidInput,
+    InvalidInstanceConfig,
+    InvalidPort,
+    quoted,
+)
 from router.core.types import UNIX_SCHEME
 
 # Every duration is capped. Where one becomes whole milliseconds for a C int (gRPC channel
@@ -354,13 +362,26 @@ class GrpcConfig(_Section):
 
 
 class AdminConfig(_Section):
-    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats. Mutating endpoints
-    need an allowed client certificate (``tls.client_ca_file``) or the bearer token of
-    ``token_file``; on an address other than loopback every endpoint but /healthz and /readyz
-    does, and one of the two must be configured."""
+    """The admin HTTP API: /metrics, /healthz, /readyz, /backends, /stats, /v1/backends; and
+    the admin gRPC listener (``grpc_listen``). Mutating endpoints need an allowed client
+    certificate (``tls.client_ca_file``) or the bearer token of ``token_file``; on an address
+    other than loopback every endpoint but /healthz and /readyz does, and one of the two must
+    be configured."""
 
     listen: Address = Field(
         "127.0.0.1:7072", description="Address of the admin HTTP API; port 0 picks a free port."
+    )
+    grpc_listen: Address | None = Field(
+        None, description="Address of the admin gRPC listener: the backend registry "
+        "(inference_router.v1.Registry) and AnyServe's anyserve.WorkerManagement, with the "
+        "credentials of the HTTP API (tls, token_file: `authorization: Bearer TOKEN` "
+        "metadata). Port 0 picks a free port. Unset: no admin gRPC listener.",
+    )
+    anyserve_listen: Address | None = Field(
+        None, description="Address of a listener serving only anyserve.WorkerManagement, "
+        "plaintext and without credentials, as AnyServe's own management port does (its "
+        "workers send none): a loopback address only, since anyone who reaches it can add "
+        "backends. Unset: AnyServe's workers register on grpc_listen, with credentials.",
     )
     token_file: FilePath | None = Field(
         None, description="File holding the bearer token (surrounding whitespace stripped) "
@@ -379,10 +400,18 @@ class AdminConfig(_Section):
 
     @model_validator(mode="after")
     def _open_only_on_loopback(self) -> AdminConfig:
-        if not is_loopback(parse_host_port(self.listen)[0]) and not self.has_credentials:
-            raise _invalid(f"listen {quoted(self.listen)} is reachable from other machines: "
-                           "set token_file or tls.client_ca_file, or listen on a loopback "
-                           "address")
+        for key, address in (("listen", self.listen), ("grpc_listen", self.grpc_listen)):
+            if address is None or is_loopback(parse_host_port(address)[0]):
+                continue
+            if not self.has_credentials:
+                raise _invalid(f"{key} {quoted(address)} is reachable from other machines: "
+                               "set token_file or tls.client_ca_file, or listen on a loopback "
+                               "address")
+        anyserve = self.anyserve_listen
+        if anyserve is not None and not is_loopback(parse_host_port(anyserve)[0]):
+            raise _invalid(f"anyserve_listen {quoted(anyserve)} takes registrations without "
+                           "credentials: it must be a loopback address (workers elsewhere "
+                           "register on grpc_listen with the admin credential)")
         return self
 
 
@@ -424,6 +453,13 @@ class PoolConfig(_Section):
     pipeline_depth: Int = Field(
         32, ge=1, le=1024, description="Requests in flight per backend connection (answers "
         "come back in order); 1 sends one request at a time.",
+    )
+    # 256: 10,000 clients on one backend fit its 64 connections (64 x 157) with room.
+    max_pipeline_depth: Int = Field(
+        256, ge=1, le=1024, description="Requests in flight per backend connection when "
+        "requests wait and every connection max_connections allows is open: the depth grows "
+        "from pipeline_depth to what carries them, up to this, and falls back as demand does. "
+        "Never below pipeline_depth; a pool with pipeline_depth = 1 is never pipelined.",
     )
     connect_timeout_s: Seconds = Field(
         2.0, description="Seconds a dial to a backend may take before it fails (and the "
@@ -494,6 +530,17 @@ def _frames_is_tcp(value: object) -> object:
     return "tcp" if value == "frames" else value
 
 
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:
+        raise ValueError(f"expected a network such as 10.0.0.0/8, got {quoted(value)}") from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
+
+
 def _check_prefix(value: str) -> str:
     if not value.endswith("/"):
         # "/a/b" would also cover the keys of "/a/bc/": one prefix must never hold another's.
@@ -535,6 +582,29 @@ class RegistryConfig(_Section):
         10_000, ge=1, le=1_000_000, description="Backend records the store holds at most; a "
         "new record beyond it is refused with MAX_BACKENDS_REACHED.",
     )
+    allowed_networks: tuple[Network, ...] = Field(
+        (), max_length=256, description='Networks (CIDR, e.g. "10.0.0.0/8") whose addresses '
+        "backends may register or be added at through the admin API; a registration at an "
+        "address outside them, or at a host name, is refused with ADDRESS_NOT_ALLOWED, so a "
+        "caller holding the admin credential cannot point the router at arbitrary hosts. "
+        "Empty: any address. Unix sockets: ``allow_unix``. Replicas the router starts itself "
+        "are not checked.",
+    )
+    allow_unix: Bool = Field(
+        True, description="Whether backends may register at a unix socket (``unix:/path``).",
+    )
+
+    def allows(self, address: str) -> bool:
+        """Whether a backend may register at ``address`` (``HOST:PORT`` or ``unix:/path``)."""
+        if is_unix_address(address):
+            return self.allow_unix
+        if not self.allowed_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(parse_host_port(address)[0])
+        except ValueError:
+            return False  # a host name: what it resolves to can change after the check
+        return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
 
 
 class AffinityConfig(_Section):
@@ -588,6 +658,253 @@ class AccessLogConfig(_Section):
         16_384, ge=1, le=1_000_000, description="Lines waiting in memory for the writer thread; "
         "beyond it new lines are dropped and counted (the loop never waits for the disk).",
     )
+
+
+def _check_text(value: str) -> str:
+    # A lone surrogate (JSON can carry "\ud800") validates as str but cannot be written as
+    # UTF-8 (a state file, a process's argv).
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
+def _check_arg(value: str) -> str:
+    _check_text(value)
+    if "\x00" in value:
+        raise ValueError("a NUL character cannot be passed to a process")
+    return value
+
+
+# One argument of a process (or an environment value): any text but NUL.
+ProcessArg = Annotated[str, Strict(), AfterValidator(_check_arg)]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+# An instance name names its replicas, their backend ids and their log files: no path
+# separators, no spaces, and never "." or "..".
+InstanceName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+EnvName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+GpuIndex = Annotated[int, Strict(), Field(ge=0, le=1023)]
+MAX_REPLICAS = 256  # of one instance
+LOWEST_PORT = 1024  # ports below are privileged: a replica is never given one
+
+
+class InstanceConfig(_Section):
+    """A managed instance: ``replicas`` copies of ``command``, started, health-checked,
+    restarted and stopped by the router, each one a backend (source ``managed``) serving
+    ``models`` over ``protocol``. The same definition is the body of ``POST /v1/instances``
+    and an entry of the state file. In ``command`` and ``env`` values, ``{port}`` (or
+    ``{unix}``), ``{host}``, ``{name}``, ``{replica}``, ``{model}`` and ``{python}`` are
+    substituted per replica (``{{`` and ``}}`` are literal braces)."""
+
+    name: InstanceName = Field(
+        description="Letters, digits, '-', '_' and '.' (first a letter or digit), at most "
+        "64: replica i is the backend NAME-i and logs to LOG_DIR/NAME/i.log.",
+    )
+    command: tuple[ProcessArg, ...] = Field(
+        min_length=1, description="The program and its arguments (an argv list, no shell), "
+        "with placeholders. It must listen where {port} or {unix} says; it is ready once it "
+        "prints a READY line on stdout or its health probe answers.",
+    )
+    protocol: Literal["frames", "grpc"] = Field(
+        "frames", description='"frames": the length-prefixed protocol; "grpc": gRPC '
+        "(KServe v2 or any service).",
+    )
+    models: tuple[ModelName, ...] = Field(
+        (), description='Models every replica serves, "name" or "name:version".',
+    )
+    replicas: Annotated[int, Strict(), Field(ge=0, le=MAX_REPLICAS)] = Field(
+        1, description="Copies of the command to run.",
+    )
+    weight: Int = Field(1, ge=1, le=1000, description="Each replica's share of traffic.")
+    env: dict[EnvName, ProcessArg] = Field(
+        {}, description="Environment variables added to the router's own (placeholders "
+        "substituted).",
+    )
+    gpu: GpuIndex | tuple[GpuIndex, ...] | None = Field(
+        None, description="GPU index for CUDA_VISIBLE_DEVICES; a list gives replica i the "
+        "GPU list[i % len(list)]. Checked against the GPUs present.",
+    )
+    workdir: ProcessArg | None = Field(
+        None, min_length=1, description="Working directory of the replicas (it must exist); "
+        "unset: the router's.",
+    )
+    base_port: Port | None = Field(
+        None, description="Replica i listens on base_port + 1 + i (each checked free by "
+        "binding before it starts; PORT_CONFLICT otherwise). Unset: ports from "
+        "manager.port_range.",
+    )
+    startup_timeout_s: Seconds | None = Field(
+        None, description="Seconds a replica may take to become ready before it is killed "
+        "and restarted; unset: manager.startup_timeout_s.",
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _program_named(cls, command: tuple[str, ...]) -> tuple[str, ...]:
+        if not command[0]:
+            raise ValueError("the program (first argument) is empty")
+        return command
+
+
+def instance_problems(instance: InstanceConfig) -> list[tuple[str, InvalidInput]]:
+    """(key, error) for what makes a valid ``instance`` unable to run, as far as can be told
+    without looking at the machine (the manager checks GPUs, the program and the working
+    directory when it starts one): its placeholders and ports."""
+    problems: list[tuple[str, InvalidInput]] = []
+    templates = [(f"command[{i}]", arg) for i, arg in enumerate(instance.command)]
+    templates += [(f"env.{key}", value) for key, value in instance.env.items()]
+    names: set[str] = set()
+    for key, template in templates:
+        try:
+            names |= placeholders.used([template])
+        except placeholders.PlaceholderError as exc:
+            problems.append((key, InvalidInstanceConfig(str(exc))))
+    if problems:
+        return problems
+    if "port" in names and "unix" in names:
+        problems.append(("command", InvalidInstanceConfig(
+            "{port} and {unix} both appear: a replica listens on one address")))
+    elif not names & {"port", "unix"}:
+        problems.append(("command", InvalidInstanceConfig(
+            "neither {port} nor {unix} appears in command or env: each replica must be told "
+            "where to listen")))
+    if "model" in names and not instance.models:
+        problems.append(("models", InvalidInstanceConfig("{model} needs a model")))
+    if instance.base_port is not None:
+        if "unix" in names:
+            problems.append(("base_port", InvalidInstanceConfig(
+                "base_port with {unix}: the replicas listen on unix sockets")))
+        problems += [("base_port", exc) for exc in base_port_problems(instance.base_port,
+                                                                     instance.replicas)]
+    return problems
+
+
+def base_port_problems(base_port: int, replicas: int) -> list[InvalidPort]:
+    """What is wrong with replicas 0 .. replicas - 1 on base_port + 1 + i."""
+    first, last = base_port + 1, base_port + max(replicas, 1)
+    if first < LOWEST_PORT:
+        return [InvalidPort(f"base_port {base_port} puts replica 0 on port {first}, below "
+                            f"{LOWEST_PORT} (privileged ports are not given to replicas)")]
+    if last > 65535:
+        return [InvalidPort(f"base_port {base_port} with {replicas} replicas needs port "
+                            f"{last}, past 65535")]
+    return []
+
+
+class ManagerHealthConfig(_Section):
+    """The replica manager's own health check of each replica (TEI Manager's defaults): the
+    probe of its protocol (a zero-length frame echoed, or grpc.health.v1 Check) on a fresh
+    connection. A replica that fails ``max_failures_before_restart`` checks in a row is
+    restarted; a success resets the count. Separate from ``[health]``, which decides routing."""
+
+    initial_delay_s: Annotated[float, Strict()] = Field(
+        60.0, ge=0, le=MAX_DURATION_S, allow_inf_nan=False,
+        description="Seconds after a replica is ready before its first check.",
+    )
+    interval_s: Seconds = Field(30.0, description="Seconds between two checks of a replica.")
+    timeout_s: Seconds = Field(5.0, description="Seconds a check may take before it fails.")
+    max_failures_before_restart: Int = Field(
+        3, ge=0, le=1000, description="Failed checks in a row that restart a replica; 0: "
+        "checks are logged and counted, never restart.",
+    )
+
+
+class ManagerRestartConfig(_Section):
+    """How often a replica that exits (or fails its checks) is started again: after
+    ``backoff_initial_s``, doubling up to ``backoff_max_s``. A replica that exits
+    ``crash_loop_exits`` times within ``crash_loop_window_s`` is ``crash_loop``: restarted
+    every ``backoff_max_s`` only, until it has stayed up for a whole window."""
+
+    backoff_initial_s: Seconds = Field(1.0, description="Seconds before the first restart.")
+    backoff_max_s: Seconds = Field(60.0, description="Longest wait between two restarts.")
+    crash_loop_exits: Int = Field(
+        5, ge=1, le=1000, description="Exits within the window that make a replica crash_loop.",
+    )
+    crash_loop_window_s: Seconds = Field(
+        120.0, description="The window, in seconds, those exits are counted over.",
+    )
+
+    @model_validator(mode="after")
+    def _initial_below_max(self) -> ManagerRestartConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise _invalid("backoff_initial_s is above backoff_max_s")
+        return self
+
+
+class ManagerConfig(_Section):
+    """The replica manager, which runs the ``[[instances]]`` (and those added through the
+    admin API): where replicas listen and log, how many may run, and how they are started,
+    checked and stopped. (TOML cannot hold ``[instances]`` beside ``[[instances]]``, so the
+    settings are here.)"""
+
+    host: Annotated[str, Field(min_length=1, max_length=255)] = Field(
+        "127.0.0.1", description="{host}: the address replicas listen on, and the one the "
+        "router (and, with a shared registry, every router) reaches them at.",
+    )
+    # A list of two rather than a fixed pair: a wrong length is one problem at this key.
+    port_range: tuple[Port, ...] = Field(
+        (20000, 29999), min_length=2, max_length=2, description="First and last port "
+        "(inclusive) given to replicas without base_port; each is checked free by binding.",
+    )
+    max_instances: Int = Field(
+        64, ge=0, le=4096, description="Replicas (processes) running at most, over every "
+        "instance; more are refused with MAX_INSTANCES_REACHED.",
+    )
+    log_dir: FilePath | None = Field(
+        None, description="Directory of the replicas' logs (LOG_DIR/NAME/i.log, stdout and "
+        "stderr); unset: instances/ under the router's log directory. If it cannot be "
+        "written, a temporary directory is used (with a warning).",
+    )
+    log_max_bytes: Int = Field(
+        10 * 1024 * 1024, ge=1024, le=1 << 40, description="Size at which a replica's log is "
+        "rotated (i.log -> i.log.1 -> ...).",
+    )
+    log_backups: Int = Field(3, ge=0, le=100, description="Rotated logs kept per replica.")
+    socket_dir: FilePath | None = Field(
+        None, description="Directory of the {unix} sockets (NAME-i.sock); unset: a private "
+        "temporary directory.",
+    )
+    startup_timeout_s: Seconds = Field(
+        120.0, description="Seconds a replica may take to become ready (Arctic's default) "
+        "before it is killed and restarted.",
+    )
+    startup_probe_interval_s: Seconds = Field(
+        0.5, description="Seconds between two probes of a starting replica that has not "
+        "printed READY.",
+    )
+    stop_timeout_s: Seconds = Field(
+        5.0, description="Seconds from SIGTERM to SIGKILL when a replica is stopped.",
+    )
+    drain_timeout_s: Seconds = Field(
+        30.0, description="Seconds a replica being stopped (rolling restart, scale-down, "
+        "delete) waits for its in-flight requests before SIGTERM.",
+    )
+    lease_ttl_s: Seconds = Field(
+        10.0, description="Lease of each replica's record, renewed by the manager every "
+        "third of it: with a shared registry, the records of a router that dies expire.",
+    )
+    gpus: Int | None = Field(
+        None, ge=0, le=1024, description="GPUs on this machine; unset: counted from "
+        "/proc/driver/nvidia/gpus.",
+    )
+    health: ManagerHealthConfig = Field(
+        ManagerHealthConfig(), description="How replicas are checked once they are ready.",
+    )
+    restart: ManagerRestartConfig = Field(
+        ManagerRestartConfig(), description="How soon a replica that failed starts again.",
+    )
+
+    @model_validator(mode="after")
+    def _ports_allowed(self) -> ManagerConfig:
+        first, last = self.port_range
+        if first > last:
+            raise _invalid(f"port_range {list(self.port_range)}: the first port is above "
+                           "the last")
+        if first < LOWEST_PORT:
+            raise _invalid(f"port_range starts below {LOWEST_PORT}: privileged ports are "
+                           "not given to replicas")
+        return self
 
 
 class BackendConfig(_Section):
@@ -671,7 +988,9 @@ class RouterConfig(_Section):
     registry: RegistryConfig = RegistryConfig()
     access_log: AccessLogConfig = AccessLogConfig()
     affinity: AffinityConfig = AffinityConfig()
+    manager: ManagerConfig = ManagerConfig()
     backends: tuple[BackendConfig, ...] = ()
+    instances: tuple[InstanceConfig, ...] = ()
 
     def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:
         """The TLS settings a backend is reached with; None: plaintext."""
@@ -685,6 +1004,10 @@ class RouterConfig(_Section):
         listeners = [("listener.listen", self.listener.listen), ("admin.listen", self.admin.listen)]
         if self.grpc.listen is not None:
             listeners.insert(1, ("grpc.listen", self.grpc.listen))
+        admin = self.admin
+        listeners += [(f"admin.{key}", address) for key, address in (
+            ("grpc_listen", admin.grpc_listen), ("anyserve_listen", admin.anyserve_listen),
+        ) if address is not None]
         for i, (key, address) in enumerate(listeners):
             for earlier, other in listeners[:i]:
                 if _collide(address, other):
@@ -713,6 +1036,54 @@ class RouterConfig(_Section):
             raise PydanticCustomError("keyed", "invalid", {"problems": problems})
         return self
 
+    def _instance_problems(self) -> Iterator[tuple[str, str]]:
+        """(key, why) for instances that cannot run as configured."""
+        names: dict[str, int] = {}
+        taken: list[tuple[int, int, int]] = []  # (first port, last port, instance index)
+        for i, instance in enumerate(self.instances):
+            if instance.name in names:
+                yield (f"instances[{i}].name", f"{quoted(instance.name)} is already used by "
+                       f"instances[{names[instance.name]}].name")
+            names.setdefault(instance.name, i)
+            for key, error in instance_problems(instance):
+                yield f"instances[{i}].{key}", error.message
+            if instance.base_port is not None and instance.replicas:
+                first = instance.base_port + 1
+                last = instance.base_port + instance.replicas
+                for other_first, other_last, j in taken:
+                    if first <= other_last and other_first <= last:
+                        yield (f"instances[{i}].base_port", f"ports {first}-{last} overlap "
+                               f"those of instances[{j}]")
+                taken.append((first, last, i))
+        total = sum(instance.replicas for instance in self.instances)
+        if total > self.manager.max_instances:
+            yield ("instances", f"{total} replicas in all, more than manager.max_instances "
+                   f"({self.manager.max_instances})")
+        if self.instances and self.listener.processes > 1:
+            yield ("instances", "managed instances need listener.processes = 1 (each router "
+                   "process would start its own replicas); use [[backends]] with command")
+
+    @model_validator(mode="after")
+    def _instances_can_run(self) -> RouterConfig:
+        problems = list(self._instance_problems())
+        if problems:
+            raise PydanticCustomError("keyed", "invalid", {"problems": problems})
+        return self
+
+    @model_validator(mode="after")
+    def _admin_grpc_in_one_process(self) -> RouterConfig:
+        # Each router process holds its own directory; the supervisor of several serves only
+        # the HTTP admin API, which forwards /v1 requests to every process.
+        if self.listener.processes > 1:
+            keys = [key for key, address in (("grpc_listen", self.admin.grpc_listen),
+                                             ("anyserve_listen", self.admin.anyserve_listen))
+                    if address is not None]
+            if keys:
+                raise PydanticCustomError("keyed", "invalid", {"problems": [
+                    (f"admin.{key}", "needs listener.processes = 1 (each router process "
+                     "holds its own backend directory)") for key in keys]})
+        return self
+
     @model_validator(mode="after")
     def _distinct_addresses(self) -> RouterConfig:
         conflicts = list(self._addresses_in_use())
@@ -725,12 +1096,10 @@ class RouterConfig(_Section):
 
 ECHO_COMMAND = ("{python}", "-m", "backends.echo", "--port", "{port}")
 
-# The embedded default: `inference-router serve` with no config and no --backend.
+# The embedded default: `inference-router serve` with no config and no --backend: two
+# managed replicas of the echo backend.
 EMBEDDED_DEFAULT: dict[str, Any] = {
-    "backends": [
-        {"address": "127.0.0.1:0", "command": list(ECHO_COMMAND)},
-        {"address": "127.0.0.1:0", "command": list(ECHO_COMMAND)},
-    ]
+    "instances": [{"name": "echo", "command": list(ECHO_COMMAND), "replicas": 2}],
 }
 
 

@@ -8,6 +8,8 @@ of three kinds:
   joins), an old one without a partner is removed (it drains: no new requests, those in flight
   finish, then it leaves), and a matched pair whose other keys differ (weight, models,
   dns_refresh_s) is changed in place, for the requests placed from then on.
+* **Instances** (``[[instances]]``) are left to the replica manager, which matches them by
+  name: added, removed, scaled (only ``replicas`` changed) or replaced.
 * **Live settings**, the keys of ``LIVE_KEYS``: applied to what starts after the reload
   (requests accepted, attempts started, connections dialled, health passes).
 * **Everything else** (listen addresses, the process count, frame and message limits, ...):
@@ -105,7 +107,8 @@ class ReloadOutcome:
 def diff(old: RouterConfig, new: RouterConfig) -> ConfigDiff:
     restart: list[str] = []
     settings: list[tuple[str, Any, Any]] = []
-    for key, before, after in _changed_leaves(old, new, exclude="backends"):
+    # The instances are the replica manager's to follow (``InstanceManager.reconfigure``).
+    for key, before, after in _changed_leaves(old, new, exclude=("backends", "instances")):
         if key in LIVE_KEYS:
             settings.append((key, before, after))
         else:
@@ -172,12 +175,12 @@ def _label(entry: BackendConfig) -> str:
 
 
 def _changed_leaves(
-    old: BaseModel, new: BaseModel, prefix: str = "", exclude: str = ""
+    old: BaseModel, new: BaseModel, prefix: str = "", exclude: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for every leaf that differs; nested sections are
     walked, other values (tuples included) compared whole."""
     for name in type(old).model_fields:
-        if name == exclude:
+        if name in exclude:
             continue
         before, after = getattr(old, name), getattr(new, name)
         key = f"{prefix}{name}"

@@ -43,6 +43,12 @@ def quoted(value: str | bytes, limit: int = QUOTE_LIMIT_BYTES) -> str:
     return f"{head!r}... ({len(data)} bytes)"
 
 
+# gRPC trailing metadata on every status the router itself chose: its stable error code
+# (OVERLOADED, NO_BACKEND, LEASE_NOT_FOUND, ...), so clients match on codes, not on details
+# text. A backend's relayed status never carries it.
+ROUTER_ERROR_HEADER = "x-router-error"
+
+
 class RouterError(Exception):
     """Base of every error the router raises on purpose."""
 
@@ -338,6 +344,16 @@ class AddressConflict(RouterError):
     grpc_status = "ALREADY_EXISTS"
 
 
+class AddressNotAllowed(RouterError):
+    """A registration at an address outside ``registry.allowed_networks`` (or a unix socket
+    while ``registry.allow_unix`` is off)."""
+
+    code = "ADDRESS_NOT_ALLOWED"
+    fault = "client"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
 class BackendIsStatic(RouterError):
     """A deregistration of a backend that the config file names: remove it from the config
     and reload (drain and weight work on it)."""
@@ -346,6 +362,96 @@ class BackendIsStatic(RouterError):
     fault = "client"
     http_status = 409
     grpc_status = "FAILED_PRECONDITION"
+
+
+# -- the replica manager -----------------------------------------------------------------------
+
+
+class InstanceNotFound(RouterError):
+    """No managed instance has the name a request named (``/v1/instances/{name}``)."""
+
+    code = "INSTANCE_NOT_FOUND"
+    fault = "client"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class InstanceExists(RouterError):
+    """A new instance's name is taken by a running one: delete it first (there is no PATCH:
+    changing an instance's command is DELETE + POST)."""
+
+    code = "INSTANCE_EXISTS"
+    fault = "client"
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class InstanceIsStatic(RouterError):
+    """A deletion of an instance that the config file names: remove it there and reload
+    (restart and scale work on it)."""
+
+    code = "INSTANCE_IS_STATIC"
+    fault = "client"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class PortConflict(RouterError):
+    """A replica's port (``base_port + 1 + i``) is held by another replica or cannot be bound:
+    something else listens there."""
+
+    code = "PORT_CONFLICT"
+    fault = "client"
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class InvalidInstanceConfig(InvalidInput):
+    """An instance definition that validates as data but cannot run: an unknown placeholder,
+    no ``{port}`` or ``{unix}`` for the replica to listen on, a program not found, a missing
+    working directory."""
+
+    code = "INVALID_CONFIG"
+
+
+class InvalidPort(InvalidInput):
+    """A port below 1024 (privileged), or a ``base_port`` whose replicas would pass 65535."""
+
+    code = "INVALID_PORT"
+
+
+class InvalidGpuId(InvalidInput):
+    """A ``gpu`` index that names no GPU of this machine (or any, on a machine with none)."""
+
+    code = "INVALID_GPU_ID"
+
+
+class MaxInstancesReached(RouterError):
+    """The replicas asked for would take the manager past ``manager.max_instances``."""
+
+    code = "MAX_INSTANCES_REACHED"
+    fault = "client"
+    http_status = 422
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class PortAllocationFailed(RouterError):
+    """Every port of ``manager.port_range`` is held by a replica or bound by something else."""
+
+    code = "PORT_ALLOCATION_FAILED"
+    fault = "client"
+    http_status = 422
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class NotSupported(RouterError):
+    """An admin operation this router cannot serve as it runs (the replica manager runs only
+    in a single-process router: ``listener.processes = 1``)."""
+
+    code = "NOT_SUPPORTED"
+    fault = "client"
+    http_status = 501
+    grpc_status = "UNIMPLEMENTED"
 
 
 class RouteNotFound(RouterError):

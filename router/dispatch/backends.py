@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from router.balance.policies import Snapshot
 from router.core.errors import NoBackend, UnknownModel, quoted
 from router.core.types import BackendSpec
 from router.upstream.base import Upstream
@@ -221,7 +222,10 @@ class Registry:
         self._leave_listeners: list[Callable[[Backend], None]] = []
         # (kind, model) -> the healthy backends for it, in registry order; built on first use
         # and cleared whenever a backend joins, leaves, drains, changes spec or flips health.
-        self._in_rotation: dict[tuple[str, str | None], list[Backend]] = {}
+        # Beside it, every backend serving the key (healthy or not: whether a model is known).
+        # A list is never modified once built: policies keep derived state on it (Snapshot).
+        self._in_rotation: dict[tuple[str, str | None],
+                                tuple[list[Backend], Snapshot[Backend]]] = {}
 
     def view(self, kind: str) -> Registry:
         view = Registry(self._on_failure)
@@ -353,18 +357,24 @@ class Registry:
         ``exclude`` (the ones it already tried): the healthy ones serving it, or all of them
         while fewer than ``panic_threshold`` of them are healthy. The list may be shared: do not
         modify it."""
-        candidates = self._in_rotation.get((kind, model))
-        if candidates is None:
+        candidates = self._rotation(kind, model)[1]
+        if exclude:
+            return Snapshot(b for b in candidates if b not in exclude)
+        return candidates
+
+    def _rotation(self, kind: str, model: str | None) -> tuple[list[Backend], Snapshot[Backend]]:
+        """(serving, candidates) of a key, from the cache: a request must not look at every
+        backend of a large fleet (1,000 registered: ``serving`` alone is a scan of each)."""
+        entry = self._in_rotation.get((kind, model))
+        if entry is None:
             if len(self._in_rotation) >= _MAX_CACHED_KEYS:
                 self._in_rotation.clear()  # model keys come from clients: stay bounded
             serving = self.serving(kind, model)
-            candidates = [b for b in serving if b.healthy]
+            candidates = Snapshot(b for b in serving if b.healthy)
             if len(candidates) < self._panic[0] * len(serving):
-                candidates = serving
-            self._in_rotation[(kind, model)] = candidates
-        if exclude:
-            return [b for b in candidates if b not in exclude]
-        return candidates
+                candidates = Snapshot(serving)
+            entry = self._in_rotation[(kind, model)] = (serving, candidates)
+        return entry
 
     def serving(self, kind: str, model: str | None = None) -> list[Backend]:
         """Every backend of ``kind`` serving ``model`` (any, if None), healthy or not, that an
@@ -382,7 +392,14 @@ class Registry:
     def knows_model(self, model: str, kind: str) -> bool:
         """Whether any backend of ``kind``, healthy or not, serves ``model``: if none does, a
         request for it is refused without touching a backend."""
-        return bool(self.serving(kind, model))
+        entry = self._in_rotation.get((kind, model))
+        if entry is not None:
+            return bool(entry[0])
+        # An unknown name is not cached: clients choose names, and theirs would evict ours.
+        if not self.serving(kind, model):
+            return False
+        self._rotation(kind, model)
+        return True
 
     def check_model(self, model: str, kind: str) -> None:
         """Refuse a request for ``model`` that no backend of ``kind`` could take, before any

@@ -52,6 +52,8 @@ class Banner:
     listen: tuple[str, int]
     admin: tuple[str, int]
     grpc: tuple[str, int] | None = None
+    admin_grpc: tuple[str, int] | None = None  # admin.grpc_listen
+    anyserve: tuple[str, int] | None = None  # admin.anyserve_listen
 
     @property
     def admin_url(self) -> str:
@@ -65,6 +67,8 @@ class Banner:
 # ``\S+:(\d+)`` takes the last colon, so IPv6 hosts (``::1``) parse as printed.
 _BANNER_LISTEN = re.compile(r"inference-router listening on (\S+):(\d+) ")
 _BANNER_GRPC = re.compile(r"  grpc: (\S+):(\d+) ")
+_BANNER_ADMIN_GRPC = re.compile(r"  admin grpc: (\S+):(\d+) ")
+_BANNER_ANYSERVE = re.compile(r"  anyserve: (\S+):(\d+) ")
 _BANNER_ADMIN = re.compile(r"  admin: http://(\S+):(\d+)/")
 
 
@@ -76,6 +80,13 @@ def format_banner(banner: Banner, extra: str) -> str:
     if banner.grpc is not None:
         gh, gp = banner.grpc
         lines.append(f"  grpc: {gh}:{gp} (any service; KServe v2 routed by model)")
+    if banner.admin_grpc is not None:
+        h, p = banner.admin_grpc
+        lines.append(f"  admin grpc: {h}:{p} (inference_router.v1.Registry, "
+                     "anyserve.WorkerManagement)")
+    if banner.anyserve is not None:
+        h, p = banner.anyserve
+        lines.append(f"  anyserve: {h}:{p} (anyserve.WorkerManagement, no credentials)")
     lines += [f"  admin: http://{ah}:{ap}/metrics /healthz /readyz /backends", f"  {extra}",
               f"  try it: inference-router call --to {lh}:{lp} hello"]
     return "\n".join(lines)
@@ -83,16 +94,20 @@ def format_banner(banner: Banner, extra: str) -> str:
 
 def parse_banner(lines: Sequence[str]) -> Banner | None:
     """The ``Banner`` that ``format_banner`` printed, once ``lines`` hold it up to its admin
-    line (the gRPC line, when there is one, comes before it); None until then."""
+    line (the gRPC lines, when there are some, come before it); None until then."""
     listen: tuple[str, int] | None = None
-    grpc: tuple[str, int] | None = None
+    found: dict[str, tuple[str, int]] = {}
+    optional = (("grpc", _BANNER_GRPC), ("admin_grpc", _BANNER_ADMIN_GRPC),
+                ("anyserve", _BANNER_ANYSERVE))
     for line in lines:
         if match := _BANNER_LISTEN.match(line):
-            listen, grpc = (match[1], int(match[2])), None
+            listen, found = (match[1], int(match[2])), {}
         elif listen is None:
             continue
-        elif match := _BANNER_GRPC.match(line):
-            grpc = (match[1], int(match[2]))
         elif match := _BANNER_ADMIN.match(line):
-            return Banner(listen, (match[1], int(match[2])), grpc)
+            return Banner(listen, (match[1], int(match[2])), **found)
+        else:
+            for name, pattern in optional:
+                if match := pattern.match(line):
+                    found[name] = (match[1], int(match[2]))
     return None

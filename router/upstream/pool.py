@@ -16,6 +16,15 @@ The shape follows asyncpg's pool and httpcore's "decide synchronously, then do I
   and has room is lent before an idle one, so requests arriving together share a connection
   and go out in one write; on loopback that halves the router's syscalls per request.
   ``pipeline_depth = 1`` lends each connection exclusively.
+* The depth follows demand: when requests wait and every connection ``max_connections``
+  allows is open or being dialled, ``grow`` deepens every connection to what carries the
+  requests lent and waiting, up to ``max_pipeline_depth``; each health pass (``expire``)
+  brings it back towards ``pipeline_depth`` as demand falls. So 10,000 clients on two
+  backends with the default 64 connections each go out at once (64 x 79 per backend) instead
+  of 6,000 of them parking on the scheduler's queue, while light load keeps shallow
+  pipelines. A connection filled to a deeper depth takes no new request until it is below
+  the current one (``Slot.shared`` says whether it is in the lending list, whatever the depth
+  was when it got there).
 
 The pool never makes a borrower wait: ``try_acquire`` lends now or returns None, and the
 scheduler keeps the waiting requests. ``grow`` dials in tasks the pool owns; each dial that
@@ -81,13 +90,27 @@ class Slot:
     uses: int = 0
     active: int = 0  # requests in flight on this connection
     retiring: bool = False  # takes no new requests; closed once ``active`` reaches 0
+    shared: bool = False  # in the pool's list of busy connections with room
+
+
+def effective_max_depth(config: PoolConfig) -> int:
+    """How deep a pool's connections may pipeline under demand: ``max_pipeline_depth``, never
+    below ``pipeline_depth``; 1 when ``pipeline_depth`` is 1 (a backend that takes one
+    request at a time is never pipelined)."""
+    if config.pipeline_depth == 1:
+        return 1
+    return max(config.pipeline_depth, config.max_pipeline_depth)
 
 
 class Pool:
     def __init__(self, dial: Dialer, config: PoolConfig, clock: Clock, name: str = "") -> None:
         self._dial = dial
         self._config = config
-        self._depth = config.pipeline_depth
+        self._base_depth = config.pipeline_depth
+        self._max_depth = effective_max_depth(config)
+        self._depth = self._base_depth  # the current depth: base..max, following demand
+        self._lent = 0  # requests in flight over every connection
+        self._demand = 0  # the most requests lent and waiting seen since the last ``expire``
         self._max = config.max_connections
         self._clock = clock
         self._name = name
@@ -125,14 +148,18 @@ class Pool:
         while sharing:
             slot = sharing[-1]
             reason = self._expiry_reason(slot, now, idle_check=False)
-            if reason is not None:
+            if reason is not None or slot.active >= self._depth:  # full at a shallower depth
                 sharing.pop()
-                self._start_retiring(slot, reason)
+                slot.shared = False
+                if reason is not None:
+                    self._start_retiring(slot, reason)
                 continue
             slot.active += 1
             slot.uses += 1
+            self._lent += 1
             if slot.active >= self._depth:
                 sharing.pop()
+                slot.shared = False
             return slot
         while self._idle:
             slot = self._idle.pop()
@@ -154,6 +181,12 @@ class Pool:
         if self._closed:
             return
         room = self._max - self._open
+        demand = self._lent + wanted
+        if demand > self._demand:
+            self._demand = demand
+        if room <= 0 and self._depth < self._max_depth and self._dialing == 0:
+            # Every connection is up and none is coming: carry the demand deeper on them.
+            self._depth = min(self._max_depth, max(self._depth, -(-demand // self._max)))
         if self._open == self._dialing:
             room = min(room, 1 - self._dialing)
         needed = -(-wanted // self._depth) - self._dialing
@@ -280,8 +313,10 @@ class Pool:
         """``slot`` had no requests in flight; it now carries one."""
         slot.active = 1
         slot.uses += 1
+        self._lent += 1
         if self._depth > 1:
             self._sharing.append(slot)
+            slot.shared = True
 
     # -- returning --------------------------------------------------------------------------
 
@@ -289,6 +324,7 @@ class Pool:
         """Give back one request's share of a slot. A broken, stale or non-reusable connection
         takes no new requests and is closed once the requests still on it are answered."""
         slot.active -= 1
+        self._lent -= 1
         if slot.retiring:
             if slot.active == 0:
                 self._retire(slot, None)
@@ -309,8 +345,9 @@ class Pool:
             self._unshare(slot)
             slot.idle_since = now
             self._keep_idle(slot)
-        elif slot.active == self._depth - 1:
+        elif not slot.shared and slot.active < self._depth:
             self._sharing.append(slot)  # it was full and has room again
+            slot.shared = True
 
     def return_probed(self, slot: Slot, *, healthy: bool) -> None:
         """Put back a slot taken by ``take_idle_for_probe``, keeping its idle stamp."""
@@ -327,8 +364,9 @@ class Pool:
             self._idle.append(slot)
 
     def _unshare(self, slot: Slot) -> None:
-        if self._depth > 1 and slot in self._sharing:
+        if slot.shared:
             self._sharing.remove(slot)
+            slot.shared = False
 
     def _start_retiring(self, slot: Slot, reason: str) -> None:
         """No new requests on ``slot``; close it now if it carries none."""
@@ -372,11 +410,21 @@ class Pool:
         for slot in list(self._sharing):
             reason = self._expiry_reason(slot, now, idle_check=False)
             if reason is not None:
-                self._sharing.remove(slot)
+                self._unshare(slot)
                 self._start_retiring(slot, reason)
+        self._settle_depth()
         if expired:
             self._room(None)  # capacity to dial
         return expired
+
+    def _settle_depth(self) -> None:
+        """Bring the depth back to what the demand since the last pass needed (at least
+        ``pipeline_depth``), and start counting that demand afresh."""
+        demand = max(self._demand, self._lent)
+        self._demand = self._lent
+        wanted = max(self._base_depth, -(-demand // self._max))
+        if wanted < self._depth:
+            self._depth = wanted
 
     def take_idle_for_probe(self) -> list[Slot]:
         """Remove and return every idle slot, for probing; give each back with
@@ -407,6 +455,8 @@ class Pool:
             "dialing": self._dialing,
             "max_connections": self._max,
             "pipeline_depth": self._depth,
+            "max_pipeline_depth": self._max_depth,
+            "in_flight": self._lent,
             **self._counts,
         }
 

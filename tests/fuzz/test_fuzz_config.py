@@ -21,7 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from router.core.config import RouterConfig, from_mapping, load
+from router.core.config import InstanceConfig, RouterConfig, from_mapping, load
 from router.core.errors import ConfigError, quoted
 from tests.fuzz.budget import fuzz_target
 
@@ -150,6 +150,8 @@ def _known(table_path: str) -> list[str]:
     """Keys the schema declares for the table at ``table_path`` (required ones may be missing)."""
     if re.fullmatch(r"backends\[\d+\]", table_path):
         return BACKEND_KEYS
+    if re.fullmatch(r"instances\[\d+\]", table_path):
+        return list(_fields(InstanceConfig))
     model = SECTIONS.get(table_path)
     return list(_fields(model)) if model is not None else []
 
@@ -162,6 +164,7 @@ def _known(table_path: str) -> list[str]:
 # Found by this target: a key with a line break split its problem over two lines.
 @example({"\r": []})
 @example({"listener": {"": 1}})  # the empty key, which named no key at all
+@example({"instances": [{}]})  # its required keys are named by their path
 def test_any_mapping_loads_or_names_every_problem_by_its_key_path(data: dict[str, Any]) -> None:
     try:
         config = from_mapping(data, SOURCE)

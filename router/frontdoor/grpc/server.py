@@ -51,6 +51,7 @@ from grpc_health.v1 import health_pb2
 from router.core.clock import Clock
 from router.core.config import GrpcConfig
 from router.core.errors import (
+    ROUTER_ERROR_HEADER,
     Draining,
     Dropped,
     Overloaded,
@@ -69,6 +70,7 @@ from router.frontdoor.grpc.reflection import enable_reflection
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.tls.context import ServerTls
+from router.tls.grpc_credentials import server_credentials
 from router.tls.identity import PeerIdentity
 from router.upstream.grpc_channels import GrpcChannels
 
@@ -76,10 +78,6 @@ log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 ROUTE_MODEL_HEADER = "x-route-model"
-# Trailing metadata on every status the router itself chose: its stable error code (OVERLOADED,
-# NO_BACKEND, DRAINING, ...), so clients match on codes, not on details text. A backend's
-# relayed status never carries it.
-ROUTER_ERROR_HEADER = "x-router-error"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -370,31 +368,6 @@ class GrpcFrontDoor:
 
     def __repr__(self) -> str:
         return f"GrpcFrontDoor(calls={len(self._calls)}, {self._lifecycle.phase.value})"
-
-
-def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
-    """Credentials whose certificate, key and client CA follow ``tls``'s reloads: gRPC calls
-    the fetcher (from its own threads, with the GIL) at each new handshake, and it returns a
-    new configuration only once per reload."""
-    served = tls.generation
-
-    def configuration() -> grpc.ServerCertificateConfiguration:
-        material = tls.material
-        chain = material.cert_chain or b""
-        return grpc.ssl_server_certificate_configuration(
-            [(material.key or chain, chain)], root_certificates=material.ca
-        )
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        nonlocal served
-        if tls.generation == served:
-            return None  # unchanged: gRPC keeps the configuration it has
-        served = tls.generation
-        return configuration()
-
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(), fetch, require_client_authentication=tls.mutual
-    )
 
 
 def _peer(peer: str | None) -> str | None:

@@ -10,6 +10,9 @@ Accepting: the front door owns its listening socket and accepts up to ``ACCEPT_B
 connections per wakeup. (uvloop's server accepts one connection per loop iteration: with
 10,000 clients connecting at once under load the accept queue sat full at 4096, the kernel
 dropped SYNs, and the late clients waited seconds to be accepted.)
+Each plaintext connection's transport is made with no task and no socket object of its own
+(``_adopt_plain``, ``_AcceptedSocket``): in connection-per-request load the accept path is most
+of what the router's Python does per connection.
 
 TLS (``listener.tls``): each accepted socket is wrapped with the listener's ``ServerTls``
 context in its own task, so a slow or stalled handshake never holds up the accept batch. A
@@ -31,6 +34,7 @@ raises the soft RLIMIT_NOFILE towards ``max_connections`` plus ``FD_HEADROOM``.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import collections
 import functools
@@ -39,7 +43,7 @@ import random
 import resource
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from router.core.clock import Clock
@@ -76,6 +80,7 @@ class TcpFrontDoor:
         self.clock = clock
         self._lifecycle = lifecycle
         self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop  # the loop ``start`` ran in
         self._adopting: set[asyncio.Task[Any]] = set()  # accepted sockets being wrapped
         self._sessions: set[TcpSession[Request]] = set()
         self._all_closed: asyncio.Event | None = None
@@ -117,7 +122,8 @@ class TcpFrontDoor:
         )
         sock.setblocking(False)
         self._listener = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_batch)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._accept_batch)
         sockname = sock.getsockname()
         return str(sockname[0]), int(sockname[1])
 
@@ -125,10 +131,13 @@ class TcpFrontDoor:
         listener = self._listener
         if listener is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        # (fd, address): CPython's accept() without the socket object it makes only for
+        # uvloop to take the descriptor from it.
+        accept: Callable[[], tuple[int, Any]] = listener._accept  # type: ignore[attr-defined]
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, address = listener.accept()
+                fd, address = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -138,20 +147,42 @@ class TcpFrontDoor:
                 loop.remove_reader(listener.fileno())
                 self.clock.call_at(self.clock.now() + ACCEPT_RETRY_S, self._resume_accepting)
                 return
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Neither O_NONBLOCK nor TCP_NODELAY is set here: uvloop's transport sets both
+            # when it takes the descriptor (two syscalls per connection fewer).
+            conn = _AcceptedSocket(listener.family, socket.SOCK_STREAM, 0, fd)
             client = ClientConnection(self, *self._admit(address[0]), address=address)
             if self.tls is None:
-                adopt = loop.connect_accepted_socket(functools.partial(_given, client), conn)
-            else:
-                adopt = loop.connect_accepted_socket(
-                    functools.partial(_given, client), conn, ssl=self.tls.context,
-                    ssl_handshake_timeout=self.config.read_timeout_s,
-                    ssl_shutdown_timeout=self.linger_s,
-                )
+                self._adopt_plain(loop, conn, client)
+                continue
+            adopt = loop.connect_accepted_socket(
+                functools.partial(_given, client), conn, ssl=self.tls.context,
+                ssl_handshake_timeout=self.config.read_timeout_s,
+                ssl_shutdown_timeout=self.linger_s,
+            )
             task = loop.create_task(adopt)
             self._adopting.add(task)
             task.add_done_callback(functools.partial(self._adopted, conn, client))
+
+    def _adopt_plain(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, client: ClientConnection
+    ) -> None:
+        """Make a plaintext connection's transport without a task: uvloop's
+        ``connect_accepted_socket`` makes the transport and schedules ``connection_made``
+        before its one suspension (a wait for that call), so the coroutine is stepped here and
+        resumed by that future's callback. A task per connection (its object, two steps and
+        a done callback) was a sixth of the router's Python in connection-per-request runs.
+        Nothing can fail between the two steps but ``connection_made`` itself."""
+        coro = loop.connect_accepted_socket(functools.partial(_given, client), conn)
+        try:
+            waiter = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # a descriptor uvloop refused: it never became a connection
+            client.uncount()
+            conn.close()
+            log.warning("could not set up an accepted connection: %r", exc)
+            return
+        waiter.add_done_callback(functools.partial(_step_adoption, coro, client))
 
     def _admit(self, ip: str) -> tuple[str | None, ConnectionLimit | None]:
         """Count a new connection from ``ip``: (the key it is counted under, None) or, over a
@@ -284,6 +315,32 @@ class TcpFrontDoor:
 
     def __repr__(self) -> str:
         return f"TcpFrontDoor(connections={len(self._sessions)}, {self._lifecycle.phase.value})"
+
+
+class _AcceptedSocket(socket.socket):
+    """An accepted socket whose ``family`` and ``type`` are the plain ints of ``_socket``:
+    uvloop reads both (three times) while adopting it, and ``socket.socket`` turns each into
+    an enum member on every read, a measurable share of the accept path."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
+
+
+def _step_adoption(
+    coro: Coroutine[Any, Any, Any], client: ClientConnection, _waiter: asyncio.Future[Any]
+) -> None:
+    """The second (last) step of ``TcpFrontDoor._adopt_plain``'s coroutine."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    except Exception as exc:  # connection_made failed: uvloop closed the transport
+        client.uncount()
+        log.warning("could not set up an accepted connection: %r", exc)
+        return
+    coro.close()  # cannot happen: the coroutine has one suspension
+    raise RuntimeError("connect_accepted_socket suspended twice")
 
 
 def _given(client: ClientConnection) -> ClientConnection:
