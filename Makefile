@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-packages docs fuzz bench bench-peer bench-tls bench-smoke bench-10k bench-grpc bench-registry locust chaos protos clean
+.PHONY: run test lint system-packages docs fuzz bench bench-peer bench-tls bench-smoke bench-10k bench-grpc bench-registry bench-affinity locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ bench-10k: $(STAMP)
 # writes bench/results/grpc.json and the gRPC table of docs/benchmarks.md.
 bench-grpc: $(STAMP)
 	$(PY) -m bench.grpc_bench --update-docs
+
+# Model-affinity routing against the seed experiment (its two runs, time-scaled by 0.1), then
+# the 16 x 4 Zipf scenario; writes bench/results/affinity.json and the affinity table of
+# docs/benchmarks.md.
+bench-affinity: $(STAMP)
+	$(PY) -m bench.affinity --zipf --update-docs
 
 # Locust, headless and bounded, against a router it starts; CSV stats in bench/results/locust_*.
 locust: $(STAMP)

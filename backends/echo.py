@@ -247,10 +247,26 @@ def server_ssl_context(cert: str, key: str | None, client_ca: str | None) -> ssl
     return ctx
 
 
+async def listen_frames(
+    factory: Callable[[], asyncio.Protocol], host: str, port: int, unix: str | None,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[asyncio.Server, str]:
+    """A frame server on ``host:port`` (or the unix socket ``unix``, a stale socket file
+    removed first) and its announcement, ``READY <port>`` or ``READY unix:<path>``."""
+    loop = asyncio.get_running_loop()
+    if unix is not None:
+        remove_stale_socket(unix)
+        server = await loop.create_unix_server(factory, unix, backlog=BACKLOG)
+        return server, format_ready_unix(unix)
+    server = await loop.create_server(
+        factory, host, port, backlog=BACKLOG, reuse_address=True, ssl=tls,
+    )
+    return server, format_ready(server.sockets[0].getsockname()[1])
+
+
 async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     """Listen, print ``READY <port>`` (``READY unix:<path>`` with ``unix``), serve until
     ``stop`` is set, then close everything."""
-    loop = asyncio.get_running_loop()
     rng = random.Random(config.seed)
     recorder = IdRecorder(config.record_ids) if config.record_ids else None
     connections = Connections()
@@ -260,17 +276,8 @@ async def serve(config: EchoConfig, stop: asyncio.Event) -> None:
     def factory() -> EchoProtocol:
         return EchoProtocol(config, rng, recorder, connections)
 
-    port = 0
-    if config.unix is not None:
-        remove_stale_socket(config.unix)
-        server = await loop.create_unix_server(factory, config.unix, backlog=BACKLOG)
-        ready = format_ready_unix(config.unix)
-    else:
-        server = await loop.create_server(
-            factory, config.host, config.port, backlog=BACKLOG, reuse_address=True, ssl=tls,
-        )
-        port = server.sockets[0].getsockname()[1]
-        ready = format_ready(port)
+    server, ready = await listen_frames(factory, config.host, config.port, config.unix, tls)
+    port = 0 if config.unix is not None else server.sockets[0].getsockname()[1]
     address = "" if config.register is None else registering.advertised(
         config.register, host=config.host, port=port, unix=config.unix)
     try:

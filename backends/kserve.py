@@ -167,6 +167,10 @@ class KServeBackend:
         if name not in self._config.models:
             raise InferError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
 
+    def labels(self) -> dict[str, str]:
+        """The labels it registers with (``--register``)."""
+        return {}
+
     def loaded_models(self) -> list[str]:
         return [m for m in self._config.models if m not in self._unloaded]
 
@@ -289,12 +293,12 @@ class KServeBackend:
             await context.abort(exc.code, str(exc))
 
     def handler(self) -> Any:
-        def unary(fn: Any, req: Any, resp: Any) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
-            )
+        return grpc.method_handlers_generic_handler(SERVICE, self.methods())
 
-        return grpc.method_handlers_generic_handler(SERVICE, {
+    def methods(self) -> dict[str, Any]:
+        """The method handlers of ``inference.GRPCInferenceService``, by method name (a
+        subclass adds or replaces some)."""
+        return {
             "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": unary(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
             "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
@@ -321,7 +325,14 @@ class KServeBackend:
                 request_deserializer=pb.ModelInferRequest.FromString,
                 response_serializer=ModelStreamInferResponse.SerializeToString,
             ),
-        })
+        }
+
+
+def unary(fn: Any, req: Any, resp: Any) -> Any:
+    """A unary method handler with ``req``/``resp`` message classes."""
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+    )
 
 
 def _server_credentials(config: KServeConfig) -> grpc.ServerCredentials:
@@ -334,9 +345,13 @@ def _server_credentials(config: KServeConfig) -> grpc.ServerCredentials:
     )
 
 
-async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
+async def serve(
+    config: KServeConfig, stop: asyncio.Event,
+    make_backend: Callable[[KServeConfig, int], KServeBackend] = KServeBackend,
+) -> KServeBackend:
     """Listen, print ``READY <port>`` (``READY unix:<path>`` with ``unix``), serve until
-    ``stop`` is set, then stop gracefully."""
+    ``stop`` is set, then stop gracefully. ``make_backend(config, port)``: the servicer
+    (``backends.modelsim`` passes its own); returned once stopped."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     address = f"{config.host}:{config.port}"
     if config.unix is not None:
@@ -349,7 +364,7 @@ async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
     if port == 0:  # a unix socket that was bound answers 1
         raise SystemExit(f"cannot listen on {address}")
     ready = format_ready(port) if config.unix is None else format_ready_unix(config.unix)
-    backend = KServeBackend(config, port)
+    backend = make_backend(config, port)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -365,7 +380,7 @@ async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
         async with registering.lease(
                 config.register, address=address if config.register else "", protocol="grpc",
                 models=config.models, inflight=lambda: backend.inflight,
-                loaded_models=backend.loaded_models):
+                loaded_models=backend.loaded_models, labels=backend.labels()):
             print(ready, flush=True)
             await stop.wait()
         # Deregistered (with --register): the router places nothing new here.
@@ -376,6 +391,7 @@ async def serve(config: KServeConfig, stop: asyncio.Event) -> None:
         backend.close()
         if config.unix is not None:
             remove_stale_socket(config.unix)
+    return backend
 
 
 async def _main_async(config: KServeConfig) -> None:

@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import ipaddress
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,7 @@ async def lease(
     register: RegisterOptions | None, *, address: str, protocol: Protocol,
     models: Iterable[str] = (), inflight: Callable[[], int] | None = None,
     loaded_models: Callable[[], Iterable[str]] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Registration | None]:
     """Registered while inside (nothing without ``register``); deregistered on the way out."""
     if register is None:
@@ -118,7 +119,7 @@ async def lease(
     registration = Registration(
         register.router_url, address=address, protocol=protocol, models=models,
         backend_id=register.backend_id, lease_ttl_s=register.lease_ttl_s,
-        token=register.token, inflight=inflight, loaded_models=loaded_models,
+        token=register.token, inflight=inflight, loaded_models=loaded_models, labels=labels,
     )
     try:
         await registration.__aenter__()

@@ -24,7 +24,9 @@ from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
 
-from router.balance.policies import make_policy
+from router.balance.affinity import AffinityPolicy, AffinitySettings
+from router.balance.policies import Policy, make_policy
+from router.balance.residency import ResidencyView
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth, AdminServer
 from router.control.directory import BackendDirectory
@@ -33,11 +35,14 @@ from router.control.instances.manager import InstanceManager
 from router.control.metrics import (
     DirectoryCollector,
     InstanceCollector,
+    ModelCollector,
     ReloadCollector,
     RouterCollector,
     SecurityCollector,
 )
+from router.control.models_api import ModelRouting, model_handlers
 from router.control.registry_grpc import AdminGrpc
+from router.control.residency import ResidencyFeed
 from router.control.spawner import Spawner
 from router.control.state import StateFile
 from router.control.store import open_store
@@ -122,8 +127,10 @@ class RouterApp:
             JsonLinesAccessLog(a.path, a.buffer_lines) if a.path is not None else None
         )
         d = config.dispatch
+        # Which models each backend holds, for the affinity policy (kept across reloads).
+        self.residency = ResidencyView(config.affinity.model_slots, config.affinity.concurrency)
         self.dispatcher = Dispatcher(
-            self.registry, make_policy(d.policy), d, self.clock, self.stats,
+            self.registry, self._policy(d.policy), d, self.clock, self.stats,
             access_log=self.access_log,
         )
         self.lifecycle = Lifecycle()
@@ -185,6 +192,13 @@ class RouterApp:
             allows=config.registry.allows,
         )
         self.metrics.register(DirectoryCollector(self.directory, state_file))
+        self.residency_feed = ResidencyFeed(
+            self.registry, self.residency, self.clock, self.grpc_channels,
+            config.affinity.index_interval_s,
+            active=lambda: isinstance(self.dispatcher.policy, AffinityPolicy),
+        )
+        self.directory.add_report_listener(self.residency_feed.reported)
+        self.metrics.register(ModelCollector(self.dispatcher))
         self.instances = InstanceManager(
             config.manager, self.directory, self.clock, _instance_log_dir(log_dir),
             state_file.part("instances", "scaled") if state_file is not None else None,
@@ -195,6 +209,7 @@ class RouterApp:
             self.registry, self.metrics, self.readiness, self.statistics, self.reload,
             AdminAuth(config.admin, admin_tls), self.reload_certificates, self.directory,
             admin_tls, self.instances,
+            model_handlers(ModelRouting(self.dispatcher, self.residency, self.clock.now)),
         )
         self.metrics.register(SecurityCollector(self.server_tls, self.admin.auth))
         # admin.grpc_listen, admin.anyserve_listen: the directory over gRPC.
@@ -202,6 +217,16 @@ class RouterApp:
         self.fleet = Fleet(self.registry, self._make_backend, self.spawner, self.clock,
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
+
+    def _policy(self, name: str) -> Policy:
+        """The policy called ``name``; the affinity policy reads the residency view."""
+        a = self.config.affinity
+        settings = AffinitySettings(
+            load_bound=a.load_bound, min_residency_s=a.min_residency_s, load_s=a.load_time_s,
+            service_s=a.service_time_s, demand_window_s=a.demand_window_s,
+        )
+        return make_policy(name, lambda: AffinityPolicy(self.residency, settings, self.clock.now),
+                           a.load_bound)
 
     def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
@@ -331,7 +356,7 @@ class RouterApp:
     def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
         """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
         d = new.dispatch
-        policy = make_policy(d.policy) if d.policy != old.dispatch.policy else None
+        policy = self._policy(d.policy) if d.policy != old.dispatch.policy else None
         self.dispatcher.reconfigure(d, policy)
         if isinstance(self.grpc_front, RelayFrontDoor):
             self.grpc_front.reconfigure(d.request_timeout_s)
@@ -363,8 +388,10 @@ class RouterApp:
     async def serve(self, stop: Awaitable[object]) -> DrainReport:
         async with asyncio.TaskGroup() as group:
             health = group.create_task(self.health.run(), name="health")
+            residency = group.create_task(self.residency_feed.run(), name="residency")
             report = await self.drain.wait_and_drain(stop)
             health.cancel()
+            residency.cancel()
         return report
 
     async def close(self) -> None:
@@ -405,6 +432,7 @@ class RouterApp:
             "spawned": self.spawner.statistics(),
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
+            "residency": self.residency_feed.statistics(),
             "instances": self.instances.statistics(),
             "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),

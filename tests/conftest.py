@@ -118,14 +118,16 @@ RouterFactory = Callable[..., Awaitable[RunningRouter]]
 
 @pytest.fixture
 async def router_factory() -> AsyncIterator[RouterFactory]:
-    """Factory: ``await router_factory([addresses], overrides)`` -> a started, serving router."""
+    """Factory: ``await router_factory([addresses or backend tables], overrides)`` -> a
+    started, serving router."""
     running: list[RunningRouter] = []
 
     async def start(
-        addresses: list[str], overrides: dict[str, Any] | None = None
+        addresses: list[str | dict[str, Any]], overrides: dict[str, Any] | None = None
     ) -> RunningRouter:
+        """``addresses``: each an address, or a whole ``[[backends]]`` table."""
         data = config_mod.merge(BASE_CONFIG, overrides or {})
-        data["backends"] = [{"address": a} for a in addresses]
+        data["backends"] = [a if isinstance(a, dict) else {"address": a} for a in addresses]
         app = RouterApp(config_mod.from_mapping(data, "<test>"))
         async with asyncio.timeout(10):
             bound = await app.start()

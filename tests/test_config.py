@@ -223,7 +223,10 @@ def _fields_of_type(kind: type) -> list[tuple[str, str]]:
 
 
 DURATIONS = [(section, key) for section, key in _fields_of_type(float) if key.endswith("_s")]
-FRACTIONS = [(section, key) for section, key in _fields_of_type(float) if not key.endswith("_s")]
+# Floats that are neither durations nor fractions: factors, at least 1.
+FACTORS = [("affinity", "load_bound")]
+FRACTIONS = [(section, key) for section, key in _fields_of_type(float)
+             if not key.endswith("_s") and (section, key) not in FACTORS]
 INTEGERS = _fields_of_type(int)
 
 
@@ -527,6 +530,14 @@ def test_the_example_lists_every_key_at_its_default() -> None:
         assert set(data[section]) | commented == set(model.model_fields), section
     assert len(cfg.backends) >= 2
     assert cfg.instances and data["instances"]  # an example instance, at least
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, 101.0, math.inf, math.nan, True, "2"])
+@pytest.mark.parametrize(("section", "key"), FACTORS)
+def test_a_factor_is_a_finite_number_from_one(section: str, key: str, value: object) -> None:
+    [problem] = problems_of(_entry(section, key, value))
+    assert problem.startswith(f"cfg.toml: {_key_path(section, key)}: "), problem
+    assert getattr(from_mapping(_entry(section, key, 2)).affinity, key) == 2.0
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, math.inf, math.nan, True, "0.5"])

@@ -212,9 +212,11 @@ class AdminServer:
         directory: BackendDirectory,
         tls: ServerTls | None = None,
         instances: InstanceManager | None = None,
+        models: Mapping[str, Handler] | None = None,
     ) -> None:
         """``instances``: the replica manager; without one, its routes answer
-        NOT_SUPPORTED."""
+        NOT_SUPPORTED. ``models``: the handlers of /v1/models and /v1/debug/route
+        (``control.models_api.model_handlers``); without them they answer NOT_SUPPORTED."""
         self._registry = registry
         self._reload = reload
         self.auth = auth
@@ -229,7 +231,8 @@ class AdminServer:
             reload=self._post_reload, auth=auth, reload_certificates=reload_certificates,
             v1={**directory_handlers(directory), **(
                 instance_handlers(instances) if instances is not None
-                else unsupported_handlers([r.name for r in admin_routes.INSTANCE_ROUTES]))},
+                else unsupported_handlers([r.name for r in admin_routes.INSTANCE_ROUTES])),
+                **(models or unsupported_handlers(["v1_models", "v1_debug_route"]))},
         )
         metrics.register(errors.collector())
 

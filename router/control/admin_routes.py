@@ -27,6 +27,7 @@ from router.control.instances.models import (
     LogQuery,
     ScaleRequest,
 )
+from router.control.models_api import ModelList, RouteDecision
 from router.core.config import InstanceConfig
 
 TITLE = "inference-router admin API"
@@ -157,6 +158,13 @@ V1_ROUTES: tuple[Route, ...] = (
           "in rotation", {200: BackendInfo, **_NOT_FOUND}, mutates=True),
     Route("v1_weight", "PUT", "/v1/backends/{id}/weight", "Set a backend's weight",
           {200: BackendInfo, **_NOT_FOUND}, request=WeightChange, mutates=True),
+    # Model routing (control.models_api): what the router knows of its models.
+    Route("v1_models", "GET", "/v1/models", "Every model: its holders, those loading it, "
+          "the copies its demand wants, its measured times and requests by outcome",
+          {200: ModelList}),
+    Route("v1_debug_route", "GET", "/v1/debug/route", "A dry run of one placement: "
+          "?model=NAME (&kind=tcp|grpc, &key=ROUTING_KEY); the candidates, their scores, the "
+          "choice and its reason", {200: RouteDecision, 400: ErrorBody}),
 )
 # The replica manager (control.instances): managed instances and their replicas' logs.
 _INVALID = {400: ErrorBody}

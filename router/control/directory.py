@@ -225,6 +225,8 @@ class BackendDirectory:
         self._leaving: dict[Backend, BackendRecord] = {}  # draining out, by record
         self._overrides: dict[str, StaticOverride] = {}  # static backend id -> override
         self._reports: dict[str, LoadReport] = {}
+        # Told (id, report) of every heartbeat that carries one (the residency view).
+        self._report_listeners: list[Callable[[str, LoadReport], None]] = []
         self._applied: dict[str, list[tuple[Callable[[], bool], asyncio.Future[None]]]] = {}
         self._watchers: set[_Watcher] = set()
         self._follow_task: asyncio.Task[None] | None = None
@@ -370,6 +372,8 @@ class BackendDirectory:
         self.heartbeats["ok"] += 1
         if report is not None and backend_id in self._records:
             self._reports[backend_id] = report
+            for listener in list(self._report_listeners):
+                listener(backend_id, report)
         return _registered(backend_id, record.lease_ttl_s)
 
     async def heartbeat_many(self, renewals: Sequence[LeaseRenewal]) -> LeaseBatchResult:
@@ -450,6 +454,10 @@ class BackendDirectory:
             if left.id == backend_id:
                 return self._info(left, backend, "draining")
         return self._static_info(self._static(backend_id))
+
+    def add_report_listener(self, listener: Callable[[str, LoadReport], None]) -> None:
+        """``listener(id, report)`` on every heartbeat of a backend that carries a report."""
+        self._report_listeners.append(listener)
 
     def reported(self, backend_id: str) -> LoadReport | None:
         """The last heartbeat report of a backend (for the affinity policy)."""

@@ -84,9 +84,10 @@ class _Source:
 
     def spec(self, address: str) -> BackendSpec:
         c = self.config
-        labels = (("dns", c.address),) if self.name is not None else ()
+        labels = {**c.labels, "dns": c.address} if self.name is not None else c.labels
         return BackendSpec(id=address, address=address, protocol=c.protocol, models=c.models,
-                           weight=c.weight, labels=labels, source="static")
+                           weight=c.weight, labels=tuple(sorted(labels.items())),
+                           source="static")
 
 
 class Fleet:

@@ -13,6 +13,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from router.balance.affinity import LOAD_SECONDS_BUCKETS, AffinityPolicy
+from router.balance.policies import ConsistentHashBounded
 from router.control.access_log import JsonLinesAccessLog
 from router.control.admin import AdminAuth
 from router.control.directory import BackendDirectory
@@ -20,6 +22,7 @@ from router.control.instances.manager import InstanceManager
 from router.control.instances.replica import REPLICA_STATES
 from router.control.state import StateFile
 from router.dispatch.backends import Registry
+from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
 from router.tls.context import ServerTls
 
@@ -276,6 +279,52 @@ class DirectoryCollector(Collector):
         yield saves
 
 
+class ModelCollector(Collector):
+    """Model routing: requests by model and outcome (hit, load, waited), the loads and
+    evictions the policy caused, measured load times, and placements by policy and reason.
+    Only the keyed policies have samples; the families are there whatever the policy."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    def collect(self) -> Iterator[Metric]:
+        policy = self._dispatcher.policy
+        affinity = policy if isinstance(policy, AffinityPolicy) else None
+        requests = CounterMetricFamily(
+            "router_model_requests", "Requests by model and outcome: hit (loaded there, "
+            "started at once), load (sent where it had to be loaded), waited.",
+            labels=["model", "outcome"])
+        decisions = CounterMetricFamily(
+            "router_route_decisions", "Placements of the keyed policies by reason.",
+            labels=["policy", "reason"])
+        loads = evictions = 0
+        hist = HistogramMetricFamily(
+            "router_model_load_seconds", "Measured model load times (a load's answer time "
+            "less the model's service time).")
+        if affinity is not None:
+            for model, numbers in affinity.numbers().items():
+                for outcome in ("hit", "load", "waited"):
+                    requests.add_metric([model, outcome], numbers.outcomes.get(outcome, 0))
+            for reason, count in sorted(affinity.reasons.items()):
+                decisions.add_metric([policy.name, reason], count)
+            loads, evictions = affinity.loads, affinity.evictions
+            counts, running = [], 0
+            for bound, count in zip(LOAD_SECONDS_BUCKETS, affinity.load_buckets, strict=False):
+                running += count
+                counts.append((str(bound), float(running)))
+            counts.append(("+Inf", float(running + affinity.load_buckets[-1])))
+            hist.add_metric([], counts, sum_value=affinity.load_seconds_sum)
+        elif isinstance(policy, ConsistentHashBounded):
+            decisions.add_metric([policy.name, "first"], policy.placed - policy.spilled)
+            decisions.add_metric([policy.name, "spill"], policy.spilled)
+        yield requests
+        yield decisions
+        yield CounterMetricFamily("router_model_loads", "Model loads the router's placements "
+                                  "caused (a request sent where its model was absent).",
+                                  value=loads)
+        yield CounterMetricFamily("router_model_evictions", "Models the router predicted "
+                                  "evicted to make room for a load.", value=evictions)
+        yield hist
 class InstanceCollector(Collector):
     """The replica manager: instances created, deleted and active, restarts by instance and
     reason, failed health checks by instance, and each replica's state (1 for the state it

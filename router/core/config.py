@@ -52,7 +52,8 @@ MAX_DURATION_S = 86_400.0
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Seconds = Annotated[float, Strict(), Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
-Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices"]
+Policy = Literal["least_connections", "round_robin", "random", "power_of_two_choices",
+                 "common_queue", "consistent_hash_bounded", "affinity"]
 C_INT_MAX = 0x7FFF_FFFF  # the largest value a C int (listen backlog, gRPC channel argument) holds
 
 
@@ -118,6 +119,9 @@ ModelName = Annotated[
     str, AfterValidator(_check_model),
     Field(json_schema_extra={"format": '"name" or "name:version"'}),
 ]
+
+
+LabelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 
 
 class _Section(BaseModel):
@@ -283,6 +287,12 @@ class ListenerConfig(_Section):
         "whole size; one that does not fit waits, its connection unread, until there is room; "
         "a frame larger than this is answered FRAME_TOO_LARGE (docs/operations.md, Limits).",
     )
+    keyed: Bool = Field(
+        False, description="Keyed mode: each request frame's payload starts with a 1-byte "
+        "key length and a routing key, the model (docs/protocol.md, Keyed frames); requests "
+        "go only to backends serving it and are forwarded unchanged. Off: plain frames, "
+        "never looked into.",
+    )
     reuse_port: Bool = Field(
         False, description="SO_REUSEPORT on the TCP and gRPC listeners, so another router may "
         "share the ports (rolling restarts).",
@@ -436,7 +446,10 @@ class DispatchConfig(_Section):
     )
     policy: Policy = Field(
         "least_connections", description="How a backend is chosen among the healthy ones "
-        "that serve the request.",
+        "that serve the request. ``affinity``: where its model is loaded, loaded where that "
+        "costs least ([affinity]); ``consistent_hash_bounded``: sticky on the routing key "
+        "(``x-route-key``, else the model) with bounded load; ``common_queue``: the least busy "
+        "backend, whatever its model.",
     )
 
 
@@ -602,6 +615,46 @@ class RegistryConfig(_Section):
         except ValueError:
             return False  # a host name: what it resolves to can change after the check
         return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
+
+
+class AffinityConfig(_Section):
+    """Model-affinity routing (``dispatch.policy = "affinity"``) and the bound of
+    ``consistent_hash_bounded``. A backend's ``model_slots`` and ``concurrency`` labels
+    override the defaults here."""
+
+    load_bound: float = Field(
+        1.25, ge=1.0, le=100.0, allow_inf_nan=False, strict=True,
+        description="c: a model's copies (and a hash key's backend) take at most c x the mean "
+        "load before the next one takes the request.",
+    )
+    min_residency_s: float = Field(
+        10.0, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
+        description="Churn guard: a model used within this many seconds is not evicted to "
+        "load another, unless no backend could load otherwise.",
+    )
+    load_time_s: Seconds = Field(
+        1.0, description="A model's load time until the router has measured it.",
+    )
+    service_time_s: Seconds = Field(
+        0.05, description="A request's service time until the router has measured it.",
+    )
+    demand_window_s: Seconds = Field(
+        10.0, description="How far back a model's demand is remembered (the decay "
+        "constant of its arrival rate), for the copies it wants.",
+    )
+    model_slots: Int = Field(
+        4, ge=1, le=4096, description="Models a backend holds at once, unless its "
+        "``model_slots`` label says otherwise.",
+    )
+    concurrency: Int = Field(
+        1, ge=1, le=1_000_000, description="Requests a backend works on at once, unless its "
+        "``concurrency`` label says otherwise: past it a request waits.",
+    )
+    index_interval_s: float = Field(
+        5.0, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
+        description="Seconds between two reads of each gRPC backend's ``RepositoryIndex`` "
+        "(what it holds) while the policy is ``affinity``; 0: never.",
+    )
 
 
 class AccessLogConfig(_Section):
@@ -880,7 +933,8 @@ class BackendConfig(_Section):
     )
     models: tuple[ModelName, ...] = Field(
         (), description='Models this backend serves, "name" (every version) or '
-        '"name:version"; gRPC calls are routed by these.',
+        '"name:version", or "*" for any model (a server that loads models on demand); gRPC '
+        "calls and keyed frames are routed by these.",
     )
     protocol: Annotated[Literal["tcp", "grpc"], BeforeValidator(_frames_is_tcp)] = Field(
         "tcp", description='"frames" (also spelled "tcp"): length-prefixed frames, the name the '
@@ -899,6 +953,10 @@ class BackendConfig(_Section):
     )
     tls: BackendTlsConfig | None = Field(
         None, description="TLS to this backend; unset: [backend_tls].",
+    )
+    labels: dict[LabelName, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=64, description="Free-form labels; "
+        "``model_slots`` and ``concurrency`` tell the affinity policy the backend's shape.",
     )
 
     @property
@@ -939,6 +997,7 @@ class RouterConfig(_Section):
     backend_tls: BackendTlsConfig = BackendTlsConfig()
     registry: RegistryConfig = RegistryConfig()
     access_log: AccessLogConfig = AccessLogConfig()
+    affinity: AffinityConfig = AffinityConfig()
     manager: ManagerConfig = ManagerConfig()
     backends: tuple[BackendConfig, ...] = ()
     instances: tuple[InstanceConfig, ...] = ()

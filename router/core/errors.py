@@ -181,6 +181,16 @@ class MalformedMessage(ClientProtocolError):
     code = "MALFORMED_MESSAGE"
 
 
+class BadRoutingKey(RouterError):
+    """A keyed frame (``listener.keyed``) whose routing key is cut off or not a model key:
+    that request is answered with this; the connection goes on (the frame boundary held)."""
+
+    code = "BAD_ROUTING_KEY"
+    fault = "client"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
 class ClientNotAllowed(RouterError):
     """A client with mutual TLS whose certificate names no identity on the listener's
     allow-list (or that presented none): refused before anything it sent is read."""

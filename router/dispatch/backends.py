@@ -17,8 +17,9 @@ backends remove one this way, so no request accepted by the router is lost to a 
 
 Kinds and models: a backend speaks one protocol (``kind``: "tcp" for length-prefixed frames,
 "grpc"), and traffic of one kind only ever goes to backends of that kind. It may name the
-models it serves ("name" for every version, or "name:version"); a request that names a model
-(``key`` "name" or "name:version") goes only to backends that serve it.
+models it serves ("name" for every version, or "name:version", or "*" for any model); a
+request that names a model (``key`` "name" or "name:version") goes only to backends that
+serve it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from router.dispatch.request import Request
 
 _MAX_CACHED_KEYS = 1024
+ANY_MODEL = "*"
 
 
 class Backend:
@@ -46,6 +48,7 @@ class Backend:
     __slots__ = (
         "_healthy",
         "address",
+        "any_model",
         "consecutive_failures",
         "drained",
         "draining",
@@ -97,6 +100,8 @@ class Backend:
         # plain "sum" serves "sum" and every "sum:<version>".
         self.plain_models = frozenset(m for m in spec.models if ":" not in m)
         self.model_keys = frozenset(spec.models) | {m.partition(":")[0] for m in spec.models}
+        # "*": any model key (a server that loads models on demand, such as backends.modelsim).
+        self.any_model = ANY_MODEL in spec.models
 
     def update(self, spec: BackendSpec) -> None:
         """Take a new spec for the same address and protocol (weight, models, labels): the
@@ -104,6 +109,11 @@ class Backend:
         if (spec.address, spec.protocol) != (self.address, self.kind):
             raise ValueError(f"{spec.address} ({spec.protocol}) is another backend than {self}")
         self._take_spec(spec)
+
+    @property
+    def id(self) -> str:
+        """The backend's id (the keyed policies rank on it: the same in every router)."""
+        return self.spec.id
 
     @property
     def pool(self) -> Pool | None:
@@ -150,7 +160,7 @@ class Backend:
 
     def serves(self, model: str) -> bool:
         """Whether this backend serves model key ``model`` ("name" or "name:version")."""
-        if model in self.model_keys:
+        if model in self.model_keys or self.any_model:
             return True
         name, sep, _ = model.partition(":")
         return bool(sep) and name in self.plain_models

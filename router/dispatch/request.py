@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from router.balance.policies import Placed
 from router.core.errors import BackendError, RouterError
 
 if TYPE_CHECKING:
@@ -27,8 +28,8 @@ class Request:
 
     __slots__ = (
         "accepted_at", "attempts", "backend", "deadline", "epoch", "error", "forward", "kind",
-        "last_error", "lease", "model", "origin", "payload", "replayable", "resent", "response",
-        "tried",
+        "last_error", "lease", "model", "origin", "payload", "placement", "replayable", "resent",
+        "response", "route_key", "tried",
     )
 
     def __init__(
@@ -44,6 +45,10 @@ class Request:
         # Which backends may take it: their protocol, and the model they must serve (if any).
         self.kind = kind
         self.model = model
+        # What a keyed policy hashes when it is not the model (gRPC ``x-route-key``).
+        self.route_key: str | None = None
+        # A keyed policy's token for the backend it chose (None: a plain policy).
+        self.placement: Placed | None = None
         self.forward = forward
         self.replayable = replayable
         self.resent = False  # sent again on the backend whose reused connection closed under it

@@ -43,7 +43,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from router.balance.policies import Policy
+from router.balance.policies import KeyedPolicy, Policy
 from router.core.clock import Clock
 from router.core.config import DispatchConfig
 from router.core.errors import (
@@ -78,6 +78,8 @@ class Dispatcher:
     ) -> None:
         self._registry = registry
         self._policy = policy
+        # A policy that sees the model and follows its placements (affinity, hashing).
+        self._keyed = policy if isinstance(policy, KeyedPolicy) else None
         self._config = config
         self._timeout_s = config.request_timeout_s
         self._clock = clock
@@ -106,6 +108,7 @@ class Dispatcher:
         self._timeout_s = config.request_timeout_s
         if policy is not None:
             self._policy = policy
+            self._keyed = policy if isinstance(policy, KeyedPolicy) else None
         self.queue.resize(config.queue_size)
 
     # -- front-door side ----------------------------------------------------------------------
@@ -134,6 +137,24 @@ class Dispatcher:
         request.epoch = self._epoch
         self._place(request)
 
+    def refuse(self, request: Request, error: RouterError) -> None:
+        """Accept a request and answer it with ``error`` at once (a front door found it
+        unroutable: a bad routing key, a model nobody serves); counted as ``submit`` counts."""
+        stats = self.stats
+        stats.accepted += 1
+        stats.inflight += 1
+        request.epoch = self._epoch
+        self.finish(request, None, error)
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def policy(self) -> Policy:
+        """The policy placements use now (a reload may change it)."""
+        return self._policy
+
     # -- placement ----------------------------------------------------------------------------
 
     def _place(self, request: Request) -> None:
@@ -142,10 +163,27 @@ class Dispatcher:
             last = request.tried[-1] if request.tried else None
             self.finish(request, None, request.last_error or NoBackend(_no_backend(request)), last)
             return
-        if len(candidates) == 1:
+        keyed = self._keyed
+        if keyed is not None:
+            self._place_keyed(request, candidates, keyed)
+        elif len(candidates) == 1:
             self._place_on(request, candidates[0])
         else:
             self._place_on(request, candidates[self._policy.choose(candidates, self._rng)])
+
+    def _place_keyed(self, request: Request, candidates: list[Backend],
+                     keyed: KeyedPolicy) -> None:
+        """A keyed policy sees the model and key; its token follows the request until it
+        leaves the backend (told here when a request placed before moves on)."""
+        previous = request.placement
+        if previous is not None:
+            request.placement = None
+            previous.done(False, self._clock.now())
+        index, request.placement = keyed.place(
+            request.model, request.route_key or request.model, candidates, self._rng,
+            previous is not None or request.attempts > 0,
+        )
+        self._place_on(request, candidates[index])
 
     def _place_on(self, request: Request, backend: Backend) -> None:
         upstream = backend.upstream
@@ -161,6 +199,8 @@ class Dispatcher:
         backend.inflight += 1
         request.backend = backend
         request.lease = lease
+        if request.placement is not None:
+            request.placement.started(self._clock.now())
         backend.upstream.start(lease, request, self.attempt_done, self._timeout_s)
 
     def _assign(self, backend: Backend) -> None:
@@ -295,6 +335,10 @@ class Dispatcher:
             request.response = response
         else:
             request.error = error
+        placement = request.placement
+        if placement is not None:
+            request.placement = None
+            placement.done(error is None, self._clock.now())
         if request.epoch == self._epoch:
             stats = self.stats
             if error is None:

@@ -31,6 +31,7 @@ except hop-by-hop and gRPC-reserved headers, which the backend call sets itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Union
@@ -38,6 +39,7 @@ from typing import Union
 import grpc
 from grpc._cython import cygrpc  # grpc.aio's own core binding (see _send)
 
+from router.balance.policies import ModelControl
 from router.core.clock import Clock, Timer
 from router.core.errors import (
     BackendTimeout,
@@ -45,12 +47,16 @@ from router.core.errors import (
     Cancelled,
     DeadlineExceeded,
     RouterError,
+    quoted,
 )
 from router.dispatch.access import AccessEntry
 from router.dispatch.backends import Backend
 from router.dispatch.request import Request
 from router.dispatch.scheduler import Dispatcher
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
 from router.upstream.grpc_channels import GrpcChannels
+
+log = logging.getLogger(__name__)
 
 MetadataValue = Union[str, bytes]  # noqa: UP007 (grpc's own alias spells it this way)
 Metadata = tuple[tuple[str, MetadataValue], ...]
@@ -60,6 +66,21 @@ _HOP_BY_HOP = frozenset({
     "connection", "content-type", "host", "keep-alive", "proxy-connection", "te",
     "transfer-encoding", "upgrade", "user-agent",
 })
+
+
+REPOSITORY_LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
+REPOSITORY_UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
+
+# What the hashing policies place a call by, when it is not its model (sticky sessions).
+ROUTE_KEY_HEADER = "x-route-key"
+
+
+def route_key(metadata: Metadata) -> str | None:
+    """The ``x-route-key`` of a call's (forwardable) metadata, if any."""
+    for key, value in metadata:
+        if key == ROUTE_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
 
 
 def forwardable(metadata: Sequence[tuple[str, MetadataValue]] | None) -> Metadata:
@@ -185,13 +206,24 @@ class GrpcForwarder:
         request = Request(
             payload, call, self._clock.now(), kind="grpc", model=model, forward=call.forward
         )
+        request.route_key = route_key(call.metadata)
         dispatcher = self._dispatcher
         dispatcher.submit(request)
         loop = asyncio.get_running_loop()
         try:
             while (backend := await call.waiter) is not None:
                 call.waiter = loop.create_future()
-                response, error = await self._attempt(call, backend, method, payload)
+                placement = request.placement
+                control = placement.control if placement is not None else None
+                error = None
+                if control is not None:
+                    assert placement is not None
+                    placement.control = None  # once: a retry elsewhere decides again
+                    error = await self._take_control(call, backend, control)
+                if error is None:
+                    response, error = await self._attempt(call, backend, method, payload)
+                else:
+                    response = None
                 dispatcher.attempt_done(request, response, error)
         except asyncio.CancelledError:
             call.abandoned = ended_by(context)
@@ -228,6 +260,32 @@ class GrpcForwarder:
         call.trailing = tuple(await rpc.trailing_metadata() or ())
         return response, None
 
+    async def _take_control(self, call: Call, backend: Backend, control: ModelControl
+                            ) -> RouterError | None:
+        """Explicit model control (the affinity policy's ``ModelControl``): unload the model
+        it evicts, then load the request's model, before the request is sent. A failed
+        unload is logged and ignored (the load may still fit); a failed load fails the
+        attempt before any byte of it was sent, so it is retried elsewhere."""
+        remaining = _time_left(call.deadline, self._clock)
+        timeout = self._request_timeout_s if remaining is None else min(
+            remaining, self._request_timeout_s)
+        if control.unload is not None:
+            unload = pb.RepositoryModelUnloadRequest(model_name=control.unload)
+            try:
+                await self._channels.unary(backend, REPOSITORY_UNLOAD)(
+                    unload.SerializeToString(), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.info("%s: RepositoryModelUnload %s failed: %s", backend.address,
+                         quoted(control.unload), exc.code().name)
+        load = pb.RepositoryModelLoadRequest(model_name=control.load)
+        try:
+            await self._channels.unary(backend, REPOSITORY_LOAD)(
+                load.SerializeToString(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return BackendUnavailable(f"{backend.address}: RepositoryModelLoad "
+                                      f"{quoted(control.load)}: {exc.code().name}")
+        return None
+
     @staticmethod
     def _failed(
         exc: grpc.aio.AioRpcError, call: Call, backend: Backend, client_bound: bool
@@ -257,6 +315,7 @@ class GrpcForwarder:
             b"", call, self._clock.now(), kind="grpc", model=model, forward=call.forward,
             replayable=False,
         )
+        request.route_key = route_key(call.metadata)
         dispatcher = self._dispatcher
         dispatcher.submit(request)
         try:

@@ -48,11 +48,12 @@ from typing import Any
 
 from router.core.clock import Clock
 from router.core.config import DrainConfig, ListenerConfig
-from router.core.errors import ConnectionLimit
+from router.core.errors import ConnectionLimit, RouterError
 from router.dispatch.scheduler import Dispatcher, Request
 from router.frontdoor.tcp.connection import ClientConnection
 from router.lifecycle.state import Lifecycle
 from router.protocol.budget import ReadBudget
+from router.protocol.keyed import read_key
 from router.protocol.session import TcpSession
 from router.tls.context import ServerTls
 
@@ -89,6 +90,27 @@ class TcpFrontDoor:
         self._by_ip: dict[str, int] = {}  # the same, per address (with max_connections_per_ip)
         self.refused = {"max_connections": 0, "max_connections_per_ip": 0}
         dispatcher.add_pressure_listener(self._on_pressure)
+        # What accepting a frame means: plain frames go to the dispatcher as they are; keyed
+        # ones are read for their routing key first.
+        self.submit: Callable[[Request], None] = (
+            self._submit_keyed if config.keyed else dispatcher.submit
+        )
+
+    def _submit_keyed(self, request: Request) -> None:
+        """A keyed frame: its key names the model; a bad key or a model no backend serves is
+        answered at once, the connection going on."""
+        dispatcher = self.dispatcher
+        try:
+            model = read_key(request.payload)
+            if model is not None:
+                request.model = model
+                registry = dispatcher.registry
+                if not registry.candidates((), "tcp", model):
+                    registry.check_model(model, "tcp")  # NO_BACKEND follows otherwise
+        except RouterError as exc:
+            dispatcher.refuse(request, exc)
+            return
+        dispatcher.submit(request)
 
     async def start(
         self, host: str, port: int, *, backlog: int = 4096, reuse_port: bool = False

@@ -1,0 +1,494 @@
+"""Benchmark: model-affinity routing against the seed experiment's baseline (``make
+bench-affinity``).
+
+``python -m bench.affinity [--scale 0.1] [--runs 1,2] [--policies ...] [--zipf] [--update-docs]``
+
+The seed's two runs, every time multiplied by ``--scale`` so they take minutes, figures
+divided back: 2 ``backends.modelsim`` processes (2 model slots each, one request at a time,
+load 0.39 s, service 0.088 s in run 1 and 0.040 s in run 2), 2 closed-loop producers sending
+2,400 keyed frames in total, each thinking normal(avg, 1.0) clipped at 0 between requests
+(run 1: 5 labels, 2.5 s; run 2: 4 labels, 0.75 s), labels uniform from a seeded RNG, so every
+policy sees the same sequence (``bench.affinity_sim.workload``, the same sequence the
+simulation plays). One router process per policy (keyed listener, one pipelined connection
+per backend: requests wait at the backend, which keeps the models they wait for), the
+policies side by side.
+
+``common_queue`` runs first and is checked against the seed's own figures (within 10 %):
+the calibration, before anything is compared. Per policy: misses and loads (the backends' own
+counts, from their stats files), mean worker-side task time, mean and p99 client latency.
+
+``--zipf``: past the seed, 16 backends x 4 slots, 64 models of Zipf(1.1) popularity,
+open-loop Poisson arrivals at 70 % of the fleet's capacity, load 0.4 s, service 0.04 s; per
+policy also the copies of the hottest model and max/mean backend utilisation, and for
+``affinity`` a second run with 2 router processes.
+
+Writes ``bench/results/affinity.json`` and, with ``--update-docs``, the affinity table of
+docs/benchmarks.md. Every process it starts is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from bench.affinity_sim import RUNS, SeedRun, workload
+from bench.docs import command_line, replace_block
+from bench.run import RESULTS_DIR, Service, _spawn, start_router
+from router.client.frames import FrameClient
+from router.protocol.announce import ready_port
+from router.protocol.keyed import encode_keyed
+
+POLICIES = ("common_queue", "least_connections", "consistent_hash_bounded", "affinity")
+# The seed's published figures (misses, mean task time in s) per run.
+SEED = {1: {"common_queue": (1448, 0.3231), "routed": (563, 0.1791)},
+        2: {"common_queue": (1193, 0.2483), "routed": (138, 0.0639)}}
+TARGETS = {1: (530, 0.175), 2: (40, 0.050)}
+CALIBRATION_TOLERANCE = 0.10
+DOCS_START = "<!-- bench-affinity:start -->"
+DOCS_END = "<!-- bench-affinity:end -->"
+PAYLOAD = b"x" * 64
+STATS_TIMEOUT_S = 15.0
+# Registered backends renew their lease, with what they hold, this often (real seconds).
+HEARTBEAT_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """The backends of one scenario."""
+
+    backends: int
+    slots: int
+    load_s: float
+    service_s: float
+    concurrency: int = 1
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    processes: int
+    requests: int
+    misses: int
+    loads: int
+    evictions: int
+    mean_task_s: float
+    mean_latency_s: float
+    p99_latency_s: float
+    errors: int = 0
+    hottest_copies: int | None = None
+    max_over_mean_utilisation: float | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def start_modelsims(fleet: Fleet, scale: float, log_dir: Path, tag: str,
+                    register: Sequence[str] = ()) -> list[Service]:
+    """``register``: the flags that make each one register itself (with heartbeats)."""
+    started: list[Service] = []
+    for index in range(fleet.backends):
+        name = f"{tag}-b{index}"
+        argv = [sys.executable, "-m", "backends.modelsim", "--port", "0",
+                "--slots", str(fleet.slots), "--concurrency", str(fleet.concurrency),
+                "--load-ms", f"{fleet.load_s * scale * 1000:.6f}",
+                "--service-ms", f"{fleet.service_s * scale * 1000:.6f}",
+                "--stats", str(log_dir / f"{name}.json"), *register]
+        service = _spawn(name, argv, log_dir, ready_port)
+        service.port = service.process.ready
+        started.append(service)
+    return started
+
+
+def router_config(policy: str, ports: list[int], fleet: Fleet, scale: float,
+                  demand_window_s: float) -> dict[str, Any]:
+    return {
+        "listener": {"keyed": True, "max_pipelined": 1024},
+        "dispatch": {"policy": policy, "queue_size": 100_000, "queue_timeout_s": 600.0,
+                     "request_timeout_s": 600.0},
+        # One connection per backend, pipelined: requests wait at the backend, which keeps
+        # the models they wait for (backends.modelsim), as the router's view expects.
+        "pool": {"max_connections": 1, "pipeline_depth": 1024},
+        "affinity": {
+            "model_slots": fleet.slots, "concurrency": fleet.concurrency,
+            "load_time_s": fleet.load_s * scale, "service_time_s": fleet.service_s * scale,
+            "min_residency_s": 10 * fleet.load_s * scale, "demand_window_s": demand_window_s,
+        },
+        "backends": [{"address": f"127.0.0.1:{port}", "models": ["*"]} for port in ports],
+    }
+
+
+def read_stats(backends: list[Service], log_dir: Path) -> list[dict[str, Any]]:
+    for backend in backends:
+        backend.stop()  # SIGTERM: each writes its stats file on the way out
+    return [json.loads((log_dir / f"{b.name}.json").read_text()) for b in backends]
+
+
+def admin_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+async def closed_loop(port: int, work: list[list[tuple[float, str]]], scale: float
+                      ) -> tuple[list[float], int]:
+    """Each producer: think, send, wait for the answer; (latencies, errors)."""
+    latencies: list[float] = []
+    errors = 0
+
+    async def producer(requests: list[tuple[float, str]]) -> None:
+        nonlocal errors
+        client = await FrameClient.connect("127.0.0.1", port)
+        try:
+            for think, label in requests:
+                await asyncio.sleep(think * scale)
+                began = time.perf_counter()
+                try:
+                    await client.request(encode_keyed(label, PAYLOAD))
+                except Exception:  # counted: a benchmark reports, it does not stop
+                    errors += 1
+                latencies.append(time.perf_counter() - began)
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(producer(requests) for requests in work))
+    return latencies, errors
+
+
+async def open_loop(port: int, arrivals: list[tuple[float, str]], connections: int = 16
+                    ) -> tuple[list[float], int]:
+    """Send each request at its arrival time (seconds from the start), whatever is in
+    flight; pipelined over ``connections`` connections."""
+    clients = [await FrameClient.connect("127.0.0.1", port) for _ in range(connections)]
+    latencies: list[float] = []
+    errors = 0
+    pending: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(client: FrameClient, label: str) -> None:
+        nonlocal errors
+        began = time.perf_counter()
+        try:
+            await client.request(encode_keyed(label, PAYLOAD))
+        except Exception:  # counted
+            errors += 1
+        latencies.append(time.perf_counter() - began)
+
+    try:
+        for index, (at, label) in enumerate(arrivals):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = loop.create_task(one(clients[index % connections], label))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
+    finally:
+        for client in clients:
+            await client.close()
+    return latencies, errors
+
+
+def zipf_arrivals(models: int, s: float, rate: float, count: int, seed: int
+                  ) -> list[tuple[float, str]]:
+    rng = random.Random(seed)
+    weights = [1.0 / (k ** s) for k in range(1, models + 1)]
+    names = [f"z{k}" for k in range(models)]
+    at = 0.0
+    out: list[tuple[float, str]] = []
+    for label in rng.choices(names, weights, k=count):
+        at += rng.expovariate(rate)
+        out.append((at, label))
+    return out
+
+
+# -- one policy ----------------------------------------------------------------------------------
+
+
+def summarise(policy: str, processes: int, stats: list[dict[str, Any]], latencies: list[float],
+              errors: int, scale: float) -> PolicyResult:
+    requests = sum(s["requests"] for s in stats)
+    worker = sum(s["worker_time_s"]["total"] for s in stats)
+    ordered = sorted(latencies)
+    result = PolicyResult(
+        policy=policy, processes=processes, requests=requests,
+        misses=sum(s["misses"] for s in stats), loads=sum(s["loads"] for s in stats),
+        evictions=sum(s["evictions"] for s in stats),
+        mean_task_s=worker / requests / scale if requests else 0.0,
+        mean_latency_s=statistics.fmean(ordered) / scale if ordered else 0.0,
+        p99_latency_s=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / scale
+        if ordered else 0.0,
+        errors=errors,
+    )
+    busy = [s["worker_time_s"]["total"] for s in stats]
+    if busy and statistics.fmean(busy) > 0:
+        result.max_over_mean_utilisation = max(busy) / statistics.fmean(busy)
+    return result
+
+
+async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: float,
+                     load: Any, log_dir: Path, tag: str, processes: int = 1,
+                     registered: bool = False) -> PolicyResult:
+    """One router (``processes`` processes) and its fleet under ``load``. ``registered``: the
+    backends join by registering, their heartbeats (every ``HEARTBEAT_S``) carrying the
+    models they hold to every router process; otherwise they are in the config."""
+    backends: list[Service] = []
+    router: Service | None = None
+    try:
+        config = log_dir / f"{tag}.toml"
+        if registered:
+            token = log_dir / "admin.token"
+            token.write_text("bench-affinity\n")
+            data = router_config(policy, [], fleet, scale, demand_window_s)
+            data["admin"] = {"token_file": str(token)}
+            config.write_text(tomli_w.dumps(data))
+            router, admin = await asyncio.to_thread(
+                start_router, [], log_dir, config, processes, f"{tag}-router")
+            backends = await asyncio.to_thread(
+                start_modelsims, fleet, scale, log_dir, tag,
+                ["--register", f"http://127.0.0.1:{admin}", "--lease-ttl",
+                 str(3 * HEARTBEAT_S), "--token-file", str(token)])
+            await asyncio.to_thread(_wait_registered, admin, fleet.backends)
+        else:
+            backends = start_modelsims(fleet, scale, log_dir, tag)
+            config.write_text(tomli_w.dumps(router_config(
+                policy, [b.port for b in backends], fleet, scale, demand_window_s)))
+            router, admin = await asyncio.to_thread(
+                start_router, [], log_dir, config, processes, f"{tag}-router")
+        latencies, errors = await load(router.port)  # type: ignore[union-attr]
+        reasons = _reasons(admin) if policy == "affinity" else {}
+        hottest = _hottest_copies(admin, backends) if policy == "affinity" else None
+        stats = await asyncio.to_thread(read_stats, backends, log_dir)
+    finally:
+        if router is not None:
+            await asyncio.to_thread(router.stop)
+        for backend in backends:
+            await asyncio.to_thread(backend.stop)
+    result = summarise(policy, processes, stats, latencies, errors, scale)
+    result.reasons = reasons
+    result.hottest_copies = hottest if hottest is not None else _served_by(stats, "z0")
+    return result
+
+
+def _wait_registered(admin_port: int, count: int) -> None:
+    """Until ``count`` backends are healthy in the directory (bounded: 30 s)."""
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        listed = admin_json(admin_port, "/v1/backends")
+        if sum(1 for b in listed if b["state"] == "healthy") >= count:
+            return
+        time.sleep(0.1)  # a benchmark's setup, not a test: nothing to wait on but the API
+    raise RuntimeError(f"only {len(listed)} of {count} backends registered within 30 s")
+
+
+def _reasons(admin_port: int) -> dict[str, int]:
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10)
+    reasons: dict[str, int] = {}
+    for line in metrics.read().decode().splitlines():
+        if line.startswith("router_route_decisions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + int(float(value))
+    return reasons
+
+
+def _hottest_copies(admin_port: int, backends: list[Service]) -> int | None:
+    try:
+        models = admin_json(admin_port, "/v1/models")
+    except (OSError, ValueError):
+        return None
+    hottest = max(models, key=lambda m: sum(m["requests"].values()), default=None)
+    return len(hottest["holders"]) if hottest else None
+
+
+def _served_by(stats: list[dict[str, Any]], model: str) -> int:
+    """Backends that served ``model`` at all (the copies a non-affinity policy made)."""
+    return sum(1 for s in stats if s["models"].get(model, {}).get("requests", 0))
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+async def seed_run(number: int, scale: float, seed: int, policies: tuple[str, ...],
+                   log_dir: Path, requests: int | None = None) -> dict[str, Any]:
+    spec: SeedRun = RUNS[number]
+    if requests is not None:
+        spec = dataclasses.replace(spec, requests=requests)
+    fleet = Fleet(spec.backends, spec.slots, spec.load_s, spec.service_s)
+    work = workload(spec, seed)
+    window = 10 * spec.wait_avg_s * scale
+
+    async def load_for(port: int) -> tuple[list[float], int]:
+        return await closed_loop(port, work, scale)
+
+    calibration = await run_policy("common_queue", fleet, scale, window, load_for, log_dir,
+                                   f"run{number}-common_queue")
+    seed_misses, seed_task = SEED[number]["common_queue"]
+    within = (abs(calibration.misses - seed_misses) <= CALIBRATION_TOLERANCE * seed_misses
+              and abs(calibration.mean_task_s - seed_task) <= CALIBRATION_TOLERANCE * seed_task)
+    others = [p for p in policies if p != "common_queue"]
+    results = [calibration, *await asyncio.gather(*(
+        run_policy(p, fleet, scale, window, load_for, log_dir, f"run{number}-{p}")
+        for p in others))]
+    return {"run": number, "spec": asdict(spec), "calibrated": within,
+            "results": [asdict(r) for r in results]}
+
+
+async def zipf_run(scale: float, seed: int, policies: tuple[str, ...], requests: int,
+                   log_dir: Path) -> dict[str, Any]:
+    fleet = Fleet(backends=16, slots=4, load_s=0.4, service_s=0.04)
+    capacity = fleet.backends * fleet.concurrency / (fleet.service_s * scale)
+    arrivals = zipf_arrivals(64, 1.1, 0.7 * capacity, requests, seed)
+    window = 2.0 * scale  # demand over 2 s (5 loads), as bench.affinity_sim
+
+    async def load_for(port: int) -> tuple[list[float], int]:
+        return await open_loop(port, arrivals)
+
+    results = []
+    for policy in policies:  # one at a time: 16 backends each
+        results.append(await run_policy(policy, fleet, scale, window, load_for, log_dir,
+                                        f"zipf-{policy}"))
+    if "affinity" in policies:
+        results.append(await run_policy("affinity", fleet, scale, window, load_for, log_dir,
+                                        "zipf-affinity-2p", processes=2, registered=True))
+    total = sum(1.0 / k ** 1.1 for k in range(1, 65))
+    hottest_share = 1.0 / total
+    needed = math.ceil(0.7 * fleet.backends * hottest_share)
+    return {"fleet": asdict(fleet), "requests": requests, "rate_per_s": 0.7 * capacity,
+            "hottest_share": hottest_share, "hottest_copies_needed": needed,
+            "results": [asdict(r) for r in results]}
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def seed_table(run: dict[str, Any]) -> str:
+    number = run["run"]
+    lines = ["| policy | misses | loads | mean task time | mean latency | p99 latency | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in run["results"]:
+        lines.append(f"| `{r['policy']}` | {r['misses']:,} | {r['loads']:,} | "
+                     f"{r['mean_task_s']:.4f} s | {r['mean_latency_s']:.4f} s | "
+                     f"{r['p99_latency_s']:.4f} s | {r['errors']} |")
+    for name, (misses, task) in SEED[number].items():
+        lines.append(f"| seed: {name} | {misses:,} | | {task:.4f} s | | | |")
+    max_misses, max_task = TARGETS[number]
+    lines.append(f"| target: `affinity` | <= {max_misses} | | <= {max_task:.3f} s | below "
+                 "`common_queue` | | |")
+    return "\n".join(lines)
+
+
+def zipf_table(run: dict[str, Any]) -> str:
+    lines = ["| policy | routers | miss rate | mean task time | mean latency | p99 latency | "
+             "hottest model's copies | max/mean utilisation | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in run["results"]:
+        rate = r["misses"] / r["requests"] if r["requests"] else 0.0
+        util = r["max_over_mean_utilisation"]
+        lines.append(f"| `{r['policy']}` | {r['processes']} | {rate:.1%} | "
+                     f"{r['mean_task_s']:.4f} s | {r['mean_latency_s']:.4f} s | "
+                     f"{r['p99_latency_s']:.4f} s | {r['hottest_copies']} | "
+                     f"{util if util is None else round(util, 2)} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def docs_block(result: dict[str, Any]) -> str:
+    parts = [f"`{result['command']}` on {result['date']} ({result['machine']}), time scale "
+             f"{result['scale']} (figures divided back by it)."]
+    for run in result["seed_runs"]:
+        calibrated = "within" if run["calibrated"] else "NOT within"
+        parts.append(f"\n**Run {run['run']}** ({run['spec']['labels']} labels, think "
+                     f"{run['spec']['wait_avg_s']} s, service {run['spec']['service_s']} s; "
+                     f"`common_queue` {calibrated} 10 % of the seed's figures):\n\n"
+                     + seed_table(run))
+    if result.get("zipf"):
+        z = result["zipf"]
+        parts.append(f"\n**16 x 4 slots, 64 models Zipf(1.1), Poisson at 70 %** "
+                     f"({z['requests']:,} requests; the hottest model is "
+                     f"{z['hottest_share']:.0%} of them and needs "
+                     f"{z['hottest_copies_needed']} backends):\n\n" + zipf_table(z))
+    return "\n".join(parts)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="1,2")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per seed run (default: the seed's 2,400)")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--zipf", action="store_true", help="also the 16 x 4 Zipf scenario")
+    parser.add_argument("--zipf-requests", type=int, default=20000)
+    parser.add_argument("--zipf-scale", type=float, default=0.5)
+    parser.add_argument("--update-docs", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "affinity.json")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep the processes' logs and stats files here (default: a "
+                             "temporary directory, removed)")
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    policies = tuple(p for p in args.policies.split(",") if p)
+    runs = [int(r) for r in args.runs.split(",") if r]
+    with tempfile.TemporaryDirectory(prefix="bench-affinity-") as tmp:
+        log_dir = args.log_dir or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        seed_runs = []
+        for number in runs:
+            seed_runs.append(await seed_run(number, args.scale, args.seed, policies, log_dir,
+                                            args.requests))
+            print(seed_table(seed_runs[-1]), flush=True)
+        zipf = None
+        if args.zipf:
+            zipf = await zipf_run(args.zipf_scale, args.seed, policies, args.zipf_requests,
+                                  log_dir)
+            print(zipf_table(zipf), flush=True)
+    return {"seed_runs": seed_runs, "zipf": zipf}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    result = asyncio.run(_main(args))
+    result.update({
+        "command": command_line("bench.affinity", [
+            ("--scale", args.scale), ("--seed", args.seed), ("--runs", args.runs),
+            ("--requests", args.requests),
+            ("--policies", args.policies), ("--zipf", args.zipf),
+            ("--zipf-requests", args.zipf_requests if args.zipf else None),
+            ("--zipf-scale", args.zipf_scale if args.zipf else None)]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "scale": args.scale,
+    })
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs and not replace_block(DOCS_START, DOCS_END, docs_block(result)):
+        print(f"docs/benchmarks.md lacks the {DOCS_START} markers", file=sys.stderr)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Model-affinity routing end to end: a real router and ``backends.modelsim`` processes, on
+keyed frames and on KServe gRPC; misses are the backends' own count (their stats files)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.control.directory import LoadReport
+from router.protocol.keyed import encode_keyed
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from tests.conftest import RouterFactory
+from tests.grpc_support import MODEL_INFER, GrpcRouterFactory, grpc_backend, infer_request
+from tests.support import BackendProcess, backend_processes
+
+IO_TIMEOUT_S = 10.0
+LOAD_MS, SERVICE_MS = 100, 5
+# Priors at the backends' own times, and a per-backend limit of one request: the router waits
+# where it can still choose (its queue), and sees the backends' concurrency.
+AFFINITY = {
+    "dispatch": {"policy": "affinity"},
+    "pool": {"max_connections": 1, "pipeline_depth": 1},
+    "grpc": {"max_calls_per_backend": 1},
+    "affinity": {"model_slots": 2, "load_time_s": LOAD_MS / 1000, "service_time_s":
+                 SERVICE_MS / 1000, "min_residency_s": 0.2, "index_interval_s": 0},
+}
+
+
+@pytest.fixture
+def modelsim(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
+    """``modelsim(name, *args)``: a modelsim process writing its stats to tmp_path/name."""
+    with backend_processes("backends.modelsim") as start:
+        def run(name: str, *args: str) -> BackendProcess:
+            return start("--slots", "2", "--load-ms", str(LOAD_MS), "--service-ms",
+                         str(SERVICE_MS), "--stats", str(tmp_path / f"{name}.json"), *args)
+        yield run
+
+
+def stats_of(backend: BackendProcess, tmp_path: Path, name: str) -> dict[str, Any]:
+    backend.proc.send_signal(signal.SIGTERM)
+    assert backend.proc.wait(timeout=IO_TIMEOUT_S) == 0
+    stats: dict[str, Any] = json.loads((tmp_path / f"{name}.json").read_text())
+    return stats
+
+
+async def get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def test_keyed_frames_go_where_their_model_is_loaded(
+    modelsim: Callable[..., BackendProcess], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    a, b = modelsim("a"), modelsim("b")
+    router = await router_factory(
+        [{"address": s.address, "models": ["*"]} for s in (a, b)],
+        {**AFFINITY, "listener": {"keyed": True}},
+    )
+    client = await router.client()
+    rng = random.Random(11)
+    models = [f"m{rng.randrange(4)}" for _ in range(60)]  # 4 models, 2 x 2 slots: all fit
+    for i, model in enumerate(models):
+        payload = encode_keyed(model, f"{i}".encode())
+        assert await client.request(payload) == f"{i}".encode()  # the body, answered
+
+    listed = {m["model"]: m for m in await get_json(f"{router.admin_url}/v1/models")}
+    assert set(listed) == {"m0", "m1", "m2", "m3"}
+    assert all(len(m["holders"]) >= 1 for m in listed.values())
+    assert sum(m["requests"]["hit"] + m["requests"]["waited"] for m in listed.values()) >= 50
+    route = await get_json(f"{router.admin_url}/v1/debug/route?model=m0")
+    assert route["policy"] == "affinity" and route["reason"] == "hit"
+    assert route["choice"] in listed["m0"]["holders"]
+    async with aiohttp.ClientSession() as session, session.get(
+            f"{router.admin_url}/metrics") as response:
+        metrics = await response.text()
+    assert 'router_model_requests_total{model="m0",outcome="hit"}' in metrics
+    assert 'router_route_decisions_total{policy="affinity",reason="load"}' in metrics
+
+    served = [stats_of(s, tmp_path, n) for s, n in ((a, "a"), (b, "b"))]
+    assert sum(s["requests"] for s in served) == 60
+    # Four models fit in the four slots: after their first loads, almost every request hits.
+    # (Common-queue routing misses about half of them here.)
+    assert sum(s["misses"] for s in served) <= 8, served
+
+
+async def test_kserve_calls_go_to_the_backend_its_index_says_holds_the_model(
+    modelsim: Callable[..., BackendProcess], grpc_router: GrpcRouterFactory, tmp_path: Path
+) -> None:
+    cold = modelsim("cold", "--protocol", "grpc")
+    warm = modelsim("warm", "--protocol", "grpc", "--preload", "p")
+    router = await grpc_router([grpc_backend(s.address, "*") for s in (cold, warm)], AFFINITY)
+    # The router reads each backend's RepositoryIndex (every index_interval_s; here, now).
+    assert await router.app.residency_feed.read_indexes() == 2
+    holders = router.app.residency.holders("p")
+    assert list(holders) == [router.backend(warm.address)["id"]]
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i in range(8):
+            reply = await infer(infer_request("p", [float(i)], id=str(i)), timeout=IO_TIMEOUT_S)
+            assert pb.ModelInferResponse.FromString(reply).id == str(i)
+    warm_stats, cold_stats = stats_of(warm, tmp_path, "warm"), stats_of(cold, tmp_path, "cold")
+    assert warm_stats["models"]["p"]["requests"] == 8 and warm_stats["misses"] == 0
+    assert cold_stats["requests"] == 0
+
+
+async def test_heartbeat_reports_tell_the_router_what_a_registered_backend_holds(
+    modelsim: Callable[..., BackendProcess], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("affinity-test-token\n")
+    router = await router_factory([], {**AFFINITY, "listener": {"keyed": True},
+                                       "admin": {"token_file": str(token)}})
+    reported = asyncio.Event()
+    reports: list[tuple[str, LoadReport]] = []
+
+    def heard(backend_id: str, report: LoadReport) -> None:
+        reports.append((backend_id, report))
+        if report.loaded_models:
+            reported.set()
+
+    router.app.directory.add_report_listener(heard)
+    backend = modelsim("registered", "--preload", "x", "--register", router.admin_url,
+                       "--lease-ttl", "0.6", "--token-file", str(token))
+    async with asyncio.timeout(IO_TIMEOUT_S):
+        await reported.wait()
+    backend_id = reports[-1][0]
+    assert router.app.residency.shape_of(backend_id).slots == 2  # its model_slots label
+    assert router.app.residency.get(backend_id, "x") is not None  # from its heartbeat
+    client = await router.client()
+    assert await client.request(encode_keyed("x", b"hello")) == b"hello"
+    stats = stats_of(backend, tmp_path, "registered")
+    assert stats["models"]["x"] == {"requests": 1, "misses": 0, "loads": 1, "evictions": 0}
+
+
+async def test_explicit_model_control_the_router_loads_and_unloads_before_sending(
+    modelsim: Callable[..., BackendProcess], grpc_router: GrpcRouterFactory, tmp_path: Path
+) -> None:
+    """Triton's explicit model control: the backend serves only what was loaded through
+    RepositoryModelLoad, so the router loads a model (unloading one to make room) first."""
+    backend = modelsim("explicit", "--protocol", "grpc", "--models", "a,b", "--slots", "1",
+                       "--model-control", "explicit")
+    labels = {"model_slots": "1", "model_control": "explicit"}
+    router = await grpc_router([grpc_backend(backend.address, "*", labels=labels)], AFFINITY)
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i, model in enumerate(["a", "a", "b", "a"]):
+            reply = await infer(infer_request(model, [1.0], id=str(i)), timeout=IO_TIMEOUT_S)
+            assert pb.ModelInferResponse.FromString(reply).model_name == model
+    stats = stats_of(backend, tmp_path, "explicit")
+    assert (stats["loads"], stats["unloads"], stats["evictions"]) == (3, 2, 0)
+    assert stats["models"]["a"]["requests"] == 3 and stats["models"]["b"]["requests"] == 1
