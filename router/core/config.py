@@ -629,8 +629,9 @@ class AffinityConfig(_Section):
     )
     min_residency_s: float = Field(
         10.0, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
-        description="Churn guard: a model used within this many seconds is not evicted to "
-        "load another, unless no backend could load otherwise.",
+        description="Churn guard: a load goes to a backend whose least recently used model "
+        "was not used within this many seconds, unless only such backends could start it "
+        "now (then the guard gives way: reason forced).",
     )
     load_time_s: Seconds = Field(
         1.0, description="A model's load time until the router has measured it.",
