@@ -208,8 +208,13 @@ class Router:
 
     def heartbeats(self, ids: Sequence[str], interval_s: float, batch: int = 1
                    ) -> HeartbeatLoad:
-        return HeartbeatLoad(HeartbeatSpec(self.admin_url, self.token, tuple(ids), interval_s,
-                                           batch=batch))
+        return heartbeats(self.admin_url, self.token, ids, interval_s, batch)
+
+
+def heartbeats(admin_url: str, token: str, ids: Sequence[str], interval_s: float,
+               batch: int = 1) -> HeartbeatLoad:
+    """A heartbeat generator renewing ``ids`` once per ``interval_s`` at ``admin_url``."""
+    return HeartbeatLoad(HeartbeatSpec(admin_url, token, tuple(ids), interval_s, batch=batch))
 
 
 @contextmanager
@@ -389,8 +394,7 @@ class BareAdmin:
 
     def heartbeats(self, ids: Sequence[str], interval_s: float, batch: int = 1
                    ) -> HeartbeatLoad:
-        return HeartbeatLoad(HeartbeatSpec(self.admin_url, self.token, tuple(ids), interval_s,
-                                           batch=batch))
+        return heartbeats(self.admin_url, self.token, ids, interval_s, batch)
 
 
 @contextmanager
