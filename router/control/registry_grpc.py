@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -80,30 +81,26 @@ class CallGuard:
     async def unary(self, context: Context, method: str, call: Callable[[], Awaitable[T]], *,
                     mutating: bool) -> T:
         """The answer of ``call()``, once the caller is let in; a failure as a status."""
-        code = "OK"
-        try:
-            self._authorize(context, mutating)
+        async with self._served(context, method, mutating):
             return await call()
-        except RouterError as error:
-            code = error.code
-            await _abort(context, error)
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the client went away, or the listener closed
-            raise
-        except Exception:
-            code = InternalError.code
-            await _abort(context, _internal(method))
-        finally:
-            self.calls[(method, code)] += 1
+        raise AssertionError("_served swallowed a failure")  # pragma: no cover
 
     async def stream(self, context: Context, method: str, items: Callable[[], AsyncIterator[T]],
                      *, mutating: bool) -> AsyncIterator[T]:
         """The messages of ``items()``, once the caller is let in; a failure as a status."""
+        async with self._served(context, method, mutating):
+            async for item in items():
+                yield item
+
+    @contextlib.asynccontextmanager
+    async def _served(self, context: Context, method: str, mutating: bool
+                      ) -> AsyncIterator[None]:
+        """Lets the caller in, turns what fails inside into the call's status (``_abort``
+        raises, so nothing is swallowed) and counts the call by method and code."""
         code = "OK"
         try:
             self._authorize(context, mutating)
-            async for item in items():
-                yield item
+            yield
         except RouterError as error:
             code = error.code
             await _abort(context, error)
