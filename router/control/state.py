@@ -68,6 +68,8 @@ from router.core.config import (
     InstanceName,
     ModelName,
     _format_location,
+    check_process_arg,
+    check_text,
     parse_host_port,
 )
 from router.core.errors import quoted
@@ -87,23 +89,6 @@ TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 StateProtocol = Literal["frames", "grpc"]  # "frames": the length-prefixed protocol
 
 
-def _check_text(value: str) -> str:
-    # A lone surrogate (JSON can carry "\ud800") validates as str but cannot be written as
-    # UTF-8: refusing it here keeps every valid state savable.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("not valid Unicode text (a lone surrogate)") from None
-    return value
-
-
-def _check_arg(value: str) -> str:
-    _check_text(value)
-    if "\x00" in value:
-        raise ValueError("a NUL character cannot be passed to a process")
-    return value
-
-
 def _check_id(value: str) -> str:
     if not 1 <= len(value) <= 256 or not value.isprintable() or any(c.isspace() for c in value):
         raise ValueError(f"expected 1 to 256 printable characters, no spaces, got {quoted(value)}")
@@ -113,7 +98,7 @@ def _check_id(value: str) -> str:
 def _check_backend_address(value: str) -> str:
     if value.startswith("unix:"):
         path = value.removeprefix("unix:")
-        _check_arg(path)
+        check_process_arg(path)
         if not path.startswith("/") or len(path.encode("utf-8")) > MAX_UNIX_PATH_BYTES:
             raise ValueError(
                 f"expected unix:/ABSOLUTE/PATH of at most {MAX_UNIX_PATH_BYTES} bytes, "
@@ -125,7 +110,7 @@ def _check_backend_address(value: str) -> str:
     return value
 
 
-Text = Annotated[str, Strict(), AfterValidator(_check_text)]
+Text = Annotated[str, Strict(), AfterValidator(check_text)]
 BackendId = Annotated[str, Strict(), AfterValidator(_check_id)]
 BackendAddress = Annotated[
     str, Strict(), AfterValidator(_check_backend_address),

@@ -671,7 +671,8 @@ class AccessLogConfig(_Section):
     )
 
 
-def _check_text(value: str) -> str:
+def check_text(value: str) -> str:
+    """``value`` unchanged if it can be written as UTF-8."""
     # A lone surrogate (JSON can carry "\ud800") validates as str but cannot be written as
     # UTF-8 (a state file, a process's argv).
     try:
@@ -681,15 +682,16 @@ def _check_text(value: str) -> str:
     return value
 
 
-def _check_arg(value: str) -> str:
-    _check_text(value)
+def check_process_arg(value: str) -> str:
+    """``value`` unchanged if it can be one argument of a process."""
+    check_text(value)
     if "\x00" in value:
         raise ValueError("a NUL character cannot be passed to a process")
     return value
 
 
 # One argument of a process (or an environment value): any text but NUL.
-ProcessArg = Annotated[str, Strict(), AfterValidator(_check_arg)]
+ProcessArg = Annotated[str, Strict(), AfterValidator(check_process_arg)]
 Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
 # An instance name names its replicas, their backend ids and their log files: no path
 # separators, no spaces, and never "." or "..".
