@@ -424,6 +424,11 @@ class RelayCall:
             loop = asyncio.get_running_loop()
             loop.call_soon(self.door.dispatcher.attempt_done, request, None, self.abandoned)
             return
+        placement = request.placement
+        if placement is not None and placement.control is not None:
+            control = self.door.model_control
+            if control is not None and control.hold(request, self.deadline, self._controlled):
+                return  # explicit model control: the model is loaded there first
         backend = request.lease
         assert isinstance(backend, H2BackendConnection)
         if self.entry is not None and request.backend is not None:
@@ -448,6 +453,20 @@ class RelayCall:
         backend.mark()
         if end:
             self._start_bound()
+
+    def _controlled(self, request: Request, error: RouterError | None) -> None:
+        """The model control calls before this attempt are over (``model_control.py``):
+        send it on its lease, or fail the attempt with ``error``. The lease's connection may
+        have gone (or filled up) meanwhile: a retryable failure, nothing was sent."""
+        lease = request.lease
+        if error is None and self.abandoned is None and isinstance(lease, H2BackendConnection) \
+                and not lease.can_open:
+            error = BackendUnavailable(f"{self._address()}: no stream could be opened on its "
+                                       "connection after the model load")
+        if error is not None and self.abandoned is None:
+            self.door.dispatcher.attempt_done(request, None, error)
+        else:
+            self.forward(request)
 
     def _backend_headers(self) -> Headers:
         if self.deadline is None:
