@@ -16,16 +16,18 @@ import grpc
 import pytest
 
 from router.control.directory import LoadReport
-from router.protocol.keyed import encode_keyed
-from router.core.errors import ROUTER_ERROR_HEADER
-from router.protocol.proto import grpc_predict_v2_pb2 as pb
 from router.control.residency import MODEL_READY_MAX
+from router.core.errors import ROUTER_ERROR_HEADER
+from router.protocol.keyed import encode_keyed
+from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from router.protocol.proto.model_stream_infer_pb2 import ModelStreamInferResponse
 from tests.conftest import RouterFactory
 from tests.grpc_support import MODEL_INFER, GrpcRouterFactory, grpc_backend, infer_request
 from tests.support import BackendProcess, backend_processes
 
 IO_TIMEOUT_S = 10.0
 UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 LOAD_MS, SERVICE_MS = 100, 5
 # Priors at the backends' own times, and a per-backend limit of one request: the router waits
 # where it can still choose (its queue), and sees the backends' concurrency.
@@ -164,6 +166,28 @@ async def test_explicit_model_control_the_router_loads_and_unloads_before_sendin
     assert stats["models"]["a"]["requests"] == 3 and stats["models"]["b"]["requests"] == 1
 
 
+async def test_explicit_model_control_loads_before_a_stream_too(
+    modelsim: Callable[..., BackendProcess], grpc_router: GrpcRouterFactory, tmp_path: Path
+) -> None:
+    """ModelStreamInfer, placed by its first message: the load comes before the stream."""
+    backend = modelsim("stream", "--protocol", "grpc", "--models", "a,b", "--slots", "1",
+                       "--model-control", "explicit", "--preload", "a")
+    labels = {"model_slots": "1", "model_control": "explicit"}
+    router = await grpc_router([grpc_backend(backend.address, "*", labels=labels)], AFFINITY)
+    assert await router.app.residency_feed.read_indexes() == 1  # a is loaded there
+    async with router.channel() as channel:
+        stream = channel.stream_stream(STREAM_INFER)(timeout=IO_TIMEOUT_S)
+        for i in range(3):
+            await stream.write(infer_request("b", [1.0], id=f"s{i}"))
+        await stream.done_writing()
+        answers = [ModelStreamInferResponse.FromString(m) async for m in stream]
+    assert [(a.error_message, a.infer_response.model_name) for a in answers] == [("", "b")] * 3
+    stats = stats_of(backend, tmp_path, "stream")
+    # a (preloaded), then b in its place: the router unloaded a first.
+    assert (stats["loads"], stats["unloads"], stats["evictions"]) == (2, 1, 0)
+    assert stats["models"]["b"]["requests"] == 3
+
+
 EXPLICIT = {"model_slots": "1", "model_control": "explicit"}
 
 
@@ -232,3 +256,26 @@ async def test_backends_without_repository_index_are_asked_model_ready_for_what_
     assert set(view.models_of(backend_id)) == {"n"}  # the other x's, asked in their turn
     assert feed.statistics()["index_reads"] == 0
     assert stats_of(backend, tmp_path, "plain")["unloads"] == 1
+
+
+async def test_a_client_deadline_that_passes_during_an_explicit_load_ends_the_call_cleanly(
+    modelsim: Callable[..., BackendProcess], grpc_router: GrpcRouterFactory, tmp_path: Path
+) -> None:
+    """The load outlives the client's deadline: the client gets DEADLINE_EXCEEDED, the
+    attempt ends (nothing left in flight), the request is never sent, and the next call for
+    the model, once it is loaded, is served."""
+    backend = modelsim("slow", "--protocol", "grpc", "--models", "a", "--slots", "1",
+                       "--model-control", "explicit", "--load-ms", "1500")
+    router = await grpc_router([grpc_backend(backend.address, "*", labels=EXPLICIT)], AFFINITY)
+    async with router.channel() as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await infer(infer_request("a", [1.0]), timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        async with asyncio.timeout(IO_TIMEOUT_S):
+            await router.app.dispatcher.wait_zero()
+        assert router.app.residency.holders("a") == {}  # the load did not finish in time
+        reply = await infer(infer_request("a", [1.0], id="next"), timeout=IO_TIMEOUT_S)
+        assert pb.ModelInferResponse.FromString(reply).id == "next"
+    stats = stats_of(backend, tmp_path, "slow")
+    assert stats["models"]["a"]["requests"] == 1  # the late call never reached it

@@ -298,6 +298,11 @@ class GrpcForwarder:
         relay = AnswerBound(self._clock, self._answer_bound(context))
         outcome: RouterError | None = None
         try:
+            control = claim(request)
+            if control is not None:  # explicit model control; a stream is never retried
+                outcome = await self.model_control.take(backend, control, call.deadline)
+                if outcome is not None:
+                    raise outcome
             failure = await self._relay_on(backend, method, context, first, relay, call.entry)
         except asyncio.CancelledError:
             outcome = ended_by(context)
