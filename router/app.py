@@ -439,6 +439,7 @@ class RouterApp:
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
             "residency": self.residency_feed.statistics(),
+            "model_control": self.model_control.statistics(),
             "instances": self.instances.statistics(),
             "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),

@@ -19,6 +19,11 @@ Accepted = submitted to the scheduler: at the request headers for calls routed b
 ``x-route-model`` or to any backend, after the first whole message for KServe calls routed by
 ``model_name``/``model_version``.
 
+Explicit model control: when the attempt's placement must load its model first
+(``model_control.py``), ``forward`` hands the attempt to the door's ``ModelController`` and
+returns; the lease is held while it loads, and ``_controlled`` sends the call (or fails the
+attempt) once it is done.
+
 Retry: while no response byte has come back and the client has half-closed with every
 request byte still held (``max_replay_bytes``), a failure before the answer (connection
 refused or lost, REFUSED_STREAM, or a trailers-only UNAVAILABLE) is ``BackendUnavailable`` and
