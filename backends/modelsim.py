@@ -21,7 +21,10 @@ Two ways in (``--protocol``):
   model of the catalogue, or every resident one, with its state READY, LOADING or
   UNAVAILABLE), and ``RepositoryModelLoad``/``Unload``. ``--model-control explicit`` is
   Triton's explicit model control: an inference for a model that is not loaded is NOT_FOUND
-  instead of loading it.
+  instead of loading it. ``--fail-load MODELS``: RepositoryModelLoad of these models fails
+  (INTERNAL, after the load time), as a model whose files are broken does.
+  ``--no-repository-index``: RepositoryIndex is UNIMPLEMENTED (a KServe server that only
+  answers ``ModelReady``).
 
 ``--models`` names the catalogue (any other model is unknown: NOT_FOUND, or a closed
 connection on frames); without it every model key is served. ``--preload`` loads models
@@ -83,6 +86,8 @@ class ModelSimConfig:
     models: tuple[str, ...] = ()  # the catalogue; () serves every model key
     preload: tuple[str, ...] = ()
     control: Control = "implicit"
+    fail_load: tuple[str, ...] = ()  # RepositoryModelLoad of these fails
+    repository_index: bool = True  # False: RepositoryIndex is UNIMPLEMENTED
     stats: str | None = None
     register: RegisterOptions | None = None  # join this router's fleet (--register)
 
@@ -141,6 +146,7 @@ class ModelSim:
         self.counts = _Counts()
         self.by_model: dict[str, _Counts] = {}
         self.unloads = 0
+        self.load_failures = 0  # RepositoryModelLoad calls refused (--fail-load)
         self.overcommits = 0  # loads with every slot in use: over the slots instead
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
@@ -284,6 +290,7 @@ class ModelSim:
             "config": {**asdict(self.config), "models": list(self.config.models)},
             **asdict(self.counts),
             "unloads": self.unloads,
+            "load_failures": self.load_failures,
             "overcommits": self.overcommits,
             "worker_time_s": {
                 "total": self.worker_time_s,
@@ -438,6 +445,10 @@ class ModelSimServicer(kserve.KServeBackend):
     async def repository_load(self, payload: bytes, context: kserve.Context) -> bytes:
         name = read_repository_model(payload).name
         await self._check_served(name, context)
+        if name in self.sim.config.fail_load:
+            self.sim.load_failures += 1
+            await asyncio.sleep(self.sim.config.load_s)
+            await context.abort(grpc.StatusCode.INTERNAL, f"failed to load {name!r}")
         await self.sim.load(name)
         return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True).SerializeToString()
 
@@ -461,9 +472,12 @@ class ModelSimServicer(kserve.KServeBackend):
         ])
 
     def methods(self) -> dict[str, Any]:
-        return {**super().methods(), "RepositoryIndex": kserve.unary(
-            self.repository_index, triton.RepositoryIndexRequest, triton.RepositoryIndexResponse
-        )}
+        methods = super().methods()
+        if self.sim.config.repository_index:
+            methods["RepositoryIndex"] = kserve.unary(
+                self.repository_index, triton.RepositoryIndexRequest,
+                triton.RepositoryIndexResponse)
+        return methods
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -546,6 +560,10 @@ def parse_args(argv: list[str] | None = None) -> ModelSimConfig:
     parser.add_argument("--preload", default="", help="comma-separated models loaded at start")
     parser.add_argument("--model-control", choices=("implicit", "explicit"), default="implicit",
                         help="explicit: only RepositoryModelLoad loads (gRPC)")
+    parser.add_argument("--fail-load", default="", metavar="MODELS",
+                        help="comma-separated models whose RepositoryModelLoad fails (gRPC)")
+    parser.add_argument("--no-repository-index", action="store_true",
+                        help="RepositoryIndex is UNIMPLEMENTED; ModelReady still answers (gRPC)")
     parser.add_argument("--stats", metavar="FILE", default=None,
                         help="write worker-side statistics as JSON to FILE on exit")
     registering.add_arguments(parser)
@@ -556,7 +574,9 @@ def parse_args(argv: list[str] | None = None) -> ModelSimConfig:
             host=args.host, port=args.port or 0, unix=args.unix, protocol=args.protocol,
             slots=args.slots, load_s=args.load_ms / 1000.0, service_s=args.service_ms / 1000.0,
             concurrency=args.concurrency, models=_names(args.models),
-            preload=_names(args.preload), control=args.model_control, stats=args.stats,
+            preload=_names(args.preload), control=args.model_control,
+            fail_load=_names(args.fail_load), repository_index=not args.no_repository_index,
+            stats=args.stats,
             register=register,
         )
     except ValueError as exc:

@@ -62,6 +62,7 @@ from router.core.types import BackendSpec
 from router.dispatch.backends import Backend, Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
+from router.frontdoor.grpc.model_control import ModelController
 from router.frontdoor.grpc.relay import RelayFrontDoor
 from router.frontdoor.grpc.server import GrpcFrontDoor
 from router.frontdoor.tcp.server import TcpFrontDoor
@@ -150,13 +151,15 @@ class RouterApp:
             self.clock, ejection=self.ejection,
         )
         self.readiness = Readiness(self.registry, self.lifecycle)
+        # Explicit model control's RepositoryModelLoad/Unload, on either engine.
+        self.model_control = ModelController(self.grpc_channels, self.clock, d.request_timeout_s)
         self.grpc_front: GrpcFrontDoor | RelayFrontDoor | None = None
         front_doors: list[DrainableFrontDoor] = [self.front_door]
         if g.listen is not None and g.engine == "relay":
             self.grpc_front = relay = RelayFrontDoor(
                 self.dispatcher, self.registry, self.clock, g, d.request_timeout_s,
                 config.drain.linger_s, self.grpc_stats, self.readiness, self.lifecycle,
-                self.server_tls.get("grpc"), self.access_log,
+                self.server_tls.get("grpc"), self.access_log, self.model_control,
             )
             front_doors.append(relay)
             self.registry.add_join_listener(relay.health_changed)
@@ -165,6 +168,7 @@ class RouterApp:
                 self.dispatcher, self.registry, self.grpc_channels, self.clock,
                 g, d.request_timeout_s, config.drain.linger_s, self.grpc_stats,
                 self.readiness, self.lifecycle, self.server_tls.get("grpc"), self.access_log,
+                self.model_control,
             )
             front_doors.append(grpcio)
             # A backend that joins (reload, DNS) may make the router ready: tell the watchers.
@@ -259,6 +263,8 @@ class RouterApp:
                 spec.unix_path if spec.is_unix else None, tls=tls)
             upstream = H2Upstream(h2_dial, g.max_calls_per_backend, spec.address,
                                   max_connections=g.relay_connections_per_backend)
+            if tls is not None:  # its grpc.aio channel: probes, indexes, model control
+                self.grpc_channels.use_tls(spec.address, tls)
         elif spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
             if tls is not None:
@@ -433,6 +439,7 @@ class RouterApp:
             "fleet": self.fleet.statistics(),
             "directory": self.directory.statistics(),
             "residency": self.residency_feed.statistics(),
+            "model_control": self.model_control.statistics(),
             "instances": self.instances.statistics(),
             "admin_grpc": self.admin_grpc.statistics(),
             "reloads": dict(self.reloads),

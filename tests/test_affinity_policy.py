@@ -352,6 +352,25 @@ def test_a_report_replaces_the_view_but_keeps_models_with_requests_in_flight() -
     assert view.holders("inflight") == {} and list(view) == []
 
 
+def test_model_ready_confirms_one_model_and_spares_one_with_requests_in_flight() -> None:
+    view = ResidencyView(default_slots=3)
+    view.routed("b", "queued", 1.0)
+    view.routed("b", "running", 1.0)
+    view.started("b", "running", 1.5)
+    view.report("b", ["idle", "queued", "running"], 2.0)
+    view.confirm("b", "idle", False, 3.0)  # ModelReady: not ready, nothing in flight: gone
+    view.confirm("b", "queued", False, 3.0)
+    view.confirm("b", "running", False, 3.0)
+    states = {name: r.state for name, r in view.models_of("b").items()}
+    assert states == {"queued": PENDING, "running": LOADING}
+    assert view.occupied("b") == 1  # the pending one takes no slot yet
+    view.confirm("b", "queued", True, 4.0)
+    view.confirm("b", "new", True, 4.0)  # ready though the view did not hold it: it does now
+    assert view.get("b", "queued").state == LOADED  # type: ignore[union-attr]
+    assert view.get("b", "new").state == LOADED  # type: ignore[union-attr]
+    assert view.occupied("b") == 3
+
+
 def test_the_view_is_bounded_in_backends_and_models() -> None:
     view = ResidencyView(default_slots=2, max_backends=3, max_models=4)
     for i in range(10):
@@ -437,7 +456,8 @@ def test_the_policy_meets_the_seed_targets_in_a_simulated_fleet(
 
 
 ops = st.lists(st.tuples(
-    st.sampled_from(["routed", "started", "served", "failed", "taken_back", "report", "forget"]),
+    st.sampled_from(["routed", "started", "served", "failed", "taken_back", "report", "forget",
+                     "ready", "not_ready"]),
     st.sampled_from(["b0", "b1", "b2"]), st.sampled_from(["m0", "m1", "m2", "m3", "m4"]),
 ), max_size=60)
 
@@ -463,6 +483,8 @@ def test_the_view_stays_consistent_whatever_happens(ops: list[tuple[str, str, st
             view.report(backend, [model], now)
         elif op == "forget":
             view.forget(backend)
+        elif op in ("ready", "not_ready"):
+            view.confirm(backend, model, op == "ready", now)
         for b in view:
             models = view.models_of(b)
             assert view.occupied(b) == sum(1 for r in models.values() if r.in_slot)

@@ -11,6 +11,7 @@ Two sources, the backend's word first:
 * ``report(backend, loaded, loading)``: what the backend says it holds (a heartbeat, KServe
   ``RepositoryIndex``). It replaces the view of that backend, except that a model the router
   has requests in flight for stays (as loading): the backend may not have reached them yet.
+  ``confirm(backend, model, ready)`` is the same for one model (KServe ``ModelReady``).
 * ``routed`` / ``started`` / ``finished``: the router's own decisions between reports. The
   backend is modelled as ``backends.modelsim`` behaves (an LRU cache whose bookkeeping happens
   when a request reaches it): a request reaching it touches its model, and one for a model it
@@ -236,6 +237,22 @@ class ResidencyView:
                 self._put(record, backend, name, Resident(state, now, now))
             else:
                 record.set(held, state)
+
+    def confirm(self, backend: str, model: str, ready: bool, now: float) -> None:
+        """What ``backend`` says of one model (KServe ``ModelReady``): loaded (``ready``), or
+        not there, which a model with requests placed there survives, as in ``report``."""
+        record = self._backend(backend)
+        resident = record.models.get(model)
+        if ready:
+            if resident is None:
+                self._put(record, backend, model, Resident(LOADED, now, now))
+            else:
+                record.set(resident, LOADED)
+        elif resident is not None:
+            if not resident.inflight:
+                self._drop(record, backend, model)
+            else:
+                record.set(resident, LOADING if resident.running else PENDING)
 
     # -- views -------------------------------------------------------------------------------
 

@@ -246,6 +246,14 @@ class BackendUnavailable(BackendError):
         self.reused_connection = reused_connection
 
 
+class ModelLoadFailed(BackendUnavailable):
+    """Explicit model control: the backend did not load the request's model
+    (``RepositoryModelLoad`` failed or timed out). Nothing of the request was sent, so it is
+    retried on another backend like ``BackendUnavailable``; this code means they ran out."""
+
+    code = "MODEL_LOAD_FAILED"
+
+
 class BackendTimeout(BackendError):
     code = "BACKEND_TIMEOUT"
     http_status = 504

@@ -39,7 +39,6 @@ from typing import Union
 import grpc
 from grpc._cython import cygrpc  # grpc.aio's own core binding (see _send)
 
-from router.balance.policies import ModelControl
 from router.core.clock import Clock, Timer
 from router.core.errors import (
     BackendTimeout,
@@ -47,13 +46,12 @@ from router.core.errors import (
     Cancelled,
     DeadlineExceeded,
     RouterError,
-    quoted,
 )
 from router.dispatch.access import AccessEntry
 from router.dispatch.backends import Backend
 from router.dispatch.request import Request
 from router.dispatch.scheduler import Dispatcher
-from router.protocol.proto import grpc_predict_v2_pb2 as pb
+from router.frontdoor.grpc.model_control import ModelController, claim
 from router.upstream.grpc_channels import GrpcChannels
 
 log = logging.getLogger(__name__)
@@ -67,9 +65,6 @@ _HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "user-agent",
 })
 
-
-REPOSITORY_LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
-REPOSITORY_UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
 
 # What the hashing policies place a call by, when it is not its model (sticky sessions).
 ROUTE_KEY_HEADER = "x-route-key"
@@ -175,16 +170,19 @@ class Call:
 class GrpcForwarder:
     def __init__(
         self, dispatcher: Dispatcher, channels: GrpcChannels, clock: Clock,
-        request_timeout_s: float,
+        request_timeout_s: float, model_control: ModelController | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._channels = channels
         self._clock = clock
         self._request_timeout_s = request_timeout_s
+        # Explicit model control's calls before an attempt (shared with the relay engine).
+        self.model_control = model_control or ModelController(channels, clock, request_timeout_s)
 
     def reconfigure(self, request_timeout_s: float) -> None:
         """A new ``dispatch.request_timeout_s`` (a reload), for the attempts started after."""
         self._request_timeout_s = request_timeout_s
+        self.model_control.reconfigure(request_timeout_s)
 
     def _call(self, context: grpc.aio.ServicerContext) -> Call:
         remaining = context.time_remaining()
@@ -213,13 +211,10 @@ class GrpcForwarder:
         try:
             while (backend := await call.waiter) is not None:
                 call.waiter = loop.create_future()
-                placement = request.placement
-                control = placement.control if placement is not None else None
+                control = claim(request)
                 error = None
-                if control is not None:
-                    assert placement is not None
-                    placement.control = None  # once: a retry elsewhere decides again
-                    error = await self._take_control(call, backend, control)
+                if control is not None:  # explicit model control: load it there first
+                    error = await self.model_control.take(backend, control, call.deadline)
                 if error is None:
                     response, error = await self._attempt(call, backend, method, payload)
                 else:
@@ -259,32 +254,6 @@ class GrpcForwarder:
         call.initial = tuple(await rpc.initial_metadata() or ())
         call.trailing = tuple(await rpc.trailing_metadata() or ())
         return response, None
-
-    async def _take_control(self, call: Call, backend: Backend, control: ModelControl
-                            ) -> RouterError | None:
-        """Explicit model control (the affinity policy's ``ModelControl``): unload the model
-        it evicts, then load the request's model, before the request is sent. A failed
-        unload is logged and ignored (the load may still fit); a failed load fails the
-        attempt before any byte of it was sent, so it is retried elsewhere."""
-        remaining = _time_left(call.deadline, self._clock)
-        timeout = self._request_timeout_s if remaining is None else min(
-            remaining, self._request_timeout_s)
-        if control.unload is not None:
-            unload = pb.RepositoryModelUnloadRequest(model_name=control.unload)
-            try:
-                await self._channels.unary(backend, REPOSITORY_UNLOAD)(
-                    unload.SerializeToString(), timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                log.info("%s: RepositoryModelUnload %s failed: %s", backend.address,
-                         quoted(control.unload), exc.code().name)
-        load = pb.RepositoryModelLoadRequest(model_name=control.load)
-        try:
-            await self._channels.unary(backend, REPOSITORY_LOAD)(
-                load.SerializeToString(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            return BackendUnavailable(f"{backend.address}: RepositoryModelLoad "
-                                      f"{quoted(control.load)}: {exc.code().name}")
-        return None
 
     @staticmethod
     def _failed(
@@ -329,6 +298,11 @@ class GrpcForwarder:
         relay = AnswerBound(self._clock, self._answer_bound(context))
         outcome: RouterError | None = None
         try:
+            control = claim(request)
+            if control is not None:  # explicit model control; a stream is never retried
+                outcome = await self.model_control.take(backend, control, call.deadline)
+                if outcome is not None:
+                    raise outcome
             failure = await self._relay_on(backend, method, context, first, relay, call.entry)
         except asyncio.CancelledError:
             outcome = ended_by(context)

@@ -60,6 +60,7 @@ from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.kserve import ANSWERED, ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
+from router.frontdoor.grpc.model_control import ModelController
 from router.frontdoor.grpc.reflection import V1, V1ALPHA, reflection_answer
 from router.frontdoor.grpc.relay_call import (
     RelayCall,
@@ -221,9 +222,11 @@ class RelayFrontDoor:
         self, dispatcher: Dispatcher, registry: Registry, clock: Clock, config: GrpcConfig,
         request_timeout_s: float, linger_s: float, stats: GrpcStats, readiness: Readiness,
         lifecycle: Lifecycle, tls: ServerTls | None = None,
-        access_log: AccessLog | None = None,
+        access_log: AccessLog | None = None, model_control: ModelController | None = None,
     ) -> None:
         self.access_log = access_log  # None: no access log, one check per call
+        # Explicit model control's calls before an attempt (None: no backend needs them).
+        self.model_control = model_control
         self.dispatcher = dispatcher
         self.registry = registry
         self.clock = clock
@@ -255,6 +258,8 @@ class RelayFrontDoor:
 
     def reconfigure(self, request_timeout_s: float) -> None:
         self.request_timeout_s = request_timeout_s
+        if self.model_control is not None:
+            self.model_control.reconfigure(request_timeout_s)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -298,6 +303,8 @@ class RelayFrontDoor:
             self._server.close()
         for call in list(self.calls):
             call.fail(Dropped("the router stopped before answering"))
+        if self.model_control is not None:
+            await self.model_control.close()
         for connection in list(self.connections):
             connection.abort()
 

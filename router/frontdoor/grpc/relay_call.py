@@ -19,6 +19,11 @@ Accepted = submitted to the scheduler: at the request headers for calls routed b
 ``x-route-model`` or to any backend, after the first whole message for KServe calls routed by
 ``model_name``/``model_version``.
 
+Explicit model control: when the attempt's placement must load its model first
+(``model_control.py``), ``forward`` hands the attempt to the door's ``ModelController`` and
+returns; the lease is held while it loads, and ``_controlled`` sends the call (or fails the
+attempt) once it is done.
+
 Retry: while no response byte has come back and the client has half-closed with every
 request byte still held (``max_replay_bytes``), a failure before the answer (connection
 refused or lost, REFUSED_STREAM, or a trailers-only UNAVAILABLE) is ``BackendUnavailable`` and
@@ -424,6 +429,11 @@ class RelayCall:
             loop = asyncio.get_running_loop()
             loop.call_soon(self.door.dispatcher.attempt_done, request, None, self.abandoned)
             return
+        placement = request.placement
+        if placement is not None and placement.control is not None:
+            control = self.door.model_control
+            if control is not None and control.hold(request, self.deadline, self._controlled):
+                return  # explicit model control: the model is loaded there first
         backend = request.lease
         assert isinstance(backend, H2BackendConnection)
         if self.entry is not None and request.backend is not None:
@@ -448,6 +458,20 @@ class RelayCall:
         backend.mark()
         if end:
             self._start_bound()
+
+    def _controlled(self, request: Request, error: RouterError | None) -> None:
+        """The model control calls before this attempt are over (``model_control.py``):
+        send it on its lease, or fail the attempt with ``error``. The lease's connection may
+        have gone (or filled up) meanwhile: a retryable failure, nothing was sent."""
+        lease = request.lease
+        if error is None and self.abandoned is None and isinstance(lease, H2BackendConnection) \
+                and not lease.can_open:
+            error = BackendUnavailable(f"{self._address()}: no stream could be opened on its "
+                                       "connection after the model load")
+        if error is not None and self.abandoned is None:
+            self.door.dispatcher.attempt_done(request, None, error)
+        else:
+            self.forward(request)
 
     def _backend_headers(self) -> Headers:
         if self.deadline is None:

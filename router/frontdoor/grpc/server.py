@@ -66,6 +66,7 @@ from router.dispatch.stats import GrpcStats
 from router.frontdoor.grpc.forward import CALL_ENTRY, GrpcForwarder, RelayedStatus, ended_by
 from router.frontdoor.grpc.kserve import ROUTED_BY_MODEL, KServeRouting
 from router.frontdoor.grpc.kserve import SERVICE as KSERVE_SERVICE
+from router.frontdoor.grpc.model_control import ModelController
 from router.frontdoor.grpc.reflection import enable_reflection
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
@@ -147,7 +148,7 @@ class GrpcFrontDoor:
         self, dispatcher: Dispatcher, registry: Registry, channels: GrpcChannels, clock: Clock,
         config: GrpcConfig, request_timeout_s: float, linger_s: float, stats: GrpcStats,
         readiness: Readiness, lifecycle: Lifecycle, tls: ServerTls | None = None,
-        access_log: AccessLog | None = None,
+        access_log: AccessLog | None = None, model_control: ModelController | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self.tls = tls
@@ -161,7 +162,8 @@ class GrpcFrontDoor:
         self._linger_s = linger_s
         self._lifecycle = lifecycle
         self.stats = stats
-        self.forwarder = GrpcForwarder(dispatcher, channels, clock, request_timeout_s)
+        self.forwarder = GrpcForwarder(dispatcher, channels, clock, request_timeout_s,
+                                       model_control)
         self.kserve = KServeRouting(self.forwarder, registry, readiness)
         self.health = RouterHealth(lambda: readiness.ready("grpc"))
         registry.add_listener(self.health.changed)
