@@ -30,7 +30,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import socket
 import ssl
 from collections import deque
@@ -41,6 +40,7 @@ from typing import cast
 import uvloop
 
 from backends import registering
+from backends.command_line import add_listen_arguments, stop_on_signals
 from backends.registering import RegisterOptions
 from backends.unix import remove_stale_socket
 from router.core.errors import FrameTooLarge, TruncatedFrame
@@ -311,19 +311,13 @@ async def _drained(connections: Connections, grace_s: float) -> None:
 
 
 async def _main_async(config: EchoConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await serve(config, stop)
 
 
 def parse_args(argv: list[str] | None = None) -> EchoConfig:
     parser = argparse.ArgumentParser(prog="python -m backends.echo", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", type=int, help="0 picks a free port")
-    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket instead")
+    add_listen_arguments(parser)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--fail-rate", type=float, default=0.0,
                         help="probability of aborting the connection instead of answering")

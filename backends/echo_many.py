@@ -26,7 +26,6 @@ import asyncio
 import os
 import random
 import resource
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import orjson
 import uvloop
 
+from backends.command_line import stop_on_signals
 from backends.echo import BACKLOG, Connections, EchoConfig, EchoProtocol
 from backends.unix import remove_stale_socket
 from router.protocol.announce import format_ready_unix
@@ -158,10 +158,7 @@ async def serve_many(directory: str, count: int, config: EchoConfig, stop: async
 
 
 async def _main_async(directory: str, count: int, config: EchoConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await serve_many(directory, count, config, stop)
 
 

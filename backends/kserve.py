@@ -40,7 +40,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backends import registering
+from backends.command_line import add_listen_arguments, stop_on_signals
 from backends.grpc_echo import EchoService
 from backends.registering import RegisterOptions
 from backends.unix import remove_stale_socket
@@ -395,20 +395,14 @@ async def serve(
 
 
 async def _main_async(config: KServeConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await serve(config, stop)
 
 
 def parse_args(argv: list[str] | None = None) -> KServeConfig:
     parser = argparse.ArgumentParser(prog="python -m backends.kserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", type=int, help="0 picks a free port")
-    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket instead")
+    add_listen_arguments(parser)
     parser.add_argument("--models", default="identity,sum",
                         help=f"comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--delay-ms", type=float, default=0.0)

@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import json
 import math
-import signal
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -60,6 +59,7 @@ import grpc
 import uvloop
 
 from backends import kserve, registering
+from backends.command_line import add_listen_arguments, stop_on_signals
 from backends.echo import listen_frames
 from backends.registering import RegisterOptions
 from router.core.errors import BadRoutingKey, FrameTooLarge
@@ -532,10 +532,7 @@ async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
 
 
 async def _main_async(config: ModelSimConfig) -> dict[str, Any]:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     sim = await serve(config, stop)
     return sim.statistics()
 
@@ -547,10 +544,7 @@ def _names(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None = None) -> ModelSimConfig:
     parser = argparse.ArgumentParser(prog="python -m backends.modelsim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", type=int, help="0 picks a free port")
-    where.add_argument("--unix", metavar="PATH", help="listen on this unix socket instead")
+    add_listen_arguments(parser)
     parser.add_argument("--protocol", choices=("frames", "grpc"), default="frames")
     parser.add_argument("--slots", type=int, default=2, help="models held at once")
     parser.add_argument("--load-ms", type=float, default=390.0, help="time to load a model")
