@@ -173,7 +173,7 @@ def spec_of(config: RouterConfig, name: str, load_bound: float | None = None,
 
 
 def build_table(config: RouterConfig, make: Callable[[PolicySpec], Policy],
-                previous: PolicyTable | None = None) -> PolicyTable:
+                previous: PolicyTable | None = None, memo_max: int = MEMO_MAX) -> PolicyTable:
     """The table of ``config``. ``make`` builds the policy of a spec; a spec ``previous``
     already has keeps its object (and state); one object per spec."""
     carried = previous.instances if previous is not None else {}
@@ -192,4 +192,4 @@ def build_table(config: RouterConfig, make: Callable[[PolicySpec], Policy],
     groups = [GroupRule.of(g.name, g.models, route(
         spec_of(config, g.policy, g.load_bound, g.min_residency_s), "model_group", g.name))
         for g in config.model_groups]
-    return PolicyTable(default, listeners, groups, instances=made)
+    return PolicyTable(default, listeners, groups, memo_max, made)
