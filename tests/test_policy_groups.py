@@ -269,12 +269,18 @@ def test_reload_keeps_unchanged_policies_and_applies_changed_groups() -> None:
     assert len(maker.made) == made_before + 1  # only the changed llama spec was made
 
 
-def test_listener_policies_reload_live() -> None:
-    old = config(listener={"policy": "random"})
-    new = config(listener={"policy": "round_robin"}, grpc={"policy": "affinity"})
+def test_listener_policies_and_groups_reload_live_and_say_what_changed() -> None:
+    old = config(listener={"policy": "random"}, model_groups=GROUPS[2:])
+    new = config(listener={"policy": "round_robin"}, grpc={"policy": "affinity"},
+                 model_groups=GROUPS[:2])
     d = diff(old, new)
     assert not d.restart
-    assert {key for key, _, _ in d.settings} == {"listener.policy", "grpc.policy"}
+    assert d.describe(old, new) == [
+        "listener.policy: 'random' -> 'round_robin'",
+        "grpc.policy: None -> 'affinity'",
+        "model_groups: [versions (round_robin: resnet:2)] -> [llama (affinity: llama-*, "
+        "mistral-7b), bert (consistent_hash_bounded: bert-?, [xy]-model, llama-70b)]",
+    ]
 
 
 # -- affinity policies of several groups share one ledger -----------------------------------------
