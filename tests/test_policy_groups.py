@@ -21,6 +21,7 @@ from router.balance.policies import (
     make_policy,
 )
 from router.balance.residency import ResidencyView
+from router.control.metrics import ModelCollector
 from router.core.clock import ManualClock
 from router.core.config import DispatchConfig, PoolConfig, RouterConfig, from_mapping
 from router.core.config_diff import diff
@@ -351,3 +352,29 @@ async def test_the_scheduler_uses_each_requests_route() -> None:
     assert await served_by("s-1") == [4, 4]  # the group is gone: round robin again
     async with asyncio.timeout(2.0):
         await dispatcher.wait_zero()
+
+
+def test_metrics_count_every_groups_decisions_under_its_policys_name() -> None:
+    maker = Maker()
+    cfg = config(dispatch={"policy": "affinity"}, model_groups=[
+        {"name": "g", "models": ["g-*"], "policy": "affinity", "load_bound": 2.0},
+        {"name": "h", "models": ["h-*"], "policy": "consistent_hash_bounded"},
+    ])
+    table = build_table(cfg, maker)
+    dispatcher = Dispatcher(Registry(), table, DispatchConfig(), maker.clock, DataPlaneStats())
+    rng = random.Random(2)
+    candidates = [Candidate("b0"), Candidate("b1")]
+    for model in ("d-1", "g-1", "g-2", "h-1"):
+        keyed = table.route("tcp", model).keyed
+        assert keyed is not None
+        keyed.place(model, model, candidates, rng)
+    assert len({id(table.route("tcp", m).policy) for m in ("d-1", "g-1", "h-1")}) == 3
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in ModelCollector(dispatcher).collect() for s in family.samples}
+    decisions = "router_route_decisions_total"
+    assert samples[decisions, (("policy", "affinity"), ("reason", "load"))] == 3  # both
+    assert samples[decisions, (("policy", "consistent_hash_bounded"), ("reason", "first"))] == 1
+    requests = "router_model_requests_total"
+    assert {m for (name, labels), _ in samples.items() if name == requests
+            for key, m in labels if key == "model"} == {"d-1", "g-1", "g-2"}
+    assert samples[requests, (("model", "g-2"), ("outcome", "load"))] == 1
