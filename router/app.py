@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client.registry import CollectorRegistry
 
 from router.balance.affinity import AffinityPolicy, AffinitySettings
+from router.balance.groups import PolicySpec, PolicyTable, build_table
 from router.balance.policies import Policy, make_policy
 from router.balance.residency import ResidencyView
 from router.control.access_log import JsonLinesAccessLog
@@ -130,8 +131,11 @@ class RouterApp:
         d = config.dispatch
         # Which models each backend holds, for the affinity policy (kept across reloads).
         self.residency = ResidencyView(config.affinity.model_slots, config.affinity.concurrency)
+        # The first affinity policy made: every later one (a model group's, a reload's)
+        # shares its ledger of the work placed on each backend.
+        self._affinity: AffinityPolicy | None = None
         self.dispatcher = Dispatcher(
-            self.registry, self._policy(d.policy), d, self.clock, self.stats,
+            self.registry, build_table(config, self._policy), d, self.clock, self.stats,
             access_log=self.access_log,
         )
         self.lifecycle = Lifecycle()
@@ -199,7 +203,8 @@ class RouterApp:
         self.residency_feed = ResidencyFeed(
             self.registry, self.residency, self.clock, self.grpc_channels,
             config.affinity.index_interval_s,
-            active=lambda: isinstance(self.dispatcher.policy, AffinityPolicy),
+            active=lambda: any(isinstance(p, AffinityPolicy)
+                               for p in self.dispatcher.routes.policies()),
         )
         self.directory.add_report_listener(self.residency_feed.reported)
         self.metrics.register(ModelCollector(self.dispatcher))
@@ -222,15 +227,31 @@ class RouterApp:
                            resolver, release=self._release)
         self.bound: BoundAddresses | None = None
 
-    def _policy(self, name: str) -> Policy:
-        """The policy called ``name``; the affinity policy reads the residency view."""
+    def _policy(self, spec: PolicySpec) -> Policy:
+        """The policy of ``spec`` (a listener's, a model group's or the default); the
+        affinity policy reads the residency view."""
+        a = self.config.affinity
+        load_bound = spec.load_bound if spec.load_bound is not None else a.load_bound
+        return make_policy(spec.name, lambda: self._affinity_policy(spec), load_bound)
+
+    def _affinity_policy(self, spec: PolicySpec) -> AffinityPolicy:
         a = self.config.affinity
         settings = AffinitySettings(
-            load_bound=a.load_bound, min_residency_s=a.min_residency_s, load_s=a.load_time_s,
-            service_s=a.service_time_s, demand_window_s=a.demand_window_s,
+            load_bound=spec.load_bound if spec.load_bound is not None else a.load_bound,
+            min_residency_s=(spec.min_residency_s if spec.min_residency_s is not None
+                             else a.min_residency_s),
+            load_s=a.load_time_s, service_s=a.service_time_s,
+            demand_window_s=a.demand_window_s,
         )
-        return make_policy(name, lambda: AffinityPolicy(self.residency, settings, self.clock.now),
-                           a.load_bound)
+        policy = AffinityPolicy(self.residency, settings, self.clock.now, self._affinity)
+        if self._affinity is None:
+            self._affinity = policy
+        return policy
+
+    def _routes(self, new: RouterConfig) -> PolicyTable:
+        """``new``'s policies per listener and model group; those whose spec is unchanged
+        are the running objects, their state kept."""
+        return build_table(new, self._policy, self.dispatcher.routes)
 
     def _make_backend(self, spec: BackendSpec, entry: BackendConfig, key: str) -> Backend:
         """The runtime record of a backend the config's ``entry`` (at ``key``) names."""
@@ -362,8 +383,7 @@ class RouterApp:
     def _reconfigure(self, old: RouterConfig, new: RouterConfig) -> None:
         """Hand the live settings (``config_diff.LIVE_KEYS``) to the parts that hold them."""
         d = new.dispatch
-        policy = self._policy(d.policy) if d.policy != old.dispatch.policy else None
-        self.dispatcher.reconfigure(d, policy)
+        self.dispatcher.reconfigure(d, self._routes(new))
         if isinstance(self.grpc_front, RelayFrontDoor):
             self.grpc_front.reconfigure(d.request_timeout_s)
         elif self.grpc_front is not None:

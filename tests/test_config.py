@@ -20,6 +20,7 @@ from router.core.config import (
     BackendConfig,
     HealthConfig,
     InstanceConfig,
+    ModelGroupConfig,
     RouterConfig,
     from_mapping,
     load,
@@ -215,6 +216,8 @@ def _fields_of_type(kind: type) -> list[tuple[str, str]]:
             model = BackendConfig
         if section == "instances":
             model = InstanceConfig
+        if section == "model_groups":
+            model = ModelGroupConfig
         assert isinstance(model, type) and issubclass(model, BaseModel), section
         for key, field in model.model_fields.items():
             if field.annotation is kind:
@@ -518,7 +521,7 @@ def test_the_example_lists_every_key_at_its_default() -> None:
     cfg = load(path)
     data = tomllib.loads(path.read_text())
     for section, info in RouterConfig.model_fields.items():
-        if section in ("backends", "instances"):
+        if section in ("backends", "instances", "model_groups"):
             continue
         assert getattr(cfg, section) == info.default, section
         model = type(info.default)
@@ -530,6 +533,10 @@ def test_the_example_lists_every_key_at_its_default() -> None:
         assert set(data[section]) | commented == set(model.model_fields), section
     assert len(cfg.backends) >= 2
     assert cfg.instances and data["instances"]  # an example instance, at least
+    # Off by default: a model group is shown commented out, every key of it named.
+    assert cfg.model_groups == ()
+    for key in ModelGroupConfig.model_fields:
+        assert f"\n# {key} = " in path.read_text(), key
 
 
 @pytest.mark.parametrize("value", [0.5, -1.0, 101.0, math.inf, math.nan, True, "2"])

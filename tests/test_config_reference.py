@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from router.core.config import BackendConfig, InstanceConfig, RouterConfig
+from router.core.config import BackendConfig, InstanceConfig, ModelGroupConfig, RouterConfig
 from router.core.config_reference import render
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,8 @@ def _sections() -> list[tuple[str, type[BaseModel]]]:
     found: list[tuple[str, type[BaseModel]]] = []
     for name, info in RouterConfig.model_fields.items():
         arrays: dict[str, type[BaseModel]] = {"backends": BackendConfig,
-                                              "instances": InstanceConfig}
+                                              "instances": InstanceConfig,
+                                              "model_groups": ModelGroupConfig}
         model = arrays.get(name) or type(info.default)
         assert issubclass(model, BaseModel), name
         found.append((name, model))
@@ -43,7 +44,8 @@ def test_the_committed_reference_is_what_the_schema_renders() -> None:
 @pytest.mark.parametrize(("name", "model"), _sections())
 def test_every_option_has_a_description_and_a_row(name: str, model: type[BaseModel]) -> None:
     text = render()
-    header = f"## `[[{name}]]`" if name in ("backends", "instances") else f"## `[{name}]`"
+    arrays = ("backends", "instances", "model_groups")
+    header = f"## `[[{name}]]`" if name in arrays else f"## `[{name}]`"
     assert header in text
     section = text.split(header, 1)[1].split("\n## ", 1)[0]
     assert model.__doc__

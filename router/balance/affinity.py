@@ -164,14 +164,18 @@ class AffinityPolicy:
     name = "affinity"
 
     def __init__(self, view: ResidencyView, settings: AffinitySettings,
-                 now: Callable[[], float]) -> None:
+                 now: Callable[[], float], peer: AffinityPolicy | None = None) -> None:
+        """``peer``: another affinity policy placing on the same backends (a model group's,
+        with other settings); both then follow one ledger of the work placed on each
+        backend, so each one's wait estimates count the other's requests."""
         self.view = view
         self.settings = settings
         self._now = now
         self._rendezvous = Rendezvous()
         self._fallback = LeastConnections()
         self._numbers: OrderedDict[str, ModelNumbers] = OrderedDict()
-        self._work: dict[str, _Work] = {}  # backend -> its placements not done
+        # backend -> its placements not done (shared with ``peer``)
+        self._work: dict[str, _Work] = peer._work if peer is not None else {}
         self._service_all: float | None = None  # every model's service time, smoothed
         self.reasons: Counter[str] = Counter()
         self.loads = 0

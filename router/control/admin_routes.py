@@ -163,8 +163,9 @@ V1_ROUTES: tuple[Route, ...] = (
           "the copies its demand wants, its measured times and requests by outcome",
           {200: ModelList}),
     Route("v1_debug_route", "GET", "/v1/debug/route", "A dry run of one placement: "
-          "?model=NAME (&kind=tcp|grpc, &key=ROUTING_KEY); the candidates, their scores, the "
-          "choice and its reason", {200: RouteDecision, 400: ErrorBody}),
+          "?model=NAME (&kind=tcp|grpc, &key=ROUTING_KEY); the policy and what chose it (model "
+          "group, listener, dispatch), the candidates, their scores, the choice and its reason",
+          {200: RouteDecision, 400: ErrorBody}),
 )
 # The replica manager (control.instances): managed instances and their replicas' logs.
 _INVALID = {400: ErrorBody}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -288,8 +289,9 @@ class ModelCollector(Collector):
         self._dispatcher = dispatcher
 
     def collect(self) -> Iterator[Metric]:
-        policy = self._dispatcher.policy
-        affinity = policy if isinstance(policy, AffinityPolicy) else None
+        # Every policy the routes use (the default, the listeners', the model groups'): each
+        # one's decisions are counted under its own name, summed over its objects.
+        policies = self._dispatcher.routes.policies()
         requests = CounterMetricFamily(
             "router_model_requests", "Requests by model and outcome: hit (loaded there, "
             "started at once), load (sent where it had to be loaded), waited.",
@@ -297,26 +299,39 @@ class ModelCollector(Collector):
         decisions = CounterMetricFamily(
             "router_route_decisions", "Placements of the keyed policies by reason.",
             labels=["policy", "reason"])
-        loads = evictions = 0
         hist = HistogramMetricFamily(
             "router_model_load_seconds", "Measured model load times (a load's answer time "
             "less the model's service time).")
-        if affinity is not None:
+        outcomes: Counter[tuple[str, str]] = Counter()
+        reasons: Counter[tuple[str, str]] = Counter()
+        loads = evictions = 0
+        buckets = [0] * (len(LOAD_SECONDS_BUCKETS) + 1)
+        seconds = 0.0
+        affinities = [p for p in policies if isinstance(p, AffinityPolicy)]
+        for affinity in affinities:
             for model, numbers in affinity.numbers().items():
                 for outcome in ("hit", "load", "waited"):
-                    requests.add_metric([model, outcome], numbers.outcomes.get(outcome, 0))
-            for reason, count in sorted(affinity.reasons.items()):
-                decisions.add_metric([policy.name, reason], count)
-            loads, evictions = affinity.loads, affinity.evictions
+                    outcomes[model, outcome] += numbers.outcomes.get(outcome, 0)
+            for reason, count in affinity.reasons.items():
+                reasons[affinity.name, reason] += count
+            loads, evictions = loads + affinity.loads, evictions + affinity.evictions
+            buckets = [a + b for a, b in zip(buckets, affinity.load_buckets, strict=True)]
+            seconds += affinity.load_seconds_sum
+        for policy in policies:
+            if isinstance(policy, ConsistentHashBounded):
+                reasons[policy.name, "first"] += policy.placed - policy.spilled
+                reasons[policy.name, "spill"] += policy.spilled
+        for (model, outcome), count in outcomes.items():
+            requests.add_metric([model, outcome], count)
+        for (name, reason), count in sorted(reasons.items()):
+            decisions.add_metric([name, reason], count)
+        if affinities:
             counts, running = [], 0
-            for bound, count in zip(LOAD_SECONDS_BUCKETS, affinity.load_buckets, strict=False):
+            for bound, count in zip(LOAD_SECONDS_BUCKETS, buckets, strict=False):
                 running += count
                 counts.append((str(bound), float(running)))
-            counts.append(("+Inf", float(running + affinity.load_buckets[-1])))
-            hist.add_metric([], counts, sum_value=affinity.load_seconds_sum)
-        elif isinstance(policy, ConsistentHashBounded):
-            decisions.add_metric([policy.name, "first"], policy.placed - policy.spilled)
-            decisions.add_metric([policy.name, "spill"], policy.spilled)
+            counts.append(("+Inf", float(running + buckets[-1])))
+            hist.add_metric([], counts, sum_value=seconds)
         yield requests
         yield decisions
         yield CounterMetricFamily("router_model_loads", "Model loads the router's placements "

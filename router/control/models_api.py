@@ -1,6 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/debug/route``: what the router knows of its models, and a
-dry run of one placement. Both read the residency view and the dispatcher's current policy;
-neither changes anything (the debug route runs the policy's decision without applying it)."""
+dry run of one placement. Both read the residency view and the dispatcher's routes (the
+policy of each listener and model group); neither changes anything (the debug route runs the
+policy's decision without applying it)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class ModelInfo(pydantic.BaseModel):
     """One model as this router process sees it."""
 
     model: str
+    group: str | None = pydantic.Field(None, description="the model group it belongs to")
     holders: list[str] = pydantic.Field(description="backends with it loaded")
     loading: list[str] = pydantic.Field(description="backends loading it now")
     copies_wanted: int | None = pydantic.Field(
@@ -66,7 +68,11 @@ class RouteDecision(pydantic.BaseModel):
 
     model: str
     kind: Kind
-    policy: str
+    policy: str = pydantic.Field(description="the policy that places it")
+    decided_by: Literal["model_group", "listener", "dispatch"] = pydantic.Field(
+        description="what chose the policy: its model group, the listener's policy, or "
+        "dispatch.policy")
+    group: str | None = pydantic.Field(None, description="the model group, if one decided")
     choice: str | None = pydantic.Field(description="the backend id; null if none, or if "
                                         "the policy does not decide by model")
     reason: str
@@ -85,16 +91,30 @@ class ModelRouting:
         self._rendezvous = Rendezvous()
 
     def models(self) -> list[ModelInfo]:
-        policy = self._dispatcher.policy
-        affinity = policy if isinstance(policy, AffinityPolicy) else None
+        routes = self._dispatcher.routes
+        affinities = [p for p in routes.policies() if isinstance(p, AffinityPolicy)]
         held = self._view.models()
-        names = set(held) | (set(affinity.numbers()) if affinity is not None else set())
-        return [self._model(name, held.get(name, {}), affinity) for name in sorted(names)]
+        names = set(held).union(*(a.numbers() for a in affinities))
+        return [self._model(name, held.get(name, {}), self._affinity_of(name, affinities))
+                for name in sorted(names)]
+
+    def _affinity_of(self, model: str, affinities: list[AffinityPolicy]
+                     ) -> AffinityPolicy | None:
+        """The affinity policy that measured ``model``, else the one that would place it."""
+        measured = next((a for a in affinities if model in a.numbers()), None)
+        if measured is not None:
+            return measured
+        routes = self._dispatcher.routes
+        for kind in ("tcp", "grpc"):
+            policy = routes.route(kind, model).policy
+            if isinstance(policy, AffinityPolicy):
+                return policy
+        return None
 
     def _model(self, name: str, holders: dict[str, Any], affinity: AffinityPolicy | None
                ) -> ModelInfo:
         info = ModelInfo(
-            model=name,
+            model=name, group=self._dispatcher.routes.group_of(name),
             holders=sorted(b for b, r in holders.items() if r.state == LOADED),
             loading=sorted(b for b, r in holders.items() if r.state == LOADING),
         )
@@ -113,8 +133,10 @@ class ModelRouting:
 
     def route(self, model: str, kind: Kind, key: str | None) -> RouteDecision:
         candidates = self._dispatcher.registry.candidates((), kind, model)
-        policy = self._dispatcher.policy
-        base = {"model": model, "kind": kind, "policy": policy.name}
+        chosen = self._dispatcher.routes.route(kind, model)
+        policy = chosen.policy
+        base = {"model": model, "kind": kind, "policy": policy.name,
+                "decided_by": chosen.source, "group": chosen.group}
         if not candidates:
             return RouteDecision(**base, choice=None, reason="no_backend", candidates=[])
         if isinstance(policy, AffinityPolicy):

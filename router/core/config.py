@@ -301,6 +301,11 @@ class ListenerConfig(_Section):
         1, ge=1, le=64, description="Router processes sharing the listen ports "
         "(SO_REUSEPORT), run by one supervisor process; 1 serves in-process.",
     )
+    policy: Policy | None = Field(
+        None, description="The balancing policy of this listener's requests (the values of "
+        "``dispatch.policy``); a model group's policy comes first (docs/operations.md, "
+        "Policies per listener and model group). Unset: ``dispatch.policy``.",
+    )
     tls: ServerTlsConfig | None = Field(
         None, description="TLS on the length-prefixed listener; unset: plaintext.",
     )
@@ -357,6 +362,10 @@ class GrpcConfig(_Section):
         description="Longest wait, in seconds, between reconnect attempts to a gRPC backend "
         "(gRPC's own default grows to 120 s; a restarted backend should be found within a "
         "health interval or two).",
+    )
+    policy: Policy | None = Field(
+        None, description="The balancing policy of this front door's calls (the values of "
+        "``dispatch.policy``); a model group's policy comes first. Unset: ``dispatch.policy``.",
     )
     tls: ServerTlsConfig | None = Field(
         None, description="TLS on the gRPC front door; unset: plaintext.",
@@ -656,6 +665,71 @@ class AffinityConfig(_Section):
         description="Seconds between two reads of each gRPC backend's ``RepositoryIndex`` "
         "(what it holds) while the policy is ``affinity``; 0: never.",
     )
+
+
+def _check_model_pattern(value: str) -> str:
+    if not value or value != value.strip() or "\x00" in value:
+        raise ValueError('expected a model name or a glob such as "llama-*", got '
+                         f"{quoted(value)}")
+    return value
+
+
+# A model name as requests carry it ("name" or "name:version"), or a shell-style glob over
+# such names (fnmatch, case-sensitive: *, ?, [seq], [!seq]).
+ModelPattern = Annotated[
+    str, Strict(), AfterValidator(_check_model_pattern),
+    Field(json_schema_extra={"format": 'model name or glob, e.g. "llama-*"'}),
+]
+# Policies with a load bound, and the policy with a churn guard.
+BOUNDED_POLICIES = ("affinity", "consistent_hash_bounded")
+
+
+class ModelGroupConfig(_Section):
+    """A model group: the requests for its models are placed by its own policy, whichever
+    listener they came in on. A request's model picks the first group (in file order) with a
+    name or glob matching it; precedence: model group, then the listener's ``policy``, then
+    ``dispatch.policy``. Any number of ``[[model_groups]]`` entries."""
+
+    name: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+        description="Letters, digits, '-', '_' and '.' (first a letter or digit), at most 64; "
+        "unique. Shown by /v1/debug/route.",
+    )
+    models: tuple[ModelPattern, ...] = Field(
+        description='Model names ("name" or "name:version", matched exactly) and shell-style '
+        'globs ("llama-*", "bert-?", "[ab]-*"), matched against the model a request names '
+        "(KServe model_name, x-route-model, a keyed frame's key). A glob that matches no "
+        "model is allowed.",
+    )
+    policy: Policy = Field(
+        description="The policy placing this group's requests (the values of "
+        "``dispatch.policy``).",
+    )
+    load_bound: float | None = Field(
+        None, ge=1.0, le=100.0, allow_inf_nan=False, strict=True,
+        description="policy affinity or consistent_hash_bounded: this group's c; unset: "
+        "``affinity.load_bound``.",
+    )
+    min_residency_s: float | None = Field(
+        None, ge=0.0, le=MAX_DURATION_S, allow_inf_nan=False, strict=True,
+        description="policy affinity: this group's churn guard, in seconds; unset: "
+        "``affinity.min_residency_s``.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _some_model(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        if not models:
+            raise ValueError("a model group needs at least one model name or glob")
+        return models
+
+    @model_validator(mode="after")
+    def _overrides_fit_the_policy(self) -> ModelGroupConfig:
+        if self.load_bound is not None and self.policy not in BOUNDED_POLICIES:
+            raise _invalid(f"load_bound applies to policy affinity or consistent_hash_bounded, "
+                           f"not {self.policy}")
+        if self.min_residency_s is not None and self.policy != "affinity":
+            raise _invalid(f"min_residency_s applies to policy affinity, not {self.policy}")
+        return self
 
 
 class AccessLogConfig(_Section):
@@ -1004,6 +1078,7 @@ class RouterConfig(_Section):
     manager: ManagerConfig = ManagerConfig()
     backends: tuple[BackendConfig, ...] = ()
     instances: tuple[InstanceConfig, ...] = ()
+    model_groups: tuple[ModelGroupConfig, ...] = ()
 
     def tls_of(self, backend: BackendConfig) -> BackendTlsConfig | None:
         """The TLS settings a backend is reached with; None: plaintext."""
@@ -1075,6 +1150,19 @@ class RouterConfig(_Section):
         if self.instances and self.listener.processes > 1:
             yield ("instances", "managed instances need listener.processes = 1 (each router "
                    "process would start its own replicas); use [[backends]] with command")
+
+    @model_validator(mode="after")
+    def _group_names_unique(self) -> RouterConfig:
+        seen: dict[str, int] = {}
+        problems = []
+        for i, group in enumerate(self.model_groups):
+            if group.name in seen:
+                problems.append((f"model_groups[{i}].name", f"{quoted(group.name)} is already "
+                                 f"used by model_groups[{seen[group.name]}].name"))
+            seen.setdefault(group.name, i)
+        if problems:
+            raise PydanticCustomError("keyed", "invalid", {"problems": problems})
+        return self
 
     @model_validator(mode="after")
     def _instances_can_run(self) -> RouterConfig:

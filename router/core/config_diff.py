@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from router.core.config import BackendConfig, RouterConfig
+from router.core.config import BackendConfig, ModelGroupConfig, RouterConfig
 from router.core.errors import RouterError
 from router.core.types import BackendSpec
 
@@ -43,6 +43,9 @@ LIVE_KEYS = frozenset({
     "dispatch.request_timeout_s",
     "dispatch.max_retries",
     "dispatch.policy",
+    "listener.policy",
+    "grpc.policy",
+    "model_groups",
     "pool.max_connections",
     "pool.connect_timeout_s",
     "pool.idle_timeout_s",
@@ -76,7 +79,8 @@ class ConfigDiff:
 
     def describe(self, old: RouterConfig, new: RouterConfig) -> list[str]:
         """One line per change that a reload applies, for the log and the admin API."""
-        lines = [f"{key}: {before!r} -> {after!r}" for key, before, after in self.settings]
+        lines = [f"{key}: {_shown(key, before)} -> {_shown(key, after)}"
+                 for key, before, after in self.settings]
         lines += [f"backend {_label(new.backends[i])}: added" for i in self.added]
         lines += [f"backend {_label(old.backends[i])}: removed (drains, then leaves)"
                   for i in self.removed]
@@ -164,6 +168,15 @@ def plan_sync(
         else:
             update.append(spec)
     return SyncPlan(tuple(join), tuple(update), tuple(drain))
+
+
+def _shown(key: str, value: Any) -> str:
+    """A setting's value for a change line; model groups as ``name (policy: models)``."""
+    if key == "model_groups":
+        groups: tuple[ModelGroupConfig, ...] = value
+        return "[" + ", ".join(f"{g.name} ({g.policy}: {', '.join(g.models)})"
+                               for g in groups) + "]"
+    return repr(value)
 
 
 def _identity(entry: BackendConfig) -> tuple[Any, ...]:

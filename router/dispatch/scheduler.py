@@ -5,11 +5,12 @@ moment the request is *accepted* and will be answered exactly once, through its 
 ``request_done``. A TCP frame, a unary gRPC call and a gRPC stream take the same path:
 
 * admission (``submit``): count it, stamp its queue deadline once, place it;
-* placement (``_place``): the policy picks among the healthy backends of the request's kind
-  and model that it has not tried; when the backend's ``Upstream`` lends a lease at once and
-  nobody waits there before it, the attempt starts from the caller's own callback (no task
-  switch, no future); otherwise the request waits on that backend (``WaitQueue``) and the
-  upstream is asked to grow;
+* placement (``_place``): the request's policy (``PolicyTable.route``: its model's group,
+  else its listener's, else ``dispatch.policy``) picks among the healthy backends of the
+  request's kind and model that it has not tried; when the backend's ``Upstream`` lends a
+  lease at once and nobody waits there before it, the attempt starts from the caller's own
+  callback (no task switch, no future); otherwise the request waits on that backend
+  (``WaitQueue``) and the upstream is asked to grow;
 * assignment (``_assign``): the one synchronous step run on every capacity event of a
   backend — a lease released (an answer came back), a dial finished or failed, probed
   connections came back, a connection closed, the backend went out of rotation or began to
@@ -43,6 +44,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from router.balance.groups import PolicyTable
 from router.balance.policies import KeyedPolicy, Policy
 from router.core.clock import Clock
 from router.core.config import DispatchConfig
@@ -69,7 +71,7 @@ class Dispatcher:
     def __init__(
         self,
         registry: Registry,
-        policy: Policy,
+        policy: Policy | PolicyTable,
         config: DispatchConfig,
         clock: Clock,
         stats: DataPlaneStats,
@@ -77,9 +79,7 @@ class Dispatcher:
         access_log: AccessLog | None = None,
     ) -> None:
         self._registry = registry
-        self._policy = policy
-        # A policy that sees the model and follows its placements (affinity, hashing).
-        self._keyed = policy if isinstance(policy, KeyedPolicy) else None
+        self._use(policy)
         self._config = config
         self._timeout_s = config.request_timeout_s
         self._clock = clock
@@ -99,16 +99,25 @@ class Dispatcher:
         for backend in registry:
             self._attach(backend)
 
-    def reconfigure(self, config: DispatchConfig, policy: Policy | None = None) -> None:
+    def _use(self, policy: Policy | PolicyTable) -> None:
+        routes = policy if isinstance(policy, PolicyTable) else PolicyTable.single(policy)
+        self._routes = routes
+        # The default route, used as is when nothing is resolved per request (one policy).
+        self._policy = routes.default.policy
+        # A policy that sees the model and follows its placements (affinity, hashing).
+        self._keyed = routes.default.keyed
+        self._by_request = not routes.simple
+
+    def reconfigure(self, config: DispatchConfig,
+                    policy: Policy | PolicyTable | None = None) -> None:
         """New settings (a reload): requests accepted from now on get the new queue timeout,
-        every placement from now on the new ``policy`` (None: the same one, its state kept),
-        every attempt started from now on the new request timeout and retry budget. Requests
-        already accepted keep their deadline."""
+        every placement from now on the new ``policy`` or table of them (None: the same, its
+        state kept), every attempt started from now on the new request timeout and retry
+        budget. Requests already accepted keep their deadline."""
         self._config = config
         self._timeout_s = config.request_timeout_s
         if policy is not None:
-            self._policy = policy
-            self._keyed = policy if isinstance(policy, KeyedPolicy) else None
+            self._use(policy)
         self.queue.resize(config.queue_size)
 
     # -- front-door side ----------------------------------------------------------------------
@@ -152,8 +161,14 @@ class Dispatcher:
 
     @property
     def policy(self) -> Policy:
-        """The policy placements use now (a reload may change it)."""
+        """The default policy (``dispatch.policy``) placements use now (a reload may change
+        it); ``routes`` says which one a given request gets."""
         return self._policy
+
+    @property
+    def routes(self) -> PolicyTable:
+        """The policies per listener and model group (a reload may change them)."""
+        return self._routes
 
     # -- placement ----------------------------------------------------------------------------
 
@@ -163,13 +178,17 @@ class Dispatcher:
             last = request.tried[-1] if request.tried else None
             self.finish(request, None, request.last_error or NoBackend(_no_backend(request)), last)
             return
-        keyed = self._keyed
+        if self._by_request:
+            route = self._routes.route(request.kind, request.model)
+            keyed, policy = route.keyed, route.policy
+        else:
+            keyed, policy = self._keyed, self._policy
         if keyed is not None:
             self._place_keyed(request, candidates, keyed)
         elif len(candidates) == 1:
             self._place_on(request, candidates[0])
         else:
-            self._place_on(request, candidates[self._policy.choose(candidates, self._rng)])
+            self._place_on(request, candidates[policy.choose(candidates, self._rng)])
 
     def _place_keyed(self, request: Request, candidates: list[Backend],
                      keyed: KeyedPolicy) -> None:
@@ -385,6 +404,7 @@ class Dispatcher:
             "waiting": self.queue.waiting,
             "queue_saturated": self.queue.saturated,
             "policy": self._policy.name,
+            "routes": self._routes.statistics(),
         }
 
     def __repr__(self) -> str:
