@@ -48,6 +48,7 @@ from chaos.common import (
     format_summary,
     free_port,
     get_backends,
+    judged,
     last_sample_before,
     reap,
     run_client,
@@ -319,12 +320,8 @@ def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict
         "router_exit_code": router_exit,
         **info,
         "fault_injection_error": chaos.error,
-        "invariants": invariants,
-        "passed": all(invariants.values()),
     }
-    if not result["passed"]:
-        result["router_stderr_tail"] = stderr_text[-3000:]
-    return result
+    return judged(result, invariants, stderr_text)
 
 
 def summary(result: dict[str, Any]) -> str:

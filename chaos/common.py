@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 STARTUP_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 20
+# How much of the router's stderr a failed scenario keeps in its result.
+STDERR_TAIL_CHARS = 3000
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -62,6 +64,17 @@ def start_echo(
     if record_path is not None:
         args += ["--record-ids", record_path]
     return start_backend("backends.echo", *args, port=port)
+
+
+def start_echoes(count: int, procs: list[Process]) -> list[int]:
+    """Start ``count`` plain echo backends, appending each to ``procs`` (so a failure later
+    still reaps them); their ports."""
+    ports = []
+    for _ in range(count):
+        proc, port = start_echo(0)
+        procs.append(proc)
+        ports.append(port)
+    return ports
 
 
 def start_router(
@@ -343,6 +356,17 @@ def last_sample_before(
             break
         found = backends.get(address, found)
     return found
+
+
+def judged(result: dict[str, Any], invariants: dict[str, bool], stderr_text: str
+           ) -> dict[str, Any]:
+    """``result`` with its ``invariants`` and verdict, and the router's stderr tail when a
+    check failed (what an operator reads first)."""
+    result["invariants"] = invariants
+    result["passed"] = all(invariants.values())
+    if not result["passed"]:
+        result["router_stderr_tail"] = stderr_text[-STDERR_TAIL_CHARS:]
+    return result
 
 
 def format_summary(rows: list[tuple[str, Any]], invariants: dict[str, bool], passed: bool) -> str:

@@ -65,8 +65,9 @@ from chaos.common import (
     RssSampler,
     format_summary,
     get_backends,
+    judged,
     reap,
-    start_echo,
+    start_echoes,
     start_router,
     stop,
     timed_request,
@@ -312,11 +313,7 @@ def run(
         stderr_path = os.path.join(tmp, "router.stderr")
         config_path = Path(tmp) / "router.toml"
         try:
-            ports = []
-            for _ in range(2):
-                proc, port = start_echo(0)
-                procs.append(proc)
-                ports.append(port)
+            ports = start_echoes(2, procs)
             text = f"[listener]\nread_timeout_s = {read_timeout_s}\n"
             text += "".join(f'\n[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in ports)
             config_path.write_text(text)
@@ -390,11 +387,8 @@ def _result(
         "rss_bound_mib": round(bound / MIB, 1),
         "rss_samples": sampler.samples if sampler else 0,
         "after_attack": after, "dropped": dropped, "router_exit_code": router_exit,
-        "invariants": invariants, "passed": all(invariants.values()),
     }
-    if not result["passed"]:
-        result["router_stderr_tail"] = stderr_text[-3000:]
-    return result
+    return judged(result, invariants, stderr_text)
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -51,9 +51,10 @@ from chaos.common import (
     RssSampler,
     format_summary,
     get_backends,
+    judged,
     reap,
     run_client,
-    start_echo,
+    start_echoes,
     start_router,
     stop,
 )
@@ -253,11 +254,7 @@ def run(
         stderr_path = os.path.join(tmp, "router.stderr")
         config_path = Path(tmp) / "router.toml"
         try:
-            ports = []
-            for _ in range(2):
-                proc, port = start_echo(0)
-                procs.append(proc)
-                ports.append(port)
+            ports = start_echoes(2, procs)
             _write_config(config_path, ports)
             with open(stderr_path, "wb") as stderr_file:
                 router, addr, admin = start_router([], stderr_file, config_path=config_path)
@@ -329,12 +326,8 @@ def run(
         "dropped": dropped,
         "router_exit_code": router_exit,
         **info,
-        "invariants": invariants,
-        "passed": all(invariants.values()),
     }
-    if not result["passed"]:
-        result["router_stderr_tail"] = stderr_text[-3000:]
-    return result
+    return judged(result, invariants, stderr_text)
 
 
 def summary(result: dict[str, Any]) -> str:

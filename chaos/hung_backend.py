@@ -45,6 +45,7 @@ from chaos.common import (
     first_sample_after,
     format_summary,
     get_backends,
+    judged,
     reap,
     run_client,
     start_echo,
@@ -208,12 +209,8 @@ def run(clients: int = 20, requests: int = 300, seed: int | None = None) -> dict
         "polls": len(samples),
         "router_exit_code": router_exit,
         **info,
-        "invariants": invariants,
-        "passed": all(invariants.values()),
     }
-    if not result["passed"]:
-        result["router_stderr_tail"] = stderr_text[-3000:]
-    return result
+    return judged(result, invariants, stderr_text)
 
 
 def summary(result: dict[str, Any]) -> str:
