@@ -323,6 +323,21 @@ class GrpcConfig(_Section):
         4, ge=1, le=64, description="engine = \"relay\": most HTTP/2 connections to one gRPC "
         "backend; a second is opened once the first carries 64 streams, and so on.",
     )
+    # 1 s: a client's PING ack takes a round trip; one that never acks must not hold the
+    # final GOAWAY (and so the drain) for longer than this.
+    drain_goaway_timeout_s: Seconds = Field(
+        1.0, description="engine = \"relay\": on drain, each client connection gets a GOAWAY "
+        "notice (last-stream-id 2^31-1) and a PING; the final GOAWAY, naming the last call "
+        "taken, follows the PING's ack or this many seconds, whichever is first.",
+    )
+    relay_keepalive_s: Seconds = Field(
+        30.0, description="engine = \"relay\": seconds a backend connection may receive "
+        "nothing before the router sends it a PING.",
+    )
+    relay_keepalive_timeout_s: Seconds = Field(
+        10.0, description="engine = \"relay\": seconds a keepalive PING may go unanswered; "
+        "then the connection is closed and its calls not yet answered are retried elsewhere.",
+    )
     max_message_bytes: Int = Field(
         16 * 1024 * 1024, ge=1, le=C_INT_MAX,
         description="Largest gRPC message accepted from a client or a backend, each way, in "

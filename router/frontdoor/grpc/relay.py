@@ -25,12 +25,20 @@ RESOURCE_EXHAUSTED (OVERLOADED) while the dispatch queue is full; streams past
 ``grpc.max_concurrent_streams`` on a connection are refused (REFUSED_STREAM) and connections
 past ``grpc.max_connections`` closed at once.
 
-Drain, as on the grpcio engine: ``start_drain`` turns health and ServerReady to not serving,
-and new calls are refused UNAVAILABLE (DRAINING, so a client knows to go elsewhere) while
-calls in flight go on. ``wait_all_closed`` stops listening once every call has finished, sends
-each connection GOAWAY with the last stream id it took, and closes it after its last bytes
-(within ``linger_s``); ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at the
-deadline.
+Drain, GOAWAY first (as grpc-go's and Envoy's servers do): ``start_drain`` sends every
+client connection a GOAWAY notice (last-stream-id 2^31-1) and a PING, then turns health and
+ServerReady to not serving. A client stops opening streams on the connection once it reads the
+notice, but calls it sent before that are still on their way: they are taken. On the PING's
+ack (every frame the client sent before it has arrived) or after
+``grpc.drain_goaway_timeout_s``, the final GOAWAY names the highest stream taken; a stream
+above it is refused (REFUSED_STREAM: never processed, so the client retries it elsewhere), and
+every stream at or below it is answered within the grace period. So no call is refused or lost
+for racing the drain. A connection opened during the drain (the listener stays open until
+every call has finished) gets its calls refused UNAVAILABLE (DRAINING, so a client knows to go
+elsewhere). ``wait_all_closed`` waits for the final GOAWAYs and for every call, stops
+listening, sends the connections that had none their final GOAWAY, and closes each after its
+last bytes (within ``linger_s``); ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at
+the deadline.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from typing import Any, cast
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from router.core.clock import Clock
+from router.core.clock import Clock, Timer
 from router.core.config import GrpcConfig
 from router.core.errors import (
     Draining,
@@ -69,10 +77,12 @@ from router.frontdoor.grpc.relay_call import (
 )
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
+from router.protocol import h2frames as f
 from router.protocol.h2connection import (
     DataReceived,
     H2Connection,
     HeadersReceived,
+    PingAcked,
     Sent,
     StreamReset,
     Terminated,
@@ -93,6 +103,8 @@ _REFLECTION = frozenset(f"/{name}/ServerReflectionInfo" for name in (V1, V1ALPHA
 # Request bytes a call keeps for a retry before any answer: a unary call of up to this much
 # may go to another backend when its first fails before answering.
 MAX_REPLAY_BYTES = 4 << 20
+# The opaque data of the PING that follows the GOAWAY notice: its ack sends the final GOAWAY.
+DRAIN_PING = b"rdrain\0\0"
 
 
 def _by_model() -> dict[str, tuple[Callable[[bytes], ModelRef], bool]]:
@@ -118,6 +130,9 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: RouterError | None = None  # a client certificate off the allow-list
         self._flush_scheduled = False
         self._closing = False
+        # Opened during the drain: its calls are refused DRAINING (it had no GOAWAY notice).
+        self.late = door.draining
+        self._final_timer: Timer | None = None
         # Once per connection: get_running_loop() costs a getpid() system call each time.
         self._loop = asyncio.get_running_loop()
 
@@ -140,6 +155,8 @@ class ClientConnection(asyncio.Protocol):
         door.connections_total += 1
         door.no_connections.clear()
         transport.write(self.conn.data_to_send())
+        if door.closing:
+            self.final_goaway()  # the listener closed as it was accepted: not one call more
 
     def data_received(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
@@ -166,6 +183,10 @@ class ClientConnection(asyncio.Protocol):
                 assert isinstance(event, StreamReset)
                 if event.stream.peer is not None:
                     event.stream.peer.client_reset()
+            elif cls is PingAcked:
+                assert isinstance(event, PingAcked)
+                if event.opaque == DRAIN_PING:
+                    self.final_goaway()
             elif cls is Terminated:
                 assert isinstance(event, Terminated)
                 log.info("gRPC client broke HTTP/2: %s", event.error.message)
@@ -177,6 +198,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         door = self.door
         door.connections.discard(self)
+        door.goaway_done(self)
         if not door.connections:
             door.no_connections.set()
         self._end_calls()
@@ -202,11 +224,23 @@ class ClientConnection(asyncio.Protocol):
         if self._closing and (self.conn.terminated or not self.conn.streams):
             transport.close()  # after a protocol error, at once: its streams are gone
 
-    def close_when_idle(self) -> None:
-        """The final GOAWAY; close once the streams left have ended."""
+    def drain_notice(self, timeout_s: float) -> None:
+        """The GOAWAY notice and its PING; the final GOAWAY on the ack or in ``timeout_s``."""
+        self.conn.goaway(last_stream_id=f.MAX_WINDOW)
+        self.conn.ping(DRAIN_PING)
+        self.flush()
+        clock = self.door.clock
+        self._final_timer = clock.call_at(clock.now() + timeout_s, self.final_goaway)
+
+    def final_goaway(self) -> None:
+        """The final GOAWAY (once); close once the streams left have ended."""
+        if self._final_timer is not None:
+            self._final_timer.cancel()
+            self._final_timer = None
         self.conn.goaway()
         self._closing = True
         self.flush()
+        self.door.goaway_done(self)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -248,6 +282,12 @@ class RelayFrontDoor:
         self.no_connections = asyncio.Event()
         self.no_connections.set()
         self._server: asyncio.Server | None = None
+        self.draining = False
+        self.closing = False  # the last phase of the drain: every connection's final GOAWAY
+        # Connections sent the GOAWAY notice whose final GOAWAY has not gone yet.
+        self._noticed: set[ClientConnection] = set()
+        self._finals = asyncio.Event()
+        self._finals.set()
         self.calls_total = 0
         self.connections_total = 0
         self.refused_connections = 0
@@ -268,18 +308,36 @@ class RelayFrontDoor:
         return host, int(bound[1])
 
     def start_drain(self) -> None:
-        self.health_changed()  # watchers hear NOT_SERVING; new calls are refused DRAINING
+        """The GOAWAY notice on every connection (before the watchers' NOT_SERVING, so a
+        client that reads that has read the notice too), then readiness's change."""
+        self.draining = True
+        connections = list(self.connections)
+        self._noticed.update(connections)
+        if self._noticed:
+            self._finals.clear()
+        for connection in connections:
+            connection.drain_notice(self.config.drain_goaway_timeout_s)
+        self.health_changed()
+
+    def goaway_done(self, connection: ClientConnection) -> None:
+        """``connection`` had its final GOAWAY (or went away)."""
+        self._noticed.discard(connection)
+        if not self._noticed:
+            self._finals.set()
 
     async def wait_all_closed(self) -> None:
-        """Once no call is left: the final GOAWAY, and the connections closed after their
+        """Once every final GOAWAY is out and no call is left: no listener, a final GOAWAY
+        on the connections opened during the drain, and every connection closed after its
         last bytes (within ``linger_s``)."""
         for watcher in list(self._watchers):
             watcher.fail(Draining("the router is draining"))
+        await self._finals.wait()
         await self._idle.wait()
+        self.closing = True
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            connection.close_when_idle()
+            connection.final_goaway()
         try:
             async with asyncio.timeout(self.linger_s):
                 await self.no_connections.wait()
@@ -372,7 +430,7 @@ class RelayFrontDoor:
             call.fail(error)
 
     def _admit(self, call: RelayCall, model: str | None) -> None:
-        if self.lifecycle.draining:
+        if call.client.late or self.lifecycle.abandoned:
             raise Draining("the router is draining; retry on another router")
         if self.dispatcher.saturated:
             raise Overloaded("the dispatch queue is full")
