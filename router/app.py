@@ -75,7 +75,7 @@ from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.grpc_limiter import GrpcCallLimiter
-from router.upstream.h2_backend import H2Upstream, make_h2_dialer
+from router.upstream.h2_backend import H2Lifetime, H2Upstream, make_h2_dialer
 from router.upstream.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -257,8 +257,12 @@ class RouterApp:
             h2_dial = make_h2_dialer(
                 None if spec.is_unix else spec.host, None if spec.is_unix else spec.port,
                 spec.unix_path if spec.is_unix else None, tls=tls)
+            limits = self.config.pool  # the TCP pool's idle timeout and lifetime, for both
+            lifetime = H2Lifetime(self.clock, limits.idle_timeout_s, limits.max_lifetime_s,
+                                  g.relay_keepalive_s, g.relay_keepalive_timeout_s)
             upstream = H2Upstream(h2_dial, g.max_calls_per_backend, spec.address,
-                                  max_connections=g.relay_connections_per_backend)
+                                  max_connections=g.relay_connections_per_backend,
+                                  lifetime=lifetime)
         elif spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
             if tls is not None:
