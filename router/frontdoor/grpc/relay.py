@@ -54,6 +54,7 @@ from grpc_health.v1 import health_pb2
 from router.core.clock import Clock, Timer
 from router.core.config import GrpcConfig
 from router.core.errors import (
+    BadCompressedMessage,
     Draining,
     Dropped,
     MalformedMessage,
@@ -72,12 +73,14 @@ from router.frontdoor.grpc.reflection import V1, V1ALPHA, reflection_answer
 from router.frontdoor.grpc.relay_call import (
     RelayCall,
     first_message,
+    first_message_start,
     message_end,
     split_messages,
 )
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
 from router.protocol import h2frames as f
+from router.protocol.grpc_compression import PREFIX_BYTES
 from router.protocol.h2connection import (
     DataReceived,
     H2Connection,
@@ -87,7 +90,7 @@ from router.protocol.h2connection import (
     StreamReset,
     Terminated,
 )
-from router.protocol.kserve import ModelRef, read_model, read_trace_model
+from router.protocol.kserve import ModelRef, read_model, read_trace_model, whole_fields
 from router.tls.context import ServerTls
 from router.tls.identity import PeerIdentity
 
@@ -411,12 +414,20 @@ class RelayFrontDoor:
                 return
             # Joined only once whole: a 1 MiB message comes in 64 DATA frames.
             whole = call.unsent_size >= message_end(call.unsent, self.config.max_message_bytes)
-            message = first_message(call.unsent, self.config.max_message_bytes) if whole else None
-            if message is None:
+            start = first_message_start(call.unsent, self.config.max_message_bytes,
+                                        call.header("grpc-encoding")) if whole else None
+            if start is None:
                 if call.client_ended:
                     raise MalformedMessage("the call ended before its first message")
                 return
+            message, complete = start
+            if not complete:  # a compressed message over PREFIX_BYTES: the fields it holds
+                message = whole_fields(message)
             reader, needs_model = routed
+            if not complete and needs_model and not reader(message).name:
+                raise BadCompressedMessage(
+                    f"no model named in the first {PREFIX_BYTES} bytes of the decompressed "
+                    "message")
             named = needs_model or bool(reader(message).name)
             key = self.kserve.model_key(message, reader) if named else None
             if method == _MODEL_METADATA and key is not None:
