@@ -5,6 +5,7 @@ raw HTTP/2 clients (nghttp2's ``nghttp``), on uvloop as in production."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -176,3 +177,87 @@ async def test_nghttp_calls_through_the_relay(
     out = await _nghttp(*headers, *extra, "-d", str(live), base + SERVER_LIVE)
     assert out.count("grpc-status: 0") == streams
     assert router.app.stats.completed == streams
+
+
+async def _until_in_flight(router: object, calls: int) -> None:
+    """Bounded: until the router has ``calls`` calls in flight (10 s, 1,000 looks)."""
+    app = router.app  # type: ignore[attr-defined]
+    for _ in range(1000):
+        if app.stats.inflight >= calls:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {calls} calls in flight: {app.stats.inflight}")
+
+
+async def test_nghttp_sees_the_goaway_notice_the_ping_and_the_final_goaway(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory, tmp_path
+) -> None:
+    """A call in flight when the drain starts: nghttp reads GOAWAY(2^31-1) and a PING (and
+    acks it), then GOAWAY naming its stream, and the call still ends with grpc-status 0."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address)])
+    body = tmp_path / "request"
+    body.write_bytes(_grpc_body(b"late"))
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers",
+               "-H", "x-echo-delay-ms: 800", "-H", "x-echo-count: 1", "-v"]
+    call = asyncio.create_task(_nghttp(*headers, "-d", str(body),
+                                       f"http://{router.target}{ECHO}ServerStream"))
+    await _until_in_flight(router, 1)
+    router.start_drain()
+    out = await call
+    report = await router.wait_report()
+    goaways = [line for line in out.splitlines() if "last_stream_id=" in line]
+    assert len(goaways) == 2, out[-3000:]
+    assert "last_stream_id=2147483647, error_code=NO_ERROR" in goaways[0]
+    stream = re.search(r"send HEADERS frame <[^>]*stream_id=(\d+)>", out)
+    assert stream is not None  # nghttp's request (ids below it hold its priority tree)
+    assert f"last_stream_id={stream[1]}, error_code=NO_ERROR" in goaways[1]
+    assert "recv PING frame" in out and "send PING frame <length=8, flags=0x01" in out
+    assert out.index("send PING frame <length=8, flags=0x01") < out.index(goaways[1])
+    assert "grpc-status: 0" in out
+    assert report.dropped == 0 and not report.timed_out
+
+
+async def test_grpc_clients_racing_the_drain_lose_no_call(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """Eight grpcio clients keep calling while the router drains: every call the router took
+    is answered OK; the others are refused without reaching a backend (UNAVAILABLE), and
+    nothing is dropped."""
+    backend = kserve_backend("--delay-ms", "50")
+    router = await grpc_router([grpc_backend(backend.address, "identity")])
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(router.target, options=own) for _ in range(8)]
+    outcomes: list[str] = []
+    drained = asyncio.Event()
+
+    async def caller(channel: grpc.aio.Channel, index: int) -> None:
+        infer = channel.unary_unary(MODEL_INFER)
+        for i in range(200):  # bounded: the drain ends the loop long before
+            try:
+                answer = await infer(infer_request("identity", [float(i)]),
+                                     timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                code = dict(exc.trailing_metadata() or ()).get("x-router-error")
+                outcomes.append(f"{exc.code().name}:{code}")
+                if drained.is_set():
+                    return
+                continue
+            outcomes.append("OK" if output_values(answer) == [float(i)] else "WRONG")
+
+    try:
+        tasks = [asyncio.create_task(caller(c, n)) for n, c in enumerate(channels)]
+        await _until_in_flight(router, 8)
+        router.start_drain()
+        drained.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+    finally:
+        for channel in channels:
+            await channel.close()
+    report = await router.wait_report()
+    stats = router.app.stats
+    refused = [o for o in outcomes if o != "OK"]
+    assert outcomes.count("OK") == stats.completed == stats.accepted >= 8
+    assert all(o in ("UNAVAILABLE:None", "UNAVAILABLE:DRAINING") for o in refused), refused
+    assert report.dropped == 0 and stats.dropped == 0 and not report.timed_out
