@@ -257,12 +257,9 @@ class RouterApp:
             h2_dial = make_h2_dialer(
                 None if spec.is_unix else spec.host, None if spec.is_unix else spec.port,
                 spec.unix_path if spec.is_unix else None, tls=tls)
-            limits = self.config.pool  # the TCP pool's idle timeout and lifetime, for both
-            lifetime = H2Lifetime(self.clock, limits.idle_timeout_s, limits.max_lifetime_s,
-                                  g.relay_keepalive_s, g.relay_keepalive_timeout_s)
             upstream = H2Upstream(h2_dial, g.max_calls_per_backend, spec.address,
                                   max_connections=g.relay_connections_per_backend,
-                                  lifetime=lifetime)
+                                  lifetime=self._h2_lifetime(self.config))
         elif spec.protocol == "grpc":
             upstream = GrpcCallLimiter(self.config.grpc.max_calls_per_backend, spec.address)
             if tls is not None:
@@ -377,9 +374,20 @@ class RouterApp:
             upstream = backend.upstream
             if isinstance(upstream, Pool) and new.pool != old.pool:
                 upstream.reconfigure(new.pool)
-            elif isinstance(upstream, GrpcCallLimiter | H2Upstream) and calls_changed:
+            elif isinstance(upstream, H2Upstream):
+                lifetime = self._h2_lifetime(new)
+                if calls_changed or lifetime != upstream.lifetime:
+                    upstream.reconfigure(max_calls, lifetime)
+            elif isinstance(upstream, GrpcCallLimiter) and calls_changed:
                 upstream.reconfigure(max_calls)
         self.drain.grace_s = new.drain.shutdown_grace_s
+
+    def _h2_lifetime(self, config: RouterConfig) -> H2Lifetime:
+        """The relay's backend connections: the TCP pool's idle timeout and lifetime, the
+        gRPC section's keepalive."""
+        pool, g = config.pool, config.grpc
+        return H2Lifetime(self.clock, pool.idle_timeout_s, pool.max_lifetime_s,
+                          g.relay_keepalive_s, g.relay_keepalive_timeout_s)
 
     async def run(self, stop: Awaitable[object]) -> DrainReport:
         """Start, serve until ``stop`` resolves, drain, and release everything."""

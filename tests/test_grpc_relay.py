@@ -261,3 +261,53 @@ async def test_grpc_clients_racing_the_drain_lose_no_call(
     assert outcomes.count("OK") == stats.completed == stats.accepted >= 8
     assert all(o in ("UNAVAILABLE:None", "UNAVAILABLE:DRAINING") for o in refused), refused
     assert report.dropped == 0 and stats.dropped == 0 and not report.timed_out
+
+
+async def test_backend_connections_retire_when_idle_and_fail_over_without_a_ping_ack(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """A backend that takes the connection and then says nothing (no answer, no PING ack):
+    the keepalive PING goes unanswered, the connection is closed and the unary call on it
+    retried on the other backend. The good backend's connection, idle, retires and is
+    dialled again for the next call."""
+    silent_bytes = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65_536):  # ends when the router closes it
+            silent_bytes.extend(data)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    dead = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    good = kserve_backend()
+    router = await grpc_router(
+        [grpc_backend(dead, "identity"), grpc_backend(good.address, "identity")],
+        {"dispatch": {"policy": "round_robin", "max_retries": 1},
+         "health": {"interval_s": 60.0}, "pool": {"idle_timeout_s": 0.5},
+         "grpc": {"relay_keepalive_s": 0.2, "relay_keepalive_timeout_s": 0.3}})
+    try:
+        async with router.channel() as channel:
+            infer = channel.unary_unary(MODEL_INFER)
+            for i in range(2):  # round robin: one of them goes to the silent backend first
+                answer = await infer(infer_request("identity", [float(i)]),
+                                     timeout=CALL_TIMEOUT_S)
+                assert output_values(answer) == [float(i)]
+            silent_calls = router.backend(dead)["calls"]
+            assert silent_calls["keepalive_failures"] == 1 and silent_calls["connections"] == 0
+            assert f.encode_ping(b"rkeepal\0") in silent_bytes  # the PING it never acked
+            for _ in range(300):  # bounded (3 s): the good connection's idle timeout passes
+                if router.backend(good.address)["calls"]["connections_retired"]["idle"]:
+                    break
+                await asyncio.sleep(0.01)
+            upstream = router.backend(good.address)["calls"]
+            assert upstream["connections_retired"]["idle"] == 1 and upstream["connections"] == 0
+            answer = await channel.unary_unary(MODEL_INFER)(
+                infer_request("identity", [7.0]), timeout=CALL_TIMEOUT_S)
+            assert output_values(answer) == [7.0]
+            assert router.backend(good.address)["calls"]["dials"] == 2
+        stats = router.app.stats
+        failures = router.backend(dead)["calls"]["keepalive_failures"]
+        assert stats.retried == failures >= 1  # each retry: a keepalive PING without its ack
+        assert stats.completed == 3 and not stats.errored
+    finally:
+        server.close()

@@ -330,8 +330,10 @@ class GrpcConfig(_Section):
         "notice (last-stream-id 2^31-1) and a PING; the final GOAWAY, naming the last call "
         "taken, follows the PING's ack or this many seconds, whichever is first.",
     )
+    # 300 s: grpc-go's and grpc core's servers take a PING sooner than 5 min after the last
+    # for abuse (GOAWAY ENHANCE_YOUR_CALM, "too_many_pings") once a few have come.
     relay_keepalive_s: Seconds = Field(
-        30.0, description="engine = \"relay\": seconds a backend connection may receive "
+        300.0, description="engine = \"relay\": seconds a backend connection may receive "
         "nothing before the router sends it a PING.",
     )
     relay_keepalive_timeout_s: Seconds = Field(
@@ -469,7 +471,8 @@ class DispatchConfig(_Section):
 
 
 class PoolConfig(_Section):
-    """The connections to each TCP backend."""
+    """The connections to each TCP backend; ``idle_timeout_s`` and ``max_lifetime_s`` apply to
+    the relay's HTTP/2 connections to gRPC backends too."""
 
     max_connections: Int = Field(
         64, ge=1, description="Open connections per backend: idle, in use and dialling."
@@ -491,11 +494,12 @@ class PoolConfig(_Section):
         "request is retried on another backend).",
     )
     idle_timeout_s: Seconds = Field(
-        60.0, description="Seconds an idle pooled connection is kept before it is closed."
+        60.0, description="Seconds an idle pooled connection is kept before it is closed "
+        "(on the gRPC relay: a backend connection that carries no stream)."
     )
     max_lifetime_s: Seconds = Field(
         600.0, description="Seconds after which a connection is closed, once its current "
-        "requests are answered.",
+        "requests are answered (on the gRPC relay: after a GOAWAY, once its streams end).",
     )
 
 

@@ -432,8 +432,11 @@ class H2Upstream:
             if not lease.conn.streams:
                 lease.went_idle()
 
-    def reconfigure(self, max_calls: int) -> None:
+    def reconfigure(self, max_calls: int, lifetime: H2Lifetime | None = None) -> None:
+        """New limits; a new ``lifetime`` applies at each connection's next check."""
         self._max_calls = max_calls
+        if lifetime is not None:
+            self.lifetime = lifetime
         if self.on_room is not None:
             self.on_room(None)
 
