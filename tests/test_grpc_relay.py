@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from router.protocol import h2frames as f
+from router.protocol.h2connection import H2Connection, HeadersReceived
 from router.protocol.h2headers import encode_block
 from tests.grpc_support import (
     CALL_TIMEOUT_S,
@@ -311,3 +312,44 @@ async def test_backend_connections_retire_when_idle_and_fail_over_without_a_ping
         assert stats.completed == 3 and not stats.errored
     finally:
         server.close()
+
+
+async def test_a_call_refused_by_a_backend_goaway_is_retried_on_a_new_connection(
+    grpc_router: GrpcRouterFactory
+) -> None:
+    """The only backend answers the first call's stream with GOAWAY(last-stream-id 0): the
+    call was never processed, so it goes to a new connection to the same backend (no other
+    backend needed), and the refusing connection retires."""
+    refused: list[int] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = H2Connection(client=False)
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65_536):
+            for event in conn.receive_data(data):
+                if not isinstance(event, HeadersReceived) or event.trailers:
+                    continue
+                if dict(event.headers).get(":path") == ECHO + "Unary" and not refused:
+                    refused.append(event.stream_id)
+                    conn.goaway(last_stream_id=max(event.stream_id - 2, 0))
+                    continue
+                conn.send_headers(event.stream_id, [(":status", "200"),
+                                                    ("content-type", "application/grpc")])
+                conn.send_data(event.stream_id, _grpc_body(b"pong"))
+                conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    server = await asyncio.start_server(backend, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    router = await grpc_router([grpc_backend(address)], {"health": {"interval_s": 60.0}})
+    try:
+        async with router.channel() as channel:
+            answer = await channel.unary_unary(ECHO + "Unary")(b"ping", timeout=CALL_TIMEOUT_S)
+    finally:
+        server.close()
+    assert answer == b"pong" and refused
+    upstream = router.backend(address)["calls"]
+    assert upstream["connections_retired"]["goaway"] == 1 and upstream["dials"] == 2
+    stats = router.app.stats
+    assert stats.completed == 1 and not stats.errored

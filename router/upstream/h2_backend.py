@@ -180,7 +180,9 @@ class H2BackendConnection(asyncio.Protocol):
         if peer is None:
             return
         if event.code == f.REFUSED_STREAM:
-            error = BackendUnavailable(f"{self.name}: stream refused")
+            # Never processed (past a GOAWAY, or over its stream limit): the backend is there,
+            # so once on another connection to it, as a keep-alive close is, and not counted.
+            error = BackendUnavailable(f"{self.name}: stream refused", reused_connection=True)
         else:
             error = BackendUnavailable(f"{self.name}: stream reset (code {event.code:#x})")
         peer.backend_reset(error, event.code)
