@@ -353,3 +353,54 @@ async def test_a_call_refused_by_a_backend_goaway_is_retried_on_a_new_connection
     assert upstream["connections_retired"]["goaway"] == 1 and upstream["dials"] == 2
     stats = router.app.stats
     assert stats.completed == 1 and not stats.errored
+
+
+async def test_a_client_that_never_acks_the_drain_ping_gets_the_final_goaway_in_time(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory
+) -> None:
+    """Raw HTTP/2: a call in flight, the drain's PING left unanswered. The final GOAWAY comes
+    after grpc.drain_goaway_timeout_s, naming that call's stream; a stream opened after it is
+    refused (REFUSED_STREAM), and the call in flight is still answered."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address)],
+                               {"grpc": {"drain_goaway_timeout_s": 0.3}})
+    host, port = router.target.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    def call(stream_id: int) -> bytes:
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", ECHO + "ServerStream"),
+                   (":authority", "x"), ("content-type", "application/grpc"),
+                   ("te", "trailers"), ("x-echo-delay-ms", "1000"), ("x-echo-count", "1")]
+        return (f.encode_headers(stream_id, b"\x20" + encode_block(headers), False, 16_384)
+                + f.encode_data(stream_id, _grpc_body(b"x"), True, 16_384))
+
+    writer.write(f.PREFACE + f.encode_settings([]) + call(1))
+    decoder, loop = f.FrameDecoder(max_frame_size=1 << 20), asyncio.get_running_loop()
+    seen: list[tuple[str, int, float]] = []  # (what, its stream or last-stream-id, when)
+    try:
+        await _until_in_flight(router, 1)
+        router.start_drain()
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            while not any(what == "trailers" for what, _, _ in seen):
+                data = await reader.read(65_536)
+                assert data, f"closed early: {seen}"
+                for kind, flags, stream_id, payload in decoder.receive(data):
+                    if kind == f.GOAWAY:
+                        seen.append(("goaway", f.read_goaway(payload, 0)[0], loop.time()))
+                        if len([s for s in seen if s[0] == "goaway"]) == 2:
+                            writer.write(call(3))  # after the final GOAWAY: refused
+                    elif kind == f.PING and not flags & f.ACK:
+                        seen.append(("ping", 0, loop.time()))  # and never acked
+                    elif kind == f.RST_STREAM:
+                        seen.append((f"rst {f.read_rst_stream(payload, stream_id)}",
+                                     stream_id, loop.time()))
+                    elif kind == f.HEADERS and flags & f.END_STREAM:
+                        seen.append(("trailers", stream_id, loop.time()))
+    finally:
+        writer.close()
+    kinds = [(what, value) for what, value, _ in seen]
+    assert kinds[:3] == [("goaway", f.MAX_WINDOW), ("ping", 0), ("goaway", 1)], kinds
+    assert (f"rst {f.REFUSED_STREAM}", 3) in kinds and ("trailers", 1) in kinds
+    assert seen[2][2] - seen[0][2] >= 0.25  # the bound, not an ack, sent the final GOAWAY
+    report = await router.wait_report()
+    assert report.dropped == 0 and router.app.stats.completed == 1

@@ -571,6 +571,8 @@ class RelayFrontDoor:
             "calls_in_flight": len(self.calls),
             "calls_total": self.calls_total,
             "health_watchers": len(self._watchers),
+            # Draining: connections sent the GOAWAY notice and waiting for their final one.
+            "goaway_pending": len(self._noticed),
             "phase": self.lifecycle.phase.value,
             "calls": self.stats.statistics(),
         }
