@@ -207,7 +207,8 @@ async def test_nghttp_sees_the_goaway_notice_the_ping_and_the_final_goaway(
     router.start_drain()
     out = await call
     report = await router.wait_report()
-    goaways = [line for line in out.splitlines() if "last_stream_id=" in line]
+    lines = out.splitlines()  # a frame's fields are on the line after its own
+    goaways = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "recv GOAWAY frame" in line]
     assert len(goaways) == 2, out[-3000:]
     assert "last_stream_id=2147483647, error_code=NO_ERROR" in goaways[0]
     stream = re.search(r"send HEADERS frame <[^>]*stream_id=(\d+)>", out)
