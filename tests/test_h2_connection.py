@@ -309,3 +309,49 @@ def test_a_backend_goaway_keeps_the_streams_it_covers_and_refuses_the_rest():
     server.send_headers(streams[0].id, [(":status", "200"), ("grpc-status", "0")], True)
     events = client.receive_data(server.data_to_send())
     assert [(type(e), e.stream_id) for e in events] == [(HeadersReceived, streams[0].id)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["open", "notice", "final", "deliver"]), max_size=40))
+def test_every_stream_is_taken_at_or_below_the_final_goaway_and_refused_above_it(
+    steps: list[str]
+) -> None:
+    """Whatever the interleaving of a client opening streams and a server shutting down
+    gracefully (notice, final GOAWAY) with bytes delivered at any point: each stream is taken
+    (HeadersReceived) iff its id is at or below the final last-stream-id, each one above it is
+    reset REFUSED_STREAM at the client, and the last-stream-id never changes once sent."""
+    client, server = pair()
+    taken: set[int] = set()
+    opened: list[int] = []
+    refused: set[int] = set()
+
+    def deliver() -> None:
+        for event in server.receive_data(client.data_to_send()):
+            if isinstance(event, HeadersReceived):
+                taken.add(event.stream_id)
+        for event in client.receive_data(server.data_to_send()):
+            if isinstance(event, StreamReset) and event.code == f.REFUSED_STREAM:
+                refused.add(event.stream_id)
+
+    final: int | None = None
+    for step in steps:
+        if step == "open":
+            stream = client.open_stream()  # even past a GOAWAY: a rude client
+            client.send_headers(stream.id, REQUEST, end_stream=True)
+            opened.append(stream.id)
+        elif step == "notice":
+            server.goaway(last_stream_id=f.MAX_WINDOW)
+        elif step == "final":
+            server.goaway()
+            final = server.goaway_sent if final is None else final
+            assert server.goaway_sent == final
+        else:
+            deliver()
+    deliver()
+    deliver()
+    last = server.goaway_sent
+    if last is None:
+        assert taken == set(opened)
+        return
+    assert taken == {i for i in opened if i <= last}
+    assert {i for i in opened if i > last} <= refused
