@@ -227,6 +227,11 @@ class ClientConnection(asyncio.Protocol):
         if self._closing and (self.conn.terminated or not self.conn.streams):
             transport.close()  # after a protocol error, at once: its streams are gone
 
+    @property
+    def closing(self) -> bool:
+        """Its final GOAWAY (or a protocol error's) has gone: no notice is due."""
+        return self._closing
+
     def drain_notice(self, timeout_s: float) -> None:
         """The GOAWAY notice and its PING; the final GOAWAY on the ack or in ``timeout_s``."""
         self.conn.goaway(last_stream_id=f.MAX_WINDOW)
@@ -314,7 +319,7 @@ class RelayFrontDoor:
         """The GOAWAY notice on every connection (before the watchers' NOT_SERVING, so a
         client that reads that has read the notice too), then readiness's change."""
         self.draining = True
-        connections = list(self.connections)
+        connections = [c for c in self.connections if not c.closing]
         self._noticed.update(connections)
         if self._noticed:
             self._finals.clear()
