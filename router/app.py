@@ -77,7 +77,7 @@ from router.upstream.base import Upstream
 from router.upstream.frame_connection import make_dialer, make_unix_dialer
 from router.upstream.grpc_channels import GrpcChannels
 from router.upstream.grpc_limiter import GrpcCallLimiter
-from router.upstream.h2_backend import H2Upstream, make_h2_dialer
+from router.upstream.h2_backend import H2Lifetime, H2Upstream, make_h2_dialer
 from router.upstream.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,8 @@ class RouterApp:
                 None if spec.is_unix else spec.host, None if spec.is_unix else spec.port,
                 spec.unix_path if spec.is_unix else None, tls=tls)
             upstream = H2Upstream(h2_dial, g.max_calls_per_backend, spec.address,
-                                  max_connections=g.relay_connections_per_backend)
+                                  max_connections=g.relay_connections_per_backend,
+                                  lifetime=self._h2_lifetime(self.config))
             if tls is not None:  # its grpc.aio channel: probes, indexes, model control
                 self.grpc_channels.use_tls(spec.address, tls)
         elif spec.protocol == "grpc":
@@ -399,9 +400,20 @@ class RouterApp:
             upstream = backend.upstream
             if isinstance(upstream, Pool) and new.pool != old.pool:
                 upstream.reconfigure(new.pool)
-            elif isinstance(upstream, GrpcCallLimiter | H2Upstream) and calls_changed:
+            elif isinstance(upstream, H2Upstream):
+                lifetime = self._h2_lifetime(new)
+                if calls_changed or lifetime != upstream.lifetime:
+                    upstream.reconfigure(max_calls, lifetime)
+            elif isinstance(upstream, GrpcCallLimiter) and calls_changed:
                 upstream.reconfigure(max_calls)
         self.drain.grace_s = new.drain.shutdown_grace_s
+
+    def _h2_lifetime(self, config: RouterConfig) -> H2Lifetime:
+        """The relay's backend connections: the TCP pool's idle timeout and lifetime, the
+        gRPC section's keepalive."""
+        pool, g = config.pool, config.grpc
+        return H2Lifetime(self.clock, pool.idle_timeout_s, pool.max_lifetime_s,
+                          g.relay_keepalive_s, g.relay_keepalive_timeout_s)
 
     async def run(self, stop: Awaitable[object]) -> DrainReport:
         """Start, serve until ``stop`` resolves, drain, and release everything."""

@@ -16,6 +16,7 @@ from router.protocol.h2connection import (
     GoAwayReceived,
     H2Connection,
     HeadersReceived,
+    PingAcked,
     StreamReset,
     Terminated,
 )
@@ -252,3 +253,105 @@ def test_hostile_frame_sequences_end_in_errors_never_exceptions(frames, as_clien
         conn.send_data(stream_id, b"x" * 100, end_stream=True)
     assert len(conn.streams) <= 4 or as_client
     assert len(conn.data_to_send()) < 100 * 4 + 60 * (len(frames) + 4) + 1000
+
+
+def test_a_graceful_shutdown_takes_streams_until_the_final_goaway_then_refuses_them():
+    """Server side: the notice (2^31-1) and a PING; a stream the client opened before it read
+    the notice is still taken; the ack lets the final GOAWAY name the last stream taken, and a
+    stream above it is refused (REFUSED_STREAM), one at or below it goes on."""
+    client, server = pair()
+    first = client.open_stream()
+    client.send_headers(first.id, REQUEST)
+    pump(client, server)
+    server.goaway(last_stream_id=f.MAX_WINDOW)
+    server.ping(b"drain-01")
+    racing = client.open_stream()  # sent before the notice arrived
+    client.send_headers(racing.id, REQUEST)
+    at_server = server.receive_data(client.data_to_send())
+    assert [(type(e), e.stream_id) for e in at_server] == [(HeadersReceived, racing.id)]
+    at_client = client.receive_data(server.data_to_send())
+    assert [repr(e) for e in at_client] == [repr(GoAwayReceived(f.MAX_WINDOW, 0, b""))]
+    assert not client.can_open  # the notice: no new streams from a well-behaved client
+    acked = server.receive_data(client.data_to_send())
+    assert [repr(e) for e in acked] == [repr(PingAcked(b"drain-01"))]
+    server.goaway()
+    server.goaway()  # once: a second final GOAWAY repeats nothing
+    final = [fr for fr in f.FrameDecoder().receive(server.data_to_send()) if fr[0] == f.GOAWAY]
+    assert [f.read_goaway(fr[3], 0)[:2] for fr in final] == [(racing.id, f.NO_ERROR)]
+    assert server.goaway_sent == racing.id
+    late = racing.id + 2  # a client that ignores the notice
+    server.receive_data(f.encode_headers(late, encode_block(REQUEST), True, 16_384))
+    refused = f.FrameDecoder().receive(server.data_to_send())
+    assert [(k, s, f.read_rst_stream(p, s)) for k, _, s, p in refused] == [
+        (f.RST_STREAM, late, f.REFUSED_STREAM)]
+    assert late not in server.streams and {first.id, racing.id} <= set(server.streams)
+    server.send_headers(racing.id, [(":status", "200"), ("grpc-status", "0")], end_stream=True)
+    answer = client.receive_data(server.data_to_send())  # answered as usual below the last id
+    assert [(type(e), e.stream_id, e.end_stream) for e in answer] == [
+        (HeadersReceived, racing.id, True)]
+
+
+def test_a_backend_goaway_keeps_the_streams_it_covers_and_refuses_the_rest():
+    """Client side: GOAWAY(last) ends the streams above ``last`` as REFUSED_STREAM (never
+    processed: safe to retry elsewhere), leaves those at or below it open, and opens no more."""
+    client, server = pair()
+    streams = [client.open_stream() for _ in range(4)]
+    for stream in streams[:2]:
+        client.send_headers(stream.id, REQUEST, end_stream=True)
+    pump(client, server)
+    events = client.receive_data(f.encode_goaway(streams[1].id, f.NO_ERROR))
+    assert [repr(e) for e in events] == [
+        repr(GoAwayReceived(streams[1].id, 0, b"")),
+        *(f"StreamReset({s.id}, code={f.REFUSED_STREAM:#x}, remote=True)" for s in streams[2:])]
+    assert set(client.streams) == {streams[0].id, streams[1].id} and not client.can_open
+    events = client.receive_data(f.encode_goaway(f.MAX_WINDOW, f.NO_ERROR))
+    assert client.goaway_received == streams[1].id  # a later GOAWAY never raises it
+    server.send_headers(streams[0].id, [(":status", "200"), ("grpc-status", "0")], True)
+    events = client.receive_data(server.data_to_send())
+    assert [(type(e), e.stream_id) for e in events] == [(HeadersReceived, streams[0].id)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["open", "notice", "final", "deliver"]), max_size=40))
+def test_every_stream_is_taken_at_or_below_the_final_goaway_and_refused_above_it(
+    steps: list[str]
+) -> None:
+    """Whatever the interleaving of a client opening streams and a server shutting down
+    gracefully (notice, final GOAWAY) with bytes delivered at any point: each stream is taken
+    (HeadersReceived) iff its id is at or below the final last-stream-id, each one above it is
+    reset REFUSED_STREAM at the client, and the last-stream-id never changes once sent."""
+    client, server = pair()
+    taken: set[int] = set()
+    opened: list[int] = []
+    refused: set[int] = set()
+
+    def deliver() -> None:
+        for event in server.receive_data(client.data_to_send()):
+            if isinstance(event, HeadersReceived):
+                taken.add(event.stream_id)
+        for event in client.receive_data(server.data_to_send()):
+            if isinstance(event, StreamReset) and event.code == f.REFUSED_STREAM:
+                refused.add(event.stream_id)
+
+    final: int | None = None
+    for step in steps:
+        if step == "open":
+            stream = client.open_stream()  # even past a GOAWAY: a rude client
+            client.send_headers(stream.id, REQUEST, end_stream=True)
+            opened.append(stream.id)
+        elif step == "notice":
+            server.goaway(last_stream_id=f.MAX_WINDOW)
+        elif step == "final":
+            server.goaway()
+            final = server.goaway_sent if final is None else final
+            assert server.goaway_sent == final
+        else:
+            deliver()
+    deliver()
+    deliver()
+    last = server.goaway_sent
+    if last is None:
+        assert taken == set(opened)
+        return
+    assert taken == {i for i in opened if i <= last}
+    assert {i for i in opened if i > last} <= refused

@@ -492,3 +492,45 @@ async def test_a_removed_grpc_backend_finishes_its_call_and_its_channel_closes(
     finally:
         stop.set()
         await app.close()
+
+
+@pytest.mark.grpc_engine("relay", reason="the relay's own backend connections")
+async def test_a_reload_gives_the_relays_backend_connections_a_new_idle_timeout(
+    kserve_backend: Callable[..., KServeBackend], grpc_engine: str,
+) -> None:
+    backend = kserve_backend()
+    base = merge(BASE, {"grpc": {"listen": "127.0.0.1:0", "engine": grpc_engine}})
+    current: dict[str, Any] = {"backends": [grpc_backend(backend.address, "sum")]}
+
+    def source() -> RouterConfig:
+        return from_mapping(merge(base, current), "<test>")
+
+    app = RouterApp(source(), source=source)
+    stop = asyncio.Event()
+    try:
+        bound = await app.start()
+        assert bound.grpc is not None
+        async with (asyncio.timeout(WAIT_S), asyncio.TaskGroup() as group,
+                    grpc.aio.insecure_channel(f"{bound.grpc[0]}:{bound.grpc[1]}") as channel):
+            group.create_task(app.serve(stop.wait()))
+            current["pool"] = {"idle_timeout_s": 0.2}
+            current["grpc"] = {"relay_keepalive_s": 0.1, "relay_keepalive_timeout_s": 5.0}
+            outcome = await app.reload()
+            assert outcome.reloaded, outcome
+            infer = channel.unary_unary(MODEL_INFER)
+            assert output_values(await infer(infer_request("sum", [1.0, 2.0]))) == [3.0]
+            upstream = next(b for b in app.registry.statistics()
+                            if b["address"] == backend.address)
+            for _ in range(300):  # bounded (3 s): 0.2 s idle, checked every 0.1 s
+                upstream = next(b for b in app.registry.statistics()
+                                if b["address"] == backend.address)
+                if upstream["calls"]["connections_retired"]["idle"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert upstream["calls"]["connections_retired"]["idle"] == 1
+            assert output_values(await infer(infer_request("sum", [4.0]))) == [4.0]
+            stop.set()
+        assert app.stats.errored == {} and app.stats.completed == 2
+    finally:
+        stop.set()
+        await app.close()

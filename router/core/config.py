@@ -328,6 +328,23 @@ class GrpcConfig(_Section):
         4, ge=1, le=64, description="engine = \"relay\": most HTTP/2 connections to one gRPC "
         "backend; a second is opened once the first carries 64 streams, and so on.",
     )
+    # 1 s: a client's PING ack takes a round trip; one that never acks must not hold the
+    # final GOAWAY (and so the drain) for longer than this.
+    drain_goaway_timeout_s: Seconds = Field(
+        1.0, description="engine = \"relay\": on drain, each client connection gets a GOAWAY "
+        "notice (last-stream-id 2^31-1) and a PING; the final GOAWAY, naming the last call "
+        "taken, follows the PING's ack or this many seconds, whichever is first.",
+    )
+    # 300 s: grpc-go's and grpc core's servers take a PING sooner than 5 min after the last
+    # for abuse (GOAWAY ENHANCE_YOUR_CALM, "too_many_pings") once a few have come.
+    relay_keepalive_s: Seconds = Field(
+        300.0, description="engine = \"relay\": seconds a backend connection may receive "
+        "nothing before the router sends it a PING.",
+    )
+    relay_keepalive_timeout_s: Seconds = Field(
+        10.0, description="engine = \"relay\": seconds a keepalive PING may go unanswered; "
+        "then the connection is closed and its calls not yet answered are retried elsewhere.",
+    )
     max_message_bytes: Int = Field(
         16 * 1024 * 1024, ge=1, le=C_INT_MAX,
         description="Largest gRPC message accepted from a client or a backend, each way, in "
@@ -463,7 +480,8 @@ class DispatchConfig(_Section):
 
 
 class PoolConfig(_Section):
-    """The connections to each TCP backend."""
+    """The connections to each TCP backend; ``idle_timeout_s`` and ``max_lifetime_s`` apply to
+    the relay's HTTP/2 connections to gRPC backends too."""
 
     max_connections: Int = Field(
         64, ge=1, description="Open connections per backend: idle, in use and dialling."
@@ -485,11 +503,12 @@ class PoolConfig(_Section):
         "request is retried on another backend).",
     )
     idle_timeout_s: Seconds = Field(
-        60.0, description="Seconds an idle pooled connection is kept before it is closed."
+        60.0, description="Seconds an idle pooled connection is kept before it is closed "
+        "(on the gRPC relay: a backend connection that carries no stream)."
     )
     max_lifetime_s: Seconds = Field(
         600.0, description="Seconds after which a connection is closed, once its current "
-        "requests are answered.",
+        "requests are answered (on the gRPC relay: after a GOAWAY, once its streams end).",
     )
 
 

@@ -56,6 +56,8 @@ LIVE_KEYS = frozenset({
     "health.failure_threshold",
     "health.panic_threshold",
     "grpc.max_calls_per_backend",
+    "grpc.relay_keepalive_s",
+    "grpc.relay_keepalive_timeout_s",
     "drain.shutdown_grace_s",
 })
 

@@ -181,6 +181,23 @@ class MalformedMessage(ClientProtocolError):
     code = "MALFORMED_MESSAGE"
 
 
+class BadCompressedMessage(ClientProtocolError):
+    """A compressed gRPC message routed by model whose start does not decompress (bad data,
+    or the model fields not within the bound the router decompresses)."""
+
+    code = "BAD_COMPRESSED_MESSAGE"
+
+
+class UnsupportedEncoding(RouterError):
+    """A compressed gRPC message in a ``grpc-encoding`` the router cannot read (gRPC answers
+    UNIMPLEMENTED for an encoding it does not support)."""
+
+    code = "UNSUPPORTED_ENCODING"
+    fault = "client"
+    http_status = 415
+    grpc_status = "UNIMPLEMENTED"
+
+
 class BadRoutingKey(RouterError):
     """A keyed frame (``listener.keyed``) whose routing key is cut off or not a model key:
     that request is answered with this; the connection goes on (the frame boundary held)."""

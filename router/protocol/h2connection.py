@@ -13,7 +13,11 @@ What it keeps and why:
   still decoded (HPACK state is the connection's, not the stream's).
 * Stream ids (server side): a client opens odd ids, each above the last (a lower or even id
   is PROTOCOL_ERROR); past ``max_concurrent_streams`` a new stream is refused
-  (REFUSED_STREAM), past our GOAWAY it is ignored (the peer knows from the last-stream-id).
+  (REFUSED_STREAM), and so is one past our final GOAWAY's last-stream-id (never processed:
+  the client may send it elsewhere). A graceful shutdown is two GOAWAYs: ``goaway`` with
+  ``last_stream_id`` 2^31-1 and a ``ping`` first (streams still taken), then, once the
+  ``PingAcked`` shows the peer has seen the notice, the final ``goaway()`` naming the last
+  stream taken; what the peer opened before the notice reached it is therefore covered.
   Client side: ``open_stream`` takes the next odd id while the peer's
   MAX_CONCURRENT_STREAMS and GOAWAY allow; a GOAWAY refuses our streams above its
   last-stream-id (``StreamReset`` with REFUSED_STREAM: they were never processed, so safe to
@@ -106,6 +110,18 @@ class GoAwayReceived:
         return f"GoAwayReceived(last={self.last_stream_id}, code={self.code:#x})"
 
 
+class PingAcked:
+    """The peer acknowledged our PING with ``opaque``."""
+
+    __slots__ = ("opaque",)
+
+    def __init__(self, opaque: bytes) -> None:
+        self.opaque = opaque
+
+    def __repr__(self) -> str:
+        return f"PingAcked({self.opaque!r})"
+
+
 class Sent:
     """``count`` queued data bytes of ``stream_id`` went out (a window opened)."""
 
@@ -132,7 +148,8 @@ class Terminated:
         return f"Terminated({self.error!r})"
 
 
-Event = HeadersReceived | DataReceived | StreamReset | GoAwayReceived | Sent | Terminated
+Event = (HeadersReceived | DataReceived | StreamReset | GoAwayReceived | PingAcked | Sent
+         | Terminated)
 
 
 class Stream:
@@ -337,11 +354,9 @@ class H2Connection:
                 self._close(stream)
 
     def _accept(self, stream_id: int) -> Stream | None:
-        """A stream the client opened; None if refused or past our GOAWAY."""
+        """A stream the client opened; None if refused (too many, or past our final GOAWAY)."""
         self._last_peer_stream = stream_id
-        if self.goaway_sent is not None:
-            return None
-        if self._active_peer >= self.max_concurrent_streams:
+        if self.goaway_sent is not None or self._active_peer >= self.max_concurrent_streams:
             self._out.append(f.encode_rst_stream(stream_id, f.REFUSED_STREAM))
             return None
         stream = Stream(stream_id, self.initial_window, self.peer_initial_window)
@@ -403,7 +418,9 @@ class H2Connection:
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         f.check_ping(payload, stream_id)
-        if not flags & f.ACK:
+        if flags & f.ACK:
+            events.append(PingAcked(payload))
+        else:
             self._out.append(f.encode_ping(payload, ack=True))
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]
@@ -572,9 +589,16 @@ class H2Connection:
                last_stream_id: int | None = None) -> None:
         """No new streams of the peer's beyond the ones it has opened; those go on. With
         ``last_stream_id`` (2^31-1): the notice of a graceful shutdown (RFC 9113 section
-        6.8), after which streams are still taken until the final GOAWAY."""
+        6.8), after which streams are still taken until the final GOAWAY. The final one is
+        sent once without an error: a later one repeats nothing (an error's GOAWAY still goes
+        out, with the same last-stream-id: it may never go up)."""
         if last_stream_id is None:
-            last_stream_id = self.goaway_sent = self._last_peer_stream
+            if self.goaway_sent is not None:
+                if code == f.NO_ERROR:
+                    return
+                last_stream_id = self.goaway_sent
+            else:
+                last_stream_id = self.goaway_sent = self._last_peer_stream
         self._out.append(f.encode_goaway(last_stream_id, code, debug))
 
     def ping(self, opaque: bytes = b"\0" * 8) -> None:

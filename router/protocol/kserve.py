@@ -128,6 +128,20 @@ def _strings(message: bytes, first: int, second: int) -> tuple[str, str]:
     return values[0], values[1]
 
 
+def whole_fields(start: bytes) -> bytes:
+    """The top-level fields of ``start`` (the first bytes of a longer message) that it holds
+    whole: cut before the first one it holds only part of."""
+    pos, end = 0, len(start)
+    while pos < end:
+        try:
+            tag, after = _varint(start, pos, end)
+            after = _skip(start, after, end, tag & 7, pos)
+        except MalformedMessage:
+            break
+        pos = after
+    return start[:pos]
+
+
 def read_model(message: bytes) -> ModelRef:
     """Fields 1 and 2 (strings) of a ModelInferRequest / ModelReadyRequest /
     ModelMetadataRequest / ModelConfigRequest / ModelStatisticsRequest; ``""`` where absent.

@@ -16,8 +16,18 @@ move the waiting calls.
 front door's call (``StreamPeer``). Writes are batched: whatever the events of one read, or a
 call's own sends, put on the connection goes out in one ``transport.write`` on the next loop
 iteration. A connection that goes away (closed, reset, a protocol error of the backend) ends
-every stream on it with ``BackendUnavailable`` for calls not yet answered; GOAWAY keeps the
-streams it covers and refuses the rest (REFUSED_STREAM: retryable).
+every stream on it with ``BackendUnavailable`` for calls not yet answered.
+
+A connection retires (leaves ``connections``, so another may be dialled in its place, opens no
+stream more, finishes those it carries, then closes) when the backend sends GOAWAY (the
+streams above its last-stream-id end REFUSED_STREAM: never processed, so the call is retried
+elsewhere while no response byte has come back), when it has carried no stream for the pool's
+``idle_timeout_s``, or once it is ``max_lifetime_s`` old (``H2Lifetime``). A connection that
+carries streams and has received nothing for ``keepalive_s`` (checked every ``keepalive_s``,
+so after between one and two of them) is sent a PING; without its ack
+within ``keepalive_timeout_s`` it is lost (its calls fail over as on any lost connection). One
+timer per connection carries all of it, at the next of those deadlines, checked lazily: the
+read path only counts reads.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from router.core.clock import Clock, Timer
 from router.core.errors import BackendError, BackendProtocolError, BackendUnavailable
 from router.protocol import h2frames as f
 from router.protocol.h2connection import (
@@ -34,6 +46,7 @@ from router.protocol.h2connection import (
     GoAwayReceived,
     H2Connection,
     HeadersReceived,
+    PingAcked,
     Sent,
     Stream,
     StreamReset,
@@ -44,6 +57,19 @@ from router.tls.context import BackendTls
 from router.upstream.base import Attempt, ReplySink, RoomListener
 
 log = logging.getLogger(__name__)
+
+KEEPALIVE_PING = b"rkeepal\0"
+
+
+@dataclass(frozen=True, slots=True)
+class H2Lifetime:
+    """How long a backend connection lives, and when it is asked whether it still does."""
+
+    clock: Clock
+    idle_timeout_s: float
+    max_lifetime_s: float
+    keepalive_s: float
+    keepalive_timeout_s: float
 
 
 class StreamPeer(Protocol):
@@ -75,6 +101,16 @@ class H2BackendConnection(asyncio.Protocol):
         # Once per connection: get_running_loop() costs a getpid() system call each time.
         self._loop = asyncio.get_running_loop()
         self.closed = False
+        self.retired: str | None = None  # why it takes no new stream: goaway, idle, lifetime
+        # Upkeep (``H2Lifetime``): stamps checked by one timer, not on every read.
+        self.reads = 0
+        self._reads_seen = 0
+        self._quiet_since = 0.0  # no read since (as of the last check that saw one)
+        self._created_at = 0.0
+        self._idle_since: float | None = None
+        self._idle_opened = -1  # streams_opened when it was last seen idle
+        self._ping_sent_at: float | None = None
+        self._timer: Timer | None = None
 
     # -- asyncio ------------------------------------------------------------------------------
 
@@ -82,8 +118,13 @@ class H2BackendConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: a cast, not a check.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.write(self.conn.data_to_send())
+        lifetime = self.upstream.lifetime
+        if lifetime is not None:
+            self._created_at = self._quiet_since = lifetime.clock.now()
+            self._schedule(lifetime, self._created_at)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         for event in self.conn.receive_data(data):
             cls = type(event)
             if cls is DataReceived:
@@ -99,7 +140,11 @@ class H2BackendConnection(asyncio.Protocol):
                 assert isinstance(event, StreamReset)
                 self._reset(event)
             elif cls is GoAwayReceived:
-                self.upstream.connection_full()
+                self.retire("goaway")
+            elif cls is PingAcked:
+                assert isinstance(event, PingAcked)
+                if event.opaque == KEEPALIVE_PING:
+                    self._ping_sent_at = None
             elif cls is Terminated:
                 assert isinstance(event, Terminated)
                 log.warning("%s: HTTP/2 error from the backend: %s", self.name,
@@ -109,6 +154,9 @@ class H2BackendConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         reason = f": {exc}" if exc else ""
         self._lose(BackendUnavailable(f"{self.name}: connection closed{reason}"))
 
@@ -132,7 +180,9 @@ class H2BackendConnection(asyncio.Protocol):
         if peer is None:
             return
         if event.code == f.REFUSED_STREAM:
-            error = BackendUnavailable(f"{self.name}: stream refused")
+            # Never processed (past a GOAWAY, or over its stream limit): the backend is there,
+            # so once on another connection to it, as a keep-alive close is, and not counted.
+            error = BackendUnavailable(f"{self.name}: stream refused", reused_connection=True)
         else:
             error = BackendUnavailable(f"{self.name}: stream reset (code {event.code:#x})")
         peer.backend_reset(error, event.code)
@@ -169,6 +219,90 @@ class H2BackendConnection(asyncio.Protocol):
         if self._closing and not self.conn.streams:
             transport.close()
 
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def _schedule(self, lifetime: H2Lifetime, now: float) -> None:
+        retiring = self.retired is not None  # only the keepalive of its last streams is left
+        when = now + lifetime.keepalive_s if retiring else (
+            self._created_at + lifetime.max_lifetime_s)
+        if self._ping_sent_at is not None:
+            when = min(when, self._ping_sent_at + lifetime.keepalive_timeout_s)
+        else:  # a check every keepalive_s: the reads since the last one mean not quiet
+            when = min(when, now + lifetime.keepalive_s)
+        if self.conn.streams:
+            when = min(when, now + lifetime.idle_timeout_s)
+        if retiring:
+            pass
+        elif self._idle_since is not None:
+            when = min(when, self._idle_since + lifetime.idle_timeout_s)
+        elif not self.conn.streams:
+            when = min(when, now + lifetime.idle_timeout_s)
+        self._timer = lifetime.clock.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        lifetime = self.upstream.lifetime
+        if self.closed or lifetime is None:
+            return
+        now = lifetime.clock.now()
+        if self.reads != self._reads_seen:
+            self._reads_seen, self._quiet_since = self.reads, now
+        if self._ping_sent_at is not None:
+            if now >= self._ping_sent_at + lifetime.keepalive_timeout_s:
+                self._keepalive_failed(lifetime)
+                return
+        elif self.conn.streams and now - self._quiet_since >= lifetime.keepalive_s:
+            # Streams open and not a byte for keepalive_s: is the backend still there?
+            self._ping_sent_at = now
+            self.conn.ping(KEEPALIVE_PING)
+            self.mark()
+        self._check_retire(lifetime, now)
+        if not self.closed and (self.retired is None or self._ping_sent_at is not None
+                                or self.conn.streams):
+            self._schedule(lifetime, now)
+
+    def _check_retire(self, lifetime: H2Lifetime, now: float) -> None:
+        if self.retired is not None:
+            return
+        if now - self._created_at >= lifetime.max_lifetime_s:
+            self.retire("lifetime")
+            return
+        if self.conn.streams:
+            self._idle_since = None
+            return
+        opened = self.conn.streams_opened
+        if self._idle_since is None or self._idle_opened != opened:
+            self._idle_since, self._idle_opened = now, opened  # idle since at least now
+        elif now - self._idle_since >= lifetime.idle_timeout_s:
+            self.retire("idle")
+
+    def went_idle(self) -> None:
+        """Its last stream ended: the idle timeout counts from now. The timer set is due no
+        later than that (it was set within idle_timeout_s of its own time), so it stays."""
+        lifetime = self.upstream.lifetime
+        if lifetime is not None and self.retired is None:
+            self._idle_since, self._idle_opened = lifetime.clock.now(), self.conn.streams_opened
+
+    def _keepalive_failed(self, lifetime: H2Lifetime) -> None:
+        log.warning("%s: no answer to a keepalive PING within %ss: connection closed",
+                    self.name, lifetime.keepalive_timeout_s)
+        self.upstream.keepalive_failures += 1
+        transport, self.transport = self.transport, None  # aborted, not flushed and closed
+        self._lose(BackendUnavailable(
+            f"{self.name}: no answer to a keepalive PING within "
+            f"grpc.relay_keepalive_timeout_s={lifetime.keepalive_timeout_s}s"))
+        if transport is not None:
+            transport.abort()
+
+    def retire(self, reason: str) -> None:
+        """Out of the pool (another may be dialled): no new stream here; those it carries
+        finish, then it closes. ``reason``: goaway, idle, lifetime."""
+        if self.retired is not None or self.closed:
+            return
+        self.retired = reason
+        self.upstream.connection_retired(self, reason)
+        self.close()
+
     def close(self) -> None:
         """No new streams; the transport closes once those on it have ended."""
         if self._closing or self.closed:
@@ -192,8 +326,10 @@ Dial = Callable[["H2Upstream"], Awaitable[H2BackendConnection]]
 
 class H2Upstream:
     def __init__(self, dial: Dial, max_calls: int, name: str = "", *,
-                 max_connections: int = 4, spread_at: int = 64) -> None:
+                 max_connections: int = 4, spread_at: int = 64,
+                 lifetime: H2Lifetime | None = None) -> None:
         self._dial = dial
+        self.lifetime = lifetime  # None: connections live until lost or closed
         self._max_calls = max_calls
         self._max_connections = max_connections
         self._spread_at = spread_at
@@ -205,6 +341,8 @@ class H2Upstream:
         self.peak = 0
         self.dials = 0
         self.dial_failures = 0
+        self.retired = {"goaway": 0, "idle": 0, "lifetime": 0}
+        self.keepalive_failures = 0
         self._closed = False
         self.on_room: RoomListener | None = None
 
@@ -268,8 +406,11 @@ class H2Upstream:
         if self.on_room is not None:
             self.on_room(error)
 
-    def connection_full(self) -> None:
-        """A connection takes no more streams (GOAWAY): another may be dialled."""
+    def connection_retired(self, connection: H2BackendConnection, reason: str) -> None:
+        """``connection`` takes no more streams: out of the pool, so another may be dialled."""
+        if connection in self.connections:
+            self.connections.remove(connection)
+            self.retired[reason] += 1
         if self.on_room is not None:
             self.on_room(None)
 
@@ -290,9 +431,14 @@ class H2Upstream:
         self.active -= 1
         if isinstance(lease, H2BackendConnection):
             lease.flush()  # a closing connection whose last stream ended closes now
+            if not lease.conn.streams:
+                lease.went_idle()
 
-    def reconfigure(self, max_calls: int) -> None:
+    def reconfigure(self, max_calls: int, lifetime: H2Lifetime | None = None) -> None:
+        """New limits; a new ``lifetime`` applies at each connection's next check."""
         self._max_calls = max_calls
+        if lifetime is not None:
+            self.lifetime = lifetime
         if self.on_room is not None:
             self.on_room(None)
 
@@ -308,6 +454,8 @@ class H2Upstream:
             "active_calls": self.active, "peak_calls": self.peak, "max_calls": self._max_calls,
             "connections": len(self.connections), "dials": self.dials,
             "dial_failures": self.dial_failures,
+            "connections_retired": dict(self.retired),
+            "keepalive_failures": self.keepalive_failures,
             "streams": [c.streams for c in self.connections],
             "pending_bytes": sum(c.conn.statistics()["pending_bytes"] for c in self.connections),
         }

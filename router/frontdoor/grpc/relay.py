@@ -25,12 +25,20 @@ RESOURCE_EXHAUSTED (OVERLOADED) while the dispatch queue is full; streams past
 ``grpc.max_concurrent_streams`` on a connection are refused (REFUSED_STREAM) and connections
 past ``grpc.max_connections`` closed at once.
 
-Drain, as on the grpcio engine: ``start_drain`` turns health and ServerReady to not serving,
-and new calls are refused UNAVAILABLE (DRAINING, so a client knows to go elsewhere) while
-calls in flight go on. ``wait_all_closed`` stops listening once every call has finished, sends
-each connection GOAWAY with the last stream id it took, and closes it after its last bytes
-(within ``linger_s``); ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at the
-deadline.
+Drain, GOAWAY first (as grpc-go's and Envoy's servers do): ``start_drain`` sends every
+client connection a GOAWAY notice (last-stream-id 2^31-1) and a PING, then turns health and
+ServerReady to not serving. A client stops opening streams on the connection once it reads the
+notice, but calls it sent before that are still on their way: they are taken. On the PING's
+ack (every frame the client sent before it has arrived) or after
+``grpc.drain_goaway_timeout_s``, the final GOAWAY names the highest stream taken; a stream
+above it is refused (REFUSED_STREAM: never processed, so the client retries it elsewhere), and
+every stream at or below it is answered within the grace period. So no call is refused or lost
+for racing the drain. A connection opened during the drain (the listener stays open until
+every call has finished) gets its calls refused UNAVAILABLE (DRAINING, so a client knows to go
+elsewhere). ``wait_all_closed`` waits for the final GOAWAYs and for every call, stops
+listening, sends the connections that had none their final GOAWAY, and closes each after its
+last bytes (within ``linger_s``); ``abort_all`` answers what is left UNAVAILABLE (DROPPED) at
+the deadline.
 """
 
 from __future__ import annotations
@@ -43,9 +51,10 @@ from typing import Any, cast
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from router.core.clock import Clock
+from router.core.clock import Clock, Timer
 from router.core.config import GrpcConfig
 from router.core.errors import (
+    BadCompressedMessage,
     Draining,
     Dropped,
     MalformedMessage,
@@ -65,20 +74,24 @@ from router.frontdoor.grpc.reflection import V1, V1ALPHA, reflection_answer
 from router.frontdoor.grpc.relay_call import (
     RelayCall,
     first_message,
+    first_message_start,
     message_end,
     split_messages,
 )
 from router.lifecycle.readiness import Readiness
 from router.lifecycle.state import Lifecycle
+from router.protocol import h2frames as f
+from router.protocol.grpc_compression import PREFIX_BYTES
 from router.protocol.h2connection import (
     DataReceived,
     H2Connection,
     HeadersReceived,
+    PingAcked,
     Sent,
     StreamReset,
     Terminated,
 )
-from router.protocol.kserve import ModelRef, read_model, read_trace_model
+from router.protocol.kserve import ModelRef, read_model, read_trace_model, whole_fields
 from router.tls.context import ServerTls
 from router.tls.identity import PeerIdentity
 
@@ -94,6 +107,8 @@ _REFLECTION = frozenset(f"/{name}/ServerReflectionInfo" for name in (V1, V1ALPHA
 # Request bytes a call keeps for a retry before any answer: a unary call of up to this much
 # may go to another backend when its first fails before answering.
 MAX_REPLAY_BYTES = 4 << 20
+# The opaque data of the PING that follows the GOAWAY notice: its ack sends the final GOAWAY.
+DRAIN_PING = b"rdrain\0\0"
 
 
 def _by_model() -> dict[str, tuple[Callable[[bytes], ModelRef], bool]]:
@@ -119,6 +134,9 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: RouterError | None = None  # a client certificate off the allow-list
         self._flush_scheduled = False
         self._closing = False
+        # Opened during the drain: its calls are refused DRAINING (it had no GOAWAY notice).
+        self.late = door.draining
+        self._final_timer: Timer | None = None
         # Once per connection: get_running_loop() costs a getpid() system call each time.
         self._loop = asyncio.get_running_loop()
 
@@ -141,6 +159,8 @@ class ClientConnection(asyncio.Protocol):
         door.connections_total += 1
         door.no_connections.clear()
         transport.write(self.conn.data_to_send())
+        if door.closing:
+            self.final_goaway()  # the listener closed as it was accepted: not one call more
 
     def data_received(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
@@ -167,6 +187,10 @@ class ClientConnection(asyncio.Protocol):
                 assert isinstance(event, StreamReset)
                 if event.stream.peer is not None:
                     event.stream.peer.client_reset()
+            elif cls is PingAcked:
+                assert isinstance(event, PingAcked)
+                if event.opaque == DRAIN_PING:
+                    self.final_goaway()
             elif cls is Terminated:
                 assert isinstance(event, Terminated)
                 log.info("gRPC client broke HTTP/2: %s", event.error.message)
@@ -178,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         door = self.door
         door.connections.discard(self)
+        door.goaway_done(self)
         if not door.connections:
             door.no_connections.set()
         self._end_calls()
@@ -203,11 +228,28 @@ class ClientConnection(asyncio.Protocol):
         if self._closing and (self.conn.terminated or not self.conn.streams):
             transport.close()  # after a protocol error, at once: its streams are gone
 
-    def close_when_idle(self) -> None:
-        """The final GOAWAY; close once the streams left have ended."""
+    @property
+    def closing(self) -> bool:
+        """Its final GOAWAY (or a protocol error's) has gone: no notice is due."""
+        return self._closing
+
+    def drain_notice(self, timeout_s: float) -> None:
+        """The GOAWAY notice and its PING; the final GOAWAY on the ack or in ``timeout_s``."""
+        self.conn.goaway(last_stream_id=f.MAX_WINDOW)
+        self.conn.ping(DRAIN_PING)
+        self.flush()
+        clock = self.door.clock
+        self._final_timer = clock.call_at(clock.now() + timeout_s, self.final_goaway)
+
+    def final_goaway(self) -> None:
+        """The final GOAWAY (once); close once the streams left have ended."""
+        if self._final_timer is not None:
+            self._final_timer.cancel()
+            self._final_timer = None
         self.conn.goaway()
         self._closing = True
         self.flush()
+        self.door.goaway_done(self)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -251,6 +293,12 @@ class RelayFrontDoor:
         self.no_connections = asyncio.Event()
         self.no_connections.set()
         self._server: asyncio.Server | None = None
+        self.draining = False
+        self.closing = False  # the last phase of the drain: every connection's final GOAWAY
+        # Connections sent the GOAWAY notice whose final GOAWAY has not gone yet.
+        self._noticed: set[ClientConnection] = set()
+        self._finals = asyncio.Event()
+        self._finals.set()
         self.calls_total = 0
         self.connections_total = 0
         self.refused_connections = 0
@@ -273,18 +321,36 @@ class RelayFrontDoor:
         return host, int(bound[1])
 
     def start_drain(self) -> None:
-        self.health_changed()  # watchers hear NOT_SERVING; new calls are refused DRAINING
+        """The GOAWAY notice on every connection (before the watchers' NOT_SERVING, so a
+        client that reads that has read the notice too), then readiness's change."""
+        self.draining = True
+        connections = [c for c in self.connections if not c.closing]
+        self._noticed.update(connections)
+        if self._noticed:
+            self._finals.clear()
+        for connection in connections:
+            connection.drain_notice(self.config.drain_goaway_timeout_s)
+        self.health_changed()
+
+    def goaway_done(self, connection: ClientConnection) -> None:
+        """``connection`` had its final GOAWAY (or went away)."""
+        self._noticed.discard(connection)
+        if not self._noticed:
+            self._finals.set()
 
     async def wait_all_closed(self) -> None:
-        """Once no call is left: the final GOAWAY, and the connections closed after their
+        """Once every final GOAWAY is out and no call is left: no listener, a final GOAWAY
+        on the connections opened during the drain, and every connection closed after its
         last bytes (within ``linger_s``)."""
         for watcher in list(self._watchers):
             watcher.fail(Draining("the router is draining"))
+        await self._finals.wait()
         await self._idle.wait()
+        self.closing = True
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            connection.close_when_idle()
+            connection.final_goaway()
         try:
             async with asyncio.timeout(self.linger_s):
                 await self.no_connections.wait()
@@ -360,12 +426,20 @@ class RelayFrontDoor:
                 return
             # Joined only once whole: a 1 MiB message comes in 64 DATA frames.
             whole = call.unsent_size >= message_end(call.unsent, self.config.max_message_bytes)
-            message = first_message(call.unsent, self.config.max_message_bytes) if whole else None
-            if message is None:
+            start = first_message_start(call.unsent, self.config.max_message_bytes,
+                                        call.header("grpc-encoding")) if whole else None
+            if start is None:
                 if call.client_ended:
                     raise MalformedMessage("the call ended before its first message")
                 return
+            message, complete = start
+            if not complete:  # a compressed message over PREFIX_BYTES: the fields it holds
+                message = whole_fields(message)
             reader, needs_model = routed
+            if not complete and needs_model and not reader(message).name:
+                raise BadCompressedMessage(
+                    f"no model named in the first {PREFIX_BYTES} bytes of the decompressed "
+                    "message")
             named = needs_model or bool(reader(message).name)
             key = self.kserve.model_key(message, reader) if named else None
             if method == _MODEL_METADATA and key is not None:
@@ -379,7 +453,7 @@ class RelayFrontDoor:
             call.fail(error)
 
     def _admit(self, call: RelayCall, model: str | None) -> None:
-        if self.lifecycle.draining:
+        if call.client.late or self.lifecycle.abandoned:
             raise Draining("the router is draining; retry on another router")
         if self.dispatcher.saturated:
             raise Overloaded("the dispatch queue is full")
@@ -509,6 +583,8 @@ class RelayFrontDoor:
             "calls_in_flight": len(self.calls),
             "calls_total": self.calls_total,
             "health_watchers": len(self._watchers),
+            # Draining: connections sent the GOAWAY notice and waiting for their final one.
+            "goaway_pending": len(self._noticed),
             "phase": self.lifecycle.phase.value,
             "calls": self.stats.statistics(),
         }

@@ -57,6 +57,7 @@ from router.core.errors import (
 from router.dispatch.access import AccessEntry
 from router.dispatch.request import Request
 from router.protocol import h2frames as f
+from router.protocol.grpc_compression import decompressed_start
 from router.protocol.h2connection import Stream
 from router.protocol.h2headers import Headers
 from router.upstream.h2_backend import H2BackendConnection
@@ -116,14 +117,12 @@ def error_trailers(error: RouterError, with_headers: bool) -> Headers:
 
 def message_end(chunks: list[bytes], max_bytes: int) -> int:
     """How many bytes of request data hold the whole first message (5 until its prefix is
-    in). Raises ``MalformedMessage`` like ``first_message``."""
+    in), compressed or not. Raises ``MalformedMessage`` past ``max_bytes``."""
     head = chunks[0] if chunks else b""
     if len(head) < _MESSAGE_HEADER:
         head = b"".join(chunks)[:_MESSAGE_HEADER]
         if len(head) < _MESSAGE_HEADER:
             return _MESSAGE_HEADER
-    if head[0] != 0:
-        raise MalformedMessage("a compressed message cannot be routed by model")
     length = int.from_bytes(head[1:5])
     if length > max_bytes:
         raise MalformedMessage(f"a message of {length} bytes is over grpc.max_message_bytes")
@@ -144,6 +143,21 @@ def first_message(chunks: list[bytes], max_bytes: int) -> bytes | None:
     if len(data) < _MESSAGE_HEADER + length:
         return None
     return data[_MESSAGE_HEADER:_MESSAGE_HEADER + length]
+
+
+def first_message_start(chunks: list[bytes], max_bytes: int, encoding: str | None
+                        ) -> tuple[bytes, bool] | None:
+    """The first message of the request data so far, for the model field reader: as it
+    came, or for a compressed one its start decompressed (``grpc_compression``), with
+    whether that is all of it; None if the message is not all in yet."""
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(data) < _MESSAGE_HEADER or data[0] == 0:
+        message = first_message([data], max_bytes)
+        return None if message is None else (message, True)
+    end = message_end([data], max_bytes)
+    if len(data) < end:
+        return None
+    return decompressed_start(encoding, data[_MESSAGE_HEADER:end])
 
 
 def split_messages(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
