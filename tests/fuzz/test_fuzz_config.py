@@ -21,7 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from router.core.config import InstanceConfig, RouterConfig, from_mapping, load
+from router.core.config import RouterConfig, from_mapping, load
 from router.core.errors import ConfigError, quoted
 from tests.fuzz.budget import fuzz_target
 
@@ -53,6 +53,12 @@ def _tables(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseMode
 
 
 SECTIONS: dict[str, type[BaseModel]] = _tables(RouterConfig)
+# The arrays of tables ([[instances]], [[model_groups]], ...): each entry's model, by array name.
+ARRAYS: dict[str, type[BaseModel]] = {
+    name: item for name, info in RouterConfig.model_fields.items()
+    if getattr(info.annotation, "__origin__", None) is tuple
+    and (item := _model_of(info.annotation.__args__[0])) is not None
+}
 BACKEND_KEYS = ["address", "weight", "models", "protocol", "command"]
 
 keys = st.one_of(
@@ -150,8 +156,9 @@ def _known(table_path: str) -> list[str]:
     """Keys the schema declares for the table at ``table_path`` (required ones may be missing)."""
     if re.fullmatch(r"backends\[\d+\]", table_path):
         return BACKEND_KEYS
-    if re.fullmatch(r"instances\[\d+\]", table_path):
-        return list(_fields(InstanceConfig))
+    array = re.fullmatch(r"(\w+)\[\d+\]", table_path)
+    if array is not None and array.group(1) in ARRAYS:
+        return list(_fields(ARRAYS[array.group(1)]))
     model = SECTIONS.get(table_path)
     return list(_fields(model)) if model is not None else []
 
@@ -165,6 +172,7 @@ def _known(table_path: str) -> list[str]:
 @example({"\r": []})
 @example({"listener": {"": 1}})  # the empty key, which named no key at all
 @example({"instances": [{}]})  # its required keys are named by their path
+@example({"model_groups": [{}]})
 def test_any_mapping_loads_or_names_every_problem_by_its_key_path(data: dict[str, Any]) -> None:
     try:
         config = from_mapping(data, SOURCE)
