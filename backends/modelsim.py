@@ -6,9 +6,10 @@ It holds at most ``--slots`` models at once. A request for a model it holds cost
 experiment); the others wait in arrival order. Its slots are kept as an LRU cache at the
 moment a request arrives: the request's model moves to the most recently used end and stays
 while any request for it waits or runs (a model in use is never evicted: the server goes over
-its slots instead, and counts it); a model it lacks takes a slot at once, evicting the least
-recently used model not in use, and is loaded by the first request for it that a worker
-takes (that worker spends the load), the others waiting for that one load.
+its slots instead, and counts it); a model it lacks takes a slot at once, evicting least
+recently used models not in use until one is free (so a spell over the slots ends at the next
+load, as a fixed memory would have it), and is loaded by the first request for it that a
+worker takes (that worker spends the load), the others waiting for that one load.
 
 Two ways in (``--protocol``):
 
@@ -213,16 +214,18 @@ class ModelSim:
             del self._slots[model]  # its load never happened (cancelled): the slot is free
 
     def _begin_load(self, model: str) -> _Resident:
-        """Take a slot for ``model`` (evicting the least recently used model not in use)."""
-        if len(self._slots) >= self.config.slots:
+        """Take a slot for ``model``, evicting least recently used models not in use until
+        one is free: after a spell over its slots (every model was in use), a load brings it
+        back under them, as a server's fixed memory would."""
+        while len(self._slots) >= self.config.slots:
             victim = next((name for name, r in self._slots.items()
                            if not r.users and r.ready.is_set()), None)
             if victim is None:
                 self.overcommits += 1
-            else:
-                del self._slots[victim]
-                self.counts.evictions += 1
-                self.by_model.setdefault(victim, _Counts()).evictions += 1
+                break
+            del self._slots[victim]
+            self.counts.evictions += 1
+            self.by_model.setdefault(victim, _Counts()).evictions += 1
         resident = self._slots[model] = _Resident()
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1

@@ -91,13 +91,16 @@ class SimBackend:
     def arrive(self, model: str, now: float) -> None:
         slot = self.models.get(model)
         if slot is None:
-            if len(self.models) >= self.slots:
+            # Back under its slots: a load evicts every model it must, as long as one is
+            # free to go (a model in use stays, and the backend goes over for a while).
+            while len(self.models) >= self.slots:
                 victim = next((m for m, s in self.models.items()
                                if not s.users and s.ready_at is not None and s.ready_at <= now),
                               None)
-                if victim is not None:
-                    del self.models[victim]
-                    self.evictions += 1
+                if victim is None:
+                    break
+                del self.models[victim]
+                self.evictions += 1
             slot = self.models[model] = Slot()
         else:
             self.models.move_to_end(model)

@@ -13,14 +13,18 @@ For a request for model M, over the candidates (healthy backends serving M, not 
 2. **Wait or load.** Every holder is busy: the expected wait at each (its placements worked
    through first come, first served by its workers, from their measured times; what is left
    of M's load if it is loading) is weighed against loading M on a backend that does not hold
-   it (that backend's own wait, plus M's measured load time). The cheaper wins: ``waited`` at
-   the holder with the least wait, or ``copy``, a load beside the existing copies. While the
-   holders are fewer than ``copies_wanted(M)``, a copy is added whichever is cheaper now.
+   it (that backend's own wait, plus M's measured load time, plus one more load when it
+   evicts a model: that model's next request pays it). The cheaper wins: ``waited`` at the
+   holder with the least wait, or ``copy``, a load beside the existing copies. While the
+   holders are fewer than ``copies_wanted(M)``, a copy is added whichever is cheaper now. A
+   copy never breaks the churn guard: M is served where it is meanwhile.
 3. **Where to load** (also when nobody holds M: ``load``), as ModelMesh ranks pods, after
    two rules: a backend that can start now before one that cannot (then the least wait), and
-   among those one whose least recently used model was not used within ``min_residency_s``
-   (the churn guard; a load that breaks it is ``forced``); then a free slot, else the oldest
-   least recently used model, the fewest models, the least load, the rendezvous rank. A
+   among those one whose least recently used model is not guarded (the churn guard: used
+   within ``min_residency_s`` and not a spare copy, one of more holders than its
+   ``copies_wanted``, which is how copies follow demand down; a load that breaks it is
+   ``forced``); then a free slot, else the oldest least recently used model, the fewest
+   models, the least load, the rendezvous rank. A
    backend may load only if it has a free slot or a victim: a model with no request running
    there (never evict a model in use) and none waiting for it in the router. A backend
    holding M in any state is a holder, so a model is never loaded twice on one backend at a
@@ -226,10 +230,10 @@ class AffinityPolicy:
             self.loads += 1
             self._numbers_of(model).loads += 1
             if self.view.shape_of(placement.backend).explicit:
-                placement.control = ModelControl(model, evicted)
-        if evicted is not None:
+                placement.control = ModelControl(model, evicted[0] if evicted else None)
+        for name in evicted:
             self.evictions += 1
-            self._numbers_of(evicted).evictions += 1
+            self._numbers_of(name).evictions += 1
 
     def done(self, placement: Placement, served: bool, now: float) -> None:
         started = placement.started_at is not None
@@ -276,8 +280,11 @@ class AffinityPolicy:
         cold, forced = rows.cold_choice()
         if held:
             warm = min(held, key=lambda i: (rows.cost[i], rows.rank[i]))
-            # Fewer copies than its demand wants, all busy: add one (cheaper or not now).
-            if cold is not None and (len(held) < wanted or rows.cost[cold] < rows.cost[warm]):
+            # A copy never breaks the churn guard (the model is served, if later, where it
+            # is), and one that evicts a model pays for that model's next load too. Fewer
+            # copies than its demand wants, all busy: add one (cheaper or not now).
+            if cold is not None and not forced and (
+                    len(held) < wanted or rows.copy_cost(cold) < rows.cost[warm]):
                 return cold, "copy"
             return warm, "waited"
         if cold is not None:
@@ -478,6 +485,14 @@ class _Rows:
         left = max(0.0, load - (self.now - holders[self.ids[i]].since))
         return max(self.wait[i], left) + service
 
+    def copy_cost(self, i: int) -> float:
+        """What loading the model on cold candidate ``i`` costs: this request's time there,
+        plus a load of the model it evicts, which is asked for again (a free slot: none)."""
+        if self.policy.view.free_slot(self.ids[i]):
+            return self.cost[i]
+        return self.cost[i] + self.policy.settings.load_s if self.model is None else \
+            self.cost[i] + self.policy.load_s(self.model)
+
     def can_start(self, i: int) -> bool:
         return self.state[i] == LOADED and self.inflight[i] < self.concurrency[i]
 
@@ -487,7 +502,11 @@ class _Rows:
         return tied[rng.randrange(len(tied))] if rng is not None and len(tied) > 1 else tied[0]
 
     def loadable(self, i: int, guard: bool) -> tuple[bool, float, str]:
-        """(may load here, age of what it would evict, why), for a cold candidate."""
+        """(may load here, age of what it would evict, why), for a cold candidate. A victim
+        that is a spare copy (its model has more holders than its demand wants) counts as
+        old whenever it was last used: dropping it is how copies follow demand down, so the
+        churn guard, which keeps models from being evicted and loaded again, spares it
+        nothing."""
         view = self.policy.view
         backend = self.ids[i]
         if view.free_slot(backend):
@@ -496,6 +515,8 @@ class _Rows:
         if victim is None:
             return False, 0.0, "in use"
         name, resident = victim
+        if len(view.holders(name)) > self.policy.copies_wanted(name, self.now):
+            return True, self.policy.settings.min_residency_s, f"evicts {name} (spare copy)"
         age = self.now - resident.last_used
         if guard and age < self.policy.settings.min_residency_s:
             return False, age, "churn guard"
