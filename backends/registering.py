@@ -36,6 +36,7 @@ class RegisterOptions:
     advertise: str | None = None
     backend_id: str | None = None
     drain_grace_s: float = DRAIN_GRACE_S
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.router_url.startswith(("http://", "https://")):
@@ -61,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "default: the one listened on")
     group.add_argument("--backend-id", metavar="ID", default=None,
                        help="the id to register under (default: the address)")
+    group.add_argument("--report-to", metavar="URL", action="append", default=[],
+                       help="also send each heartbeat (the load report) to the router whose "
+                            "admin API is at URL: another router on the same etcd registry "
+                            "(repeatable)")
     group.add_argument("--drain-grace-s", metavar="S", type=float, default=DRAIN_GRACE_S,
                        help="after deregistering on SIGTERM, wait at most this long for "
                             "requests in flight")
@@ -72,7 +77,8 @@ def options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regist
     if args.register is None:
         given = [flag for flag, value in (("--token-file", args.token_file),
                                           ("--advertise", args.advertise),
-                                          ("--backend-id", args.backend_id)) if value]
+                                          ("--backend-id", args.backend_id),
+                                          ("--report-to", args.report_to)) if value]
         if given:
             parser.error(f"{', '.join(given)} need --register")
         return None
@@ -81,7 +87,7 @@ def options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regist
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         return RegisterOptions(args.register, args.lease_ttl, token or None, args.advertise,
-                               args.backend_id, args.drain_grace_s)
+                               args.backend_id, args.drain_grace_s, tuple(args.report_to))
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
 
@@ -120,6 +126,7 @@ async def lease(
         register.router_url, address=address, protocol=protocol, models=models,
         backend_id=register.backend_id, lease_ttl_s=register.lease_ttl_s,
         token=register.token, inflight=inflight, loaded_models=loaded_models, labels=labels,
+        report_to=register.report_to,
     )
     try:
         await registration.__aenter__()

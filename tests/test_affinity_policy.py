@@ -300,6 +300,25 @@ def test_a_spare_copy_is_evicted_before_a_models_only_copy_whatever_their_ages()
     assert decision.reason == "forced"
 
 
+def test_routers_that_heard_the_same_reports_ms_apart_load_a_model_on_the_same_backend() -> None:
+    """LRU ages count in whole churn-guard periods: each router stamps what it hears with its
+    own clock, and the order in which reports reach it must not decide where a load goes."""
+    choices = set()
+    for heard in ((("a", 0.000), ("b", 0.002), ("c", 0.004)),
+                  (("c", 0.010), ("b", 0.012), ("a", 0.014))):
+        policy, clock = make(slots=1, min_residency_s=5.0)
+        cands = [Cand(i) for i in "abc"]
+        start = clock.now()
+        for backend, at in heard:
+            clock.advance(start + at - clock.now())
+            policy.view.report(backend, [f"old-{backend}"], clock.now())
+        clock.advance(start + 20.0 - clock.now())  # every model unguarded, ages ~ms apart
+        chosen, token = place(policy, "m", cands)
+        assert token.reason == "load"
+        choices.add(chosen.id)
+    assert len(choices) == 1
+
+
 def test_a_copy_is_added_while_the_copies_are_fewer_than_demand_wants() -> None:
     policy, clock = make(demand_window_s=1.0)
     holder, cold = Cand("h"), Cand("c")

@@ -23,7 +23,8 @@ For a request for model M, over the candidates (healthy backends serving M, not 
    among those one whose least recently used model is not guarded (the churn guard: used
    within ``min_residency_s`` and not a spare copy, one of more holders than its
    ``copies_wanted``, which is how copies follow demand down; a load that breaks it is
-   ``forced``); then a free slot, else the oldest least recently used model, the fewest
+   ``forced``); then a free slot, else the oldest least recently used model (its age in
+   whole ``min_residency_s`` periods: routers stamp uses with their own clocks), the fewest
    models, the least load, the rendezvous rank. A
    backend may load only if it has a free slot or a victim: a model with no request running
    there (never evict a model in use) and none waiting for it in the router. A backend
@@ -444,6 +445,16 @@ class _Work:
             self.expected_s = 0.0  # no drift from float sums
 
 
+def _age_step(age: float, guard_s: float) -> float:
+    """An LRU age in whole churn-guard periods, for ranking where to load: each router
+    stamps a model's last use with its own clock (when it routed there, or first saw a
+    report), so ages a few ms apart must not decide alone; backends of the same step fall
+    to the shared inputs after it (models held, rendezvous rank)."""
+    if math.isinf(age) or guard_s <= 0.0:
+        return age
+    return float(math.floor(age / guard_s))
+
+
 def _smooth(old: float | None, sample: float, alpha: float) -> float:
     return sample if old is None else old + alpha * (sample - old)
 
@@ -539,7 +550,7 @@ class _Rows:
                 continue
             guarded = age < guard_s
             busy = self.inflight[i] >= self.concurrency[i]
-            key = (busy, guarded, self.wait[i] if busy else 0.0, -age,
+            key = (busy, guarded, self.wait[i] if busy else 0.0, -_age_step(age, guard_s),
                    len(view.models_of(self.ids[i])), self.inflight[i], self.rank[i])
             if best is None or key < best:
                 best, choice, forced = key, i, guarded
