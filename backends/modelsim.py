@@ -5,11 +5,13 @@ It holds at most ``--slots`` models at once. A request for a model it holds cost
 ``--concurrency`` requests are worked on at once (1: one task at a time, as in the seed
 experiment); the others wait in arrival order. Its slots are kept as an LRU cache at the
 moment a request arrives: the request's model moves to the most recently used end and stays
-while any request for it waits or runs (a model in use is never evicted: the server goes over
-its slots instead, and counts it); a model it lacks takes a slot at once, evicting least
-recently used models not in use until one is free (so a spell over the slots ends at the next
-load, as a fixed memory would have it), and is loaded by the first request for it that a
-worker takes (that worker spends the load), the others waiting for that one load.
+while any request for it waits or runs; a model it lacks takes a slot at once, evicting least
+recently used models until one is free, and is loaded by the first request for it that a
+worker takes (that worker spends the load), the others waiting for that one load. Memory is
+fixed: the victim is a model no request uses, else (every slot wanted) one whose requests
+only wait, which then load it again when a worker takes them (``evicted_waiting``); only with
+a worker on every model does the server go over its slots (``overcommits``), until its next
+load evicts it back under them.
 
 Two ways in (``--protocol``):
 
@@ -114,6 +116,7 @@ class _Resident:
 
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     users: int = 0  # requests that arrived for it and are not answered yet
+    running: int = 0  # of those, the ones a worker has taken
     loading: bool = False  # a worker is loading it now
 
 
@@ -142,7 +145,8 @@ class ModelSim:
         self.counts = _Counts()
         self.by_model: dict[str, _Counts] = {}
         self.unloads = 0
-        self.overcommits = 0  # loads with every slot in use: over the slots instead
+        self.overcommits = 0  # loads with a worker on every model: over the slots instead
+        self.evicted_waiting = 0  # evictions of a model whose requests waited for a worker
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
 
@@ -166,12 +170,19 @@ class ModelSim:
         try:
             async with self._workers:
                 began = self._now()
+                if resident is not None and self._slots.get(model or "") is not resident:
+                    # Evicted while this request waited (every slot was wanted): it loads
+                    # the model again.
+                    self._leave(model or "", resident)
+                    resident = self._take_slot(model or "")
                 if resident is not None:
+                    resident.running += 1
                     await self._use(model or "", resident)
                 await self._sleep(self.config.service_s)
                 elapsed = self._now() - began
         finally:
             if resident is not None:
+                resident.running = max(0, resident.running - 1)
                 self._leave(model or "", resident)
         self.worker_time_s += elapsed
         self.samples.append(elapsed)
@@ -182,6 +193,9 @@ class ModelSim:
         LRU order) and kept while the request waits or runs; one it lacks takes a slot now,
         loaded by the first request for it that a worker takes."""
         self.by_model.setdefault(model, _Counts()).requests += 1
+        return self._take_slot(model)
+
+    def _take_slot(self, model: str) -> _Resident:
         resident = self._slots.get(model)
         if resident is None:
             resident = self._begin_load(model)
@@ -218,8 +232,7 @@ class ModelSim:
         one is free: after a spell over its slots (every model was in use), a load brings it
         back under them, as a server's fixed memory would."""
         while len(self._slots) >= self.config.slots:
-            victim = next((name for name, r in self._slots.items()
-                           if not r.users and r.ready.is_set()), None)
+            victim = self._victim()
             if victim is None:
                 self.overcommits += 1
                 break
@@ -230,6 +243,20 @@ class ModelSim:
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1
         return resident
+
+    def _victim(self) -> str | None:
+        """The least recently used loaded model no request uses; else (memory is fixed) the
+        least recently used loaded one no worker is on, whose waiting requests then load it
+        again (``evicted_waiting``); None when a worker is on every model."""
+        idle = next((name for name, r in self._slots.items()
+                     if not r.users and r.ready.is_set()), None)
+        if idle is not None:
+            return idle
+        waited = next((name for name, r in self._slots.items()
+                       if not r.running and not r.loading and r.ready.is_set()), None)
+        if waited is not None:
+            self.evicted_waiting += 1
+        return waited
 
     async def load(self, model: str) -> None:
         """Load ``model`` (RepositoryModelLoad), without a worker; at once if resident."""
@@ -288,6 +315,7 @@ class ModelSim:
             **asdict(self.counts),
             "unloads": self.unloads,
             "overcommits": self.overcommits,
+            "evicted_waiting": self.evicted_waiting,
             "worker_time_s": {
                 "total": self.worker_time_s,
                 "mean": self.worker_time_s / requests if requests else 0.0,
