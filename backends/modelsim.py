@@ -31,8 +31,9 @@ connection on frames); without it every model key is served. ``--preload`` loads
 before the server announces itself.
 
 Worker-side statistics (requests; misses, the requests whose model was not loaded when a
-worker took them, so that their worker-side time has a load in it; loads; evictions; and
-each request's worker-side time, from the moment a worker takes it, load included) are
+worker took them, so that their worker-side time has a load in it, and when each began on
+the monotonic clock; loads; evictions; and each request's worker-side time, from the moment
+a worker takes it, load included) are
 written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints ``READY <port>``
 (``READY unix:<path>``) once listening.
 
@@ -149,6 +150,9 @@ class ModelSim:
         self.evicted_waiting = 0  # evictions of a model whose requests waited for a worker
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
+        # When each miss began (``now``: CLOCK_MONOTONIC in a process, shared by all on
+        # the machine), so that a benchmark can count the misses after its warm-up.
+        self.miss_times: deque[float] = deque(maxlen=MAX_SAMPLES)
 
     def check(self, model: str) -> None:
         if self.config.models and model not in self.config.models:
@@ -211,6 +215,7 @@ class ModelSim:
             return
         self.counts.misses += 1
         self.by_model[model].misses += 1
+        self.miss_times.append(self._now())
         if resident.loading:
             await resident.ready.wait()
             return
@@ -322,6 +327,7 @@ class ModelSim:
                 "p99": samples[min(requests - 1, int(requests * 0.99))] if requests else 0.0,
             },
             "worker_times_s": samples if len(samples) == len(self.samples) else [],
+            "miss_times_s": list(self.miss_times),
             "models": {name: asdict(c) for name, c in sorted(self.by_model.items())},
             "resident": self.resident(),
         }
