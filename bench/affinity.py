@@ -68,8 +68,11 @@ DOCS_START = "<!-- bench-affinity:start -->"
 DOCS_END = "<!-- bench-affinity:end -->"
 PAYLOAD = b"x" * 64
 STATS_TIMEOUT_S = 15.0
-# Registered backends renew their lease, with what they hold, this often (real seconds).
+# Registered backends renew their lease, with what they hold, this often (real seconds), on a
+# lease long enough that a router loop stalled for seconds on the two shared cores does not
+# expire the whole fleet at once (a 1.5 s lease did).
 HEARTBEAT_S = 0.5
+LEASE_TTL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +359,8 @@ async def _registered_fleet(policy: str, fleet: Fleet, scale: float, demand_wind
     started = [await asyncio.to_thread(start_router, [], log_dir, config, processes,
                                        f"{tag}-router{i}") for i in range(routers)]
     urls = [f"http://127.0.0.1:{admin}" for _, admin in started]
-    flags = ["--register", urls[0], "--lease-ttl", str(3 * HEARTBEAT_S), "--token-file",
-             str(token)]
+    flags = ["--register", urls[0], "--lease-ttl", str(LEASE_TTL_S), "--heartbeat-interval",
+             str(HEARTBEAT_S), "--token-file", str(token)]
     for url in urls[1:]:
         flags += ["--report-to", url]
     backends = await asyncio.to_thread(start_modelsims, fleet, scale, log_dir, tag, flags)

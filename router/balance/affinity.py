@@ -24,7 +24,7 @@ For a request for model M, over the candidates (healthy backends serving M, not 
    within ``min_residency_s`` and not a spare copy, one of more holders than its
    ``copies_wanted``, which is how copies follow demand down; a load that breaks it is
    ``forced``); then a free slot, else the oldest least recently used model (its age in
-   whole ``min_residency_s`` periods: routers stamp uses with their own clocks), the fewest
+   steps of ``min_residency_s`` / 8: routers stamp uses with their own clocks), the fewest
    models, the least load, the rendezvous rank. A
    backend may load only if it has a free slot or a victim: a model with no request running
    there (never evict a model in use) and none waiting for it in the router. A backend
@@ -74,6 +74,9 @@ OUTCOME_OF: dict[str, Outcome] = {
     "copy": "load", "load": "load", "forced": "load", "overcommit": "load",
 }
 MAX_BACKENDS = 4096  # backends whose last answer time is kept
+# LRU ages rank in steps of min_residency_s / 8: the churn guard's 10 loads at the defaults'
+# ratio make a step about one load time, far above two routers' clock skew (ms).
+AGE_STEPS = 8
 # router_model_load_seconds: from a 10 ms load (a time-scaled benchmark) to minutes.
 LOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         120.0, 300.0)
@@ -446,13 +449,13 @@ class _Work:
 
 
 def _age_step(age: float, guard_s: float) -> float:
-    """An LRU age in whole churn-guard periods, for ranking where to load: each router
-    stamps a model's last use with its own clock (when it routed there, or first saw a
-    report), so ages a few ms apart must not decide alone; backends of the same step fall
-    to the shared inputs after it (models held, rendezvous rank)."""
+    """An LRU age in steps of 1/``AGE_STEPS`` of the churn guard, for ranking where to
+    load: each router stamps a model's last use with its own clock (when it routed there,
+    or first saw a report), so ages a few ms apart must not decide alone; backends of the
+    same step fall to the shared inputs after it (models held, rendezvous rank)."""
     if math.isinf(age) or guard_s <= 0.0:
         return age
-    return float(math.floor(age / guard_s))
+    return float(math.floor(age * AGE_STEPS / guard_s))
 
 
 def _smooth(old: float | None, sample: float, alpha: float) -> float:
