@@ -5,13 +5,13 @@ It holds at most ``--slots`` models at once. A request for a model it holds cost
 ``--concurrency`` requests are worked on at once (1: one task at a time, as in the seed
 experiment); the others wait in arrival order. Its slots are kept as an LRU cache at the
 moment a request arrives: the request's model moves to the most recently used end and stays
-while any request for it waits or runs. A model it lacks is owed a load; the first request
-for it that a worker takes loads it (that worker spends the load), the others waiting for
-that one load, and the model takes a slot then, when its memory is needed, evicting least
-recently used models until one is free. Memory is fixed: the victim is a model no request
-uses, else (every slot wanted) one whose requests only wait, which load it again when a
-worker takes them (``evicted_waiting``); only with a worker on every model does the server go
-over its slots (``overcommits``), until its next load evicts it back under them.
+while any request for it waits or runs; a model it lacks takes a slot at once, evicting least
+recently used models until one is free, and is loaded by the first request for it that a
+worker takes (that worker spends the load), the others waiting for that one load. Memory is
+fixed: the victim is a model no request uses, else (every slot wanted) one whose requests
+only wait, which then load it again when a worker takes them (``evicted_waiting``); only with
+a worker on every model does the server go over its slots (``overcommits``), until its next
+load evicts it back under them.
 
 Two ways in (``--protocol``):
 
@@ -142,7 +142,6 @@ class ModelSim:
         self._now = now
         self._sleep = sleep
         self._slots: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
-        self._pending: dict[str, _Resident] = {}  # models owed a load, in no slot yet
         self._workers = asyncio.Semaphore(config.concurrency)
         self.counts = _Counts()
         self.by_model: dict[str, _Counts] = {}
@@ -175,8 +174,12 @@ class ModelSim:
         try:
             async with self._workers:
                 began = self._now()
+                if resident is not None and self._slots.get(model or "") is not resident:
+                    # Evicted while this request waited (every slot was wanted): it loads
+                    # the model again.
+                    self._leave(model or "", resident)
+                    resident = self._take_slot(model or "")
                 if resident is not None:
-                    resident = self._on_worker(model or "", resident)
                     resident.running += 1
                     await self._use(model or "", resident)
                 await self._sleep(self.config.service_s)
@@ -191,34 +194,19 @@ class ModelSim:
 
     def _arrive(self, model: str) -> _Resident:
         """A request for ``model`` arrives: the model is used now (it moves to the end of the
-        LRU order) and kept while the request waits or runs; one it lacks is owed a load
-        (pending, in no slot yet), which the first request for it that a worker takes
-        begins."""
+        LRU order) and kept while the request waits or runs; one it lacks takes a slot now,
+        loaded by the first request for it that a worker takes."""
         self.by_model.setdefault(model, _Counts()).requests += 1
+        return self._take_slot(model)
+
+    def _take_slot(self, model: str) -> _Resident:
         resident = self._slots.get(model)
-        if resident is not None:
-            self._slots.move_to_end(model)
+        if resident is None:
+            resident = self._begin_load(model)
         else:
-            resident = self._pending.get(model)
-            if resident is None:
-                resident = self._pending[model] = _Resident()
+            self._slots.move_to_end(model)
         resident.users += 1
         return resident
-
-    def _on_worker(self, model: str, resident: _Resident) -> _Resident:
-        """A worker takes a request for ``model``: the resident it is served by, a slot taken
-        now if its load is owed (or its model was evicted while it waited: loaded again)."""
-        current = self._slots.get(model)
-        if current is resident:
-            return resident
-        resident.users -= 1
-        if current is None:
-            current = self._pending.pop(model, None) or _Resident()
-            self._install(model, current)
-        else:
-            self._slots.move_to_end(model)
-        current.users += 1
-        return current
 
     async def _use(self, model: str, resident: _Resident) -> None:
         """On a worker: load the model if it is owed a load, else wait for its load; either
@@ -240,23 +228,14 @@ class ModelSim:
 
     def _leave(self, model: str, resident: _Resident) -> None:
         resident.users -= 1
-        if resident.users or resident.ready.is_set() or resident.loading:
-            return
-        # Its load never happened (cancelled): nothing is owed, the slot is free.
-        if self._slots.get(model) is resident:
-            del self._slots[model]
-        elif self._pending.get(model) is resident:
-            del self._pending[model]
+        if not resident.users and not resident.ready.is_set() and not resident.loading \
+                and self._slots.get(model) is resident:
+            del self._slots[model]  # its load never happened (cancelled): the slot is free
 
     def _begin_load(self, model: str) -> _Resident:
-        """A load of ``model`` begins now (RepositoryModelLoad): a slot for it."""
-        resident = self._pending.pop(model, None) or _Resident()
-        self._install(model, resident)
-        return resident
-
-    def _install(self, model: str, resident: _Resident) -> None:
-        """Give ``model`` a slot, evicting least recently used models until one is free: after
-        a spell over its slots, a load brings it back under them, as fixed memory would."""
+        """Take a slot for ``model``, evicting least recently used models not in use until
+        one is free: after a spell over its slots (every model was in use), a load brings it
+        back under them, as a server's fixed memory would."""
         while len(self._slots) >= self.config.slots:
             victim = self._victim()
             if victim is None:
@@ -265,9 +244,10 @@ class ModelSim:
             del self._slots[victim]
             self.counts.evictions += 1
             self.by_model.setdefault(victim, _Counts()).evictions += 1
-        self._slots[model] = resident
+        resident = self._slots[model] = _Resident()
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1
+        return resident
 
     def _victim(self) -> str | None:
         """The least recently used loaded model no request uses; else (memory is fixed) the

@@ -77,7 +77,6 @@ class SimBackend:
     concurrency: int = 1
     weight: int = 1
     models: OrderedDict[str, Slot] = field(default_factory=OrderedDict)
-    pending: dict[str, Slot] = field(default_factory=dict)  # owed a load, no slot yet
     waiting: deque[Job] = field(default_factory=deque)  # arrived, no worker yet
     running: int = 0
     misses: int = 0
@@ -92,45 +91,33 @@ class SimBackend:
 
     def arrive(self, model: str, now: float) -> Slot:
         slot = self.models.get(model)
-        if slot is not None:
+        if slot is None:
+            # Fixed memory, as backends.modelsim: a load evicts until a slot is free, a
+            # model no request uses first, else one whose requests only wait (they load it
+            # again); over the slots only with a worker on every model.
+            while len(self.models) >= self.slots:
+                loaded = [(m, s) for m, s in self.models.items()
+                          if s.ready_at is not None and s.ready_at <= now]
+                victim = next((m for m, s in loaded if not s.users),
+                              next((m for m, s in loaded if not s.running), None))
+                if victim is None:
+                    break
+                del self.models[victim]
+                self.evictions += 1
+            slot = self.models[model] = Slot()
+        else:
             self.models.move_to_end(model)
-        else:  # owed a load, in no slot until a worker begins it
-            slot = self.pending.get(model)
-            if slot is None:
-                slot = self.pending[model] = Slot()
         slot.users += 1
         return slot
 
-    def _install(self, model: str, slot: Slot, now: float) -> None:
-        """Fixed memory, as backends.modelsim: a load evicts until a slot is free, a model
-        no request uses first, else one whose requests only wait (they load it again); over
-        the slots only with a worker on every model."""
-        while len(self.models) >= self.slots:
-            loaded = [(m, s) for m, s in self.models.items()
-                      if s.ready_at is not None and s.ready_at <= now]
-            victim = next((m for m, s in loaded if not s.users),
-                          next((m for m, s in loaded if not s.running), None))
-            if victim is None:
-                break
-            del self.models[victim]
-            self.evictions += 1
-        self.models[model] = slot
-
     def work_time(self, job: Job, now: float, load_s: float, service_s: float) -> float:
-        """What a worker taking ``job`` now spends on it (its model takes a slot now if its
-        load is owed, or loads again if it was evicted while the job waited)."""
+        """What a worker taking ``job`` now spends on it."""
         model = job.model
         slot = self.models.get(model)
-        if slot is None or slot is not job.slot:
-            if job.slot is not None:
+        if slot is None or slot is not job.slot:  # evicted while the job waited: it loads
+            if job.slot is not None:              # the model again
                 job.slot.users -= 1
-            if slot is None:
-                slot = self.pending.pop(model, None) or Slot()
-                self._install(model, slot, now)
-            else:
-                self.models.move_to_end(model)
-            slot.users += 1
-            job.slot = slot
+            slot = job.slot = self.arrive(model, now)
         slot.running += 1
         if slot.ready_at is None or slot.ready_at > now:
             self.misses += 1  # its worker time has (part of) a load in it
