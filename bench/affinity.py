@@ -19,8 +19,12 @@ counts, from their stats files), mean worker-side task time, mean and p99 client
 
 ``--zipf``: past the seed, 16 backends x 4 slots, 64 models of Zipf(1.1) popularity,
 open-loop Poisson arrivals at 70 % of the fleet's capacity, load 0.4 s, service 0.04 s; per
-policy also the copies of the hottest model and max/mean backend utilisation, and for
-``affinity`` a second run with 2 router processes.
+seed (``--zipf-seeds``, each its own arrivals) every policy on the same arrivals, then
+``affinity`` with 2 router processes and with 2 routers sharing one etcd registry. Every
+run's backends register (heartbeats every 0.5 s carry what they hold to every router), so
+the runs differ only in the routers. Per run also the misses after a warm-up (the first 20 %
+of the requests) and in it, the copies of the hottest model, max/mean backend utilisation,
+the load generator's own lag and the machine's load average.
 
 Writes ``bench/results/affinity.json`` and, with ``--update-docs``, the affinity table of
 docs/benchmarks.md. Every process it starts is stopped in ``finally``.
