@@ -5,10 +5,13 @@ It holds at most ``--slots`` models at once. A request for a model it holds cost
 ``--concurrency`` requests are worked on at once (1: one task at a time, as in the seed
 experiment); the others wait in arrival order. Its slots are kept as an LRU cache at the
 moment a request arrives: the request's model moves to the most recently used end and stays
-while any request for it waits or runs (a model in use is never evicted: the server goes over
-its slots instead, and counts it); a model it lacks takes a slot at once, evicting the least
-recently used model not in use, and is loaded by the first request for it that a worker
-takes (that worker spends the load), the others waiting for that one load.
+while any request for it waits or runs; a model it lacks takes a slot at once, evicting least
+recently used models until one is free, and is loaded by the first request for it that a
+worker takes (that worker spends the load), the others waiting for that one load. Memory is
+fixed: the victim is a model no request uses, else (every slot wanted) one whose requests
+only wait, which then load it again when a worker takes them (``evicted_waiting``); only with
+a worker on every model does the server go over its slots (``overcommits``), until its next
+load evicts it back under them.
 
 Two ways in (``--protocol``):
 
@@ -31,8 +34,9 @@ connection on frames); without it every model key is served. ``--preload`` loads
 before the server announces itself.
 
 Worker-side statistics (requests; misses, the requests whose model was not loaded when a
-worker took them, so that their worker-side time has a load in it; loads; evictions; and
-each request's worker-side time, from the moment a worker takes it, load included) are
+worker took them, so that their worker-side time has a load in it, and when each began on
+the monotonic clock; loads; evictions; and each request's worker-side time, from the moment
+a worker takes it, load included) are
 written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints ``READY <port>``
 (``READY unix:<path>``) once listening.
 
@@ -118,6 +122,7 @@ class _Resident:
 
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     users: int = 0  # requests that arrived for it and are not answered yet
+    running: int = 0  # of those, the ones a worker has taken
     loading: bool = False  # a worker is loading it now
 
 
@@ -147,9 +152,13 @@ class ModelSim:
         self.by_model: dict[str, _Counts] = {}
         self.unloads = 0
         self.load_failures = 0  # RepositoryModelLoad calls refused (--fail-load)
-        self.overcommits = 0  # loads with every slot in use: over the slots instead
+        self.overcommits = 0  # loads with a worker on every model: over the slots instead
+        self.evicted_waiting = 0  # evictions of a model whose requests waited for a worker
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
+        # When each miss began (``now``: CLOCK_MONOTONIC in a process, shared by all on
+        # the machine), so that a benchmark can count the misses after its warm-up.
+        self.miss_times: deque[float] = deque(maxlen=MAX_SAMPLES)
 
     def check(self, model: str) -> None:
         if self.config.models and model not in self.config.models:
@@ -171,12 +180,19 @@ class ModelSim:
         try:
             async with self._workers:
                 began = self._now()
+                if resident is not None and self._slots.get(model or "") is not resident:
+                    # Evicted while this request waited (every slot was wanted): it loads
+                    # the model again.
+                    self._leave(model or "", resident)
+                    resident = self._take_slot(model or "")
                 if resident is not None:
+                    resident.running += 1
                     await self._use(model or "", resident)
                 await self._sleep(self.config.service_s)
                 elapsed = self._now() - began
         finally:
             if resident is not None:
+                resident.running = max(0, resident.running - 1)
                 self._leave(model or "", resident)
         self.worker_time_s += elapsed
         self.samples.append(elapsed)
@@ -187,6 +203,9 @@ class ModelSim:
         LRU order) and kept while the request waits or runs; one it lacks takes a slot now,
         loaded by the first request for it that a worker takes."""
         self.by_model.setdefault(model, _Counts()).requests += 1
+        return self._take_slot(model)
+
+    def _take_slot(self, model: str) -> _Resident:
         resident = self._slots.get(model)
         if resident is None:
             resident = self._begin_load(model)
@@ -202,6 +221,7 @@ class ModelSim:
             return
         self.counts.misses += 1
         self.by_model[model].misses += 1
+        self.miss_times.append(self._now())
         if resident.loading:
             await resident.ready.wait()
             return
@@ -219,20 +239,35 @@ class ModelSim:
             del self._slots[model]  # its load never happened (cancelled): the slot is free
 
     def _begin_load(self, model: str) -> _Resident:
-        """Take a slot for ``model`` (evicting the least recently used model not in use)."""
-        if len(self._slots) >= self.config.slots:
-            victim = next((name for name, r in self._slots.items()
-                           if not r.users and r.ready.is_set()), None)
+        """Take a slot for ``model``, evicting least recently used models not in use until
+        one is free: after a spell over its slots (every model was in use), a load brings it
+        back under them, as a server's fixed memory would."""
+        while len(self._slots) >= self.config.slots:
+            victim = self._victim()
             if victim is None:
                 self.overcommits += 1
-            else:
-                del self._slots[victim]
-                self.counts.evictions += 1
-                self.by_model.setdefault(victim, _Counts()).evictions += 1
+                break
+            del self._slots[victim]
+            self.counts.evictions += 1
+            self.by_model.setdefault(victim, _Counts()).evictions += 1
         resident = self._slots[model] = _Resident()
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1
         return resident
+
+    def _victim(self) -> str | None:
+        """The least recently used loaded model no request uses; else (memory is fixed) the
+        least recently used loaded one no worker is on, whose waiting requests then load it
+        again (``evicted_waiting``); None when a worker is on every model."""
+        idle = next((name for name, r in self._slots.items()
+                     if not r.users and r.ready.is_set()), None)
+        if idle is not None:
+            return idle
+        waited = next((name for name, r in self._slots.items()
+                       if not r.running and not r.loading and r.ready.is_set()), None)
+        if waited is not None:
+            self.evicted_waiting += 1
+        return waited
 
     async def load(self, model: str) -> None:
         """Load ``model`` (RepositoryModelLoad), without a worker; at once if resident."""
@@ -292,12 +327,14 @@ class ModelSim:
             "unloads": self.unloads,
             "load_failures": self.load_failures,
             "overcommits": self.overcommits,
+            "evicted_waiting": self.evicted_waiting,
             "worker_time_s": {
                 "total": self.worker_time_s,
                 "mean": self.worker_time_s / requests if requests else 0.0,
                 "p99": samples[min(requests - 1, int(requests * 0.99))] if requests else 0.0,
             },
             "worker_times_s": samples if len(samples) == len(self.samples) else [],
+            "miss_times_s": list(self.miss_times),
             "models": {name: asdict(c) for name, c in sorted(self.by_model.items())},
             "resident": self.resident(),
         }

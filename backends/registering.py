@@ -36,6 +36,8 @@ class RegisterOptions:
     advertise: str | None = None
     backend_id: str | None = None
     drain_grace_s: float = DRAIN_GRACE_S
+    report_to: tuple[str, ...] = ()
+    heartbeat_interval_s: float | None = None  # None: the router's answer (a third of the TTL)
 
     def __post_init__(self) -> None:
         if not self.router_url.startswith(("http://", "https://")):
@@ -43,6 +45,8 @@ class RegisterOptions:
                              f"got {self.router_url!r}")
         if not self.lease_ttl_s > 0:
             raise ValueError(f"--lease-ttl must be > 0, got {self.lease_ttl_s}")
+        if self.heartbeat_interval_s is not None and not self.heartbeat_interval_s > 0:
+            raise ValueError(f"--heartbeat-interval must be > 0, got {self.heartbeat_interval_s}")
         if self.drain_grace_s < 0:
             raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
 
@@ -61,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "default: the one listened on")
     group.add_argument("--backend-id", metavar="ID", default=None,
                        help="the id to register under (default: the address)")
+    group.add_argument("--heartbeat-interval", metavar="S", type=float, default=None,
+                       help="renew (and report) this often, in seconds (default: a third of "
+                            "the TTL, as the router answers)")
+    group.add_argument("--report-to", metavar="URL", action="append", default=[],
+                       help="also send each heartbeat (the load report) to the router whose "
+                            "admin API is at URL: another router on the same etcd registry "
+                            "(repeatable)")
     group.add_argument("--drain-grace-s", metavar="S", type=float, default=DRAIN_GRACE_S,
                        help="after deregistering on SIGTERM, wait at most this long for "
                             "requests in flight")
@@ -72,7 +83,10 @@ def options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regist
     if args.register is None:
         given = [flag for flag, value in (("--token-file", args.token_file),
                                           ("--advertise", args.advertise),
-                                          ("--backend-id", args.backend_id)) if value]
+                                          ("--backend-id", args.backend_id),
+                                          ("--report-to", args.report_to),
+                                          ("--heartbeat-interval", args.heartbeat_interval))
+                 if value]
         if given:
             parser.error(f"{', '.join(given)} need --register")
         return None
@@ -81,7 +95,8 @@ def options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Regist
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else None
         return RegisterOptions(args.register, args.lease_ttl, token or None, args.advertise,
-                               args.backend_id, args.drain_grace_s)
+                               args.backend_id, args.drain_grace_s, tuple(args.report_to),
+                               args.heartbeat_interval)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
 
@@ -120,6 +135,7 @@ async def lease(
         register.router_url, address=address, protocol=protocol, models=models,
         backend_id=register.backend_id, lease_ttl_s=register.lease_ttl_s,
         token=register.token, inflight=inflight, loaded_models=loaded_models, labels=labels,
+        report_to=register.report_to, heartbeat_interval_s=register.heartbeat_interval_s,
     )
     try:
         await registration.__aenter__()

@@ -62,6 +62,7 @@ def workload(run: SeedRun, seed: int) -> list[list[tuple[float, str]]]:
 @dataclass(eq=False, slots=True)
 class Slot:
     users: int = 0  # requests that arrived for it and are not answered
+    running: int = 0  # of those, the ones a worker has taken
     ready_at: float | None = None  # when its load is (was) done; None: not begun
 
 
@@ -88,24 +89,36 @@ class SimBackend:
     def inflight(self) -> int:
         return self.running + len(self.waiting)
 
-    def arrive(self, model: str, now: float) -> None:
+    def arrive(self, model: str, now: float) -> Slot:
         slot = self.models.get(model)
         if slot is None:
-            if len(self.models) >= self.slots:
-                victim = next((m for m, s in self.models.items()
-                               if not s.users and s.ready_at is not None and s.ready_at <= now),
-                              None)
-                if victim is not None:
-                    del self.models[victim]
-                    self.evictions += 1
+            # Fixed memory, as backends.modelsim: a load evicts until a slot is free, a
+            # model no request uses first, else one whose requests only wait (they load it
+            # again); over the slots only with a worker on every model.
+            while len(self.models) >= self.slots:
+                loaded = [(m, s) for m, s in self.models.items()
+                          if s.ready_at is not None and s.ready_at <= now]
+                victim = next((m for m, s in loaded if not s.users),
+                              next((m for m, s in loaded if not s.running), None))
+                if victim is None:
+                    break
+                del self.models[victim]
+                self.evictions += 1
             slot = self.models[model] = Slot()
         else:
             self.models.move_to_end(model)
         slot.users += 1
+        return slot
 
-    def work_time(self, model: str, now: float, load_s: float, service_s: float) -> float:
-        """What a worker taking a request for ``model`` now spends on it."""
-        slot = self.models[model]
+    def work_time(self, job: Job, now: float, load_s: float, service_s: float) -> float:
+        """What a worker taking ``job`` now spends on it."""
+        model = job.model
+        slot = self.models.get(model)
+        if slot is None or slot is not job.slot:  # evicted while the job waited: it loads
+            if job.slot is not None:              # the model again
+                job.slot.users -= 1
+            slot = job.slot = self.arrive(model, now)
+        slot.running += 1
         if slot.ready_at is None or slot.ready_at > now:
             self.misses += 1  # its worker time has (part of) a load in it
         if slot.ready_at is None:
@@ -123,6 +136,7 @@ class Job:
     requests: Any = None  # the producer's iterator of what it sends next
     token: Placed | None = None
     worker_s: float = 0.0
+    slot: Slot | None = None  # its model's slot at the backend
 
 
 @dataclass
@@ -216,7 +230,7 @@ class Fleet:
         backend = candidates[index]
         if job.token is not None:
             job.token.started(self.now)
-        backend.arrive(job.model, self.now)
+        job.slot = backend.arrive(job.model, self.now)
         backend.waiting.append(job)
         self._start_next(backend)
 
@@ -225,7 +239,7 @@ class Fleet:
             job = backend.waiting.popleft()
             backend.running += 1
             spec = self.run_spec
-            took = backend.work_time(job.model, self.now, spec.load_s, spec.service_s)
+            took = backend.work_time(job, self.now, spec.load_s, spec.service_s)
             backend.busy_s += took
             backend.served[job.model] = backend.served.get(job.model, 0) + 1
             job.worker_s = took
@@ -233,7 +247,9 @@ class Fleet:
 
     def _finish(self, backend: SimBackend, job: Job) -> None:
         backend.running -= 1
-        backend.models[job.model].users -= 1
+        assert job.slot is not None
+        job.slot.users -= 1
+        job.slot.running -= 1
         self.task_times.append(job.worker_s)
         self.latencies.append(self.now - job.sent_at)
         if job.token is not None:

@@ -258,9 +258,19 @@ class Fleet:
                          "etcd_reconnect_backoff_max_s": 0.5},
         }
 
-    async def router(self, name: str) -> RouterProcess:
+    @property
+    def token_file(self) -> Path:
+        return self._tmp / "token"
+
+    async def router(self, name: str, extra: dict[str, Any] | None = None) -> RouterProcess:
+        """A router on the fleet's etcd; ``extra``: config keys by section, over the fleet's
+        (its registry and admin sections stay)."""
+        config = self.config()
+        for section, keys in (extra or {}).items():
+            if section not in ("registry", "admin"):
+                config[section] = {**config.get(section, {}), **keys}
         path = self._tmp / f"{name}.toml"
-        path.write_bytes(tomli_w.dumps(self.config()).encode())
+        path.write_bytes(tomli_w.dumps(config).encode())
         stderr = self._tmp / f"{name}.stderr"
         proc = await launch(
             [sys.executable, "-m", "router", "serve", "--config", str(path)], parse_banner,

@@ -249,6 +249,76 @@ def test_the_churn_guard_gives_way_rather_than_queue_a_load_behind_busy_backends
     assert chosen is recent and token.reason == "forced"
 
 
+def queue_on(policy: AffinityPolicy, holder: Cand, model: str, count: int) -> None:
+    """``count`` requests for ``model`` placed on ``holder`` and waiting there."""
+    for _ in range(count):
+        holder.inflight += 1
+        policy.place(model, model, [holder], random.Random(1))
+
+
+def test_a_copy_never_breaks_the_churn_guard() -> None:
+    policy, clock = make(slots=1, min_residency_s=5.0)
+    holder, cold = Cand("h"), Cand("c")
+    warm(policy, clock, holder, "m")
+    warm(policy, clock, cold, "y")  # c's only model, used just now: guarded
+    queue_on(policy, holder, "m", 60)  # 3 s of work queued at the holder, more than a load
+    chosen, token = place(policy, "m", [holder, cold])
+    assert chosen is holder and token.reason == "waited"  # m is served where it is
+    assert "y" in policy.view.models_of("c")
+
+
+def test_a_copy_that_evicts_pays_for_the_evicted_models_next_load() -> None:
+    policy, clock = make(slots=1, min_residency_s=1.0)
+    holder, cold = Cand("h"), Cand("c")
+    warm(policy, clock, holder, "m")
+    warm(policy, clock, cold, "y")
+    clock.advance(2)  # y unguarded now
+    queue_on(policy, holder, "m", 30)  # 1.5 s queued: a 1 s load alone would be sooner...
+    chosen, token = place(policy, "m", [holder, cold])
+    assert chosen is holder and token.reason == "waited"  # ...but y's next load is owed too
+    queue_on(policy, holder, "m", 30)  # 3 s queued: more than both loads
+    chosen, token = place(policy, "m", [holder, cold])
+    assert chosen is cold and token.reason == "copy"
+
+
+def test_a_spare_copy_is_evicted_before_a_models_only_copy_whatever_their_ages() -> None:
+    policy, clock = make(slots=1, min_residency_s=5.0)
+    only, spare_a, spare_b = Cand("only"), Cand("a"), Cand("b")
+    warm(policy, clock, only, "x")
+    clock.advance(1)
+    warm(policy, clock, spare_a, "y")  # y on two backends, its demand (none) wants one
+    warm(policy, clock, spare_b, "y")
+    decision = policy.decide("m", [only, spare_a, spare_b], clock.now(), explain=True)
+    assert [c.can_load for c in decision.candidates] == [
+        "churn guard", "evicts y (spare copy)", "evicts y (spare copy)"]
+    chosen, token = place(policy, "m", [only, spare_a, spare_b])
+    assert chosen in (spare_a, spare_b) and token.reason == "load"  # not forced
+    token.started(clock.now())
+    assert len(policy.view.holders("y")) == 1 and "x" in policy.view.models_of("only")
+    # y's last copy is not spare: guarded like any model used within min_residency_s.
+    decision = policy.decide("n", [only, spare_a, spare_b], clock.now(), explain=True)
+    assert decision.reason == "forced"
+
+
+def test_routers_that_heard_the_same_reports_ms_apart_load_a_model_on_the_same_backend() -> None:
+    """LRU ages count in whole churn-guard periods: each router stamps what it hears with its
+    own clock, and the order in which reports reach it must not decide where a load goes."""
+    choices = set()
+    for heard in ((("a", 0.000), ("b", 0.002), ("c", 0.004)),
+                  (("c", 0.010), ("b", 0.012), ("a", 0.014))):
+        policy, clock = make(slots=1, min_residency_s=5.0)
+        cands = [Cand(i) for i in "abc"]
+        start = clock.now()
+        for backend, at in heard:
+            clock.advance(start + at - clock.now())
+            policy.view.report(backend, [f"old-{backend}"], clock.now())
+        clock.advance(start + 20.0 - clock.now())  # every model unguarded, ages ~ms apart
+        chosen, token = place(policy, "m", cands)
+        assert token.reason == "load"
+        choices.add(chosen.id)
+    assert len(choices) == 1
+
+
 def test_a_copy_is_added_while_the_copies_are_fewer_than_demand_wants() -> None:
     policy, clock = make(demand_window_s=1.0)
     holder, cold = Cand("h"), Cand("c")
@@ -389,11 +459,24 @@ def test_routed_predicts_the_backend_lru_eviction() -> None:
     view.routed("b", "z", 4.0)
     assert set(view.models_of("b")) == {"x", "y", "z"}  # z pending: not at the backend yet
     view.routed("b", "y", 4.5)  # y waits in the router: the backend does not know it
-    assert view.started("b", "z", 5.0) == "y"  # z reaches it: y goes, its waiter will miss
+    assert view.started("b", "z", 5.0) == ("y",)  # z reaches it: y goes, its waiter will miss
     assert set(view.models_of("b")) == {"x", "z"}
     assert view.victim("b") == ("x", view.get("b", "x"))  # next time: x, z is running
     view.routed("b", "x", 5.5)
     assert view.victim("b", spare_queued=True) is None  # x has a waiter now, z runs
+
+
+def test_a_load_brings_a_backend_back_under_its_slots_after_a_spell_over_them() -> None:
+    view = ResidencyView(default_slots=2)
+    for model in ("x", "y", "z"):  # all three running at once: over its two slots
+        view.routed("b", model, 1.0)
+        assert view.started("b", model, 1.0) == ()
+    assert view.occupied("b") == 3
+    for model in ("x", "y", "z"):
+        view.finished("b", model, 2.0, served=True)
+    view.routed("b", "w", 3.0)
+    assert view.started("b", "w", 3.0) == ("x", "y")  # the two least recently used go
+    assert set(view.models_of("b")) == {"z", "w"} and view.occupied("b") == 2
 
 
 # -- the hashing policies -------------------------------------------------------------------

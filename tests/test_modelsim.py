@@ -92,6 +92,40 @@ async def test_a_model_in_use_is_never_evicted_the_server_goes_over_its_slots() 
     assert sorted(sim.statistics()["resident"]) == ["a", "b"]
 
 
+async def test_the_next_load_after_a_spell_over_the_slots_brings_it_back_under_them() -> None:
+    sim, gates = make_sim(slots=1, load_s=0.4, service_s=0.05, concurrency=2)
+    first = asyncio.create_task(sim.infer("a"))
+    await gates.open_next()  # a loaded, in use
+    second = asyncio.create_task(sim.infer("b"))
+    for _ in range(3):  # a's service, b's load, b's service
+        await gates.open_next()
+    await asyncio.gather(first, second)
+    assert sorted(sim.statistics()["resident"]) == ["a", "b"]  # over its one slot, both idle
+    await serve_one(sim, gates, "c")  # c's load evicts both: one slot, one model
+    stats = sim.statistics()
+    assert stats["resident"] == ["c"] and stats["evictions"] == 2
+
+
+async def test_memory_is_fixed_a_model_whose_requests_only_wait_is_evicted_and_reloaded() -> None:
+    sim, gates = make_sim(slots=2, load_s=0.4, service_s=0.05, concurrency=1)
+    for model in ("a", "b"):
+        await serve_one(sim, gates, model)
+    running = asyncio.create_task(sim.infer("a"))  # a hit, on the worker
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(sim.infer("b"))  # b's request waits for the worker
+    await asyncio.sleep(0)
+    newcomer = asyncio.create_task(sim.infer("c"))  # both slots wanted: b (only waited) goes
+    await asyncio.sleep(0)
+    assert sim.statistics()["evicted_waiting"] == 1 and sim.overcommits == 0
+    while not newcomer.done():
+        await gates.open_next()
+    await asyncio.gather(running, waiting)
+    # a's service; b loaded again (evicting a, idle by then) and served; c loaded and served.
+    assert gates.asked[-5:] == [0.05, 0.4, 0.05, 0.4, 0.05]
+    stats = sim.statistics()
+    assert (stats["misses"], stats["evictions"], sorted(stats["resident"])) == (4, 2, ["b", "c"])
+
+
 async def test_requests_for_a_model_being_loaded_wait_for_that_one_load() -> None:
     sim, gates = make_sim(slots=2, load_s=0.4, service_s=0.05, concurrency=2)
     tasks = [asyncio.create_task(sim.infer("a")) for _ in range(2)]

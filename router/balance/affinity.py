@@ -13,14 +13,19 @@ For a request for model M, over the candidates (healthy backends serving M, not 
 2. **Wait or load.** Every holder is busy: the expected wait at each (its placements worked
    through first come, first served by its workers, from their measured times; what is left
    of M's load if it is loading) is weighed against loading M on a backend that does not hold
-   it (that backend's own wait, plus M's measured load time). The cheaper wins: ``waited`` at
-   the holder with the least wait, or ``copy``, a load beside the existing copies. While the
-   holders are fewer than ``copies_wanted(M)``, a copy is added whichever is cheaper now.
+   it (that backend's own wait, plus M's measured load time, plus one more load when it
+   evicts a model: that model's next request pays it). The cheaper wins: ``waited`` at the
+   holder with the least wait, or ``copy``, a load beside the existing copies. While the
+   holders are fewer than ``copies_wanted(M)``, a copy is added whichever is cheaper now. A
+   copy never breaks the churn guard: M is served where it is meanwhile.
 3. **Where to load** (also when nobody holds M: ``load``), as ModelMesh ranks pods, after
    two rules: a backend that can start now before one that cannot (then the least wait), and
-   among those one whose least recently used model was not used within ``min_residency_s``
-   (the churn guard; a load that breaks it is ``forced``); then a free slot, else the oldest
-   least recently used model, the fewest models, the least load, the rendezvous rank. A
+   among those one whose least recently used model is not guarded (the churn guard: used
+   within ``min_residency_s`` and not a spare copy, one of more holders than its
+   ``copies_wanted``, which is how copies follow demand down; a load that breaks it is
+   ``forced``); then a free slot, else the oldest least recently used model (its age in
+   steps of ``min_residency_s`` / 8: routers stamp uses with their own clocks), the fewest
+   models, the least load, the rendezvous rank. A
    backend may load only if it has a free slot or a victim: a model with no request running
    there (never evict a model in use) and none waiting for it in the router. A backend
    holding M in any state is a holder, so a model is never loaded twice on one backend at a
@@ -69,6 +74,9 @@ OUTCOME_OF: dict[str, Outcome] = {
     "copy": "load", "load": "load", "forced": "load", "overcommit": "load",
 }
 MAX_BACKENDS = 4096  # backends whose last answer time is kept
+# LRU ages rank in steps of min_residency_s / 8: the churn guard's 10 loads at the defaults'
+# ratio make a step about one load time, far above two routers' clock skew (ms).
+AGE_STEPS = 8
 # router_model_load_seconds: from a 10 ms load (a time-scaled benchmark) to minutes.
 LOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         120.0, 300.0)
@@ -230,10 +238,10 @@ class AffinityPolicy:
             self.loads += 1
             self._numbers_of(model).loads += 1
             if self.view.shape_of(placement.backend).explicit:
-                placement.control = ModelControl(model, evicted)
-        if evicted is not None:
+                placement.control = ModelControl(model, evicted[0] if evicted else None)
+        for name in evicted:
             self.evictions += 1
-            self._numbers_of(evicted).evictions += 1
+            self._numbers_of(name).evictions += 1
 
     def done(self, placement: Placement, served: bool, now: float) -> None:
         started = placement.started_at is not None
@@ -280,8 +288,11 @@ class AffinityPolicy:
         cold, forced = rows.cold_choice()
         if held:
             warm = min(held, key=lambda i: (rows.cost[i], rows.rank[i]))
-            # Fewer copies than its demand wants, all busy: add one (cheaper or not now).
-            if cold is not None and (len(held) < wanted or rows.cost[cold] < rows.cost[warm]):
+            # A copy never breaks the churn guard (the model is served, if later, where it
+            # is), and one that evicts a model pays for that model's next load too. Fewer
+            # copies than its demand wants, all busy: add one (cheaper or not now).
+            if cold is not None and not forced and (
+                    len(held) < wanted or rows.copy_cost(cold) < rows.cost[warm]):
                 return cold, "copy"
             return warm, "waited"
         if cold is not None:
@@ -441,6 +452,16 @@ class _Work:
             self.expected_s = 0.0  # no drift from float sums
 
 
+def _age_step(age: float, guard_s: float) -> float:
+    """An LRU age in steps of 1/``AGE_STEPS`` of the churn guard, for ranking where to
+    load: each router stamps a model's last use with its own clock (when it routed there,
+    or first saw a report), so ages a few ms apart must not decide alone; backends of the
+    same step fall to the shared inputs after it (models held, rendezvous rank)."""
+    if math.isinf(age) or guard_s <= 0.0:
+        return age
+    return float(math.floor(age * AGE_STEPS / guard_s))
+
+
 def _smooth(old: float | None, sample: float, alpha: float) -> float:
     return sample if old is None else old + alpha * (sample - old)
 
@@ -482,6 +503,14 @@ class _Rows:
         left = max(0.0, load - (self.now - holders[self.ids[i]].since))
         return max(self.wait[i], left) + service
 
+    def copy_cost(self, i: int) -> float:
+        """What loading the model on cold candidate ``i`` costs: this request's time there,
+        plus a load of the model it evicts, which is asked for again (a free slot: none)."""
+        if self.policy.view.free_slot(self.ids[i]):
+            return self.cost[i]
+        return self.cost[i] + self.policy.settings.load_s if self.model is None else \
+            self.cost[i] + self.policy.load_s(self.model)
+
     def can_start(self, i: int) -> bool:
         return self.state[i] == LOADED and self.inflight[i] < self.concurrency[i]
 
@@ -491,7 +520,11 @@ class _Rows:
         return tied[rng.randrange(len(tied))] if rng is not None and len(tied) > 1 else tied[0]
 
     def loadable(self, i: int, guard: bool) -> tuple[bool, float, str]:
-        """(may load here, age of what it would evict, why), for a cold candidate."""
+        """(may load here, age of what it would evict, why), for a cold candidate. A victim
+        that is a spare copy (its model has more holders than its demand wants) counts as
+        old whenever it was last used: dropping it is how copies follow demand down, so the
+        churn guard, which keeps models from being evicted and loaded again, spares it
+        nothing."""
         view = self.policy.view
         backend = self.ids[i]
         if view.free_slot(backend):
@@ -500,6 +533,8 @@ class _Rows:
         if victim is None:
             return False, 0.0, "in use"
         name, resident = victim
+        if len(view.holders(name)) > self.policy.copies_wanted(name, self.now):
+            return True, self.policy.settings.min_residency_s, f"evicts {name} (spare copy)"
         age = self.now - resident.last_used
         if guard and age < self.policy.settings.min_residency_s:
             return False, age, "churn guard"
@@ -522,7 +557,7 @@ class _Rows:
                 continue
             guarded = age < guard_s
             busy = self.inflight[i] >= self.concurrency[i]
-            key = (busy, guarded, self.wait[i] if busy else 0.0, -age,
+            key = (busy, guarded, self.wait[i] if busy else 0.0, -_age_step(age, guard_s),
                    len(view.models_of(self.ids[i])), self.inflight[i], self.rank[i])
             if best is None or key < best:
                 best, choice, forced = key, i, guarded

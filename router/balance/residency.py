@@ -17,7 +17,8 @@ Two sources, the backend's word first:
   when a request reaches it): a request reaching it touches its model, and one for a model it
   lacks makes it load that model, making room by evicting its least recently used model with
   no request running there (``started`` returns it); a model with requests running is never
-  evicted, so the backend goes over its slots instead. A pending model takes no slot.
+  evicted, so the backend goes over its slots instead, and its next load evicts as many as
+  bring it back under them. A pending model takes no slot.
 
 Bounds: at most ``max_backends`` backends (the least recently touched is forgotten past it)
 and, per backend, at most ``max(slots, max_models)`` models (a report listing more keeps the
@@ -170,25 +171,28 @@ class ResidencyView:
             self._put(record, backend, model, resident)
         resident.queued += 1
 
-    def started(self, backend: str, model: str, now: float) -> str | None:
+    def started(self, backend: str, model: str, now: float) -> tuple[str, ...]:
         """That request reaches the backend: its model is used now, and loads if it was
-        pending there. Returns the model the load evicts, if any."""
+        pending there. Returns the models the load evicts, least recently used first."""
         record = self._backends.get(backend)
         resident = record.models.get(model) if record is not None else None
         if record is None or resident is None:
-            return None
+            return ()
         resident.queued = max(0, resident.queued - 1)
         resident.running += 1
         resident.last_used = now
         record.models.move_to_end(model)
         if resident.state != PENDING:
-            return None
-        found = self.victim(backend)  # the backend's own rule: only running models are kept
-        if found is not None:
+            return ()
+        # The backend's own rule: only running models are kept, and a load brings it back
+        # under its slots (after a spell over them) as far as models are free to go.
+        evicted: list[str] = []
+        while (found := self.victim(backend)) is not None:
             self._drop(record, backend, found[0])
+            evicted.append(found[0])
         record.set(resident, LOADING)
         resident.since = now
-        return found[0] if found is not None else None
+        return tuple(evicted)
 
     def finished(self, backend: str, model: str, now: float, *, served: bool,
                  started: bool = True) -> None:

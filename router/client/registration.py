@@ -10,9 +10,12 @@ Entering registers (``POST /v1/backends``): once it returns the router routes to
 backend. A task owned by the ``Registration`` then renews the lease (``PUT
 /v1/backends/{id}/lease``) every heartbeat interval (the router's answer, a third of the TTL,
 unless ``heartbeat_interval_s`` is given), carrying ``inflight`` and ``loaded_models`` when
-the caller passes callables for them. A heartbeat answered ``LEASE_NOT_FOUND`` (the router
-restarted, or the lease expired) registers again at once; a router that is down or failing is
-retried with capped, jittered backoff, at most one heartbeat interval apart
+the caller passes callables for them; ``report_to`` names the other routers of a shared etcd
+registry, which get the same heartbeat after each renewal (each router keeps the reports it
+receives, and an affinity router places models from them). A heartbeat answered
+``LEASE_NOT_FOUND`` (the router restarted, or the lease expired) registers again at once; a
+router that is down or failing is retried with capped, jittered backoff, at most one
+heartbeat interval apart
 (``router.client.lease`` decides all of this, without I/O). Every change of state is logged
 once, however long it lasts. Leaving deregisters (``DELETE /v1/backends/{id}``): when that
 returns the router sends nothing new here, and the caller drains what is in flight.
@@ -96,6 +99,7 @@ class Registration:
         token: str | None = None,
         inflight: Callable[[], int] | None = None,
         loaded_models: Callable[[], Iterable[str]] | None = None,
+        report_to: Iterable[str] = (),
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         ssl: ssl_module.SSLContext | None = None,
         backoff: Backoff | None = None,
@@ -106,6 +110,10 @@ class Registration:
             raise ValueError(f"router_url is the admin API's http(s)://HOST:PORT, got "
                              f"{router_url!r}")
         self.router_url = router_url.rstrip("/")
+        self.report_to = tuple(url.rstrip("/") for url in report_to)
+        for url in self.report_to:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"report_to takes admin APIs' http(s)://HOST:PORT, got {url!r}")
         self._ssl = ssl
         self._body: dict[str, Any] = {
             "address": address, "protocol": protocol, "models": list(models),
@@ -250,10 +258,26 @@ class Registration:
             report["loaded_models"] = list(self._loaded_models())
         status, body = await self._call("PUT", f"{self._path()}/lease", report)
         if status == 200:
+            await self._report_elsewhere(report)
             return True
         if status == 404 and body.get("code") == LEASE_NOT_FOUND:
             return False
         raise _refusal(status, body)
+
+    async def _report_elsewhere(self, report: dict[str, Any]) -> None:
+        """The same heartbeat to every ``report_to`` router (routers sharing this one's etcd
+        registry: each keeps the reports it receives, so each gets them all). Best effort:
+        the lease is this router's business, so a refusal or no answer there is logged at
+        DEBUG and changes nothing."""
+        for url in self.report_to:
+            try:
+                status, body = await self._call("PUT", f"{self._path()}/lease", report, url)
+            except _Unreachable as exc:
+                log.debug("%s: report for %s not delivered (%s)", url, self.backend_id, exc)
+                continue
+            if status != 200:
+                log.debug("%s: report for %s answered %s", url, self.backend_id,
+                          _refusal(status, body))
 
     async def _deregister(self) -> None:
         try:
@@ -272,12 +296,13 @@ class Registration:
     def _path(self) -> str:
         return "/v1/backends/" + urllib.parse.quote(self.backend_id, safe="")
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None
-                    ) -> tuple[int, dict[str, Any]]:
-        """One request: its status and JSON object body; ``_Unreachable`` for no answer, a
-        5xx, a transient 4xx, or a body that is not a JSON object."""
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None,
+                    router_url: str | None = None) -> tuple[int, dict[str, Any]]:
+        """One request (to ``router_url``, default the router registered with): its status
+        and JSON object body; ``_Unreachable`` for no answer, a 5xx, a transient 4xx, or a
+        body that is not a JSON object."""
         assert self._session is not None
-        url = URL(self.router_url + path, encoded=True)
+        url = URL((router_url or self.router_url) + path, encoded=True)
         try:
             async with self._session.request(method, url, json=body) as response:
                 raw = await response.read()
