@@ -54,14 +54,18 @@ _MAX_CONTINUATIONS = 64  # frames in one header block (an empty-CONTINUATION flo
 
 
 class HeadersReceived:
-    __slots__ = ("end_stream", "headers", "stream", "stream_id", "trailers")
+    __slots__ = ("block", "end_stream", "headers", "stream", "stream_id", "trailers")
 
-    def __init__(self, stream: Stream, headers: Headers, end_stream: bool, trailers: bool):
+    def __init__(self, stream: Stream, headers: Headers, end_stream: bool, trailers: bool,
+                 block: bytes | None = None) -> None:
         self.stream = stream  # the stream's record, even once it is forgotten (ended)
         self.stream_id = stream.id
         self.headers = headers
         self.end_stream = end_stream
         self.trailers = trailers  # not the stream's first header block
+        # The block as it came when it needs no HPACK state to read (``portable``): it may be
+        # sent on another connection as it is, instead of encoding ``headers`` again.
+        self.block = block
 
     def __repr__(self) -> str:
         return f"HeadersReceived({self.stream_id}, {self.headers}, end={self.end_stream})"
@@ -151,7 +155,7 @@ class Stream:
         self.headers_received = False
         self.pending = b""  # data waiting for window
         self.pending_end = False  # END_STREAM after it
-        self.pending_trailers: Headers | None = None
+        self.pending_trailers: Headers | bytes | None = None
         self.peer: Any = None  # the relay's, for the stream on the other side
 
     def __repr__(self) -> str:
@@ -307,7 +311,9 @@ class H2Connection:
 
     def _headers_complete(self, stream_id: int, end: bool, block: bytes, events: list[Event]
                           ) -> None:
-        headers = self._decoder.decode(block)  # always: the HPACK context is the connection's
+        decoder = self._decoder
+        headers = decoder.decode(block)  # always: the HPACK context is the connection's
+        portable = block if decoder.portable(block) else None
         stream = self.streams.get(stream_id)
         if stream is None:
             if self.client or not self._idle(stream_id):
@@ -322,7 +328,7 @@ class H2Connection:
             stream = self._accept(stream_id)
             if stream is None:
                 return
-            events.append(HeadersReceived(stream, headers, end, False))
+            events.append(HeadersReceived(stream, headers, end, False, portable))
         else:
             if stream.remote_closed:
                 raise H2Error(f.STREAM_CLOSED, "HEADERS after END_STREAM", stream_id)
@@ -330,7 +336,7 @@ class H2Connection:
             if trailers and not end:
                 raise H2Error(f.PROTOCOL_ERROR, "trailers without END_STREAM", stream_id)
             stream.headers_received = True
-            events.append(HeadersReceived(stream, headers, end, trailers))
+            events.append(HeadersReceived(stream, headers, end, trailers, portable))
         if end:
             stream.remote_closed = True
             if stream.local_closed:
@@ -462,7 +468,10 @@ class H2Connection:
         self.streams_opened += 1
         return stream
 
-    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+    def send_headers(self, stream_id: int, headers: Headers | bytes, end_stream: bool = False
+                     ) -> None:
+        """``headers`` as fields, or as a block already encoded without the dynamic table (a
+        ``portable`` block received on another connection)."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed or stream.pending_end:
             return  # reset meanwhile, or ended: nothing to send it on
@@ -532,11 +541,12 @@ class H2Connection:
                 stream.pending_end = False
                 self._end_local(stream)
 
-    def _block(self, headers: Headers) -> bytes:
+    def _block(self, headers: Headers | bytes) -> bytes:
+        block = headers if isinstance(headers, bytes) else encode_block(headers)
         if self._table_update:
             self._table_update = False
-            return b"\x20" + encode_block(headers)
-        return encode_block(headers)
+            return b"\x20" + block
+        return block
 
     def _end_local(self, stream: Stream) -> None:
         stream.local_closed = True

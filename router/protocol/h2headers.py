@@ -67,6 +67,14 @@ class HeaderDecoder:
         table = self._decoder.header_table
         return table.maxsize == 0 and not table.dynamic_entries
 
+    def portable(self, block: bytes) -> bool:
+        """``block``, just decoded, means the same to any HPACK decoder: it may be relayed as
+        it is. True when the table is at size 0 and empty after it and the block does not
+        start with a table size update: then the table was at size 0 before it too (only an
+        update changes the size), so no field referenced a dynamic entry. A literal with
+        indexing in it adds nothing that a stateless encoder (ours) would ever reference."""
+        return (not block or block[0] & 0xE0 != 0x20) and self._stateless()
+
     def decode(self, block: bytes) -> Headers:
         stateless = self._stateless()
         if stateless:

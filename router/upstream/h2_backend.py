@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 class StreamPeer(Protocol):
     """What a backend stream tells the call relayed on it."""
 
-    def backend_headers(self, headers: Headers, end_stream: bool) -> None: ...
+    def backend_headers(self, headers: Headers, end_stream: bool, block: bytes | None
+                        ) -> None:
+        """A header block of the response (``block``: its bytes, when ``portable``)."""
+        ...
 
     def backend_data(self, data: bytes, end_stream: bool, flow: int) -> None: ...
 
@@ -91,7 +94,8 @@ class H2BackendConnection(asyncio.Protocol):
                 event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
             elif cls is HeadersReceived:
                 assert isinstance(event, HeadersReceived)
-                event.stream.peer.backend_headers(event.headers, event.end_stream)
+                event.stream.peer.backend_headers(event.headers, event.end_stream,
+                                                  event.block)
             elif cls is Sent:
                 assert isinstance(event, Sent)
                 event.stream.peer.backend_sent(event.count)
@@ -117,6 +121,11 @@ class H2BackendConnection(asyncio.Protocol):
     @property
     def streams(self) -> int:
         return len(self.conn.streams)
+
+    @property
+    def closing(self) -> bool:
+        """Closing: it takes no new streams and closes once its last one has ended."""
+        return self._closing
 
     @property
     def can_open(self) -> bool:
@@ -288,8 +297,11 @@ class H2Upstream:
 
     def release(self, lease: Any, *, reusable: bool = True) -> None:
         self.active -= 1
-        if isinstance(lease, H2BackendConnection):
-            lease.flush()  # a closing connection whose last stream ended closes now
+        if isinstance(lease, H2BackendConnection) and lease.closing:
+            # A closing connection whose last stream ended closes now. An open one is not
+            # flushed here: whatever the ended stream put on it was marked, and goes out with
+            # the rest of this loop iteration's frames in one write, not one write per call.
+            lease.flush()
 
     def reconfigure(self, max_calls: int) -> None:
         self._max_calls = max_calls

@@ -189,8 +189,9 @@ class MessageMeter:
 
 class RelayCall:
     __slots__ = (
-        "_bound_timer",
-        "_deadline_timer",
+        "_bound_at",
+        "_timer",
+        "_timer_at",
         "abandoned",
         "answered",
         "attempt_sent",
@@ -261,13 +262,18 @@ class RelayCall:
         self.done = False  # the client has its answer (or is gone)
         self.abandoned: RouterError | None = None
         self.status = "OK"
-        self._deadline_timer: Timer | None = None
-        self._bound_timer: Timer | None = None
+        # One timer per call for both limits, checked when it fires: the client's deadline
+        # (its own timer fires first and it resets the stream; the router's ends the call if
+        # it did not, answering DEADLINE_EXCEEDED to a silent one) and the bound on the wait
+        # for the first response message. The bound starts at the client's half-close, never
+        # before now + request_timeout_s, so a timer set now for the sooner of the two is
+        # never late; a unary call answered in time sets and cancels one timer, not two.
+        self._bound_at: float | None = None
+        self._timer: Timer | None = None
+        self._timer_at = 0.0
         if self.deadline is not None:
-            # The client's own timer fires first and it resets the stream; the router's ends
-            # the call if the client did not (it answers DEADLINE_EXCEEDED to a silent one).
-            self._deadline_timer = door.clock.call_at(self.deadline + DEADLINE_SLACK_S,
-                                                      self._deadline_passed)
+            self._arm(min(self.started + door.request_timeout_s,
+                          self.deadline + DEADLINE_SLACK_S))
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -373,29 +379,46 @@ class RelayCall:
         self._finish(error.grpc_status)
         self._end_attempt(error, f.CANCEL)
 
-    def _deadline_passed(self) -> None:
-        self._deadline_timer = None
-        if not self.done:
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.door.clock.call_at(when, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.done:
+            return
+        now = self.door.clock.now()
+        deadline = self.deadline
+        if deadline is not None and now >= deadline + DEADLINE_SLACK_S:
             self.fail(DeadlineExceeded("the client's deadline passed"))
+            return
+        bound = self._bound_at
+        if bound is not None and now >= bound:
+            self._bound_at = None
+            if self.bstream is not None:
+                self.fail(BackendTimeout(
+                    f"{self._address()} did not answer within request_timeout_s="
+                    f"{self.door.request_timeout_s}s of the request's end"))
+                return
+        due = [t for t in (self._bound_at, None if deadline is None
+                           else deadline + DEADLINE_SLACK_S) if t is not None]
+        if due:
+            self._arm(min(due))
 
     def _start_bound(self) -> None:
         """The client has half-closed: the backend has ``request_timeout_s`` for its first
         response message, unless the client's own deadline comes first."""
         bound = self.door.request_timeout_s
         clock = self.door.clock
-        if self._bound_timer is not None or self.data_answered:
+        if self._bound_at is not None or self.data_answered:
             return
         if self.deadline is not None and self.deadline <= clock.now() + bound:
             return
-        self._bound_timer = clock.call_at(clock.now() + bound, self._bound_passed)
-
-    def _bound_passed(self) -> None:
-        self._bound_timer = None
-        if not self.done and self.bstream is not None:
-            address = self.request.backend.address if self.request and self.request.backend else ""
-            self.fail(BackendTimeout(
-                f"{address} did not answer within request_timeout_s="
-                f"{self.door.request_timeout_s}s of the request's end"))
+        self._bound_at = at = clock.now() + bound
+        if self._timer is None or self._timer_at > at:
+            self._arm(at)  # request_timeout_s shortened by a reload since the call began
 
     def fail(self, error: RouterError) -> None:
         """Answer the client with ``error`` now; end any attempt with it."""
@@ -461,11 +484,12 @@ class RelayCall:
 
     # -- the backend's side (StreamPeer) ------------------------------------------------------
 
-    def backend_headers(self, headers: Headers, end_stream: bool) -> None:
+    def backend_headers(self, headers: Headers, end_stream: bool, block: bytes | None = None
+                        ) -> None:
         if self.done:
             return
         client = self.client
-        relayed = [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
+        relayed = _relayed(headers, block)
         if end_stream:
             status = _value(headers, "grpc-status")
             if not self.answered and status == _UNAVAILABLE and self._replayable():
@@ -498,9 +522,7 @@ class RelayCall:
         if not self.answered:
             self._answer_started()
         self.data_answered = True
-        if self._bound_timer is not None:  # a response message: the bound is met
-            self._bound_timer.cancel()
-            self._bound_timer = None
+        self._bound_at = None  # a response message: the bound is met
         if self.capture is not None:
             self.capture[1].append(data)
         if self.meters is not None:
@@ -559,10 +581,9 @@ class RelayCall:
     def _finish(self, status: str) -> None:
         self.done = True
         self.status = status
-        for timer in (self._deadline_timer, self._bound_timer):
-            if timer is not None:
-                timer.cancel()
-        self._deadline_timer = self._bound_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         stream = self.stream
         if not self.client_ended and not stream.pending and stream.id in self.client.conn.streams:
             # Answered before the client half-closed: it need send no more (gRPC's servers do
@@ -577,6 +598,29 @@ class RelayCall:
     def __repr__(self) -> str:
         state = "done" if self.done else "answering" if self.answered else "pending"
         return f"RelayCall({self.method!r}, stream {self.stream.id}, {state})"
+
+
+# Response blocks seen, by their bytes: whether they hold no hop-by-hop field, so that they go
+# to the client as they came (a unary call's response headers and trailers repeat byte for
+# byte: one lookup instead of filtering and encoding the fields again). Bounded like the
+# decoder's cache of blocks.
+_RELAYABLE_CACHE_SIZE = 256
+_relayable: dict[bytes, bool] = {}
+
+
+def _relayed(headers: Headers, block: bytes | None) -> Headers | bytes:
+    """What goes to the client for a response header block: ``block`` itself when it is
+    portable and has no hop-by-hop field, else the fields without those."""
+    if block is not None:
+        relayable = _relayable.get(block)
+        if relayable is None:
+            relayable = not any(name in _HOP_BY_HOP for name, _ in headers)
+            if len(_relayable) >= _RELAYABLE_CACHE_SIZE:
+                _relayable.clear()
+            _relayable[block] = relayable
+        if relayable:
+            return block
+    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
 
 
 def _value(headers: Headers, name: str) -> str | None:
