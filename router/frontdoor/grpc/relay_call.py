@@ -53,7 +53,7 @@ from router.dispatch.access import AccessEntry
 from router.dispatch.request import Request
 from router.protocol import h2frames as f
 from router.protocol.h2connection import Stream
-from router.protocol.h2headers import Headers
+from router.protocol.h2headers import Headers, encode_cached, encode_field
 from router.upstream.h2_backend import H2BackendConnection
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
     "grpc-timeout",
 })
+_READ_AT_THE_DOOR = _HOP_BY_HOP | {":path"}
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_HEADER = 5  # compressed flag, 4-byte length
 DEADLINE_SLACK_S = 0.05
@@ -229,16 +230,17 @@ class RelayCall:
         self.method = ""
         self.deadline: float | None = None
         forwarded = []
-        for name, value in headers:
-            if name == ":path":
-                self.method = value
+        for field in headers:  # one set lookup per field; the fields kept are not copied
+            name = field[0]
+            if name not in _READ_AT_THE_DOOR:
+                forwarded.append(field)
+            elif name == ":path":
+                self.method = field[1]
+                forwarded.append(field)
             elif name == "grpc-timeout":
-                timeout = parse_timeout(value)
+                timeout = parse_timeout(field[1])
                 if timeout is not None:
                     self.deadline = self.started + timeout
-                continue
-            if name not in _HOP_BY_HOP:
-                forwarded.append((name, value))
         self.headers = forwarded
         self.unsent: list[bytes] = []
         self.unsent_size = 0
@@ -472,11 +474,14 @@ class RelayCall:
         if end:
             self._start_bound()
 
-    def _backend_headers(self) -> Headers:
+    def _backend_headers(self) -> bytes:
+        """The request block for the backend: the client's fields (encoded once per distinct
+        set, ``encode_cached``) and the time left as its own grpc-timeout."""
+        block = encode_cached(self.headers)
         if self.deadline is None:
-            return self.headers
+            return block
         left = self.deadline - self.door.clock.now()
-        return [*self.headers, ("grpc-timeout", encode_timeout(left))]
+        return block + encode_field("grpc-timeout", encode_timeout(left))
 
     def request_done(self, request: Request) -> None:
         if not self.done and request.error is not None:
