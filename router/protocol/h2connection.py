@@ -259,7 +259,9 @@ class H2Connection:
         return stream_id % 2 == 0 or stream_id > self._last_peer_stream
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
-        data = f.data_of(flags, payload, stream_id)
+        # Unpadded on a stream (nearly every DATA frame): the payload is the data.
+        data = payload if stream_id and not flags & f.PADDED else f.data_of(
+            flags, payload, stream_id)
         flow = len(payload)
         if flow > self.recv_window:
             raise H2Error(f.FLOW_CONTROL_ERROR, "DATA past the connection window")
@@ -285,7 +287,10 @@ class H2Connection:
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]
                     ) -> None:
-        fragment = f.fragment_of(f.HEADERS, flags, payload, stream_id)
+        if stream_id and not flags & (f.PADDED | f.PRIORITY_FLAG):
+            fragment = payload  # no padding, no priority: the payload is the fragment
+        else:
+            fragment = f.fragment_of(f.HEADERS, flags, payload, stream_id)
         end = bool(flags & f.END_STREAM)
         if flags & f.END_HEADERS:
             self._headers_complete(stream_id, end, fragment, events)
@@ -311,9 +316,9 @@ class H2Connection:
 
     def _headers_complete(self, stream_id: int, end: bool, block: bytes, events: list[Event]
                           ) -> None:
-        decoder = self._decoder
-        headers = decoder.decode(block)  # always: the HPACK context is the connection's
-        portable = block if decoder.portable(block) else None
+        # Always decoded: the HPACK context is the connection's, whatever the stream's state.
+        headers, portable_block = self._decoder.decode_portable(block)
+        portable = block if portable_block else None
         stream = self.streams.get(stream_id)
         if stream is None:
             if self.client or not self._idle(stream_id):

@@ -75,6 +75,17 @@ class HeaderDecoder:
         indexing in it adds nothing that a stateless encoder (ours) would ever reference."""
         return (not block or block[0] & 0xE0 != 0x20) and self._stateless()
 
+    def decode_portable(self, block: bytes) -> tuple[Headers, bool]:
+        """``decode(block)`` and ``portable(block)`` in one: a repeated block costs one
+        lookup."""
+        if self._stateless():
+            headers = self._cache.get(block)
+            if headers is not None:
+                self.hits += 1
+                return headers, not block or block[0] & 0xE0 != 0x20
+        headers = self.decode(block)
+        return headers, self.portable(block)
+
     def decode(self, block: bytes) -> Headers:
         stateless = self._stateless()
         if stateless:

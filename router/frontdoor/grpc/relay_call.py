@@ -190,9 +190,8 @@ class MessageMeter:
 
 class RelayCall:
     __slots__ = (
-        "_bound_at",
-        "_timer",
-        "_timer_at",
+        "_bound_timer",
+        "_deadline_timer",
         "abandoned",
         "answered",
         "attempt_sent",
@@ -264,18 +263,13 @@ class RelayCall:
         self.done = False  # the client has its answer (or is gone)
         self.abandoned: RouterError | None = None
         self.status = "OK"
-        # One timer per call for both limits, checked when it fires: the client's deadline
-        # (its own timer fires first and it resets the stream; the router's ends the call if
-        # it did not, answering DEADLINE_EXCEEDED to a silent one) and the bound on the wait
-        # for the first response message. The bound starts at the client's half-close, never
-        # before now + request_timeout_s, so a timer set now for the sooner of the two is
-        # never late; a unary call answered in time sets and cancels one timer, not two.
-        self._bound_at: float | None = None
-        self._timer: Timer | None = None
-        self._timer_at = 0.0
+        self._deadline_timer: Timer | None = None
+        self._bound_timer: Timer | None = None
         if self.deadline is not None:
-            self._arm(min(self.started + door.request_timeout_s,
-                          self.deadline + DEADLINE_SLACK_S))
+            # The client's own timer fires first and it resets the stream; the router's ends
+            # the call if the client did not (it answers DEADLINE_EXCEEDED to a silent one).
+            self._deadline_timer = door.clock.call_at(self.deadline + DEADLINE_SLACK_S,
+                                                      self._deadline_passed)
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -381,46 +375,29 @@ class RelayCall:
         self._finish(error.grpc_status)
         self._end_attempt(error, f.CANCEL)
 
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.door.clock.call_at(when, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        if self.done:
-            return
-        now = self.door.clock.now()
-        deadline = self.deadline
-        if deadline is not None and now >= deadline + DEADLINE_SLACK_S:
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        if not self.done:
             self.fail(DeadlineExceeded("the client's deadline passed"))
-            return
-        bound = self._bound_at
-        if bound is not None and now >= bound:
-            self._bound_at = None
-            if self.bstream is not None:
-                self.fail(BackendTimeout(
-                    f"{self._address()} did not answer within request_timeout_s="
-                    f"{self.door.request_timeout_s}s of the request's end"))
-                return
-        due = [t for t in (self._bound_at, None if deadline is None
-                           else deadline + DEADLINE_SLACK_S) if t is not None]
-        if due:
-            self._arm(min(due))
 
     def _start_bound(self) -> None:
         """The client has half-closed: the backend has ``request_timeout_s`` for its first
         response message, unless the client's own deadline comes first."""
         bound = self.door.request_timeout_s
         clock = self.door.clock
-        if self._bound_at is not None or self.data_answered:
+        if self._bound_timer is not None or self.data_answered:
             return
         if self.deadline is not None and self.deadline <= clock.now() + bound:
             return
-        self._bound_at = at = clock.now() + bound
-        if self._timer is None or self._timer_at > at:
-            self._arm(at)  # request_timeout_s shortened by a reload since the call began
+        self._bound_timer = clock.call_at(clock.now() + bound, self._bound_passed)
+
+    def _bound_passed(self) -> None:
+        self._bound_timer = None
+        if not self.done and self.bstream is not None:
+            address = self.request.backend.address if self.request and self.request.backend else ""
+            self.fail(BackendTimeout(
+                f"{address} did not answer within request_timeout_s="
+                f"{self.door.request_timeout_s}s of the request's end"))
 
     def fail(self, error: RouterError) -> None:
         """Answer the client with ``error`` now; end any attempt with it."""
@@ -527,7 +504,9 @@ class RelayCall:
         if not self.answered:
             self._answer_started()
         self.data_answered = True
-        self._bound_at = None  # a response message: the bound is met
+        if self._bound_timer is not None:  # a response message: the bound is met
+            self._bound_timer.cancel()
+            self._bound_timer = None
         if self.capture is not None:
             self.capture[1].append(data)
         if self.meters is not None:
@@ -586,9 +565,10 @@ class RelayCall:
     def _finish(self, status: str) -> None:
         self.done = True
         self.status = status
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._deadline_timer, self._bound_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline_timer = self._bound_timer = None
         stream = self.stream
         if not self.client_ended and not stream.pending and stream.id in self.client.conn.streams:
             # Answered before the client half-closed: it need send no more (gRPC's servers do
