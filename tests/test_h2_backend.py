@@ -22,6 +22,9 @@ class RecordingTransport:
     def write(self, data: bytes) -> None:
         self.writes.append(data)
 
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        self.writes.append(b"".join(parts))  # one vectored write
+
     def close(self) -> None:
         self.closed = True
 

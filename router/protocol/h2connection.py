@@ -177,7 +177,9 @@ class H2Connection:
         self._decoder = HeaderDecoder(max_header_list_size)
         self.streams: dict[int, Stream] = {}
         self._blocked: dict[int, Stream] = {}  # streams with data queued for window
-        self._out: list[bytes] = []
+        # Frames to send; DATA as header and payload apart (``append_data``), written with one
+        # vectored write (``output``) or joined (``data_to_send``).
+        self._out: list[bytes | memoryview] = []
         self._next_stream_id = 1
         self._last_peer_stream = 0
         self._active_peer = 0
@@ -503,7 +505,7 @@ class H2Connection:
         if size <= window:
             self.send_window -= size
             stream.send_window -= size
-            self._out.append(f.encode_data(stream_id, data, end_stream, self.peer_max_frame_size))
+            f.append_data(self._out, stream_id, data, end_stream, self.peer_max_frame_size)
             if end_stream:
                 self._end_local(stream)
             return size
@@ -511,8 +513,7 @@ class H2Connection:
         if sent:
             self.send_window -= sent
             stream.send_window -= sent
-            self._out.append(f.encode_data(stream_id, data[:sent], False,
-                                           self.peer_max_frame_size))
+            f.append_data(self._out, stream_id, data[:sent], False, self.peer_max_frame_size)
         stream.pending = data[sent:]
         stream.pending_end = end_stream
         self._blocked[stream_id] = stream
@@ -532,7 +533,7 @@ class H2Connection:
             if chunk or end:
                 self.send_window -= len(chunk)
                 stream.send_window -= len(chunk)
-                self._out.append(f.encode_data(stream.id, chunk, end, self.peer_max_frame_size))
+                f.append_data(self._out, stream.id, chunk, end, self.peer_max_frame_size)
             if chunk:
                 events.append(Sent(stream, len(chunk)))
             if not done:
@@ -610,9 +611,17 @@ class H2Connection:
         out = self._out
         if not out:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out)
         out.clear()
         return data
+
+    def output(self) -> list[bytes | memoryview]:
+        """What ``data_to_send`` would join, as the parts themselves (for ``writelines``:
+        one vectored write, no copy of the data frames' payloads)."""
+        out = self._out
+        if out:
+            self._out = []
+        return out
 
     def statistics(self) -> dict[str, Any]:
         return {

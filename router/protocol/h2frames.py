@@ -239,6 +239,27 @@ def encode_data(stream_id: int, data: bytes, end_stream: bool, max_frame_size: i
     return b"".join(parts)
 
 
+def append_data(out: list[bytes | memoryview], stream_id: int, data: bytes, end_stream: bool,
+                max_frame_size: int) -> None:
+    """``encode_data`` without copying ``data``: each frame's 9-byte header and its data (the
+    object itself, or a memoryview slice of it past ``max_frame_size``) appended to ``out``,
+    for a vectored write. A 1 MiB message relayed in 64 frames is not copied to make them."""
+    pack = _HEADER.pack
+    size = len(data)
+    if size <= max_frame_size:
+        out.append(pack(size << 8 | DATA, END_STREAM if end_stream else 0, stream_id))
+        if size:
+            out.append(data)
+        return
+    view = memoryview(data)
+    for at in range(0, size, max_frame_size):
+        chunk = view[at:at + max_frame_size]
+        last = at + max_frame_size >= size
+        out.append(pack(len(chunk) << 8 | DATA, END_STREAM if last and end_stream else 0,
+                        stream_id))
+        out.append(chunk)
+
+
 def encode_headers(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> bytes:
     """A header block as HEADERS and, past ``max_frame_size``, CONTINUATION frames."""
     flags = END_STREAM if end_stream else 0

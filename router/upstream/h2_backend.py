@@ -169,12 +169,12 @@ class H2BackendConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        data = self.conn.data_to_send()
+        out = self.conn.output()
         transport = self.transport
         if transport is None:
             return
-        if data:
-            transport.write(data)
+        if out:
+            transport.writelines(out)  # one vectored write; DATA payloads not copied
         if self._closing and not self.conn.streams:
             transport.close()
 

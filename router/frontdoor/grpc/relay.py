@@ -196,9 +196,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        data = self.conn.data_to_send()
-        if data:
-            transport.write(data)
+        out = self.conn.output()
+        if out:
+            transport.writelines(out)  # one vectored write; DATA payloads not copied
         if self._closing and (self.conn.terminated or not self.conn.streams):
             transport.close()  # after a protocol error, at once: its streams are gone
 
