@@ -89,8 +89,20 @@ class FrameDecoder:
 
     def receive(self, data: bytes) -> list[Frame]:
         """The frames ``data`` completes, in order. Raises ``H2Error`` (connection)."""
-        buf = self._buf + data if self._buf else data
-        pos = 0
+        held = self._buf
+        if held and not self._preface and len(held) >= 9:
+            # A frame cut by the last read: completed from the head of ``data`` alone, so a
+            # large DATA stream is not copied once more per read to join it to the rest.
+            need = 9 + (_HEADER.unpack_from(held)[0] >> 8) - len(held)
+            if need > len(data):
+                self._buf = held + data
+                return []
+            frames = self._frames(held + data[:need], 0)  # exactly that frame: nothing left
+            return frames + self._frames(data, need) if need < len(data) else frames
+        return self._frames(held + data if held else data, 0)
+
+    def _frames(self, buf: bytes, pos: int) -> list[Frame]:
+        """The whole frames of ``buf`` from ``pos``; what is left is held for the next read."""
         if self._preface:
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(buf):
