@@ -87,29 +87,34 @@ class H2BackendConnection(asyncio.Protocol):
         transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
-        for event in self.conn.receive_data(data):
-            cls = type(event)
-            if cls is DataReceived:
-                assert isinstance(event, DataReceived)
-                event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
-            elif cls is HeadersReceived:
-                assert isinstance(event, HeadersReceived)
-                event.stream.peer.backend_headers(event.headers, event.end_stream,
-                                                  event.block)
-            elif cls is Sent:
-                assert isinstance(event, Sent)
-                event.stream.peer.backend_sent(event.count)
-            elif cls is StreamReset:
-                assert isinstance(event, StreamReset)
-                self._reset(event)
-            elif cls is GoAwayReceived:
-                self.upstream.connection_full()
-            elif cls is Terminated:
-                assert isinstance(event, Terminated)
-                log.warning("%s: HTTP/2 error from the backend: %s", self.name,
-                            event.error.message)
-                self._lose(BackendProtocolError(f"{self.name}: {event.error.message}"))
-        self.flush()
+        # The flush at the end writes what the events put on this connection: a mark() on the
+        # way schedules no flush of its own.
+        self._flush_scheduled = True
+        try:
+            for event in self.conn.receive_data(data):
+                cls = type(event)
+                if cls is DataReceived:
+                    assert isinstance(event, DataReceived)
+                    event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
+                elif cls is HeadersReceived:
+                    assert isinstance(event, HeadersReceived)
+                    event.stream.peer.backend_headers(event.headers, event.end_stream,
+                                                      event.block)
+                elif cls is Sent:
+                    assert isinstance(event, Sent)
+                    event.stream.peer.backend_sent(event.count)
+                elif cls is StreamReset:
+                    assert isinstance(event, StreamReset)
+                    self._reset(event)
+                elif cls is GoAwayReceived:
+                    self.upstream.connection_full()
+                elif cls is Terminated:
+                    assert isinstance(event, Terminated)
+                    log.warning("%s: HTTP/2 error from the backend: %s", self.name,
+                                event.error.message)
+                    self._lose(BackendProtocolError(f"{self.name}: {event.error.message}"))
+        finally:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
