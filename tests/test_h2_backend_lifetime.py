@@ -30,6 +30,10 @@ class Transport:
     def write(self, data: bytes) -> None:
         self.written += data
 
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        for part in parts:
+            self.written += part
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -50,7 +54,7 @@ class Peer:
         self.headers: list[Headers] = []
         self.resets: list[tuple[BackendError, int | None]] = []
 
-    def backend_headers(self, headers: Headers, end_stream: bool) -> None:
+    def backend_headers(self, headers: Headers, end_stream: bool, block: bytes | None) -> None:
         self.headers.append(headers)
 
     def backend_data(self, data: bytes, end_stream: bool, flow: int) -> None:

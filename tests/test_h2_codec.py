@@ -93,6 +93,17 @@ def test_data_is_cut_at_the_peers_frame_size(data, size, end):
 
 
 @settings(deadline=None, max_examples=100)
+@given(st.binary(max_size=70_000), st.sampled_from([16_384, 20_000]), st.booleans())
+def test_data_frames_for_a_vectored_write_are_the_same_bytes_without_copying_the_data(
+        data, size, end):
+    parts: list[bytes | memoryview] = []
+    f.append_data(parts, 7, data, end, size)
+    assert b"".join(parts) == f.encode_data(7, data, end, size)
+    payloads = parts[1::2]  # header, payload, header, payload, ...
+    assert all(p is data or (isinstance(p, memoryview) and p.obj is data) for p in payloads)
+
+
+@settings(deadline=None, max_examples=100)
 @given(st.binary(max_size=50_000), st.booleans())
 def test_a_header_block_past_the_frame_size_continues(block, end):
     frames = FrameDecoder().receive(f.encode_headers(9, block, end, 16_384))

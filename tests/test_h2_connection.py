@@ -232,6 +232,42 @@ def test_blocks_sent_with_the_dynamic_table_before_the_ack_decode():
     assert [e.headers for e in events] == [REQUEST, REQUEST]
 
 
+
+def test_only_blocks_that_need_no_table_are_portable_and_they_relay_as_they_came():
+    client, server = pair()
+    answer = [(":status", "200"), ("content-type", "application/grpc")]
+    portable = []
+    for _ in range(2):
+        stream = client.open_stream()
+        client.send_headers(stream.id, REQUEST, end_stream=True)
+        pump(client, server)
+        server.send_headers(stream.id, answer, end_stream=True)
+        at_client, _ = pump(client, server)
+        portable.append(at_client[0].block)
+    # The server's first block starts with the table size update the client's setting asked
+    # for: it is not relayed as it is (another decoder need not expect one); the next is.
+    assert portable[0] is None
+    assert portable[1] == encode_block(answer)
+
+    # Relayed as bytes to a third connection, the block means the same there.
+    relay_client, backend = pair()
+    stream = relay_client.open_stream()
+    relay_client.send_headers(stream.id, portable[1], end_stream=True)
+    _, at_backend = pump(relay_client, backend)
+    assert at_backend[0].headers == answer
+
+    # Before our table size setting is acknowledged the peer may use its dynamic table: a
+    # block that does is never portable, and neither is one right after it (table not empty).
+    raw = H2Connection(client=False)
+    peer = Encoder()
+    events = raw.receive_data(
+        f.PREFACE + f.encode_settings([]) + f.encode_headers(1, peer.encode(REQUEST), True,
+                                                             16_384)
+        + f.encode_headers(3, peer.encode(REQUEST), True, 16_384))
+    assert [e.headers for e in events] == [REQUEST, REQUEST]
+    assert [e.block for e in events] == [None, None]
+
+
 # -- hostile input -----------------------------------------------------------------------------
 
 frame_st = st.tuples(

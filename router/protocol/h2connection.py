@@ -58,14 +58,18 @@ _MAX_CONTINUATIONS = 64  # frames in one header block (an empty-CONTINUATION flo
 
 
 class HeadersReceived:
-    __slots__ = ("end_stream", "headers", "stream", "stream_id", "trailers")
+    __slots__ = ("block", "end_stream", "headers", "stream", "stream_id", "trailers")
 
-    def __init__(self, stream: Stream, headers: Headers, end_stream: bool, trailers: bool):
+    def __init__(self, stream: Stream, headers: Headers, end_stream: bool, trailers: bool,
+                 block: bytes | None = None) -> None:
         self.stream = stream  # the stream's record, even once it is forgotten (ended)
         self.stream_id = stream.id
         self.headers = headers
         self.end_stream = end_stream
         self.trailers = trailers  # not the stream's first header block
+        # The block as it came when it needs no HPACK state to read (``portable``): it may be
+        # sent on another connection as it is, instead of encoding ``headers`` again.
+        self.block = block
 
     def __repr__(self) -> str:
         return f"HeadersReceived({self.stream_id}, {self.headers}, end={self.end_stream})"
@@ -168,7 +172,7 @@ class Stream:
         self.headers_received = False
         self.pending = b""  # data waiting for window
         self.pending_end = False  # END_STREAM after it
-        self.pending_trailers: Headers | None = None
+        self.pending_trailers: Headers | bytes | None = None
         self.peer: Any = None  # the relay's, for the stream on the other side
 
     def __repr__(self) -> str:
@@ -190,7 +194,9 @@ class H2Connection:
         self._decoder = HeaderDecoder(max_header_list_size)
         self.streams: dict[int, Stream] = {}
         self._blocked: dict[int, Stream] = {}  # streams with data queued for window
-        self._out: list[bytes] = []
+        # Frames to send; DATA as header and payload apart (``append_data``), written with one
+        # vectored write (``output``) or joined (``data_to_send``).
+        self._out: list[bytes | memoryview] = []
         self._next_stream_id = 1
         self._last_peer_stream = 0
         self._active_peer = 0
@@ -272,7 +278,9 @@ class H2Connection:
         return stream_id % 2 == 0 or stream_id > self._last_peer_stream
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
-        data = f.data_of(flags, payload, stream_id)
+        # Unpadded on a stream (nearly every DATA frame): the payload is the data.
+        data = payload if stream_id and not flags & f.PADDED else f.data_of(
+            flags, payload, stream_id)
         flow = len(payload)
         if flow > self.recv_window:
             raise H2Error(f.FLOW_CONTROL_ERROR, "DATA past the connection window")
@@ -298,7 +306,10 @@ class H2Connection:
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]
                     ) -> None:
-        fragment = f.fragment_of(f.HEADERS, flags, payload, stream_id)
+        if stream_id and not flags & (f.PADDED | f.PRIORITY_FLAG):
+            fragment = payload  # no padding, no priority: the payload is the fragment
+        else:
+            fragment = f.fragment_of(f.HEADERS, flags, payload, stream_id)
         end = bool(flags & f.END_STREAM)
         if flags & f.END_HEADERS:
             self._headers_complete(stream_id, end, fragment, events)
@@ -324,7 +335,9 @@ class H2Connection:
 
     def _headers_complete(self, stream_id: int, end: bool, block: bytes, events: list[Event]
                           ) -> None:
-        headers = self._decoder.decode(block)  # always: the HPACK context is the connection's
+        # Always decoded: the HPACK context is the connection's, whatever the stream's state.
+        headers, portable_block = self._decoder.decode_portable(block)
+        portable = block if portable_block else None
         stream = self.streams.get(stream_id)
         if stream is None:
             if self.client or not self._idle(stream_id):
@@ -339,7 +352,7 @@ class H2Connection:
             stream = self._accept(stream_id)
             if stream is None:
                 return
-            events.append(HeadersReceived(stream, headers, end, False))
+            events.append(HeadersReceived(stream, headers, end, False, portable))
         else:
             if stream.remote_closed:
                 raise H2Error(f.STREAM_CLOSED, "HEADERS after END_STREAM", stream_id)
@@ -347,7 +360,7 @@ class H2Connection:
             if trailers and not end:
                 raise H2Error(f.PROTOCOL_ERROR, "trailers without END_STREAM", stream_id)
             stream.headers_received = True
-            events.append(HeadersReceived(stream, headers, end, trailers))
+            events.append(HeadersReceived(stream, headers, end, trailers, portable))
         if end:
             stream.remote_closed = True
             if stream.local_closed:
@@ -479,7 +492,10 @@ class H2Connection:
         self.streams_opened += 1
         return stream
 
-    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+    def send_headers(self, stream_id: int, headers: Headers | bytes, end_stream: bool = False
+                     ) -> None:
+        """``headers`` as fields, or as a block already encoded without the dynamic table (a
+        ``portable`` block received on another connection)."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed or stream.pending_end:
             return  # reset meanwhile, or ended: nothing to send it on
@@ -506,7 +522,7 @@ class H2Connection:
         if size <= window:
             self.send_window -= size
             stream.send_window -= size
-            self._out.append(f.encode_data(stream_id, data, end_stream, self.peer_max_frame_size))
+            f.append_data(self._out, stream_id, data, end_stream, self.peer_max_frame_size)
             if end_stream:
                 self._end_local(stream)
             return size
@@ -514,8 +530,7 @@ class H2Connection:
         if sent:
             self.send_window -= sent
             stream.send_window -= sent
-            self._out.append(f.encode_data(stream_id, data[:sent], False,
-                                           self.peer_max_frame_size))
+            f.append_data(self._out, stream_id, data[:sent], False, self.peer_max_frame_size)
         stream.pending = data[sent:]
         stream.pending_end = end_stream
         self._blocked[stream_id] = stream
@@ -535,7 +550,7 @@ class H2Connection:
             if chunk or end:
                 self.send_window -= len(chunk)
                 stream.send_window -= len(chunk)
-                self._out.append(f.encode_data(stream.id, chunk, end, self.peer_max_frame_size))
+                f.append_data(self._out, stream.id, chunk, end, self.peer_max_frame_size)
             if chunk:
                 events.append(Sent(stream, len(chunk)))
             if not done:
@@ -549,11 +564,12 @@ class H2Connection:
                 stream.pending_end = False
                 self._end_local(stream)
 
-    def _block(self, headers: Headers) -> bytes:
+    def _block(self, headers: Headers | bytes) -> bytes:
+        block = headers if isinstance(headers, bytes) else encode_block(headers)
         if self._table_update:
             self._table_update = False
-            return b"\x20" + encode_block(headers)
-        return encode_block(headers)
+            return b"\x20" + block
+        return block
 
     def _end_local(self, stream: Stream) -> None:
         stream.local_closed = True
@@ -619,9 +635,17 @@ class H2Connection:
         out = self._out
         if not out:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out)
         out.clear()
         return data
+
+    def output(self) -> list[bytes | memoryview]:
+        """What ``data_to_send`` would join, as the parts themselves (for ``writelines``:
+        one vectored write, no copy of the data frames' payloads)."""
+        out = self._out
+        if out:
+            self._out = []
+        return out
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -67,6 +67,25 @@ class HeaderDecoder:
         table = self._decoder.header_table
         return table.maxsize == 0 and not table.dynamic_entries
 
+    def portable(self, block: bytes) -> bool:
+        """``block``, just decoded, means the same to any HPACK decoder: it may be relayed as
+        it is. True when the table is at size 0 and empty after it and the block does not
+        start with a table size update: then the table was at size 0 before it too (only an
+        update changes the size), so no field referenced a dynamic entry. A literal with
+        indexing in it adds nothing that a stateless encoder (ours) would ever reference."""
+        return (not block or block[0] & 0xE0 != 0x20) and self._stateless()
+
+    def decode_portable(self, block: bytes) -> tuple[Headers, bool]:
+        """``decode(block)`` and ``portable(block)`` in one: a repeated block costs one
+        lookup."""
+        if self._stateless():
+            headers = self._cache.get(block)
+            if headers is not None:
+                self.hits += 1
+                return headers, not block or block[0] & 0xE0 != 0x20
+        headers = self.decode(block)
+        return headers, self.portable(block)
+
     def decode(self, block: bytes) -> Headers:
         stateless = self._stateless()
         if stateless:
@@ -269,3 +288,21 @@ def encode_block(headers: Iterable[tuple[str, str]]) -> bytes:
             fields[field] = encoded
         parts.append(encoded)
     return b"".join(parts)
+
+
+# Whole blocks by their fields: a client's request fields repeat call after call (the
+# varying grpc-timeout is not among them: the relay encodes it on its own).
+_BLOCK_BY_FIELDS_SIZE = 256
+_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
+def encode_cached(headers: Headers) -> bytes:
+    """``encode_block(headers)``, from a bounded cache of whole blocks."""
+    key = tuple(headers)
+    block = _blocks.get(key)
+    if block is None:
+        block = encode_block(headers)
+        if len(_blocks) >= _BLOCK_BY_FIELDS_SIZE:
+            _blocks.clear()
+        _blocks[key] = block
+    return block

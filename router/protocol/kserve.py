@@ -109,22 +109,36 @@ def _strings(message: bytes, first: int, second: int) -> tuple[str, str]:
     pos, end = 0, len(message)
     while pos < end:
         tag_at = pos
-        tag, pos = _varint(message, pos, end)
-        if pos - tag_at > _MAX_TAG_BYTES:
-            raise MalformedMessage(f"tag longer than {_MAX_TAG_BYTES} bytes at offset {tag_at}")
+        tag = message[pos]
+        if tag < 0x80:  # fields 1-15: a one-byte tag, read here rather than by _varint
+            pos += 1
+        else:
+            tag, pos = _varint(message, pos, end)
+            if pos - tag_at > _MAX_TAG_BYTES:
+                raise MalformedMessage(
+                    f"tag longer than {_MAX_TAG_BYTES} bytes at offset {tag_at}")
         field, wire_type = tag >> 3, tag & 7
         if field == 0 or field > _MAX_FIELD_NUMBER:
             raise MalformedMessage(f"invalid field number {field} at offset {tag_at}")
-        if field in (first, second):
+        if wire_type == _LEN and pos < end and message[pos] < 0x80:
+            length, start = message[pos], pos + 1  # a length under 128: one byte
+            if field != first and field != second:
+                pos = start + length
+                if pos > end:
+                    raise MalformedMessage(
+                        f"field at offset {tag_at} runs past the end of the message")
+                continue
+        elif field in (first, second):
             if wire_type != _LEN:
                 raise MalformedMessage(f"field {field} at offset {tag_at} is not a string")
             length, start = _varint(message, pos, end)
-            pos = start + length
-            if pos > end:
-                raise MalformedMessage(f"field at offset {tag_at} runs past the end of the message")
-            values[field != first] = _string(message, start, pos, tag_at)
         else:
             pos = _skip(message, pos, end, wire_type, tag_at)
+            continue
+        pos = start + length
+        if pos > end:
+            raise MalformedMessage(f"field at offset {tag_at} runs past the end of the message")
+        values[field != first] = _string(message, start, pos, tag_at)
     return values[0], values[1]
 
 

@@ -75,7 +75,10 @@ class H2Lifetime:
 class StreamPeer(Protocol):
     """What a backend stream tells the call relayed on it."""
 
-    def backend_headers(self, headers: Headers, end_stream: bool) -> None: ...
+    def backend_headers(self, headers: Headers, end_stream: bool, block: bytes | None
+                        ) -> None:
+        """A header block of the response (``block``: its bytes, when ``portable``)."""
+        ...
 
     def backend_data(self, data: bytes, end_stream: bool, flow: int) -> None: ...
 
@@ -125,32 +128,38 @@ class H2BackendConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reads += 1
-        for event in self.conn.receive_data(data):
-            cls = type(event)
-            if cls is DataReceived:
-                assert isinstance(event, DataReceived)
-                event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
-            elif cls is HeadersReceived:
-                assert isinstance(event, HeadersReceived)
-                event.stream.peer.backend_headers(event.headers, event.end_stream)
-            elif cls is Sent:
-                assert isinstance(event, Sent)
-                event.stream.peer.backend_sent(event.count)
-            elif cls is StreamReset:
-                assert isinstance(event, StreamReset)
-                self._reset(event)
-            elif cls is GoAwayReceived:
-                self.retire("goaway")
-            elif cls is PingAcked:
-                assert isinstance(event, PingAcked)
-                if event.opaque == KEEPALIVE_PING:
-                    self._ping_sent_at = None
-            elif cls is Terminated:
-                assert isinstance(event, Terminated)
-                log.warning("%s: HTTP/2 error from the backend: %s", self.name,
-                            event.error.message)
-                self._lose(BackendProtocolError(f"{self.name}: {event.error.message}"))
-        self.flush()
+        # The flush at the end writes what the events put on this connection: a mark() on the
+        # way schedules no flush of its own.
+        self._flush_scheduled = True
+        try:
+            for event in self.conn.receive_data(data):
+                cls = type(event)
+                if cls is DataReceived:
+                    assert isinstance(event, DataReceived)
+                    event.stream.peer.backend_data(event.data, event.end_stream, event.flow)
+                elif cls is HeadersReceived:
+                    assert isinstance(event, HeadersReceived)
+                    event.stream.peer.backend_headers(event.headers, event.end_stream,
+                                                      event.block)
+                elif cls is Sent:
+                    assert isinstance(event, Sent)
+                    event.stream.peer.backend_sent(event.count)
+                elif cls is StreamReset:
+                    assert isinstance(event, StreamReset)
+                    self._reset(event)
+                elif cls is GoAwayReceived:
+                    self.retire("goaway")
+                elif cls is PingAcked:
+                    assert isinstance(event, PingAcked)
+                    if event.opaque == KEEPALIVE_PING:
+                        self._ping_sent_at = None
+                elif cls is Terminated:
+                    assert isinstance(event, Terminated)
+                    log.warning("%s: HTTP/2 error from the backend: %s", self.name,
+                                event.error.message)
+                    self._lose(BackendProtocolError(f"{self.name}: {event.error.message}"))
+        finally:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -165,6 +174,11 @@ class H2BackendConnection(asyncio.Protocol):
     @property
     def streams(self) -> int:
         return len(self.conn.streams)
+
+    @property
+    def closing(self) -> bool:
+        """Closing: it takes no new streams and closes once its last one has ended."""
+        return self._closing
 
     @property
     def can_open(self) -> bool:
@@ -210,12 +224,12 @@ class H2BackendConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        data = self.conn.data_to_send()
+        out = self.conn.output()
         transport = self.transport
         if transport is None:
             return
-        if data:
-            transport.write(data)
+        if out:
+            transport.writelines(out)  # one vectored write; DATA payloads not copied
         if self._closing and not self.conn.streams:
             transport.close()
 
@@ -430,7 +444,11 @@ class H2Upstream:
     def release(self, lease: Any, *, reusable: bool = True) -> None:
         self.active -= 1
         if isinstance(lease, H2BackendConnection):
-            lease.flush()  # a closing connection whose last stream ended closes now
+            if lease.closing:
+                # A closing connection whose last stream ended closes now. An open one is not
+                # flushed here: whatever the ended stream put on it was marked, and goes out
+                # with the rest of this loop iteration's frames in one write, not one per call.
+                lease.flush()
             if not lease.conn.streams:
                 lease.went_idle()
 

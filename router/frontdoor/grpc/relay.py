@@ -163,40 +163,45 @@ class ClientConnection(asyncio.Protocol):
             self.final_goaway()  # the listener closed as it was accepted: not one call more
 
     def data_received(self, data: bytes) -> None:
-        for event in self.conn.receive_data(data):
-            cls = type(event)
-            if cls is DataReceived:
-                assert isinstance(event, DataReceived)
-                peer = event.stream.peer
-                if peer is not None:
-                    peer.client_data(event.data, event.end_stream, event.flow)
-                else:
-                    self.conn.consumed(event.stream_id, event.flow)
-            elif cls is HeadersReceived:
-                assert isinstance(event, HeadersReceived)
-                if event.trailers:  # a client's trailers end its request
+        # The flush at the end writes what the events put on this connection: a mark() on the
+        # way schedules no flush of its own.
+        self._flush_scheduled = True
+        try:
+            for event in self.conn.receive_data(data):
+                cls = type(event)
+                if cls is DataReceived:
+                    assert isinstance(event, DataReceived)
+                    peer = event.stream.peer
+                    if peer is not None:
+                        peer.client_data(event.data, event.end_stream, event.flow)
+                    else:
+                        self.conn.consumed(event.stream_id, event.flow)
+                elif cls is HeadersReceived:
+                    assert isinstance(event, HeadersReceived)
+                    if event.trailers:  # a client's trailers end its request
+                        if event.stream.peer is not None:
+                            event.stream.peer.client_data(b"", True, 0)
+                    else:
+                        self.door.new_call(self, event)
+                elif cls is Sent:
+                    assert isinstance(event, Sent)
                     if event.stream.peer is not None:
-                        event.stream.peer.client_data(b"", True, 0)
-                else:
-                    self.door.new_call(self, event)
-            elif cls is Sent:
-                assert isinstance(event, Sent)
-                if event.stream.peer is not None:
-                    event.stream.peer.client_sent(event.count)
-            elif cls is StreamReset:
-                assert isinstance(event, StreamReset)
-                if event.stream.peer is not None:
-                    event.stream.peer.client_reset()
-            elif cls is PingAcked:
-                assert isinstance(event, PingAcked)
-                if event.opaque == DRAIN_PING:
-                    self.final_goaway()
-            elif cls is Terminated:
-                assert isinstance(event, Terminated)
-                log.info("gRPC client broke HTTP/2: %s", event.error.message)
-                self._end_calls()
-                self._closing = True
-        self.flush()
+                        event.stream.peer.client_sent(event.count)
+                elif cls is StreamReset:
+                    assert isinstance(event, StreamReset)
+                    if event.stream.peer is not None:
+                        event.stream.peer.client_reset()
+                elif cls is PingAcked:
+                    assert isinstance(event, PingAcked)
+                    if event.opaque == DRAIN_PING:
+                        self.final_goaway()
+                elif cls is Terminated:
+                    assert isinstance(event, Terminated)
+                    log.info("gRPC client broke HTTP/2: %s", event.error.message)
+                    self._end_calls()
+                    self._closing = True
+        finally:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -222,9 +227,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        data = self.conn.data_to_send()
-        if data:
-            transport.write(data)
+        out = self.conn.output()
+        if out:
+            transport.writelines(out)  # one vectored write; DATA payloads not copied
         if self._closing and (self.conn.terminated or not self.conn.streams):
             transport.close()  # after a protocol error, at once: its streams are gone
 

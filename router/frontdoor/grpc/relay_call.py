@@ -59,7 +59,7 @@ from router.dispatch.request import Request
 from router.protocol import h2frames as f
 from router.protocol.grpc_compression import decompressed_start
 from router.protocol.h2connection import Stream
-from router.protocol.h2headers import Headers
+from router.protocol.h2headers import Headers, encode_cached, encode_field
 from router.upstream.h2_backend import H2BackendConnection
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
     "grpc-timeout",
 })
+_READ_AT_THE_DOOR = _HOP_BY_HOP | {":path"}
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_HEADER = 5  # compressed flag, 4-byte length
 DEADLINE_SLACK_S = 0.05
@@ -247,16 +248,17 @@ class RelayCall:
         self.method = ""
         self.deadline: float | None = None
         forwarded = []
-        for name, value in headers:
-            if name == ":path":
-                self.method = value
+        for field in headers:  # one set lookup per field; the fields kept are not copied
+            name = field[0]
+            if name not in _READ_AT_THE_DOOR:
+                forwarded.append(field)
+            elif name == ":path":
+                self.method = field[1]
+                forwarded.append(field)
             elif name == "grpc-timeout":
-                timeout = parse_timeout(value)
+                timeout = parse_timeout(field[1])
                 if timeout is not None:
                     self.deadline = self.started + timeout
-                continue
-            if name not in _HOP_BY_HOP:
-                forwarded.append((name, value))
         self.headers = forwarded
         self.unsent: list[bytes] = []
         self.unsent_size = 0
@@ -487,11 +489,14 @@ class RelayCall:
         else:
             self.forward(request)
 
-    def _backend_headers(self) -> Headers:
+    def _backend_headers(self) -> bytes:
+        """The request block for the backend: the client's fields (encoded once per distinct
+        set, ``encode_cached``) and the time left as its own grpc-timeout."""
+        block = encode_cached(self.headers)
         if self.deadline is None:
-            return self.headers
+            return block
         left = self.deadline - self.door.clock.now()
-        return [*self.headers, ("grpc-timeout", encode_timeout(left))]
+        return block + encode_field("grpc-timeout", encode_timeout(left))
 
     def request_done(self, request: Request) -> None:
         if not self.done and request.error is not None:
@@ -499,11 +504,12 @@ class RelayCall:
 
     # -- the backend's side (StreamPeer) ------------------------------------------------------
 
-    def backend_headers(self, headers: Headers, end_stream: bool) -> None:
+    def backend_headers(self, headers: Headers, end_stream: bool, block: bytes | None = None
+                        ) -> None:
         if self.done:
             return
         client = self.client
-        relayed = [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
+        relayed = _relayed(headers, block)
         if end_stream:
             status = _value(headers, "grpc-status")
             if not self.answered and status == _UNAVAILABLE and self._replayable():
@@ -615,6 +621,29 @@ class RelayCall:
     def __repr__(self) -> str:
         state = "done" if self.done else "answering" if self.answered else "pending"
         return f"RelayCall({self.method!r}, stream {self.stream.id}, {state})"
+
+
+# Response blocks seen, by their bytes: whether they hold no hop-by-hop field, so that they go
+# to the client as they came (a unary call's response headers and trailers repeat byte for
+# byte: one lookup instead of filtering and encoding the fields again). Bounded like the
+# decoder's cache of blocks.
+_RELAYABLE_CACHE_SIZE = 256
+_relayable: dict[bytes, bool] = {}
+
+
+def _relayed(headers: Headers, block: bytes | None) -> Headers | bytes:
+    """What goes to the client for a response header block: ``block`` itself when it is
+    portable and has no hop-by-hop field, else the fields without those."""
+    if block is not None:
+        relayable = _relayable.get(block)
+        if relayable is None:
+            relayable = not any(name in _HOP_BY_HOP for name, _ in headers)
+            if len(_relayable) >= _RELAYABLE_CACHE_SIZE:
+                _relayable.clear()
+            _relayable[block] = relayable
+        if relayable:
+            return block
+    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP]
 
 
 def _value(headers: Headers, name: str) -> str | None:
