@@ -52,7 +52,7 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, front_door.submit, saturated=dispatcher.saturated,
-            budget=front_door.budget, peer=self._address,
+            budget=front_door.budget, peer=self._address, flusher=front_door.flusher,
         )
         tls = front_door.tls
         if tls is not None and tls.allow_list.active:
