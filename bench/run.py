@@ -168,12 +168,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def haproxy_config(port: int, backends: list[int]) -> str:
+def haproxy_config(port: int, backends: list[int], maxconn: int = 4096) -> str:
+    """``maxconn``: each connection costs HAProxy two fds; 4096 fits a 20,000-fd hard limit
+    with room."""
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
     return f"""\
 global
-    # Each connection costs HAProxy two fds; 4096 fits a 20,000-fd hard limit with room.
-    maxconn 4096
+    maxconn {maxconn}
     # One thread, like the router's one event loop: CPU per request compares like with like.
     nbthread 1
 
@@ -205,10 +206,11 @@ def wait_accepting(service: Service, timeout_s: float) -> None:
     raise RuntimeError(f"{service.name} did not accept on port {service.port} in {timeout_s}s")
 
 
-def start_haproxy(binary: str, backends: list[int], log_dir: Path) -> Service:
+def start_haproxy(binary: str, backends: list[int], log_dir: Path, maxconn: int = 4096
+                  ) -> Service:
     port = free_port()
     cfg = log_dir / "haproxy.cfg"
-    cfg.write_text(haproxy_config(port, backends))
+    cfg.write_text(haproxy_config(port, backends, maxconn))
     service = _spawn("haproxy", [binary, "-f", str(cfg), "-db"], log_dir, started)
     service.port = port
     wait_accepting(service, READY_TIMEOUT_S)

@@ -3,8 +3,14 @@
 ``python -m bench.tenk [--clients 10000] [--requests 50] [--repeat 2] [--update-docs]``
 (``make bench-10k``)
 
-Each repetition starts two fresh echo backends and a fresh router (``bench.run``'s helpers), so
-no run inherits another's heap. It then:
+Each repetition starts two fresh echo backends and a fresh router on the router's default
+config (``bench.run``'s helpers), so no run inherits another's heap, and then the same for
+HAProxy (TCP mode, one thread, ``balance leastconn``, as in ``bench.run``) when ``haproxy`` is
+on PATH: the same load generator, the same backends' settings, interleaved (router, HAProxy,
+router, HAProxy), so the throughput ratio compares runs of one sitting. HAProxy holds two fds
+per client connection, so under a hard RLIMIT_NOFILE of 20,000 its ``maxconn`` is
+(hard limit - ``HAPROXY_FD_RESERVE``) / 2 = 9,900: the last clients wait in the listen queue
+until others finish, as they would in front of a real HAProxy on this machine. Each run then:
 
 1. reads the router's RSS just after start;
 2. warms up with ``WARMUP_CONNECTIONS`` x ``WARMUP_REQUESTS`` (every dispatch worker busy, the
@@ -13,8 +19,9 @@ no run inherits another's heap. It then:
 3. reads the baseline RSS, then drives ``clients`` x ``requests`` 64-byte round trips with
    ``bench.load`` (persistent connections, one request in flight per connection, lanes spread
    over the load processes, at most 1,024 connects in progress) while a thread samples the
-   router's ``VmRSS`` every 20 ms and its open client connections (admin ``/stats``) every
-   0.5 s, both summed over its processes when ``listener.processes`` > 1; the kernel's own
+   router's ``VmRSS`` every 20 ms and its open client connections (admin ``/stats``; for
+   HAProxy, its fds over the baseline, halved) every 0.5 s, both summed over its processes
+   when ``listener.processes`` > 1; the kernel's own
    high-water mark ``VmHWM`` (of the first process) is read at the end as a cross-check;
 4. reports req/s, p50/p95/p99/p999, errors by kind, peak RSS, the most connections the router
    held at once, and (peak - baseline) divided by that as the RSS cost of one open client
@@ -39,6 +46,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +67,7 @@ from bench.run import (
     admin_stats,
     markdown_table,
     start_echo,
+    start_haproxy,
     start_router,
     text_table,
 )
@@ -84,31 +93,19 @@ IDLE_POLL_S = 0.1
 
 TARGETS = {
     "errors": "zero errors",
-    "requests_per_s": ">= 25,000 req/s",
     "p99": "p99 < 1 s",
-    "rss_per_connection": "< 4 KiB RSS per open connection",
+    "vs_haproxy": ">= 1.0x HAProxy's req/s in the same sitting",
+    "rss_per_connection": "<= 2.5 KiB RSS per open connection",
     "all_connections_open_together": "every client connection open at once",
 }
+RSS_TARGET_BYTES = 2560
+# Descriptors HAProxy keeps beside its two per connection (listener, logs, pollers).
+HAPROXY_FD_RESERVE = 200
 
-# The backlog is spelled out because the kernel clamps it to net.core.somaxconn (4096 here),
-# and the JSON should say what the run asked for. The queue and the pools are sized for the
-# run. With 10,000 clients each holding one request, a queue smaller than the requests waiting
-# for a backend keeps tripping the saturation pause (every connection stops reading, then
-# resumes): p99 3.6 s at the default 4096 against 0.94 s at 16384. The default pools carry
-# 2 x 64 x 32 = 4,096 requests, so ~6,000 park on them and are sent one per answer; a depth of
-# 128 (16,384 in flight) lets every request go straight out: over four interleaved pairs of
-# runs 24.7k, 29.7k, 30.1k and 23.9k requests/s against 22.3k, 23.2k, 22.1k and 21.9k at the
-# default depth. Everything else is the router's default (--router-config for anything else).
-ROUTER_CONFIG = """\
-[listener]
-backlog = 4096
-
-[dispatch]
-queue_size = 16384
-
-[pool]
-pipeline_depth = 128
-"""
+# The router's default config: the kernel clamps listener.backlog (4096) to
+# net.core.somaxconn, and the pools deepen their pipelines with demand (pool.max_pipeline_depth)
+# so 10,000 requests in flight go straight out instead of parking on the dispatch queue.
+ROUTER_CONFIG = ""
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -229,7 +226,9 @@ class Sampler(threading.Thread):
     holds when a multi-process router's federated ``/stats`` misses a busy process.
     """
 
-    def __init__(self, pid: int, admin_port: int, fd_baseline: int) -> None:
+    def __init__(self, pid: int, admin_port: int | None, fd_baseline: int) -> None:
+        """``admin_port`` None: a proxy without one (HAProxy), whose client connections are
+        half its fds over the baseline (each has a backend connection)."""
         super().__init__(name="tenk-sampler", daemon=True)
         self.pid = pid
         self.admin_port = admin_port
@@ -269,6 +268,10 @@ class Sampler(threading.Thread):
             self._stop_event.wait(RSS_INTERVAL_S)
 
     def _open_connections(self, previous: int) -> int:
+        if self.admin_port is None:
+            now = max(0, tree_fds(self.pid) - self.fd_baseline) // 2
+            self.max_open_connections = max(self.max_open_connections, now)
+            return now
         try:
             stats = admin_stats(self.admin_port)
         except (OSError, ValueError):
@@ -296,13 +299,20 @@ class Sampler(threading.Thread):
 # -- one run -----------------------------------------------------------------------------------
 
 
-def _start_stack(log_dir: Path, config_text: str) -> tuple[list[Service], Service, int]:
+def _start_stack(log_dir: Path, config_text: str, haproxy: str | None = None
+                 ) -> tuple[list[Service], Service, int | None]:
+    """Two echo backends and the router (its admin port), or HAProxy from the path
+    ``haproxy`` (no admin port)."""
     services = []
     backends = []
     for index in (1, 2):
         echo = start_echo(f"echo{index}", log_dir)
         services.append(echo)
         backends.append(echo.port)
+    if haproxy is not None:
+        proxy = start_haproxy(haproxy, backends, log_dir, maxconn=_haproxy_maxconn())
+        services.append(proxy)
+        return services, proxy, None
     config = log_dir / "router.toml"
     config.write_text(config_text)
     router, admin_port = start_router(backends, log_dir, config=config)
@@ -310,21 +320,30 @@ def _start_stack(log_dir: Path, config_text: str) -> tuple[list[Service], Servic
     return services, router, admin_port
 
 
+def _haproxy_maxconn() -> int:
+    """What the hard RLIMIT_NOFILE lets HAProxy hold: two fds per connection."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 100_000 if hard == resource.RLIM_INFINITY else (hard - HAPROXY_FD_RESERVE) // 2
+
+
 def _stop_stack(services: list[Service]) -> int | None:
-    """Stop in reverse order; return the router's exit code (None if it had to be killed)."""
+    """Stop in reverse order; return the target's exit code (None if it had to be killed)."""
     for service in reversed(services):
         service.stop()
-    router = next((s for s in services if s.name == "router"), None)
-    return router.process.returncode if router is not None else None
+    target = next((s for s in services if s.name in ("router", "haproxy")), None)
+    return target.process.returncode if target is not None else None
 
 
 def _kib(value: float) -> float:
     return round(value / 1024, 2)
 
 
-def loaded_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
+def loaded_run(index: int, args: argparse.Namespace, haproxy: str | None = None
+               ) -> dict[str, Any]:
+    """One run against a fresh router, or a fresh HAProxy from the path ``haproxy``."""
+    target = "router" if haproxy is None else "haproxy"
     with tempfile.TemporaryDirectory(prefix="bench-tenk-") as tmp:
-        services, router, admin_port = _start_stack(Path(tmp), args.config_text)
+        services, router, admin_port = _start_stack(Path(tmp), args.config_text, haproxy)
         try:
             pid = router.process.pid
             rss_start = tree_rss(pid)["VmRSS"]
@@ -337,8 +356,8 @@ def loaded_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
             sampler = Sampler(pid, admin_port, fd_baseline=tree_fds(pid))
             sampler.start()
             try:
-                print(f"run {index}: {args.clients} clients x {args.requests} requests ...",
-                      file=sys.stderr, flush=True)
+                print(f"run {index} ({target}): {args.clients} clients x {args.requests} "
+                      "requests ...", file=sys.stderr, flush=True)
                 report = run_load("127.0.0.1", router.port, connections=args.clients,
                                   requests=args.requests, payload_bytes=PAYLOAD_BYTES,
                                   processes=args.processes, timeout_s=REQUEST_TIMEOUT_S,
@@ -348,13 +367,14 @@ def loaded_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
             status = proc_status(pid)
             rss_after = tree_rss(pid).get("VmRSS")
             router_pids = tree_pids(pid)
-            stats = admin_stats(admin_port)
+            stats = admin_stats(admin_port) if admin_port is not None else None
             nofile = nofile_limit_of(pid)
         finally:
             exit_code = _stop_stack(services)
     peak = max(sampler.peak_rss, baseline)
     return {
         "run": index,
+        "target": target,
         "report": report,
         "warmup_errors": warm["error_total"],
         "loadavg_before": loadavg,
@@ -423,6 +443,7 @@ def idle_probe(clients: int, config_text: str) -> dict[str, Any]:
     socks: list[socket.socket] = []
     with tempfile.TemporaryDirectory(prefix="bench-tenk-idle-") as tmp:
         services, router, admin_port = _start_stack(Path(tmp), config_text)
+        assert admin_port is not None  # the router's
         try:
             pid = router.process.pid
             warm = run_load("127.0.0.1", router.port, connections=WARMUP_CONNECTIONS,
@@ -468,8 +489,9 @@ def _errors(report: LoadReport) -> str:
     return f"{report['error_total']} ({kinds})"
 
 
-HEADER = ["run", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "errors",
+HEADER = ["run", "target", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "errors",
           "RSS base MiB", "RSS peak MiB", "KiB / client", "KiB / open conn", "max open conns"]
+RATIO_HEADER = ["run", "router req/s", "haproxy req/s", "router/haproxy", "p99 router/haproxy"]
 
 
 def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
@@ -477,7 +499,8 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     for run in runs:
         r, m = run["report"], run["router"]
         rows.append([
-            str(run["run"]), f"{r['ok']:,}", f"{r['requests_per_s']:,.0f}", _ms(r["p50_us"]),
+            str(run["run"]), run.get("target", "router"), f"{r['ok']:,}",
+            f"{r['requests_per_s']:,.0f}", _ms(r["p50_us"]),
             _ms(r["p95_us"]), _ms(r["p99_us"]), _ms(r["p999_us"]), _errors(r),
             f"{m['rss_baseline_bytes'] / 2**20:.1f}", f"{m['rss_peak_bytes'] / 2**20:.1f}",
             f"{m['rss_per_connection_bytes'] / 1024:.2f}",
@@ -487,18 +510,45 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def targets(runs: list[dict[str, Any]]) -> dict[str, bool]:
-    """Each target, met by every run."""
+def _pairs(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(router run, HAProxy run) of each repetition that has both."""
+    by_index: dict[int, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_index.setdefault(run["run"], {})[run.get("target", "router")] = run
+    return [(pair["router"], pair["haproxy"]) for _, pair in sorted(by_index.items())
+            if "router" in pair and "haproxy" in pair]
+
+
+def ratio_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for router, haproxy in _pairs(runs):
+        r, h = router["report"], haproxy["report"]
+        p99 = (f"{r['p99_us'] / h['p99_us']:.2f}" if r["p99_us"] and h["p99_us"] else "-")
+        rows.append([str(router["run"]), f"{r['requests_per_s']:,.0f}",
+                     f"{h['requests_per_s']:,.0f}",
+                     f"{r['requests_per_s'] / max(h['requests_per_s'], 1e-9):.2f}", p99])
+    return rows
+
+
+def targets(runs: list[dict[str, Any]]) -> dict[str, bool | None]:
+    """Each target, met by every router run (None: not measured, no HAProxy run)."""
+    mine = [r for r in runs if r.get("target", "router") == "router"]
+    pairs = _pairs(runs)
     return {
         "errors": all(r["report"]["error_total"] == 0 and r["report"]["unsent"] == 0
-                      for r in runs),
-        "requests_per_s": all(r["report"]["requests_per_s"] >= 25_000 for r in runs),
-        "p99": all((r["report"]["p99_us"] or 10**9) < 1_000_000 for r in runs),
-        "rss_per_connection": all(r["router"]["rss_per_open_connection_bytes"] < 4096
-                                  for r in runs),
+                      for r in mine),
+        "p99": all((r["report"]["p99_us"] or 10**9) < 1_000_000 for r in mine),
+        "vs_haproxy": all(r["report"]["requests_per_s"] >= h["report"]["requests_per_s"]
+                          for r, h in pairs) if pairs else None,
+        "rss_per_connection": all(
+            r["router"]["rss_per_open_connection_bytes"] <= RSS_TARGET_BYTES for r in mine),
         "all_connections_open_together": all(
-            r["router"]["max_open_connections_seen"] >= r["report"]["connections"] for r in runs),
+            r["router"]["max_open_connections_seen"] >= r["report"]["connections"] for r in mine),
     }
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "met" if ok else "**not met**"
 
 
 def docs_command(result: dict[str, Any]) -> str:
@@ -508,7 +558,8 @@ def docs_command(result: dict[str, Any]) -> str:
         ("--clients", s["clients"]), ("--requests", s["requests"]),
         ("--repeat", len(result["runs"])), ("--processes", s["load_processes"]),
         ("--router-config", None if s["router_config"] == ROUTER_CONFIG else "FILE"),
-        ("--no-idle-probe", not result.get("idle")), ("--name", result["name"]),
+        ("--no-idle-probe", not result.get("idle")),
+        ("--no-haproxy", s.get("haproxy") is False), ("--name", result["name"]),
     ])
 
 
@@ -517,9 +568,8 @@ def docs_block(result: dict[str, Any]) -> str:
     m, k, s = result["machine"], result["kernel"], result["settings"]
     met = result["targets_met"]
     idle = result.get("idle")
-    router = ("router defaults plus listener.backlog = 4096, dispatch.queue_size = 16384 and "
-              "pool.pipeline_depth = 128"
-              if s["router_config"] == ROUTER_CONFIG else "router config from --router-config")
+    router = ("the router's default config" if s["router_config"] == ROUTER_CONFIG
+              else "router config from --router-config")
     machine = (f"{m['nproc']} CPUs, {m['platform']}, Python {m['python']}; kernel: hard nofile "
                f"{k['nofile_hard']}, somaxconn {k['somaxconn']}, ephemeral ports "
                f"{k['ip_local_port_range']}")
@@ -528,13 +578,18 @@ def docs_block(result: dict[str, Any]) -> str:
         f"{s['clients']:,} persistent connections x {s['requests']} requests "
         f"({s['clients'] * s['requests']:,} round trips, {s['payload_bytes']}-byte payloads, one "
         f"request in flight per connection), {s['load_processes']} load process(es); {router}; "
-        "two echo backends.",
+        "two echo backends; HAProxy (one thread, maxconn "
+        f"{s.get('haproxy_maxconn', '-')}) in the same sitting, fresh per run, interleaved.",
         "",
         markdown_table(HEADER, table_rows(result["runs"])),
+    ]
+    ratios = ratio_rows(result["runs"])
+    if ratios:
+        lines += ["", markdown_table(RATIO_HEADER, ratios)]
+    lines += [
         "",
-        "Targets (every run): " + ", ".join(
-            f"{TARGETS[name]}: {'met' if ok else '**not met**'}"
-            for name, ok in met.items()) + ".",
+        "Targets (every router run): " + ", ".join(
+            f"{TARGETS.get(name, name)}: {_verdict(ok)}" for name, ok in met.items()) + ".",
     ]
     if idle:
         lines += ["", (
@@ -565,9 +620,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1,
                         help="load generator processes (default: 1)")
     parser.add_argument("--no-idle-probe", action="store_true")
+    parser.add_argument("--no-haproxy", action="store_true",
+                        help="router runs only (by default HAProxy runs beside each)")
     parser.add_argument("--router-config", type=Path, metavar="TOML",
-                        help="router config file instead of the built-in one (defaults plus "
-                             "backlog, queue size and pipeline depth)")
+                        help="router config file instead of the default config")
     parser.add_argument("--name", default="tenk", help="bench/results/<name>.json")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"replace the text between {DOCS_START} and {DOCS_END} in "
@@ -589,7 +645,12 @@ def main(argv: list[str] | None = None) -> None:
     problems = check_kernel(limits, args.clients)
     if problems:
         sys.exit("cannot run: " + "; ".join(problems))
-    runs = [loaded_run(i, args) for i in range(1, args.repeat + 1)]
+    haproxy = None if args.no_haproxy else shutil.which("haproxy")
+    runs = []
+    for index in range(1, args.repeat + 1):  # interleaved: drift hits both alike
+        runs.append(loaded_run(index, args))
+        if haproxy is not None:
+            runs.append(loaded_run(index, args, haproxy))
     idle = None if args.no_idle_probe else idle_probe(args.clients, args.config_text)
     result: dict[str, Any] = {
         "name": args.name,
@@ -603,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
             "mode": "persistent", "pipeline": 1, "load_processes": args.processes,
             "warmup": f"{WARMUP_CONNECTIONS} x {WARMUP_REQUESTS}",
             "router_config": args.config_text, "rss_interval_s": RSS_INTERVAL_S,
+            "haproxy": haproxy is not None,
+            "haproxy_maxconn": _haproxy_maxconn() if haproxy is not None else None,
         },
         "targets": TARGETS,
         "targets_met": targets(runs),
@@ -616,6 +679,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"-- run {run['run']}\n{format_report(run['report'])}")
     print()
     print(text_table(HEADER, table_rows(runs)))
+    if ratio_rows(runs):
+        print()
+        print(text_table(RATIO_HEADER, ratio_rows(runs)))
     print()
     if idle is not None:
         print(docs_block(result).split("\n\n")[-1])

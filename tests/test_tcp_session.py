@@ -26,6 +26,7 @@ from router.protocol.session import (
     LINGER,
     OPEN,
     TRANSITIONS,
+    AnswerFlusher,
     State,
     TcpSession,
     Trigger,
@@ -99,7 +100,8 @@ class RecordingTransport:
 class Harness:
     def __init__(
         self, *, saturated: bool = False, answer_at_once: RouterError | None = None,
-        budget: ReadBudget | None = None, clock: ManualClock | None = None, **config: Any,
+        budget: ReadBudget | None = None, clock: ManualClock | None = None,
+        flusher: AnswerFlusher | None = None, **config: Any,
     ) -> None:
         self.clock = clock or ManualClock()
         self.transport = RecordingTransport()
@@ -111,7 +113,7 @@ class Harness:
         self.session: TcpSession[FakeRequest] = TcpSession(
             self.transport, ListenerConfig(**settings), LINGER_S, self.clock, FakeRequest,
             self._submit, saturated=saturated, budget=budget,
-            on_transition=lambda *t: self.transitions.append(t),
+            on_transition=lambda *t: self.transitions.append(t), flusher=flusher,
         )
         self._decoder = FrameDecoder(accept_error_flag=True)
 
@@ -179,6 +181,97 @@ def test_pipelined_answers_go_out_in_request_order_coalesced() -> None:
     h.answer(0)
     assert h.transport.actions == ["writelines"]  # all three in one writev
     assert h.frames_out() == [b"a", b"b", b"c"]
+
+
+class LoopIteration:
+    """A loop's ``call_soon``: callbacks queued, run by ``end()`` as the iteration ends."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], object]] = []
+
+    def __call__(self, callback: Callable[[], object]) -> None:
+        self.callbacks.append(callback)
+
+    def end(self) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+def test_answers_of_one_iteration_with_more_behind_them_go_out_in_one_write_at_its_end() -> None:
+    iteration = LoopIteration()
+    flusher = AnswerFlusher(iteration)
+    h = Harness(flusher=flusher)
+    h.send(b"a", b"b", b"c", b"d")
+    h.answer(0)
+    h.answer(1)
+    assert h.transport.actions == []  # "c" and "d" are unanswered: wait for the iteration
+    assert len(iteration.callbacks) == 1
+    iteration.end()
+    assert h.transport.actions == ["writelines"]
+    assert h.frames_out() == [b"a", b"b"]
+    h.answer(2)
+    iteration.end()
+    h.answer(3)  # the last one pending: written at once
+    assert h.transport.actions == ["writelines", "writelines", "write"]
+    assert h.frames_out() == [b"c", b"d"]
+    assert flusher.writes == 3
+    assert h.session.unanswered == 0
+
+
+def test_the_answer_completing_the_line_writes_it_all_at_once_and_the_deferred_call_nothing(
+) -> None:
+    iteration = LoopIteration()
+    flusher = AnswerFlusher(iteration)
+    h = Harness(flusher=flusher)
+    h.send(b"a", b"b", b"c")
+    h.answer(0)
+    h.answer(2)
+    assert h.transport.actions == []
+    h.answer(1)
+    assert h.transport.actions == ["writelines"]
+    assert h.frames_out() == [b"a", b"b", b"c"]
+    iteration.end()
+    assert h.transport.actions == ["writelines"]
+    assert flusher.writes == 1
+
+
+def test_one_flusher_call_per_iteration_writes_every_session_that_deferred() -> None:
+    iteration = LoopIteration()
+    flusher = AnswerFlusher(iteration)
+    sessions = [Harness(flusher=flusher) for _ in range(3)]
+    for h in sessions:
+        h.send(b"x", b"y")
+        h.answer(0)
+    assert len(iteration.callbacks) == 1
+    iteration.end()
+    assert [h.frames_out() for h in sessions] == [[b"x"]] * 3
+    assert flusher.writes == 3
+
+
+def test_a_deferred_answer_of_a_connection_closed_meanwhile_is_not_written() -> None:
+    iteration = LoopIteration()
+    h = Harness(flusher=AnswerFlusher(iteration))
+    h.send(b"a", b"b")
+    h.answer(0)
+    h.session.connection_lost()
+    iteration.end()
+    assert h.transport.actions == []
+    assert h.session.unanswered == 1
+
+
+def test_a_drain_closes_after_the_deferred_answers_are_written() -> None:
+    iteration = LoopIteration()
+    h = Harness(flusher=AnswerFlusher(iteration))
+    h.send(b"a", b"b")
+    h.session.start_drain()
+    h.answer(0)
+    iteration.end()
+    assert h.frames_out() == [b"a"]
+    assert not h.transport.eof_written  # "b" is still unanswered
+    h.answer(1)
+    assert h.frames_out() == [b"b"]
+    assert h.transport.eof_written
 
 
 def test_an_error_answer_is_an_error_frame_in_its_place() -> None:

@@ -127,6 +127,10 @@ class RouterCollector(Collector):
             "router_connections_open", "Client connections counted against "
             "listener.max_connections.", value=limits["counted_connections"],
         )
+        yield CounterMetricFamily(
+            "router_answer_writes", "Writes of answers to client connections (a write carries "
+            "every answer ready for one connection).", value=limits["answer_writes"],
+        )
         budget = limits["read_budget"]
         yield GaugeMetricFamily(
             "router_read_budget_bytes", "Bytes of partly read frames held (admitted frames "

@@ -50,6 +50,14 @@ before it: the budget costs nothing there. A frame that does not fit pauses read
 ``budget_granted``; one larger than the budget is FRAME_TOO_LARGE; bytes the budget takes
 back (``budget_shed``) end the input with OVERLOADED.
 
+Answers (``request_done``) go out in request order, coalesced: when the last pending request
+is answered, every answer ready goes out at once in one write (the common path, one request
+and one answer, is one ``write`` of one frame). When the head of the line is answered while
+requests behind it are not, its write is deferred to the end of the loop iteration through the
+front door's ``AnswerFlusher`` (a session given none writes at once), so a pipelining client
+whose answers arrive in one read from a backend (or in several reads of one iteration) gets
+them in one write, not one each.
+
 The retry contract (docs/protocol.md): the session never closes a connection while a request
 accepted on it is unanswered, short of ``abort``. A request is accepted when it is handed to
 ``submit``.
@@ -93,7 +101,6 @@ from router.protocol.budget import GRANTED, TOO_LARGE, WAITING, ReadBudget
 from router.protocol.frames import (
     HEADER_BYTES,
     FrameDecoder,
-    encode_frame,
     encode_router_error,
     frame_parts,
 )
@@ -208,13 +215,48 @@ class Transport(Protocol):
 R = TypeVar("R", bound=Answer)
 
 
+class AnswerFlusher:
+    """What the sessions of one front door share for their answers: ``call_soon`` (the
+    loop's), through which one callback at the end of the loop iteration writes the answers
+    each session deferred, and ``writes``, the count of writes of answers by every session
+    (answers written / ``writes`` is what coalescing saved). Without ``call_soon`` nothing is
+    deferred: every answer first in line is written at once."""
+
+    __slots__ = ("_call_soon", "_due", "writes")
+
+    def __init__(self, call_soon: Callable[[Callable[[], object]], object] | None) -> None:
+        self._call_soon = call_soon
+        self._due: list[TcpSession[Any]] = []
+        self.writes = 0
+
+    def defer(self, session: TcpSession[Any]) -> bool:
+        """Have ``session.flush_deferred`` called at the end of this loop iteration; False
+        when this flusher does not defer (write now)."""
+        call_soon = self._call_soon
+        if call_soon is None:
+            return False
+        due = self._due
+        if not due:
+            call_soon(self._run)
+        due.append(session)
+        return True
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for session in due:
+            session.flush_deferred()
+
+    def __repr__(self) -> str:
+        return f"AnswerFlusher(writes={self.writes}, due={len(self._due)})"
+
+
 class TcpSession(Generic[R]):
     __slots__ = (
-        "_budget", "_claim", "_clock", "_decoder", "_error", "_held", "_idle_timeout_s",
-        "_input_ended", "_last_activity", "_linger_s", "_linger_until", "_lost",
-        "_max_pipelined", "_new_request", "_now", "_on_transition", "_partial_since", "_paused",
-        "_peer_eof", "_pending", "_read_timeout_s", "_resume_at", "_state", "_submit",
-        "_submitting", "_timer", "_timer_at", "_transport", "_write", "peer",
+        "_budget", "_claim", "_clock", "_decoder", "_deferred", "_error", "_flusher", "_held",
+        "_idle_timeout_s", "_input_ended", "_last_activity", "_linger_s", "_linger_until",
+        "_lost", "_max_pipelined", "_new_request", "_now", "_on_transition", "_partial_since",
+        "_paused", "_peer_eof", "_pending", "_read_timeout_s", "_ready", "_resume_at", "_state",
+        "_submit", "_submitting", "_timer", "_timer_at", "_transport", "peer",
     )
 
     def __init__(
@@ -230,6 +272,7 @@ class TcpSession(Generic[R]):
         budget: ReadBudget | None = None,
         on_transition: Callable[[State, Trigger, State], object] | None = None,
         peer: Any = None,
+        flusher: AnswerFlusher | None = None,
     ) -> None:
         """The connection is made: start reading (unless the queue is ``saturated``).
 
@@ -239,11 +282,12 @@ class TcpSession(Generic[R]):
         ``max_buffered_bytes`` for this connection alone).
         ``on_transition(before, trigger, after)``, if given, hears every state change.
         ``peer`` is the client's address as the listener's accept() gave it (for the access
-        log; the session itself never reads it).
+        log; the session itself never reads it). ``flusher`` writes deferred answers and
+        counts writes (shared by a front door's sessions; by default one that defers nothing).
         """
         self.peer = peer
         self._transport = transport
-        self._write = transport.write
+        self._flusher = flusher if flusher is not None else AnswerFlusher(None)
         self._max_pipelined = config.max_pipelined
         self._resume_at = config.max_pipelined // 2
         self._read_timeout_s = config.read_timeout_s
@@ -261,6 +305,8 @@ class TcpSession(Generic[R]):
         # Requests accepted here, oldest first. A list, not a deque: it rarely holds more than
         # one (an empty deque costs 760 bytes per connection, a list 56).
         self._pending: list[R] = []
+        self._ready = 0  # pending requests answered, not yet written
+        self._deferred = False  # a write is due from the flusher
         self._state = OPEN
         self._paused = 0
         self._input_ended = False  # EOF, bad input, idle timeout or our FIN: no more frames
@@ -452,16 +498,26 @@ class TcpSession(Generic[R]):
     # -- answers ------------------------------------------------------------------------------
 
     def request_done(self, request: R) -> None:
-        """``request`` is answered; write every answer that is now first in line."""
+        """``request`` is answered: write the answers first in line now if none is left
+        unanswered behind them, else at the end of the loop iteration (module docstring)."""
         pending = self._pending
-        if not pending or pending[0] is not request:
-            return  # an earlier request is still unanswered; this one is written after it
+        if not pending:
+            return  # abandoned: its connection wrote what it could and forgot the rest
+        if pending[0] is not request:
+            # Written after the requests before it. A head answered and not yet written is
+            # always deferred (``_flush`` stops at the first unanswered request), so this
+            # answer may complete the line.
+            ready = self._ready = self._ready + 1
+            if self._deferred and ready == len(pending):
+                self._flush()
+            return
         response = request.response
         if (len(pending) == 1 and response is not None and len(response) < _SINGLE_WRITE_BELOW
                 and self._state is OPEN):
             # The common case (no pipelining): one frame, one write, no list.
             pending.pop()
-            self._write(encode_frame(response))
+            self._transport.write(len(response).to_bytes(4, "big") + response)
+            self._flusher.writes += 1
             now = self._now()
             self._last_activity = now
             # Settle only off the common path: paused, or no timer armed by the new idle
@@ -469,7 +525,21 @@ class TcpSession(Generic[R]):
             if self._paused or self._timer_at > now + self._idle_timeout_s:
                 self._settle(now)
             return
+        ready = self._ready = self._ready + 1
+        if ready < len(pending):
+            if self._deferred:
+                return
+            if self._flusher.defer(self):
+                self._deferred = True
+                return
         self._flush()
+
+    def flush_deferred(self) -> None:
+        """The flusher's call at the end of the loop iteration: write what is ready."""
+        self._deferred = False
+        pending = self._pending
+        if pending and _answered(pending[0]):
+            self._flush()
 
     def _flush(self) -> None:
         """All answers ready at the head of the line, in one ``writelines`` (one writev)."""
@@ -486,9 +556,11 @@ class TcpSession(Generic[R]):
                 break
             ready += 1
         del pending[:ready]
+        self._ready -= ready
         state = self._state
         if state is not CLOSED:
             self._transport.writelines(out)
+            self._flusher.writes += 1
         now = self._now()
         if pending:
             if self._paused:
@@ -704,6 +776,10 @@ class TcpSession(Generic[R]):
         paused = ",".join(self.paused_for) or "no"
         return (f"TcpSession({self._state.value}, unanswered={len(self._pending)}, "
                 f"paused={paused})")
+
+
+def _answered(request: Answer) -> bool:
+    return request.response is not None or request.error is not None
 
 
 def _shed_error(limit: int) -> Overloaded:

@@ -30,6 +30,7 @@ a drain, an idle timeout or bad input ended the input early, with every frame ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import strategies as st
@@ -53,7 +54,15 @@ from router.protocol.frames import (
     FrameDecoder,
     encode_frame,
 )
-from router.protocol.session import CLOSED, CLOSING_AT_BOUNDARY, OPEN, State, TcpSession, Trigger
+from router.protocol.session import (
+    CLOSED,
+    CLOSING_AT_BOUNDARY,
+    OPEN,
+    AnswerFlusher,
+    State,
+    TcpSession,
+    Trigger,
+)
 from tests.fuzz.budget import budget, run_for_budget
 from tests.fuzz.reference import reference
 
@@ -163,13 +172,18 @@ class SessionMachine(RuleBasedStateMachine):
         self._client = FrameDecoder(accept_error_flag=True)
         self.written: list[bytes] = []  # every frame the session wrote, decoded
         self.session: TcpSession[Req] | None = None
+        # The loop's call_soon when the session defers answers to the iteration's end.
+        self.soon: list[Callable[[], object]] = []
 
     @initialize(
         max_pipelined=st.sampled_from([1, 2, 3, 5]),
         max_frame_bytes=st.sampled_from([64, 1024, 8]),  # 8: payloads over it are common
         saturated=st.sampled_from([False, False, False, True]),
+        deferring=st.booleans(),
     )
-    def open(self, max_pipelined: int, max_frame_bytes: int, saturated: bool) -> None:
+    def open(
+        self, max_pipelined: int, max_frame_bytes: int, saturated: bool, deferring: bool = False
+    ) -> None:
         self.saturated = saturated
         self.config = ListenerConfig(
             max_pipelined=max_pipelined, max_frame_bytes=max_frame_bytes,
@@ -178,6 +192,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.session = TcpSession(
             self.transport, self.config, LINGER_S, self.clock, self._new_request, self._submit,
             saturated=saturated, on_transition=self._transition,
+            flusher=AnswerFlusher(self.soon.append if deferring else None),
         )
 
     # -- what the session calls ----------------------------------------------------------------
@@ -295,8 +310,16 @@ class SessionMachine(RuleBasedStateMachine):
         self.saturated = not self.saturated
         self.sess.set_queue_pressure(self.saturated)
 
+    @rule()
+    def iteration_ends(self) -> None:
+        """The loop runs what was deferred to the end of its iteration (answers)."""
+        soon, self.soon[:] = list(self.soon), []
+        for callback in soon:
+            callback()
+
     @rule(seconds=st.sampled_from(STEPS))
     def time_passes(self, seconds: float) -> None:
+        self.iteration_ends()  # no time passes within one loop iteration
         self.clock.advance(seconds)
 
     # -- invariants -----------------------------------------------------------------------------
@@ -409,6 +432,7 @@ class SessionMachine(RuleBasedStateMachine):
         for _ in range((len(self.delivered) + len(self.outbox)) // HEADER_BYTES + 20):
             for request in [r for r in self.submitted if not r.answered]:
                 self._answer(request, True)
+            self.iteration_ends()
             self.clock.advance(0)  # held frames are taken from a timer due at once
             if self.outbox and self.can_read:
                 self._deliver(len(self.outbox))
@@ -416,6 +440,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.client_fin()
             elif all(r.answered for r in self.submitted) and not self.can_read:
                 break
+        self.iteration_ends()
         self.clock.advance(READ_TIMEOUT_S + IDLE_TIMEOUT_S + LINGER_S)
         if ended:
             return  # aborted or reset: what was unanswered then is the drain's to count

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from router.core.errors import RouterError
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_address", "_front_door", "_peer", "_refusal", "session")
+    # ``data_received`` is the session's own bound method, stored in a slot once the session
+    # is made (the transport calls it once per read: no frame of this class in between).
+    __slots__ = ("_address", "_front_door", "_peer", "_refusal", "data_received", "session")
 
     def __init__(
         self, front_door: TcpFrontDoor, peer: str | None, refusal: RouterError | None = None,
@@ -43,6 +46,8 @@ class ClientConnection(asyncio.Protocol):
         self._refusal = refusal
         self._address = address
         self.session: TcpSession[Request]  # from connection_made on
+        # A slot holding a bound method where asyncio.Protocol has a method: the same call.
+        self.data_received: Callable[[bytes], None]  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front_door = self._front_door
@@ -52,10 +57,17 @@ class ClientConnection(asyncio.Protocol):
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
             front_door.clock, Request, front_door.submit, saturated=dispatcher.saturated,
-            budget=front_door.budget, peer=self._address,
+            budget=front_door.budget, peer=self._address, flusher=front_door.flusher,
         )
+        session = self.session
+        self.data_received = session.data_received
         tls = front_door.tls
-        if tls is not None and tls.allow_list.active:
+        if tls is None:
+            # uvloop took ``protocol.data_received`` when the transport was made (unset then)
+            # and reads it again here; reading starts after connection_made, so nothing else
+            # changes. A TLS transport looks the method up on every read.
+            transport.set_protocol(self)
+        elif tls.allow_list.active:
             identity = PeerIdentity.from_peercert(transport.get_extra_info("peercert"))
             refusal = tls.refusal(identity)
             if refusal is not None:
@@ -64,9 +76,6 @@ class ClientConnection(asyncio.Protocol):
         front_door.connection_opened(self.session)
         if self._refusal is not None:
             self.session.refuse(self._refusal)
-
-    def data_received(self, data: bytes) -> None:
-        self.session.data_received(data)
 
     def eof_received(self) -> bool:
         return self.session.eof_received()

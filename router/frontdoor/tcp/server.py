@@ -54,7 +54,7 @@ from router.frontdoor.tcp.connection import ClientConnection
 from router.lifecycle.state import Lifecycle
 from router.protocol.budget import ReadBudget
 from router.protocol.keyed import read_key
-from router.protocol.session import TcpSession
+from router.protocol.session import AnswerFlusher, TcpSession
 from router.tls.context import ServerTls
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class TcpFrontDoor:
         self._all_closed: asyncio.Event | None = None
         self.connections_total = 0
         self.budget = ReadBudget(config.max_buffered_bytes)
+        # Answers deferred to the end of the loop iteration, by every session; writes counted.
+        self.flusher = AnswerFlusher(self._call_soon)
         self._counted = 0  # connections counted against max_connections (being set up or open)
         self._by_ip: dict[str, int] = {}  # the same, per address (with max_connections_per_ip)
         self.refused = {"max_connections": 0, "max_connections_per_ip": 0}
@@ -126,6 +128,9 @@ class TcpFrontDoor:
         self._loop.add_reader(sock.fileno(), self._accept_batch)
         sockname = sock.getsockname()
         return str(sockname[0]), int(sockname[1])
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
+        self._loop.call_soon(callback)
 
     def _accept_batch(self) -> None:
         listener = self._listener
@@ -295,9 +300,11 @@ class TcpFrontDoor:
         return unanswered
 
     def limit_statistics(self) -> dict[str, Any]:
-        """The connection limits and the read budget (cheap: what /metrics reads)."""
+        """The connection limits, the read budget and the answer writes (cheap: what /metrics
+        reads)."""
         return {
             "counted_connections": self._counted,
+            "answer_writes": self.flusher.writes,
             "max_connections": self.config.max_connections,
             "connections_refused": dict(self.refused),
             "read_budget": self.budget.statistics(),
