@@ -43,7 +43,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from router.balance.policies import KeyedPolicy, Policy
+from router.balance.policies import KeyedPolicy, Policy, as_keyed
 from router.core.clock import Clock
 from router.core.config import DispatchConfig
 from router.core.errors import (
@@ -79,7 +79,7 @@ class Dispatcher:
         self._registry = registry
         self._policy = policy
         # A policy that sees the model and follows its placements (affinity, hashing).
-        self._keyed = policy if isinstance(policy, KeyedPolicy) else None
+        self._keyed = as_keyed(policy)
         self._config = config
         self._timeout_s = config.request_timeout_s
         self._clock = clock
@@ -108,7 +108,7 @@ class Dispatcher:
         self._timeout_s = config.request_timeout_s
         if policy is not None:
             self._policy = policy
-            self._keyed = policy if isinstance(policy, KeyedPolicy) else None
+            self._keyed = as_keyed(policy)
         self.queue.resize(config.queue_size)
 
     # -- front-door side ----------------------------------------------------------------------
