@@ -48,7 +48,7 @@ compile: $(STAMP)
 	done; \
 	if [ -n "$$stale" ]; then \
 		echo "mypyc: compiling $(words $(COMPILED_SOURCES)) modules (stale or missing:$$stale)"; \
-		mkdir -p build; ROUTER_COMPILE=1 $(PY) setup.py --quiet build_ext --inplace >build/mypyc.log 2>&1 \
+		mkdir -p build; ROUTER_COMPILE=1 $(PY) setup.py --quiet build_ext --inplace --force >build/mypyc.log 2>&1 \
 			|| { tail -n 30 build/mypyc.log; exit 1; }; \
 	fi
 

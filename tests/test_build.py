@@ -37,19 +37,27 @@ def _module_name(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".")
 
 
-def _fake_package(root: Path, extension_age_s: float) -> Path:
-    """root/fakepkg with mod.py and, beside it, a (not loadable) extension module whose mtime is
-    ``extension_age_s`` before the source's (negative: after it)."""
-    package = root / "fakepkg"
-    package.mkdir()
+def _fake_package(root: Path, extension_age_s: float, shared_age_s: float = -60) -> Path:
+    """root/fakepkg with sub/mod.py and, beside it, a (not loadable) extension module whose mtime
+    is ``extension_age_s`` before the source's (negative: after it); the group's shared library
+    fakepkg/compiled__mypyc, ``shared_age_s`` before the source."""
+    package = root / "fakepkg" / "sub"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     source = package / "mod.py"
     source.write_text("VALUE = 'source'\n")
-    extension = package / f"mod{EXT}"
-    extension.write_bytes(b"not an ELF file")
     mtime = source.stat().st_mtime
-    os.utime(extension, (mtime - extension_age_s, mtime - extension_age_s))
+    for path, age in ((package / f"mod{EXT}", extension_age_s),
+                      (package.parent / f"compiled__mypyc{EXT}", shared_age_s)):
+        path.write_bytes(b"not an ELF file")
+        os.utime(path, (mtime - age, mtime - age))
     return package
+
+
+def _finder(package: Path, *, pure: bool, check_stale: bool) -> RouterFinder:
+    return RouterFinder(pure=pure, check_stale=check_stale, package="fakepkg",
+                        root=package.parent)
 
 
 # -- the finder, on a package of its own --------------------------------------------------------
@@ -57,8 +65,8 @@ def _fake_package(root: Path, extension_age_s: float) -> Path:
 
 def test_pure_finder_loads_the_source_beside_a_newer_extension(tmp_path: Path) -> None:
     package = _fake_package(tmp_path, extension_age_s=-60)
-    finder = RouterFinder(pure=True, check_stale=True, package="fakepkg")
-    spec = finder.find_spec("fakepkg.mod", [str(package)])
+    spec = _finder(package, pure=True, check_stale=True).find_spec("fakepkg.sub.mod",
+                                                                   [str(package)])
     assert spec is not None and spec.loader is not None and spec.origin == str(package / "mod.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,31 +75,39 @@ def test_pure_finder_loads_the_source_beside_a_newer_extension(tmp_path: Path) -
 
 def test_finder_prefers_a_fresh_extension(tmp_path: Path) -> None:
     package = _fake_package(tmp_path, extension_age_s=-60)
-    spec = RouterFinder(pure=False, check_stale=True, package="fakepkg").find_spec(
-        "fakepkg.mod", [str(package)])
+    spec = _finder(package, pure=False, check_stale=True).find_spec("fakepkg.sub.mod",
+                                                                    [str(package)])
     assert spec is not None and spec.origin == str(package / f"mod{EXT}")
     assert isinstance(spec.loader, importlib.machinery.ExtensionFileLoader)
 
 
 def test_finder_refuses_an_extension_older_than_its_source(tmp_path: Path) -> None:
     package = _fake_package(tmp_path, extension_age_s=60)
-    finder = RouterFinder(pure=False, check_stale=True, package="fakepkg")
+    finder = _finder(package, pure=False, check_stale=True)
     with pytest.raises(StaleExtension, match=r"older than .*mod\.py: run `make compile`"):
-        finder.find_spec("fakepkg.mod", [str(package)])
+        finder.find_spec("fakepkg.sub.mod", [str(package)])
+
+
+def test_finder_refuses_a_shared_library_older_than_a_source(tmp_path: Path) -> None:
+    # The module's own extension is fresh, but the group's code (the shared library) is not.
+    package = _fake_package(tmp_path, extension_age_s=-60, shared_age_s=60)
+    finder = _finder(package, pure=False, check_stale=True)
+    with pytest.raises(StaleExtension, match=r"older than .*mod\.py"):
+        finder.find_spec("fakepkg.sub.mod", [str(package)])
 
 
 def test_installed_trees_are_not_checked(tmp_path: Path) -> None:
     # pip does not keep file times: a wheel's source may be written after its extension.
     package = _fake_package(tmp_path, extension_age_s=60)
-    spec = RouterFinder(pure=False, check_stale=False, package="fakepkg").find_spec(
-        "fakepkg.mod", [str(package)])
+    spec = _finder(package, pure=False, check_stale=False).find_spec("fakepkg.sub.mod",
+                                                                     [str(package)])
     assert spec is not None and spec.origin == str(package / f"mod{EXT}")
 
 
 def test_finder_leaves_other_packages_to_python(tmp_path: Path) -> None:
     package = _fake_package(tmp_path, extension_age_s=60)
-    finder = RouterFinder(pure=True, check_stale=True, package="router")
-    assert finder.find_spec("fakepkg.mod", [str(package)]) is None
+    finder = RouterFinder(pure=True, check_stale=True, package="router", root=package.parent)
+    assert finder.find_spec("fakepkg.sub.mod", [str(package)]) is None
     assert finder.find_spec("router", None) is None  # top level: Python's own search
 
 
@@ -132,6 +148,7 @@ def test_a_stale_extension_is_refused_and_the_pure_switch_sets_it_aside(tmp_path
     refused = _import(tree, "router.protocol.frames", pure=False)
     assert refused.returncode == 1
     assert "StaleExtension" in refused.stderr and "run `make compile`" in refused.stderr
+    assert str(source) in refused.stderr
 
     pure = _import(tree, "router.protocol.frames", pure=True)
     assert pure.returncode == 0, pure.stderr

@@ -7,8 +7,9 @@ before any other router module is imported, which puts one finder ahead of Pytho
 
 - ``ROUTER_PURE=1`` (read once, at that first import; subprocesses inherit the variable): every
   router module loads from its ``.py`` source even where an extension module sits beside it.
-- otherwise, in a source tree (setup.py beside ``router/``), an extension module older than its
-  source is refused with StaleExtension, never imported: it was compiled from other code.
+- otherwise, in a source tree (setup.py beside ``router/``), the extension modules are refused
+  with StaleExtension, never imported, while any compiled source is newer than its extension
+  module or than the group's shared library: they were compiled from other code.
   Installed wheels are not checked (pip does not keep file times, and nothing edits them).
 
 This module is never compiled: it decides how the compiled ones load.
@@ -29,6 +30,7 @@ from types import ModuleType
 PURE_ENV = "ROUTER_PURE"
 ROUTER_DIR = Path(__file__).resolve().parent.parent
 SOURCE_TREE = (ROUTER_DIR.parent / "setup.py").is_file()
+EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 class StaleExtension(ImportError):
@@ -40,26 +42,38 @@ def pure_requested(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(PURE_ENV, "") == "1"
 
 
-def stale_source(origin: str) -> Path | None:
-    """The ``.py`` source beside the extension module at ``origin`` when it is newer than it."""
-    extension = Path(origin)
-    source = extension.with_name(extension.name.split(".", 1)[0] + ".py")
-    try:
-        if source.stat().st_mtime > extension.stat().st_mtime:
-            return source
-    except FileNotFoundError:
-        return None
-    return None
+def stale_sources(root: Path) -> list[Path]:
+    """The sources under ``root`` newer than what was compiled from them: the extension module
+    beside each, or the group's shared library (``*__mypyc`` in ``root``), which holds the
+    code of every compiled module (compiled modules import each other through it, not through
+    the import system, so the whole group is checked at once)."""
+    shared = [p.stat().st_mtime for p in root.glob(f"*__mypyc{EXTENSION_SUFFIX}")]
+    shared_mtime = min(shared, default=float("inf"))
+    stale: list[Path] = []
+    for extension in sorted(root.rglob(f"*{EXTENSION_SUFFIX}")):
+        if extension.name.endswith(f"__mypyc{EXTENSION_SUFFIX}"):
+            continue
+        source = extension.with_name(extension.name.removesuffix(EXTENSION_SUFFIX) + ".py")
+        try:
+            if source.stat().st_mtime > min(extension.stat().st_mtime, shared_mtime):
+                stale.append(source)
+        except FileNotFoundError:
+            continue
+    return stale
 
 
 class RouterFinder(MetaPathFinder):
-    """Finds ``router.*`` modules: sources only when ``pure``; else Python's own search, with an
-    extension module older than its source (``check_stale``) refused."""
+    """Finds ``package.*`` modules (the package at ``root``): sources only when ``pure``; else
+    Python's own search, with extension modules refused while any is stale (``check_stale``;
+    checked once, at the first extension module found)."""
 
-    def __init__(self, *, pure: bool, check_stale: bool, package: str = "router") -> None:
+    def __init__(self, *, pure: bool, check_stale: bool, package: str = "router",
+                 root: Path = ROUTER_DIR) -> None:
         self.pure = pure
         self.check_stale = check_stale
         self._prefix = package + "."
+        self._root = root
+        self._stale: list[Path] | None = None
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
@@ -74,13 +88,16 @@ class RouterFinder(MetaPathFinder):
                     return spec
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if (self.check_stale and spec is not None and spec.origin is not None
-                and isinstance(spec.loader, ExtensionFileLoader)):
-            source = stale_source(spec.origin)
-            if source is not None:
+        if self.check_stale and spec is not None and isinstance(spec.loader, ExtensionFileLoader):
+            if self._stale is None:
+                self._stale = stale_sources(self._root)
+            if self._stale:
+                names = ", ".join(str(p) for p in self._stale[:3])
+                more = f" and {len(self._stale) - 3} more" if len(self._stale) > 3 else ""
                 raise StaleExtension(
-                    f"{spec.origin} is older than {source}: run `make compile` to rebuild it, "
-                    f"or {PURE_ENV}=1 for the pure-Python build", name=fullname)
+                    f"{spec.origin}: the compiled modules are older than {names}{more}: run "
+                    f"`make compile` to rebuild them, or {PURE_ENV}=1 for the pure-Python build",
+                    name=fullname)
         return spec
 
 
