@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-pure test-data-plane compile maybe-compile lint system-packages docs fuzz bench bench-peer bench-tls bench-smoke bench-10k bench-grpc bench-registry bench-affinity locust chaos protos clean
+.PHONY: run test test-pure compile maybe-compile lint system-packages docs fuzz bench bench-peer bench-tls bench-smoke bench-10k bench-grpc bench-registry bench-affinity locust chaos protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -91,7 +91,7 @@ fuzz: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m router config-reference --output docs/configuration.md
 
-bench: $(STAMP)
+bench: $(STAMP) maybe-compile
 	$(PY) -m bench.run --update-docs
 	$(PY) -m bench.run --mode per-request --name per-request --update-docs
 	$(PY) -m bench.registry_scale --update-docs
@@ -106,39 +106,39 @@ bench-peer:
 # 1,000 registered backends (two backends.echo_many processes) against 2: throughput, router CPU
 # for 1,000 heartbeats/s, registration-to-first-request and lease-expiry-to-removal; writes
 # bench/results/registry.json and the registry table of docs/benchmarks.md.
-bench-registry: $(STAMP)
+bench-registry: $(STAMP) maybe-compile
 	$(PY) -m bench.registry_scale --update-docs
 
 # TLS on the router's listener against the plain router, 50 clients; the TLS table of
 # docs/benchmarks.md and bench/results/tls.json.
-bench-tls: $(STAMP)
+bench-tls: $(STAMP) maybe-compile
 	$(PY) -m bench.run --clients 50 --rounds 3 --name tls --update-docs
 
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP) maybe-compile
 	$(PY) -m bench.regress
 
 # 10,000 concurrent connections x 50 requests, twice (fresh router each time), plus the idle
 # RSS probe; writes bench/results/tenk.json and the 10k table of docs/benchmarks.md.
-bench-10k: $(STAMP)
+bench-10k: $(STAMP) maybe-compile
 	$(PY) -m bench.tenk --repeat 2 --update-docs
 
 # gRPC: unary ModelInfer through the router vs directly to the backend, 1 and 64 callers;
 # writes bench/results/grpc.json and the gRPC table of docs/benchmarks.md.
-bench-grpc: $(STAMP)
+bench-grpc: $(STAMP) maybe-compile
 	$(PY) -m bench.grpc_bench --update-docs
 
 # Model-affinity routing against the seed experiment (its two runs, time-scaled by 0.1), then
 # the 16 x 4 Zipf scenario; writes bench/results/affinity.json and the affinity table of
 # docs/benchmarks.md.
-bench-affinity: $(STAMP)
+bench-affinity: $(STAMP) maybe-compile
 	$(PY) -m bench.affinity --zipf --update-docs
 
 # Locust, headless and bounded, against a router it starts; CSV stats in bench/results/locust_*.
-locust: $(STAMP)
+locust: $(STAMP) maybe-compile
 	$(PY) -m bench.locust_run --users 50 --spawn-rate 50 --run-time 30 --csv bench/results/locust
 
 # Full-size chaos scenarios; each prints its summary and exits 1 on a broken invariant.
-chaos: $(STAMP)
+chaos: $(STAMP) maybe-compile
 	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7 --grpc-clients 10
 	$(PY) -m chaos.drain --clients 50 --requests 100 --seed 7 --processes 2
 	$(PY) -m chaos.backend_crash
