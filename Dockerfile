@@ -28,9 +28,10 @@ COPY build_backend ./build_backend
 COPY router ./router
 COPY backends ./backends
 # The project's own wheel with the hot modules compiled (ROUTER_COMPILE=1: the build backend
-# adds mypy to the isolated build environment), then the wheels of its runtime dependencies.
+# adds mypy to the isolated build environment), then the wheels of its runtime dependencies
+# (from that wheel, so no pure one is built beside it).
 RUN ROUTER_COMPILE=1 pip wheel --no-deps -w /wheels . \
- && pip wheel -w /wheels .
+ && pip wheel -w /wheels /wheels/inference_router-*.whl
 
 FROM python:3.11-slim
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
