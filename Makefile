@@ -48,8 +48,9 @@ compile: $(STAMP)
 	done; \
 	if [ -n "$$stale" ]; then \
 		echo "mypyc: compiling $(words $(COMPILED_SOURCES)) modules (stale or missing:$$stale)"; \
-		mkdir -p build; ROUTER_COMPILE=1 $(PY) setup.py --quiet build_ext --inplace --force >build/mypyc.log 2>&1 \
-			|| { tail -n 30 build/mypyc.log; exit 1; }; \
+		mkdir -p build; \
+		ROUTER_COMPILE=1 $(PY) setup.py --quiet build_ext --inplace --force \
+			>build/mypyc.log 2>&1 || { tail -n 30 build/mypyc.log; exit 1; }; \
 	fi
 
 # Compile when a C compiler and this Python's headers are there (system-packages installs gcc
@@ -61,8 +62,9 @@ maybe-compile: $(STAMP) system-packages
 	else echo "no C compiler or Python headers: running the pure-Python build"; fi
 
 # System tools the tests run as real processes: etcd (the shared registry) and, for the
-# proxy comparisons, haproxy, nginx and nghttp; gcc (and the Python headers) for `make compile`. Installed (Debian's apt-get, as root or with
-# sudo) only when one of them is missing; /usr/sbin is searched too, where Debian puts daemons.
+# proxy comparisons, haproxy, nginx and nghttp; gcc and the Python headers for `make compile`.
+# Installed (Debian's apt-get, as root or with sudo) only when one of them is missing;
+# /usr/sbin is searched too, where Debian puts daemons.
 SYSTEM_TOOLS    := etcd haproxy nginx nghttp gcc
 SYSTEM_PACKAGES := etcd-server haproxy nginx nghttp2-client gcc python3-dev
 
