@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.balance.affinity import AffinityPolicy, AffinitySettings
-from router.balance.policies import KeyedPolicy, Placed, Policy, make_policy
+from router.balance.policies import Placed, Policy, as_keyed, make_policy
 from router.balance.residency import ResidencyView
 
 
@@ -223,8 +223,9 @@ class Fleet:
         job.sent_at = self.now
         candidates = self.backends
         policy = self.policy
-        if isinstance(policy, KeyedPolicy):
-            index, job.token = policy.place(job.model, job.model, candidates, self.rng)
+        keyed = as_keyed(policy)
+        if keyed is not None:
+            index, job.token = keyed.place(job.model, job.model, candidates, self.rng)
         else:
             index = policy.choose(candidates, self.rng)
         backend = candidates[index]

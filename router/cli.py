@@ -1,4 +1,4 @@
-"""``inference-router``: serve, check-config, config-reference, call.
+"""``inference-router``: serve, check-config, config-reference, call, version.
 
 Signals of ``serve`` (docs/operations.md#signals): SIGTERM, SIGINT and SIGQUIT drain (a second
 one exits at once); SIGHUP reloads the config; SIGUSR1 logs the router's statistics; SIGUSR2
@@ -106,7 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
     call.add_argument("--tls-key", metavar="PEM", help="its key (default: in --tls-cert)")
     call.add_argument("payload")
+    sub.add_parser("version",
+                   help="print the version and the build (compiled or pure) as JSON")
     return parser
+
+
+def _version() -> dict[str, object]:
+    """The version and the build: ``compiled`` when the hot modules load from extension modules
+    (router/core/build.py), with the modules that did; ``pure`` otherwise."""
+    import router.app  # noqa: F401  (imports every module a serving router runs)
+    from router.core import build
+
+    return {"version": build.version(), "build": build.build(),
+            "compiled_modules": build.compiled_modules()}
 
 
 def build_config(args: argparse.Namespace) -> config_mod.RouterConfig:
@@ -368,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.write(render())
         else:
             args.output.write_text(render())
+        return
+    if args.command == "version":
+        print(orjson.dumps(_version()).decode())
         return
     if args.command == "call":
         sys.exit(uvloop.run(_call(args.to, args.payload, args.timeout, _client_tls(args),

@@ -16,6 +16,7 @@ from router.balance.policies import (
     RoundRobin,
     Snapshot,
     WeightedRandom,
+    as_keyed,
     make_policy,
 )
 
@@ -229,6 +230,22 @@ def test_make_policy_returns_a_fresh_round_robin_each_time() -> None:
     candidates = [Cand(), Cand()]
     assert a.choose(candidates, rng) == 0
     assert b.choose(candidates, rng) == 0
+
+
+@pytest.mark.parametrize("name", ["least_connections", "round_robin", "random",
+                                  "power_of_two_choices", "common_queue"])
+def test_as_keyed_leaves_out_policies_without_place(name: str) -> None:
+    assert as_keyed(make_policy(name)) is None
+
+
+def test_as_keyed_takes_a_policy_with_a_name_and_place() -> None:
+    hashing = make_policy("consistent_hash_bounded")
+    assert as_keyed(hashing) is hashing
+
+    class Nameless:
+        def place(self) -> None: ...
+
+    assert as_keyed(Nameless()) is None
 
 
 def test_make_policy_unknown_name() -> None:

@@ -31,7 +31,7 @@ RANKS: dict[str, int] = {
     "app": 6,  # the composition root
     "cli": 7,  # entry point
     "__main__": 8,
-    "__init__": 0,  # the empty package marker
+    "__init__": 1,  # the package marker: installs core/build.py's finder, imports core only
 }
 PURE = {"core", "protocol", "balance", "tls"}
 

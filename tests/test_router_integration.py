@@ -24,6 +24,7 @@ from support import REPO_ROOT
 
 from router.client.frames import ConnectionLost, ErrorReply, FrameClient, RetryingClient
 from router.control.launcher import LaunchedProcess, launch
+from router.core import build
 from router.protocol.announce import Banner, parse_banner
 from router.protocol.frames import ERROR_FLAG, LENGTH_MASK, encode_frame
 
@@ -683,6 +684,8 @@ async def test_admin_endpoints(
             text = await resp.text()
         assert "router_requests_accepted_total 1.0" in text
         assert "router_backend_pool_open_connections" in text
+        info = f'router_build_info{{build="{build.build()}",version="{build.version()}"}} 1.0'
+        assert info in text
         for backend in backends:
             assert f'backend="{backend.address}"' in text
         async with session.get("/healthz") as resp:

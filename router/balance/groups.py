@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from router.balance.policies import KeyedPolicy, Policy
+from router.balance.policies import KeyedPolicy, Policy, as_keyed
 from router.core.config import BOUNDED_POLICIES, RouterConfig
 
 Source = Literal["model_group", "listener", "dispatch"]
@@ -58,7 +58,7 @@ class Route:
 
     @classmethod
     def of(cls, policy: Policy, source: Source, group: str | None = None) -> Route:
-        return cls(policy, policy if isinstance(policy, KeyedPolicy) else None, source, group)
+        return cls(policy, as_keyed(policy), source, group)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,9 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, cast
+
+from mypy_extensions import mypyc_attr
 
 from router.balance.rendezvous import Rendezvous
 
@@ -84,7 +86,6 @@ class Placed(Protocol):
         ...
 
 
-@runtime_checkable
 class KeyedPolicy(Protocol):
     name: str
 
@@ -100,6 +101,14 @@ class KeyedPolicy(Protocol):
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> int: ...
 
 
+def as_keyed(policy: object) -> KeyedPolicy | None:
+    """``policy`` when it is a KeyedPolicy (has ``name`` and ``place``), else None. A structural
+    check by hand: mypyc compiles no ``runtime_checkable`` protocol."""
+    if hasattr(policy, "name") and callable(getattr(policy, "place", None)):
+        return cast(KeyedPolicy, policy)
+    return None
+
+
 # Up to this many candidates a policy scans them all; beyond it, picks bisect (module
 # docstring). 16: a scan of 16 costs about what two bisections and their random draws do.
 SCAN_MAX = 16
@@ -107,6 +116,7 @@ SCAN_MAX = 16
 C = TypeVar("C", bound=Candidate)
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of this builtin
 class Snapshot(list[C]):
     """Candidates that are not modified while in use (the registry's candidate lists), with
     their cumulative weights computed on first use and kept."""

@@ -22,6 +22,7 @@ from router.control.directory import BackendDirectory
 from router.control.instances.manager import InstanceManager
 from router.control.instances.replica import REPLICA_STATES
 from router.control.state import StateFile
+from router.core import build
 from router.dispatch.backends import Registry
 from router.dispatch.scheduler import Dispatcher
 from router.dispatch.stats import DataPlaneStats, GrpcStats
@@ -52,6 +53,11 @@ class RouterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
+        info = GaugeMetricFamily(
+            "router_build_info", "1, labelled with the version and the build: compiled (the "
+            "hot modules are mypyc extension modules) or pure.", labels=["version", "build"])
+        info.add_metric([build.version(), build.build()], 1)
+        yield info
         yield CounterMetricFamily(
             "router_requests_accepted", "Requests whose whole frame was read.", value=s.accepted
         )

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 Callback = Callable[[], object]
 
 
@@ -43,6 +45,7 @@ class EventLoop(Protocol):
     def call_later(self, delay: float, callback: Callback, /) -> Timer: ...
 
 
+@mypyc_attr(native_class=False)  # keeps now the builtin itself (a native class would wrap it)
 class MonotonicClock:
     """``time.monotonic``, with timers on the event loop that is running when they are set."""
 

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterable
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from router.core.errors import FrameTooLarge, RouterError, TruncatedFrame
 
@@ -202,6 +203,7 @@ class FrameDecoder:
         return f"FrameDecoder(buffered={len(self._buffer)}, max={self._max_frame_bytes})"
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of this builtin
 class ErrorFrame(bytes):
     """A payload that arrived with the error flag set (client-side decoders only)."""
 

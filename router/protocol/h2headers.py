@@ -107,8 +107,10 @@ class HeaderDecoder:
             return headers
         cacheable = stateless
         try:
-            # raw=False: names and values as str (the library's annotation says bytes).
-            headers = [(str(name), str(value)) for name, value in self._decoder.decode(block)]
+            # raw=False: names and values as str (the library's annotation says bytes; as
+            # objects, so compiled code does not check them for bytes).
+            decoded: list[tuple[object, object]] = self._decoder.decode(block)  # type: ignore[assignment]
+            headers = [(str(name), str(value)) for name, value in decoded]
         except HPACKDecodingError as error:
             raise H2Error(COMPRESSION_ERROR, f"bad header block: {error}") from None
         self.decoded += 1

@@ -88,6 +88,8 @@ import enum
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from router.core.clock import Clock, Timer
 from router.core.config import ListenerConfig
 from router.core.errors import (
@@ -185,6 +187,7 @@ _INF = float("inf")
 _SINGLE_WRITE_BELOW = 64 * 1024
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of this builtin
 class TransitionError(RuntimeError):
     """An event the current state does not allow: a bug in the I/O layer driving the session."""
 

@@ -322,7 +322,8 @@ class RelayFrontDoor:
             lambda: ClientConnection(self), host, port, reuse_port=reuse_port or None,
             ssl=self.tls.context if self.tls is not None else None, backlog=1024,
         )
-        bound = self._server.sockets[0].getsockname()
+        # Any: uvloop's sockets is a list, typeshed's a tuple (compiled code checks the type).
+        bound = cast(Any, self._server).sockets[0].getsockname()
         return host, int(bound[1])
 
     def start_drain(self) -> None:

@@ -46,6 +46,8 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from router.core.clock import Clock
 from router.core.config import DrainConfig, ListenerConfig
 from router.core.errors import ConnectionLimit, RouterError
@@ -324,6 +326,7 @@ class TcpFrontDoor:
         return f"TcpFrontDoor(connections={len(self._sessions)}, {self._lifecycle.phase.value})"
 
 
+@mypyc_attr(native_class=False)  # its class attributes override socket.socket's properties
 class _AcceptedSocket(socket.socket):
     """An accepted socket whose ``family`` and ``type`` are the plain ints of ``_socket``:
     uvloop reads both (three times) while adopting it, and ``socket.socket`` turns each into
