@@ -13,6 +13,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
+from router.frontdoor.grpc.relay_call import client_reset_slack
 from router.protocol import h2frames as f
 from router.protocol.h2connection import H2Connection, HeadersReceived
 from router.protocol.h2headers import encode_block
@@ -405,3 +406,13 @@ async def test_a_client_that_never_acks_the_drain_ping_gets_the_final_goaway_in_
     assert seen[2][2] - seen[0][2] >= 0.25  # the bound, not an ack, sent the final GOAWAY
     report = await router.wait_report()
     assert report.dropped == 0 and router.app.stats.completed == 1
+
+
+@pytest.mark.parametrize(("timeout_s", "slack_s"), [
+    (0.1, 0.05),   # never under the fixed slack
+    (0.5, 0.1),    # a share of the timeout: the headers' transit grows with load
+    (30.0, 1.0),   # never more than a second: a client's own cancel stays a cancel
+])
+def test_a_clients_reset_near_its_deadline_counts_as_the_deadlines(timeout_s: float,
+                                                                   slack_s: float) -> None:
+    assert client_reset_slack(timeout_s) == pytest.approx(slack_s)

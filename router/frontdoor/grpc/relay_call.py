@@ -85,6 +85,16 @@ _READ_AT_THE_DOOR = _HOP_BY_HOP | {":path"}
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_HEADER = 5  # compressed flag, 4-byte length
 DEADLINE_SLACK_S = 0.05
+# A client's reset this close to its deadline is the deadline's: the client's clock started
+# before its headers reached the router, by the transit time, which grows with load. A share
+# of the timeout, bounded, instead of a fixed slack; only how the call is counted depends on it.
+CLIENT_DEADLINE_SHARE = 0.2
+CLIENT_DEADLINE_SLACK_MAX_S = 1.0
+
+
+def client_reset_slack(timeout: float) -> float:
+    """How early before its deadline a client's reset still counts as the deadline's."""
+    return min(max(DEADLINE_SLACK_S, CLIENT_DEADLINE_SHARE * timeout), CLIENT_DEADLINE_SLACK_MAX_S)
 
 
 def parse_timeout(value: str) -> float | None:
@@ -387,7 +397,8 @@ class RelayCall:
             return
         deadline = self.deadline
         error: RouterError
-        if deadline is not None and self.door.clock.now() >= deadline - DEADLINE_SLACK_S:
+        if deadline is not None and self.door.clock.now() >= deadline - client_reset_slack(
+                deadline - self.started):
             error = DeadlineExceeded("the client's deadline passed")
         else:
             error = Cancelled("the client cancelled the call")
