@@ -181,6 +181,27 @@ async def test_nghttp_calls_through_the_relay(
     assert router.app.stats.completed == streams
 
 
+async def test_a_backend_that_answers_the_clients_deadline_counts_it_once_as_the_clients(
+    kserve_backend: Backends, grpc_router: GrpcRouterFactory, tmp_path
+) -> None:
+    """nghttp sends grpc-timeout but keeps no timer of its own: the backend, told the time
+    left, answers DEADLINE_EXCEEDED before the router's timer (which waits a slack more)."""
+    backend = kserve_backend()
+    router = await grpc_router([grpc_backend(backend.address)])
+    body = tmp_path / "request"
+    body.write_bytes(_grpc_body(b"x"))
+    out = await _nghttp("-H", "content-type: application/grpc", "-H", "te: trailers",
+                        "-H", "grpc-timeout: 300m", "-H", "x-echo-delay-ms: 3000", "-v",
+                        "-d", str(body), f"http://{router.target}{ECHO}Unary")
+    assert "grpc-status: 4" in out, out[-2000:]
+    assert "x-router-error" not in out  # the backend's status, relayed
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        await router.app.dispatcher.wait_zero()
+    assert router.app.stats.errored == {"DEADLINE_EXCEEDED": 1}
+    assert router.app.stats.completed == 0
+    assert router.backend(backend.address)["failures_total"] == 0
+
+
 async def _until_in_flight(router: object, calls: int) -> None:
     """Bounded: until the router has ``calls`` calls in flight (10 s, 1,000 looks)."""
     app = router.app  # type: ignore[attr-defined]

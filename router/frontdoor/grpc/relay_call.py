@@ -395,10 +395,8 @@ class RelayCall:
         """The client reset the stream or went away."""
         if self.done:
             return
-        deadline = self.deadline
         error: RouterError
-        if deadline is not None and self.door.clock.now() >= deadline - client_reset_slack(
-                deadline - self.started):
+        if self._deadline_reached():
             error = DeadlineExceeded("the client's deadline passed")
         else:
             error = Cancelled("the client cancelled the call")
@@ -597,8 +595,22 @@ class RelayCall:
     def _complete(self, status: str) -> None:
         """The backend's status went to the client: the call is over, relayed as it was."""
         self._finish(status)
-        if self.request is not None:
-            self.door.dispatcher.attempt_done(self.request, b"", None)
+        request = self.request
+        if request is None:
+            return
+        if status == "DEADLINE_EXCEEDED" and self._deadline_reached():
+            # The backend was told the time left: its timer is the client's deadline, and it
+            # may fire before the client's reset arrives. Counted once, as the client's.
+            error = DeadlineExceeded("the client's deadline passed")
+            self.door.dispatcher.attempt_done(request, None, error)
+        else:
+            self.door.dispatcher.attempt_done(request, b"", None)
+
+    def _deadline_reached(self) -> bool:
+        """The client's deadline has passed, or is within the slack of its reset's transit."""
+        deadline = self.deadline
+        return deadline is not None and self.door.clock.now() >= deadline - client_reset_slack(
+            deadline - self.started)
 
     # -- the end ------------------------------------------------------------------------------
 
