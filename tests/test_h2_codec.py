@@ -124,8 +124,7 @@ header_st = st.lists(st.tuples(
 def test_encoded_blocks_decode_to_the_same_headers_in_any_context(headers):
     assert HeaderDecoder(65_536).decode(encode_block(headers)) == headers
     shrunk = HeaderDecoder(65_536)
-    shrunk.table_size_acknowledged(0)  # the peer's first block after that says size 0
-    assert shrunk.decode(b"\x20" + encode_block(headers)) == headers
+    assert shrunk.decode(b"\x20" + encode_block(headers)) == headers  # the peer shrinks to 0
     assert shrunk.decode(encode_block(headers)) == headers
 
 
@@ -137,7 +136,6 @@ def test_blocks_are_cached_only_once_the_table_is_gone():
     assert decoder.decode(first) == headers
     second = peer.encode(headers)  # now a reference into the dynamic table
     assert decoder.decode(second) == headers and decoder.hits == 0
-    decoder.table_size_acknowledged(0)
     peer.header_table_size = 0  # what the peer does on our SETTINGS: its next block shrinks
     shrinking = peer.encode(headers)
     assert decoder.decode(shrinking) == headers
@@ -147,12 +145,27 @@ def test_blocks_are_cached_only_once_the_table_is_gone():
     assert decoder.hits == 1
 
 
-def test_a_peer_that_keeps_its_table_after_the_ack_is_a_compression_error():
+def test_a_peer_that_keeps_its_table_after_the_ack_is_decoded_with_it():
+    """gRPC's C core can send a block encoded before our SETTINGS took effect: the table it
+    references is still the peer's, bounded by the default 4,096 bytes; the later shrink to 0
+    brings the cached path back."""
     peer = Encoder()
     decoder = HeaderDecoder(65_536)
-    decoder.table_size_acknowledged(0)
+    headers = [("x-a", "b"), ("x-trace", "t" * 100)]
+    assert decoder.decode(peer.encode(headers)) == headers
+    assert decoder.decode(peer.encode(headers)) == headers  # dynamic references
+    peer.header_table_size = 0
+    assert decoder.decode(peer.encode(headers)) == headers
+    steady = peer.encode(headers)
+    assert decoder.decode(steady) == decoder.decode(steady) == headers
+    assert decoder.hits == 1
+
+
+def test_a_table_over_the_default_size_is_a_compression_error():
+    peer = Encoder()
+    peer.header_table_size = 8192  # never allowed: we advertise 0, the default bound is 4,096
     with pytest.raises(H2Error) as caught:
-        decoder.decode(peer.encode([("x-a", "b")]))
+        HeaderDecoder(65_536).decode(peer.encode([("x-a", "b")]))
     assert caught.value.code == f.COMPRESSION_ERROR
 
 
@@ -183,10 +196,11 @@ def test_hostile_header_blocks_end_in_an_h2_error_only(block):
 def test_blocks_for_a_table_of_zero_decode_field_by_field_as_hpack_does(headers, huffman):
     peer = Encoder()
     peer.header_table_size = 0  # our SETTINGS acknowledged: no dynamic table
+    shrink = peer.encode([])
     block = peer.encode(headers, huffman=huffman)
-    reference = HeaderDecoder(65_536)
+    reference = HeaderDecoder(65_536)  # the library's, with the default table
     fast = HeaderDecoder(65_536)
-    fast.table_size_acknowledged(0)
+    assert fast.decode(shrink) == [] and shrink == b"\x20"  # from here: field by field
     assert fast.decode(block) == reference.decode(block) == [(n, v) for n, v in headers]
     assert fast.decode(block) == reference.decode(block)  # again: from the caches
 
@@ -195,7 +209,7 @@ def test_blocks_for_a_table_of_zero_decode_field_by_field_as_hpack_does(headers,
 @given(st.binary(max_size=200))
 def test_hostile_blocks_for_a_table_of_zero_end_in_an_h2_error_only(block):
     decoder = HeaderDecoder(4096)
-    decoder.table_size_acknowledged(0)
+    decoder.decode(b"\x20")
     try:
         decoder.decode(block)
     except H2Error as error:

@@ -207,7 +207,6 @@ class H2Connection:
         self.send_window = f.DEFAULT_WINDOW
         self.recv_window = connection_window
         self._recv_unacked = 0
-        self._settings_unacked = 1
         self._continuation: list[Any] | None = None  # [stream id, end_stream, parts, size]
         self._reset_budget = _RESET_BUDGET
         # The peer set SETTINGS_HEADER_TABLE_SIZE: our next block starts with a table size
@@ -402,11 +401,7 @@ class H2Connection:
                      ) -> None:
         settings = f.read_settings(flags, payload, stream_id)
         if flags & f.ACK:
-            if self._settings_unacked:
-                self._settings_unacked -= 1
-                if not self._settings_unacked:
-                    self._decoder.table_size_acknowledged(0)
-            return
+            return  # our table size of 0 takes effect with the peer's size update, not here
         for ident, value in settings:
             if ident == f.INITIAL_WINDOW_SIZE:
                 delta = value - self.peer_initial_window

@@ -1,13 +1,16 @@
 """HPACK for the relay: decode with the ``hpack`` library only where needed, encode from a cache.
 
-Decoding. The relay advertises SETTINGS_HEADER_TABLE_SIZE = 0. Until the peer acknowledges
-that, it may still use a dynamic table of up to 4,096 bytes (RFC 7541's default), and its
-first header block after the acknowledgement must shrink the table to 0 (section 4.2; the
-library refuses a block that does not). From then on a block can only reference the static
-table, so its decoding depends on its bytes alone: ``HeaderDecoder`` keeps decoded blocks in a
-bounded cache keyed by their bytes, taken only when the table was empty at size 0 before the
-block and still is after it. A unary call's response headers and trailers repeat byte for
-byte, so most blocks cost one dict lookup.
+Decoding. The relay advertises SETTINGS_HEADER_TABLE_SIZE = 0, and a peer's encoder shrinks
+its dynamic table to 0 with a size update at the start of a block (RFC 7541 section 4.2).
+Until it does, blocks are decoded with a table of up to 4,096 bytes (the default), and that
+stays the bound afterwards: RFC 7541 wants the update in the first block after the SETTINGS
+acknowledgement, but gRPC's C core can send a block encoded before it (as Kestrel and akka
+found with browsers), and a relay that refused it would drop every call on the connection.
+Once the table is at 0 and empty, a block can only reference the static table, so its decoding
+depends on its bytes alone: ``HeaderDecoder`` keeps decoded blocks in a bounded cache keyed by
+their bytes, taken only when the table was empty at size 0 before the block and still is
+after it. A unary call's response headers and trailers repeat byte for byte, so most blocks
+cost one dict lookup.
 
 Limits: a block longer than ``max_header_list_size`` is refused before it is decoded, and the
 library bounds the decoded list by the same number; both are COMPRESSION_ERROR or
@@ -58,11 +61,6 @@ class HeaderDecoder:
         self.hits = 0
         self.decoded = 0
 
-    def table_size_acknowledged(self, size: int) -> None:
-        """The peer acknowledged our SETTINGS_HEADER_TABLE_SIZE of ``size``: from its next
-        block on, a larger table is a COMPRESSION_ERROR."""
-        self._decoder.max_allowed_table_size = size
-
     def _stateless(self) -> bool:
         table = self._decoder.header_table
         return table.maxsize == 0 and not table.dynamic_entries
@@ -96,9 +94,10 @@ class HeaderDecoder:
         if len(block) > self.max_header_list_size:
             raise H2Error(ENHANCE_YOUR_CALM, f"header block of {len(block)} bytes over "
                           f"the limit of {self.max_header_list_size}")
-        if stateless and self._decoder.max_allowed_table_size == 0:
+        if stateless and (not block or block[0] & 0xE0 != 0x20):
             # A block that differs in one field (grpc-timeout, a request id): decoded field by
-            # field, each field's bytes looked up in the cache of fields.
+            # field, each field's bytes looked up in the cache of fields. One that starts with
+            # a size update (the table may grow again) goes to the library.
             headers = decode_static(block, self.max_header_list_size)
             self.decoded += 1
             if len(self._cache) >= _BLOCK_CACHE_SIZE:
