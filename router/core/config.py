@@ -259,11 +259,12 @@ class ListenerConfig(_Section):
     )
     read_timeout_s: Seconds = Field(
         10.0, description="Seconds a partial frame may sit unfinished before the client is "
-        "answered READ_TIMEOUT and its connection closed.",
+        "answered READ_TIMEOUT and its connection closed (from 1 s up, up to 0.25 s later: "
+        "such deadlines share timers).",
     )
     idle_timeout_s: Seconds = Field(
         300.0, description="Seconds a client connection with nothing in flight may sit before "
-        "the router closes it.",
+        "the router closes it (from 1 s up, up to 0.25 s later: such deadlines share timers).",
     )
     max_pipelined: Int = Field(
         128, ge=1, description="Unanswered requests per client connection; the router stops "

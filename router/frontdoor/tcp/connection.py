@@ -56,7 +56,7 @@ class ClientConnection(asyncio.Protocol):
         # set at accept.
         self.session = TcpSession(
             cast(asyncio.Transport, transport), front_door.config, front_door.linger_s,
-            front_door.clock, Request, front_door.submit, saturated=dispatcher.saturated,
+            front_door.session_clock, Request, front_door.submit, saturated=dispatcher.saturated,
             budget=front_door.budget, peer=self._address, flusher=front_door.flusher,
         )
         session = self.session

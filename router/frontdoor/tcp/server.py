@@ -49,6 +49,7 @@ from typing import Any
 from mypy_extensions import mypyc_attr
 
 from router.core.clock import Clock
+from router.core.coarse_timers import CoarseTimers
 from router.core.config import DrainConfig, ListenerConfig
 from router.core.errors import ConnectionLimit, RouterError
 from router.dispatch.scheduler import Dispatcher, Request
@@ -80,6 +81,9 @@ class TcpFrontDoor:
         self.tls = tls
         self.linger_s = drain.linger_s
         self.clock = clock
+        # The sessions' timers: each holds one (its idle deadline, seconds away) for as long as
+        # it is open; bucketed, they cost an entry each instead of a loop timer each.
+        self.session_clock = CoarseTimers(clock)
         self._lifecycle = lifecycle
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop  # the loop ``start`` ran in
