@@ -9,8 +9,10 @@
 Entering registers (``POST /v1/backends``): once it returns the router routes to this
 backend. A task owned by the ``Registration`` then renews the lease (``PUT
 /v1/backends/{id}/lease``) every heartbeat interval (the router's answer, a third of the TTL,
-unless ``heartbeat_interval_s`` is given), carrying ``inflight`` and ``loaded_models`` when
-the caller passes callables for them; ``report_to`` names the other routers of a shared etcd
+unless ``heartbeat_interval_s`` is given), carrying ``inflight``, ``loaded_models`` and
+``model_use`` (each model's requests here now, running or waiting: how routers sharing this
+backend see each other's load; the largest 1,024 counts are sent) when the caller passes
+callables for them; ``report_to`` names the other routers of a shared etcd
 registry, which get the same heartbeat after each renewal (each router keeps the reports it
 receives, and an affinity router places models from them). A heartbeat answered
 ``LEASE_NOT_FOUND`` (the router restarted, or the lease expired) registers again at once; a
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import ssl as ssl_module
@@ -55,6 +58,7 @@ from router.client.lease import (
     State,
 )
 from router.core.clock import Clock, MonotonicClock, Timer
+from router.core.types import MAX_REPORTED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class Registration:
         token: str | None = None,
         inflight: Callable[[], int] | None = None,
         loaded_models: Callable[[], Iterable[str]] | None = None,
+        model_use: Callable[[], Mapping[str, int]] | None = None,
         report_to: Iterable[str] = (),
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         ssl: ssl_module.SSLContext | None = None,
@@ -125,6 +130,7 @@ class Registration:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._inflight = inflight
         self._loaded_models = loaded_models
+        self._model_use = model_use
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._clock = clock or MonotonicClock(asyncio.get_running_loop)
         self._schedule = LeaseSchedule(self._clock.now(), lease_ttl_s=lease_ttl_s,
@@ -256,6 +262,8 @@ class Registration:
             report["inflight"] = self._inflight()
         if self._loaded_models is not None:
             report["loaded_models"] = list(self._loaded_models())
+        if self._model_use is not None:
+            report["model_use"] = reported_use(self._model_use())
         status, body = await self._call("PUT", f"{self._path()}/lease", report)
         if status == 200:
             await self._report_elsewhere(report)
@@ -342,6 +350,15 @@ class Registration:
 
     def __repr__(self) -> str:
         return f"Registration({self.router_url!r}, {self.backend_id!r}, state={self.state})"
+
+
+def reported_use(use: Mapping[str, int]) -> dict[str, int]:
+    """``use`` as a report carries it: models with requests only, the largest counts first
+    when there are more than a report may hold."""
+    busy = [(name, count) for name, count in use.items() if count > 0]
+    if len(busy) > MAX_REPORTED_MODELS:
+        busy = heapq.nlargest(MAX_REPORTED_MODELS, busy, key=lambda item: item[1])
+    return dict(busy)
 
 
 def _refusal(status: int, body: Mapping[str, Any]) -> RegistrationRefused:
