@@ -44,7 +44,9 @@ With ``--register URL`` it joins a router's fleet by itself (``backends.register
 catalogue (or ``"*"``) as its models, ``model_slots`` and ``concurrency`` labels, and every
 heartbeat carries the models it holds (``loaded_models``) and each model's requests here,
 running or waiting (``model_use``): what an affinity router's residency view reads, and how
-routers sharing the backend see each other's queues.
+routers sharing the backend see each other's queues. A change of what it holds (a load
+begun, an eviction) brings the next heartbeat forward (``Registration.report_soon``), so
+routers sharing it hear of it within milliseconds.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class ModelSim:
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
         # model -> its requests here (arrived, not answered): a heartbeat's model_use
         self._in_use: dict[str, int] = {}
+        # Told when the models it holds change (a registered server reports them soon).
+        self.on_change: Callable[[], None] = lambda: None
         # When each miss began (``now``: CLOCK_MONOTONIC in a process, shared by all on
         # the machine), so that a benchmark can count the misses after its warm-up.
         self.miss_times: deque[float] = deque(maxlen=MAX_SAMPLES)
@@ -270,6 +274,7 @@ class ModelSim:
         resident = self._slots[model] = _Resident()
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1
+        self.on_change()
         return resident
 
     def _victim(self) -> str | None:
@@ -317,6 +322,7 @@ class ModelSim:
             return False
         del self._slots[model]
         self.unloads += 1
+        self.on_change()
         return True
 
     def index(self) -> list[tuple[str, str]]:
@@ -571,7 +577,9 @@ async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
                 config.register, address=address, protocol="frames",
                 models=registered_models(config), inflight=lambda: len(tasks),
                 loaded_models=sim.resident, model_use=sim.model_use,
-                labels=shape_labels(config)):
+                labels=shape_labels(config)) as registration:
+            if registration is not None:
+                sim.on_change = registration.report_soon
             print(ready, flush=True)
             await stop.wait()
     finally:

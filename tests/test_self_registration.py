@@ -410,6 +410,32 @@ async def test_each_heartbeat_carries_the_model_use_the_caller_counts(
     assert first.model_use == {"m": 2}  # a model with no request is left out
 
 
+async def test_report_soon_sends_the_next_heartbeat_now_and_at_most_once_a_gap(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    backend = echo_backend()
+    router = await router_factory([], {"admin": {"token_file": str(_token_file(tmp_path))}})
+    reports: asyncio.Queue[tuple[float, LoadReport]] = asyncio.Queue()
+    router.app.directory.add_report_listener(
+        lambda _, report: reports.put_nowait((time.monotonic(), report)))
+    held = ["a"]
+    gap_s = 0.3
+    # Heartbeats 60 s apart: every report in this test is one report_soon() brought forward.
+    async with Registration(router.admin_url, address=backend.address, token=ADMIN_TOKEN,
+                            lease_ttl_s=90.0, heartbeat_interval_s=60.0, min_report_gap_s=gap_s,
+                            loaded_models=lambda: held) as registration:
+        async with asyncio.timeout(WAIT_S):
+            registration.report_soon()
+            first_at, first = await reports.get()
+            held = ["a", "b"]
+            registration.report_soon()
+            registration.report_soon()  # asked twice before it was due: one heartbeat
+            second_at, second = await reports.get()
+        assert (first.loaded_models, second.loaded_models) == (("a",), ("a", "b"))
+        # Sent gap_s apart (the client's clock); each arrives within ms of its send.
+        assert second_at - first_at >= gap_s - 0.02
+
+
 def test_a_report_keeps_the_largest_counts_when_more_models_are_in_use_than_it_holds() -> None:
     use = {f"m{i}": i for i in range(MAX_REPORTED_MODELS + 10)}
     kept = reported_use(use)

@@ -14,7 +14,10 @@ unless ``heartbeat_interval_s`` is given), carrying ``inflight``, ``loaded_model
 backend see each other's load; the largest 1,024 counts are sent) when the caller passes
 callables for them; ``report_to`` names the other routers of a shared etcd
 registry, which get the same heartbeat after each renewal (each router keeps the reports it
-receives, and an affinity router places models from them). A heartbeat answered
+receives, and an affinity router places models from them). ``report_soon()`` asks for the
+next heartbeat now rather than at the interval (at most one per ``min_report_gap_s``): a
+backend calls it when what it holds changes, so that routers sharing it learn of a load or
+an eviction within milliseconds, not an interval later. A heartbeat answered
 ``LEASE_NOT_FOUND`` (the router restarted, or the lease expired) registers again at once; a
 router that is down or failing is retried with capped, jittered backoff, at most one
 heartbeat interval apart
@@ -38,6 +41,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import random
 import ssl as ssl_module
 import urllib.parse
@@ -65,6 +69,9 @@ log = logging.getLogger(__name__)
 # One call to the router: a registration waits for the router to apply it (at most 2 s for
 # a shared store whose watch lags), so this leaves room for that and a slow loopback.
 REQUEST_TIMEOUT_S = 5.0
+# The least time between two heartbeats that report_soon() brings forward: a backend that
+# loads a model every few ms reports at most 20 times a second.
+MIN_REPORT_GAP_S = 0.05
 LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
 BACKEND_NOT_FOUND = "BACKEND_NOT_FOUND"
 # Answers worth retrying as they are: the router or something in front of it is busy.
@@ -106,6 +113,7 @@ class Registration:
         model_use: Callable[[], Mapping[str, int]] | None = None,
         report_to: Iterable[str] = (),
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        min_report_gap_s: float = MIN_REPORT_GAP_S,
         ssl: ssl_module.SSLContext | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
@@ -139,6 +147,10 @@ class Registration:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
+        self._wake = asyncio.Event()  # the next step's time has come, or report_soon()
+        self._report_wanted = False
+        self._min_report_gap_s = min_report_gap_s
+        self._beat_at = -math.inf  # when the last heartbeat was sent
         # A registration was sent and may have been applied: leaving must deregister.
         self._may_hold = False
         self.deregistered = False
@@ -191,6 +203,12 @@ class Registration:
     def registered(self) -> bool:
         return self._schedule.state == "holding"
 
+    def report_soon(self) -> None:
+        """Send the next heartbeat, with its report, now (or ``min_report_gap_s`` after the
+        last one) instead of at the interval; while the lease is held only."""
+        self._report_wanted = True
+        self._wake.set()
+
     async def wait_registered(self) -> None:
         """Until the router holds this backend's lease (at once when it does)."""
         while not self.registered:
@@ -203,22 +221,38 @@ class Registration:
         try:
             while True:
                 step = self._schedule.next_step()
-                await self._until(step.at)
+                at = step.at
+                if self._report_wanted and step.action == "heartbeat" and self.registered:
+                    at = min(at, self._beat_at + self._min_report_gap_s)
+                if not await self._until(at):
+                    continue  # woken by report_soon(): the next step again
+                if step.action == "heartbeat":
+                    self._report_wanted = False
+                    self._beat_at = self._clock.now()
                 await self._attempt(step.action)
         except Exception:  # a bug: say so now, not when close() awaits the task
             log.exception("%s: the lease of %s is no longer renewed", self.router_url,
                           self.backend_id)
             raise
 
-    async def _until(self, when: float) -> None:
+    async def _until(self, when: float) -> bool:
+        """Wait until ``when``; False if ``report_soon()`` woke it before."""
+        self._wake.clear()
         if when <= self._clock.now():
-            return
-        due = asyncio.Event()
-        timer: Timer = self._clock.call_at(when, due.set)
+            return True
+        fired = False
+
+        def due() -> None:
+            nonlocal fired
+            fired = True
+            self._wake.set()
+
+        timer: Timer = self._clock.call_at(when, due)
         try:
-            await due.wait()
+            await self._wake.wait()
         finally:
             timer.cancel()
+        return fired
 
     async def _attempt(self, action: Action, *, raise_refusal: bool = False) -> None:
         """Make one call and tell the schedule how it went."""
