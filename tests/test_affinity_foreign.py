@@ -136,3 +136,17 @@ def test_a_load_goes_where_it_evicts_no_model_another_routers_requests_wait_for(
     assert decision.reason == "overcommit"  # nowhere to load without evicting a wanted model
     resident = policy.view.get("older", "x")
     assert resident is not None and resident.state == LOADED
+
+
+def test_a_heartbeat_gives_the_backends_own_eviction_order() -> None:
+    """Other routers' requests reorder a backend's models too: a report listing them least
+    recently used first (``lru_order``) gives the view the order the backend evicts in."""
+    view = ResidencyView(2, 1)
+    view.report("b", ["x", "y"], 0.0)
+    view.routed("b", "k", 1.0)  # ours, on its way: stays, after the reported ones
+    assert view.victim("b") is not None and view.victim("b")[0] == "x"  # type: ignore[index]
+    view.report("b", ["y", "x"], 2.0)  # without the order: the view keeps its own
+    assert view.victim("b")[0] == "x"  # type: ignore[index]
+    view.report("b", ["y", "x"], 3.0, lru_order=True)
+    assert list(view.models_of("b")) == ["y", "x", "k"]
+    assert view.victim("b")[0] == "y"  # type: ignore[index]

@@ -245,8 +245,11 @@ class ResidencyView:
     # -- the backend's word ------------------------------------------------------------------
 
     def report(self, backend: str, loaded: Iterable[str], now: float,
-               loading: Iterable[str] = ()) -> None:
-        """What ``backend`` says it holds now; models with requests placed there stay."""
+               loading: Iterable[str] = (), *, lru_order: bool = False) -> None:
+        """What ``backend`` says it holds now; models with requests placed there stay.
+        ``lru_order``: the models are listed least recently used first, the order the
+        backend evicts in, which the view takes (other routers' requests reorder them too,
+        unseen here); those kept for requests on their way come after them."""
         record = self._backend(backend)
         record.reported_at = now
         said: dict[str, State] = {}
@@ -269,6 +272,10 @@ class ResidencyView:
                 self._put(record, backend, name, Resident(state, now, now))
             else:
                 record.set(held, state)
+        if lru_order:
+            for name in [*(n for n in said if n in record.models),
+                         *(n for n in record.models if n not in said)]:
+                record.models.move_to_end(name)
 
     def report_use(self, backend: str, use: Mapping[str, int]) -> None:
         """What ``backend`` says each model's requests there are now, from every router

@@ -8,7 +8,8 @@ Three sources, beside the policy's own routing decisions:
   ``RepositoryModelLoad``/``Unload``, Triton's explicit model control); a backend that
   leaves is forgotten;
 * heartbeat reports (``LoadReport.loaded_models``, through the directory's report listener):
-  what a registered backend holds, in every router process it heartbeats to, and
+  what a registered backend holds (least recently used first, the order it evicts in), in
+  every router process it heartbeats to, and
   (``model_use``) each model's requests there from every router: the others' share is the
   view's foreign load (``ResidencyView.report_use``);
 * KServe for gRPC backends: every ``affinity.index_interval_s`` each one's Triton
@@ -116,7 +117,8 @@ class ResidencyFeed:
         model's requests there (after the models, so a model it reports loading counts)."""
         if report.loaded_models is not None:
             self.reports += 1
-            self.view.report(backend_id, report.loaded_models, self._clock.now())
+            self.view.report(backend_id, report.loaded_models, self._clock.now(),
+                             lru_order=True)
         if report.model_use is not None:
             self.use_reports += 1
             self.view.report_use(backend_id, report.model_use)
