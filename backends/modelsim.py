@@ -42,11 +42,11 @@ written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints ``READY 
 
 With ``--register URL`` it joins a router's fleet by itself (``backends.registering``): its
 catalogue (or ``"*"``) as its models, ``model_slots`` and ``concurrency`` labels, and every
-heartbeat carries the models it holds (``loaded_models``) and each model's requests here,
-running or waiting (``model_use``): what an affinity router's residency view reads, and how
-routers sharing the backend see each other's queues. A change of what it holds (a load
-begun, an eviction) brings the next heartbeat forward (``Registration.report_soon``), so
-routers sharing it hear of it within milliseconds.
+heartbeat carries the models it holds (``loaded_models``, least recently used first) and
+each model's requests here, running or waiting (``model_use``): what an affinity router's
+residency view reads, and how routers sharing the backend see each other's queues. A change
+of what it holds (a load begun, an eviction) brings the next heartbeat forward
+(``Registration.report_soon``), so routers sharing it hear of it within milliseconds.
 """
 
 from __future__ import annotations

@@ -277,17 +277,21 @@ class ResidencyView:
                          *(n for n in record.models if n not in said)]:
                 record.models.move_to_end(name)
 
-    def report_use(self, backend: str, use: Mapping[str, int]) -> None:
+    def report_use(self, backend: str, use: Mapping[str, int], now: float) -> None:
         """What ``backend`` says each model's requests there are now, from every router
         (models left out have none): the counts less this router's own requests sent there
         are the other routers', kept until the next report. Requests this router has not
-        sent yet are not at the backend, so only its running ones are its share."""
+        sent yet are not at the backend, so only its running ones are its share. A model
+        with requests there is used now, whoever sent them: its last use moves, so the
+        churn guard and the age ranking of where to load see other routers' uses too."""
         record = self._backend(backend)
         foreign: dict[str, int] = {}
         for name, count in use.items():
             if len(foreign) >= self.max_models:
                 break
             resident = record.models.get(name)
+            if resident is not None and count > 0:
+                resident.last_used = max(resident.last_used, now)
             extra = count - (resident.running if resident is not None else 0)
             if extra > 0:
                 foreign[name] = extra

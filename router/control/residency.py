@@ -121,7 +121,7 @@ class ResidencyFeed:
                              lru_order=True)
         if report.model_use is not None:
             self.use_reports += 1
-            self.view.report_use(backend_id, report.model_use)
+            self.view.report_use(backend_id, report.model_use, self._clock.now())
 
     # -- KServe RepositoryIndex --------------------------------------------------------------
 
