@@ -150,6 +150,7 @@ class KServeBackend:
         self.port = port
         self.inferences = 0
         self.inflight = 0  # inferences started and not yet answered
+        self._use: dict[str, int] = {}  # the same, per model (a heartbeat's model_use)
         self._unloaded: set[str] = set()  # served, but unloaded by RepositoryModelUnload
         self._counts = dict.fromkeys(config.models, 0)  # inferences answered, per model
 
@@ -176,10 +177,21 @@ class KServeBackend:
 
     async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self.inflight += 1
+        name = request.model_name
+        self._use[name] = self._use.get(name, 0) + 1
         try:
             return await self._infer(request)
         finally:
             self.inflight -= 1
+            left = self._use[name] - 1
+            if left:
+                self._use[name] = left
+            else:
+                del self._use[name]
+
+    def model_use(self) -> dict[str, int]:
+        """Inferences started and not yet answered, per model: what a heartbeat reports."""
+        return dict(self._use)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self._config.crash_on_infer:
@@ -380,7 +392,8 @@ async def serve(
         async with registering.lease(
                 config.register, address=address if config.register else "", protocol="grpc",
                 models=config.models, inflight=lambda: backend.inflight,
-                loaded_models=backend.loaded_models, labels=backend.labels()):
+                loaded_models=backend.loaded_models, model_use=backend.model_use,
+                labels=backend.labels()):
             print(ready, flush=True)
             await stop.wait()
         # Deregistered (with --register): the router places nothing new here.

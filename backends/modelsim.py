@@ -42,8 +42,11 @@ written as JSON to ``--stats FILE`` on exit (SIGTERM or SIGINT). Prints ``READY 
 
 With ``--register URL`` it joins a router's fleet by itself (``backends.registering``): its
 catalogue (or ``"*"``) as its models, ``model_slots`` and ``concurrency`` labels, and every
-heartbeat carries the models it holds (``loaded_models``): what an affinity router's
-residency view reads.
+heartbeat carries the models it holds (``loaded_models``, least recently used first) and
+each model's requests here, running or waiting (``model_use``): what an affinity router's
+residency view reads, and how routers sharing the backend see each other's queues. A change
+of what it holds (a load begun, an eviction) brings the next heartbeat forward
+(``Registration.report_soon``), so routers sharing it hear of it within milliseconds.
 """
 
 from __future__ import annotations
@@ -156,6 +159,10 @@ class ModelSim:
         self.evicted_waiting = 0  # evictions of a model whose requests waited for a worker
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
+        # model -> its requests here (arrived, not answered): a heartbeat's model_use
+        self._in_use: dict[str, int] = {}
+        # Told when the models it holds change (a registered server reports them soon).
+        self.on_change: Callable[[], None] = lambda: None
         # When each miss began (``now``: CLOCK_MONOTONIC in a process, shared by all on
         # the machine), so that a benchmark can count the misses after its warm-up.
         self.miss_times: deque[float] = deque(maxlen=MAX_SAMPLES)
@@ -176,6 +183,7 @@ class ModelSim:
             if self.config.control == "explicit" and model not in self._slots:
                 raise NotLoaded(f"model {model!r} is not loaded")
             resident = self._arrive(model)
+            self._in_use[model] = self._in_use.get(model, 0) + 1
         self.counts.requests += 1
         try:
             async with self._workers:
@@ -194,6 +202,7 @@ class ModelSim:
             if resident is not None:
                 resident.running = max(0, resident.running - 1)
                 self._leave(model or "", resident)
+                self._used(model or "")
         self.worker_time_s += elapsed
         self.samples.append(elapsed)
         return elapsed
@@ -232,6 +241,18 @@ class ModelSim:
             resident.loading = False
         resident.ready.set()
 
+    def _used(self, model: str) -> None:
+        left = self._in_use[model] - 1
+        if left:
+            self._in_use[model] = left
+        else:
+            del self._in_use[model]
+
+    def model_use(self) -> dict[str, int]:
+        """model -> its requests here, running or waiting for a worker (an evicted model's
+        waiting requests too: they load it again)."""
+        return dict(self._in_use)
+
     def _leave(self, model: str, resident: _Resident) -> None:
         resident.users -= 1
         if not resident.users and not resident.ready.is_set() and not resident.loading \
@@ -253,6 +274,7 @@ class ModelSim:
         resident = self._slots[model] = _Resident()
         self.counts.loads += 1
         self.by_model.setdefault(model, _Counts()).loads += 1
+        self.on_change()
         return resident
 
     def _victim(self) -> str | None:
@@ -300,6 +322,7 @@ class ModelSim:
             return False
         del self._slots[model]
         self.unloads += 1
+        self.on_change()
         return True
 
     def index(self) -> list[tuple[str, str]]:
@@ -553,7 +576,10 @@ async def serve(config: ModelSimConfig, stop: asyncio.Event) -> ModelSim:
         async with registering.lease(
                 config.register, address=address, protocol="frames",
                 models=registered_models(config), inflight=lambda: len(tasks),
-                loaded_models=sim.resident, labels=shape_labels(config)):
+                loaded_models=sim.resident, model_use=sim.model_use,
+                labels=shape_labels(config)) as registration:
+            if registration is not None:
+                sim.on_change = registration.report_soon
             print(ready, flush=True)
             await stop.wait()
     finally:

@@ -125,6 +125,7 @@ async def lease(
     register: RegisterOptions | None, *, address: str, protocol: Protocol,
     models: Iterable[str] = (), inflight: Callable[[], int] | None = None,
     loaded_models: Callable[[], Iterable[str]] | None = None,
+    model_use: Callable[[], Mapping[str, int]] | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Registration | None]:
     """Registered while inside (nothing without ``register``); deregistered on the way out."""
@@ -134,7 +135,8 @@ async def lease(
     registration = Registration(
         register.router_url, address=address, protocol=protocol, models=models,
         backend_id=register.backend_id, lease_ttl_s=register.lease_ttl_s,
-        token=register.token, inflight=inflight, loaded_models=loaded_models, labels=labels,
+        token=register.token, inflight=inflight, loaded_models=loaded_models,
+        model_use=model_use, labels=labels,
         report_to=register.report_to, heartbeat_interval_s=register.heartbeat_interval_s,
     )
     try:

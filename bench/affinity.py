@@ -1,7 +1,8 @@
 """Benchmark: model-affinity routing against the seed experiment's baseline (``make
 bench-affinity``).
 
-``python -m bench.affinity [--scale 0.1] [--runs 1,2] [--policies ...] [--zipf] [--update-docs]``
+``python -m bench.affinity [--scale 0.1] [--runs 1,2|none] [--policies ...] [--zipf]
+[--zipf-heartbeat-s 0.5] [--update-docs]``
 
 The seed's two runs, every time multiplied by ``--scale`` so they take minutes, figures
 divided back: 2 ``backends.modelsim`` processes (2 model slots each, one request at a time,
@@ -21,8 +22,9 @@ counts, from their stats files), mean worker-side task time, mean and p99 client
 open-loop Poisson arrivals at 70 % of the fleet's capacity, load 0.4 s, service 0.04 s; per
 seed (``--zipf-seeds``, each its own arrivals) every policy on the same arrivals, then
 ``affinity`` with 2 router processes and with 2 routers sharing one etcd registry. Every
-run's backends register (heartbeats every 0.5 s carry what they hold to every router), so
-the runs differ only in the routers. Per run also the misses after a warm-up (the first 20 %
+run's backends register (heartbeats every ``--zipf-heartbeat-s``, 0.5 s, carry what they
+hold and each model's requests there to every router), so the runs differ only in the
+routers. Per run also the misses after a warm-up (the first 20 %
 of the requests) and in it, the copies of the hottest model, max/mean backend utilisation,
 the load generator's own lag and the machine's load average.
 
@@ -72,9 +74,9 @@ DOCS_START = "<!-- bench-affinity:start -->"
 DOCS_END = "<!-- bench-affinity:end -->"
 PAYLOAD = b"x" * 64
 STATS_TIMEOUT_S = 15.0
-# Registered backends renew their lease, with what they hold, this often (real seconds), on a
-# lease long enough that a router loop stalled for seconds on the two shared cores does not
-# expire the whole fleet at once (a 1.5 s lease did).
+# Registered backends renew their lease, with what they hold, this often (real seconds; the
+# default of --zipf-heartbeat-s), on a lease long enough that a router loop stalled for
+# seconds on the two shared cores does not expire the whole fleet at once (a 1.5 s lease did).
 HEARTBEAT_S = 0.5
 LEASE_TTL_S = 10.0
 
@@ -301,11 +303,12 @@ def summarise(policy: str, processes: int, stats: list[dict[str, Any]], run: Loa
 async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: float,
                      load: Any, log_dir: Path, tag: str, processes: int = 1,
                      registered: bool = False, routers: int = 1,
-                     warmup: tuple[int, float] | None = None) -> PolicyResult:
+                     warmup: tuple[int, float] | None = None,
+                     heartbeat_s: float = HEARTBEAT_S) -> PolicyResult:
     """One router (``processes`` processes; or ``routers`` separate routers sharing one
     etcd registry) and its fleet under ``load`` (a function of the routers' ports).
     ``registered``: the backends join by registering through the first router, their
-    heartbeats (every ``HEARTBEAT_S``) carrying the models they hold to every router process
+    heartbeats (every ``heartbeat_s``) carrying the models they hold to every router process
     and, with ``--report-to``, to every other router; otherwise they are in the config."""
     backends: list[Service] = []
     started: list[tuple[Service, int]] = []
@@ -316,7 +319,8 @@ async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: f
             etcd = await asyncio.to_thread(start_etcd, log_dir, f"{tag}-etcd")
         if registered or routers > 1:
             started, backends = await _registered_fleet(
-                policy, fleet, scale, demand_window_s, log_dir, tag, processes, routers, etcd)
+                policy, fleet, scale, demand_window_s, log_dir, tag, processes, routers, etcd,
+                heartbeat_s)
         else:
             backends = start_modelsims(fleet, scale, log_dir, tag)
             config = log_dir / f"{tag}.toml"
@@ -349,8 +353,8 @@ async def run_policy(policy: str, fleet: Fleet, scale: float, demand_window_s: f
 
 async def _registered_fleet(policy: str, fleet: Fleet, scale: float, demand_window_s: float,
                             log_dir: Path, tag: str, processes: int, routers: int,
-                            etcd: Service | None) -> tuple[list[tuple[Service, int]],
-                                                           list[Service]]:
+                            etcd: Service | None, heartbeat_s: float
+                            ) -> tuple[list[tuple[Service, int]], list[Service]]:
     token = log_dir / "admin.token"
     token.write_text("bench-affinity\n")
     data = router_config(policy, [], fleet, scale, demand_window_s)
@@ -364,7 +368,7 @@ async def _registered_fleet(policy: str, fleet: Fleet, scale: float, demand_wind
                                        f"{tag}-router{i}") for i in range(routers)]
     urls = [f"http://127.0.0.1:{admin}" for _, admin in started]
     flags = ["--register", urls[0], "--lease-ttl", str(LEASE_TTL_S), "--heartbeat-interval",
-             str(HEARTBEAT_S), "--token-file", str(token)]
+             str(heartbeat_s), "--token-file", str(token)]
     for url in urls[1:]:
         flags += ["--report-to", url]
     backends = await asyncio.to_thread(start_modelsims, fleet, scale, log_dir, tag, flags)
@@ -463,7 +467,8 @@ WARMUP_FRACTION = 0.2  # of a Zipf run's requests: cold loads, demand estimates 
 
 
 async def zipf_run(scale: float, seeds: Sequence[int], policies: tuple[str, ...],
-                   requests: int, log_dir: Path) -> dict[str, Any]:
+                   requests: int, log_dir: Path, heartbeat_s: float = HEARTBEAT_S
+                   ) -> dict[str, Any]:
     """Per seed, every policy on the same arrivals, then ``affinity`` again with 2 router
     processes and with 2 routers sharing one etcd registry. Every run's backends register
     (their heartbeats tell the routers what they hold), so the runs differ only in the
@@ -489,7 +494,7 @@ async def zipf_run(scale: float, seeds: Sequence[int], policies: tuple[str, ...]
             tag = f"zipf{seed}-{policy}-{processes}p{routers}r"
             result = await run_policy(policy, fleet, scale, window, load_for, log_dir, tag,
                                       processes=processes, registered=True, routers=routers,
-                                      warmup=warmup)
+                                      warmup=warmup, heartbeat_s=heartbeat_s)
             result.seed = seed
             results.append(result)
             print(zipf_row(asdict(result)), flush=True)
@@ -498,6 +503,7 @@ async def zipf_run(scale: float, seeds: Sequence[int], policies: tuple[str, ...]
     needed = math.ceil(0.7 * fleet.backends * hottest_share)
     return {"fleet": asdict(fleet), "requests": requests, "seeds": list(seeds),
             "warmup_requests": warm_count, "rate_per_s": 0.7 * capacity,
+            "heartbeat_s": heartbeat_s,
             "hottest_share": hottest_share, "hottest_copies_needed": needed,
             "results": [asdict(r) for r in results]}
 
@@ -589,10 +595,22 @@ def docs_block(result: dict[str, Any]) -> str:
                      f"({z['requests']:,} requests per run, the first "
                      f"{z['warmup_requests']:,} the warm-up; the hottest model is "
                      f"{z['hottest_share']:.0%} of them and needs "
-                     f"{z['hottest_copies_needed']} backends; generator lag in real ms, "
+                     f"{z['hottest_copies_needed']} backends; heartbeats every "
+                     f"{z.get('heartbeat_s', HEARTBEAT_S)} s; generator lag in real ms, "
                      "load average the machine's 1-minute figure before / after):\n\n"
                      + zipf_table(z) + "\n\n" + zipf_comparison(z))
     return "\n".join(parts)
+
+
+def seed_runs_of(text: str) -> list[int]:
+    """``--runs``: "1,2", "1", or "none" (only the Zipf scenario)."""
+    if text.strip() == "none":
+        return []
+    runs = [int(r) for r in text.split(",") if r]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise ValueError(f"--runs: no seed run {unknown[0]} (there are {sorted(RUNS)})")
+    return runs
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -600,7 +618,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="1,2")
+    parser.add_argument("--runs", default="1,2",
+                        help="the seed runs (comma-separated), or none")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per seed run (default: the seed's 2,400)")
     parser.add_argument("--policies", default=",".join(POLICIES))
@@ -609,17 +628,27 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--zipf-seeds", default="0,1",
                         help="one round of every Zipf run per seed (each its own arrivals)")
     parser.add_argument("--zipf-scale", type=float, default=0.5)
+    parser.add_argument("--zipf-heartbeat-s", type=float, default=HEARTBEAT_S,
+                        help="how often the Zipf runs' backends heartbeat (real seconds): "
+                             "what each router learns of the others' requests ages this long")
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "affinity.json")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="keep the processes' logs and stats files here (default: a "
                              "temporary directory, removed)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.seed_runs = seed_runs_of(args.runs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.zipf_heartbeat_s > 0:
+        parser.error(f"--zipf-heartbeat-s must be > 0, got {args.zipf_heartbeat_s}")
+    return args
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     policies = tuple(p for p in args.policies.split(",") if p)
-    runs = [int(r) for r in args.runs.split(",") if r]
+    runs: list[int] = args.seed_runs
     with tempfile.TemporaryDirectory(prefix="bench-affinity-") as tmp:
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -632,7 +661,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         if args.zipf:
             seeds = [int(s) for s in args.zipf_seeds.split(",") if s]
             zipf = await zipf_run(args.zipf_scale, seeds, policies, args.zipf_requests,
-                                  log_dir)
+                                  log_dir, args.zipf_heartbeat_s)
             print(zipf_table(zipf), zipf_comparison(zipf), sep="\n", flush=True)
     return {"seed_runs": seed_runs, "zipf": zipf}
 
@@ -648,7 +677,8 @@ def main(argv: list[str] | None = None) -> None:
             ("--policies", args.policies), ("--zipf", args.zipf),
             ("--zipf-requests", args.zipf_requests if args.zipf else None),
             ("--zipf-seeds", args.zipf_seeds if args.zipf else None),
-            ("--zipf-scale", args.zipf_scale if args.zipf else None)]),
+            ("--zipf-scale", args.zipf_scale if args.zipf else None),
+            ("--zipf-heartbeat-s", args.zipf_heartbeat_s if args.zipf else None)]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "scale": args.scale,

@@ -3,7 +3,10 @@ choices: ``backends.modelsim`` processes register through one router and send ea
 heartbeat, with the models they hold, to both (``--report-to``); requests for one model
 sequence alternate between the routers, one at a time. Before each request both routers'
 dry runs (``GET /v1/debug/route``) must name the same backend for the same reason, and at the
-end each model has been loaded once in the whole fleet: a second router adds no loads.
+end each model has been loaded once in the whole fleet: a second router adds no loads. (The
+dry runs wait for both views to agree and to count no request of the other router at any
+backend: with one request at a time, such a count is a report taken while the last request
+ran, which the next heartbeat clears.)
 
 Every wait is bounded; the module takes about 10 s on 2 loaded cores.
 """
@@ -66,9 +69,11 @@ async def residency(router: RouterProcess) -> dict[str, tuple[list[str], list[st
             if m["holders"] or m["loading"]}
 
 
-async def agree(routers: list[RouterProcess]) -> bool:
+async def agree(routers: list[RouterProcess], model: str) -> bool:
     first, second = await asyncio.gather(*(residency(r) for r in routers))
-    return first == second
+    routes = await asyncio.gather(*(get(r, f"/v1/debug/route?model={model}") for r in routers))
+    return first == second and not any(c["foreign"] for route in routes
+                                       for c in route["candidates"])
 
 
 async def healthy(router: RouterProcess) -> int:
@@ -89,7 +94,7 @@ async def test_two_routers_on_one_etcd_place_a_model_sequence_alike(
             rng = random.Random(14)
             sequence = [f"m{rng.randrange(MODELS)}" for _ in range(REQUESTS)]
             for i, model in enumerate(sequence):
-                await until(lambda: agree(routers), AGREE_WITHIN_S)
+                await until(lambda m=model: agree(routers, m), AGREE_WITHIN_S)
                 dry = [await get(r, f"/v1/debug/route?model={model}") for r in routers]
                 assert dry[0]["choice"] == dry[1]["choice"], (i, model, dry)
                 assert dry[0]["reason"] == dry[1]["reason"], (i, model, dry)

@@ -66,6 +66,21 @@ async def serve_one(sim: ModelSim, gates: Gates, model: str) -> float:
     return task.result()
 
 
+async def test_model_use_counts_each_models_requests_here_and_changes_are_told() -> None:
+    sim, gates = make_sim(slots=1, load_s=0.4, service_s=0.05)
+    changes: list[list[str]] = []
+    sim.on_change = lambda: changes.append(sim.resident())
+    tasks = [asyncio.create_task(sim.infer(m)) for m in ("a", "a", "b")]
+    await asyncio.sleep(0)
+    # A worker is on a (loading it), so b goes over the one slot; every request is here.
+    assert sim.model_use() == {"a": 2, "b": 1}
+    assert changes == [["a"], ["a", "b"]]
+    while not all(t.done() for t in tasks):  # bounded: each step opens one sleep
+        await gates.open_next()
+    assert sim.model_use() == {}  # every one answered: none left out at 0
+    assert sim.unload("b") and changes[-1] == ["a"]
+
+
 async def test_least_recently_used_model_is_evicted_and_hits_cost_service_only() -> None:
     sim, gates = make_sim(slots=2, load_s=0.4, service_s=0.05)
     times = [await serve_one(sim, gates, m) for m in ["a", "b", "a", "c", "b", "a"]]

@@ -81,7 +81,38 @@ async def test_a_registered_backend_serves_at_once_and_drain_and_weight_act(
                              {"inflight": 4, "loaded_models": ["m:1"]})
     assert status == 200
     status, info = await api("GET", f"/v1/backends/{backend.address}")
-    assert info["reported"] == {"inflight": 4, "loaded_models": ["m:1"]}
+    assert info["reported"] == {"inflight": 4, "loaded_models": ["m:1"], "model_use": None}
+
+
+async def test_a_heartbeats_model_use_reaches_the_residency_view_and_bad_ones_are_refused(
+        echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory,
+        tmp_path: Path) -> None:
+    backend = echo_backend()
+    router, api = await _router(router_factory, tmp_path, [])
+    status, _ = await api("POST", "/v1/backends", {"address": backend.address})
+    assert status == 201
+    lease = f"/v1/backends/{backend.address}/lease"
+    status, _ = await api("PUT", lease, {"loaded_models": ["m", "n"],
+                                         "model_use": {"m": 3, "n": 0}})
+    assert status == 200
+    view = router.app.residency
+    # This router sent none of them: all three are another router's.
+    assert (view.foreign(backend.address, "m"), view.foreign_load(backend.address)) == (3, 3)
+    status, info = await api("GET", f"/v1/backends/{backend.address}")
+    assert info["reported"]["model_use"] == {"m": 3, "n": 0}
+    status, body = await api("PUT", "/v1/leases", {"leases": [
+        {"id": backend.address, "model_use": {"n": 2}}]})
+    assert (status, body["renewed"]) == (200, [backend.address])
+    assert (view.foreign(backend.address, "m"), view.foreign(backend.address, "n")) == (0, 2)
+    too_many = {f"m{i}": 1 for i in range(1025)}
+    for bad, field in (({"m": -1}, "model_use.m"), ({"m": "3"}, "model_use.m"),
+                       ({"m": 1.5}, "model_use.m"), ({"m": True}, "model_use.m"),
+                       ({"m": 1_000_001}, "model_use.m"), ({"": 1}, "model_use"),
+                       (too_many, "model_use"), (["m"], "model_use")):
+        status, got = await api("PUT", lease, {"model_use": bad})
+        assert (status, got["code"]) == (400, "VALIDATION_ERROR"), (bad, got)
+        assert field in got["error"], (bad, got["error"])
+    assert view.foreign(backend.address, "n") == 2  # a refused report changes nothing
 
 
 async def test_deregistering_under_load_costs_clients_nothing(

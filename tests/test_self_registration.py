@@ -28,7 +28,9 @@ import grpc
 import pytest
 
 from router.client.frames import ConnectionLost, ErrorReply, RetryingClient
-from router.client.registration import Registration, RegistrationRefused
+from router.client.registration import Registration, RegistrationRefused, reported_use
+from router.control.directory import LoadReport
+from router.core.types import MAX_REPORTED_MODELS
 from tests.conftest import EchoBackend, RouterFactory
 from tests.grpc_support import MODEL_INFER, KServeBackend, infer_request, output_values
 from tests.support import REPO_ROOT, child_env
@@ -205,7 +207,7 @@ async def test_a_registered_backend_is_routable_at_once_and_heartbeats_keep_it(
 
         await router.wait_until(renewed_six_times, "six heartbeats")
         assert (await _directory(router))[backend.address]["reported"] == {
-            "inflight": 0, "loaded_models": None}
+            "inflight": 0, "loaded_models": None, "model_use": None}
         assert await router.metric("router_lease_expirations_total") == 0
         assert await _echo(router, b"still") == b"still"
 
@@ -344,7 +346,7 @@ async def test_unix_socket_backends_of_both_protocols_register_and_deregister(
         await _wait_for(router, "the KServe backend's load report",
                         lambda d: d[kserve.address]["reported"] is not None)
         assert (await _directory(router))[kserve.address]["reported"] == {
-            "inflight": 0, "loaded_models": ["sum"]}
+            "inflight": 0, "loaded_models": ["sum"], "model_use": {}}
 
         for backend in (kserve, frames):
             backend.proc.terminate()
@@ -386,6 +388,60 @@ async def test_a_router_down_at_start_is_retried_logged_once_and_joined_when_up(
     assert [level for level, _ in logged] == ["WARNING", "INFO", "INFO"], logged
     assert "cannot register" in logged[0][1] and "registered" in logged[1][1]
     assert "deregistered" in logged[2][1]
+
+
+async def test_each_heartbeat_carries_the_model_use_the_caller_counts(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    backend = echo_backend()
+    router = await router_factory([], {"admin": {"token_file": str(_token_file(tmp_path))}})
+    reports: asyncio.Queue[LoadReport] = asyncio.Queue()
+    router.app.directory.add_report_listener(lambda _, report: reports.put_nowait(report))
+    use = {"m": 2, "idle": 0}
+    async with Registration(router.admin_url, address=backend.address, token=ADMIN_TOKEN,
+                            heartbeat_interval_s=0.1, model_use=lambda: use):
+        async with asyncio.timeout(WAIT_S):
+            first = await reports.get()
+            use = {"m": 1, "n": 4}
+            while (report := await reports.get()).model_use != use:  # bounded by the timeout
+                assert report.model_use == {"m": 2}
+        # None of them came through this router: all another's, as its view keeps them.
+        assert router.app.residency.foreign(backend.address, "n") == 4
+    assert first.model_use == {"m": 2}  # a model with no request is left out
+
+
+async def test_report_soon_sends_the_next_heartbeat_now_and_at_most_once_a_gap(
+    echo_backend: Callable[..., EchoBackend], router_factory: RouterFactory, tmp_path: Path
+) -> None:
+    backend = echo_backend()
+    router = await router_factory([], {"admin": {"token_file": str(_token_file(tmp_path))}})
+    reports: asyncio.Queue[tuple[float, LoadReport]] = asyncio.Queue()
+    router.app.directory.add_report_listener(
+        lambda _, report: reports.put_nowait((time.monotonic(), report)))
+    held = ["a"]
+    gap_s = 0.3
+    # Heartbeats 60 s apart: every report in this test is one report_soon() brought forward.
+    async with Registration(router.admin_url, address=backend.address, token=ADMIN_TOKEN,
+                            lease_ttl_s=90.0, heartbeat_interval_s=60.0, min_report_gap_s=gap_s,
+                            loaded_models=lambda: held) as registration:
+        async with asyncio.timeout(WAIT_S):
+            registration.report_soon()
+            first_at, first = await reports.get()
+            held = ["a", "b"]
+            registration.report_soon()
+            registration.report_soon()  # asked twice before it was due: one heartbeat
+            second_at, second = await reports.get()
+        assert (first.loaded_models, second.loaded_models) == (("a",), ("a", "b"))
+        # Sent gap_s apart (the client's clock); each arrives within ms of its send.
+        assert second_at - first_at >= gap_s - 0.02
+
+
+def test_a_report_keeps_the_largest_counts_when_more_models_are_in_use_than_it_holds() -> None:
+    use = {f"m{i}": i for i in range(MAX_REPORTED_MODELS + 10)}
+    kept = reported_use(use)
+    assert len(kept) == MAX_REPORTED_MODELS
+    assert min(kept.values()) == 10 and "m0" not in kept
+    assert LoadReport(model_use=kept).model_use == kept  # what the router accepts
 
 
 @pytest.mark.parametrize(("token", "code"), [(None, "UNAUTHORIZED"), ("wrong", "FORBIDDEN")])

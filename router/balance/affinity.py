@@ -27,7 +27,8 @@ For a request for model M, over the candidates (healthy backends serving M, not 
    steps of ``min_residency_s`` / 8: routers stamp uses with their own clocks), the fewest
    models, the least load, the rendezvous rank. A
    backend may load only if it has a free slot or a victim: a model with no request running
-   there (never evict a model in use) and none waiting for it in the router. A backend
+   there (never evict a model in use), none waiting for it in the router and none of other
+   routers' there (foreign, the backend's report). A backend
    holding M in any state is a holder, so a model is never loaded twice on one backend at a
    time. When no backend may load, the cheapest backend takes the request and goes over its
    slots (``overcommit``).
@@ -43,6 +44,12 @@ request reaches the backend) and when it ends. A hit that started on a backend w
 worker gives a service-time sample of its model, a load a load-time sample (elapsed minus
 service); both are exponentially smoothed. Until measured, ``service_s`` and ``load_s`` of
 the settings stand in.
+
+Other routers: where several routers share backends, each backend's reported use
+(``ResidencyView.report_use``) gives the requests other routers have there (*foreign*). A
+backend's load is then this router's requests there plus those: in the bounded-load check, in
+whether a holder can start a request now, in its expected wait (each foreign request a mean
+service time ahead), and a model with foreign requests there is not evicted to load another.
 
 A request without a model goes to the candidate with the least wait (``no_model``). Pure:
 time comes from ``now``, randomness from the RNG given (only to break exact ties), no I/O.
@@ -149,6 +156,7 @@ class Scored:
     backend: str
     state: str  # loaded, loading, absent
     inflight: int
+    foreign: int  # other routers' requests there (the backend's last report)
     concurrency: int
     wait_s: float
     cost_s: float  # expected time until this request is answered there
@@ -275,9 +283,9 @@ class AffinityPolicy:
         if not held:
             return None, ""
         active = held[:wanted]
-        loads = [rows.inflight[i] for i in active]
+        loads = [rows.load[i] for i in active]
         cap = math.ceil(self.settings.load_bound * (sum(loads) + 1) / len(active))
-        preferred = next((i for i in active if rows.inflight[i] < cap), active[0])
+        preferred = next((i for i in active if rows.load[i] < cap), active[0])
         if rows.can_start(preferred):
             return preferred, "hit"
         spill = next((i for i in held if rows.can_start(i)), None)
@@ -340,21 +348,26 @@ class AffinityPolicy:
         return expected
 
     def wait_s(self, backend: str, inflight: int, now: float) -> float:
-        """Expected wait before a new request starts on ``backend``: the work placed there
-        (each placement's expected duration, as estimated when it was placed), worked
-        through first come, first served by its ``concurrency`` workers, less what the oldest
-        running one has done since it began (when it reached the backend, or when the one
-        before it ended, whichever is later). O(1): it runs for every candidate of every
-        request."""
+        """Expected wait before a new request starts on ``backend``, which has ``inflight``
+        of this router's requests: the work placed there (each placement's expected
+        duration, as estimated when it was placed), worked through first come, first served
+        by its ``concurrency`` workers, less what the oldest running one has done since it
+        began (when it reached the backend, or when the one before it ended, whichever is
+        later); plus the other routers' requests there, a mean service time each. O(1): it
+        runs for every candidate of every request."""
         concurrency = self.view.shape_of(backend).concurrency
-        work = self._work.get(backend)
-        if inflight < concurrency or work is None or not work.placements:
+        foreign = self.view.foreign_load(backend)
+        if inflight + foreign < concurrency:
             return 0.0
-        head = next(iter(work.placements))
-        began = max(head.started_at if head.started_at is not None else now, work.last_done)
-        elapsed = max(0.0, now - began)
-        running = max(1, min(len(work.placements), concurrency))
-        ahead = work.expected_s - running * min(elapsed, head.expected_s)
+        ahead = foreign * self.service_s(None)
+        work = self._work.get(backend)
+        if work is not None and work.placements:
+            head = next(iter(work.placements))
+            began = max(head.started_at if head.started_at is not None else now,
+                        work.last_done)
+            elapsed = max(0.0, now - began)
+            running = max(1, min(len(work.placements), concurrency))
+            ahead += work.expected_s - running * min(elapsed, head.expected_s)
         return max(0.0, ahead / concurrency)
 
     def _forget_idle_work(self) -> None:
@@ -477,6 +490,9 @@ class _Rows:
         view = policy.view
         self.ids = [c.id for c in candidates]
         self.inflight = [c.inflight for c in candidates]
+        # Every router's requests there: this one's, and the others' the backend reported.
+        self.foreign = [view.foreign_load(b) for b in self.ids]
+        self.load = [n + f for n, f in zip(self.inflight, self.foreign, strict=True)]
         self.concurrency = [view.shape_of(b).concurrency for b in self.ids]
         self.wait = [policy.wait_s(b, n, now) for b, n in zip(self.ids, self.inflight,
                                                               strict=True)]
@@ -512,11 +528,11 @@ class _Rows:
             self.cost[i] + self.policy.load_s(self.model)
 
     def can_start(self, i: int) -> bool:
-        return self.state[i] == LOADED and self.inflight[i] < self.concurrency[i]
+        return self.state[i] == LOADED and self.load[i] < self.concurrency[i]
 
     def least_wait(self, rng: random.Random | None) -> int:
-        best = min((self.wait[i], self.inflight[i]) for i in range(len(self.ids)))
-        tied = [i for i in range(len(self.ids)) if (self.wait[i], self.inflight[i]) == best]
+        best = min((self.wait[i], self.load[i]) for i in range(len(self.ids)))
+        tied = [i for i in range(len(self.ids)) if (self.wait[i], self.load[i]) == best]
         return tied[rng.randrange(len(tied))] if rng is not None and len(tied) > 1 else tied[0]
 
     def loadable(self, i: int, guard: bool) -> tuple[bool, float, str]:
@@ -529,7 +545,7 @@ class _Rows:
         backend = self.ids[i]
         if view.free_slot(backend):
             return True, math.inf, "free slot"
-        victim = view.victim(backend, spare_queued=True)
+        victim = view.victim(backend, spare_queued=True)  # none wanted here, by any router
         if victim is None:
             return False, 0.0, "in use"
         name, resident = victim
@@ -556,9 +572,9 @@ class _Rows:
             if not ok:
                 continue
             guarded = age < guard_s
-            busy = self.inflight[i] >= self.concurrency[i]
+            busy = self.load[i] >= self.concurrency[i]
             key = (busy, guarded, self.wait[i] if busy else 0.0, -_age_step(age, guard_s),
-                   len(view.models_of(self.ids[i])), self.inflight[i], self.rank[i])
+                   len(view.models_of(self.ids[i])), self.load[i], self.rank[i])
             if best is None or key < best:
                 best, choice, forced = key, i, guarded
         return choice, forced
@@ -567,7 +583,8 @@ class _Rows:
         if not explain:
             return ()
         return tuple(
-            Scored(self.ids[i], self.state[i], self.inflight[i], self.concurrency[i],
+            Scored(self.ids[i], self.state[i], self.inflight[i], self.foreign[i],
+                   self.concurrency[i],
                    self.wait[i], self.cost[i], self.rank[i],
                    self.loadable(i, True)[2] if self.state[i] == "absent" else "")
             for i in range(len(self.ids))

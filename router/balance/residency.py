@@ -12,6 +12,12 @@ Two sources, the backend's word first:
   ``RepositoryIndex``). It replaces the view of that backend, except that a model the router
   has requests in flight for stays (as loading): the backend may not have reached them yet.
   ``confirm(backend, model, ready)`` is the same for one model (KServe ``ModelReady``).
+  ``report_use(backend, use)``: each model's requests at the backend now, from every router
+  (a heartbeat's ``model_use``). What is not this router's own (the count less its own
+  requests sent there, never below 0) is kept per backend and model as *foreign* until the
+  next such report: the load of the other routers sharing the backend, which this one does
+  not see otherwise. A model with foreign requests is spared like one with requests of its
+  own (``victim``).
 * ``routed`` / ``started`` / ``finished``: the router's own decisions between reports. The
   backend is modelled as ``backends.modelsim`` behaves (an LRU cache whose bookkeeping happens
   when a request reaches it): a request reaching it touches its model, and one for a model it
@@ -22,7 +28,8 @@ Two sources, the backend's word first:
 
 Bounds: at most ``max_backends`` backends (the least recently touched is forgotten past it)
 and, per backend, at most ``max(slots, max_models)`` models (a report listing more keeps the
-first ones). So memory is bounded whatever backends report or clients ask for.
+first ones) and ``max_models`` foreign counts. So memory is bounded whatever backends
+report or clients ask for.
 
 No clock of its own: every call takes ``now``. No I/O, no asyncio.
 """
@@ -30,7 +37,7 @@ No clock of its own: every call takes ``now``. No I/O, no asyncio.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,13 +75,16 @@ class Shape:
 
 
 class _Backend:
-    __slots__ = ("models", "occupied", "reported_at", "shape")
+    __slots__ = ("foreign", "foreign_total", "models", "occupied", "reported_at", "shape")
 
     def __init__(self, shape: Shape) -> None:
         self.shape = shape
         self.models: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.occupied = 0  # models that take a slot (not pending): kept by set, _put, _drop
         self.reported_at: float | None = None
+        # model -> other routers' requests there (the last report_use); only counts > 0
+        self.foreign: dict[str, int] = {}
+        self.foreign_total = 0
 
     def set(self, resident: Resident, state: State) -> None:
         """Every change of a resident's state goes through here (``occupied`` follows)."""
@@ -141,14 +151,32 @@ class ResidencyView:
     def victim(self, backend: str, *, spare_queued: bool = False) -> tuple[str, Resident] | None:
         """The model ``backend`` would evict to load another: its least recently used loaded
         model with no request running there, once its slots are full; None while a slot is
-        free or when every model is in use. ``spare_queued``: nor one with requests waiting
-        for it in the router (a load the router plans should not cost them a reload)."""
+        free or when every model is in use. One with other routers' requests there (foreign)
+        goes only when no other may, as the backend evicts a model nobody uses first.
+        ``spare_queued`` (a load the router plans, which should not cost anyone's requests
+        a reload): nor one with requests waiting for it in the router, nor a foreign one."""
         record = self._backends.get(backend)
         if record is None or record.occupied < record.shape.slots:
             return None
-        return next(((name, r) for name, r in record.models.items()
-                     if r.state == LOADED and not r.running
-                     and not (spare_queued and r.queued)), None)
+        waited: tuple[str, Resident] | None = None  # the first with only foreign use
+        for name, resident in record.models.items():
+            if resident.state != LOADED or resident.running or (spare_queued and resident.queued):
+                continue
+            if name not in record.foreign:
+                return name, resident
+            if waited is None:
+                waited = name, resident
+        return None if spare_queued else waited
+
+    def foreign(self, backend: str, model: str) -> int:
+        """Other routers' requests for ``model`` at ``backend`` (its last ``report_use``)."""
+        record = self._backends.get(backend)
+        return record.foreign.get(model, 0) if record is not None else 0
+
+    def foreign_load(self, backend: str) -> int:
+        """Other routers' requests at ``backend``, every model (its last ``report_use``)."""
+        record = self._backends.get(backend)
+        return record.foreign_total if record is not None else 0
 
     def occupied(self, backend: str) -> int:
         """Slots its models take (a pending model takes none yet)."""
@@ -217,8 +245,11 @@ class ResidencyView:
     # -- the backend's word ------------------------------------------------------------------
 
     def report(self, backend: str, loaded: Iterable[str], now: float,
-               loading: Iterable[str] = ()) -> None:
-        """What ``backend`` says it holds now; models with requests placed there stay."""
+               loading: Iterable[str] = (), *, lru_order: bool = False) -> None:
+        """What ``backend`` says it holds now; models with requests placed there stay.
+        ``lru_order``: the models are listed least recently used first, the order the
+        backend evicts in, which the view takes (other routers' requests reorder them too,
+        unseen here); those kept for requests on their way come after them."""
         record = self._backend(backend)
         record.reported_at = now
         said: dict[str, State] = {}
@@ -241,6 +272,31 @@ class ResidencyView:
                 self._put(record, backend, name, Resident(state, now, now))
             else:
                 record.set(held, state)
+        if lru_order:
+            for name in [*(n for n in said if n in record.models),
+                         *(n for n in record.models if n not in said)]:
+                record.models.move_to_end(name)
+
+    def report_use(self, backend: str, use: Mapping[str, int], now: float) -> None:
+        """What ``backend`` says each model's requests there are now, from every router
+        (models left out have none): the counts less this router's own requests sent there
+        are the other routers', kept until the next report. Requests this router has not
+        sent yet are not at the backend, so only its running ones are its share. A model
+        with requests there is used now, whoever sent them: its last use moves, so the
+        churn guard and the age ranking of where to load see other routers' uses too."""
+        record = self._backend(backend)
+        foreign: dict[str, int] = {}
+        for name, count in use.items():
+            if len(foreign) >= self.max_models:
+                break
+            resident = record.models.get(name)
+            if resident is not None and count > 0:
+                resident.last_used = max(resident.last_used, now)
+            extra = count - (resident.running if resident is not None else 0)
+            if extra > 0:
+                foreign[name] = extra
+        record.foreign = foreign
+        record.foreign_total = sum(foreign.values())
 
     def confirm(self, backend: str, model: str, ready: bool, now: float) -> None:
         """What ``backend`` says of one model (KServe ``ModelReady``): loaded (``ready``), or

@@ -9,10 +9,15 @@
 Entering registers (``POST /v1/backends``): once it returns the router routes to this
 backend. A task owned by the ``Registration`` then renews the lease (``PUT
 /v1/backends/{id}/lease``) every heartbeat interval (the router's answer, a third of the TTL,
-unless ``heartbeat_interval_s`` is given), carrying ``inflight`` and ``loaded_models`` when
-the caller passes callables for them; ``report_to`` names the other routers of a shared etcd
+unless ``heartbeat_interval_s`` is given), carrying ``inflight``, ``loaded_models`` and
+``model_use`` (each model's requests here now, running or waiting: how routers sharing this
+backend see each other's load; the largest 1,024 counts are sent) when the caller passes
+callables for them; ``report_to`` names the other routers of a shared etcd
 registry, which get the same heartbeat after each renewal (each router keeps the reports it
-receives, and an affinity router places models from them). A heartbeat answered
+receives, and an affinity router places models from them). ``report_soon()`` asks for the
+next heartbeat now rather than at the interval (at most one per ``min_report_gap_s``): a
+backend calls it when what it holds changes, so that routers sharing it learn of a load or
+an eviction within milliseconds, not an interval later. A heartbeat answered
 ``LEASE_NOT_FOUND`` (the router restarted, or the lease expired) registers again at once; a
 router that is down or failing is retried with capped, jittered backoff, at most one
 heartbeat interval apart
@@ -34,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 import random
 import ssl as ssl_module
 import urllib.parse
@@ -55,12 +62,16 @@ from router.client.lease import (
     State,
 )
 from router.core.clock import Clock, MonotonicClock, Timer
+from router.core.types import MAX_REPORTED_MODELS
 
 log = logging.getLogger(__name__)
 
 # One call to the router: a registration waits for the router to apply it (at most 2 s for
 # a shared store whose watch lags), so this leaves room for that and a slow loopback.
 REQUEST_TIMEOUT_S = 5.0
+# The least time between two heartbeats that report_soon() brings forward: a backend that
+# loads a model every few ms reports at most 20 times a second.
+MIN_REPORT_GAP_S = 0.05
 LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
 BACKEND_NOT_FOUND = "BACKEND_NOT_FOUND"
 # Answers worth retrying as they are: the router or something in front of it is busy.
@@ -99,8 +110,10 @@ class Registration:
         token: str | None = None,
         inflight: Callable[[], int] | None = None,
         loaded_models: Callable[[], Iterable[str]] | None = None,
+        model_use: Callable[[], Mapping[str, int]] | None = None,
         report_to: Iterable[str] = (),
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        min_report_gap_s: float = MIN_REPORT_GAP_S,
         ssl: ssl_module.SSLContext | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
@@ -125,6 +138,7 @@ class Registration:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._inflight = inflight
         self._loaded_models = loaded_models
+        self._model_use = model_use
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._clock = clock or MonotonicClock(asyncio.get_running_loop)
         self._schedule = LeaseSchedule(self._clock.now(), lease_ttl_s=lease_ttl_s,
@@ -133,6 +147,10 @@ class Registration:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
+        self._wake = asyncio.Event()  # the next step's time has come, or report_soon()
+        self._report_wanted = False
+        self._min_report_gap_s = min_report_gap_s
+        self._beat_at = -math.inf  # when the last heartbeat was sent
         # A registration was sent and may have been applied: leaving must deregister.
         self._may_hold = False
         self.deregistered = False
@@ -185,6 +203,12 @@ class Registration:
     def registered(self) -> bool:
         return self._schedule.state == "holding"
 
+    def report_soon(self) -> None:
+        """Send the next heartbeat, with its report, now (or ``min_report_gap_s`` after the
+        last one) instead of at the interval; while the lease is held only."""
+        self._report_wanted = True
+        self._wake.set()
+
     async def wait_registered(self) -> None:
         """Until the router holds this backend's lease (at once when it does)."""
         while not self.registered:
@@ -197,22 +221,38 @@ class Registration:
         try:
             while True:
                 step = self._schedule.next_step()
-                await self._until(step.at)
+                at = step.at
+                if self._report_wanted and step.action == "heartbeat" and self.registered:
+                    at = min(at, self._beat_at + self._min_report_gap_s)
+                if not await self._until(at):
+                    continue  # woken by report_soon(): the next step again
+                if step.action == "heartbeat":
+                    self._report_wanted = False
+                    self._beat_at = self._clock.now()
                 await self._attempt(step.action)
         except Exception:  # a bug: say so now, not when close() awaits the task
             log.exception("%s: the lease of %s is no longer renewed", self.router_url,
                           self.backend_id)
             raise
 
-    async def _until(self, when: float) -> None:
+    async def _until(self, when: float) -> bool:
+        """Wait until ``when``; False if ``report_soon()`` woke it before."""
+        self._wake.clear()
         if when <= self._clock.now():
-            return
-        due = asyncio.Event()
-        timer: Timer = self._clock.call_at(when, due.set)
+            return True
+        fired = False
+
+        def due() -> None:
+            nonlocal fired
+            fired = True
+            self._wake.set()
+
+        timer: Timer = self._clock.call_at(when, due)
         try:
-            await due.wait()
+            await self._wake.wait()
         finally:
             timer.cancel()
+        return fired
 
     async def _attempt(self, action: Action, *, raise_refusal: bool = False) -> None:
         """Make one call and tell the schedule how it went."""
@@ -256,6 +296,8 @@ class Registration:
             report["inflight"] = self._inflight()
         if self._loaded_models is not None:
             report["loaded_models"] = list(self._loaded_models())
+        if self._model_use is not None:
+            report["model_use"] = reported_use(self._model_use())
         status, body = await self._call("PUT", f"{self._path()}/lease", report)
         if status == 200:
             await self._report_elsewhere(report)
@@ -342,6 +384,15 @@ class Registration:
 
     def __repr__(self) -> str:
         return f"Registration({self.router_url!r}, {self.backend_id!r}, state={self.state})"
+
+
+def reported_use(use: Mapping[str, int]) -> dict[str, int]:
+    """``use`` as a report carries it: models with requests only, the largest counts first
+    when there are more than a report may hold."""
+    busy = [(name, count) for name, count in use.items() if count > 0]
+    if len(busy) > MAX_REPORTED_MODELS:
+        busy = heapq.nlargest(MAX_REPORTED_MODELS, busy, key=lambda item: item[1])
+    return dict(busy)
 
 
 def _refusal(status: int, body: Mapping[str, Any]) -> RegistrationRefused:

@@ -46,7 +46,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -76,7 +76,7 @@ from router.core.errors import (
     StoreUnavailable,
     quoted,
 )
-from router.core.types import BackendSpec, Source
+from router.core.types import MAX_MODEL_USE, MAX_REPORTED_MODELS, BackendSpec, Source
 from router.dispatch.backends import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,25 @@ class Registered(pydantic.BaseModel):
         description="when to renew: a third of the lease TTL")
 
 
+ModelUse = Annotated[int, pydantic.Field(ge=0, le=MAX_MODEL_USE, strict=True)]
+
+
 class LoadReport(pydantic.BaseModel):
     """What a heartbeat may carry: the backend's own view of its load and models."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     inflight: int | None = pydantic.Field(None, ge=0, le=1_000_000_000, strict=True)
-    loaded_models: tuple[Model, ...] | None = pydantic.Field(None, max_length=1024)
+    loaded_models: tuple[Model, ...] | None = pydantic.Field(
+        None, max_length=MAX_REPORTED_MODELS)
+    model_use: dict[Model, ModelUse] | None = pydantic.Field(
+        None, max_length=MAX_REPORTED_MODELS,
+        description="model -> its requests at the backend now, running or waiting there, "
+        "whichever router sent them (models with none may be left out): what lets several "
+        "routers see each other's queues")
+
+    def empty(self) -> bool:
+        return self.inflight is None and self.loaded_models is None and self.model_use is None
 
 
 class LeaseRenewal(LoadReport):
@@ -141,9 +153,10 @@ class LeaseRenewal(LoadReport):
     id: BackendId
 
     def report(self) -> LoadReport | None:
-        if self.inflight is None and self.loaded_models is None:
+        if self.empty():
             return None
-        return LoadReport(inflight=self.inflight, loaded_models=self.loaded_models)
+        return LoadReport(inflight=self.inflight, loaded_models=self.loaded_models,
+                          model_use=self.model_use)
 
 
 class LeaseBatch(pydantic.BaseModel):

@@ -54,7 +54,9 @@ class ModelList(pydantic.RootModel[list[ModelInfo]]):
 class RouteCandidate(pydantic.BaseModel):
     backend: str
     state: str = pydantic.Field(description="loaded, loading or absent")
-    inflight: int
+    inflight: int = pydantic.Field(description="this router's requests there")
+    foreign: int = pydantic.Field(0, description="other routers' requests there, from the "
+                                  "backend's last reported model_use (affinity only)")
     concurrency: int | None = None
     wait_s: float | None = pydantic.Field(None, description="expected wait before it starts")
     cost_s: float | None = pydantic.Field(None, description="expected time to the answer")
@@ -145,7 +147,7 @@ class ModelRouting:
                 **base, choice=candidates[decision.index].id, reason=decision.reason,
                 copies_wanted=decision.copies_wanted,
                 candidates=[RouteCandidate(
-                    backend=s.backend, state=s.state, inflight=s.inflight,
+                    backend=s.backend, state=s.state, inflight=s.inflight, foreign=s.foreign,
                     concurrency=s.concurrency, wait_s=s.wait_s, cost_s=s.cost_s, rank=s.rank,
                     can_load=s.can_load) for s in decision.candidates],
             )

@@ -177,6 +177,8 @@ def report_of(message: pb.LoadReport) -> LoadReport:
         data["inflight"] = message.inflight
     if message.HasField("loaded_models"):
         data["loaded_models"] = tuple(message.loaded_models.models)
+    if message.HasField("model_use"):
+        data["model_use"] = dict(message.model_use.use)
     return validated(LoadReport, data)
 
 
@@ -188,7 +190,11 @@ def registered_message(registered: Registered) -> pb.Registered:
 def report_message(report: LoadReport) -> pb.LoadReport:
     message = pb.LoadReport(inflight=report.inflight)
     if report.loaded_models is not None:
+        message.loaded_models.SetInParent()  # set, even empty
         message.loaded_models.models.extend(report.loaded_models)
+    if report.model_use is not None:
+        message.model_use.SetInParent()  # set, even empty
+        message.model_use.use.update(report.model_use)
     return message
 
 

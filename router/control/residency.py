@@ -8,7 +8,10 @@ Three sources, beside the policy's own routing decisions:
   ``RepositoryModelLoad``/``Unload``, Triton's explicit model control); a backend that
   leaves is forgotten;
 * heartbeat reports (``LoadReport.loaded_models``, through the directory's report listener):
-  what a registered backend holds, in every router process it heartbeats to;
+  what a registered backend holds (least recently used first, the order it evicts in), in
+  every router process it heartbeats to, and
+  (``model_use``) each model's requests there from every router: the others' share is the
+  view's foreign load (``ResidencyView.report_use``);
 * KServe for gRPC backends: every ``affinity.index_interval_s`` each one's Triton
   ``RepositoryIndex`` (READY: loaded, LOADING: loading, anything else: absent). A backend
   without the method (UNIMPLEMENTED; not asked for it again until it rejoins) is asked
@@ -83,6 +86,7 @@ class ResidencyFeed:
         self._no_ready: set[Backend] = set()  # nor has ModelReady: known from routing alone
         self._ready_turn: dict[Backend, int] = {}  # where its next ModelReady pass starts
         self.reports = 0
+        self.use_reports = 0
         self.index_reads = 0
         self.index_failures = 0
         self.ready_reads = 0
@@ -109,10 +113,15 @@ class ResidencyFeed:
         self._ready_turn.pop(backend, None)
 
     def reported(self, backend_id: str, report: LoadReport) -> None:
-        """A heartbeat's report (the directory's report listener)."""
+        """A heartbeat's report (the directory's report listener): what it holds, then each
+        model's requests there (after the models, so a model it reports loading counts)."""
         if report.loaded_models is not None:
             self.reports += 1
-            self.view.report(backend_id, report.loaded_models, self._clock.now())
+            self.view.report(backend_id, report.loaded_models, self._clock.now(),
+                             lru_order=True)
+        if report.model_use is not None:
+            self.use_reports += 1
+            self.view.report_use(backend_id, report.model_use, self._clock.now())
 
     # -- KServe RepositoryIndex --------------------------------------------------------------
 
@@ -208,7 +217,8 @@ class ResidencyFeed:
         return ready
 
     def statistics(self) -> dict[str, Any]:
-        return {"reports": self.reports, "index_reads": self.index_reads,
+        return {"reports": self.reports, "use_reports": self.use_reports,
+                "index_reads": self.index_reads,
                 "index_failures": self.index_failures, "ready_reads": self.ready_reads,
                 "ready_failures": self.ready_failures, "view": self.view.statistics()}
 

@@ -9,6 +9,11 @@ Protocol = Literal["tcp", "grpc"]  # "tcp": length-prefixed frames
 Source = Literal["static", "api", "registered", "managed"]
 
 UNIX_SCHEME = "unix:"  # a backend address "unix:/absolute/path" names a unix socket
+# The most models one heartbeat report may list (``loaded_models``) or count (``model_use``):
+# a backend holds a handful of models; 1,024 names of 256 bytes keep a report under 300 KiB.
+MAX_REPORTED_MODELS = 1024
+# The most requests a report may count for one model at one backend.
+MAX_MODEL_USE = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

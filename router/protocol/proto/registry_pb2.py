@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n$router/protocol/proto/registry.proto\x12\x13inference_router.v1\"\xa4\x02\n\x0cRegistration\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x13\n\x06weight\x18\x05 \x01(\rH\x01\x88\x01\x01\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.inference_router.v1.Registration.LabelsEntry\x12\x18\n\x0blease_ttl_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tleaseless\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03_idB\t\n\x07_weightB\x0e\n\x0c_lease_ttl_s\"~\n\nRegistered\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x0blease_ttl_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14heartbeat_interval_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0e\n\x0c_lease_ttl_sB\x17\n\x15_heartbeat_interval_s\"\x1b\n\tModelList\x12\x0e\n\x06models\x18\x01 \x03(\t\"g\n\nLoadReport\x12\x15\n\x08inflight\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x35\n\rloaded_models\x18\x02 \x01(\x0b\x32\x1e.inference_router.v1.ModelListB\x0b\n\t_inflight\"O\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1f.inference_router.v1.LoadReport\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\r\n\x0bListRequest\"B\n\x0cListResponse\x12\x32\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32 .inference_router.v1.BackendInfo\"\x0e\n\x0cWatchRequest\"M\n\nWatchEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x31\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0b\x32 .inference_router.v1.BackendInfo\"\xe8\x02\n\x0b\x42\x61\x63kendInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12<\n\x06labels\x18\x06 \x03(\x0b\x32,.inference_router.v1.BackendInfo.LabelsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07\x64rained\x18\t \x01(\x08\x12\x18\n\x0blease_ttl_s\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12\x31\n\x08reported\x18\x0c \x01(\x0b\x32\x1f.inference_router.v1.LoadReport\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_lease_ttl_s2\xa3\x03\n\x08Registry\x12N\n\x08Register\x12!.inference_router.v1.Registration\x1a\x1f.inference_router.v1.Registered\x12S\n\tHeartbeat\x12%.inference_router.v1.HeartbeatRequest\x1a\x1f.inference_router.v1.Registered\x12V\n\nDeregister\x12&.inference_router.v1.DeregisterRequest\x1a .inference_router.v1.BackendInfo\x12K\n\x04List\x12 .inference_router.v1.ListRequest\x1a!.inference_router.v1.ListResponse\x12M\n\x05Watch\x12!.inference_router.v1.WatchRequest\x1a\x1f.inference_router.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n$router/protocol/proto/registry.proto\x12\x13inference_router.v1\"\xa4\x02\n\x0cRegistration\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x13\n\x06weight\x18\x05 \x01(\rH\x01\x88\x01\x01\x12=\n\x06labels\x18\x06 \x03(\x0b\x32-.inference_router.v1.Registration.LabelsEntry\x12\x18\n\x0blease_ttl_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tleaseless\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03_idB\t\n\x07_weightB\x0e\n\x0c_lease_ttl_s\"~\n\nRegistered\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x0blease_ttl_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14heartbeat_interval_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0e\n\x0c_lease_ttl_sB\x17\n\x15_heartbeat_interval_s\"\x1b\n\tModelList\x12\x0e\n\x06models\x18\x01 \x03(\t\"k\n\x08ModelUse\x12\x33\n\x03use\x18\x01 \x03(\x0b\x32&.inference_router.v1.ModelUse.UseEntry\x1a*\n\x08UseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x99\x01\n\nLoadReport\x12\x15\n\x08inflight\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x35\n\rloaded_models\x18\x02 \x01(\x0b\x32\x1e.inference_router.v1.ModelList\x12\x30\n\tmodel_use\x18\x03 \x01(\x0b\x32\x1d.inference_router.v1.ModelUseB\x0b\n\t_inflight\"O\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x06report\x18\x02 \x01(\x0b\x32\x1f.inference_router.v1.LoadReport\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\r\n\x0bListRequest\"B\n\x0cListResponse\x12\x32\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32 .inference_router.v1.BackendInfo\"\x0e\n\x0cWatchRequest\"M\n\nWatchEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x31\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0b\x32 .inference_router.v1.BackendInfo\"\xe8\x02\n\x0b\x42\x61\x63kendInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12<\n\x06labels\x18\x06 \x03(\x0b\x32,.inference_router.v1.BackendInfo.LabelsEntry\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07\x64rained\x18\t \x01(\x08\x12\x18\n\x0blease_ttl_s\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08inflight\x18\x0b \x01(\x04\x12\x31\n\x08reported\x18\x0c \x01(\x0b\x32\x1f.inference_router.v1.LoadReport\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_lease_ttl_s2\xa3\x03\n\x08Registry\x12N\n\x08Register\x12!.inference_router.v1.Registration\x1a\x1f.inference_router.v1.Registered\x12S\n\tHeartbeat\x12%.inference_router.v1.HeartbeatRequest\x1a\x1f.inference_router.v1.Registered\x12V\n\nDeregister\x12&.inference_router.v1.DeregisterRequest\x1a .inference_router.v1.BackendInfo\x12K\n\x04List\x12 .inference_router.v1.ListRequest\x1a!.inference_router.v1.ListResponse\x12M\n\x05Watch\x12!.inference_router.v1.WatchRequest\x1a\x1f.inference_router.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTRATION_LABELSENTRY']._loaded_options = None
   _globals['_REGISTRATION_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELUSE_USEENTRY']._loaded_options = None
+  _globals['_MODELUSE_USEENTRY']._serialized_options = b'8\001'
   _globals['_BACKENDINFO_LABELSENTRY']._loaded_options = None
   _globals['_BACKENDINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTRATION']._serialized_start=62
@@ -44,24 +46,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERED']._serialized_end=482
   _globals['_MODELLIST']._serialized_start=484
   _globals['_MODELLIST']._serialized_end=511
-  _globals['_LOADREPORT']._serialized_start=513
-  _globals['_LOADREPORT']._serialized_end=616
-  _globals['_HEARTBEATREQUEST']._serialized_start=618
-  _globals['_HEARTBEATREQUEST']._serialized_end=697
-  _globals['_DEREGISTERREQUEST']._serialized_start=699
-  _globals['_DEREGISTERREQUEST']._serialized_end=730
-  _globals['_LISTREQUEST']._serialized_start=732
-  _globals['_LISTREQUEST']._serialized_end=745
-  _globals['_LISTRESPONSE']._serialized_start=747
-  _globals['_LISTRESPONSE']._serialized_end=813
-  _globals['_WATCHREQUEST']._serialized_start=815
-  _globals['_WATCHREQUEST']._serialized_end=829
-  _globals['_WATCHEVENT']._serialized_start=831
-  _globals['_WATCHEVENT']._serialized_end=908
-  _globals['_BACKENDINFO']._serialized_start=911
-  _globals['_BACKENDINFO']._serialized_end=1271
+  _globals['_MODELUSE']._serialized_start=513
+  _globals['_MODELUSE']._serialized_end=620
+  _globals['_MODELUSE_USEENTRY']._serialized_start=578
+  _globals['_MODELUSE_USEENTRY']._serialized_end=620
+  _globals['_LOADREPORT']._serialized_start=623
+  _globals['_LOADREPORT']._serialized_end=776
+  _globals['_HEARTBEATREQUEST']._serialized_start=778
+  _globals['_HEARTBEATREQUEST']._serialized_end=857
+  _globals['_DEREGISTERREQUEST']._serialized_start=859
+  _globals['_DEREGISTERREQUEST']._serialized_end=890
+  _globals['_LISTREQUEST']._serialized_start=892
+  _globals['_LISTREQUEST']._serialized_end=905
+  _globals['_LISTRESPONSE']._serialized_start=907
+  _globals['_LISTRESPONSE']._serialized_end=973
+  _globals['_WATCHREQUEST']._serialized_start=975
+  _globals['_WATCHREQUEST']._serialized_end=989
+  _globals['_WATCHEVENT']._serialized_start=991
+  _globals['_WATCHEVENT']._serialized_end=1068
+  _globals['_BACKENDINFO']._serialized_start=1071
+  _globals['_BACKENDINFO']._serialized_end=1431
   _globals['_BACKENDINFO_LABELSENTRY']._serialized_start=275
   _globals['_BACKENDINFO_LABELSENTRY']._serialized_end=320
-  _globals['_REGISTRY']._serialized_start=1274
-  _globals['_REGISTRY']._serialized_end=1693
+  _globals['_REGISTRY']._serialized_start=1434
+  _globals['_REGISTRY']._serialized_end=1853
 # @@protoc_insertion_point(module_scope)

@@ -49,13 +49,28 @@ class ModelList(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ModelUse(_message.Message):
+    __slots__ = ("use",)
+    class UseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    USE_FIELD_NUMBER: _ClassVar[int]
+    use: _containers.ScalarMap[str, int]
+    def __init__(self, use: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class LoadReport(_message.Message):
-    __slots__ = ("inflight", "loaded_models")
+    __slots__ = ("inflight", "loaded_models", "model_use")
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_USE_FIELD_NUMBER: _ClassVar[int]
     inflight: int
     loaded_models: ModelList
-    def __init__(self, inflight: _Optional[int] = ..., loaded_models: _Optional[_Union[ModelList, _Mapping]] = ...) -> None: ...
+    model_use: ModelUse
+    def __init__(self, inflight: _Optional[int] = ..., loaded_models: _Optional[_Union[ModelList, _Mapping]] = ..., model_use: _Optional[_Union[ModelUse, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("id", "report")
