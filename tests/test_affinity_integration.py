@@ -50,9 +50,11 @@ def modelsim(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
         yield run
 
 
-def stats_of(backend: BackendProcess, tmp_path: Path, name: str) -> dict[str, Any]:
+async def stats_of(backend: BackendProcess, tmp_path: Path, name: str) -> dict[str, Any]:
+    """Stop ``backend`` and read its statistics file. Waited for off the loop: a registered
+    backend deregisters on SIGTERM from the router this loop runs."""
     backend.proc.send_signal(signal.SIGTERM)
-    assert backend.proc.wait(timeout=IO_TIMEOUT_S) == 0
+    assert await asyncio.to_thread(backend.proc.wait, IO_TIMEOUT_S) == 0
     stats: dict[str, Any] = json.loads((tmp_path / f"{name}.json").read_text())
     return stats
 
@@ -91,7 +93,7 @@ async def test_keyed_frames_go_where_their_model_is_loaded(
     assert 'router_model_requests_total{model="m0",outcome="hit"}' in metrics
     assert 'router_route_decisions_total{policy="affinity",reason="load"}' in metrics
 
-    served = [stats_of(s, tmp_path, n) for s, n in ((a, "a"), (b, "b"))]
+    served = [await stats_of(s, tmp_path, n) for s, n in ((a, "a"), (b, "b"))]
     assert sum(s["requests"] for s in served) == 60
     # Four models fit in the four slots: after their first loads, almost every request hits.
     # (Common-queue routing misses about half of them here.)
@@ -113,7 +115,8 @@ async def test_kserve_calls_go_to_the_backend_its_index_says_holds_the_model(
         for i in range(8):
             reply = await infer(infer_request("p", [float(i)], id=str(i)), timeout=IO_TIMEOUT_S)
             assert pb.ModelInferResponse.FromString(reply).id == str(i)
-    warm_stats, cold_stats = stats_of(warm, tmp_path, "warm"), stats_of(cold, tmp_path, "cold")
+    warm_stats = await stats_of(warm, tmp_path, "warm")
+    cold_stats = await stats_of(cold, tmp_path, "cold")
     assert warm_stats["models"]["p"]["requests"] == 8 and warm_stats["misses"] == 0
     assert cold_stats["requests"] == 0
 
@@ -134,8 +137,10 @@ async def test_heartbeat_reports_tell_the_router_what_a_registered_backend_holds
             reported.set()
 
     router.app.directory.add_report_listener(heard)
-    backend = modelsim("registered", "--preload", "x", "--register", router.admin_url,
-                       "--lease-ttl", "0.6", "--token-file", str(token))
+    # Started off the loop: it is ready once registered, through the router this loop runs.
+    backend = await asyncio.to_thread(
+        modelsim, "registered", "--preload", "x", "--register", router.admin_url,
+        "--lease-ttl", "0.6", "--token-file", str(token))
     async with asyncio.timeout(IO_TIMEOUT_S):
         await reported.wait()
     backend_id = reports[-1][0]
@@ -143,7 +148,7 @@ async def test_heartbeat_reports_tell_the_router_what_a_registered_backend_holds
     assert router.app.residency.get(backend_id, "x") is not None  # from its heartbeat
     client = await router.client()
     assert await client.request(encode_keyed("x", b"hello")) == b"hello"
-    stats = stats_of(backend, tmp_path, "registered")
+    stats = await stats_of(backend, tmp_path, "registered")
     assert stats["models"]["x"] == {"requests": 1, "misses": 0, "loads": 1, "evictions": 0}
 
 
@@ -161,7 +166,7 @@ async def test_explicit_model_control_the_router_loads_and_unloads_before_sendin
         for i, model in enumerate(["a", "a", "b", "a"]):
             reply = await infer(infer_request(model, [1.0], id=str(i)), timeout=IO_TIMEOUT_S)
             assert pb.ModelInferResponse.FromString(reply).model_name == model
-    stats = stats_of(backend, tmp_path, "explicit")
+    stats = await stats_of(backend, tmp_path, "explicit")
     assert (stats["loads"], stats["unloads"], stats["evictions"]) == (3, 2, 0)
     assert stats["models"]["a"]["requests"] == 3 and stats["models"]["b"]["requests"] == 1
 
@@ -182,7 +187,7 @@ async def test_explicit_model_control_loads_before_a_stream_too(
         await stream.done_writing()
         answers = [ModelStreamInferResponse.FromString(m) async for m in stream]
     assert [(a.error_message, a.infer_response.model_name) for a in answers] == [("", "b")] * 3
-    stats = stats_of(backend, tmp_path, "stream")
+    stats = await stats_of(backend, tmp_path, "stream")
     # a (preloaded), then b in its place: the router unloaded a first.
     assert (stats["loads"], stats["unloads"], stats["evictions"]) == (2, 1, 0)
     assert stats["models"]["b"]["requests"] == 3
@@ -214,7 +219,7 @@ async def test_a_failed_explicit_load_is_retried_elsewhere_then_answered_model_l
         assert pb.ModelInferResponse.FromString(reply).id == "after"
     control = router.app.model_control.statistics()
     assert (control["load_failures"], control["loads"]) == (2, 1), control
-    served = [stats_of(s, tmp_path, n) for s, n in ((one, "one"), (two, "two"))]
+    served = [await stats_of(s, tmp_path, n) for s, n in ((one, "one"), (two, "two"))]
     assert [s["load_failures"] for s in served] == [1, 1]
     assert sum(s["models"].get("bad", {}).get("requests", 0) for s in served) == 0
     assert sum(s["models"].get("a", {}).get("requests", 0) for s in served) == 1
@@ -255,7 +260,7 @@ async def test_backends_without_repository_index_are_asked_model_ready_for_what_
     await feed.read_indexes()
     assert set(view.models_of(backend_id)) == {"n"}  # the other x's, asked in their turn
     assert feed.statistics()["index_reads"] == 0
-    assert stats_of(backend, tmp_path, "plain")["unloads"] == 1
+    assert (await stats_of(backend, tmp_path, "plain"))["unloads"] == 1
 
 
 async def test_a_client_deadline_that_passes_during_an_explicit_load_ends_the_call_cleanly(
@@ -277,5 +282,5 @@ async def test_a_client_deadline_that_passes_during_an_explicit_load_ends_the_ca
         assert router.app.residency.holders("a") == {}  # the load did not finish in time
         reply = await infer(infer_request("a", [1.0], id="next"), timeout=IO_TIMEOUT_S)
         assert pb.ModelInferResponse.FromString(reply).id == "next"
-    stats = stats_of(backend, tmp_path, "slow")
+    stats = await stats_of(backend, tmp_path, "slow")
     assert stats["models"]["a"]["requests"] == 1  # the late call never reached it

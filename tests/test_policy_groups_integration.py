@@ -83,7 +83,7 @@ async def test_two_groups_place_keyed_frames_by_their_own_policies(
             body = f"{model}-{i}".encode()
             assert await client.request(encode_keyed(model, body)) == body
     await check_routes(router.admin_url, "tcp")
-    check_placement([stats_of(a, tmp_path, "a"), stats_of(b, tmp_path, "b")])
+    check_placement([await stats_of(a, tmp_path, "a"), await stats_of(b, tmp_path, "b")])
 
 
 async def test_two_groups_place_kserve_calls_by_their_own_policies(
@@ -99,7 +99,7 @@ async def test_two_groups_place_kserve_calls_by_their_own_policies(
                                     timeout=IO_TIMEOUT_S)
                 assert pb.ModelInferResponse.FromString(reply).id == f"{model}-{i}"
     await check_routes(router.admin_url, "grpc")
-    check_placement([stats_of(a, tmp_path, "a"), stats_of(b, tmp_path, "b")])
+    check_placement([await stats_of(a, tmp_path, "a"), await stats_of(b, tmp_path, "b")])
 
 
 async def test_reload_applies_changed_groups_and_listener_policies(tmp_path: Path) -> None:
