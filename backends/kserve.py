@@ -150,7 +150,7 @@ class KServeBackend:
         self.port = port
         self.inferences = 0
         self.inflight = 0  # inferences started and not yet answered
-        self._use: dict[str, int] = {}  # the same, per model (a heartbeat's model_use)
+        self._use = registering.ModelUse()  # the same, per model (a heartbeat's model_use)
         self._unloaded: set[str] = set()  # served, but unloaded by RepositoryModelUnload
         self._counts = dict.fromkeys(config.models, 0)  # inferences answered, per model
 
@@ -178,20 +178,16 @@ class KServeBackend:
     async def infer_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self.inflight += 1
         name = request.model_name
-        self._use[name] = self._use.get(name, 0) + 1
+        self._use.begin(name)
         try:
             return await self._infer(request)
         finally:
             self.inflight -= 1
-            left = self._use[name] - 1
-            if left:
-                self._use[name] = left
-            else:
-                del self._use[name]
+            self._use.end(name)
 
     def model_use(self) -> dict[str, int]:
         """Inferences started and not yet answered, per model: what a heartbeat reports."""
-        return dict(self._use)
+        return self._use.counts()
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self._config.crash_on_infer:

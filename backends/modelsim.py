@@ -160,7 +160,7 @@ class ModelSim:
         self.worker_time_s = 0.0
         self.samples: deque[float] = deque(maxlen=MAX_SAMPLES)
         # model -> its requests here (arrived, not answered): a heartbeat's model_use
-        self._in_use: dict[str, int] = {}
+        self._in_use = registering.ModelUse()
         # Told when the models it holds change (a registered server reports them soon).
         self.on_change: Callable[[], None] = lambda: None
         # When each miss began (``now``: CLOCK_MONOTONIC in a process, shared by all on
@@ -183,7 +183,7 @@ class ModelSim:
             if self.config.control == "explicit" and model not in self._slots:
                 raise NotLoaded(f"model {model!r} is not loaded")
             resident = self._arrive(model)
-            self._in_use[model] = self._in_use.get(model, 0) + 1
+            self._in_use.begin(model)
         self.counts.requests += 1
         try:
             async with self._workers:
@@ -202,7 +202,7 @@ class ModelSim:
             if resident is not None:
                 resident.running = max(0, resident.running - 1)
                 self._leave(model or "", resident)
-                self._used(model or "")
+                self._in_use.end(model or "")
         self.worker_time_s += elapsed
         self.samples.append(elapsed)
         return elapsed
@@ -241,17 +241,10 @@ class ModelSim:
             resident.loading = False
         resident.ready.set()
 
-    def _used(self, model: str) -> None:
-        left = self._in_use[model] - 1
-        if left:
-            self._in_use[model] = left
-        else:
-            del self._in_use[model]
-
     def model_use(self) -> dict[str, int]:
         """model -> its requests here, running or waiting for a worker (an evicted model's
         waiting requests too: they load it again)."""
-        return dict(self._in_use)
+        return self._in_use.counts()
 
     def _leave(self, model: str, resident: _Resident) -> None:
         resident.users -= 1

@@ -120,6 +120,29 @@ def _is_wildcard(host: str) -> bool:
         return False  # a host name
 
 
+class ModelUse:
+    """Each model's requests here now (``begin`` on arrival, ``end`` on the answer): a
+    heartbeat's ``model_use``, with no model left at 0."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def begin(self, model: str) -> None:
+        self._counts[model] = self._counts.get(model, 0) + 1
+
+    def end(self, model: str) -> None:
+        left = self._counts[model] - 1
+        if left:
+            self._counts[model] = left
+        else:
+            del self._counts[model]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+
 @contextlib.asynccontextmanager
 async def lease(
     register: RegisterOptions | None, *, address: str, protocol: Protocol,

@@ -355,8 +355,11 @@ class AffinityPolicy:
         began (when it reached the backend, or when the one before it ended, whichever is
         later); plus the other routers' requests there, a mean service time each. O(1): it
         runs for every candidate of every request."""
+        return self._wait_s(backend, inflight, self.view.foreign_load(backend), now)
+
+    def _wait_s(self, backend: str, inflight: int, foreign: int, now: float) -> float:
+        """``wait_s`` with the other routers' requests there (``foreign``) already read."""
         concurrency = self.view.shape_of(backend).concurrency
-        foreign = self.view.foreign_load(backend)
         if inflight + foreign < concurrency:
             return 0.0
         ahead = foreign * self.service_s(None)
@@ -494,8 +497,8 @@ class _Rows:
         self.foreign = [view.foreign_load(b) for b in self.ids]
         self.load = [n + f for n, f in zip(self.inflight, self.foreign, strict=True)]
         self.concurrency = [view.shape_of(b).concurrency for b in self.ids]
-        self.wait = [policy.wait_s(b, n, now) for b, n in zip(self.ids, self.inflight,
-                                                              strict=True)]
+        self.wait = [policy._wait_s(b, n, f, now) for b, n, f in zip(
+            self.ids, self.inflight, self.foreign, strict=True)]
         holders: dict[str, Resident] = view.holders(model) if model is not None else {}
         self.state = [holders[b].state if b in holders else "absent" for b in self.ids]
         order = policy.rendezvous_rank(model, self.ids) if model is not None else []
